@@ -1,0 +1,1 @@
+"""routelens collector: ingest, storage, queries and export (issue #3)."""

@@ -1,0 +1,1 @@
+"""routelens dashboard (issue #5)."""

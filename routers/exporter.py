@@ -1,0 +1,243 @@
+"""The process-wide exporter: one bounded queue, one thread, every traced router.
+
+Producers (router hooks on Ray's router event loop) call `submit`, an O(1)
+append that never blocks: when the queue is full the event is counted as
+dropped on its source and forgotten. The exporter thread wakes every
+`flush_interval_s` (or as soon as a full batch is waiting), encodes what is
+queued into one batch per source, and hands each batch to the source's
+destination: the collector over HTTP (spooling to disk while it is away) or
+a JSON Lines file.
+
+This module is imported by reference from the installed `routers` package,
+never pickled by value with a router class: that is what makes the exporter
+one per process even though Ray ships router classes by value.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Tuple, Union
+
+from routers.config import TracerConfig
+from routers.delivery import CollectorClient, JsonlSink
+from routers.faults import faults
+from routers.spool import Spool
+from routers.wire import batch, encode
+
+logger = logging.getLogger("routelens")
+
+Destination = Union[CollectorClient, JsonlSink]
+
+# Each cycle the thread may spend this long replaying a spool before it goes
+# back to draining the queue, so a long replay never lets the queue overflow.
+REPLAY_BUDGET_S = 0.5
+SHUTDOWN_TIMEOUT_S = 3.0
+
+
+class Source:
+    """One traced router instance: its identity on the wire and its counters."""
+
+    def __init__(self, info: Dict[str, Any], destination_key: Tuple[str, ...]):
+        self.info = info
+        self.id: str = info["source_id"]
+        self.destination_key = destination_key
+        self.batch_seq = 0  # written by the exporter thread only
+        self.produced = 0  # events generated, dropped ones included
+        self._dropped: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count_dropped(self, reason: str, n: int = 1) -> None:
+        """Count `n` queued or delivered-but-lost events as dropped."""
+        with self._lock:
+            self._dropped[reason] = self._dropped.get(reason, 0) + n
+
+    def count_unqueued(self, reason: str) -> None:
+        """Count one event that was produced but never queued (sampled out, queue full)."""
+        with self._lock:
+            self.produced += 1
+            self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    def dropped(self) -> Dict[str, int]:
+        with self._lock:
+            return dict(self._dropped)
+
+
+class Exporter:
+    def __init__(self, config: TracerConfig):
+        self.queue_max = config.queue_max_events
+        self.batch_max = config.batch_max_events
+        self.flush_interval_s = config.flush_interval_s
+        self.spool_max_bytes = config.spool_max_bytes
+        self.http_timeout_s = config.http_timeout_s
+        self.queue_high_water = 0  # the longest the queue has been, for tests and benches
+        self._queue: Deque[tuple] = deque()
+        self._sources: Dict[str, Source] = {}
+        self._destinations: Dict[Tuple[str, ...], Destination] = {}
+        self._lock = threading.Lock()  # guards _sources, _destinations and the thread's start
+        self._wake = threading.Event()
+        self._cycle = threading.Condition()
+        self._cycles = 0
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    # -- producer side (router event loop) ---------------------------------
+
+    def add_source(self, info: Dict[str, Any], config: TracerConfig) -> Source:
+        source = Source(info, config.destination_key)
+        with self._lock:
+            if config.destination_key not in self._destinations:
+                self._destinations[config.destination_key] = self._make_destination(config)
+            self._sources[source.id] = source
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="routelens-exporter", daemon=True)
+                self._thread.start()
+        return source
+
+    def submit(self, item: tuple) -> None:
+        """Queue one event (`item[0]` is its Source). O(1), never blocks."""
+        queue = self._queue
+        source = item[0]
+        if len(queue) >= self.queue_max:
+            source.count_unqueued("queue_full")
+            return
+        source.produced += 1
+        queue.append(item)
+        if len(queue) == self.batch_max:
+            self._wake.set()
+
+    def wake(self) -> None:
+        """Export what is queued now instead of at the next interval."""
+        self._wake.set()
+
+    # -- control (tests, shutdown) -----------------------------------------
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Block until everything queued so far is delivered (or spooled and
+        replayed). Returns False if that did not happen within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._cycle:
+                target = self._cycles + 1
+                self._wake.set()
+                while self._cycles < target:
+                    if not self._cycle.wait(max(0.0, deadline - time.monotonic())):
+                        return False
+            if not self._queue and not any(d.backlog for d in list(self._destinations.values())):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def close(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Deliver what is queued within `timeout_s`, then stop the thread."""
+        thread = self._thread
+        if thread is None or self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        thread.join(timeout_s)
+        left = len(self._queue)
+        if left:
+            logger.warning("routelens: %d events not exported before shutdown", left)
+
+    # -- exporter thread ----------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            stopping = self._stopping
+            try:
+                self._export_queued()
+                for destination in list(self._destinations.values()):
+                    destination.replay(REPLAY_BUDGET_S, self._count_spooled_drop)
+            except Exception as exc:  # a bug here must not kill the thread
+                faults.record("the exporter thread", exc)
+            with self._cycle:
+                self._cycles += 1
+                self._cycle.notify_all()
+            if stopping and not self._queue:
+                for destination in list(self._destinations.values()):
+                    destination.close()
+                return
+
+    def _export_queued(self) -> None:
+        queue = self._queue
+        self.queue_high_water = max(self.queue_high_water, len(queue))
+        while queue:
+            items = [queue.popleft() for _ in range(min(len(queue), self.batch_max))]
+            by_source: Dict[Source, List[tuple]] = {}
+            for item in items:
+                by_source.setdefault(item[0], []).append(item)
+            for source, source_items in by_source.items():
+                self._deliver(source, source_items)
+
+    def _deliver(self, source: Source, items: List[tuple]) -> None:
+        events = []
+        for item in items:
+            try:
+                events.append(encode(item))
+            except Exception as exc:
+                source.count_dropped("encode_error")
+                faults.record("encoding an event", exc)
+        if not events:
+            return
+        source.batch_seq += 1
+        body = batch(source.info, source.batch_seq, source.dropped(), source.produced, events)
+        try:
+            data = json.dumps(body, default=str, separators=(",", ":")).encode()
+        except (TypeError, ValueError) as exc:
+            source.count_dropped("encode_error", len(events))
+            faults.record("encoding a batch", exc)
+            return
+        self._destinations[source.destination_key].deliver(data, len(events), source.count_dropped)
+
+    def _count_spooled_drop(self, body: bytes, reason: str) -> None:
+        try:
+            parsed = json.loads(body)
+            source = self._sources.get(parsed["source"]["source_id"])
+            n_events = len(parsed["events"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if source is not None:
+            source.count_dropped(reason, n_events)
+
+    def _make_destination(self, config: TracerConfig) -> Destination:
+        if not config.collector_url:
+            return JsonlSink(config.jsonl_path)
+        spool_dir = os.path.join(
+            config.spool_dir, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        spool = Spool(spool_dir, self.spool_max_bytes)
+        return CollectorClient(config.collector_url, config.token, spool, self.http_timeout_s)
+
+
+_exporter: Optional[Exporter] = None
+_exporter_lock = threading.Lock()
+
+
+def get_exporter(config: TracerConfig) -> Exporter:
+    """The exporter of this process, created by the first traced router."""
+    global _exporter
+    with _exporter_lock:
+        if _exporter is None:
+            _exporter = Exporter(config)
+            atexit.register(_exporter.close)
+        return _exporter
+
+
+def _forget_after_fork() -> None:
+    # The child has no exporter thread and must not re-send the parent's queue.
+    global _exporter, _exporter_lock
+    _exporter = None
+    _exporter_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)

@@ -1,0 +1,126 @@
+"""TracingMixin: trace any RequestRouter in one line.
+
+    class TracedRouter(TracingMixin, MyRouter):
+        pass
+
+The mixin goes first so that its hooks wrap the router's. Each hook calls the
+wrapped router exactly as Ray would, so routing behaves as without the mixin:
+the wrapped router's return values are returned and its exceptions propagate
+unchanged. The tracer's own work is fenced off: it never raises into Ray (an
+exception in `__init__`, `initialize_state` or `update_replicas` would freeze
+replica updates for the whole process) and never blocks the router loop.
+
+Hooks for subclasses:
+- `routelens_request_attributes(pending_request)`: return a small dict of
+  request fields worth recording with each decision (say, a prompt length).
+  The default records nothing from the payload (DESIGN.md, hard rule 4).
+"""
+
+from __future__ import annotations
+
+from time import time
+from typing import Any, Dict, List, Optional
+
+from ray.serve.request_router import RequestRouter
+
+from routers.faults import faults
+from routers.tracer import RouterTracer, split_kwargs
+
+# Exact attribution of FIFO hand-offs needs two private RequestRouter methods
+# (present in Ray 2.60). Without them the hooks below are not defined and
+# routed events fall back to the request's own last decision.
+EXACT_ATTRIBUTION = hasattr(RequestRouter, "_fulfill_next_pending_request") and hasattr(
+    RequestRouter, "_record_queue_wait_time"
+)
+
+
+class TracingMixin:
+    _routelens: Optional[RouterTracer] = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            self._routelens = RouterTracer(self, kwargs)
+        except Exception as exc:
+            faults.record("setting up the tracer", exc)
+
+    def routelens_request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
+        """Fields of a request to record with its decisions. Override to opt in."""
+        return None
+
+    def initialize_state(self, **kwargs):
+        passthrough = split_kwargs(kwargs)
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                passthrough = tracer.configure(kwargs)
+            except Exception as exc:
+                faults.record("configuring the tracer", exc)
+                self._routelens = None
+        return super().initialize_state(**passthrough)
+
+    async def choose_replicas(self, candidate_replicas: List[Any], pending_request: Any = None):
+        # Wall-clock at both ends: the decision's timestamp and its duration
+        # from one clock, which is cheaper than reading two.
+        started = time()
+        ranks = await super().choose_replicas(candidate_replicas, pending_request)
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_decision(candidate_replicas, pending_request, ranks, started, time())
+            except Exception as exc:
+                faults.record("recording a decision", exc)
+        return ranks
+
+    def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any):
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_routed(pending_request, replica_id, result)
+            except Exception as exc:
+                faults.record("recording a routed request", exc)
+        return super().on_request_routed(pending_request, replica_id, result)
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str):
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_completed(replica_id, internal_request_id)
+            except Exception as exc:
+                faults.record("recording a completed request", exc)
+        return super().on_request_completed(replica_id, internal_request_id)
+
+    def update_replicas(self, replicas: List[Any]):
+        result = super().update_replicas(replicas)
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_replicas(replicas)
+            except Exception as exc:
+                faults.record("recording replica membership", exc)
+        return result
+
+    if EXACT_ATTRIBUTION:
+
+        def _fulfill_next_pending_request(self, replica: Any, request_metadata: Any = None):
+            tracer = self._routelens
+            if tracer is not None:
+                try:
+                    tracer.on_fulfil_start(replica)
+                except Exception as exc:
+                    faults.record("attributing a fulfilment", exc)
+            try:
+                return super()._fulfill_next_pending_request(replica, request_metadata)
+            finally:
+                if tracer is not None:
+                    tracer.fulfilling = None
+
+        def _record_queue_wait_time(self, pending_request: Any):
+            result = super()._record_queue_wait_time(pending_request)
+            tracer = self._routelens
+            if tracer is not None:
+                try:
+                    tracer.on_recipient(pending_request)
+                except Exception as exc:
+                    faults.record("attributing a fulfilment", exc)
+            return result

@@ -1,0 +1,75 @@
+"""Run a RequestRouter without a Ray cluster: fake replicas, a real event loop.
+
+Useful to unit-test a router (traced or not) and to measure the tracer's own
+cost with no Ray I/O in the way. The router is the real class; only the
+replicas are stand-ins that answer the attributes routers read.
+
+    router = make_router(TracedPowerOfTwoChoicesRequestRouter, n_replicas=16)
+    ranks = await router.choose_replicas(router._replicas_list, make_request())
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Optional, Set
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve.request_router import PendingRequest
+
+_request_numbers = itertools.count()
+
+
+class FakeReplica:
+    """Stands in for `RunningReplica`: the attributes routers read, no actor."""
+
+    def __init__(self, replica_id: ReplicaID, *, node_id: str = "node-0", availability_zone: Optional[str] = None,
+                 max_ongoing_requests: int = 5, model_ids: Set[str] = frozenset(),
+                 routing_stats: Optional[Dict[str, Any]] = None, queue_len: int = 0):
+        self.replica_id = replica_id
+        self.node_id = node_id
+        self.availability_zone = availability_zone
+        self.max_ongoing_requests = max_ongoing_requests
+        self.multiplexed_model_ids = set(model_ids)
+        self.routing_stats = routing_stats if routing_stats is not None else {}
+        self.is_cross_language = False
+        self.queue_len = queue_len
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return self.queue_len
+
+
+def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **kwargs) -> List[FakeReplica]:
+    deployment_id = DeploymentID(name=deployment, app_name=app)
+    return [FakeReplica(ReplicaID(unique_id=f"replica{i:03d}", deployment_id=deployment_id), **kwargs)
+            for i in range(n)]
+
+
+def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
+                router_kwargs: Optional[Dict[str, Any]] = None, **replica_kwargs) -> Any:
+    """A router of `router_cls`, initialized as Ray would, with fake replicas.
+
+    Call it from inside a running event loop, as Ray does.
+    """
+    router = router_cls(
+        deployment_id=DeploymentID(name=deployment, app_name=app),
+        handle_source=DeploymentHandleSource.UNKNOWN,
+        self_actor_id="OFFLINE",
+        self_node_id="node-0",
+        use_replica_queue_len_cache=True,
+    )
+    router.initialize_state(**(router_kwargs or {}))
+    router.update_replicas(make_replicas(n_replicas, deployment, app, **replica_kwargs))
+    return router
+
+
+def make_request(model_id: str = "") -> PendingRequest:
+    number = next(_request_numbers)
+    return PendingRequest(
+        args=[],
+        kwargs={},
+        metadata=RequestMetadata(
+            request_id=f"request-{number}",
+            internal_request_id=f"internal-{number}",
+            multiplexed_model_id=model_id,
+        ),
+    )

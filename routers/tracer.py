@@ -1,0 +1,335 @@
+"""RouterTracer: what one traced router records, and how routed requests are
+attributed to the decision that supplied their replica.
+
+Every method here runs on Ray's router event loop (one thread per process,
+shared by all routers), except `_result_done_threadsafe`, which runs on a
+Ray core-worker thread and only hops back to the loop. Nothing here blocks:
+recording is an O(1) append to the process-wide exporter's queue of plain
+references; formatting happens on the exporter thread.
+
+Attribution. With FIFOMixin a replica found by request A's routing task is
+often given to request B (the head of the queue). `TracingMixin` hooks the
+fulfilment (`on_fulfil_start`, then `on_recipient` for whichever request
+receives the replica), so each routed event names the decision that really
+supplied its replica, its rank in that decision, and whether that decision
+was made for this request (`own_ranking`). When Ray lacks those private
+methods, routed events fall back to the request's last decision.
+
+Completion. Ray calls `on_request_completed` once per send attempt, rejected
+attempts included, keyed only by (replica, internal_request_id), which
+fan-out calls and retries share. The tracer therefore also watches each
+accepted attempt's result and pairs the two signals per key: a framework
+completion with no accepted attempt to claim it is a rejection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from asyncio import current_task
+import functools
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+
+import routers
+from routers.config import OWN_KEYS, TracerConfig, load_config
+from routers.exporter import Exporter, Source, get_exporter
+from routers.faults import faults
+from routers.ids import is_sampled, next_seq
+from routers.stats import collected_at
+from routers.wire import COMPLETED, DECISION, REPLICAS, ROUTED, STATS, Decision, RequestTrace
+
+# Accepted attempts whose completion has not been seen, per router. Beyond
+# this the oldest are forgotten (and counted), so a completion signal that
+# never comes cannot grow memory without bound.
+MAX_OPEN_ATTEMPTS = 100_000
+
+
+class _Attempt:
+    """An accepted send attempt, waiting for its completion."""
+
+    __slots__ = ("key", "routed_ts", "routed_seq", "ok", "done_ts")
+
+    def __init__(self, key, routed_ts, routed_seq):
+        self.key = key  # (ReplicaID, internal_request_id)
+        self.routed_ts = routed_ts
+        self.routed_seq = routed_seq
+        self.ok: Optional[bool] = None
+        self.done_ts: Optional[float] = None
+
+
+class RouterTracer:
+    def __init__(self, router: Any, init_kwargs: Mapping[str, Any]):
+        self._router = router
+        deployment_id = init_kwargs.get("deployment_id")
+        handle_source = init_kwargs.get("handle_source")
+        cls = type(router)
+        self.identity: Dict[str, Any] = {
+            "source_id": uuid.uuid4().hex,
+            "app": getattr(deployment_id, "app_name", None),
+            "deployment": getattr(deployment_id, "name", None),
+            "router_class": f"{cls.__module__}.{cls.__qualname__}",
+            "handle_source": getattr(handle_source, "name", str(handle_source)),
+            "node_id": init_kwargs.get("self_node_id"),
+            "actor_id": init_kwargs.get("self_actor_id"),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "tracer_version": routers.__version__,
+            "labels": {},
+        }
+        self.config: Optional[TracerConfig] = None
+        self.source: Optional[Source] = None
+        self.exporter: Optional[Exporter] = None
+        # Private in Ray 2.60 (see DESIGN.md rule 7): without it, queue_len is unknown.
+        cache = getattr(getattr(router, "replica_queue_len_cache", None), "_cache", None)
+        self._queue_len_cache: Optional[Dict] = cache if isinstance(cache, dict) else None
+        # ReplicaID -> (routing_stats, first seen). Replaced, never mutated, on
+        # each update_replicas, so a decision can keep a reference to it.
+        self._stats_seen: Dict[Any, Tuple[Any, float]] = {}
+        self._membership: Optional[List[Dict[str, Any]]] = None
+        self._decision_by_task: Dict[asyncio.Task, Decision] = {}
+        self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
+        self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
+        self._early_completions: Dict[Tuple[Any, str], int] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._submit = None  # the exporter's submit, once configured
+
+    # -- configuration ------------------------------------------------------
+
+    def configure(self, router_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """Apply `request_router_kwargs`; return the ones for the wrapped router."""
+        config, passthrough = load_config(router_kwargs)
+        for problem in config.problems:
+            faults.record("reading the tracer configuration", ValueError(problem))
+        if self.source is None:
+            self.config = config
+            self.identity["labels"] = dict(config.labels)
+            self.exporter = get_exporter(config)
+            self.source = self.exporter.add_source(self.identity, config)
+            self._submit = self.exporter.submit
+        return passthrough
+
+    def _ensure_configured(self) -> None:
+        # Ray always calls initialize_state first; a subclass that overrides it
+        # without calling super() still gets a tracer configured from the env.
+        if self.source is None:
+            self.configure({})
+
+    def _emit(self, item_tail: tuple) -> None:
+        self._submit((self.source,) + item_tail)
+
+    # -- hooks ---------------------------------------------------------------
+
+    def trace_of(self, pending_request: Any) -> RequestTrace:
+        trace = getattr(pending_request, "_routelens", None)
+        if trace is None:
+            metadata = pending_request.metadata
+            trace = RequestTrace(
+                metadata,
+                is_sampled(metadata.internal_request_id, self.config.sample_rate),
+                self._request_attributes(pending_request),
+            )
+            pending_request._routelens = trace
+        return trace
+
+    def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
+        try:
+            return self._router.routelens_request_attributes(pending_request)
+        except Exception as exc:
+            faults.record("routelens_request_attributes", exc)
+            return None
+
+    def on_decision(self, candidates: List[Any], pending_request: Any, ranks: List[List[Any]],
+                    started: float, now: float) -> None:
+        # The hot path: runs for every choose_replicas call. Kept to plain
+        # references (no copies, no formatting) so it costs about a microsecond.
+        if self.source is None:
+            self._ensure_configured()
+        trace = None
+        attempt = 0
+        if pending_request is not None:
+            trace = getattr(pending_request, "_routelens", None) or self.trace_of(pending_request)
+            attempt = trace.decisions
+            trace.decisions = attempt + 1
+        cache = self._queue_len_cache
+        queue_lens = None
+        if cache is not None:
+            queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
+        decision = Decision(now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
+                            self._stats_seen)
+        if trace is not None:
+            trace.last_decision = decision
+            if trace.sampled:
+                decision.exported = True
+                self._submit((self.source, DECISION, decision))
+        task = current_task(self._loop or self._bind_loop())
+        if task is None:
+            self._settle_unexported(decision)
+            return
+        previous = self._decision_by_task.get(task)
+        if previous is None:
+            task.add_done_callback(self._forget_task)
+        else:
+            self._settle_unexported(previous)
+        self._decision_by_task[task] = decision
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        # Every hook of a router runs on one loop (Ray's router loop, or the
+        # caller's in same-loop mode); naming it makes current_task() cheaper.
+        self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _export_decision(self, decision: Decision) -> None:
+        decision.exported = True
+        self._emit((DECISION, decision))
+
+    def _settle_unexported(self, decision: Decision) -> None:
+        # A sampled-out decision is exported after all if it supplies a replica
+        # to a sampled request (see on_routed); once it can no longer do that,
+        # it is counted as sampled out.
+        if not decision.exported:
+            self.source.count_unqueued("sampled_out")
+
+    def _forget_task(self, task: asyncio.Task) -> None:
+        try:
+            decision = self._decision_by_task.pop(task, None)
+            if decision is not None:
+                self._settle_unexported(decision)
+        except Exception as exc:
+            faults.record("forgetting a routing task", exc)
+
+    def on_fulfil_start(self, replica: Any) -> None:
+        task = current_task(self._loop or self._bind_loop())
+        self.fulfilling = (replica, self._decision_by_task.get(task) if task is not None else None)
+
+    def on_recipient(self, pending_request: Any) -> None:
+        if self.fulfilling is not None:
+            self.trace_of(pending_request).handoff = self.fulfilling
+
+    def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        self._ensure_configured()
+        now = time.time()
+        trace = self.trace_of(pending_request)
+        handoff, trace.handoff = trace.handoff, None
+        if handoff is not None and handoff[1] is not None and handoff[0].replica_id == replica_id:
+            decision, attribution = handoff[1], "exact"
+        else:
+            decision, attribution = trace.last_decision, "last_decision"
+        if not trace.sampled:
+            self.source.count_unqueued("sampled_out")
+            return
+        rank = own = None
+        if decision is not None:
+            rank = decision.rank_of(replica_id)
+            own = decision.trace is trace
+            if not decision.exported:
+                self._export_decision(decision)
+        seq = next_seq()
+        self._emit((
+            ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
+            (now - pending_request.created_at) * 1000.0, attribution,
+        ))
+        attempt = _Attempt((replica_id, trace.metadata.internal_request_id), now, seq)
+        self._open.setdefault(attempt.key, deque()).append(attempt)
+        if len(self._open) > MAX_OPEN_ATTEMPTS:
+            for _ in self._open.pop(next(iter(self._open))):
+                self.source.count_unqueued("untracked_completion")
+        if self._loop is None:
+            self._bind_loop()
+        result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
+
+    def _result_done_threadsafe(self, attempt: _Attempt, value: Any) -> None:
+        # On a Ray core-worker thread: note the outcome, then hop to the loop.
+        try:
+            self._loop.call_soon_threadsafe(
+                self._on_result_done, attempt, not isinstance(value, BaseException), time.time()
+            )
+        except RuntimeError:  # the loop is closed: the process is shutting down
+            pass
+
+    def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float) -> None:
+        try:
+            attempt.ok, attempt.done_ts = ok, done_ts
+            key = attempt.key
+            if self._early_completions.get(key, 0) > 0:
+                self._early_completions[key] -= 1
+                self._close_attempt(attempt)
+            if not self._open.get(key):
+                self._open.pop(key, None)
+                for _ in range(self._early_completions.pop(key, 0)):
+                    self._emit_rejection(key)
+        except Exception as exc:
+            faults.record("recording a completion", exc)
+
+    def on_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        self._ensure_configured()
+        if not is_sampled(internal_request_id, self.config.sample_rate):
+            self.source.count_unqueued("sampled_out")
+            return
+        key = (replica_id, internal_request_id)
+        attempts = self._open.get(key)
+        if not attempts:
+            self._emit_rejection(key)
+            return
+        for attempt in attempts:
+            if attempt.done_ts is not None:
+                self._close_attempt(attempt)
+                if not attempts:
+                    del self._open[key]
+                return
+        # The accepted attempt's own result has not reported yet; or this is a
+        # rejected attempt of the same key. Either way the count settles when it does.
+        self._early_completions[key] = self._early_completions.get(key, 0) + 1
+
+    def _close_attempt(self, attempt: _Attempt) -> None:
+        self._open[attempt.key].remove(attempt)
+        replica_id, internal_request_id = attempt.key
+        self._emit((
+            COMPLETED, time.time(), next_seq(), internal_request_id, replica_id,
+            (attempt.done_ts - attempt.routed_ts) * 1000.0, attempt.ok, False,
+            (attempt.routed_ts, attempt.routed_seq),
+        ))
+
+    def _emit_rejection(self, key: Tuple[Any, str]) -> None:
+        replica_id, internal_request_id = key
+        self._emit((COMPLETED, time.time(), next_seq(), internal_request_id, replica_id,
+                    None, False, True, None))
+
+    def on_replicas(self, replicas: List[Any]) -> None:
+        self._ensure_configured()
+        now = time.time()
+        previous_seen = self._stats_seen
+        seen = {}
+        members = []
+        for replica in replicas:
+            replica_id = replica.replica_id
+            stats = replica.routing_stats
+            previous = previous_seen.get(replica_id)
+            if previous is None or previous[0] != stats:
+                self._emit((STATS, now, next_seq(), replica_id, stats, collected_at(stats)))
+                previous = (stats, now)
+            seen[replica_id] = previous
+            members.append({
+                "replica_id": replica_id.unique_id,
+                "node_id": replica.node_id,
+                "availability_zone": replica.availability_zone,
+                "max_ongoing_requests": replica.max_ongoing_requests,
+                "model_ids": sorted(replica.multiplexed_model_ids),
+            })
+        self._stats_seen = seen
+        members.sort(key=lambda member: member["replica_id"])
+        if members != self._membership:
+            self._membership = members
+            self._emit((REPLICAS, now, next_seq(), members))
+        if not replicas:
+            # The deployment is going away: export now rather than at the next
+            # interval, in case the process is about to be killed.
+            self.exporter.wake()
+
+
+def split_kwargs(router_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The kwargs of the wrapped router, for when the tracer itself is broken."""
+    return {k: v for k, v in router_kwargs.items() if k not in OWN_KEYS}

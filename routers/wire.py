@@ -1,0 +1,195 @@
+"""Wire format v1: what the hot path queues, and how it becomes JSON.
+
+The hot path queues tuples of references (replica ids, cache entries, stats
+dicts, request metadata): no formatting, no copying. `encode` runs on the
+exporter thread and turns one queued item into one event dict. Every item
+starts with `(source, kind, ts, seq, ...)`, except decisions, whose record is
+shared with the attribution logic and carries its own ts and seq.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from routers.ids import event_id, next_seq
+from routers.stats import STATS_TIMESTAMP_KEY, collected_at
+
+SCHEMA_VERSION = 1
+
+DECISION = "decision"
+ROUTED = "routed"
+COMPLETED = "completed"
+REPLICAS = "replicas"
+STATS = "stats"
+
+
+class RequestTrace:
+    """What the tracer keeps on a PendingRequest (as `pr._routelens`)."""
+
+    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "attributes")
+
+    def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
+        self.metadata = metadata
+        self.sampled = sampled
+        self.decisions = 0  # choose_replicas calls made for this request
+        self.last_decision: Optional[Decision] = None
+        # (replica, decision) set when a fulfilment hands this request a replica.
+        self.handoff: Optional[tuple] = None
+        self.attributes = attributes
+
+
+class Decision:
+    """One `choose_replicas` call: its ranking and the inputs it ranked on."""
+
+    __slots__ = (
+        "ts", "trace", "attempt", "duration_s", "n_candidates", "ranks", "queue_lens", "stats_seen",
+        "exported", "_id",
+    )
+
+    def __init__(self, ts, trace, attempt, duration_s, n_candidates, ranks, queue_lens, stats_seen):
+        self.ts = ts
+        self.trace: Optional[RequestTrace] = trace
+        self.attempt = attempt
+        self.duration_s = duration_s
+        self.n_candidates = n_candidates
+        self.ranks = ranks  # the list of lists of RunningReplica returned by the router
+        # Queue-length cache entries of the ranked replicas, in rank order (None: unknown).
+        self.queue_lens = queue_lens
+        # The tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time.
+        self.stats_seen = stats_seen
+        self.exported = False
+        self._id: Optional[str] = None
+
+    @property
+    def id(self) -> str:
+        # Drawn on the exporter thread, the first time the decision or a routed
+        # event naming it is encoded: the hot path never pays for an id.
+        if self._id is None:
+            self._id = event_id(self.ts, next_seq())
+        return self._id
+
+    def rank_of(self, replica_id: Any) -> Optional[int]:
+        for index, rank in enumerate(self.ranks):
+            for replica in rank:
+                if replica.replica_id == replica_id:
+                    return index
+        return None
+
+
+def replica_key(replica_id: Any) -> str:
+    return replica_id.unique_id
+
+
+def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The replica's routing_stats as it reported them, without our stamp."""
+    if not stats:
+        return {}
+    return {str(k): v for k, v in stats.items() if k != STATS_TIMESTAMP_KEY}
+
+
+def _request_fields(trace: Optional[RequestTrace]) -> Dict[str, Any]:
+    meta = trace.metadata if trace is not None else None
+    if meta is None:
+        return {"request_id": None, "internal_request_id": None, "model_id": None}
+    return {
+        "request_id": meta.request_id,
+        "internal_request_id": meta.internal_request_id,
+        "model_id": meta.multiplexed_model_id or None,
+    }
+
+
+def _encode_decision(d: Decision) -> Dict[str, Any]:
+    replicas: Dict[str, Dict[str, Any]] = {}
+    ranked = [replica for rank in d.ranks for replica in rank]
+    queue_lens = d.queue_lens or [None] * len(ranked)
+    for replica, cache_entry in zip(ranked, queue_lens):
+        key = replica_key(replica.replica_id)
+        if key in replicas:
+            continue
+        seen = d.stats_seen.get(replica.replica_id)
+        stats = seen[0] if seen is not None else None
+        stamp = collected_at(stats)
+        if stamp is not None:
+            stats_age, age_source = d.ts - stamp, "stamped"
+        elif seen is not None:
+            stats_age, age_source = d.ts - seen[1], "observed"
+        else:
+            stats_age, age_source = None, None
+        replicas[key] = {
+            "queue_len": cache_entry.queue_len if cache_entry is not None else None,
+            "queue_len_age_s": d.ts - cache_entry.timestamp if cache_entry is not None else None,
+            "stats": plain_stats(stats),
+            "stats_age_s": stats_age,
+            "stats_age_source": age_source,
+        }
+    event = {
+        "type": DECISION,
+        "id": d.id,
+        "ts": d.ts,
+        **_request_fields(d.trace),
+        "attempt": d.attempt,
+        "duration_us": int(d.duration_s * 1e6),
+        "n_candidates": d.n_candidates,
+        "ranks": [[replica_key(r.replica_id) for r in rank] for rank in d.ranks],
+        "replicas": replicas,
+    }
+    if d.trace is not None and d.trace.attributes:
+        event["attributes"] = d.trace.attributes
+    return event
+
+
+def encode(item: tuple) -> Dict[str, Any]:
+    """One queued item -> one wire-format event."""
+    kind = item[1]
+    if kind == DECISION:
+        return _encode_decision(item[2])
+    ts, seq = item[2], item[3]
+    event: Dict[str, Any] = {"type": kind, "id": event_id(ts, seq), "ts": ts}
+    if kind == ROUTED:
+        _, _, _, _, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
+        event.update(_request_fields(trace))
+        event.update(
+            replica_id=replica_key(replica_id),
+            decision_id=decision.id if decision is not None else None,
+            rank=rank,
+            own_ranking=own,
+            attempts=attempts,
+            queue_wait_ms=wait_ms,
+            attribution=attribution,
+        )
+    elif kind == COMPLETED:
+        _, _, _, _, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
+        event.update(
+            internal_request_id=internal_request_id,
+            replica_id=replica_key(replica_id),
+            latency_ms=latency_ms,
+            ok=ok,
+            rejected=rejected,
+            routed_id=event_id(*routed) if routed is not None else None,
+        )
+    elif kind == REPLICAS:
+        event["replicas"] = item[4]
+    elif kind == STATS:
+        _, _, _, _, replica_id, stats, stamp = item
+        event.update(replica_id=replica_key(replica_id), stats=plain_stats(stats), collected_at=stamp)
+    else:
+        raise ValueError(f"unknown event kind {kind!r}")
+    return event
+
+
+def batch(source: Dict[str, Any], seq: int, dropped: Dict[str, int], produced: int,
+          events: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The body of one POST /v1/events (and one line of the JSON Lines sink).
+
+    `produced` (events this source generated, dropped ones included) is an
+    addition to v1 that the collector keeps as an unknown field: it makes
+    produced == stored + dropped checkable.
+    """
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": source,
+        "seq": seq,
+        "dropped": dropped,
+        "produced": produced,
+        "events": events,
+    }
