@@ -45,10 +45,11 @@ def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **k
 
 
 def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
-                router_kwargs: Optional[Dict[str, Any]] = None, **replica_kwargs) -> Any:
+                router_kwargs: Optional[Dict[str, Any]] = None, exporter: Any = None, **replica_kwargs) -> Any:
     """A router of `router_cls`, initialized as Ray would, with fake replicas.
 
-    Call it from inside a running event loop, as Ray does.
+    Call it from inside a running event loop, as Ray does. A traced router
+    sends to `exporter` when given, else to the process-wide exporter.
     """
     router = router_cls(
         deployment_id=DeploymentID(name=deployment, app_name=app),
@@ -57,9 +58,27 @@ def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "of
         self_node_id="node-0",
         use_replica_queue_len_cache=True,
     )
+    if exporter is not None:
+        router._routelens.configure(router_kwargs or {}, exporter)
     router.initialize_state(**(router_kwargs or {}))
     router.update_replicas(make_replicas(n_replicas, deployment, app, **replica_kwargs))
     return router
+
+
+class FakeResult:
+    """Stands in for `ReplicaResult`: completes when the test says so."""
+
+    def __init__(self):
+        self._callbacks = []
+
+    def add_done_callback(self, callback) -> None:
+        self._callbacks.append(callback)
+
+    def finish(self, value: Any = None) -> None:
+        """Complete the request; like Ray, from a thread other than the loop's."""
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(value)
 
 
 def make_request(model_id: str = "") -> PendingRequest:

@@ -17,9 +17,10 @@ methods, routed events fall back to the request's last decision.
 
 Completion. Ray calls `on_request_completed` once per send attempt, rejected
 attempts included, keyed only by (replica, internal_request_id), which
-fan-out calls and retries share. The tracer therefore also watches each
-accepted attempt's result and pairs the two signals per key: a framework
-completion with no accepted attempt to claim it is a rejection.
+fan-out calls and retries share, and possibly before the accepted attempt's
+`on_request_routed`. The tracer therefore also watches each accepted
+attempt's result and pairs the two signals per key: a framework completion
+that no accepted attempt claims within REJECTION_GRACE_S is a rejection.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from routers.wire import COMPLETED, DECISION, REPLICAS, ROUTED, STATS, Decision,
 # this the oldest are forgotten (and counted), so a completion signal that
 # never comes cannot grow memory without bound.
 MAX_OPEN_ATTEMPTS = 100_000
+# A framework completion that no accepted attempt claims within this time is
+# reported as a rejection. Accepted attempts claim theirs within a few loop
+# iterations; the margin covers a loop stalled by load.
+REJECTION_GRACE_S = 2.0
 
 
 class _Attempt:
@@ -93,21 +98,25 @@ class RouterTracer:
         self._decision_by_task: Dict[asyncio.Task, Decision] = {}
         self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
-        self._early_completions: Dict[Tuple[Any, str], int] = {}
+        # Framework completions not yet claimed by an accepted attempt: their times.
+        self._unmatched_completions: Dict[Tuple[Any, str], Deque[float]] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._submit = None  # the exporter's submit, once configured
 
     # -- configuration ------------------------------------------------------
 
-    def configure(self, router_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
-        """Apply `request_router_kwargs`; return the ones for the wrapped router."""
+    def configure(self, router_kwargs: Mapping[str, Any], exporter: Optional[Exporter] = None) -> Dict[str, Any]:
+        """Apply `request_router_kwargs`; return the ones for the wrapped router.
+
+        The first call wins. `exporter` defaults to the process-wide one.
+        """
         config, passthrough = load_config(router_kwargs)
         for problem in config.problems:
             faults.record("reading the tracer configuration", ValueError(problem))
         if self.source is None:
             self.config = config
             self.identity["labels"] = dict(config.labels)
-            self.exporter = get_exporter(config)
+            self.exporter = exporter or get_exporter(config)
             self.source = self.exporter.add_source(self.identity, config)
             self._submit = self.exporter.submit
         return passthrough
@@ -165,7 +174,7 @@ class RouterTracer:
             if trace.sampled:
                 decision.exported = True
                 self._submit((self.source, DECISION, decision))
-        task = current_task(self._loop or self._bind_loop())
+        task = current_task(self._loop or self._loop_or_bind())
         if task is None:
             self._settle_unexported(decision)
             return
@@ -176,10 +185,11 @@ class RouterTracer:
             self._settle_unexported(previous)
         self._decision_by_task[task] = decision
 
-    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+    def _loop_or_bind(self) -> asyncio.AbstractEventLoop:
         # Every hook of a router runs on one loop (Ray's router loop, or the
         # caller's in same-loop mode); naming it makes current_task() cheaper.
-        self._loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
         return self._loop
 
     def _export_decision(self, decision: Decision) -> None:
@@ -202,7 +212,7 @@ class RouterTracer:
             faults.record("forgetting a routing task", exc)
 
     def on_fulfil_start(self, replica: Any) -> None:
-        task = current_task(self._loop or self._bind_loop())
+        task = current_task(self._loop_or_bind())
         self.fulfilling = (replica, self._decision_by_task.get(task) if task is not None else None)
 
     def on_recipient(self, pending_request: Any) -> None:
@@ -237,8 +247,7 @@ class RouterTracer:
         if len(self._open) > MAX_OPEN_ATTEMPTS:
             for _ in self._open.pop(next(iter(self._open))):
                 self.source.count_unqueued("untracked_completion")
-        if self._loop is None:
-            self._bind_loop()
+        self._loop_or_bind()
         result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
 
     def _result_done_threadsafe(self, attempt: _Attempt, value: Any) -> None:
@@ -253,14 +262,11 @@ class RouterTracer:
     def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float) -> None:
         try:
             attempt.ok, attempt.done_ts = ok, done_ts
-            key = attempt.key
-            if self._early_completions.get(key, 0) > 0:
-                self._early_completions[key] -= 1
+            unmatched = self._unmatched_completions.get(attempt.key)
+            if unmatched:
+                unmatched.popleft()
                 self._close_attempt(attempt)
-            if not self._open.get(key):
-                self._open.pop(key, None)
-                for _ in range(self._early_completions.pop(key, 0)):
-                    self._emit_rejection(key)
+            self._settle_later(attempt.key)
         except Exception as exc:
             faults.record("recording a completion", exc)
 
@@ -270,33 +276,51 @@ class RouterTracer:
             self.source.count_unqueued("sampled_out")
             return
         key = (replica_id, internal_request_id)
-        attempts = self._open.get(key)
-        if not attempts:
-            self._emit_rejection(key)
-            return
-        for attempt in attempts:
+        for attempt in self._open.get(key, ()):
             if attempt.done_ts is not None:
                 self._close_attempt(attempt)
-                if not attempts:
-                    del self._open[key]
                 return
-        # The accepted attempt's own result has not reported yet; or this is a
-        # rejected attempt of the same key. Either way the count settles when it does.
-        self._early_completions[key] = self._early_completions.get(key, 0) + 1
+        # Either a rejected attempt, or an accepted one whose routed event or
+        # result has not come in yet (a fast request can finish before the
+        # router resumes to call on_request_routed). Which, only time tells.
+        self._unmatched_completions.setdefault(key, deque()).append(time.time())
+        self._settle_later(key)
+
+    def _settle_later(self, key: Tuple[Any, str]) -> None:
+        if self._unmatched_completions.get(key) and not self._open.get(key):
+            self._loop_or_bind().call_later(REJECTION_GRACE_S, self._settle, key)
+
+    def _settle(self, key: Tuple[Any, str]) -> None:
+        """Completions no accepted attempt claimed within the grace period were rejections."""
+        try:
+            if self._open.get(key):
+                return  # an accepted attempt is in flight: its result settles this key
+            unmatched = self._unmatched_completions.get(key)
+            cutoff = time.time() - REJECTION_GRACE_S
+            while unmatched and unmatched[0] <= cutoff:
+                self._emit_rejection(key, unmatched.popleft())
+            if unmatched:
+                self._settle_later(key)
+            else:
+                self._unmatched_completions.pop(key, None)
+        except Exception as exc:
+            faults.record("recording a rejection", exc)
 
     def _close_attempt(self, attempt: _Attempt) -> None:
-        self._open[attempt.key].remove(attempt)
+        attempts = self._open[attempt.key]
+        attempts.remove(attempt)
+        if not attempts:
+            del self._open[attempt.key]
         replica_id, internal_request_id = attempt.key
         self._emit((
-            COMPLETED, time.time(), next_seq(), internal_request_id, replica_id,
+            COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
             (attempt.done_ts - attempt.routed_ts) * 1000.0, attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))
 
-    def _emit_rejection(self, key: Tuple[Any, str]) -> None:
+    def _emit_rejection(self, key: Tuple[Any, str], ts: float) -> None:
         replica_id, internal_request_id = key
-        self._emit((COMPLETED, time.time(), next_seq(), internal_request_id, replica_id,
-                    None, False, True, None))
+        self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False, True, None))
 
     def on_replicas(self, replicas: List[Any]) -> None:
         self._ensure_configured()
