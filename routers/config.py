@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 import urllib.parse
@@ -82,29 +83,31 @@ def _parse_labels(value: Any) -> Dict[str, str]:
 def _coerce(name: str, value: Any) -> Any:
     if name == "labels":
         return _parse_labels(value)
-    default = _FIELDS[name].default
-    if default is dataclasses.MISSING:  # a default_factory field: a path
-        return str(value)
-    kind = type(default)
     if name == "collector_url":
         url = str(value).strip()
-        parsed = urllib.parse.urlsplit(url)
-        if url and (parsed.scheme not in ("http", "https") or not parsed.hostname):
-            raise ValueError("expected http(s)://host[:port]")
+        if url:
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # raises ValueError for a port out of range or not a number
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError("expected http(s)://host[:port]")
         return url
-    if kind is str:
+    if name == "jsonl_path":
+        path = str(value)
+        path.format(pid=0, hostname="h")  # only {pid} and {hostname} may be expanded
+        return path
+    default = _FIELDS[name].default
+    if default is dataclasses.MISSING or isinstance(default, str):
         return str(value)
-    if kind is int:
-        number = int(value)
-        if number <= 0:
-            raise ValueError("must be a positive integer")
+    number = float(value)  # OverflowError for ints beyond float range, caught by the caller
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    if name == "sample_rate":
+        if not 0.0 <= number <= 1.0:
+            raise ValueError("must be between 0 and 1")
         return number
-    number = float(value)
-    if name == "sample_rate" and not 0.0 <= number <= 1.0:
-        raise ValueError("must be between 0 and 1")
-    if name != "sample_rate" and number <= 0:
+    if number <= 0:
         raise ValueError("must be positive")
-    return number
+    return int(value) if isinstance(default, int) else number
 
 
 def load_config(
@@ -126,7 +129,7 @@ def load_config(
             continue
         try:
             values[name] = _coerce(name, raw)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError, KeyError, IndexError) as exc:
             problems.append(f"{origin}={raw!r} ignored: {exc}")
     passthrough = {k: v for k, v in router_kwargs.items() if k not in OWN_KEYS}
     return TracerConfig(problems=tuple(problems), **values), passthrough

@@ -137,14 +137,15 @@ class CollectorClient:
 
     def _post(self, body: bytes) -> str:
         """One attempt: 'ok', 'rejected' (the collector refuses it for good) or 'retry'."""
+        payload = gzip.compress(body, 3)
         try:
-            if self._conn is None:
-                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-                self._conn = cls(self._host, self._port, timeout=self._timeout_s)
-            self._conn.request("POST", self._path, body=gzip.compress(body, 3), headers=self._headers)
-            response = self._conn.getresponse()
-            detail = response.read()
-            status = response.status
+            try:
+                status, detail = self._request(payload)
+            except (ConnectionError, http.client.RemoteDisconnected):
+                # The collector may have closed our idle keep-alive connection;
+                # that is no outage, so try once more on a fresh one.
+                self._close_connection()
+                status, detail = self._request(payload)
         except (OSError, http.client.HTTPException) as exc:
             self._close_connection()
             self._schedule_retry()
@@ -162,6 +163,14 @@ class CollectorClient:
             RuntimeError(f"HTTP {status}: {detail[:500].decode('utf-8', 'replace')}"),
         )
         return "rejected"
+
+    def _request(self, payload: bytes):
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self._timeout_s)
+        self._conn.request("POST", self._path, body=payload, headers=self._headers)
+        response = self._conn.getresponse()
+        return response.status, response.read()
 
     def _schedule_retry(self) -> None:
         delay = min(self.BACKOFF_MAX_S, self.BACKOFF_BASE_S * 2**self._failures)

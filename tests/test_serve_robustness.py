@@ -1,0 +1,153 @@
+"""Tracing never makes routing worse: routers that cannot be imported where
+they run, routers with bugs, and collectors that are down, slow or failing."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import time
+
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from tests import misbehaving_routers, serve_apps
+from tests.event_sink_server import EventSinkServer
+from tests.test_serve_routers import send_handle, send_http
+from tests.trace_checks import read_events, wait_for
+
+pytestmark = pytest.mark.ray
+
+
+def deploy(name, router_class, count_dir, router_kwargs, num_replicas=2):
+    config = RequestRouterConfig(request_router_class=router_class, request_router_kwargs=router_kwargs)
+    app = serve_apps.UniformRequestRouterApp.options(
+        name=name, num_replicas=num_replicas, request_router_config=config
+    ).bind(count_dir)
+    return serve.run(app, name=name, route_prefix=f"/{name}")
+
+
+@ray.remote(num_cpus=0)
+def importable_in_a_worker(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_router_from_a_module_the_proxy_cannot_import(serve_instance, tmp_path, monkeypatch):
+    module_dir = tmp_path / "elsewhere"
+    module_dir.mkdir()
+    (module_dir / "faraway_router.py").write_text(textwrap.dedent("""
+        import random
+        from ray.serve.request_router import RequestRouter
+        from routers import TracingMixin
+
+        class FarawayRouter(TracingMixin, RequestRouter):
+            async def choose_replicas(self, candidate_replicas, pending_request=None):
+                return [[random.choice(candidate_replicas)]]
+    """))
+    monkeypatch.syspath_prepend(str(module_dir))
+    import faraway_router
+
+    assert not ray.get(importable_in_a_worker.remote("faraway_router"))
+    sink_dir = tmp_path / "sink"
+    count_dir = tmp_path / "counts"
+    count_dir.mkdir()
+    deploy("faraway", faraway_router.FarawayRouter, str(count_dir),
+           {"jsonl_path": str(sink_dir / "events-{pid}.jsonl")})
+    try:
+        send_http(f"{serve_instance}/faraway", 20, concurrency=5)
+        wait_for(lambda: sum(e["type"] == "routed" for e in read_events(str(sink_dir), "faraway")) >= 20,
+                 what="routed events from the proxy")
+        routed = [e for e in read_events(str(sink_dir), "faraway") if e["type"] == "routed"]
+        assert len(routed) == 20
+        assert {e["source"]["handle_source"] for e in routed} == {"PROXY"}
+        assert {e["source"]["router_class"] for e in routed} == {"faraway_router.FarawayRouter"}
+    finally:
+        serve.delete("faraway")
+        sys.modules.pop("faraway_router", None)
+
+
+# Requests for the model "boom" make FlakyChooseRouter raise.
+MODELS = ["", "boom", "", "", "boom", "", "", ""]
+
+
+def outcomes(handle):
+    """What each request of MODELS came to: 'ok' or the exception's type."""
+    results = []
+    for model in MODELS:
+        try:
+            handle.options(multiplexed_model_id=model).remote().result(timeout_s=5)
+            results.append("ok")
+        except Exception as exc:  # the router's own bug, surfaced by Ray
+            results.append(type(exc).__name__)
+    return results
+
+
+@pytest.mark.parametrize("plain, traced, expected", [
+    # A failing choose_replicas loses the request (Ray 2.60): it times out.
+    (misbehaving_routers.FlakyChooseRouter, misbehaving_routers.TracedFlakyChooseRouter,
+     ["TimeoutError" if model == "boom" else "ok" for model in MODELS]),
+    # A failing on_request_routed fails the request it was called for.
+    (misbehaving_routers.RaisingHooksRouter, misbehaving_routers.TracedRaisingHooksRouter,
+     ["RuntimeError"] * len(MODELS)),
+])
+def test_buggy_routers_behave_the_same_traced(serve_instance, tmp_path, plain, traced, expected):
+    count_dir = tmp_path / "counts"
+    count_dir.mkdir()
+    sink = str(tmp_path / "sink" / "events-{pid}.jsonl")
+    seen = {}
+    for label, router in (("plain", plain), ("traced", traced)):
+        name = f"{plain.__name__.lower()}-{label}"
+        handle = deploy(name, router, str(count_dir), {"jsonl_path": sink})
+        try:
+            seen[label] = outcomes(handle)
+        finally:
+            serve.delete(name)
+    assert seen["plain"] == expected
+    assert seen["traced"] == expected
+    # And the traced one was traced: its decisions were recorded.
+    traced_name = f"{plain.__name__.lower()}-traced"
+    wait_for(lambda: any(e["type"] == "decision" for e in read_events(str(tmp_path / "sink"), traced_name)),
+             what="decisions of the traced router")
+
+
+def driver_events(server: EventSinkServer, name: str, kind: str):
+    return [e for e in server.events(app=name, handle_source="UNKNOWN").values() if e["type"] == kind]
+
+
+@pytest.mark.parametrize("failure", ["down", "error", "stall"])
+def test_failing_collector_never_blocks_routing(serve_instance, tmp_path, failure):
+    server = EventSinkServer()
+    if failure == "down":
+        server.stop()
+    else:
+        server.mode = failure
+    name = f"collector-{failure}"
+    count_dir = tmp_path / "counts"
+    count_dir.mkdir()
+    handle = deploy(name, TracedPowerOfTwoChoicesRequestRouter, str(count_dir),
+                    {"collector_url": server.url, "spool_dir": str(tmp_path / "spool")})
+    try:
+        # Traffic through the driver's router (in this process) and the proxy's,
+        # long enough for the exporter to hit the failing collector meanwhile.
+        for _ in range(3):
+            send_handle(handle, 40, concurrency=10)
+            send_http(f"{serve_instance}/{name}", 20, concurrency=5)
+            time.sleep(0.5)
+        if failure == "stall":
+            # Every request completed while the collector held the exporter's first POST.
+            assert server.posts_started >= 1 and server.posts_finished == 0
+        assert sum(serve_apps.read_counts(str(count_dir), name).values()) == 180
+        # The collector recovers: what was spooled meanwhile arrives, once per id.
+        if failure == "down":
+            server.start()
+        server.mode = "ok"
+        wait_for(lambda: len(driver_events(server, name, "routed")) == 120, timeout_s=90,
+                 what="every routed event of the driver's router after recovery")
+    finally:
+        serve.delete(name)
+        server.stop()
