@@ -50,9 +50,14 @@ class Source:
         self.id: str = info["source_id"]
         self.destination_key = destination_key
         self.batch_seq = 0  # written by the exporter thread only
-        self.produced = 0  # events generated, dropped ones included
+        # Events generated, dropped ones included; queued events count once exported.
+        self.produced = 0
         self._dropped: Dict[str, int] = {}
         self._lock = threading.Lock()
+
+    def count_produced(self, n: int) -> None:
+        with self._lock:
+            self.produced += n
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
         """Count `n` queued or delivered-but-lost events as dropped."""
@@ -104,13 +109,12 @@ class Exporter:
     def submit(self, item: tuple) -> None:
         """Queue one event (`item[0]` is its Source). O(1), never blocks."""
         queue = self._queue
-        source = item[0]
-        if len(queue) >= self.queue_max:
-            source.count_unqueued("queue_full")
+        n = len(queue)
+        if n >= self.queue_max:
+            item[0].count_unqueued("queue_full")
             return
-        source.produced += 1
         queue.append(item)
-        if len(queue) == self.batch_max:
+        if n + 1 == self.batch_max:
             self._wake.set()
 
     def wake(self) -> None:
@@ -177,6 +181,8 @@ class Exporter:
             for item in items:
                 by_source.setdefault(item[0], []).append(item)
             for source, source_items in by_source.items():
+                # Counted here rather than in submit() to keep the hot path short.
+                source.count_produced(len(source_items))
                 self._deliver(source, source_items)
 
     def _deliver(self, source: Source, items: List[tuple]) -> None:

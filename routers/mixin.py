@@ -106,7 +106,7 @@ class TracingMixin:
             tracer = self._routelens
             if tracer is not None:
                 try:
-                    tracer.on_fulfil_start(replica)
+                    tracer.on_fulfil_start(replica, request_metadata)
                 except Exception as exc:
                     faults.record("attributing a fulfilment", exc)
             try:

@@ -26,7 +26,6 @@ that no accepted attempt claims within REJECTION_GRACE_S is a rejection.
 from __future__ import annotations
 
 import asyncio
-from asyncio import current_task
 import functools
 import os
 import socket
@@ -43,10 +42,11 @@ from routers.ids import is_sampled, next_seq
 from routers.stats import collected_at
 from routers.wire import COMPLETED, DECISION, REPLICAS, ROUTED, STATS, Decision, RequestTrace
 
-# Accepted attempts whose completion has not been seen, per router. Beyond
-# this the oldest are forgotten (and counted), so a completion signal that
-# never comes cannot grow memory without bound.
+# Accepted attempts whose completion has not been seen, and requests not yet
+# routed, per router. Beyond these the oldest are forgotten (attempts are
+# counted as dropped), so signals that never come cannot grow memory.
 MAX_OPEN_ATTEMPTS = 100_000
+MAX_OPEN_REQUESTS = 100_000
 # A framework completion that no accepted attempt claims within this time is
 # reported as a rejection. Accepted attempts claim theirs within a few loop
 # iterations; the margin covers a loop stalled by load.
@@ -69,6 +69,10 @@ class _Attempt:
 class RouterTracer:
     def __init__(self, router: Any, init_kwargs: Mapping[str, Any]):
         self._router = router
+        # Only a subclass that overrides the hook records request attributes.
+        self._records_attributes = "routelens_request_attributes" in {
+            name for klass in type(router).__mro__ if klass.__name__ != "TracingMixin" for name in vars(klass)
+        }
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
         cls = type(router)
@@ -95,7 +99,9 @@ class RouterTracer:
         # each update_replicas, so a decision can keep a reference to it.
         self._stats_seen: Dict[Any, Tuple[Any, float]] = {}
         self._membership: Optional[List[Dict[str, Any]]] = None
-        self._decision_by_task: Dict[asyncio.Task, Decision] = {}
+        # id(RequestMetadata) -> the request's trace, while it may still be routed:
+        # how a fulfilment, which names only the metadata, finds its decision.
+        self._trace_by_metadata: Dict[int, RequestTrace] = {}
         self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: their times.
@@ -136,12 +142,17 @@ class RouterTracer:
         trace = getattr(pending_request, "_routelens", None)
         if trace is None:
             metadata = pending_request.metadata
+            rate = self.config.sample_rate
             trace = RequestTrace(
                 metadata,
-                is_sampled(metadata.internal_request_id, self.config.sample_rate),
-                self._request_attributes(pending_request),
+                rate >= 1.0 or is_sampled(metadata.internal_request_id, rate),
+                self._request_attributes(pending_request) if self._records_attributes else None,
             )
             pending_request._routelens = trace
+            traces = self._trace_by_metadata
+            traces[id(metadata)] = trace
+            if len(traces) > MAX_OPEN_REQUESTS:  # requests cancelled before being routed
+                del traces[next(iter(traces))]
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -166,28 +177,26 @@ class RouterTracer:
         cache = self._queue_len_cache
         queue_lens = None
         if cache is not None:
-            queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
+            if len(ranks) == 1:  # the common shape; a flat loop is measurably cheaper
+                queue_lens = [cache.get(replica.replica_id) for replica in ranks[0]]
+            else:
+                queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
         decision = Decision(now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
                             self._stats_seen)
-        if trace is not None:
-            trace.last_decision = decision
-            if trace.sampled:
-                decision.exported = True
-                self._submit((self.source, DECISION, decision))
-        task = current_task(self._loop or self._loop_or_bind())
-        if task is None:
-            self._settle_unexported(decision)
+        if trace is None:
+            self._settle_unexported(decision)  # nothing can hand it on
             return
-        previous = self._decision_by_task.get(task)
-        if previous is None:
-            task.add_done_callback(self._forget_task)
-        else:
+        previous = trace.last_decision
+        if previous is not None and not previous.exported:
             self._settle_unexported(previous)
-        self._decision_by_task[task] = decision
+        trace.last_decision = decision
+        if trace.sampled:
+            decision.exported = True
+            self._submit((self.source, DECISION, decision))
 
     def _loop_or_bind(self) -> asyncio.AbstractEventLoop:
-        # Every hook of a router runs on one loop (Ray's router loop, or the
-        # caller's in same-loop mode); naming it makes current_task() cheaper.
+        # Every hook of a router runs on one loop: Ray's router loop, or the
+        # caller's in same-loop mode.
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
@@ -198,22 +207,19 @@ class RouterTracer:
 
     def _settle_unexported(self, decision: Decision) -> None:
         # A sampled-out decision is exported after all if it supplies a replica
-        # to a sampled request (see on_routed); once it can no longer do that,
-        # it is counted as sampled out.
+        # to a sampled request (see on_routed). Once its request has decided
+        # again or was routed, it can no longer: count it as sampled out.
         if not decision.exported:
             self.source.count_unqueued("sampled_out")
 
-    def _forget_task(self, task: asyncio.Task) -> None:
-        try:
-            decision = self._decision_by_task.pop(task, None)
-            if decision is not None:
-                self._settle_unexported(decision)
-        except Exception as exc:
-            faults.record("forgetting a routing task", exc)
-
-    def on_fulfil_start(self, replica: Any) -> None:
-        task = current_task(self._loop_or_bind())
-        self.fulfilling = (replica, self._decision_by_task.get(task) if task is not None else None)
+    def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
+        # Ray fulfils with the metadata of the request the routing task was
+        # routing, so the replica came from that request's last decision.
+        trace = self._trace_by_metadata.get(id(request_metadata))
+        if trace is not None and trace.metadata is request_metadata:
+            self.fulfilling = (replica, trace.last_decision)
+        else:
+            self.fulfilling = (replica, None)
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
@@ -228,6 +234,11 @@ class RouterTracer:
             decision, attribution = handoff[1], "exact"
         else:
             decision, attribution = trace.last_decision, "last_decision"
+        metadata = trace.metadata
+        if self._trace_by_metadata.get(id(metadata)) is trace:
+            del self._trace_by_metadata[id(metadata)]
+        if trace.last_decision is not None:
+            self._settle_unexported(trace.last_decision)  # this request decides no more
         if not trace.sampled:
             self.source.count_unqueued("sampled_out")
             return

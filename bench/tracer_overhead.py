@@ -1,0 +1,140 @@
+"""What tracing costs a router, measured against the same router untraced in
+the same run (the machines are shared and noisy: only the ratios mean much).
+
+1. Hot path, in process, no Ray I/O: Ray's pow-2 router over 16 fake
+   replicas, plain and traced, calls interleaved; the median added cost of
+   a `choose_replicas` call (target <= 2 us), and of a whole request's hooks
+   (decision + routed + completed), for information.
+2. End to end on Ray Serve: 2,000 requests through a handle to a deployment
+   routed by the plain pow-2 router and to one routed by the traced one,
+   rounds interleaved; throughput traced / untraced (target >= 0.97).
+
+    .venv/bin/python bench/tracer_overhead.py [--requests 2000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+
+from routers.config import TracerConfig
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from routers.exporter import Exporter
+from routers.offline import FakeResult, make_request, make_router
+
+
+async def hot_path(calls: int):
+    """Median per-call times, plain and traced, and the exporter's cost per event.
+
+    The exporter thread is woken between rounds rather than during them, so
+    the per-call times are the router loop's own; its work is timed apart.
+    """
+    sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events.jsonl")
+    config = TracerConfig(jsonl_path=sink, flush_interval_s=3600, batch_max_events=10**9, queue_max_events=10**9)
+    exporter = Exporter(config)
+    plain = make_router(PowerOfTwoChoicesRequestRouter, 16)
+    traced = make_router(TracedPowerOfTwoChoicesRequestRouter, 16, router_kwargs={"jsonl_path": sink},
+                         exporter=exporter)
+    clock = time.perf_counter_ns
+    choose = {"plain": [], "traced": []}
+    cycle = {"plain": [], "traced": []}
+    export_s, exported = 0.0, 0
+    for round_start in range(0, calls, 1000):
+        for _ in range(min(1000, calls - round_start)):
+            for label, router in (("plain", plain), ("traced", traced)):
+                pr = make_request()
+                result = FakeResult()
+                t0 = clock()
+                ranks = await router.choose_replicas(router._replicas_list, pr)
+                t1 = clock()
+                replica_id = ranks[0][0].replica_id
+                router.on_request_routed(pr, replica_id, result)
+                router.on_request_completed(replica_id, pr.metadata.internal_request_id)
+                t2 = clock()
+                result.finish(None)
+                choose[label].append(t1 - t0)
+                cycle[label].append(t2 - t0)
+            await asyncio.sleep(0)  # let completion hops run, as Ray's loop would
+        await asyncio.sleep(0.01)
+        queued = len(exporter._queue)
+        t0 = time.perf_counter()
+        exporter.flush(30)
+        export_s += time.perf_counter() - t0
+        exported += queued
+    exporter.close()
+    median = {k: {label: statistics.median(v) / 1000 for label, v in d.items()}
+              for k, d in (("choose", choose), ("cycle", cycle))}
+    return median, export_s / exported * 1e6
+
+def end_to_end(n_requests: int, rounds: int):
+    import ray
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, num_replicas=2, max_ongoing_requests=8)
+    class Echo:
+        async def __call__(self) -> int:
+            return 1
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events-{pid}.jsonl")
+    handles = {
+        "plain": serve.run(Echo.options(request_router_config=RequestRouterConfig(
+            request_router_class=PowerOfTwoChoicesRequestRouter)).bind(), name="plain", route_prefix="/plain"),
+        "traced": serve.run(Echo.options(request_router_config=RequestRouterConfig(
+            request_router_class=TracedPowerOfTwoChoicesRequestRouter,
+            request_router_kwargs={"jsonl_path": sink})).bind(), name="traced", route_prefix="/traced"),
+    }
+
+    def burst(handle, n):
+        for start in range(0, n, 100):
+            responses = [handle.remote() for _ in range(min(100, n - start))]
+            for response in responses:
+                response.result(timeout_s=120)
+
+    for handle in handles.values():  # warm up routers, caches and connections
+        burst(handle, 200)
+    seconds = {"plain": [], "traced": []}
+    for _ in range(rounds):
+        for label, handle in handles.items():
+            t0 = time.perf_counter()
+            burst(handle, n_requests)
+            seconds[label].append(time.perf_counter() - t0)
+    serve.shutdown()
+    ray.shutdown()
+    return {label: n_requests / statistics.median(s) for label, s in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20_000, help="hot-path calls per router")
+    parser.add_argument("--requests", type=int, default=2_000, help="end-to-end requests per round")
+    parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds per router, interleaved")
+    parser.add_argument("--skip-serve", action="store_true", help="measure the hot path only")
+    args = parser.parse_args()
+
+    m, export_us = asyncio.run(hot_path(args.calls))
+    added = m["choose"]["traced"] - m["choose"]["plain"]
+    print(f"hot path, pow-2 over 16 fake replicas, median of {args.calls} interleaved calls:")
+    print(f"  choose_replicas  plain {m['choose']['plain']:.2f} us  traced {m['choose']['traced']:.2f} us"
+          f"  added {added:.2f} us per decision  (target <= 2.00) {'OK' if added <= 2.0 else 'MISSED'}")
+    cycle_added = m["cycle"]["traced"] - m["cycle"]["plain"]
+    print(f"  whole request (decision + routed + completed hooks)  added {cycle_added:.2f} us")
+    print(f"  exporter thread, off the router loop: {export_us:.1f} us per event (encode, JSON, write)")
+    if args.skip_serve:
+        return
+    rps = end_to_end(args.requests, args.rounds)
+    ratio = rps["traced"] / rps["plain"]
+    print(f"end to end, Ray Serve, {args.requests} requests through a handle, median of {args.rounds} rounds:")
+    print(f"  plain {rps['plain']:.0f} req/s  traced {rps['traced']:.0f} req/s"
+          f"  traced/untraced {ratio:.3f}  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()
