@@ -131,5 +131,9 @@ def load_config(
             values[name] = _coerce(name, raw)
         except (TypeError, ValueError, OverflowError, KeyError, IndexError) as exc:
             problems.append(f"{origin}={raw!r} ignored: {exc}")
-    passthrough = {k: v for k, v in router_kwargs.items() if k not in OWN_KEYS}
-    return TracerConfig(problems=tuple(problems), **values), passthrough
+    return TracerConfig(problems=tuple(problems), **values), passthrough_kwargs(router_kwargs)
+
+
+def passthrough_kwargs(router_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The `request_router_kwargs` that belong to the wrapped router."""
+    return {k: v for k, v in router_kwargs.items() if k not in OWN_KEYS}

@@ -24,7 +24,8 @@ from typing import Any, Dict, List, Optional
 from ray.serve.request_router import RequestRouter
 
 from routers.faults import faults
-from routers.tracer import RouterTracer, split_kwargs
+from routers.config import passthrough_kwargs
+from routers.tracer import RouterTracer
 
 # Exact attribution of FIFO hand-offs needs two private RequestRouter methods
 # (present in Ray 2.60). Without them the hooks below are not defined and
@@ -40,7 +41,8 @@ class TracingMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         try:
-            self._routelens = RouterTracer(self, kwargs)
+            overridden = type(self).routelens_request_attributes is not TracingMixin.routelens_request_attributes
+            self._routelens = RouterTracer(self, kwargs, records_attributes=overridden)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
 
@@ -49,7 +51,7 @@ class TracingMixin:
         return None
 
     def initialize_state(self, **kwargs):
-        passthrough = split_kwargs(kwargs)
+        passthrough = passthrough_kwargs(kwargs)
         tracer = self._routelens
         if tracer is not None:
             try:

@@ -35,7 +35,7 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 import routers
-from routers.config import OWN_KEYS, TracerConfig, load_config
+from routers.config import TracerConfig, load_config
 from routers.exporter import Exporter, Source, get_exporter
 from routers.faults import faults
 from routers.ids import is_sampled, next_seq
@@ -67,12 +67,11 @@ class _Attempt:
 
 
 class RouterTracer:
-    def __init__(self, router: Any, init_kwargs: Mapping[str, Any]):
+    def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False):
+        """`records_attributes`: call the router's `routelens_request_attributes`
+        for each request (only worth it when a subclass overrides it)."""
         self._router = router
-        # Only a subclass that overrides the hook records request attributes.
-        self._records_attributes = "routelens_request_attributes" in {
-            name for klass in type(router).__mro__ if klass.__name__ != "TracingMixin" for name in vars(klass)
-        }
+        self._records_attributes = records_attributes
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
         cls = type(router)
@@ -364,7 +363,3 @@ class RouterTracer:
             # interval, in case the process is about to be killed.
             self.exporter.wake()
 
-
-def split_kwargs(router_kwargs: Mapping[str, Any]) -> Dict[str, Any]:
-    """The kwargs of the wrapped router, for when the tracer itself is broken."""
-    return {k: v for k, v in router_kwargs.items() if k not in OWN_KEYS}

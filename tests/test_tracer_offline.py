@@ -1,0 +1,136 @@
+"""The tracer on real router classes without a cluster (routers.offline):
+sampling, accounting, rejections and the tracer's own failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+
+import pytest
+
+from routers import tracer as tracer_module
+from routers.config import TracerConfig
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
+from routers.exporter import Exporter
+from routers.faults import faults
+from routers.offline import FakeResult, make_request, make_router
+
+
+def exported_events(path):
+    batches = [json.loads(line) for line in open(path)]
+    return [e for b in batches for e in b["events"]], batches
+
+
+async def route(router, pr):
+    """One request through Ray's own routing machinery, then routed and completed."""
+    replica = await router._choose_replica_for_request(pr)
+    result = FakeResult()
+    router.on_request_routed(pr, replica.replica_id, result)
+    result.finish("ok")
+    await asyncio.sleep(0)
+    router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+
+
+def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
+    sink = str(tmp_path / "events.jsonl")
+    kwargs = {"jsonl_path": sink, **router_kwargs}
+    exporter = Exporter(TracerConfig(flush_interval_s=0.2, **kwargs))
+
+    async def main():
+        router = make_router(router_cls, 8, router_kwargs=kwargs, exporter=exporter)
+        for start in range(0, n, concurrency):
+            await asyncio.gather(*(route(router, make_request()) for _ in range(min(concurrency, n - start))))
+        await asyncio.sleep(0.05)
+        return router._routelens.source
+
+    source = asyncio.run(main())
+    assert exporter.flush(10)
+    exporter.close()
+    return source, *exported_events(sink)
+
+
+def test_sampling_keeps_requests_whole_and_accounts_for_every_event(tmp_path):
+    source, events, batches = run_traffic(tmp_path, TracedPowerOfTwoChoicesRequestRouter, 1000, 20,
+                                          sample_rate=0.3)
+    per_request = defaultdict(set)
+    for e in events:
+        if e["type"] in ("routed", "completed"):
+            per_request[e["internal_request_id"]].add(e["type"])
+    # About 30% of requests traced, each with both its routed and completed event.
+    assert 200 <= len(per_request) <= 400
+    assert all(kinds == {"routed", "completed"} for kinds in per_request.values())
+    # Routed events name decisions that were exported, even when FIFO handed the
+    # request a replica found for a request that was not sampled.
+    decisions = {e["id"] for e in events if e["type"] == "decision"}
+    assert all(e["decision_id"] in decisions for e in events if e["type"] == "routed")
+    # Every event produced was exported or counted as sampled out.
+    dropped = batches[-1]["dropped"]
+    assert set(dropped) == {"sampled_out"}
+    assert batches[-1]["produced"] == len(events) + dropped["sampled_out"] == source.produced
+
+
+def test_fifo_handoffs_are_attributed_exactly(tmp_path):
+    source, events, _ = run_traffic(tmp_path, TracedPowerOfTwoChoicesRequestRouter, 600, 60)
+    decisions = {e["id"]: e for e in events if e["type"] == "decision"}
+    routed = [e for e in events if e["type"] == "routed"]
+    assert len(routed) == 600
+    for r in routed:
+        d = decisions[r["decision_id"]]
+        assert r["attribution"] == "exact"
+        assert r["replica_id"] in d["ranks"][r["rank"]]
+        assert r["own_ranking"] == (d["internal_request_id"] == r["internal_request_id"])
+
+
+def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        pr = make_request()
+        replica = router._replicas_list[0]
+        # Refused once by replica 0, then accepted by it: two completions, one claimed.
+        router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+        result = FakeResult()
+        router.on_request_routed(pr, replica.replica_id, result)
+        router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+        result.finish("ok")
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    completed = [e for e in events if e["type"] == "completed"]
+    assert sorted(c["rejected"] for c in completed) == [False, True]
+    accepted = next(c for c in completed if not c["rejected"])
+    assert accepted["ok"] is True and accepted["routed_id"] is not None
+
+
+class ExplodingStats(dict):
+    def __eq__(self, other):
+        raise RuntimeError("cannot compare these stats")
+
+    __ne__ = __eq__
+    __hash__ = None
+
+
+def test_tracer_failures_never_reach_the_router(tmp_path):
+    """A replica whose stats break the tracer: update_replicas and routing go on."""
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink))
+    before = faults.total
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 3, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        for replica in router._replicas_list:
+            replica.routing_stats = ExplodingStats(load=1)
+        router.update_replicas(router._replicas_list)  # the tracer fails comparing stats
+        router.update_replicas(router._replicas_list[:2])  # and Ray's own bookkeeping still happened
+        assert len(router._replicas_list) == 2
+        ranks = await router.choose_replicas(router._replicas_list, make_request())
+        assert len(ranks) == 1 and ranks[0][0] in router._replicas_list
+
+    asyncio.run(main())
+    assert faults.total > before
