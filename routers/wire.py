@@ -9,6 +9,8 @@ shared with the attribution logic and carries its own ts and seq.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Dict, List, Optional
 
 from routers.ids import event_id, next_seq
@@ -177,19 +179,39 @@ def encode(item: tuple) -> Dict[str, Any]:
     return event
 
 
-def batch(source: Dict[str, Any], seq: int, dropped: Dict[str, int], produced: int,
-          events: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The body of one POST /v1/events (and one line of the JSON Lines sink).
+def events_json(events: List[Dict[str, Any]]) -> str:
+    """Events as the comma-separated inside of a JSON array.
+
+    Non-finite floats (a replica reporting NaN in its stats) become null:
+    strict JSON has no NaN, and dropping the event would lose the decision.
+    """
+    try:
+        return json.dumps(events, default=str, allow_nan=False, separators=(",", ":"))[1:-1]
+    except ValueError:
+        return json.dumps(_finite(events), default=str, allow_nan=False, separators=(",", ":"))[1:-1]
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def batch_json(source: Dict[str, Any], seq: int, dropped: Dict[str, int], produced: int,
+               event_parts: List[str]) -> bytes:
+    """The body of one POST /v1/events (and one line of the JSON Lines sink),
+    from events already encoded by `events_json`.
 
     `produced` (events this source generated, dropped ones included) is an
     addition to v1 that the collector keeps as an unknown field: it makes
     produced == stored + dropped checkable.
     """
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "source": source,
-        "seq": seq,
-        "dropped": dropped,
-        "produced": produced,
-        "events": events,
-    }
+    head = json.dumps(
+        {"schema_version": SCHEMA_VERSION, "source": source, "seq": seq, "dropped": dropped, "produced": produced},
+        default=str, separators=(",", ":"),
+    )
+    return (head[:-1] + ',"events":[' + ",".join(event_parts) + "]}").encode()
