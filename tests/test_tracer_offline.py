@@ -11,7 +11,8 @@ import pytest
 
 from routers import tracer as tracer_module
 from routers.config import TracerConfig
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
+from routers import TracingMixin
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter, UniformRequestRouter
 from routers.exporter import Exporter
 from routers.faults import faults
 from routers.offline import FakeResult, make_request, make_router
@@ -134,3 +135,57 @@ def test_tracer_failures_never_reach_the_router(tmp_path):
 
     asyncio.run(main())
     assert faults.total > before
+
+
+class KwargsRecordingRouter(UniformRequestRouter):
+    def initialize_state(self, **kwargs):
+        self.received = kwargs
+        super().initialize_state(**kwargs)
+
+
+class TracedKwargsRecordingRouter(TracingMixin, KwargsRecordingRouter):
+    pass
+
+
+def test_router_kwargs_pass_through_and_labels_reach_the_source(tmp_path):
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink))
+    kwargs = {"jsonl_path": sink, "labels": {"router_version": "b"}, "sample_rate": 1, "window_s": 30}
+
+    async def main():
+        router = make_router(TracedKwargsRecordingRouter, 2, router_kwargs=kwargs, exporter=exporter)
+        await router.choose_replicas(router._replicas_list, make_request())
+        return router
+
+    router = asyncio.run(main())
+    # The wrapped router's initialize_state sees only the keys the tracer does not own.
+    assert router.received == {"window_s": 30}
+    assert exporter.flush(10)
+    _, batches = exported_events(sink)
+    assert {b["source"]["labels"]["router_version"] for b in batches} == {"b"}
+
+
+def test_without_a_fulfilment_routed_falls_back_to_the_last_decision(tmp_path):
+    """Routed events whose fulfilment was not seen name the request's last decision."""
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 3, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        inside, outside = make_request(), make_request()
+        ranked = (await router.choose_replicas(router._replicas_list, inside))[0][0]
+        router.on_request_routed(inside, ranked.replica_id, FakeResult())
+        ranked = (await router.choose_replicas(router._replicas_list, outside))[0][0]
+        other = next(r for r in router._replicas_list if r is not ranked)
+        router.on_request_routed(outside, other.replica_id, FakeResult())
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    decisions = {e["internal_request_id"]: e["id"] for e in events if e["type"] == "decision"}
+    routed = {e["internal_request_id"]: e for e in events if e["type"] == "routed"}
+    assert len(routed) == 2
+    for request_id, r in routed.items():
+        assert r["attribution"] == "last_decision" and r["decision_id"] == decisions[request_id]
+    ranks = sorted((r["rank"] is None) for r in routed.values())
+    assert ranks == [False, True]  # rank 0 when the replica was ranked, null when it was not
