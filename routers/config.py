@@ -91,6 +91,11 @@ def _coerce(name: str, value: Any) -> Any:
             if parsed.scheme not in ("http", "https") or not parsed.hostname:
                 raise ValueError("expected http(s)://host[:port]")
         return url
+    if name == "token":
+        token = str(value)
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise ValueError("must not contain whitespace or control characters")
+        return token
     if name == "jsonl_path":
         path = str(value)
         path.format(pid=0, hostname="h")  # only {pid} and {hostname} may be expanded

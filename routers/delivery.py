@@ -103,7 +103,7 @@ class CollectorClient:
         return len(self._spool)
 
     def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> None:
-        if self._spool.peek() is None and time.monotonic() >= self._retry_at:
+        if self._oldest_spooled() is None and time.monotonic() >= self._retry_at:
             outcome = self._post(body)
             if outcome == "ok":
                 return
@@ -116,7 +116,7 @@ class CollectorClient:
         """Send spooled batches, oldest first, until done, failing, or out of time."""
         deadline = time.monotonic() + budget_s
         while time.monotonic() >= self._retry_at and time.monotonic() < deadline:
-            body = self._spool.peek()
+            body = self._oldest_spooled()
             if body is None:
                 return
             outcome = self._post(body)
@@ -125,6 +125,13 @@ class CollectorClient:
             if outcome == "rejected":
                 count_drop(body, "rejected")
             self._spool.pop()
+
+    def _oldest_spooled(self) -> Optional[bytes]:
+        while True:  # each failure skips the unreadable segment, so this ends
+            try:
+                return self._spool.peek()
+            except OSError as exc:
+                faults.record(f"reading the spool in {self._spool.directory} (a segment was lost)", exc)
 
     def _to_spool(self, body: bytes, n_events: int, count_drop: DropCounter) -> None:
         try:
@@ -146,7 +153,9 @@ class CollectorClient:
                 # that is no outage, so try once more on a fresh one.
                 self._close_connection()
                 status, detail = self._request(payload)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            # ValueError: http.client refusing a header or URL part; retried
+            # like an outage, so the batch waits in the spool, counted if dropped.
             self._close_connection()
             self._schedule_retry()
             faults.record(f"sending to the collector at {self._host}:{self._port}", exc)

@@ -23,6 +23,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
@@ -76,6 +77,15 @@ class Source:
         with self._lock:
             return dict(self._dropped)
 
+    def restart_after_fork(self) -> None:
+        """In a forked child: a new source, so its batches never mix with the parent's."""
+        self.id = self.info["source_id"] = uuid.uuid4().hex
+        self.info["pid"] = os.getpid()
+        self.batch_seq = 0
+        self.produced = 0
+        self._dropped = {}
+        self._lock = threading.Lock()
+
 
 class Exporter:
     def __init__(self, config: TracerConfig):
@@ -85,15 +95,21 @@ class Exporter:
         self.spool_max_bytes = config.spool_max_bytes
         self.http_timeout_s = config.http_timeout_s
         self.queue_high_water = 0  # the longest the queue has been, for tests and benches
-        self._queue: Deque[tuple] = deque()
         self._sources: Dict[str, Source] = {}
+        self._configs: Dict[Tuple[str, ...], TracerConfig] = {}  # per destination, to rebuild after fork
         self._destinations: Dict[Tuple[str, ...], Destination] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._init_runtime_state()
+        this = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: this() is not None and this()._restart_after_fork())
+
+    def _init_runtime_state(self) -> None:
+        self._queue: Deque[tuple] = deque()
         self._lock = threading.Lock()  # guards _sources, _destinations and the thread's start
         self._wake = threading.Event()
         self._cycle = threading.Condition()
         self._cycles = 0
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
 
     # -- producer side (router event loop) ---------------------------------
 
@@ -101,12 +117,31 @@ class Exporter:
         source = Source(info, config.destination_key)
         with self._lock:
             if config.destination_key not in self._destinations:
+                self._configs[config.destination_key] = config
                 self._destinations[config.destination_key] = self._make_destination(config)
             self._sources[source.id] = source
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="routelens-exporter", daemon=True)
-                self._thread.start()
+                self._start_thread()
         return source
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="routelens-exporter", daemon=True)
+        self._thread.start()
+
+    def _restart_after_fork(self) -> None:
+        # The child inherits the parent's queue, connections, spool and files,
+        # but not its thread. It starts afresh: the parent exports what it queued.
+        parent_destinations = list(self._destinations.values())
+        self._init_runtime_state()
+        for destination in parent_destinations:
+            destination.close()
+        self._destinations = {key: self._make_destination(c) for key, c in self._configs.items()}
+        for source in self._sources.values():
+            source.restart_after_fork()
+        self._sources = {source.id: source for source in self._sources.values()}
+        self._thread = None
+        if self._sources:
+            self._start_thread()
 
     def submit(self, item: tuple) -> None:
         """Queue one event (`item[0]` is its Source). O(1), never blocks."""
@@ -185,7 +220,11 @@ class Exporter:
             for source, source_items in by_source.items():
                 # Counted here rather than in submit() to keep the hot path short.
                 source.count_produced(len(source_items))
-                self._deliver(source, source_items)
+                try:
+                    self._deliver(source, source_items)
+                except Exception as exc:  # a bug, but never an uncounted loss
+                    source.count_dropped("export_error", len(source_items))
+                    faults.record("exporting a batch", exc)
 
     def _deliver(self, source: Source, items: List[tuple]) -> None:
         parts, n_events = [], 0
@@ -198,8 +237,12 @@ class Exporter:
                     source.count_dropped("encode_error")
                     faults.record("encoding an event", exc)
             if events:
-                parts.append(events_json(events))
-                n_events += len(events)
+                part, n_encoded = events_json(events)
+                if n_encoded < len(events):
+                    source.count_dropped("encode_error", len(events) - n_encoded)
+                if n_encoded:
+                    parts.append(part)
+                    n_events += n_encoded
             # Encoding holds the GIL; give it up between chunks so the router
             # loop of this process never waits a whole switch interval for it.
             time.sleep(0)
@@ -222,11 +265,34 @@ class Exporter:
     def _make_destination(self, config: TracerConfig) -> Destination:
         if not config.collector_url:
             return JsonlSink(config.jsonl_path)
-        spool_dir = os.path.join(
-            config.spool_dir, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        )
-        spool = Spool(spool_dir, self.spool_max_bytes)
+        host = socket.gethostname()
+        spool = Spool(os.path.join(config.spool_dir, f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
+                      self.spool_max_bytes)
+        for orphan in orphaned_spools(config.spool_dir, host):
+            if spool.adopt(orphan):
+                logger.info("routelens: replaying the spool a dead process left in %s", orphan)
         return CollectorClient(config.collector_url, config.token, spool, self.http_timeout_s)
+
+
+def orphaned_spools(spool_root: str, host: str) -> List[str]:
+    """Spool directories left on this host by processes that no longer run."""
+    try:
+        names = os.listdir(spool_root)
+    except OSError:
+        return []
+    orphans = []
+    for name in sorted(names):
+        owner, _, rest = name.rpartition("-")[0].rpartition("-")
+        pid = rest if owner == host else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            orphans.append(os.path.join(spool_root, name))
+        except OSError:
+            pass  # alive, under another user
+    return orphans
 
 
 _exporter: Optional[Exporter] = None
@@ -243,11 +309,10 @@ def get_exporter(config: TracerConfig) -> Exporter:
         return _exporter
 
 
-def _forget_after_fork() -> None:
-    # The child has no exporter thread and must not re-send the parent's queue.
-    global _exporter, _exporter_lock
-    _exporter = None
+def _unlock_after_fork() -> None:
+    # Another thread may have held it at the fork; the exporter restarts itself.
+    global _exporter_lock
     _exporter_lock = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_after_fork)
+os.register_at_fork(after_in_child=_unlock_after_fork)

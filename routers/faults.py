@@ -8,6 +8,7 @@ first time, then as a count at most once a minute.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Dict, Tuple
@@ -19,9 +20,13 @@ class FaultLog:
     def __init__(self, interval_s: float = 60.0):
         self._interval_s = interval_s
         self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._unlock_after_fork)
         # kind -> (failures not yet logged, monotonic time of the last log line)
         self._pending: Dict[str, Tuple[int, float]] = {}
         self.total = 0
+
+    def _unlock_after_fork(self) -> None:
+        self._lock = threading.Lock()
 
     def record(self, kind: str, exc: BaseException) -> None:
         """Count a failure of `kind`; log it if its kind has been quiet long enough."""

@@ -31,6 +31,32 @@ class Spool:
         self._reading: Optional[List[bytes]] = None  # lines of the oldest segment
         self._read_index = 0
 
+    def adopt(self, directory: str) -> int:
+        """Take over the segments of another spool (a process that died with
+        batches undelivered), ahead of anything this spool holds. Returns how
+        many segments were taken; a segment another process took first is skipped."""
+        try:
+            names = sorted(n for n in os.listdir(directory) if n.endswith(".jsonl"))
+        except OSError:
+            return 0
+        os.makedirs(self.directory, exist_ok=True)
+        taken = []
+        for name in names:
+            path = os.path.join(self.directory, f"{self._next_number:012d}.jsonl")
+            try:
+                os.rename(os.path.join(directory, name), path)
+            except OSError:
+                continue
+            self._next_number += 1
+            self.bytes += os.path.getsize(path)
+            taken.append(path)
+        self._segments.extendleft(reversed(taken))
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+        return len(taken)
+
     def __len__(self) -> int:
         """Number of segments holding undelivered lines."""
         return len(self._segments)
@@ -50,10 +76,19 @@ class Spool:
         self.bytes += written
 
     def peek(self) -> Optional[bytes]:
-        """The oldest undelivered line, or None when the spool is empty."""
+        """The oldest undelivered line, or None when the spool is empty.
+
+        A segment that cannot be read (deleted by a tmp cleaner, say) is
+        skipped, so one lost file never blocks the rest: raises OSError once
+        for it, naming it.
+        """
         while self._segments:
             if self._reading is None:
-                self._load_oldest()
+                try:
+                    self._load_oldest()
+                except OSError:
+                    self._drop_oldest()
+                    raise
             if self._read_index < len(self._reading):
                 return self._reading[self._read_index]
             self._drop_oldest()

@@ -151,7 +151,9 @@ class RouterTracer:
             traces = self._trace_by_metadata
             traces[id(metadata)] = trace
             if len(traces) > MAX_OPEN_REQUESTS:  # requests cancelled before being routed
-                del traces[next(iter(traces))]
+                forgotten = traces.pop(next(iter(traces)))
+                if forgotten.last_decision is not None:
+                    self._settle_unexported(forgotten.last_decision)
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -182,8 +184,8 @@ class RouterTracer:
                 queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
         decision = Decision(now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
                             self._stats_seen)
-        if trace is None:
-            self._settle_unexported(decision)  # nothing can hand it on
+        if trace is None:  # not called by Ray's routing loop: nothing to sample by
+            self._export_decision(decision)
             return
         previous = trace.last_decision
         if previous is not None and not previous.exported:
@@ -222,7 +224,14 @@ class RouterTracer:
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
-            self.trace_of(pending_request).handoff = self.fulfilling
+            trace = self.trace_of(pending_request)
+            trace.handoff = self.fulfilling
+            decision = self.fulfilling[1]
+            if trace.sampled and decision is not None and not decision.exported:
+                # A sampled request got a replica from a sampled-out request's
+                # decision: export it now, before that request decides again
+                # and settles it as sampled out.
+                self._export_decision(decision)
 
     def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
         self._ensure_configured()
@@ -274,7 +283,11 @@ class RouterTracer:
             attempt.ok, attempt.done_ts = ok, done_ts
             unmatched = self._unmatched_completions.get(attempt.key)
             if unmatched:
+                # Ray's own completion callback was registered first, so its
+                # on_request_completed usually arrives before this: claim it.
                 unmatched.popleft()
+                if not unmatched:
+                    del self._unmatched_completions[attempt.key]
                 self._close_attempt(attempt)
             self._settle_later(attempt.key)
         except Exception as exc:

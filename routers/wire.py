@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from routers.ids import event_id, next_seq
 from routers.stats import STATS_TIMESTAMP_KEY, collected_at
@@ -179,16 +179,25 @@ def encode(item: tuple) -> Dict[str, Any]:
     return event
 
 
-def events_json(events: List[Dict[str, Any]]) -> str:
-    """Events as the comma-separated inside of a JSON array.
+def events_json(events: List[Dict[str, Any]]) -> Tuple[str, int]:
+    """Events as the comma-separated inside of a JSON array, and how many made it.
 
     Non-finite floats (a replica reporting NaN in its stats) become null:
     strict JSON has no NaN, and dropping the event would lose the decision.
+    An event that still cannot be encoded (say, a stats dict with tuple keys)
+    is left out; the caller counts it as dropped.
     """
     try:
-        return json.dumps(events, default=str, allow_nan=False, separators=(",", ":"))[1:-1]
-    except ValueError:
-        return json.dumps(_finite(events), default=str, allow_nan=False, separators=(",", ":"))[1:-1]
+        return json.dumps(events, default=str, allow_nan=False, separators=(",", ":"))[1:-1], len(events)
+    except Exception:
+        pass
+    parts = []
+    for event in events:
+        try:
+            parts.append(json.dumps(_finite(event), default=str, allow_nan=False, separators=(",", ":")))
+        except Exception:
+            continue
+    return ",".join(parts), len(parts)
 
 
 def _finite(value: Any) -> Any:

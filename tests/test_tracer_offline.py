@@ -24,13 +24,17 @@ def exported_events(path):
 
 
 async def route(router, pr):
-    """One request through Ray's own routing machinery, then routed and completed."""
+    """One request through Ray's own routing machinery, then routed and completed.
+
+    As in Ray, the framework's completion callback runs before the result's
+    other done-callbacks: on_request_completed first, the tracer's hop after.
+    """
     replica = await router._choose_replica_for_request(pr)
     result = FakeResult()
     router.on_request_routed(pr, replica.replica_id, result)
-    result.finish("ok")
     await asyncio.sleep(0)
     router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+    result.finish("ok")
 
 
 def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
@@ -43,7 +47,10 @@ def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
         for start in range(0, n, concurrency):
             await asyncio.gather(*(route(router, make_request()) for _ in range(min(concurrency, n - start))))
         await asyncio.sleep(0.05)
-        return router._routelens.source
+        tracer = router._routelens
+        # Nothing is left behind once every request completed.
+        assert not tracer._open and not tracer._unmatched_completions and not tracer._trace_by_metadata
+        return tracer.source
 
     source = asyncio.run(main())
     assert exporter.flush(10)
@@ -51,9 +58,19 @@ def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
     return source, *exported_events(sink)
 
 
+class CountedPowerOfTwo(TracedPowerOfTwoChoicesRequestRouter):
+    """Counts choose_replicas calls from outside the tracer, to check its books."""
+
+    calls = 0
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        CountedPowerOfTwo.calls += 1
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
 def test_sampling_keeps_requests_whole_and_accounts_for_every_event(tmp_path):
-    source, events, batches = run_traffic(tmp_path, TracedPowerOfTwoChoicesRequestRouter, 1000, 20,
-                                          sample_rate=0.3)
+    CountedPowerOfTwo.calls = 0
+    source, events, batches = run_traffic(tmp_path, CountedPowerOfTwo, 1000, 20, sample_rate=0.3)
     per_request = defaultdict(set)
     for e in events:
         if e["type"] in ("routed", "completed"):
@@ -69,6 +86,9 @@ def test_sampling_keeps_requests_whole_and_accounts_for_every_event(tmp_path):
     dropped = batches[-1]["dropped"]
     assert set(dropped) == {"sampled_out"}
     assert batches[-1]["produced"] == len(events) + dropped["sampled_out"] == source.produced
+    # ... and counted once: a decision per call, a routed and a completed per request.
+    membership = sum(e["type"] in ("replicas", "stats") for e in events)
+    assert source.produced == CountedPowerOfTwo.calls + 2 * 1000 + membership
 
 
 def test_fifo_handoffs_are_attributed_exactly(tmp_path):
