@@ -53,6 +53,7 @@ class Source:
         self.id: str = info["source_id"]
         self.destination_key = destination_key
         self.batch_seq = 0  # written by the exporter thread only
+        self.sent_counters: Tuple[int, Dict[str, int]] = (0, {})  # as of the last batch built
         # Events generated, dropped ones included; queued events count once exported.
         self.produced = 0
         self._dropped: Dict[str, int] = {}
@@ -64,6 +65,8 @@ class Source:
 
     def count_dropped(self, reason: str, n: int = 1) -> None:
         """Count `n` queued or delivered-but-lost events as dropped."""
+        if n <= 0:
+            return
         with self._lock:
             self._dropped[reason] = self._dropped.get(reason, 0) + n
 
@@ -82,6 +85,7 @@ class Source:
         self.id = self.info["source_id"] = uuid.uuid4().hex
         self.info["pid"] = os.getpid()
         self.batch_seq = 0
+        self.sent_counters = (0, {})
         self.produced = 0
         self._dropped = {}
         self._lock = threading.Lock()
@@ -199,6 +203,7 @@ class Exporter:
                 self._export_queued()
                 for destination in list(self._destinations.values()):
                     destination.replay(REPLAY_BUDGET_S, self._count_spooled_drop)
+                self._send_changed_counters()
             except Exception as exc:  # a bug here must not kill the thread
                 faults.record("the exporter thread", exc)
             with self._cycle:
@@ -246,11 +251,22 @@ class Exporter:
             # Encoding holds the GIL; give it up between chunks so the router
             # loop of this process never waits a whole switch interval for it.
             time.sleep(0)
-        if not n_events:
-            return
+        if n_events:
+            self._send_batch(source, parts, n_events)
+
+    def _send_batch(self, source: Source, parts: List[str], n_events: int) -> None:
         source.batch_seq += 1
-        body = batch_json(source.info, source.batch_seq, source.dropped(), source.produced, parts)
+        source.sent_counters = (source.produced, source.dropped())
+        body = batch_json(source.info, source.batch_seq, source.sent_counters[1], source.produced, parts)
         self._destinations[source.destination_key].deliver(body, n_events, source.count_dropped)
+
+    def _send_changed_counters(self) -> None:
+        # Counters travel with batches; when they changed after a source's last
+        # batch (drops while delivering it, sampled-out requests), an empty
+        # batch carries them, so the collector's totals end up exact.
+        for source in list(self._sources.values()):
+            if (source.produced, source.dropped()) != source.sent_counters:
+                self._send_batch(source, [], 0)
 
     def _count_spooled_drop(self, body: bytes, reason: str) -> None:
         try:
