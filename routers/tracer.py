@@ -3,7 +3,7 @@ attributed to the decision that supplied their replica.
 
 Every method here runs on Ray's router event loop (one thread per process,
 shared by all routers), except `_result_done_threadsafe`, which runs on a
-Ray core-worker thread and only hops back to the loop. Nothing here blocks:
+Ray core-worker thread and only appends to a thread-safe deque. Nothing here blocks:
 recording is an O(1) append to the process-wide exporter's queue of plain
 references; formatting happens on the exporter thread.
 
@@ -51,6 +51,8 @@ MAX_OPEN_REQUESTS = 100_000
 # reported as a rejection. Accepted attempts claim theirs within a few loop
 # iterations; the margin covers a loop stalled by load.
 REJECTION_GRACE_S = 2.0
+# How often results noted by worker threads are drained when no hook runs.
+RESULTS_DRAIN_INTERVAL_S = 0.25
 
 
 class _Attempt:
@@ -105,6 +107,9 @@ class RouterTracer:
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: their times.
         self._unmatched_completions: Dict[Tuple[Any, str], Deque[float]] = {}
+        # (attempt, ok, done time) appended by Ray's worker threads, drained on the loop.
+        self._results_done: Deque[Tuple[_Attempt, bool, float]] = deque()
+        self._drain_scheduled = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._submit = None  # the exporter's submit, once configured
 
@@ -266,17 +271,31 @@ class RouterTracer:
         if len(self._open) > MAX_OPEN_ATTEMPTS:
             for _ in self._open.pop(next(iter(self._open))):
                 self.source.count_unqueued("untracked_completion")
-        self._loop_or_bind()
         result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop_or_bind().call_later(RESULTS_DRAIN_INTERVAL_S, self._drain_tick)
 
     def _result_done_threadsafe(self, attempt: _Attempt, value: Any) -> None:
-        # On a Ray core-worker thread: note the outcome, then hop to the loop.
+        # On a Ray core-worker thread: only note the outcome. Waking the loop
+        # for it (call_soon_threadsafe) costs the process measurable
+        # throughput; the loop drains these at its next hook, or on a timer.
+        self._results_done.append((attempt, not isinstance(value, BaseException), time.time()))
+
+    def _drain_results(self) -> None:
+        results = self._results_done
+        while results:
+            self._on_result_done(*results.popleft())
+
+    def _drain_tick(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(
-                self._on_result_done, attempt, not isinstance(value, BaseException), time.time()
-            )
-        except RuntimeError:  # the loop is closed: the process is shutting down
-            pass
+            self._drain_results()
+        except Exception as exc:
+            faults.record("recording completions", exc)
+        if self._open or self._results_done:
+            self._loop_or_bind().call_later(RESULTS_DRAIN_INTERVAL_S, self._drain_tick)
+        else:
+            self._drain_scheduled = False
 
     def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float) -> None:
         try:
@@ -298,6 +317,7 @@ class RouterTracer:
         if not is_sampled(internal_request_id, self.config.sample_rate):
             self.source.count_unqueued("sampled_out")
             return
+        self._drain_results()
         key = (replica_id, internal_request_id)
         for attempt in self._open.get(key, ()):
             if attempt.done_ts is not None:

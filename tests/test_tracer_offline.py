@@ -46,7 +46,7 @@ def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
         router = make_router(router_cls, 8, router_kwargs=kwargs, exporter=exporter)
         for start in range(0, n, concurrency):
             await asyncio.gather(*(route(router, make_request()) for _ in range(min(concurrency, n - start))))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(tracer_module.RESULTS_DRAIN_INTERVAL_S * 2)  # the last results drain
         tracer = router._routelens
         # Nothing is left behind once every request completed.
         assert not tracer._open and not tracer._unmatched_completions and not tracer._trace_by_metadata
