@@ -12,13 +12,13 @@ import itertools
 import os
 import zlib
 
-_NONCE_BITS = 40
 _SEQ_BITS = 34  # 12 + 62 random bits of UUIDv7 = 40 nonce bits + 34 sequence bits
+_SEQ_MASK = (1 << _SEQ_BITS) - 1
 
 # Process-wide: every tracer of the process draws from one counter, so two
 # events never share (ts, seq) within a process.
 _sequence = itertools.count()
-_nonce = int.from_bytes(os.urandom(5), "big")
+_fixed_middle, _nonce_tail = "", 0  # set by _new_process() below
 
 
 def next_seq() -> int:
@@ -27,12 +27,18 @@ def next_seq() -> int:
 
 def event_id(ts: float, seq: int) -> str:
     """The UUIDv7 of the event taken at `ts` with sequence number `seq`."""
-    unix_ms = int(ts * 1000) & ((1 << 48) - 1)
-    rand = (_nonce << _SEQ_BITS) | (seq & ((1 << _SEQ_BITS) - 1))
-    rand_a = rand >> 62  # the top 12 bits
-    rand_b = rand & ((1 << 62) - 1)
-    h = "%032x" % ((unix_ms << 80) | (0x7 << 76) | (rand_a << 64) | (0b10 << 62) | rand_b)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    unix_ms = int(ts * 1000) & 0xFFFFFFFFFFFF
+    return f"{unix_ms >> 16:08x}-{unix_ms & 0xFFFF:04x}-{_fixed_middle}-{_nonce_tail | (seq & _SEQ_MASK):012x}"
+
+
+def _layout(nonce: int):
+    # UUIDv7: 48 bits of ms | version 7 + 12 bits | variant 10 + 62 bits. The
+    # 74 random bits are the nonce (40) then the sequence number (34); all but
+    # the last 48 bits are fixed per process, so they are formatted once.
+    rand = nonce << _SEQ_BITS
+    rand_a, rand_b = rand >> 62, rand & ((1 << 62) - 1)
+    middle = f"{0x7000 | rand_a:04x}-{0x8000 | (rand_b >> 48):04x}"
+    return middle, rand_b & 0xFFFFFFFFFFFF
 
 
 def is_sampled(internal_request_id: str, rate: float) -> bool:
@@ -45,10 +51,11 @@ def is_sampled(internal_request_id: str, rate: float) -> bool:
     return zlib.crc32(internal_request_id.encode()) < rate * 4294967296.0
 
 
-def _reset_after_fork() -> None:
-    global _sequence, _nonce
+def _new_process() -> None:
+    global _sequence, _fixed_middle, _nonce_tail
     _sequence = itertools.count()
-    _nonce = int.from_bytes(os.urandom(5), "big")
+    _fixed_middle, _nonce_tail = _layout(int.from_bytes(os.urandom(5), "big"))
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+_new_process()
+os.register_at_fork(after_in_child=_new_process)
