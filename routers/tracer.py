@@ -157,8 +157,7 @@ class RouterTracer:
             traces[id(metadata)] = trace
             if len(traces) > MAX_OPEN_REQUESTS:  # requests cancelled before being routed
                 forgotten = traces.pop(next(iter(traces)))
-                if forgotten.last_decision is not None:
-                    self._settle_unexported(forgotten.last_decision)
+                self._settle_unexported(forgotten.last_decision)
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -192,9 +191,7 @@ class RouterTracer:
         if trace is None:  # not called by Ray's routing loop: nothing to sample by
             self._export_decision(decision)
             return
-        previous = trace.last_decision
-        if previous is not None and not previous.exported:
-            self._settle_unexported(previous)
+        decision.previous = trace.last_decision
         trace.last_decision = decision
         if trace.sampled:
             decision.exported = True
@@ -211,21 +208,33 @@ class RouterTracer:
         decision.exported = True
         self._emit((DECISION, decision))
 
-    def _settle_unexported(self, decision: Decision) -> None:
+    def _settle_unexported(self, last: Optional[Decision]) -> None:
         # A sampled-out decision is exported after all if it supplies a replica
-        # to a sampled request (see on_routed). Once its request has decided
-        # again or was routed, it can no longer: count it as sampled out.
-        if not decision.exported:
-            self.source.count_unqueued("sampled_out")
+        # to a sampled request (see on_recipient). Once its request was routed
+        # (or forgotten), none of its decisions can: count them as sampled out.
+        while last is not None:
+            if not last.exported:
+                self.source.count_unqueued("sampled_out")
+            previous = last.previous
+            last.previous = None  # unlink: the chain lives only until its request is routed
+            last = previous
 
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
         # Ray fulfils with the metadata of the request the routing task was
-        # routing, so the replica came from that request's last decision.
+        # routing, so the replica came from one of that request's decisions:
+        # its last one, unless two routing tasks route the request at once (a
+        # retried request can be queued twice), in which case it is the
+        # latest one that ranked the replica.
+        self.fulfilling = (replica, None)
         trace = self._trace_by_metadata.get(id(request_metadata))
-        if trace is not None and trace.metadata is request_metadata:
-            self.fulfilling = (replica, trace.last_decision)
-        else:
-            self.fulfilling = (replica, None)
+        if trace is None or trace.metadata is not request_metadata:
+            return
+        decision = trace.last_decision
+        while decision is not None:
+            if decision.rank_of(replica.replica_id) is not None:
+                self.fulfilling = (replica, decision)
+                return
+            decision = decision.previous
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
@@ -250,8 +259,7 @@ class RouterTracer:
         metadata = trace.metadata
         if self._trace_by_metadata.get(id(metadata)) is trace:
             del self._trace_by_metadata[id(metadata)]
-        if trace.last_decision is not None:
-            self._settle_unexported(trace.last_decision)  # this request decides no more
+        self._settle_unexported(trace.last_decision)  # this request decides no more
         if not trace.sampled:
             self.source.count_unqueued("sampled_out")
             return

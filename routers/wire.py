@@ -45,7 +45,7 @@ class Decision:
 
     __slots__ = (
         "ts", "trace", "attempt", "duration_s", "n_candidates", "ranks", "queue_lens", "stats_seen",
-        "exported", "_id",
+        "exported", "previous", "_id",
     )
 
     def __init__(self, ts, trace, attempt, duration_s, n_candidates, ranks, queue_lens, stats_seen):
@@ -60,6 +60,8 @@ class Decision:
         # The tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time.
         self.stats_seen = stats_seen
         self.exported = False
+        # The same request's decision before this one, until the request is routed.
+        self.previous: Optional[Decision] = None
         self._id: Optional[str] = None
 
     @property
