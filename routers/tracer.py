@@ -58,10 +58,11 @@ RESULTS_DRAIN_INTERVAL_S = 0.25
 class _Attempt:
     """An accepted send attempt, waiting for its completion."""
 
-    __slots__ = ("key", "routed_ts", "routed_seq", "ok", "done_ts")
+    __slots__ = ("key", "trace", "routed_ts", "routed_seq", "ok", "done_ts")
 
-    def __init__(self, key, routed_ts, routed_seq):
+    def __init__(self, key, trace, routed_ts, routed_seq):
         self.key = key  # (ReplicaID, internal_request_id)
+        self.trace = trace
         self.routed_ts = routed_ts
         self.routed_seq = routed_seq
         self.ok: Optional[bool] = None
@@ -156,8 +157,7 @@ class RouterTracer:
             traces = self._trace_by_metadata
             traces[id(metadata)] = trace
             if len(traces) > MAX_OPEN_REQUESTS:  # requests cancelled before being routed
-                forgotten = traces.pop(next(iter(traces)))
-                self._settle_unexported(forgotten.last_decision)
+                self._forget_request(traces[next(iter(traces))])
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -219,6 +219,14 @@ class RouterTracer:
             last.previous = None  # unlink: the chain lives only until its request is routed
             last = previous
 
+    def _forget_request(self, trace: RequestTrace) -> None:
+        """The request decides no more: drop it from the index, settle its decisions."""
+        key = id(trace.metadata)
+        if self._trace_by_metadata.get(key) is trace:
+            del self._trace_by_metadata[key]
+        self._settle_unexported(trace.last_decision)
+        trace.last_decision = None
+
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
         # Ray fulfils with the metadata of the request the routing task was
         # routing, so the replica came from one of that request's decisions:
@@ -256,11 +264,8 @@ class RouterTracer:
             decision, attribution = handoff[1], "exact"
         else:
             decision, attribution = trace.last_decision, "last_decision"
-        metadata = trace.metadata
-        if self._trace_by_metadata.get(id(metadata)) is trace:
-            del self._trace_by_metadata[id(metadata)]
-        self._settle_unexported(trace.last_decision)  # this request decides no more
         if not trace.sampled:
+            self._forget_request(trace)
             self.source.count_unqueued("sampled_out")
             return
         rank = own = None
@@ -274,7 +279,7 @@ class RouterTracer:
             ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
             (now - pending_request.created_at) * 1000.0, attribution,
         ))
-        attempt = _Attempt((replica_id, trace.metadata.internal_request_id), now, seq)
+        attempt = _Attempt((replica_id, trace.metadata.internal_request_id), trace, now, seq)
         self._open.setdefault(attempt.key, deque()).append(attempt)
         if len(self._open) > MAX_OPEN_ATTEMPTS:
             for _ in self._open.pop(next(iter(self._open))):
@@ -362,6 +367,9 @@ class RouterTracer:
         attempts.remove(attempt)
         if not attempts:
             del self._open[attempt.key]
+        # A second routing task of a retried request may still hand out a
+        # replica from its decisions until about now; after this, forget them.
+        self._forget_request(attempt.trace)
         replica_id, internal_request_id = attempt.key
         self._emit((
             COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
