@@ -11,8 +11,9 @@ Attribution. With FIFOMixin a replica found by request A's routing task is
 often given to request B (the head of the queue). `TracingMixin` hooks the
 fulfilment (`on_fulfil_start`, then `on_recipient` for whichever request
 receives the replica), so each routed event names the decision that really
-supplied its replica, its rank in that decision, and whether that decision
-was made for this request (`own_ranking`). When Ray lacks those private
+supplied its replica (A's latest decision that ranked it), its rank in that
+decision, and whether that decision was made for this request
+(`own_ranking`). When Ray lacks those private
 methods, routed events fall back to the request's last decision.
 
 Completion. Ray calls `on_request_completed` once per send attempt, rejected
@@ -101,8 +102,9 @@ class RouterTracer:
         # each update_replicas, so a decision can keep a reference to it.
         self._stats_seen: Dict[Any, Tuple[Any, float]] = {}
         self._membership: Optional[List[Dict[str, Any]]] = None
-        # id(RequestMetadata) -> the request's trace, while it may still be routed:
-        # how a fulfilment, which names only the metadata, finds its decision.
+        # id(RequestMetadata) -> the request's trace, until its accepted attempt
+        # completes: how a fulfilment, which names only the metadata, finds
+        # the decision that supplied its replica.
         self._trace_by_metadata: Dict[int, RequestTrace] = {}
         self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
@@ -156,7 +158,7 @@ class RouterTracer:
             pending_request._routelens = trace
             traces = self._trace_by_metadata
             traces[id(metadata)] = trace
-            if len(traces) > MAX_OPEN_REQUESTS:  # requests cancelled before being routed
+            if len(traces) > MAX_OPEN_REQUESTS:  # requests that never completed (cancelled)
                 self._forget_request(traces[next(iter(traces))])
         return trace
 
