@@ -40,7 +40,8 @@ class JsonlSink:
     def backlog(self) -> int:
         return 0
 
-    def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> None:
+    def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> bool:
+        """Write the batch; False if it was dropped (and counted)."""
         try:
             if self._fd is None:
                 os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -48,10 +49,12 @@ class JsonlSink:
             line = body + b"\n"
             if os.write(self._fd, line) != len(line):
                 raise OSError(f"short write to {self.path}")
+            return True
         except OSError as exc:
             self.close()
             count_drop("sink_error", n_events)
             faults.record(f"writing the JSON Lines sink {self.path}", exc)
+            return False
 
     def replay(self, budget_s: float, count_drop: SpooledDropCounter) -> None:
         """Nothing waits in a file sink."""
@@ -102,15 +105,16 @@ class CollectorClient:
     def backlog(self) -> int:
         return len(self._spool)
 
-    def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> None:
+    def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> bool:
+        """Send or spool the batch; False if it was dropped (and counted)."""
         if self._oldest_spooled() is None and time.monotonic() >= self._retry_at:
             outcome = self._post(body)
             if outcome == "ok":
-                return
+                return True
             if outcome == "rejected":
                 count_drop("rejected", n_events)
-                return
-        self._to_spool(body, n_events, count_drop)
+                return False
+        return self._to_spool(body, n_events, count_drop)
 
     def replay(self, budget_s: float, count_drop: SpooledDropCounter) -> None:
         """Send spooled batches, oldest first, until done, failing, or out of time."""
@@ -133,14 +137,16 @@ class CollectorClient:
             except OSError as exc:
                 faults.record(f"reading the spool in {self._spool.directory} (a segment was lost)", exc)
 
-    def _to_spool(self, body: bytes, n_events: int, count_drop: DropCounter) -> None:
+    def _to_spool(self, body: bytes, n_events: int, count_drop: DropCounter) -> bool:
         try:
             self._spool.append(body)
+            return True
         except SpoolFull:
             count_drop("spool_full", n_events)
         except OSError as exc:
             count_drop("spool_error", n_events)
             faults.record(f"writing the spool in {self._spool.directory}", exc)
+        return False
 
     def _post(self, body: bytes) -> str:
         """One attempt: 'ok', 'rejected' (the collector refuses it for good) or 'retry'."""

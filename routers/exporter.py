@@ -53,7 +53,8 @@ class Source:
         self.id: str = info["source_id"]
         self.destination_key = destination_key
         self.batch_seq = 0  # written by the exporter thread only
-        self.sent_counters: Tuple[int, Dict[str, int]] = (0, {})  # as of the last batch built
+        # As of the last batch sent or spooled; None when they must go out again.
+        self.sent_counters: Optional[Tuple[int, Dict[str, int]]] = (0, {})
         # Events generated, dropped ones included; queued events count once exported.
         self.produced = 0
         self._dropped: Dict[str, int] = {}
@@ -175,7 +176,8 @@ class Exporter:
                 while self._cycles < target:
                     if not self._cycle.wait(max(0.0, deadline - time.monotonic())):
                         return False
-            if not self._queue and not any(d.backlog for d in list(self._destinations.values())):
+            if (not self._queue and not any(d.backlog for d in list(self._destinations.values()))
+                    and all(s.sent_counters == (s.produced, s.dropped()) for s in list(self._sources.values()))):
                 return True
             time.sleep(0.05)
         return False
@@ -258,7 +260,8 @@ class Exporter:
         source.batch_seq += 1
         source.sent_counters = (source.produced, source.dropped())
         body = batch_json(source.info, source.batch_seq, source.sent_counters[1], source.produced, parts)
-        self._destinations[source.destination_key].deliver(body, n_events, source.count_dropped)
+        if not self._destinations[source.destination_key].deliver(body, n_events, source.count_dropped):
+            source.sent_counters = None  # these counters did not get out: send them again
 
     def _send_changed_counters(self) -> None:
         # Counters travel with batches; when they changed after a source's last

@@ -175,12 +175,13 @@ class RouterTracer:
         # references (no copies, no formatting) so it costs about a microsecond.
         if self.source is None:
             self._ensure_configured()
-        trace = None
-        attempt = 0
-        if pending_request is not None:
+        if pending_request is None:  # not called by Ray's routing loop: nothing to sample by
+            trace, attempt, previous, sampled = None, 0, None, True
+        else:
             trace = getattr(pending_request, "_routelens", None) or self.trace_of(pending_request)
             attempt = trace.decisions
             trace.decisions = attempt + 1
+            previous, sampled = trace.last_decision, trace.sampled
         cache = self._queue_len_cache
         queue_lens = None
         if cache is not None:
@@ -189,14 +190,10 @@ class RouterTracer:
             else:
                 queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
         decision = Decision(now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
-                            self._stats_seen)
-        if trace is None:  # not called by Ray's routing loop: nothing to sample by
-            self._export_decision(decision)
-            return
-        decision.previous = trace.last_decision
-        trace.last_decision = decision
-        if trace.sampled:
-            decision.exported = True
+                            self._stats_seen, previous, sampled)
+        if trace is not None:
+            trace.last_decision = decision
+        if sampled:
             self._submit((self.source, DECISION, decision))
 
     def _loop_or_bind(self) -> asyncio.AbstractEventLoop:

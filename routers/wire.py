@@ -48,7 +48,8 @@ class Decision:
         "exported", "previous", "_id",
     )
 
-    def __init__(self, ts, trace, attempt, duration_s, n_candidates, ranks, queue_lens, stats_seen):
+    def __init__(self, ts, trace, attempt, duration_s, n_candidates, ranks, queue_lens, stats_seen,
+                 previous, exported):
         self.ts = ts
         self.trace: Optional[RequestTrace] = trace
         self.attempt = attempt
@@ -59,9 +60,10 @@ class Decision:
         self.queue_lens = queue_lens
         # The tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time.
         self.stats_seen = stats_seen
-        self.exported = False
-        # The same request's decision before this one, until the request is routed.
-        self.previous: Optional[Decision] = None
+        # Queued for export (or counted as sampled out, once settled).
+        self.exported = exported
+        # The same request's decision before this one, until the request completes.
+        self.previous: Optional[Decision] = previous
         self._id: Optional[str] = None
 
     @property

@@ -91,6 +91,7 @@ def test_sixty_second_outage_loses_nothing(tmp_path):
 def test_small_spool_counts_what_it_cannot_hold(tmp_path):
     spool_max = 256 * 1024
     server, source, peaks, delivered = run_outage(tmp_path, 5, spool_max)
+    assert delivered
     stored = server.events(source_id=source.id)
     dropped = source.dropped()
     assert dropped.get("spool_full", 0) > 0
