@@ -82,10 +82,6 @@ class Decision:
         return None
 
 
-def replica_key(replica_id: Any) -> str:
-    return replica_id.unique_id
-
-
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     """The replica's routing_stats as it reported them, without our stamp."""
     if not stats:
@@ -93,50 +89,52 @@ def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return {str(k): v for k, v in stats.items() if k != STATS_TIMESTAMP_KEY}
 
 
-def _request_fields(trace: Optional[RequestTrace]) -> Dict[str, Any]:
-    meta = trace.metadata if trace is not None else None
-    if meta is None:
-        return {"request_id": None, "internal_request_id": None, "model_id": None}
-    return {
-        "request_id": meta.request_id,
-        "internal_request_id": meta.internal_request_id,
-        "model_id": meta.multiplexed_model_id or None,
-    }
-
-
 def _encode_decision(d: Decision) -> Dict[str, Any]:
+    ts = d.ts
+    stats_seen = d.stats_seen
+    queue_lens = d.queue_lens
     replicas: Dict[str, Dict[str, Any]] = {}
-    ranked = [replica for rank in d.ranks for replica in rank]
-    queue_lens = d.queue_lens or [None] * len(ranked)
-    for replica, cache_entry in zip(ranked, queue_lens):
-        key = replica_key(replica.replica_id)
-        if key in replicas:
-            continue
-        seen = d.stats_seen.get(replica.replica_id)
-        stats = seen[0] if seen is not None else None
-        stamp = collected_at(stats)
-        if stamp is not None:
-            stats_age, age_source = d.ts - stamp, "stamped"
-        elif seen is not None:
-            stats_age, age_source = d.ts - seen[1], "observed"
-        else:
-            stats_age, age_source = None, None
-        replicas[key] = {
-            "queue_len": cache_entry.queue_len if cache_entry is not None else None,
-            "queue_len_age_s": d.ts - cache_entry.timestamp if cache_entry is not None else None,
-            "stats": plain_stats(stats),
-            "stats_age_s": stats_age,
-            "stats_age_source": age_source,
-        }
+    ranks = []
+    position = 0  # queue_lens follows the ranked replicas in rank order
+    for rank in d.ranks:
+        keys = []
+        for replica in rank:
+            replica_id = replica.replica_id
+            key = replica_id.unique_id
+            keys.append(key)
+            entry = queue_lens[position] if queue_lens is not None else None
+            position += 1
+            if key in replicas:
+                continue
+            seen = stats_seen.get(replica_id)
+            stats = seen[0] if seen is not None else None
+            stamp = collected_at(stats)
+            if stamp is not None:
+                stats_age, age_source = ts - stamp, "stamped"
+            elif seen is not None:
+                stats_age, age_source = ts - seen[1], "observed"
+            else:
+                stats_age, age_source = None, None
+            replicas[key] = {
+                "queue_len": entry.queue_len if entry is not None else None,
+                "queue_len_age_s": ts - entry.timestamp if entry is not None else None,
+                "stats": plain_stats(stats),
+                "stats_age_s": stats_age,
+                "stats_age_source": age_source,
+            }
+        ranks.append(keys)
+    meta = d.trace.metadata if d.trace is not None else None
     event = {
         "type": DECISION,
         "id": d.id,
-        "ts": d.ts,
-        **_request_fields(d.trace),
+        "ts": ts,
+        "request_id": meta.request_id if meta is not None else None,
+        "internal_request_id": meta.internal_request_id if meta is not None else None,
+        "model_id": (meta.multiplexed_model_id or None) if meta is not None else None,
         "attempt": d.attempt,
         "duration_us": int(d.duration_s * 1e6),
         "n_candidates": d.n_candidates,
-        "ranks": [[replica_key(r.replica_id) for r in rank] for rank in d.ranks],
+        "ranks": ranks,
         "replicas": replicas,
     }
     if d.trace is not None and d.trace.attributes:
@@ -149,38 +147,46 @@ def encode(item: tuple) -> Dict[str, Any]:
     kind = item[1]
     if kind == DECISION:
         return _encode_decision(item[2])
-    ts, seq = item[2], item[3]
-    event: Dict[str, Any] = {"type": kind, "id": event_id(ts, seq), "ts": ts}
     if kind == ROUTED:
-        _, _, _, _, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
-        event.update(_request_fields(trace))
-        event.update(
-            replica_id=replica_key(replica_id),
-            decision_id=decision.id if decision is not None else None,
-            rank=rank,
-            own_ranking=own,
-            attempts=attempts,
-            queue_wait_ms=wait_ms,
-            attribution=attribution,
-        )
-    elif kind == COMPLETED:
-        _, _, _, _, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
-        event.update(
-            internal_request_id=internal_request_id,
-            replica_id=replica_key(replica_id),
-            latency_ms=latency_ms,
-            ok=ok,
-            rejected=rejected,
-            routed_id=event_id(*routed) if routed is not None else None,
-        )
-    elif kind == REPLICAS:
-        event["replicas"] = item[4]
-    elif kind == STATS:
-        _, _, _, _, replica_id, stats, stamp = item
-        event.update(replica_id=replica_key(replica_id), stats=plain_stats(stats), collected_at=stamp)
-    else:
-        raise ValueError(f"unknown event kind {kind!r}")
-    return event
+        _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
+        meta = trace.metadata
+        return {
+            "type": ROUTED, "id": event_id(ts, seq), "ts": ts,
+            "request_id": meta.request_id,
+            "internal_request_id": meta.internal_request_id,
+            "model_id": meta.multiplexed_model_id or None,
+            "replica_id": replica_id.unique_id,
+            "decision_id": decision.id if decision is not None else None,
+            "rank": rank,
+            "own_ranking": own,
+            "attempts": attempts,
+            "queue_wait_ms": wait_ms,
+            "attribution": attribution,
+        }
+    if kind == COMPLETED:
+        _, _, ts, seq, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
+        return {
+            "type": COMPLETED, "id": event_id(ts, seq), "ts": ts,
+            "internal_request_id": internal_request_id,
+            "replica_id": replica_id.unique_id,
+            "latency_ms": latency_ms,
+            "ok": ok,
+            "rejected": rejected,
+            "routed_id": event_id(*routed) if routed is not None else None,
+        }
+    if kind == REPLICAS:
+        _, _, ts, seq, members = item
+        return {"type": REPLICAS, "id": event_id(ts, seq), "ts": ts, "replicas": members}
+    if kind == STATS:
+        _, _, ts, seq, replica_id, stats, stamp = item
+        return {"type": STATS, "id": event_id(ts, seq), "ts": ts, "replica_id": replica_id.unique_id,
+                "stats": plain_stats(stats), "collected_at": stamp}
+    raise ValueError(f"unknown event kind {kind!r}")
+
+
+# One encoder for every chunk. Events are trees of fresh dicts and lists built
+# by `encode`, never circular, so the circularity check is skipped.
+_JSON = json.JSONEncoder(default=str, allow_nan=False, separators=(",", ":"), check_circular=False)
 
 
 def events_json(events: List[Dict[str, Any]]) -> Tuple[str, int]:
@@ -192,13 +198,13 @@ def events_json(events: List[Dict[str, Any]]) -> Tuple[str, int]:
     is left out; the caller counts it as dropped.
     """
     try:
-        return json.dumps(events, default=str, allow_nan=False, separators=(",", ":"))[1:-1], len(events)
+        return _JSON.encode(events)[1:-1], len(events)
     except Exception:
         pass
     parts = []
     for event in events:
         try:
-            parts.append(json.dumps(_finite(event), default=str, allow_nan=False, separators=(",", ":")))
+            parts.append(_JSON.encode(_finite(event)))
         except Exception:
             continue
     return ",".join(parts), len(parts)
