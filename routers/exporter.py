@@ -99,7 +99,6 @@ class Exporter:
         self.flush_interval_s = config.flush_interval_s
         self.spool_max_bytes = config.spool_max_bytes
         self.http_timeout_s = config.http_timeout_s
-        self.queue_high_water = 0  # the longest the queue has been, for tests and benches
         self._sources: Dict[str, Source] = {}
         self._configs: Dict[Tuple[str, ...], TracerConfig] = {}  # per destination, to rebuild after fork
         self._destinations: Dict[Tuple[str, ...], Destination] = {}
@@ -218,7 +217,6 @@ class Exporter:
 
     def _export_queued(self) -> None:
         queue = self._queue
-        self.queue_high_water = max(self.queue_high_water, len(queue))
         while queue:
             items = [queue.popleft() for _ in range(min(len(queue), self.batch_max))]
             by_source: Dict[Source, List[tuple]] = {}
