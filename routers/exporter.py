@@ -81,6 +81,15 @@ class Source:
         with self._lock:
             return dict(self._dropped)
 
+    def counters(self) -> Tuple[int, Dict[str, int]]:
+        """(produced, dropped by reason), read together."""
+        with self._lock:
+            return self.produced, dict(self._dropped)
+
+    def counters_unsent(self) -> bool:
+        """Whether the counters changed since the last batch that got out."""
+        return self.counters() != self.sent_counters
+
     def restart_after_fork(self) -> None:
         """In a forked child: a new source, so its batches never mix with the parent's."""
         self.id = self.info["source_id"] = uuid.uuid4().hex
@@ -176,7 +185,7 @@ class Exporter:
                     if not self._cycle.wait(max(0.0, deadline - time.monotonic())):
                         return False
             if (not self._queue and not any(d.backlog for d in list(self._destinations.values()))
-                    and all(s.sent_counters == (s.produced, s.dropped()) for s in list(self._sources.values()))):
+                    and not any(s.counters_unsent() for s in list(self._sources.values()))):
                 return True
             time.sleep(0.05)
         return False
@@ -256,8 +265,8 @@ class Exporter:
 
     def _send_batch(self, source: Source, parts: List[str], n_events: int) -> None:
         source.batch_seq += 1
-        source.sent_counters = (source.produced, source.dropped())
-        body = batch_json(source.info, source.batch_seq, source.sent_counters[1], source.produced, parts)
+        source.sent_counters = produced, dropped = source.counters()
+        body = batch_json(source.info, source.batch_seq, dropped, produced, parts)
         if not self._destinations[source.destination_key].deliver(body, n_events, source.count_dropped):
             source.sent_counters = None  # these counters did not get out: send them again
 
@@ -266,7 +275,7 @@ class Exporter:
         # batch (drops while delivering it, sampled-out requests), an empty
         # batch carries them, so the collector's totals end up exact.
         for source in list(self._sources.values()):
-            if (source.produced, source.dropped()) != source.sent_counters:
+            if source.counters_unsent():
                 self._send_batch(source, [], 0)
 
     def _count_spooled_drop(self, body: bytes, reason: str) -> None:

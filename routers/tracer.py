@@ -215,7 +215,7 @@ class RouterTracer:
             if not last.exported:
                 self.source.count_unqueued("sampled_out")
             previous = last.previous
-            last.previous = None  # unlink: the chain lives only until its request is routed
+            last.previous = None  # unlink: the chain lives only until its request completes
             last = previous
 
     def _forget_request(self, trace: RequestTrace) -> None:
@@ -268,11 +268,9 @@ class RouterTracer:
             self.source.count_unqueued("sampled_out")
             return
         rank = own = None
-        if decision is not None:
+        if decision is not None:  # exported already: by its own request, or by on_recipient
             rank = decision.rank_of(replica_id)
             own = decision.trace is trace
-            if not decision.exported:
-                self._export_decision(decision)
         seq = next_seq()
         self._emit((
             ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
