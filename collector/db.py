@@ -1,0 +1,140 @@
+"""Opening a database: engines tuned per backend, and the schema version check.
+
+SQLite runs in WAL mode, so readers never block the writer; the writer takes
+the lock when its transaction begins (BEGIN IMMEDIATE), not halfway through
+it, and waits up to `busy_timeout` for another process. Postgres is reached
+through psycopg 3 whatever driver the URL names.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+import migrations
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used as it is; the message says what to do."""
+
+
+def normalize_url(url: str) -> str:
+    """A URL SQLAlchemy opens with our drivers; a bare path means a SQLite file."""
+    if "://" not in url:
+        return f"sqlite:///{os.path.abspath(url)}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"not a database URL: {url!r} (try sqlite:///routelens.db or "
+                            "postgresql://user@host/dbname)") from None
+    if parsed.get_backend_name() == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.get_backend_name() != "sqlite":
+        raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    return parsed.render_as_string(hide_password=False)
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        return _sqlite_engine(url)
+    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: str) -> Engine:
+    # isolation_level=None hands transaction control to us, so that BEGIN can
+    # be IMMEDIATE for writers (see the "begin" listener below).
+    engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None},
+                           pool_size=8, max_overflow=8)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
+        cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB per connection
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        immediate = connection.get_execution_options().get("sqlite_begin_immediate")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def writer(connection):
+    """The connection, set to take SQLite's write lock when its transaction begins."""
+    return connection.execution_options(sqlite_begin_immediate=True)
+
+
+# --- schema version (Alembic) ---
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["url"] = normalize_url(url)
+    return config
+
+
+def head_revision() -> str:
+    return ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def current_revision(engine: Engine) -> Optional[str]:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+
+
+def downgrade(url: str, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def check_schema(engine: Engine, url: str) -> None:
+    """Refuse a database whose schema is not this version's; create a new SQLite one."""
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # unreachable server, bad credentials, not a database file
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+    head = head_revision()
+    if current == head:
+        return
+    if current is None and is_sqlite(engine) and not inspect(engine).get_table_names():
+        upgrade(url)
+        return
+    shown = make_url(normalize_url(url)).render_as_string(hide_password=True)
+    if current is None:
+        raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
+    if current not in {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}:
+        raise DatabaseError(f"the database schema ({current}) is newer than this routelens ({head}): "
+                            "upgrade routelens")
+    raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "
+                        f"run `routelens db upgrade --db {shown}`")
+
+
+def first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,75 @@
+"""The window and filters every read endpoint takes, as one FastAPI dependency."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import List, Optional
+
+from fastapi import HTTPException, Query
+
+from collector.queries import Filters
+from collector.settings import parse_duration
+
+DEFAULT_WINDOW = "1h"
+
+
+def parse_time(name: str, value: str) -> float:
+    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPException(422, f"{name}: not a time: {value!r} (epoch seconds or ISO-8601)") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.timestamp()
+
+
+def parse_label(value: str):
+    key, sep, label_value = value.partition("=")
+    if not sep or not key:
+        raise HTTPException(422, f"label: expected key=value, got {value!r}")
+    return key, label_value
+
+
+def build_filters(window: Optional[str] = None, since: Optional[str] = None, until: Optional[str] = None,
+                  app: List[str] = (), deployment: List[str] = (), router_class: List[str] = (),
+                  label: List[str] = (), replica: List[str] = (), request_id: Optional[str] = None,
+                  model_id: Optional[str] = None, now: Optional[float] = None) -> Filters:
+    """Filters from query-string values; raises HTTPException(422) on bad input.
+    Shared by the API, the dashboard and the command line."""
+    now = time.time() if now is None else now
+    end = parse_time("until", until) if until else now
+    if since:
+        start = parse_time("since", since)
+    else:
+        try:
+            start = end - parse_duration(window or DEFAULT_WINDOW)
+        except ValueError as exc:
+            raise HTTPException(422, f"window: {exc}") from None
+    if start >= end:
+        raise HTTPException(422, "since must be before until")
+    return Filters(
+        since=start, until=end, apps=tuple(app), deployments=tuple(deployment),
+        router_classes=tuple(router_class), labels=tuple(parse_label(v) for v in label),
+        replicas=tuple(replica), request_id=request_id or None, model_id=model_id or None,
+    )
+
+
+def filters(
+    window: Optional[str] = Query(None, description="window ending at `until` (default now): 15m, 1h, 24h, 7d"),
+    since: Optional[str] = Query(None, description="window start: epoch seconds or ISO-8601 (overrides window)"),
+    until: Optional[str] = Query(None, description="window end: epoch seconds or ISO-8601 (default: now)"),
+    app: List[str] = Query([], description="Serve app name (repeat for several)"),
+    deployment: List[str] = Query([], description="deployment name (repeat for several)"),
+    router_class: List[str] = Query([], description="router class, module.QualName (repeat for several)"),
+    label: List[str] = Query([], description="router label key=value (repeat: all must hold)"),
+    replica: List[str] = Query([], description="replica id (repeat for several)"),
+    request_id: Optional[str] = Query(None, description="request id or internal request id (drill-down)"),
+    model_id: Optional[str] = Query(None, description="multiplexed model id (drill-down)"),
+) -> Filters:
+    return build_filters(window, since, until, app, deployment, router_class, label, replica, request_id, model_id)

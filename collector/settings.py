@@ -1,0 +1,36 @@
+"""Collector settings, and the duration syntax the command line and the API share."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+DEFAULT_DB = "sqlite:///routelens.db"
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '15m', '24h', '7d', '2w' -> seconds. Raises ValueError."""
+    match = _DURATION.match(text or "")
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use a number and a unit: 90s, 15m, 24h, 7d, 2w)")
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"a duration must be positive: {text!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_url: str = DEFAULT_DB
+    token: Optional[str] = None  # required as "Authorization: Bearer <token>" when set
+    # Ingest limits. The body limit holds for the body as sent and, for gzip,
+    # for the JSON it inflates to (checked while inflating).
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_events_per_batch: int = 20_000
+    # Retention: raw events, then the per-minute rollups. Hourly rollups are kept.
+    retention_s: Optional[float] = 7 * 86400
+    minute_rollup_retention_s: Optional[float] = 90 * 86400
+    retention_interval_s: float = 300.0
