@@ -31,7 +31,7 @@ from routers.config import TracerConfig
 from routers.delivery import CollectorClient, JsonlSink
 from routers.faults import faults
 from routers.spool import Spool
-from routers.wire import batch_json, encode, events_json
+from routers.wire import batch_json, encode
 
 logger = logging.getLogger("routelens")
 
@@ -241,27 +241,19 @@ class Exporter:
                     faults.record("exporting a batch", exc)
 
     def _deliver(self, source: Source, items: List[tuple]) -> None:
-        parts, n_events = [], 0
+        parts = []
         for start in range(0, len(items), ENCODE_CHUNK):
-            events = []
             for item in items[start:start + ENCODE_CHUNK]:
                 try:
-                    events.append(encode(item))
-                except Exception as exc:
+                    parts.append(encode(item))
+                except Exception as exc:  # say, a stats dict with keys JSON cannot hold
                     source.count_dropped("encode_error")
                     faults.record("encoding an event", exc)
-            if events:
-                part, n_encoded = events_json(events)
-                if n_encoded < len(events):
-                    source.count_dropped("encode_error", len(events) - n_encoded)
-                if n_encoded:
-                    parts.append(part)
-                    n_events += n_encoded
             # Encoding holds the GIL; give it up between chunks so the router
             # loop of this process never waits a whole switch interval for it.
             time.sleep(0)
-        if n_events:
-            self._send_batch(source, parts, n_events)
+        if parts:
+            self._send_batch(source, parts, len(parts))
 
     def _send_batch(self, source: Source, parts: List[str], n_events: int) -> None:
         source.batch_seq += 1

@@ -2,7 +2,7 @@
 
 The hot path queues tuples of references (replica ids, cache entries, stats
 dicts, request metadata): no formatting, no copying. `encode` runs on the
-exporter thread and turns one queued item into one event dict. Every item
+exporter thread and turns one queued item into the JSON text of one event. Every item
 starts with `(source, kind, ts, seq, ...)`, except decisions, whose record is
 shared with the attribution logic and carries its own ts and seq.
 """
@@ -89,125 +89,152 @@ def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     return {str(k): v for k, v in stats.items() if k != STATS_TIMESTAMP_KEY}
 
 
-def _encode_decision(d: Decision) -> Dict[str, Any]:
+# Events are written as JSON text directly, not built as dicts and then
+# encoded: on the exporter thread every container allocated is work for the
+# cyclic GC, whose collections pause the whole process (the router loop
+# included) and, in a Ray driver with a large heap, cost several times the
+# encoding itself. Strings and numbers are not tracked by the GC.
+_quote = json.encoder.encode_basestring_ascii  # C: a str as a JSON string literal
+_JSON = json.JSONEncoder(default=str, allow_nan=False, separators=(",", ":"), check_circular=False)
+
+
+def _string(value: Any) -> str:
+    if value is None:
+        return "null"
+    return _quote(value if isinstance(value, str) else str(value))
+
+
+def _number(value: Any) -> str:
+    # Strict JSON has no NaN or infinity: a replica reporting one is recorded as null.
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "null"
+    return repr(value) if isinstance(value, float) else str(int(value))
+
+
+def _flag(value: Optional[bool]) -> str:
+    return "null" if value is None else ("true" if value else "false")
+
+
+def _object(value: Any) -> str:
+    """Arbitrary JSON-able data (stats, attributes); raises if it cannot be encoded."""
+    try:
+        return _JSON.encode(value)
+    except ValueError:  # a non-finite float somewhere inside
+        return _JSON.encode(_finite(value))
+
+
+class _StatsText:
+    """The JSON of each replica's current stats dict, encoded once per change:
+    the same dict object is ranked in many decisions. Used by the exporter
+    thread only."""
+
+    def __init__(self) -> None:
+        self._cache: Dict[int, Tuple[Any, str]] = {}
+
+    def of(self, stats: Optional[Dict[str, Any]]) -> str:
+        if not stats:
+            return "{}"
+        hit = self._cache.get(id(stats))
+        if hit is not None and hit[0] is stats:
+            return hit[1]
+        text = _object(plain_stats(stats))
+        if len(self._cache) >= 4096:
+            self._cache.clear()
+        self._cache[id(stats)] = (stats, text)  # holding the dict keeps its id from being reused
+        return text
+
+
+_stats_text = _StatsText()
+
+
+def _encode_decision(d: Decision) -> str:
     ts = d.ts
     stats_seen = d.stats_seen
     queue_lens = d.queue_lens
-    replicas: Dict[str, Dict[str, Any]] = {}
+    candidates = []
+    written = set()
     ranks = []
     position = 0  # queue_lens follows the ranked replicas in rank order
     for rank in d.ranks:
         keys = []
         for replica in rank:
             replica_id = replica.replica_id
-            key = replica_id.unique_id
+            key = _quote(replica_id.unique_id)
             keys.append(key)
             entry = queue_lens[position] if queue_lens is not None else None
             position += 1
-            if key in replicas:
+            if key in written:
                 continue
+            written.add(key)
             seen = stats_seen.get(replica_id)
             stats = seen[0] if seen is not None else None
             stamp = collected_at(stats)
             if stamp is not None:
-                stats_age, age_source = ts - stamp, "stamped"
+                stats_age, age_source = _number(ts - stamp), '"stamped"'
             elif seen is not None:
-                stats_age, age_source = ts - seen[1], "observed"
+                stats_age, age_source = _number(ts - seen[1]), '"observed"'
             else:
-                stats_age, age_source = None, None
-            replicas[key] = {
-                "queue_len": entry.queue_len if entry is not None else None,
-                "queue_len_age_s": ts - entry.timestamp if entry is not None else None,
-                "stats": plain_stats(stats),
-                "stats_age_s": stats_age,
-                "stats_age_source": age_source,
-            }
-        ranks.append(keys)
+                stats_age, age_source = "null", "null"
+            if entry is not None:
+                queue_len, queue_age = _number(entry.queue_len), _number(ts - entry.timestamp)
+            else:
+                queue_len = queue_age = "null"
+            candidates.append(
+                f'{key}:{{"queue_len":{queue_len},"queue_len_age_s":{queue_age},"stats":{_stats_text.of(stats)},'
+                f'"stats_age_s":{stats_age},"stats_age_source":{age_source}}}'
+            )
+        ranks.append(f"[{','.join(keys)}]")
     meta = d.trace.metadata if d.trace is not None else None
-    event = {
-        "type": DECISION,
-        "id": d.id,
-        "ts": ts,
-        "request_id": meta.request_id if meta is not None else None,
-        "internal_request_id": meta.internal_request_id if meta is not None else None,
-        "model_id": (meta.multiplexed_model_id or None) if meta is not None else None,
-        "attempt": d.attempt,
-        "duration_us": int(d.duration_s * 1e6),
-        "n_candidates": d.n_candidates,
-        "ranks": ranks,
-        "replicas": replicas,
-    }
+    if meta is not None:
+        request_ids = (f'"request_id":{_string(meta.request_id)},'
+                       f'"internal_request_id":{_string(meta.internal_request_id)},'
+                       f'"model_id":{_string(meta.multiplexed_model_id or None)}')
+    else:
+        request_ids = '"request_id":null,"internal_request_id":null,"model_id":null'
+    attributes = ""
     if d.trace is not None and d.trace.attributes:
-        event["attributes"] = d.trace.attributes
-    return event
+        attributes = f',"attributes":{_object(d.trace.attributes)}'
+    return (
+        f'{{"type":"decision","id":"{d.id}","ts":{_number(ts)},{request_ids},"attempt":{_number(d.attempt)},'
+        f'"duration_us":{int(d.duration_s * 1e6)},"n_candidates":{_number(d.n_candidates)},'
+        f'"ranks":[{",".join(ranks)}],"replicas":{{{",".join(candidates)}}}{attributes}}}'
+    )
 
 
-def encode(item: tuple) -> Dict[str, Any]:
-    """One queued item -> one wire-format event."""
+def encode(item: tuple) -> str:
+    """One queued item -> one wire-format event, as JSON text."""
     kind = item[1]
     if kind == DECISION:
         return _encode_decision(item[2])
     if kind == ROUTED:
         _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
         meta = trace.metadata
-        return {
-            "type": ROUTED, "id": event_id(ts, seq), "ts": ts,
-            "request_id": meta.request_id,
-            "internal_request_id": meta.internal_request_id,
-            "model_id": meta.multiplexed_model_id or None,
-            "replica_id": replica_id.unique_id,
-            "decision_id": decision.id if decision is not None else None,
-            "rank": rank,
-            "own_ranking": own,
-            "attempts": attempts,
-            "queue_wait_ms": wait_ms,
-            "attribution": attribution,
-        }
+        return (
+            f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+            f'"request_id":{_string(meta.request_id)},"internal_request_id":{_string(meta.internal_request_id)},'
+            f'"model_id":{_string(meta.multiplexed_model_id or None)},"replica_id":{_string(replica_id.unique_id)},'
+            f'"decision_id":{_string(decision.id if decision is not None else None)},"rank":{_number(rank)},'
+            f'"own_ranking":{_flag(own)},"attempts":{_number(attempts)},"queue_wait_ms":{_number(wait_ms)},'
+            f'"attribution":{_string(attribution)}}}'
+        )
     if kind == COMPLETED:
         _, _, ts, seq, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
-        return {
-            "type": COMPLETED, "id": event_id(ts, seq), "ts": ts,
-            "internal_request_id": internal_request_id,
-            "replica_id": replica_id.unique_id,
-            "latency_ms": latency_ms,
-            "ok": ok,
-            "rejected": rejected,
-            "routed_id": event_id(*routed) if routed is not None else None,
-        }
+        return (
+            f'{{"type":"completed","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+            f'"internal_request_id":{_string(internal_request_id)},"replica_id":{_string(replica_id.unique_id)},'
+            f'"latency_ms":{_number(latency_ms)},"ok":{_flag(ok)},"rejected":{_flag(rejected)},'
+            f'"routed_id":{_string(event_id(*routed) if routed is not None else None)}}}'
+        )
     if kind == REPLICAS:
         _, _, ts, seq, members = item
-        return {"type": REPLICAS, "id": event_id(ts, seq), "ts": ts, "replicas": members}
+        return (f'{{"type":"replicas","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+                f'"replicas":{_object(members)}}}')
     if kind == STATS:
         _, _, ts, seq, replica_id, stats, stamp = item
-        return {"type": STATS, "id": event_id(ts, seq), "ts": ts, "replica_id": replica_id.unique_id,
-                "stats": plain_stats(stats), "collected_at": stamp}
+        return (f'{{"type":"stats","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+                f'"replica_id":{_string(replica_id.unique_id)},"stats":{_object(plain_stats(stats))},'
+                f'"collected_at":{_number(stamp)}}}')
     raise ValueError(f"unknown event kind {kind!r}")
-
-
-# One encoder for every chunk. Events are trees of fresh dicts and lists built
-# by `encode`, never circular, so the circularity check is skipped.
-_JSON = json.JSONEncoder(default=str, allow_nan=False, separators=(",", ":"), check_circular=False)
-
-
-def events_json(events: List[Dict[str, Any]]) -> Tuple[str, int]:
-    """Events as the comma-separated inside of a JSON array, and how many made it.
-
-    Non-finite floats (a replica reporting NaN in its stats) become null:
-    strict JSON has no NaN, and dropping the event would lose the decision.
-    An event that still cannot be encoded (say, a stats dict with tuple keys)
-    is left out; the caller counts it as dropped.
-    """
-    try:
-        return _JSON.encode(events)[1:-1], len(events)
-    except Exception:
-        pass
-    parts = []
-    for event in events:
-        try:
-            parts.append(_JSON.encode(_finite(event)))
-        except Exception:
-            continue
-    return ",".join(parts), len(parts)
 
 
 def _finite(value: Any) -> Any:
@@ -223,7 +250,7 @@ def _finite(value: Any) -> Any:
 def batch_json(source: Dict[str, Any], seq: int, dropped: Dict[str, int], produced: int,
                event_parts: List[str]) -> bytes:
     """The body of one POST /v1/events (and one line of the JSON Lines sink),
-    from events already encoded by `events_json`.
+    from events already encoded by `encode`.
 
     `produced` (events this source generated, dropped ones included) is an
     addition to v1 that the collector keeps as an unknown field: it makes
