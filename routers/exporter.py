@@ -16,6 +16,7 @@ one per process even though Ray ships router classes by value.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -284,12 +285,19 @@ class Exporter:
         if not config.collector_url:
             return JsonlSink(config.jsonl_path)
         host = socket.gethostname()
-        spool = Spool(os.path.join(config.spool_dir, f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
+        spool_root = collector_spool_root(config.spool_dir, config.collector_url)
+        spool = Spool(os.path.join(spool_root, f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
                       self.spool_max_bytes)
-        for orphan in orphaned_spools(config.spool_dir, host):
+        for orphan in orphaned_spools(spool_root, host):
             if spool.adopt(orphan):
                 logger.info("routelens: replaying the spool a dead process left in %s", orphan)
         return CollectorClient(config.collector_url, config.token, spool, self.http_timeout_s)
+
+
+def collector_spool_root(spool_dir: str, collector_url: str) -> str:
+    """Where the spools of one collector's batches live: a later process
+    adopts only spools meant for the collector it sends to."""
+    return os.path.join(spool_dir, "collector-" + hashlib.sha256(collector_url.encode()).hexdigest()[:16])
 
 
 def orphaned_spools(spool_root: str, host: str) -> List[str]:

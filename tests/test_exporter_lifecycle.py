@@ -85,7 +85,7 @@ def test_a_forked_child_exports_its_own_events_only(tmp_path):
 def test_a_spool_left_at_exit_is_replayed_by_the_next_process(tmp_path):
     """Collector down at exit: the batches wait on disk; the next process on
     this host adopts that spool and delivers them, oldest first."""
-    from tests.conftest import free_port
+    from tests.ports import free_port
     from tests.event_sink_server import EventSinkServer
 
     port = free_port()
@@ -105,7 +105,7 @@ def test_a_spool_left_at_exit_is_replayed_by_the_next_process(tmp_path):
     """
     first = run_script(script.format(app="first", port=port, spool=str(tmp_path), n=7))
     assert first.returncode == 0, first.stderr
-    [left] = list(tmp_path.iterdir())
+    [left] = list(tmp_path.glob("collector-*/*"))
     assert list(left.glob("*.jsonl")), "the undelivered batches must be on disk"
 
     server = EventSinkServer(port)
@@ -116,5 +116,39 @@ def test_a_spool_left_at_exit_is_replayed_by_the_next_process(tmp_path):
         assert decisions("first") == 7 and decisions("second") == 2
         assert server.batches[0]["source"]["app"] == "first"  # the old spool went first
         assert not any(tmp_path.rglob("*.jsonl"))
+    finally:
+        server.stop()
+
+
+def test_a_spool_for_another_collector_is_left_alone(tmp_path):
+    """Batches spooled for one collector never go to another one."""
+    from tests.event_sink_server import EventSinkServer
+    from tests.ports import free_port
+
+    script = """
+        import asyncio
+        from routers.examples import TracedUniformRequestRouter
+        from routers.offline import make_request, make_router
+
+        async def main():
+            router = make_router(TracedUniformRequestRouter, 4, app={app!r}, router_kwargs={{
+                "collector_url": "http://127.0.0.1:{port}", "spool_dir": {spool!r}, "flush_interval_s": 3600}})
+            for _ in range(3):
+                await router.choose_replicas(router._replicas_list, make_request())
+            router._routelens.exporter.flush(5)
+
+        asyncio.run(main())
+    """
+    down, up = free_port(), free_port()
+    first = run_script(script.format(app="first", port=down, spool=str(tmp_path)))
+    assert first.returncode == 0, first.stderr
+    spooled = sorted(p.name for p in tmp_path.rglob("*.jsonl"))
+    assert spooled
+    server = EventSinkServer(up)
+    try:
+        second = run_script(script.format(app="second", port=up, spool=str(tmp_path)))
+        assert second.returncode == 0, second.stderr
+        assert {b["source"]["app"] for b in server.batches} == {"second"}
+        assert sorted(p.name for p in tmp_path.rglob("*.jsonl")) == spooled
     finally:
         server.stop()
