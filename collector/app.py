@@ -14,6 +14,7 @@ exporter retries those).
 from __future__ import annotations
 
 import hmac
+import math
 import time
 import zlib
 from contextlib import asynccontextmanager
@@ -30,7 +31,7 @@ import routers
 from collector import explore, queries
 from collector.db import check_schema, current_revision, make_engine
 from collector.ids import to_bytes
-from collector.ingest import Ingestor
+from collector.ingest import Ingestor, SourceConflict
 from collector.metrics import Metrics
 from collector.params import filters
 from collector.retention import Retention
@@ -102,7 +103,11 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             status = 400 if str(exc).startswith("malformed JSON") else 422
             metrics.rejected("malformed" if status == 400 else "invalid")
             return JSONResponse({"detail": str(exc)}, status_code=status)
-        result = await run_in_threadpool(ingestor.ingest, valid)
+        try:
+            result = await run_in_threadpool(ingestor.ingest, valid)
+        except SourceConflict as exc:
+            metrics.rejected("source_conflict")
+            return JSONResponse({"detail": str(exc)}, status_code=409)
         metrics.ingested(result, time.perf_counter() - started)
         return {"stored": result.stored, "duplicates": result.duplicates}
 
@@ -197,24 +202,52 @@ async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Rejected(413, "too_large", f"body of {declared} bytes is over the limit of {limit}")
-    inflater = zlib.decompressobj(wbits=31) if encoding == "gzip" else None
+    inflater = _Gunzip(limit) if encoding == "gzip" else None
     parts, size = [], 0
     try:
         async for chunk in request.stream():
             if inflater is not None:
-                chunk = inflater.decompress(chunk, limit + 1 - size)
-                if inflater.unconsumed_tail:  # more output pending than the limit allows
-                    raise Rejected(413, "too_large", f"gzip body inflates to more than {limit} bytes")
+                chunk = inflater.feed(chunk)
             size += len(chunk)
             if size > limit:
                 raise Rejected(413, "too_large", f"body is over the limit of {limit} bytes")
             parts.append(chunk)
-        if inflater is not None:
-            if not inflater.eof:
-                raise Rejected(400, "malformed", "gzip body is truncated")
+        if inflater is not None and not inflater.complete:
+            raise Rejected(400, "malformed", "gzip body is truncated")
     except zlib.error as exc:
         raise Rejected(400, "malformed", f"body is not valid gzip: {exc}") from None
     return b"".join(parts)
+
+
+class _Gunzip:
+    """Inflates a gzip body as it arrives, never to more than `limit` bytes.
+
+    A gzip stream may hold several members one after another (RFC 1952;
+    gunzip reads them all): each is inflated in turn. Anything after a member
+    that does not begin another one is an error, not ignored.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._size = 0
+        self._member = zlib.decompressobj(wbits=31)
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._member.eof:
+                self._member = zlib.decompressobj(wbits=31)
+            piece = self._member.decompress(data, self._limit + 1 - self._size)
+            self._size += len(piece)
+            if self._member.unconsumed_tail or self._size > self._limit:  # more output than the limit allows
+                raise Rejected(413, "too_large", f"gzip body inflates to more than {self._limit} bytes")
+            out.append(piece)
+            data = self._member.unused_data
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._member.eof
 
 
 def _uuid_param(name: str, value: str) -> None:
@@ -226,6 +259,9 @@ def _uuid_param(name: str, value: str) -> None:
 
 def _duration_param(name: str, value: str) -> float:
     try:
-        return parse_duration(value)
+        seconds = parse_duration(value)
     except ValueError as exc:
         raise HTTPException(422, f"{name}: {exc}") from None
+    if not math.isfinite(seconds):  # enough digits make a float infinite, and no step can be
+        raise HTTPException(422, f"{name}: {value[:80]!r} is too long")
+    return seconds

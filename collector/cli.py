@@ -12,6 +12,7 @@ from collector.serve import ServeError
 from collector.settings import DEFAULT_DB, Settings, parse_duration
 
 
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="routelens", description="Make Ray Serve request routing observable.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -114,13 +115,22 @@ def _run_db_upgrade(args) -> int:
 
 
 def _run_db_current(args) -> int:
+    from sqlalchemy.engine import make_url
+
     from collector import db
 
-    engine = db.make_engine(args.db)
-    try:
-        current = db.current_revision(engine)
-    except Exception as exc:
-        raise DatabaseError(f"cannot open the database: {db.first_line(exc)}") from None
+    url = make_url(db.normalize_url(args.db))
+    if url.get_backend_name() == "sqlite" and url.database and not os.path.exists(url.database):
+        # Opening a missing SQLite file creates it: a question must not leave a database behind.
+        current = None
+    else:
+        engine = db.make_engine(args.db)
+        try:
+            current = db.current_revision(engine)
+        except Exception as exc:
+            raise DatabaseError(f"cannot open the database: {db.first_line(exc)}") from None
+        finally:
+            engine.dispose()
     head = db.head_revision()
     state = "at head" if current == head else ("empty" if current is None else "behind or ahead of head")
     print(f"current: {current or '(none)'}  head: {head}  ({state})")

@@ -125,7 +125,9 @@ def check_schema(engine: Engine, url: str) -> None:
     if current is None and is_sqlite(engine) and not inspect(engine).get_table_names():
         upgrade(url)
         return
-    shown = make_url(normalize_url(url)).render_as_string(hide_password=True)
+    # The URL as the user wrote it (password hidden), so that the command below can be
+    # pasted as it is: the normalized one names our driver (postgresql+psycopg://).
+    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
     if current is None:
         raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
     if current not in {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}:

@@ -25,7 +25,8 @@ MAX_PAGE = 500
 REQUEST_HORIZON_S = 600.0
 
 
-def _key(table):
+def id_bytes(table):
+    """A raw table's id as the bytes it is stored as (the comparisons and ordering of a key range)."""
     return type_coerce(table.c.id, LargeBinary)
 
 
@@ -33,9 +34,25 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _in_window(table, since: float, until: float) -> list:
+def in_window(table, since: float, until: float) -> list:
+    """Conditions for a raw table's rows with since <= ts < until: a key range, trimmed by ts."""
     low, high = ids.window_bounds(since, until)
-    return [_key(table) >= low, _key(table) < high, table.c.ts >= since, table.c.ts < until]
+    return [id_bytes(table) >= low, id_bytes(table) < high, table.c.ts >= since, table.c.ts < until]
+
+
+def decision_conditions(f: Filters, sc: Scope) -> list:
+    """Conditions for the decisions of the window that match the filters (drill-down and export)."""
+    where = in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]
+    if f.request_id:
+        where.append(or_(decisions.c.request_id == f.request_id, decisions.c.internal_request_id == f.request_id))
+    if f.model_id:
+        where.append(decisions.c.model_id == f.model_id)
+    if sc.replica_pks is not None:
+        # Decisions whose ranking sent a request to one of these replicas.
+        where.append(id_bytes(decisions).in_(
+            select(type_coerce(routed.c.decision_id, LargeBinary)).where(
+                *in_window(routed, f.since, f.until), routed.c.replica_pk.in_(sc.replica_pks))))
+    return where
 
 
 def decisions_page(conn: Connection, f: Filters, cursor: Optional[str] = None, limit: int = 50,
@@ -46,20 +63,11 @@ def decisions_page(conn: Connection, f: Filters, cursor: Optional[str] = None, l
     limit = max(1, min(int(limit), MAX_PAGE))
     if not sc.routers:
         return {"decisions": [], "next_cursor": None}
-    where = _in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]
+    where = decision_conditions(f, sc)
     if cursor:
-        where.append(_key(decisions) < ids.to_bytes(cursor))
-    if f.request_id:
-        where.append(or_(decisions.c.request_id == f.request_id, decisions.c.internal_request_id == f.request_id))
-    if f.model_id:
-        where.append(decisions.c.model_id == f.model_id)
-    if sc.replica_pks is not None:
-        # Decisions whose ranking sent a request to one of these replicas.
-        where.append(_key(decisions).in_(
-            select(type_coerce(routed.c.decision_id, LargeBinary)).where(
-                *_in_window(routed, f.since, f.until), routed.c.replica_pk.in_(sc.replica_pks))))
-    rows = conn.execute(select(decisions, _key(decisions).label("key")).where(*where)
-                        .order_by(_key(decisions).desc()).limit(limit)).all()
+        where.append(id_bytes(decisions) < ids.to_bytes(cursor))
+    rows = conn.execute(select(decisions, id_bytes(decisions).label("key")).where(*where)
+                        .order_by(id_bytes(decisions).desc()).limit(limit)).all()
     out = [_decision(row._mapping, sc) for row in rows]
     _attach_outcomes(conn, out, [row.key for row in rows], sc)
     next_cursor = out[-1]["id"] if len(out) == limit else None
@@ -148,29 +156,29 @@ def _attach_outcomes(conn: Connection, out: List[dict], keys: List[bytes], sc: S
 def decision_detail(conn: Connection, decision_id: str) -> Optional[dict]:
     """One decision with every candidate's inputs, its outcome, and the other
     events of its request (earlier and later decisions, routings, rejections)."""
-    key = ids.to_bytes(decision_id)
-    row = conn.execute(select(decisions).where(_key(decisions) == key)).first()
+    wanted = ids.to_bytes(decision_id)
+    row = conn.execute(select(decisions).where(id_bytes(decisions) == wanted)).first()
     if row is None:
         return None
     sc = _scope_of_router(conn, row.router_pk, row.ts)
     decision = _decision(row._mapping, sc)
-    _attach_outcomes(conn, [decision], [key], sc)
+    _attach_outcomes(conn, [decision], [wanted], sc)
     request = row.internal_request_id
     decision["request_events"] = {"decisions": [], "routed": [], "completed": []}
     if request:
         since, until = row.ts - REQUEST_HORIZON_S, row.ts + REQUEST_HORIZON_S
         events = decision["request_events"]
         for other in conn.execute(select(decisions).where(
-                *_in_window(decisions, since, until), decisions.c.internal_request_id == request)
-                .order_by(_key(decisions))):
+                *in_window(decisions, since, until), decisions.c.internal_request_id == request)
+                .order_by(id_bytes(decisions))):
             events["decisions"].append({k: v for k, v in _decision(other._mapping, sc).items()
                                         if k not in ("candidates", "routed", "completed")})
         for other in conn.execute(select(routed).where(
-                *_in_window(routed, since, until), routed.c.internal_request_id == request).order_by(_key(routed))):
+                *in_window(routed, since, until), routed.c.internal_request_id == request).order_by(id_bytes(routed))):
             events["routed"].append(_routed(other._mapping, sc))
         for other in conn.execute(select(completed).where(
-                *_in_window(completed, since, until), completed.c.internal_request_id == request)
-                .order_by(_key(completed))):
+                *in_window(completed, since, until), completed.c.internal_request_id == request)
+                .order_by(id_bytes(completed))):
             events["completed"].append(_completed(other._mapping, sc))
     return decision
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from typing import Tuple
 
+from collector.columns import uuid_text
 from collector.schema import ID_TS_TOLERANCE_S
 
 
@@ -27,7 +28,7 @@ def window_bounds(since: float, until: float) -> Tuple[bytes, bytes]:
 
 
 def to_text(value: bytes) -> str:
-    return str(uuid.UUID(bytes=bytes(value)))
+    return uuid_text(bytes(value))
 
 
 def to_bytes(text: str) -> bytes:

@@ -16,17 +16,16 @@ Three kinds of table:
 
 from __future__ import annotations
 
-import uuid
 from typing import Optional
 
 from sqlalchemy import (
-    Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, SmallInteger, String, Table,
+    BigInteger, Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, SmallInteger, String, Table,
     Text, UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
 from collector.bins import HISTOGRAMS, RANK_COLUMNS
+from collector.columns import EventId, Ranking, RequestId
 
 # Stable constraint names, so that migrations can name what they alter on both backends.
 NAMING = {
@@ -35,23 +34,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-class EventId(TypeDecorator):
-    """A UUID stored as its 16 bytes (half the size of its text form)."""
-
-    impl = LargeBinary(16)
-    cache_ok = True
-
-    def process_bind_param(self, value, dialect):
-        if value is None or isinstance(value, bytes):
-            return value
-        if isinstance(value, uuid.UUID):
-            return value.bytes
-        return uuid.UUID(value).bytes
-
-    def process_result_value(self, value, dialect):
-        return None if value is None else str(uuid.UUID(bytes=bytes(value)))
 
 
 class Base(DeclarativeBase):
@@ -65,6 +47,8 @@ class Deployment(Base):
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     app: Mapped[str] = mapped_column(String(256))
     deployment: Mapped[str] = mapped_column(String(256))
+    # Time of the newest `replicas` event applied to its replicas' membership.
+    membership_at: Mapped[Optional[float]] = mapped_column(Float)
 
 
 class Router(Base):
@@ -100,7 +84,7 @@ class Source(Base):
     # Highest batch number received, and the counters that batch carried
     # (cumulative at the source, so the newest batch has the newest values).
     last_seq: Mapped[int] = mapped_column(Integer)
-    produced: Mapped[Optional[int]] = mapped_column(Integer)
+    produced: Mapped[Optional[int]] = mapped_column(BigInteger)
     dropped: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
 
 
@@ -148,15 +132,13 @@ _clustered = {"sqlite_with_rowid": False}
 decisions = Table(
     "decisions", Base.metadata,
     *_event_columns(),
-    Column("request_id", String(256)),
-    Column("internal_request_id", String(256)),
+    Column("request_id", RequestId),
+    Column("internal_request_id", RequestId),
     Column("model_id", String(256)),
     Column("attempt", Integer, nullable=False),
     Column("duration_us", Integer, nullable=False),
     Column("n_candidates", Integer, nullable=False),
-    # JSON: [[[replica_pk, queue_len, queue_len_age_ms, stats_age_ms, "s"|"o"|null, stats|null], ...], ...]
-    # one list per rank, rank 0 first (see collector.ranking).
-    Column("ranking", Text, nullable=False),
+    Column("ranking", Ranking, nullable=False),  # see `Ranking`
     Column("extra", Text),  # JSON: attributes and fields this version does not know
     **_clustered,
 )
@@ -170,8 +152,8 @@ routed = Table(
     Column("own_ranking", Boolean),
     Column("attempts", Integer),
     Column("queue_wait_ms", Float),
-    Column("request_id", String(256)),
-    Column("internal_request_id", String(256)),
+    Column("request_id", RequestId),
+    Column("internal_request_id", RequestId),
     Column("model_id", String(256)),
     Column("extra", Text),
     Index(None, "decision_id"),
@@ -182,7 +164,7 @@ completed = Table(
     "completed", Base.metadata,
     *_event_columns(),
     Column("replica_pk", Integer, nullable=False),
-    Column("internal_request_id", String(256)),
+    Column("internal_request_id", RequestId),
     Column("routed_id", EventId),
     Column("latency_ms", Float),
     Column("ok", Boolean),

@@ -9,24 +9,29 @@ from typing import List, Optional
 from fastapi import HTTPException, Query
 
 from collector.queries import Filters
+from collector.schema import MAX_TIMESTAMP
 from collector.settings import parse_duration
 
 DEFAULT_WINDOW = "1h"
 
 
 def parse_time(name: str, value: str) -> float:
-    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise)."""
+    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise), between 1970
+    and the latest time an event may carry. Beyond (or NaN), a window could
+    not be turned into rollup bounds or key ranges the database can compare."""
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPException(422, f"{name}: not a time: {value!r} (epoch seconds or ISO-8601)") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise HTTPException(422, f"{name}: not a time: {value!r} (epoch seconds or ISO-8601)") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=timezone.utc)
+        seconds = parsed.timestamp()
+    if not 0 <= seconds <= MAX_TIMESTAMP:
+        raise HTTPException(422, f"{name}: {value!r} is out of range (1970 to epoch second {MAX_TIMESTAMP:.0f})")
+    return seconds
 
 
 def parse_label(value: str):
@@ -48,11 +53,18 @@ def build_filters(window: Optional[str] = None, since: Optional[str] = None, unt
         start = parse_time("since", since)
     else:
         try:
-            start = end - parse_duration(window or DEFAULT_WINDOW)
+            # A window reaching back before 1970 holds what a window from 1970 does.
+            start = max(end - parse_duration(window or DEFAULT_WINDOW), 0.0)
         except ValueError as exc:
             raise HTTPException(422, f"window: {exc}") from None
     if start >= end:
         raise HTTPException(422, "since must be before until")
+    named = {"app": app, "deployment": deployment, "router_class": router_class, "label": label,
+             "replica": replica, "request_id": [request_id or ""], "model_id": [model_id or ""]}
+    for name, values in named.items():
+        # No stored name holds one (ingest refuses them), and PostgreSQL cannot even compare one.
+        if any("\x00" in value for value in values):
+            raise HTTPException(422, f"{name}: NUL characters are not accepted")
     return Filters(
         since=start, until=end, apps=tuple(app), deployments=tuple(deployment),
         router_classes=tuple(router_class), labels=tuple(parse_label(v) for v in label),

@@ -34,7 +34,7 @@ from sqlalchemy.types import LargeBinary
 from collector import ids
 from collector.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
 from collector.models import (
-    Deployment, Replica, Router, Source, SourceBatch, completed, decisions, rollups, routed, stats_changes,
+    Deployment, Replica, Router, Source, SourceBatch, rollups, stats_changes,
 )
 from collector.rollups import ROUTER_LEVEL
 
@@ -429,13 +429,18 @@ def default_step(seconds: float) -> int:
 def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_replica: bool = False,
                sc: Optional[Scope] = None) -> dict:
     """Counters per time step. Steps are whole minutes, or whole hours when the
-    step allows it, so that long windows read hourly rows."""
+    step allows it, so that long windows read hourly rows. Points start at
+    multiples of the step; they count the window's rows only, so that they
+    add up to the panels' totals even where the window does not begin or end
+    on a step."""
     sc = sc or scope(conn, f)
     step = max(MINUTE, int(step or default_step(f.seconds)) // MINUTE * MINUTE)
-    grain = HOUR if step % HOUR == 0 else MINUTE
     m0, m1 = f.rollup_bounds()
-    start0 = m0 // step * step
-    condition = and_(rollups.c.grain == grain, rollups.c.start >= start0, rollups.c.start < m1)
+    if step % HOUR == 0:
+        # Every row of the window, hourly or at its edges per minute, lies in one step.
+        condition = _window_condition(f)
+    else:
+        condition = and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
     names = ("routed", "rank_0", "handoffs", "rejections") if per_replica else TIMESERIES_COLUMNS
     if not sc.routers:
         return {"window": _window(f), "step_s": step, "points": []}
@@ -446,31 +451,21 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
         where.append(rollups.c.replica_pk.in_(sc.replica_pks))
     elif not per_replica:
         where.append(rollups.c.replica_pk == ROUTER_LEVEL)
-    query = (select(rollups.c.start, rollups.c.replica_pk, *_sum_columns(names))
-             .where(*where).group_by(rollups.c.start, rollups.c.replica_pk))
-    points: Dict[Tuple[int, int], dict] = {}
-    for row in conn.execute(query):
-        values = row._mapping
-        t = (values["start"] - start0) // step * step + start0
-        key = (t, values["replica_pk"] if per_replica else 0)
-        point = points.setdefault(key, {"t": t, **{name: (None if name.endswith("_max") else 0) for name in names}})
-        for name in names:
-            value = values[name]
-            if name.endswith("_max"):
-                if value is not None and (point[name] is None or value > point[name]):
-                    point[name] = value
-            else:
-                point[name] += value or 0
+    t = (rollups.c.start // step * step).label("t")
+    keys = (t, rollups.c.replica_pk) if per_replica else (t,)
+    query = select(*keys, *_sum_columns(names)).where(*where).group_by(*keys).order_by(*keys)
     out = []
-    for (t, replica_pk), point in sorted(points.items()):
+    for row in conn.execute(query):
+        point = dict(row._mapping)
+        for name in names:
+            if not name.endswith("_max"):
+                point[name] = point[name] or 0
         if per_replica:
-            point["replica_id"] = sc.replicas.get(replica_pk, {}).get("replica_id")
+            point["replica_id"] = sc.replicas.get(point.pop("replica_pk"), {}).get("replica_id")
         else:
             point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
-            point["staleness_p95_s"] = STALENESS.percentile([point[c] for c in STALENESS.columns], 0.95,
+            point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
                                                            point["stale_max"])
-            for c in STALENESS.columns:
-                del point[c]
         out.append(point)
     return {"window": _window(f), "step_s": step, "points": out}
 

@@ -10,12 +10,13 @@ in `extra`.
 
 from __future__ import annotations
 
-import math
 import uuid
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta, Struct
+
+from collector.models import Deployment, Replica, Router, Source
 
 SCHEMA_VERSION = 1
 
@@ -23,7 +24,35 @@ Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Seconds = Annotated[float, Meta(ge=0)]
-Timestamp = Annotated[float, Meta(ge=0, le=2**48 / 1000)]  # what fits a UUIDv7's 48 bits of ms
+MAX_TIMESTAMP = 2**48 / 1000  # what fits a UUIDv7's 48 bits of ms
+Timestamp = Annotated[float, Meta(ge=0, le=MAX_TIMESTAMP)]
+
+# Cumulative counters of a source (events dropped): a busy process passes 2**31
+# in days, and they are stored as JSON, so they may be as large as SQL's BIGINT.
+Total = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+def _fits(column, min_length: int = 0):
+    """A string that fits `column` (a `collector.models` column of its own).
+    PostgreSQL refuses a longer one, failing the batch's transaction with a
+    503 the tracer would retry forever, while SQLite stores it; refused here,
+    it is a 422 that names the field, alike on both backends."""
+    return Annotated[str, Meta(min_length=min_length, max_length=column.type.length)]
+
+
+SourceId = _fits(Source.__table__.c.source_id, min_length=1)
+AppName = _fits(Deployment.__table__.c.app)
+DeploymentName = _fits(Deployment.__table__.c.deployment)
+RouterClass = _fits(Router.__table__.c.router_class)
+HandleSource = _fits(Source.__table__.c.handle_source)
+SourceNode = _fits(Source.__table__.c.node_id)
+ActorId = _fits(Source.__table__.c.actor_id)
+Hostname = _fits(Source.__table__.c.hostname)
+TracerVersion = _fits(Source.__table__.c.tracer_version)
+ReplicaId = _fits(Replica.__table__.c.replica_id, min_length=1)
+ReplicaNode = _fits(Replica.__table__.c.node_id)
+Zone = _fits(Replica.__table__.c.availability_zone)
+LABELS_KEY_LENGTH = Router.__table__.c.labels_key.type.length
 
 # How far an id's embedded time may be from the event's ts.
 ID_TS_TOLERANCE_S = 60.0
@@ -34,16 +63,16 @@ class Invalid(ValueError):
 
 
 class SourceInfo(Struct, gc=False):
-    source_id: Id
-    app: Name
-    deployment: Name
-    router_class: Name
-    handle_source: Optional[Name] = None
-    node_id: Optional[Name] = None
-    actor_id: Optional[Name] = None
-    hostname: Optional[Name] = None
-    pid: Optional[int] = None
-    tracer_version: Optional[Name] = None
+    source_id: SourceId
+    app: AppName
+    deployment: DeploymentName
+    router_class: RouterClass
+    handle_source: Optional[HandleSource] = None
+    node_id: Optional[SourceNode] = None
+    actor_id: Optional[ActorId] = None
+    hostname: Optional[Hostname] = None
+    pid: Optional[Count] = None
+    tracer_version: Optional[TracerVersion] = None
     labels: Annotated[Dict[Annotated[str, Meta(max_length=128)], Annotated[str, Meta(max_length=512)]],
                       Meta(max_length=64)] = {}
 
@@ -97,10 +126,10 @@ class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_f
 
 
 class Member(Struct, gc=False):
-    replica_id: Id
-    node_id: Optional[Name] = None
-    availability_zone: Optional[Name] = None
-    max_ongoing_requests: Optional[int] = None
+    replica_id: ReplicaId
+    node_id: Optional[ReplicaNode] = None
+    availability_zone: Optional[Zone] = None
+    max_ongoing_requests: Optional[Count] = None
     model_ids: Annotated[List[Id], Meta(max_length=10000)] = []
 
 
@@ -126,8 +155,8 @@ class Batch(Struct, gc=False):
     source: SourceInfo
     seq: Count
     events: List[Event]
-    dropped: Dict[Annotated[str, Meta(max_length=64)], Count] = {}
-    produced: Optional[Annotated[int, Meta(ge=0)]] = None
+    dropped: Dict[Annotated[str, Meta(max_length=64)], Total] = {}
+    produced: Optional[Total] = None
 
 
 _EVENT_TYPES = (DecisionEvent, RoutedEvent, CompletedEvent, ReplicasEvent, StatsEvent)
@@ -167,10 +196,12 @@ def parse(body: bytes, max_events: int) -> ValidBatch:
         raise Invalid(f"$.schema_version: expected {SCHEMA_VERSION}, got {batch.schema_version!r}")
     if len(batch.events) > max_events:
         raise TooMany(f"$.events: {len(batch.events)} events, over the limit of {max_events} per batch")
-    ids = [_uuid7_of(event.id, event.ts, f"$.events[{index}].id") for index, event in enumerate(batch.events)]
-    for index, event in enumerate(batch.events):
-        _check_event(event, index)
-    return ValidBatch(batch, ids, extras)
+    _check_labels(batch.source.labels)
+    if b"\\u0000" in body:  # JSON can only carry a NUL character escaped
+        _refuse_nul(batch, "$")
+    # Every float is finite already: msgspec's JSON decoder refuses NaN,
+    # Infinity and numbers out of a double's range, naming where they are.
+    return ValidBatch(batch, _uuid7_bytes(batch.events), extras)
 
 
 def _invalid(exc: msgspec.ValidationError, body: bytes) -> Invalid:
@@ -189,7 +220,9 @@ def _parse_with_unknown_fields(body: bytes):
     extras: List[Optional[Dict[str, Any]]] = []
     events = raw.get("events") if isinstance(raw, dict) else None
     for event in events if isinstance(events, list) else ():
-        known = _KNOWN_FIELDS.get(event.get("type")) if isinstance(event, dict) else None
+        kind = event.get("type") if isinstance(event, dict) else None
+        # Any JSON value may stand where the type should: only a string can name one.
+        known = _KNOWN_FIELDS.get(kind) if isinstance(kind, str) else None
         if known is None or event.keys() <= known:
             extras.append(None)
             continue
@@ -200,30 +233,57 @@ def _parse_with_unknown_fields(body: bytes):
         raise _invalid(exc, body) from None
 
 
+def _check_labels(labels: Dict[str, str]) -> None:
+    """The labels, as the router's key column holds them, must fit it (see `_fits`)."""
+    if not labels:
+        return
+    from collector.ingest import labels_key  # here: collector.ingest imports this module
+
+    if len(labels_key(labels)) > LABELS_KEY_LENGTH:
+        raise Invalid(f"$.source.labels: {len(labels)} labels take more than {LABELS_KEY_LENGTH} characters "
+                      "as JSON; use fewer or shorter ones")
+
+
+# Free-form dicts: stored as JSON text, where a NUL character is escaped.
+_FREE_FORM = frozenset({"stats", "attributes"})
+
+
+def _refuse_nul(value: Any, where: str) -> None:
+    """PostgreSQL text cannot hold a NUL character (SQLite can): refused
+    alike on both backends, naming where (see `_fits`)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise Invalid(f"{where}: NUL characters are not accepted")
+    elif isinstance(value, Struct):
+        for name in value.__struct_fields__:
+            if name not in _FREE_FORM:
+                _refuse_nul(getattr(value, name), f"{where}.{name}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nul(item, f"{where}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(key, f"{where}[{key!r}]")
+            _refuse_nul(item, f"{where}[{key!r}]")
+
+
 class TooMany(Invalid):
     """More events in one batch than the collector accepts."""
 
 
-def _uuid7_of(value: uuid.UUID, ts: float, where: str) -> bytes:
-    as_int = value.int
-    if (as_int >> 76) & 0xF != 7:
-        raise Invalid(f"{where}: must be a UUIDv7 (time-ordered), got version {value.version}")
-    if abs((as_int >> 80) / 1000.0 - ts) > ID_TS_TOLERANCE_S:
-        raise Invalid(f"{where}: the UUIDv7's time is more than {ID_TS_TOLERANCE_S:g} s from the event's ts")
-    return value.bytes
-
-
-def _finite(value: Optional[float], where: str) -> None:
-    if value is not None and not math.isfinite(value):
-        raise Invalid(f"{where}: must be a finite number")
-
-
-def _check_event(event: Event, index: int) -> None:
-    where = f"$.events[{index}]"
-    if isinstance(event, CompletedEvent):
-        _finite(event.latency_ms, f"{where}.latency_ms")
-    elif isinstance(event, DecisionEvent):
-        for replica_id, candidate in event.replicas.items():
-            _finite(candidate.queue_len_age_s, f"{where}.replicas[{replica_id!r}].queue_len_age_s")
-            _finite(candidate.stats_age_s, f"{where}.replicas[{replica_id!r}].stats_age_s")
+def _uuid7_bytes(events: List[Event]) -> List[bytes]:
+    """The events' ids as 16 bytes, each checked to be a UUIDv7 of its event's
+    time. A loop of its own, with the error message built only on error: it
+    runs for every event ingested."""
+    out = []
+    for index, event in enumerate(events):
+        value = event.id
+        as_int = value.int
+        if (as_int >> 76) & 0xF != 7:
+            raise Invalid(f"$.events[{index}].id: must be a UUIDv7 (time-ordered), got version {value.version}")
+        if abs((as_int >> 80) / 1000.0 - event.ts) > ID_TS_TOLERANCE_S:
+            raise Invalid(f"$.events[{index}].id: the UUIDv7's time is more than {ID_TS_TOLERANCE_S:g} s "
+                          "from the event's ts")
+        out.append(value.bytes)
+    return out
 
