@@ -3,7 +3,6 @@ they run, routers with bugs, and collectors that are down, slow or failing."""
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 import time
@@ -16,7 +15,7 @@ from ray.serve.config import RequestRouterConfig
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from tests import misbehaving_routers, serve_apps
 from tests.event_sink_server import EventSinkServer
-from tests.test_serve_routers import send_handle, send_http
+from tests.serve_traffic import send_handle, send_http
 from tests.trace_checks import read_events, wait_for
 
 pytestmark = pytest.mark.ray

@@ -8,39 +8,18 @@ kept themselves.
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-import httpx
 import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
 from tests import serve_apps
+from tests.serve_traffic import send_handle, send_http
 from tests.trace_checks import check_trace, read_events, routed_count, wait_for
 
 pytestmark = pytest.mark.ray
-
-
-def send_http(url: str, n: int, concurrency: int) -> None:
-    async def run():
-        limits = httpx.Limits(max_connections=concurrency)
-        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
-            for start in range(0, n, concurrency):
-                responses = await asyncio.gather(
-                    *(client.get(url) for _ in range(min(concurrency, n - start)))
-                )
-                assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
-
-    asyncio.run(run())
-
-
-def send_handle(handle, n: int, concurrency: int) -> None:
-    for start in range(0, n, concurrency):
-        responses = [handle.remote() for _ in range(min(concurrency, n - start))]
-        for response in responses:
-            response.result(timeout_s=60)
 
 
 def deploy(app_cls, name: str, router_class, sink_dir: str, count_dir: str, **options):
@@ -94,7 +73,6 @@ def test_uniform_router_ten_replicas(serve_instance, tmp_path):
 
 def test_throughput_aware_router_stamped_stats(serve_instance, tmp_path):
     period = 1.0
-    sink_dir = str(tmp_path / "sink")
     events, figures = traced_run(
         serve_instance, tmp_path, serve_apps.ThroughputAwareRequestRouterApp, "throughput",
         TracedThroughputAwareRequestRouter, n_http=100, n_handle=100, concurrency=4,

@@ -7,7 +7,6 @@ import asyncio
 import json
 from collections import defaultdict
 
-import pytest
 
 from routers import tracer as tracer_module
 from routers.config import TracerConfig

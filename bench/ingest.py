@@ -1,0 +1,323 @@
+"""Ingest throughput: decision events/s over HTTP into SQLite and PostgreSQL,
+next to raw `executemany` of the same rows into the same kind of database,
+measured in the same run. The machines are shared and noisy: the ratio
+HTTP / raw is the figure that travels.
+
+What is measured, per round and backend:
+
+- raw: the decision rows exactly as the collector stores them (built by
+  `collector.ingest` from the same batches, before timing), inserted with
+  the driver's `executemany`, one transaction per 1000 rows, into a fresh
+  database migrated to the collector's schema (so the same table, keys and
+  pragmas). No validation, no rollups, no HTTP: the bound.
+- http: the real collector (`python -m collector.cli collector --db URL`,
+  uvicorn) in a subprocess on a fresh database; pre-built gzip'd wire-format
+  batches of 1000 decision events each (pow-2 shape: 2 candidates out of 50
+  replicas, uuid4 request ids, stats dicts; see bench/workload.py) POSTed by
+  `--senders` threads over keep-alive `http.client` connections. Each sender
+  is one traced router (a source of its own) sending its batches one after
+  the other, as the tracer's exporter does. The clock runs from the first
+  request to the last answer; every answer must report 1000 stored, and the
+  database is counted afterwards.
+
+    .venv/bin/python bench/ingest.py [--batches 150] [--senders 2] [--rounds 3]
+                                     [--backends sqlite,postgres] [--pg-fsync on|off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import psycopg  # noqa: E402
+
+import workload  # noqa: E402
+from collector import db  # noqa: E402
+from collector.ingest import _Rows  # noqa: E402  (the rows exactly as ingest builds them)
+from collector.models import decisions  # noqa: E402
+from collector.schema import parse  # noqa: E402
+from tests.ports import free_port  # noqa: E402
+
+TARGET = 50_000
+PER_BATCH = 1000
+HEADERS = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+
+
+# --- raw executemany ---
+
+def decision_rows(bodies: List[bytes]) -> List[List[tuple]]:
+    """The `decisions` rows of each batch, as the collector would store them."""
+    replica_pks = {replica_id: pk for pk, replica_id in enumerate(workload.replica_ids(50), start=1)}
+    out = []
+    for body in bodies:
+        valid = parse(gzip.decompress(body), 100_000)
+        out.append(_Rows(valid, source_pk=1, router_pk=1, replica_pks=replica_pks).of(decisions))
+    return out
+
+
+def insert_sql(mark: str) -> str:
+    names = ", ".join(decisions.c.keys())
+    return f"INSERT INTO decisions ({names}) VALUES ({', '.join([mark] * len(decisions.c))})"
+
+
+def raw_sqlite(path: str, batches: List[List[tuple]]) -> float:
+    url = f"sqlite:///{path}"
+    db.upgrade(url)
+    engine = db.make_engine(url)  # the collector's pragmas: WAL, synchronous=NORMAL, cache size
+    connection = engine.raw_connection()
+    sql = insert_sql("?")
+    try:
+        started = time.perf_counter()
+        for rows in batches:
+            connection.execute("BEGIN IMMEDIATE")
+            connection.executemany(sql, rows)
+            connection.execute("COMMIT")
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+        engine.dispose()
+
+
+def raw_postgres(url: str, batches: List[List[tuple]]) -> float:
+    db.upgrade(url)
+    sql = insert_sql("%s")
+    with psycopg.connect(url) as connection:
+        with connection.cursor() as cursor:
+            started = time.perf_counter()
+            for rows in batches:
+                with connection.transaction():
+                    cursor.executemany(sql, rows)
+            return time.perf_counter() - started
+
+
+# --- the collector over HTTP ---
+
+class Collector:
+    """`python -m collector.cli collector --db URL --port P` in a subprocess."""
+
+    def __init__(self, url: str):
+        self.port = free_port()
+        self.log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "collector.cli", "collector", "--db", url, "--port", str(self.port),
+             "--retention", "never"],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.log.seek(0)
+                raise RuntimeError(f"the collector did not start:\n{self.log.read().decode(errors='replace')}")
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        return process_cpu_seconds(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu_seconds(postmaster: int) -> float:
+    """CPU time of a PostgreSQL server: its postmaster and the processes it started."""
+    total = process_cpu_seconds(postmaster)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if parent == postmaster:
+                    total += process_cpu_seconds(int(pid))
+            except OSError:  # gone meanwhile
+                continue
+    return total
+
+
+def post_all(port: int, streams: List[List[bytes]]) -> float:
+    """POST each stream's bodies in order, the streams concurrently (one
+    connection each); seconds from the first request to the last answer."""
+    failures: List[str] = []
+    ready = threading.Barrier(len(streams) + 1)
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in streams]
+    for connection in connections:
+        connection.connect()
+
+    def sender(connection: http.client.HTTPConnection, bodies: List[bytes]) -> None:
+        ready.wait()
+        for index, body in enumerate(bodies):
+            connection.request("POST", "/v1/events", body=body, headers=HEADERS)
+            response = connection.getresponse()
+            answer = response.read()
+            if response.status != 200 or json.loads(answer).get("stored") != PER_BATCH:
+                failures.append(f"batch {index}: {response.status} {answer[:200]!r}")
+
+    threads = [threading.Thread(target=sender, args=pair) for pair in zip(connections, streams)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    for connection in connections:
+        connection.close()
+    if failures:
+        raise RuntimeError(f"{len(failures)} batches failed, first: {failures[0]}")
+    return elapsed
+
+
+def http_run(url: str, warmup: List[List[bytes]], streams: List[List[bytes]], count: Callable[[], int],
+             postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
+    """Seconds to ingest the streams over HTTP (after their warm-up batches),
+    and the CPU seconds the collector, PostgreSQL and this load generator spent meanwhile."""
+    collector = Collector(url)
+
+    def cpu_now() -> Dict[str, float]:
+        now = {"collector": collector.cpu_seconds()}
+        if postmaster is not None:
+            now["postgres"] = cluster_cpu_seconds(postmaster)
+        now["load generator"] = time.process_time()
+        return now
+
+    try:
+        post_all(collector.port, warmup)  # sources, replicas, pools and caches: not timed
+        before = cpu_now()
+        elapsed = post_all(collector.port, streams)
+        cpu = {name: seconds - before[name] for name, seconds in cpu_now().items()}
+    finally:
+        collector.stop()
+    stored = count()
+    expected = sum(len(bodies) for bodies in warmup + streams) * PER_BATCH
+    if stored != expected:
+        raise RuntimeError(f"the database holds {stored} decisions, expected {expected}")
+    return elapsed, cpu
+
+
+def count_sqlite(path: str) -> int:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("SELECT count(*) FROM decisions").fetchone()[0]
+
+
+def count_postgres(url: str) -> int:
+    with psycopg.connect(url) as connection:
+        return connection.execute("SELECT count(*) FROM decisions").fetchone()[0]
+
+
+# --- main ---
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=150, help="timed batches of 1000 decisions per run")
+    parser.add_argument("--senders", type=int, default=2,
+                        help="concurrent HTTP senders, one traced router each (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, help="raw + http pairs per backend (default: %(default)s)")
+    parser.add_argument("--backends", default="sqlite,postgres")
+    parser.add_argument("--pg-fsync", choices=("on", "off"), default="on",
+                        help="PostgreSQL fsync and synchronous_commit (default: %(default)s)")
+    args = parser.parse_args()
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches x {PER_BATCH} decision events, "
+          f"{args.senders} sender(s), {args.rounds} round(s)")
+    started = time.perf_counter()
+    # One stream of batches per sender (a traced router: its own source), 5 of them sent untimed first.
+    per_sender = -(-args.batches // args.senders)
+    warmup, streams = [], []
+    for sender in range(args.senders):
+        batches = list(workload.decision_batches(5 + per_sender, PER_BATCH, seed=7 + sender))
+        warmup.append(batches[:5])
+        streams.append(batches[5:])
+    bodies = [body for stream in streams for body in stream]
+    rows = decision_rows(bodies)
+    size = sum(len(b) for b in bodies) / len(bodies)
+    raw_size = sum(len(gzip.decompress(b)) for b in bodies[:5]) / 5
+    print(f"built in {time.perf_counter() - started:.1f} s: {size / 1024:.0f} KiB gzip'd per batch "
+          f"({raw_size / 1024:.0f} KiB of JSON, {raw_size / PER_BATCH:.0f} bytes per decision event)")
+    total = len(bodies) * PER_BATCH
+
+    results: Dict[str, Dict[str, list]] = {b: {"raw": [], "http": [], "ratio": []} for b in backends}
+    cluster = None
+    if "postgres" in backends:
+        from tests.postgres import PostgresCluster
+
+        cluster = PostgresCluster(fsync=args.pg_fsync == "on").start()
+        print(f"postgres: throwaway cluster on port {cluster.port}, fsync={args.pg_fsync}, "
+              f"synchronous_commit={args.pg_fsync}")
+    print("sqlite: WAL, synchronous=NORMAL (the collector's settings)")
+    workdir = tempfile.mkdtemp(prefix="routelens-bench-ingest-")
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for backend in backends:
+                if backend == "sqlite":
+                    raw_s = raw_sqlite(os.path.join(workdir, f"raw{round_no}.db"), rows)
+                    path = os.path.join(workdir, f"http{round_no}.db")
+                    http_s, cpu = http_run(f"sqlite:///{path}", warmup, streams, lambda: count_sqlite(path))
+                elif backend == "postgres":
+                    raw_s = raw_postgres(cluster.url(cluster.create_database(f"raw{round_no}")), rows)
+                    url = cluster.url(cluster.create_database(f"http{round_no}"))
+                    db.upgrade(url)
+                    http_s, cpu = http_run(url, warmup, streams, lambda: count_postgres(url), cluster.postmaster_pid())
+                else:
+                    raise SystemExit(f"unknown backend {backend!r}")
+                result = results[backend]
+                result["raw"].append(total / raw_s)
+                result["http"].append(total / http_s)
+                result["ratio"].append(raw_s / http_s)
+                print(f"round {round_no} {backend:8s}: raw executemany {total / raw_s:9,.0f}/s   "
+                      f"http {total / http_s:9,.0f}/s   http/raw {raw_s / http_s:.2f}   CPU per decision: "
+                      + ", ".join(f"{name} {seconds / total * 1e6:.1f} us ({seconds / http_s:.2f} cores)"
+                                  for name, seconds in cpu.items()), flush=True)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+
+    print()
+    print("decision events/s, median of rounds (ratio: median of the rounds' http/raw)")
+    for backend in backends:
+        result = results[backend]
+        http_rate = statistics.median(result["http"])
+        raw_rate = statistics.median(result["raw"])
+        print(f"  {backend:8s}: http {http_rate:9,.0f}/s   raw executemany {raw_rate:9,.0f}/s   "
+              f"http/raw {statistics.median(result['ratio']):.2f}   target >= {TARGET:,}/s: "
+              f"{'met' if http_rate >= TARGET else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

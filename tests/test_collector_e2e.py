@@ -1,0 +1,182 @@
+"""End to end: traced routers on real Ray Serve -> a real collector -> the read API.
+
+The API's figures are checked against what the replicas counted themselves
+and against figures computed here from the raw events the collector stored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import Counter, defaultdict
+
+import httpx
+import pytest
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from sqlalchemy import select
+
+from collector.bins import STALENESS
+from collector.models import Deployment, Replica, Router, completed, decisions, routed
+from collector.settings import Settings
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
+from tests import serve_apps
+from tests.collector_server import CollectorServer
+from tests.serve_traffic import send_handle, send_http
+from tests.trace_checks import wait_for
+
+pytestmark = pytest.mark.ray
+
+STATS_PERIOD_S = 1.0
+# app name -> (deployment class, router class, options, HTTP requests, handle requests, concurrency)
+APPS = {
+    "uniform": (serve_apps.UniformRequestRouterApp, "routers.examples:TracedUniformRequestRouter",
+                {"num_replicas": 10}, 100, 100, 10),
+    "throughput": (serve_apps.ThroughputAwareRequestRouterApp, TracedThroughputAwareRequestRouter,
+                   {"num_replicas": 3, "router_config": {"request_routing_stats_period_s": STATS_PERIOD_S,
+                                                         "request_routing_stats_timeout_s": 1}}, 100, 100, 4),
+    "pow2": (serve_apps.SlowApp, TracedPowerOfTwoChoicesRequestRouter, {"num_replicas": 3}, 120, 120, 40),
+}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def traced(request, serve_instance, tmp_path_factory):
+    """Deploys the apps traced to one collector (on each backend), sends their
+    traffic, and waits until the collector has every request's routed and
+    completed events."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    count_dir = str(tmp / "counts")
+    os.makedirs(count_dir)
+    if request.param == "sqlite":
+        db_url = f"sqlite:///{tmp / 'routelens.db'}"
+    else:
+        db_url = request.getfixturevalue("postgres").new_database()
+    # Each backend's apps get their own names: a proxy keeps the router of an
+    # app deleted and deployed again under the same name, with its old
+    # request_router_kwargs (the collector's URL among them).
+    deployed = {name: f"{request.param}-{name}" for name in APPS}
+    with CollectorServer(Settings(db_url=db_url)) as collector:
+        started = time.time()
+        handles = {}
+        for name, (app_cls, router_class, options, *_traffic) in APPS.items():
+            options = dict(options)
+            config = RequestRouterConfig(request_router_class=router_class,
+                                         request_router_kwargs={"collector_url": collector.url},
+                                         **options.pop("router_config", {}))
+            handles[name] = serve.run(app_cls.options(request_router_config=config, **options).bind(count_dir),
+                                      name=deployed[name], route_prefix=f"/{deployed[name]}")
+        try:
+            for name, (*_deploy, n_http, n_handle, concurrency) in APPS.items():
+                send_http(f"{serve_instance}/{deployed[name]}", n_http, concurrency)
+                send_handle(handles[name], n_handle, concurrency)
+            api = httpx.Client(base_url=collector.url, timeout=30)
+            window = {"since": started - 5}
+            for name, (*_deploy, n_http, n_handle, _c) in APPS.items():
+                wanted = n_http + n_handle
+
+                def arrived(name=name, wanted=wanted):
+                    figures = api.get("/v1/summary", params={**window, "app": deployed[name]}).json()
+                    return figures["routed"] >= wanted and figures["completions"] >= wanted
+
+                wait_for(arrived, timeout_s=60, what=f"{name}: routed and completed events at the collector")
+            yield {"api": api, "window": window, "engine": collector.app.state.engine, "apps": deployed,
+                   "counts": {name: serve_apps.read_counts(count_dir, deployed[name]) for name in APPS}}
+        finally:
+            for name in APPS:
+                serve.delete(deployed[name])
+
+
+def read(traced, path, app, **params):
+    """A read endpoint's answer about one app, over the traffic's window."""
+    return traced["api"].get(path, params={**traced["window"], "app": traced["apps"][app], **params}).json()
+
+
+def raw_rows(traced, table, app):
+    """Raw events of one app, as the collector stored them."""
+    with traced["engine"].connect() as connection:
+        routers = select(Router.pk).join(Deployment, Deployment.pk == Router.deployment_pk).where(
+            Deployment.app == traced["apps"][app])
+        return connection.execute(select(table).where(table.c.router_pk.in_(routers))).mappings().all()
+
+
+def replica_ids(engine):
+    with engine.connect() as connection:
+        return dict(connection.execute(select(Replica.pk, Replica.replica_id)).all())
+
+
+@pytest.mark.parametrize("app", list(APPS))
+def test_per_replica_counts_equal_the_replicas_own(traced, app):
+    figures = read(traced, "/v1/distribution", app)
+    api_counts = {r["replica_id"]: r["routed"] for r in figures["replicas"] if r["routed"]}
+    assert api_counts == traced["counts"][app]
+    n_replicas = APPS[app][2]["num_replicas"]
+    assert len(figures["replicas"]) == n_replicas
+    assert figures["routed"] == APPS[app][3] + APPS[app][4]
+
+
+@pytest.mark.parametrize("app", list(APPS))
+def test_rank_hits_equal_the_raw_events(traced, app):
+    figures = read(traced, "/v1/rank-hits", app)
+    rows = raw_rows(traced, routed, app)
+    ranks = Counter("unknown" if r["rank"] is None else str(min(r["rank"], 5)) for r in rows)
+    assert figures["routed"] == len(rows)
+    for entry in figures["ranks"]:
+        label = "5" if entry["rank"] == "5+" else entry["rank"]
+        assert entry["routed"] == ranks.get(label, 0), entry
+        assert entry["share"] == pytest.approx(ranks.get(label, 0) / len(rows))
+    handoffs = sum(r["own_ranking"] is False for r in rows)
+    assert figures["handoffs"] == handoffs
+    assert figures["handoff_rate"] == pytest.approx(handoffs / len(rows))
+    rejected = sum(r["rejected"] for r in raw_rows(traced, completed, app))
+    assert figures["rejections"] == rejected
+    assert figures["decisions"] == len(raw_rows(traced, decisions, app))
+    if app == "uniform":
+        assert figures["rank0_rate"] == 1.0  # one replica ranked per decision
+    if app == "pow2":
+        assert rejected > 0 and handoffs > 0  # 40 concurrent requests on 3 replicas x 2 slots
+
+
+def raw_percentile(values, q):
+    ordered = sorted(values)
+    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
+
+
+def test_staleness_percentiles_equal_the_raw_events(traced):
+    figures = read(traced, "/v1/staleness", "throughput")
+    names = replica_ids(traced["engine"])
+    ages = defaultdict(list)
+    sources = Counter()
+    for row in raw_rows(traced, decisions, "throughput"):
+        for rank in json.loads(row["ranking"]):
+            for pk, _queue_len, _queue_age, stats_age_ms, source, _stats in rank:
+                if stats_age_ms is not None:
+                    ages[names[pk]].append(max(stats_age_ms / 1000.0, 0.0))
+                    sources[source] += 1
+    by_replica = {r["replica_id"]: r for r in figures["replicas"]}
+    assert set(by_replica) == set(ages)
+    for replica_id, values in ages.items():
+        api = by_replica[replica_id]
+        assert api["samples"] == len(values)
+        for q, key in ((0.5, "p50_s"), (0.95, "p95_s")):
+            # Rollups keep fixed bins: the API's percentile lies in the raw percentile's bin.
+            assert STALENESS.column(api[key]) == STALENESS.column(raw_percentile(values, q)), (replica_id, key)
+        assert api["max_s"] == pytest.approx(max(values), abs=2e-6)  # raw rows keep microseconds
+    assert sum(r["stamped"] for r in figures["replicas"]) == sources["s"]
+    # Stamped stats are at most one period old, plus the time to reach the router.
+    assert sources["s"] > 0
+    assert figures["overall"]["max_s"] <= STATS_PERIOD_S + 1.0
+    assert figures["stats_period_s"] == pytest.approx(STATS_PERIOD_S, rel=0.5)
+
+
+def test_decision_drill_down_links_routed_and_completed(traced):
+    api = traced["api"]
+    page = read(traced, "/v1/decisions", "pow2", limit=200)
+    decided = [d for d in page["decisions"] if d["routed"] is not None]
+    assert decided
+    detail = api.get(f"/v1/decisions/{decided[0]['id']}").json()
+    assert detail["routed"]["decision_id"] == detail["id"]
+    assert detail["routed"]["replica_id"] in {r for rank in detail["ranks"] for r in rank}
+    assert detail["completed"]["routed_id"] == detail["routed"]["id"]
+    assert all("queue_len" in c for rank in detail["candidates"] for c in rank)

@@ -1,0 +1,53 @@
+"""The PostgreSQL fixture itself: without PostgreSQL, its tests are skipped on
+a laptop but fail in CI (CI set), so that CI never passes without them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import text
+
+from collector.db import make_engine
+
+ROOT = Path(__file__).resolve().parent.parent
+A_POSTGRES_TEST = "tests/test_migrations.py::test_models_and_migrations_agree[postgres]"
+
+
+def _pytest_without_postgres(ci: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ROUTELENS_PG_BINDIR": "/nonexistent/postgresql/bin"}
+    env.pop("CI", None)
+    if ci:
+        env["CI"] = ci
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", A_POSTGRES_TEST],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_without_postgresql_tests_are_skipped_on_a_laptop():
+    result = _pytest_without_postgres(ci="")
+    assert result.returncode == 0, result.stdout
+    assert "1 skipped" in result.stdout
+    assert "PostgreSQL binaries missing in /nonexistent/postgresql/bin" in result.stdout
+
+
+def test_without_postgresql_tests_fail_in_ci():
+    result = _pytest_without_postgres(ci="true")
+    assert result.returncode == 1, result.stdout
+    assert "1 error" in result.stdout and "skipped" not in result.stdout
+    assert "CI must test against PostgreSQL: PostgreSQL binaries missing" in result.stdout
+
+
+def test_the_cluster_runs_postgresql_15_or_later(postgres):
+    url = postgres.new_database()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            version = connection.execute(text("SHOW server_version_num")).scalar()
+            fsync = connection.execute(text("SHOW fsync")).scalar()
+    finally:
+        engine.dispose()
+        postgres.drop(url)
+    assert int(version) >= 150000
+    assert fsync == "off"

@@ -1,0 +1,233 @@
+"""The database schema: Alembic migrations on SQLite and PostgreSQL, the
+schema check at start, `routelens db`, and migrations shipped in the wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from collector.app import create_app
+from collector.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
+from collector.models import Base
+from collector.settings import Settings
+from tests.conftest import Collector, WireSource
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_TABLES = set(Base.metadata.tables)
+
+
+def _state(url):
+    """(revision, tables) of the database."""
+    engine = make_engine(url)
+    try:
+        return current_revision(engine), set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def _stores_a_batch(url):
+    collector = Collector(url)
+    try:
+        src = WireSource("s1")
+        d = src.decision(1.8e9, [["r1"]])
+        assert collector.store(src.batch([d, src.routed(1.8e9, "r1", d)])) == {"stored": 2, "duplicates": 0}
+    finally:
+        collector.close()
+
+
+def test_empty_to_head_to_base_to_head(empty_db_url):
+    assert _state(empty_db_url)[0] is None
+    upgrade(empty_db_url)
+    assert _state(empty_db_url) == (head_revision(), MODEL_TABLES | {"alembic_version"})
+    downgrade(empty_db_url, "base")
+    revision, tables = _state(empty_db_url)
+    assert revision is None and tables <= {"alembic_version"}
+    upgrade(empty_db_url)
+    assert _state(empty_db_url) == (head_revision(), MODEL_TABLES | {"alembic_version"})
+    _stores_a_batch(empty_db_url)
+
+
+def test_models_and_migrations_agree(db_url):
+    """Autogenerate, run against a database the migrations made, finds nothing to do."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_new_sqlite_file_is_created_at_head(tmp_path):
+    for url in (f"sqlite:///{tmp_path / 'by-url.db'}", str(tmp_path / "by-path.db")):
+        _stores_a_batch(url)
+        assert _state(url) == (head_revision(), MODEL_TABLES | {"alembic_version"})
+
+
+def test_the_app_refuses_a_database_without_the_schema(empty_db_url):
+    if empty_db_url.startswith("sqlite"):
+        # A SQLite file that holds something else (a new, empty one is created at head).
+        with sqlite3.connect(empty_db_url[len("sqlite:///"):]) as connection:
+            connection.execute("CREATE TABLE notes (text TEXT)")
+    else:
+        engine = make_engine(empty_db_url)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE notes (text TEXT)")
+        engine.dispose()
+    with pytest.raises(DatabaseError) as refused:
+        create_app(Settings(db_url=empty_db_url))
+    assert f"run `routelens db upgrade --db {empty_db_url}`" in str(refused.value)
+    assert _state(empty_db_url) == (None, {"notes"})  # left as it was
+
+
+def test_the_app_refuses_a_database_it_cannot_open(tmp_path):
+    garbage = tmp_path / "not-a-database.db"
+    garbage.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(DatabaseError, match="cannot open the database"):
+        create_app(Settings(db_url=str(garbage)))
+    with pytest.raises(DatabaseError, match="cannot open the database"):
+        create_app(Settings(db_url="postgresql://nobody@127.0.0.1:1/routelens"))
+
+
+def _python(code: str, cwd, pythonpath=None, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=120)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "collector.cli", *args], cwd=cwd or ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+NEXT_MIGRATION = '''
+"""A later version's migration (test).
+
+Revision ID: 0002
+Revises: 0001
+"""
+from alembic import op
+import sqlalchemy as sa
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table("later_feature", sa.Column("pk", sa.Integer(), primary_key=True))
+
+
+def downgrade():
+    op.drop_table("later_feature")
+'''
+
+
+def test_a_database_behind_head_is_refused_until_upgraded(db_url, tmp_path):
+    """A later routelens (this code plus a migration) on this version's database."""
+    later = tmp_path / "later"
+    for package in ("collector", "migrations", "routers"):
+        shutil.copytree(ROOT / package, later / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (later / "migrations" / "versions" / "0002_later_feature.py").write_text(NEXT_MIGRATION)
+    result = _python(f"""
+        import migrations
+        assert migrations.__file__.startswith({str(later)!r}), migrations.__file__
+        from collector.app import create_app
+        from collector.cli import main
+        from collector.db import DatabaseError
+        from collector.settings import Settings
+        try:
+            create_app(Settings(db_url={db_url!r}))
+        except DatabaseError as exc:
+            print("refused:", exc)
+        main(["db", "upgrade", "--db", {db_url!r}])
+        create_app(Settings(db_url={db_url!r}))
+        print("started")
+    """, cwd=later, pythonpath=later)
+    refused, upgraded, started = result.stdout.splitlines()
+    assert refused == (f"refused: the database schema (0001) is behind this routelens (0002): "
+                       f"run `routelens db upgrade --db {db_url}`")
+    assert upgraded == "database at 0002 (head: 0002)"
+    assert started == "started"
+    # This version now finds the database ahead of it.
+    with pytest.raises(DatabaseError, match=r"\(0002\) is newer than this routelens \(0001\): upgrade routelens"):
+        create_app(Settings(db_url=db_url))
+
+
+def test_cli_db_upgrade_and_current(empty_db_url):
+    before = _cli("db", "current", "--db", empty_db_url)
+    assert before.returncode == 0, before.stderr
+    assert before.stdout.split() == ["current:", "(none)", "head:", head_revision(), "(empty)"]
+    if empty_db_url.startswith("sqlite:///"):
+        assert not os.path.exists(empty_db_url[len("sqlite:///"):])  # asking created no file
+    upgraded = _cli("db", "upgrade", "--db", empty_db_url)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert upgraded.stdout.strip() == f"database at {head_revision()} (head: {head_revision()})"
+    after = _cli("db", "current", "--db", empty_db_url)
+    assert after.stdout.split() == ["current:", head_revision(), "head:", head_revision(), "(at", "head)"]
+    assert _state(empty_db_url) == (head_revision(), MODEL_TABLES | {"alembic_version"})
+
+
+def test_cli_db_reports_an_unreachable_database():
+    result = _cli("db", "upgrade", "--db", "postgresql://nobody@127.0.0.1:1/routelens")
+    assert result.returncode == 1
+    assert result.stderr.startswith("routelens db: cannot open the database")
+    assert "Traceback" not in result.stderr
+
+
+# --- the wheel ---
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The project's wheel, built from a copy of the source tree, and unpacked."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"),
+                             str(source)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (path,) = (tmp / "dist").glob("routelens-*.whl")
+    unpacked = tmp / "unpacked"
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        archive.extractall(unpacked)
+    return names, unpacked
+
+
+def test_the_wheel_ships_the_migrations(wheel):
+    names, _ = wheel
+    assert {"migrations/__init__.py", "migrations/env.py", "migrations/script.py.mako"} <= names
+    assert [n for n in names if n.startswith("migrations/versions/0001_") and n.endswith(".py")]
+
+
+def test_the_installed_wheel_can_create_a_database(wheel, empty_db_url, tmp_path):
+    """Only the unpacked wheel on the path, in another directory: no source tree to lean on."""
+    _, unpacked = wheel
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _python(f"""
+        import collector.db, migrations
+        assert migrations.__file__.startswith({str(unpacked)!r}), migrations.__file__
+        collector.db.upgrade({empty_db_url!r})
+        print(collector.db.current_revision(collector.db.make_engine({empty_db_url!r})))
+    """, cwd=elsewhere, pythonpath=unpacked)
+    assert result.stdout.strip() == head_revision()
+    assert _state(empty_db_url) == (head_revision(), MODEL_TABLES | {"alembic_version"})
