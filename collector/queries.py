@@ -282,6 +282,7 @@ def stats_period(conn: Connection, f: Filters, sc: Scope, sample: int = 400) -> 
                stats_changes.c.source_pk)
         .where(type_coerce(stats_changes.c.id, LargeBinary) >= low,
                type_coerce(stats_changes.c.id, LargeBinary) < high,
+               stats_changes.c.ts >= f.since, stats_changes.c.ts < f.until,
                stats_changes.c.router_pk.in_(sorted(sc.routers)))
         .order_by(stats_changes.c.id.desc()).limit(sample)
     ).all()
@@ -467,6 +468,8 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
             point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
                                                            point["stale_max"])
         out.append(point)
+    if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
+        out.sort(key=lambda point: (point["t"], point["replica_id"] or ""))
     return {"window": _window(f), "step_s": step, "points": out}
 
 

@@ -87,6 +87,10 @@ class RollupDelta:
                 continue
             if stats_age < 0.0:
                 stats_age = 0.0  # clocks of replica and router may disagree slightly
+            else:
+                # In whole microseconds, as the raw ranking stores it: the rollups then agree
+                # with the raw rows, and with a copy of them imported elsewhere.
+                stats_age = round(stats_age * 1e6) / 1e6
             row[STALE_FIRST + bisect_left(STALE_BOUNDS, stats_age)] += 1
             row[STAMPED if candidate.stats_age_source == "stamped" else OBSERVED] += 1
             if row[STALE_MAX] is None or stats_age > row[STALE_MAX]:
