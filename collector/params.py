@@ -2,74 +2,12 @@
 
 from __future__ import annotations
 
-import time
-from datetime import datetime, timezone
 from typing import List, Optional
 
 from fastapi import HTTPException, Query
 
+from collector.filtering import FilterError, build_filters
 from collector.queries import Filters
-from collector.schema import MAX_TIMESTAMP
-from collector.settings import parse_duration
-
-DEFAULT_WINDOW = "1h"
-
-
-def parse_time(name: str, value: str) -> float:
-    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise), between 1970
-    and the latest time an event may carry. Beyond (or NaN), a window could
-    not be turned into rollup bounds or key ranges the database can compare."""
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise HTTPException(422, f"{name}: not a time: {value!r} (epoch seconds or ISO-8601)") from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=timezone.utc)
-        seconds = parsed.timestamp()
-    if not 0 <= seconds <= MAX_TIMESTAMP:
-        raise HTTPException(422, f"{name}: {value!r} is out of range (1970 to epoch second {MAX_TIMESTAMP:.0f})")
-    return seconds
-
-
-def parse_label(value: str):
-    key, sep, label_value = value.partition("=")
-    if not sep or not key:
-        raise HTTPException(422, f"label: expected key=value, got {value!r}")
-    return key, label_value
-
-
-def build_filters(window: Optional[str] = None, since: Optional[str] = None, until: Optional[str] = None,
-                  app: List[str] = (), deployment: List[str] = (), router_class: List[str] = (),
-                  label: List[str] = (), replica: List[str] = (), request_id: Optional[str] = None,
-                  model_id: Optional[str] = None, now: Optional[float] = None) -> Filters:
-    """Filters from query-string values; raises HTTPException(422) on bad input.
-    Shared by the API, the dashboard and the command line."""
-    now = time.time() if now is None else now
-    end = parse_time("until", until) if until else now
-    if since:
-        start = parse_time("since", since)
-    else:
-        try:
-            # A window reaching back before 1970 holds what a window from 1970 does.
-            start = max(end - parse_duration(window or DEFAULT_WINDOW), 0.0)
-        except ValueError as exc:
-            raise HTTPException(422, f"window: {exc}") from None
-    if start >= end:
-        raise HTTPException(422, "since must be before until")
-    named = {"app": app, "deployment": deployment, "router_class": router_class, "label": label,
-             "replica": replica, "request_id": [request_id or ""], "model_id": [model_id or ""]}
-    for name, values in named.items():
-        # No stored name holds one (ingest refuses them), and PostgreSQL cannot even compare one.
-        if any("\x00" in value for value in values):
-            raise HTTPException(422, f"{name}: NUL characters are not accepted")
-    return Filters(
-        since=start, until=end, apps=tuple(app), deployments=tuple(deployment),
-        router_classes=tuple(router_class), labels=tuple(parse_label(v) for v in label),
-        replicas=tuple(replica), request_id=request_id or None, model_id=model_id or None,
-    )
 
 
 def filters(
@@ -84,4 +22,8 @@ def filters(
     request_id: Optional[str] = Query(None, description="request id or internal request id (drill-down)"),
     model_id: Optional[str] = Query(None, description="multiplexed model id (drill-down)"),
 ) -> Filters:
-    return build_filters(window, since, until, app, deployment, router_class, label, replica, request_id, model_id)
+    try:
+        return build_filters(window, since, until, app, deployment, router_class, label, replica, request_id,
+                             model_id)
+    except FilterError as exc:
+        raise HTTPException(422, str(exc)) from None
