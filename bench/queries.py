@@ -48,7 +48,7 @@ from collector import explore, queries  # noqa: E402
 from collector.db import make_engine, upgrade  # noqa: E402
 from collector.ingest import Ingestor  # noqa: E402
 from collector.schema import parse  # noqa: E402
-from collector.serve import tune_gc_for_ingest  # noqa: E402
+from collector.serve import tune_gc_for_bulk_work  # noqa: E402
 
 DAY = 86400.0
 WINDOWS = (("15 min", 900.0), ("24 h", DAY), ("7 d", 7 * DAY))
@@ -134,7 +134,7 @@ def load(path: str, decisions: int) -> dict:
     queue: multiprocessing.Queue = multiprocessing.Queue(maxsize=64)
     producer = multiprocessing.Process(target=produce, args=(decisions, start, DAYS * DAY, queue), daemon=True)
     producer.start()
-    tune_gc_for_ingest()  # as the collector's server does
+    tune_gc_for_bulk_work()  # as the collector's server does
     print(f"loading {decisions:,} decisions into {path} (producer process: wire-format batches; "
           "this process: schema.parse + Ingestor.ingest)", flush=True)
     started = time.perf_counter()

@@ -18,18 +18,19 @@ import math
 import time
 import zlib
 from contextlib import asynccontextmanager
-from typing import Optional
+from typing import Iterator, Literal, Optional
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 import routers
-from collector import explore, queries
+from collector import explore, export, queries
 from collector.db import check_schema, current_revision, make_engine
+from collector.export_formats import FORMATS, MEDIA_TYPES
 from collector.ids import to_bytes
 from collector.ingest import Ingestor, SourceConflict
 from collector.metrics import Metrics
@@ -47,6 +48,11 @@ class Rejected(Exception):
     def __init__(self, status: int, reason: str, detail: str):
         super().__init__(detail)
         self.status, self.reason, self.detail = status, reason, detail
+
+
+# For FastAPI to validate the parameters (and document their values).
+ExportFormat = Literal[FORMATS]  # type: ignore[valid-type]
+ExportTable = Literal[export.TABLES]  # type: ignore[valid-type]
 
 
 def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
@@ -172,6 +178,22 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             raise HTTPException(404, f"no decision {decision_id}")
         return found
 
+    @app.get("/v1/export", dependencies=read, tags=["export"],
+             summary="The window's decision log as CSV, JSON Lines or Parquet, streamed (schema: docs/export.md)")
+    def export_log(f: queries.Filters = Depends(filters),
+                   format: ExportFormat = Query("parquet", description="file format"),
+                   what: ExportTable = Query(
+                       "decisions", description="decisions (outcome joined), candidates, routed, completed, or "
+                                                "events (wire-format batches for `routelens import`; jsonl)")):
+        try:
+            export.check(f, what, format)
+        except export.ExportError as exc:
+            raise HTTPException(422, str(exc)) from None
+        filename = f"routelens-{what}-{int(f.since)}-{int(f.until)}.{format}"
+        return StreamingResponse(_export_stream(engine, f, what, format), media_type=MEDIA_TYPES[format], headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Routelens-Export-Schema": str(export.SCHEMA_VERSION)})
+
     @app.get("/healthz", tags=["operations"], summary="Whether the collector can reach its database")
     def healthz():
         try:
@@ -188,6 +210,12 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _export_stream(engine: Engine, f: queries.Filters, what: str, fmt: str) -> Iterator[bytes]:
+    # The connection lives as long as the response streams (Starlette runs this in a worker thread).
+    with engine.connect() as connection:
+        yield from export.export(connection, f, what, fmt)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

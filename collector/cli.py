@@ -8,9 +8,14 @@ import sys
 from typing import List, Optional
 
 from collector.db import DatabaseError
+from collector.export import TABLES
+from collector.export_formats import FORMATS
 from collector.serve import ServeError
 from collector.settings import DEFAULT_DB, Settings, parse_duration
 
+
+class UsageError(Exception):
+    """A command asked for something it cannot do; the message says what to change."""
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -28,14 +33,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
     _add_collector(commands)
     _add_db(commands)
+    _add_export(commands)
+    _add_import(commands)
     args = parser.parse_args(argv)
 
-    if args.command in ("collector", "db"):
+    if args.command in ("collector", "db", "export", "import"):
         try:
             return args.run(args)
-        except (DatabaseError, ServeError) as exc:
+        except (DatabaseError, ServeError, UsageError) as exc:
             print(f"routelens {args.command}: {exc}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(exc, UsageError) else 1
     if args.command == "demo":
         if args.requests <= 0:
             parser.error("--requests must be positive")
@@ -77,6 +84,46 @@ def _add_db(commands) -> None:
     current = actions.add_parser("current", help="print the database's schema revision and this version's")
     _add_db_option(current)
     current.set_defaults(run=_run_db_current)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write decision logs as CSV, JSON Lines or Parquet",
+        description="Stream rows out of the database in constant memory, with a progress bar on a terminal. "
+                    "The file appears under its name only once complete. Schema: docs/export.md.",
+    )
+    _add_db_option(export)
+    export.add_argument("-o", "--output", required=True, help="the file to write, or - for standard output")
+    export.add_argument("--format", choices=FORMATS,
+                        help="default: from the output's extension (.csv, .jsonl, .parquet)")
+    export.add_argument("--what", choices=TABLES, default="decisions",
+                        help="decisions (one row each, outcome joined; the default), candidates (one row per "
+                             "ranked replica), routed, completed, or events (wire-format batches that "
+                             "`routelens import` loads; jsonl only)")
+    export.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
+    export.add_argument("--since", help="window start: epoch seconds or ISO-8601")
+    export.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
+    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
+                       ("replica", "replica id"), ("label", "router label key=value (all must hold)")):
+        export.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    export.add_argument("--request-id", help="request id or internal request id")
+    export.add_argument("--model-id", help="multiplexed model id")
+    export.set_defaults(run=_run_export)
+
+
+def _add_import(commands) -> None:
+    importer = commands.add_parser(
+        "import", help="load the tracer's JSON Lines files (wire-format batches) into a database",
+        description="Load files the tracer's local sink wrote (jsonl_path), or `routelens export --what events` "
+                    "files, through the same validation and idempotent write path as POST /v1/events. Bad lines "
+                    "are reported with file and line number and store nothing. Files ending in .gz are read "
+                    "as gzip.",
+    )
+    importer.add_argument("files", nargs="+", metavar="FILE")
+    _add_db_option(importer)
+    importer.add_argument("--max-events", type=int, default=20_000,
+                          help="most events accepted in one batch (default: %(default)s)")
+    importer.set_defaults(run=_run_import)
 
 
 def _add_db_option(parser) -> None:
@@ -135,6 +182,18 @@ def _run_db_current(args) -> int:
     state = "at head" if current == head else ("empty" if current is None else "behind or ahead of head")
     print(f"current: {current or '(none)'}  head: {head}  ({state})")
     return 0
+
+
+def _run_export(args) -> int:
+    from collector.export_command import run_export
+
+    return run_export(args)
+
+
+def _run_import(args) -> int:
+    from collector.export_command import run_import
+
+    return run_import(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import msgspec
 from sqlalchemy import LargeBinary
@@ -119,6 +119,14 @@ def ranking_layout(stored: bytes) -> List[List[Any]]:
     return [[entry if len(entry) == 1 else
              [entry[0], entry[1], _ms_to_us(entry[2]), _ms_to_us(entry[3]), _AGE_SOURCE_STORED_AS[entry[4]], entry[5]]
              for entry in rank] for rank in json.loads(stored)]
+
+
+def ranking_layouts(stored: Sequence[bytes]) -> List[List[Any]]:
+    """`ranking_layout` of many rankings at once: MessagePack ones are decoded
+    in one call, as the elements of one array (about half the cost)."""
+    if any(ranking[:1] == b"[" for ranking in stored):
+        return [ranking_layout(ranking) for ranking in stored]
+    return _msgpack_decode(b"\xdd" + len(stored).to_bytes(4, "big") + b"".join(stored))
 
 
 def ranking_json(stored: bytes) -> str:

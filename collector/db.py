@@ -49,14 +49,16 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, sqlite_cache_mb: int = 64) -> Engine:
+    """`sqlite_cache_mb`: SQLite's page cache per connection. A server reads
+    the same pages again and again; a one-off scan (export) needs little."""
     url = normalize_url(url)
     if make_url(url).get_backend_name() == "sqlite":
-        return _sqlite_engine(url)
+        return _sqlite_engine(url, sqlite_cache_mb)
     return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
 
 
-def _sqlite_engine(url: str) -> Engine:
+def _sqlite_engine(url: str, cache_mb: int) -> Engine:
     # isolation_level=None hands transaction control to us, so that BEGIN can
     # be IMMEDIATE for writers (see the "begin" listener below).
     engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None},
@@ -68,7 +70,7 @@ def _sqlite_engine(url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
-        cursor.execute("PRAGMA cache_size=-65536")  # 64 MiB per connection
+        cursor.execute(f"PRAGMA cache_size={-1024 * cache_mb}")  # negative: in KiB
         cursor.close()
 
     @event.listens_for(engine, "begin")

@@ -1,0 +1,102 @@
+"""Export speed and memory: 10,000,000 decisions to Parquet (SQLite).
+
+Runs `routelens export --format parquet` (the real command, in a child
+process) over the database `bench/queries.py` builds (10 million decisions
+over 50 replicas and 7 days, loaded once and cached in /tmp), and prints
+its rows/s (target >= 200,000) and its peak RSS (target <= 300 MB).
+
+Machines are shared and noisy: as a baseline measured in the same run, a
+child process reads the same rows with the same query through the sqlite3
+module and discards them; the export's time is also given as a ratio to it
+(what turning rows into Parquet costs on top of reading them).
+
+    .venv/bin/python bench/export.py [--decisions 10000000] [--what decisions] [--keep FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from queries import FULL, database  # noqa: E402
+
+TARGET_ROWS_S = 200_000
+TARGET_RSS_MB = 300
+
+# The export's query (collector.export._decision_rows) as SQL, read and thrown away.
+RAW_READ = textwrap.dedent("""
+    import sqlite3, sys
+    connection = sqlite3.connect(sys.argv[1])
+    cursor = connection.execute(
+        "SELECT d.id, d.ts, d.router_pk, d.source_pk, d.request_id, d.internal_request_id, d.model_id, d.attempt, "
+        "d.duration_us, d.n_candidates, d.ranking, r.replica_pk, r.rank, r.own_ranking, r.queue_wait_ms, "
+        "c.latency_ms, c.ok, c.rejected FROM decisions d LEFT JOIN routed r ON r.decision_id = d.id "
+        "LEFT JOIN completed c ON c.routed_id = r.id ORDER BY d.id")
+    rows = 0
+    while True:
+        chunk = cursor.fetchmany(10000)
+        if not chunk:
+            break
+        rows += len(chunk)
+    print(rows)
+""")
+
+
+def run_child(command) -> tuple:
+    """(seconds, peak RSS in MB, stdout) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{command[2:4]} failed:\n{result.stderr}")
+    # ru_maxrss of children is the largest of any child so far (KiB on Linux): run the export first.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) / 1024, result.stdout
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decisions", type=int, default=FULL)
+    parser.add_argument("--what", default="decisions", choices=("decisions", "candidates", "routed", "completed"))
+    parser.add_argument("--keep", help="keep the Parquet file here (default: a temporary file, removed)")
+    args = parser.parse_args()
+    path, info = database(args.decisions)
+    out = args.keep or os.path.join(tempfile.mkdtemp(prefix="routelens-bench-export-"), "export.parquet")
+
+    seconds, rss_mb, _ = run_child([sys.executable, "-m", "collector.cli", "export", "--db", f"sqlite:///{path}",
+                                    "--what", args.what, "--format", "parquet", "-o", out])
+    rows = pq.read_metadata(out).num_rows
+    size_mb = os.path.getsize(out) / 1e6
+    raw_seconds, _, raw_out = run_child([sys.executable, "-c", RAW_READ, path])
+    if not args.keep:
+        os.unlink(out)
+
+    rate = rows / seconds
+    print(f"export --what {args.what} --format parquet: {rows:,} rows in {seconds:.1f} s: {rate:,.0f} rows/s "
+          f"(target >= {TARGET_ROWS_S:,}: {'met' if rate >= TARGET_ROWS_S else 'NOT met'}); "
+          f"peak RSS {rss_mb:.0f} MB (target <= {TARGET_RSS_MB}: {'met' if rss_mb <= TARGET_RSS_MB else 'NOT met'}); "
+          f"file {size_mb:.0f} MB ({size_mb * 1e6 / max(rows, 1):.0f} bytes/row)")
+    if args.what == "decisions":
+        raw_rows = int(raw_out.strip())
+        print(f"baseline, the same rows read through sqlite3 and thrown away: {raw_rows:,} rows in "
+              f"{raw_seconds:.1f} s ({raw_rows / raw_seconds:,.0f} rows/s); export / read time: "
+              f"{seconds / raw_seconds:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Export writers: Arrow record batches in, the bytes of a CSV, JSON Lines or Parquet file out.
+
+Each writer is fed one record batch at a time and returns the bytes it
+produced so far, so that an export streams: to a file, or to an HTTP
+response. Parquet keeps Arrow's types (times as timestamp[us, UTC], nested
+lists and structs, labels as a map). The text formats write times as
+ISO-8601 UTC; CSV writes nested values (lists, structs, maps) as JSON text
+and booleans as true/false, which pandas and DuckDB read as booleans.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any, Dict, List
+
+import msgspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMATS = ("csv", "jsonl", "parquet")
+MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "jsonl": "application/x-ndjson",
+               "parquet": "application/vnd.apache.parquet"}
+
+_json = msgspec.json.Encoder()
+
+
+class _TextWriter:
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+        # Map columns come out of Arrow as lists of pairs: written as objects.
+        self._maps = [name for name in schema.names if isinstance(schema.field(name).type, pa.MapType)]
+        self._times = [name for name in schema.names if pa.types.is_timestamp(schema.field(name).type)]
+
+    def _rows(self, batch: pa.RecordBatch) -> List[Dict[str, Any]]:
+        rows = batch.to_pylist()
+        for row in rows:
+            for name in self._times:
+                if row[name] is not None:
+                    row[name] = row[name].isoformat(timespec="microseconds").replace("+00:00", "Z")
+            for name in self._maps:
+                if row[name] is not None:
+                    row[name] = dict(row[name])
+        return rows
+
+    def close(self) -> bytes:
+        return b""
+
+
+class CsvWriter(_TextWriter):
+    def __init__(self, schema: pa.Schema):
+        super().__init__(schema)
+        self._nested = [name for name in schema.names if pa.types.is_nested(schema.field(name).type)]
+        self._buffer = io.StringIO()
+        self._csv = csv.writer(self._buffer, lineterminator="\n")
+        self._csv.writerow(schema.names)
+
+    def write(self, batch: pa.RecordBatch) -> bytes:
+        for row in self._rows(batch):
+            for name in self._nested:
+                if row[name] is not None:
+                    row[name] = _json.encode(row[name]).decode()
+            self._csv.writerow(["true" if v is True else "false" if v is False else v for v in row.values()])
+        return self._drain()
+
+    def close(self) -> bytes:
+        return self._drain()  # the header, when no row came
+
+    def _drain(self) -> bytes:
+        data = self._buffer.getvalue().encode()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        return data
+
+
+class JsonlWriter(_TextWriter):
+    def write(self, batch: pa.RecordBatch) -> bytes:
+        return b"".join(_json.encode(row) + b"\n" for row in self._rows(batch))
+
+
+class _Drain(io.RawIOBase):
+    """A write-only file whose contents are handed on as they are written."""
+
+    def __init__(self):
+        self._parts: List[bytes] = []
+        self._position = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._parts.append(bytes(data))
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def drain(self) -> bytes:
+        data = b"".join(self._parts)
+        self._parts.clear()
+        return data
+
+
+class ParquetWriter:
+    """One row group per batch; the schema (with its metadata) goes in the footer."""
+
+    def __init__(self, schema: pa.Schema):
+        self._sink = _Drain()
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+
+    def write(self, batch: pa.RecordBatch) -> bytes:
+        self._writer.write_batch(batch)
+        return self._sink.drain()
+
+    def close(self) -> bytes:
+        self._writer.close()
+        return self._sink.drain()
+
+
+WRITERS = {"csv": CsvWriter, "jsonl": JsonlWriter, "parquet": ParquetWriter}

@@ -1,0 +1,127 @@
+"""A window's raw events as wire-format v1 batches: the `events` export.
+
+The form the tracer's local sink writes and `routelens import` loads, so
+that a log moves losslessly from one database to another: each source's
+events of the window, then a batch that carries the source's counters.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import msgspec
+from sqlalchemy import func, select, type_coerce
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import LargeBinary
+
+from collector.columns import AGE_SOURCE_NAMES, ranking_layout
+from collector.explore import id_bytes, in_window
+from collector.models import Source, SourceBatch, completed, decisions, memberships, routed, stats_changes
+from collector.queries import Filters, Scope
+from collector.schema import SCHEMA_VERSION
+
+EVENTS_PER_BATCH = 1_000
+
+_json = msgspec.json.Encoder()
+
+
+
+def wire_batches(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[int, bytes]]:
+    """(events, line) per wire-format batch: each source's events of the
+    window, then one batch that carries the source's counters. Its number is
+    chosen so that the batches a database received from the source, and the
+    ones it lost (gaps in the numbers), come out as they are here."""
+    if not sc.routers:
+        return
+    replica_ids = {pk: info["replica_id"] for pk, info in sc.replicas.items()}
+    received = dict(conn.execute(select(SourceBatch.source_pk, func.count()).group_by(SourceBatch.source_pk)).all())
+    for source in conn.execute(select(Source).where(Source.router_pk.in_(sorted(sc.routers)))
+                               .order_by(Source.pk)).all():
+        router = sc.routers[source.router_pk]
+        header = {
+            "schema_version": SCHEMA_VERSION,
+            "source": {"source_id": source.source_id, "app": router["app"], "deployment": router["deployment"],
+                       "router_class": router["router_class"], "handle_source": source.handle_source,
+                       "node_id": source.node_id, "actor_id": source.actor_id, "hostname": source.hostname,
+                       "pid": source.pid, "tracer_version": source.tracer_version, "labels": router["labels"]},
+        }
+        seq = 0
+        for events in _source_events(conn, f, source.pk, replica_ids):
+            seq += 1
+            yield len(events), _json.encode({**header, "seq": seq, "events": events}) + b"\n"
+        lost = max(source.last_seq - received.get(source.pk, 0), 0)
+        counters = {**header, "seq": seq + lost + 1, "events": [], "dropped": json.loads(source.dropped or "{}"),
+                    "produced": source.produced}
+        yield 0, _json.encode(counters) + b"\n"
+
+
+def _source_events(conn: Connection, f: Filters, source_pk: int,
+                   replica_ids: Dict[int, str]) -> Iterator[List[dict]]:
+    """One source's events of the window as wire-format events, EVENTS_PER_BATCH at a time."""
+    for table, to_event in ((memberships, _replicas_event), (stats_changes, _stats_event),
+                            (decisions, _decision_event), (routed, _routed_event), (completed, _completed_event)):
+        columns = [type_coerce(column, LargeBinary) if column.name == "ranking" else column for column in table.c]
+        query = (select(*columns).where(*in_window(table, f.since, f.until), table.c.source_pk == source_pk)
+                 .order_by(id_bytes(table)))
+        result = conn.execution_options(yield_per=EVENTS_PER_BATCH).execute(query)
+        for rows in result.partitions():
+            yield [to_event(row._mapping, replica_ids) for row in rows]
+
+
+def _with_extra(event: dict, extra: Optional[str]) -> dict:
+    # Fields without a column of their own (attributes, attribution) and fields this version does not know.
+    if extra:
+        event.update(json.loads(extra))
+    return event
+
+
+def _decision_event(row, replica_ids: Dict[int, str]) -> dict:
+    layout = ranking_layout(row["ranking"])
+    inputs = {}
+    for entries in layout:
+        for entry in entries:
+            if len(entry) > 1:  # [pk] alone: ranked, without inputs
+                pk, queue_len, queue_len_age_us, stats_age_us, age_source, stats = entry
+                inputs[replica_ids[pk]] = {
+                    "queue_len": queue_len, "queue_len_age_s": _seconds(queue_len_age_us), "stats": stats or {},
+                    "stats_age_s": _seconds(stats_age_us), "stats_age_source": AGE_SOURCE_NAMES[age_source]}
+    return _with_extra({
+        "type": "decision", "id": row["id"], "ts": row["ts"], "request_id": row["request_id"],
+        "internal_request_id": row["internal_request_id"], "model_id": row["model_id"], "attempt": row["attempt"],
+        "duration_us": row["duration_us"], "n_candidates": row["n_candidates"],
+        "ranks": [[replica_ids[entry[0]] for entry in entries] for entries in layout], "replicas": inputs,
+    }, row["extra"])
+
+
+def _seconds(us: Optional[int]) -> Optional[float]:
+    return None if us is None else us / 1e6
+
+
+def _routed_event(row, replica_ids: Dict[int, str]) -> dict:
+    return _with_extra({
+        "type": "routed", "id": row["id"], "ts": row["ts"], "request_id": row["request_id"],
+        "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
+        "replica_id": replica_ids[row["replica_pk"]], "decision_id": row["decision_id"], "rank": row["rank"],
+        "own_ranking": row["own_ranking"], "attempts": row["attempts"], "queue_wait_ms": row["queue_wait_ms"],
+    }, row["extra"])
+
+
+def _completed_event(row, replica_ids: Dict[int, str]) -> dict:
+    return _with_extra({
+        "type": "completed", "id": row["id"], "ts": row["ts"], "internal_request_id": row["internal_request_id"],
+        "replica_id": replica_ids[row["replica_pk"]], "latency_ms": row["latency_ms"], "ok": row["ok"],
+        "rejected": row["rejected"], "routed_id": row["routed_id"],
+    }, row["extra"])
+
+
+def _stats_event(row, replica_ids: Dict[int, str]) -> dict:
+    return _with_extra({
+        "type": "stats", "id": row["id"], "ts": row["ts"], "replica_id": replica_ids[row["replica_pk"]],
+        "stats": json.loads(row["stats"]) if row["stats"] else {}, "collected_at": row["collected_at"],
+    }, row["extra"])
+
+
+def _replicas_event(row, replica_ids: Dict[int, str]) -> dict:
+    return _with_extra({"type": "replicas", "id": row["id"], "ts": row["ts"],
+                        "replicas": json.loads(row["replicas"])}, row["extra"])
