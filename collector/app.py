@@ -18,8 +18,9 @@ import math
 import time
 import zlib
 from contextlib import asynccontextmanager
-from typing import Iterator, Literal, Optional
+from typing import AsyncIterator, Iterator, Literal, Optional
 
+import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import text
@@ -212,8 +213,24 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     return app
 
 
-def _export_stream(engine: Engine, f: queries.Filters, what: str, fmt: str) -> Iterator[bytes]:
-    # The connection lives as long as the response streams (Starlette runs this in a worker thread).
+async def _export_stream(engine: Engine, f: queries.Filters, what: str, fmt: str) -> AsyncIterator[bytes]:
+    """The export's bytes, each chunk made in a worker thread. When the client
+    goes away the export is closed at once (its reader thread stopped, its
+    connection returned): Starlette would leave a plain generator to the
+    garbage collector, holding a connection and, on SQLite, a read snapshot."""
+    chunks = _export_chunks(engine, f, what, fmt)
+    try:
+        while True:
+            data = await run_in_threadpool(next, chunks, None)
+            if data is None:
+                return
+            yield data
+    finally:
+        with anyio.CancelScope(shield=True):  # the request may be cancelled: close anyway
+            await run_in_threadpool(chunks.close)
+
+
+def _export_chunks(engine: Engine, f: queries.Filters, what: str, fmt: str) -> Iterator[bytes]:
     with engine.connect() as connection:
         yield from export.export(connection, f, what, fmt)
 

@@ -29,7 +29,7 @@ format's writer (`collector.export_formats`) encodes.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import accumulate, chain, zip_longest
 from queue import Full, Queue
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
@@ -184,10 +184,12 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
                 on_rows(n_events)
             yield line
         return
+    # Names for every replica of the deployments, not only those a replica filter selects.
+    names = _Names(conn, scope(conn, replace(f, replicas=())) if f.replicas else sc)
     writer = WRITERS[fmt](arrow_schema(what))
     chunks = {"decisions": _decision_batches, "candidates": _candidate_batches, "routed": _routed_batches,
               "completed": _completed_batches}[what]
-    for batch in chunks(conn, f, sc, _Names(conn, sc)):
+    for batch in chunks(conn, f, sc, names):
         data = writer.write(batch)
         if on_rows:
             on_rows(batch.num_rows)
@@ -300,21 +302,24 @@ def _in_background(chunks: Iterator[T], depth: int = 2) -> Iterator[T]:
     queue: "Queue[object]" = Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(item: object) -> bool:
+        """Queue the item, unless the consumer stops meanwhile (then it reads no more)."""
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                pass
+        return False
+
     def read() -> None:
         try:
             for chunk in chunks:
-                while not stop.is_set():
-                    try:
-                        queue.put(chunk, timeout=0.1)
-                        break
-                    except Full:
-                        pass
-                if stop.is_set():
-                    break
-            else:
-                queue.put(_DONE)
+                if not hand_over(chunk):
+                    return
+            hand_over(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
-            queue.put(_Failed(exc))
+            hand_over(_Failed(exc))
         finally:
             chunks.close()
 
@@ -356,9 +361,10 @@ def _first_of_each(rows: list, last_id: Optional[bytes]) -> Tuple[list, Optional
  _RANKING, _ROUTED_REPLICA, _ROUTED_RANK, _OWN_RANKING, _QUEUE_WAIT, _LATENCY, _OK) = range(17)
 
 
-def _decision_rows(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[list, Dict[bytes, tuple]]]:
+def _decision_rows(conn: Connection, f: Filters, sc: Scope,
+                   with_rejections: bool = True) -> Iterator[Tuple[list, Dict[bytes, tuple]]]:
     """Decision rows with their outcome, oldest first, a chunk at a time, and
-    the rejections that followed the chunk's unrouted decisions."""
+    (`with_rejections`) the rejections that followed the chunk's unrouted decisions."""
     if not sc.routers:
         return
     d, r, c = decisions.c, routed.c, completed.c
@@ -374,7 +380,9 @@ def _decision_rows(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[li
     last_id = None
     for rows in _partitions(conn, query):
         rows, last_id = _first_of_each(rows, last_id)
-        yield rows, _rejections(conn, [row for row in rows if row[_ROUTED_REPLICA] is None])
+        if rows:  # a chunk may hold nothing but the repeat of the previous chunk's last row
+            yield rows, (_rejections(conn, [row for row in rows if row[_ROUTED_REPLICA] is None])
+                         if with_rejections else {})
 
 
 def _rejections(conn: Connection, unrouted: list) -> Dict[bytes, tuple]:
@@ -489,7 +497,7 @@ def _decision_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) ->
 
 
 def _candidate_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
-    for rows, _ in _in_background(_decision_rows(conn, f, sc)):
+    for rows, _ in _in_background(_decision_rows(conn, f, sc, with_rejections=False)):
         decision = _decision_columns(rows, names)
         rankings = _Rankings([row[_RANKING] for row in rows], names)
         parents = rankings.parents  # each candidate's decision: its columns repeat per candidate
@@ -528,6 +536,8 @@ def _routed_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> I
     last_id = None
     for rows in _in_background(_partitions(conn, query)):
         rows, last_id = _first_of_each(rows, last_id)
+        if not rows:
+            continue
         (routed_ids, ts, router_pks, source_pks, request_ids, internal_ids, model_ids, replica_pks, decision_ids,
          ranks, own, attempts, waits, latencies, oks) = zip(*rows)
         yield _record_batch("routed", {

@@ -6,7 +6,7 @@ import os
 import sys
 import tempfile
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO, Callable, Iterator, Optional
 
 from rich.console import Console
 from rich.progress import (
@@ -44,7 +44,7 @@ def run_export(args) -> int:
     try:
         check_schema(engine, args.db)
         with engine.connect() as connection, _output(args.output) as out, \
-                _progress(f"exporting {args.what}", _expected_rows(connection, f, args.what)) as advance:
+                _progress(f"exporting {args.what}", lambda: _expected_rows(connection, f, args.what)) as advance:
             for data in export(connection, f, args.what, fmt, on_rows=advance):
                 out.write(data)
     finally:
@@ -62,7 +62,7 @@ def _format_of(output: str) -> str:
 
 
 def _expected_rows(connection, f, what: str) -> Optional[int]:
-    """The rows the export will hold, from the rollups, when they can tell."""
+    """About the rows the export will hold, from the rollups (whole minutes), when they can tell."""
     if what not in _COUNTED_BY or f.request_id or f.model_id or f.replicas:
         return None
     return queries.summary(connection, f)[_COUNTED_BY[what]]
@@ -77,20 +77,30 @@ def _output(path: str) -> Iterator[BinaryIO]:
         sys.stdout.flush()
         return
     directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"no such directory: {directory}")
     handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
     try:
         with os.fdopen(handle, "wb") as out:
             yield out
+        os.chmod(partial, 0o666 & ~_umask())  # as open() would have made it; mkstemp makes it private
         os.replace(partial, path)
     except BaseException:
         os.unlink(partial)
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
-def _progress(description: str, total: Optional[int] = None, unit: str = "rows"):
+def _progress(description: str, total: Optional[Callable[[], Optional[int]]] = None, unit: str = "rows"):
     """A progress bar (count and rate) on standard error when it is a
-    terminal; yields the function to call with each step's count."""
+    terminal; yields the function to call with each step's count. `total`
+    is asked only then."""
     console = Console(stderr=True)
     if not console.is_terminal:
         yield lambda n: None
@@ -102,7 +112,7 @@ def _progress(description: str, total: Optional[int] = None, unit: str = "rows")
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("rows"), _RowRate(), TimeElapsedColumn()]
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(description, total=total)
+        task = progress.add_task(description, total=total() if total else None)
         yield lambda n: progress.advance(task, n)
 
 
@@ -121,7 +131,7 @@ def run_import(args) -> int:
         check_schema(engine, args.db)
         # Bytes read are inflated bytes: for gzip files, the total is unknown.
         total = None if any(p.endswith(".gz") for p in args.files) else sum(map(os.path.getsize, args.files))
-        with _progress("importing", total, unit="bytes") as advance:
+        with _progress("importing", lambda: total, unit="bytes") as advance:
             report = import_files(Ingestor(engine), args.files, args.max_events, on_line=advance)
     finally:
         engine.dispose()

@@ -11,6 +11,7 @@ stored; importing a file twice stores nothing twice.
 from __future__ import annotations
 
 import gzip
+import zlib
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable, Iterable, List, Optional
 
@@ -42,8 +43,8 @@ def import_files(ingestor: Ingestor, paths: Iterable[str], max_events: int,
                         on_line(len(line))
                     if line.strip():
                         _import_line(ingestor, line, max_events, f"{path}:{number}", report)
-        except OSError as exc:  # unreadable, or not gzip after all
-            report.problems.append(f"{path}: {exc.strerror or exc}")
+        except (OSError, EOFError, zlib.error) as exc:  # unreadable, not gzip after all, or cut short
+            report.problems.append(f"{path}: {getattr(exc, 'strerror', None) or exc or type(exc).__name__}")
     return report
 
 

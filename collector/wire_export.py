@@ -3,11 +3,15 @@
 The form the tracer's local sink writes and `routelens import` loads, so
 that a log moves losslessly from one database to another: each source's
 events of the window, then a batch that carries the source's counters.
+The window is widened to whole minutes, as the panels read it, and each
+source's membership begins with the last `replicas` event before it, so
+that an import answers every panel query of the window as the original does.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import msgspec
@@ -17,7 +21,7 @@ from sqlalchemy.types import LargeBinary
 
 from collector.columns import AGE_SOURCE_NAMES, ranking_layout
 from collector.explore import id_bytes, in_window
-from collector.models import Source, SourceBatch, completed, decisions, memberships, routed, stats_changes
+from collector.models import Replica, Source, SourceBatch, completed, decisions, memberships, routed, stats_changes
 from collector.queries import Filters, Scope
 from collector.schema import SCHEMA_VERSION
 
@@ -34,8 +38,11 @@ def wire_batches(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[int,
     ones it lost (gaps in the numbers), come out as they are here."""
     if not sc.routers:
         return
-    replica_ids = {pk: info["replica_id"] for pk, info in sc.replicas.items()}
-    received = dict(conn.execute(select(SourceBatch.source_pk, func.count()).group_by(SourceBatch.source_pk)).all())
+    since, until = f.rollup_bounds()
+    f = replace(f, since=float(since), until=float(until))
+    replica_ids = _ReplicaIds(conn, {pk: info["replica_id"] for pk, info in sc.replicas.items()})
+    batches = dict((pk, (max_seq, count)) for pk, max_seq, count in conn.execute(
+        select(SourceBatch.source_pk, func.max(SourceBatch.seq), func.count()).group_by(SourceBatch.source_pk)))
     for source in conn.execute(select(Source).where(Source.router_pk.in_(sorted(sc.routers)))
                                .order_by(Source.pk)).all():
         router = sc.routers[source.router_pk]
@@ -50,15 +57,35 @@ def wire_batches(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[int,
         for events in _source_events(conn, f, source.pk, replica_ids):
             seq += 1
             yield len(events), _json.encode({**header, "seq": seq, "events": events}) + b"\n"
-        lost = max(source.last_seq - received.get(source.pk, 0), 0)
-        counters = {**header, "seq": seq + lost + 1, "events": [], "dropped": json.loads(source.dropped or "{}"),
-                    "produced": source.produced}
+        # Lost batches as the read API counts them: numbers missing below the highest received.
+        max_seq, received = batches.get(source.pk, (0, 0))
+        counters = {**header, "seq": seq + (max_seq - received) + 1, "events": [],
+                    "dropped": json.loads(source.dropped or "{}"), "produced": source.produced}
         yield 0, _json.encode(counters) + b"\n"
+
+
+class _ReplicaIds(dict):
+    """Replica key -> id; a replica that joined after the export began (a
+    PostgreSQL export reads more than one snapshot) is looked up when met."""
+
+    def __init__(self, conn: Connection, known: Dict[int, str]):
+        super().__init__(known)
+        self._conn = conn
+
+    def __missing__(self, pk: int) -> str:
+        replica_id = self[pk] = self._conn.scalar(select(Replica.replica_id).where(Replica.pk == pk))
+        return replica_id
 
 
 def _source_events(conn: Connection, f: Filters, source_pk: int,
                    replica_ids: Dict[int, str]) -> Iterator[List[dict]]:
-    """One source's events of the window as wire-format events, EVENTS_PER_BATCH at a time."""
+    """One source's events of the window as wire-format events, EVENTS_PER_BATCH at a time,
+    after the last membership it reported before the window (who was a member when it began)."""
+    before = conn.execute(select(memberships).where(memberships.c.source_pk == source_pk,
+                                                    memberships.c.ts < f.since)
+                          .order_by(memberships.c.ts.desc()).limit(1)).first()
+    if before is not None:
+        yield [_replicas_event(before._mapping, replica_ids)]
     for table, to_event in ((memberships, _replicas_event), (stats_changes, _stats_event),
                             (decisions, _decision_event), (routed, _routed_event), (completed, _completed_event)):
         columns = [type_coerce(column, LargeBinary) if column.name == "ranking" else column for column in table.c]

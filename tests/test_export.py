@@ -3,21 +3,29 @@ on SQLite and PostgreSQL, read back with pyarrow, pandas and DuckDB as users do.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import os
 import re
+import stat
+import threading
 import time
 from pathlib import Path
 
+import anyio
 import duckdb
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from collector import queries
+from collector.app import _export_stream
 from collector.cli import main as routelens
 from collector.db import make_engine
 from collector.export import COLUMNS, SCHEMA_VERSION
+from collector.export import export as export_log
 from collector.export_command import _output
 from collector.importer import import_files
 from collector.ingest import Ingestor
@@ -309,3 +317,80 @@ def test_docs_describe_every_column():
         section = text.split(f"### `{what}`")[1].split("###")[0]
         documented = re.findall(r"^\| `([a-z_]+)` \| `([^`]+)` \|", section, re.M)
         assert documented == [(column.name, str(column.arrow)) for column in columns], what
+
+
+# --- streams that stop early, chunk edges, odd inputs ---
+
+def test_a_consumer_that_stops_early_stops_the_reader(collector, log, monkeypatch):
+    """The reader thread runs ahead; closing the export must not wait on it forever,
+    and must hand the connection back."""
+    monkeypatch.setattr("collector.export.CHUNK_ROWS", 2)
+    window = queries.Filters(since=log.window["since"], until=log.window["until"])
+    for _ in range(3):
+        with collector.engine.connect() as connection:
+            chunks = export_log(connection, window, "decisions", "csv")
+            next(chunks)
+            closing = threading.Thread(target=chunks.close)
+            closing.start()
+            closing.join(10)
+            assert not closing.is_alive(), "closing the export hung"
+
+
+def test_the_http_stream_closes_the_export_when_the_client_leaves(collector, log):
+    window = queries.Filters(since=log.window["since"], until=log.window["until"])
+    pool = collector.engine.pool
+
+    async def first_chunk_then_leave():
+        stream = _export_stream(collector.engine, window, "decisions", "jsonl")
+        assert await stream.__anext__()
+        await stream.aclose()
+
+    anyio.run(first_chunk_then_leave)
+    assert pool.checkedout() == 0
+
+
+def test_a_chunk_of_only_a_repeated_row(collector, make_source, monkeypatch):
+    """A routing with two completions repeats its row in the join; at a chunk's
+    edge that chunk may hold nothing new."""
+    monkeypatch.setattr("collector.export.CHUNK_ROWS", 1)
+    src = make_source("s1")
+    t = time.time() - 30
+    d = src.decision(t, [["r1"]], request_id="q", internal_request_id="iq")
+    r = src.routed(t + 0.01, "r1", d)
+    collector.store(src.batch([d, r, src.completed(t + 0.02, "r1", r), src.completed(t + 0.03, "r1", r)]))
+    window = {"since": t - 1, "until": t + 60}
+    assert pq.read_table(io.BytesIO(export(collector, format="parquet", what="routed", **window))).num_rows == 1
+    assert pq.read_table(io.BytesIO(export(collector, format="parquet", **window))).num_rows == 1
+
+
+def test_a_replica_filter_keeps_every_ranked_replica_named(collector, log):
+    rows = parquet(collector, log, replica="r3").to_pylist()
+    assert rows and all(None not in rank for row in rows for rank in row["ranks"])
+    assert {c["replica_id"] for row in rows for c in row["candidates"]} >= {"r1", "r2", "r3"}
+
+
+def test_the_file_gets_the_usual_permissions(collector, log, db_url, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = os.umask(0o022)
+    try:
+        assert routelens(["export", "--db", db_url, "-o", str(out / "d.csv")]) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((out / "d.csv").stat().st_mode) == 0o644
+
+
+def test_an_export_into_a_missing_directory_is_a_usage_error(db_url, tmp_path, capsys):
+    assert routelens(["export", "--db", db_url, "-o", str(tmp_path / "nowhere" / "d.csv")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_cut_off_gzip_file_is_reported_not_a_crash(db_url, make_source, tmp_path, capsys):
+    src = make_source("s1")
+    t0 = time.time() - 60
+    lines = "".join(json.dumps(src.batch([src.decision(t0 + i, [["r1"]])])) + "\n" for i in range(50)).encode()
+    path = tmp_path / "events.jsonl.gz"
+    path.write_bytes(gzip.compress(lines)[:-30])
+    assert routelens(["import", str(path), "--db", db_url]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and "Traceback" not in err
