@@ -1,10 +1,13 @@
 # Sourced by scripts/test: Debian packages the tests need, installed when missing.
 # PostgreSQL: the collector's tests run against a throwaway cluster of it.
+# Chromium: the dashboard's browser tests drive it through Playwright (Debian's
+# build, /usr/bin/chromium; Playwright never downloads browsers here).
 # Without root (or sudo), this only says what is missing; the tests that need
 # it are then skipped, except in CI (CI=true), where they fail.
 need_debian_packages() {
     local missing=()
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+    [ -x /usr/bin/chromium ] || missing+=(chromium)
     [ ${#missing[@]} -eq 0 ] && return 0
     local sudo=""
     if [ "$(id -u)" -ne 0 ]; then

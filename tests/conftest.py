@@ -16,6 +16,7 @@ from collector.db import check_schema, make_engine, upgrade
 from collector.models import ROLLUP_KEY, Base, rollups
 from collector.settings import Settings
 from routers.ids import event_id, next_seq
+from tests.browser import browser, page, playwright_loop  # noqa: F401  (a real headless Chromium)
 from tests.ports import free_port
 from tests.postgres import PostgresCluster, PostgresUnavailable, check_available
 
