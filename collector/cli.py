@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_import(commands)
     args = parser.parse_args(argv)
 
-    if args.command in ("collector", "db", "export", "import"):
+    if args.command in ("collector", "up", "db", "export", "import"):
         try:
             return args.run(args)
         except (DatabaseError, ServeError, UsageError) as exc:
@@ -58,19 +58,29 @@ def _add_collector(commands) -> None:
         description="Serve ingest and the read API alone: the unit that scales out (several collectors on "
                     "one PostgreSQL). `routelens up` serves the dashboard as well.",
     )
-    _add_db_option(collector)
-    collector.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    collector.add_argument("--port", type=int, default=8321, help="port to listen on (default: %(default)s)")
-    collector.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
-                           help="require 'Authorization: Bearer TOKEN' (default: $ROUTELENS_TOKEN, else none)")
-    collector.add_argument("--retention", default="7d", type=_duration_or_never,
-                           help="keep raw events this long, e.g. 24h, 7d, or 'never' (default: %(default)s); "
-                                "rollups stay longer")
-    collector.add_argument("--max-body-mb", type=float, default=32.0,
-                           help="largest batch body accepted, inflated (default: %(default)s)")
-    collector.add_argument("--max-events", type=int, default=20_000,
-                           help="most events accepted in one batch (default: %(default)s)")
-    collector.set_defaults(run=_run_collector)
+    _add_server_options(collector)
+    collector.set_defaults(run=_run_collector, with_dashboard=False)
+    up = commands.add_parser(
+        "up", help="run the collector and the dashboard in one process, on one port",
+        description="Serve ingest, the read API (/v1) and the dashboard (/) in one process.",
+    )
+    _add_server_options(up)
+    up.set_defaults(run=_run_collector, with_dashboard=True)
+
+
+def _add_server_options(parser) -> None:
+    _add_db_option(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8321, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' (default: $ROUTELENS_TOKEN, else none)")
+    parser.add_argument("--retention", default="7d", type=_duration_or_never,
+                        help="keep raw events this long, e.g. 24h, 7d, or 'never' (default: %(default)s); "
+                             "rollups stay longer")
+    parser.add_argument("--max-body-mb", type=float, default=32.0,
+                        help="largest batch body accepted, inflated (default: %(default)s)")
+    parser.add_argument("--max-events", type=int, default=20_000,
+                        help="most events accepted in one batch (default: %(default)s)")
 
 
 def _add_db(commands) -> None:
@@ -142,13 +152,21 @@ def _duration_or_never(text: str):
 
 
 def _run_collector(args) -> int:
-    from collector.app import create_app
     from collector.serve import serve
 
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)
-    app = create_app(settings)
-    print(f"routelens collector: listening on http://{args.host}:{args.port} (API docs at /docs)", file=sys.stderr)
+    if args.with_dashboard:
+        from dashboard.serve import create_up_app
+
+        app = create_up_app(settings)
+        what = f"dashboard at http://{args.host}:{args.port}/, API at /v1 (docs at /docs)"
+    else:
+        from collector.app import create_app
+
+        app = create_app(settings)
+        what = f"listening on http://{args.host}:{args.port} (API docs at /docs)"
+    print(f"routelens {args.command}: {what}", file=sys.stderr)
     serve(app, args.host, args.port, settings.token)
     return 0
 

@@ -1,12 +1,14 @@
 """A real collector (uvicorn, real sockets) in a background thread, for tests
-where traced routers in other processes send to it."""
+where traced routers in other processes send to it, or a browser reads it."""
 
 from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import uvicorn
+from fastapi import FastAPI
 
 from collector.app import create_app
 from collector.settings import Settings
@@ -14,8 +16,10 @@ from tests.ports import free_port
 
 
 class CollectorServer:
-    def __init__(self, settings: Settings):
-        self.app = create_app(settings)
+    """`app_factory`: `collector.app.create_app`, or `dashboard.serve.create_up_app` for `routelens up`."""
+
+    def __init__(self, settings: Settings, app_factory: Callable[[Settings], FastAPI] = create_app):
+        self.app = app_factory(settings)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,

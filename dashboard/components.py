@@ -1,0 +1,52 @@
+"""Pieces every view uses: number cards, tables and how numbers are written.
+
+Tests read the numbers off the page and compare them with the API's, written
+by the same functions: a card's value has the id `<view>-<figure>`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Iterable, List, Optional, Sequence
+
+from dash import html
+
+
+def number(value: Optional[float], digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def percent(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value * 100:.1f}%"
+
+
+def seconds(value: Optional[float]) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def dates(epoch_seconds: Iterable[float]) -> List[datetime]:
+    """Times for a chart's x axis (UTC)."""
+    return [datetime.fromtimestamp(t, timezone.utc) for t in epoch_seconds]
+
+
+def card(card_id: str, label: str, value: str, alert: bool = False, hint: str = "") -> html.Div:
+    """A figure with its label; `alert` highlights it (dropped events, lost batches)."""
+    return html.Div(className="card alert" if alert else "card", title=hint, children=[
+        html.Div(label, className="card-label"),
+        html.Div(value, id=card_id, className="card-value"),
+    ])
+
+
+def table(table_id: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> html.Table:
+    return html.Table(id=table_id, className="figures", children=[
+        html.Thead(html.Tr([html.Th(c) for c in columns])),
+        html.Tbody([html.Tr([html.Td(cell) for cell in row]) for row in rows]),
+    ])
+
+
+def section(title: str, children: List) -> html.Section:
+    return html.Section(className="panel", children=[html.H3(title), *children])

@@ -1,0 +1,66 @@
+"""Distribution: routed requests per replica, idle members included, against the fair share."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import plotly.graph_objects as go
+from dash import dcc, html
+from sqlalchemy.engine import Connection
+
+from collector import queries
+from collector.queries import Filters
+from dashboard.components import card, dates, number, percent, section, table
+
+
+def render(conn: Connection, f: Filters) -> html.Div:
+    sc = queries.scope(conn, f)
+    d = queries.distribution(conn, f, sc)
+    replicas = d["replicas"]
+    imbalance = d["imbalance"]
+    cards = html.Div(className="cards", children=[
+        card("distribution-routed", "routed requests", number(d["routed"])),
+        card("distribution-replicas", "replicas", number(len(replicas))),
+        card("distribution-max-over-mean", "max/mean", number(imbalance["max_over_mean"], 2)),
+        card("distribution-cv", "coefficient of variation", number(imbalance["cv"], 3)),
+        card("distribution-jain", "Jain's fairness index", number(imbalance["jain"], 3)),
+    ])
+    labels = [r["replica_id"] for r in replicas]
+    bars = go.Figure(go.Bar(x=labels, y=[r["routed"] for r in replicas], name="routed",
+                            hovertext=[f'{r["deployment"]} · node {r["node_id"]} · {r["availability_zone"]}'
+                                       for r in replicas]))
+    if d["fair_share"] is not None:  # the window's requests spread evenly over its replicas
+        bars.add_hline(y=d["fair_share"], line_dash="dash", annotation_text=f'fair share {d["fair_share"]:,.1f}')
+    bars.update_layout(margin=dict(l=40, r=10, t=10, b=80), height=320, yaxis_title="routed requests")
+
+    series = queries.timeseries(conn, f, per_replica=True, sc=sc)
+    routed_at = defaultdict(int)
+    for point in series["points"]:
+        routed_at[point["t"]] += point["routed"]
+    by_replica = defaultdict(list)
+    for point in series["points"]:
+        by_replica[point["replica_id"]].append(point)
+    shares = go.Figure([
+        go.Scatter(x=dates(p["t"] for p in points), name=replica_id, stackgroup="share",
+                   y=[p["routed"] / routed_at[p["t"]] if routed_at[p["t"]] else 0 for p in points])
+        for replica_id, points in sorted(by_replica.items(), key=lambda item: str(item[0]))
+    ])
+    shares.update_layout(margin=dict(l=40, r=10, t=10, b=30), height=300, yaxis_tickformat=".0%")
+
+    rows = [(r["replica_id"], r["deployment"], r["node_id"] or "–", r["availability_zone"] or "–",
+             number(r["routed"]), percent(r["share"]), number(r["rejections"])) for r in replicas]
+    return html.Div([
+        cards,
+        section("Routed requests per replica", [dcc.Graph(id="distribution-bars", figure=bars)]),
+        section("Share over time", [dcc.Graph(id="distribution-shares", figure=shares)]),
+        section("Replicas", [table("distribution-table", ("replica", "deployment", "node", "zone", "routed",
+                                                           "share", "rejections"), rows)]),
+        section("By node", [_group_table("distribution-by-node", "node_id", d["by_node"])]),
+        section("By availability zone", [_group_table("distribution-by-zone", "availability_zone",
+                                                      d["by_availability_zone"])]),
+    ])
+
+
+def _group_table(table_id: str, key: str, groups) -> html.Table:
+    return table(table_id, (key.replace("_", " "), "replicas", "routed", "share"),
+                 [(g[key] or "–", number(g["replicas"]), number(g["routed"]), percent(g["share"])) for g in groups])

@@ -1,0 +1,67 @@
+"""What the dashboard shows, as the page's URL carries it, so that a link reproduces the view.
+
+The query string holds the same parameters as the read API
+(`window`, `app`, `deployment`, `router_class`, `label`), plus `refresh`;
+the path names the view. `Filters` come from it through the same
+`build_filters` as the API's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+from urllib.parse import parse_qs, urlencode
+
+from collector.filtering import build_filters
+from collector.queries import Filters
+
+WINDOWS = ("5m", "15m", "1h", "24h", "7d")
+DEFAULT_WINDOW = "1h"
+REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
+VIEWS = {"overview": "Overview", "distribution": "Distribution"}
+DEFAULT_VIEW = "overview"
+
+
+@dataclass
+class ViewState:
+    view: str = DEFAULT_VIEW
+    window: str = DEFAULT_WINDOW
+    apps: List[str] = field(default_factory=list)
+    deployments: List[str] = field(default_factory=list)
+    router_classes: List[str] = field(default_factory=list)
+    labels: List[str] = field(default_factory=list)  # "key=value"
+    refresh: str = "off"
+
+    def filters(self, now: Optional[float] = None) -> Filters:
+        return build_filters(self.window, None, None, self.apps, self.deployments, self.router_classes,
+                             self.labels, now=now)
+
+    def search(self) -> str:
+        """The query string (with its "?", or empty) for this state."""
+        pairs: List[Tuple[str, str]] = []
+        if self.window != DEFAULT_WINDOW:
+            pairs.append(("window", self.window))
+        for key, values in (("app", self.apps), ("deployment", self.deployments),
+                            ("router_class", self.router_classes), ("label", self.labels)):
+            pairs.extend((key, value) for value in values)
+        if self.refresh != "off":
+            pairs.append(("refresh", self.refresh))
+        return "?" + urlencode(pairs) if pairs else ""
+
+    def path(self, prefix: str) -> str:
+        return prefix + ("" if self.view == DEFAULT_VIEW else self.view)
+
+
+def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> ViewState:
+    """The state a URL describes; what it gets wrong falls back to the defaults."""
+    query = parse_qs((search or "").lstrip("?"))
+    view = (pathname or prefix)[len(prefix):].strip("/") if (pathname or "").startswith(prefix) else ""
+    window = query.get("window", [DEFAULT_WINDOW])[-1]
+    refresh = query.get("refresh", ["off"])[-1]
+    return ViewState(
+        view=view if view in VIEWS else DEFAULT_VIEW,
+        window=window if window in WINDOWS else DEFAULT_WINDOW,
+        apps=query.get("app", []), deployments=query.get("deployment", []),
+        router_classes=query.get("router_class", []), labels=query.get("label", []),
+        refresh=refresh if refresh in REFRESH_S else "off",
+    )

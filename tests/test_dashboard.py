@@ -1,0 +1,124 @@
+"""The dashboard in a real headless Chromium, served by `routelens up` (real
+uvicorn, real SQLite): what it shows equals what the API answers."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from collector.settings import Settings
+from dashboard.components import number, percent
+from dashboard.serve import create_up_app
+from tests.collector_server import CollectorServer
+from tests.conftest import WireSource
+
+pytestmark = pytest.mark.browser
+
+
+def _traffic(src: WireSource, t0: float, replicas, counts) -> list:
+    """`counts[i]` requests to `replicas[i]`, each a decision, a routing and a completion."""
+    events = [src.replicas(t0, replicas)]
+    t = t0
+    for replica, n in zip(replicas, counts):
+        for _ in range(n):
+            t += 0.01
+            others = [r for r in replicas if r != replica]
+            d = src.decision(t, [[replica], others[:1]], candidates={replica: {
+                "queue_len": 1, "stats_age_s": 0.4, "stats_age_source": "stamped"}})
+            r = src.routed(t + 0.001, replica, d)
+            events += [d, r, src.completed(t + 0.002, replica, r)]
+    return events
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`routelens up` on a SQLite file holding two apps' traffic (shop skewed, search even)."""
+    db = tmp_path_factory.mktemp("dashboard") / "routelens.db"
+    with CollectorServer(Settings(db_url=f"sqlite:///{db}"), app_factory=create_up_app) as up:
+        t0 = time.time() - 300
+        shop = WireSource("shop-proxy", app="shop", labels={"router_version": "a"})
+        search = WireSource("search-proxy", app="search", deployment="Search", labels={"router_version": "b"})
+        batches = [shop.batch(_traffic(shop, t0, ["r1", "r2", "r3"], [30, 10, 0])),
+                   search.batch(_traffic(search, t0, ["s1", "s2"], [12, 12]), dropped={"queue_full": 3})]
+        for batch in batches:
+            response = httpx.post(f"{up.url}/v1/events", content=json.dumps(batch),
+                                  headers={"content-type": "application/json"})
+            assert response.status_code == 200, response.text
+        yield up
+
+
+def api(server, path, **params):
+    return httpx.get(f"{server.url}{path}", params={"window": "1h", **params}).json()
+
+
+def text(page, selector) -> str:
+    page.wait_for_selector(selector)
+    return page.inner_text(selector).strip()
+
+
+def test_overview_shows_the_api_figures(server, page):
+    page.goto(server.url + "/")
+    summary = api(server, "/v1/summary")
+    assert text(page, "#overview-routed-per-s") == number(summary["routed_per_s"], 2)
+    assert text(page, "#overview-decisions-per-s") == number(summary["decisions_per_s"], 2)
+    assert text(page, "#overview-rank0-rate") == percent(summary["rank0_rate"])
+    assert text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3)
+    assert text(page, "#overview-dropped-events") == "3"
+    assert "alert" in page.get_attribute("#overview-dropped-events >> xpath=..", "class")
+    assert not page.console_errors
+
+
+def test_a_filter_in_the_url_changes_the_figures(server, page):
+    page.goto(server.url + "/?app=search")
+    search = api(server, "/v1/summary", app="search")
+    assert text(page, "#overview-routed-per-s") == number(search["routed_per_s"], 2)
+    assert search["routed"] != api(server, "/v1/summary")["routed"]
+    assert not page.console_errors
+
+
+def test_choosing_a_window_puts_it_in_the_url(server, page):
+    page.goto(server.url + "/distribution?app=shop")
+    page.wait_for_selector("#distribution-table")
+    page.click("#window")
+    page.click("text=24h")
+    page.wait_for_url("**window=24h**")
+    assert "app=shop" in page.url
+    assert not page.console_errors
+
+
+def test_distribution_lists_every_replica_with_its_count(server, page):
+    page.goto(server.url + "/distribution?app=shop")
+    dist = api(server, "/v1/distribution", app="shop")
+    page.wait_for_selector("#distribution-table tbody tr")
+    rows = [[cell.strip() for cell in row.split("\t")]
+            for row in page.inner_text("#distribution-table tbody").strip().splitlines()]
+    assert [(row[0], row[4]) for row in rows] == [(r["replica_id"], number(r["routed"])) for r in dist["replicas"]]
+    assert ("r3", "0") in [(row[0], row[4]) for row in rows]  # a member that got nothing is listed
+    assert text(page, "#distribution-max-over-mean") == number(dist["imbalance"]["max_over_mean"], 2)
+    assert not page.console_errors
+
+
+def test_with_no_data_the_page_says_how_to_start(tmp_path, page):
+    with CollectorServer(Settings(db_url=f"sqlite:///{tmp_path / 'empty.db'}"), app_factory=create_up_app) as up:
+        page.goto(up.url + "/")
+        assert "No routing decisions yet" in text(page, "#empty-state")
+        assert "collector_url" in text(page, "#empty-state")
+    assert not page.console_errors
+
+
+def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
+    page.goto(server.url + "/distribution?app=shop&refresh=5s")
+    before = api(server, "/v1/distribution", app="shop")["routed"]
+    assert text(page, "#distribution-routed") == number(before)
+    shop = WireSource("shop-proxy-2", app="shop", labels={"router_version": "a"})
+    batch = shop.batch(_traffic(shop, time.time() - 60, ["r1", "r2", "r3"], [0, 0, 7]))
+    assert httpx.post(f"{server.url}/v1/events", content=json.dumps(batch),
+                      headers={"content-type": "application/json"}).status_code == 200
+    page.wait_for_function(f"document.querySelector('#distribution-routed').innerText === '{number(before + 7)}'",
+                           timeout=15_000)
+    assert "app=shop" in page.url and "refresh=5s" in page.url
+    assert "search" not in page.inner_text("#distribution-table")
+    assert not page.console_errors
