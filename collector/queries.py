@@ -415,8 +415,9 @@ def sources_in(conn: Connection, f: Optional[Filters] = None, sc: Optional[Scope
     return out
 
 
-TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", "rank_0",
+TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", *RANK_COLUMNS,
                       *STALENESS_COLUMNS)
+PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS)
 
 
 def default_step(seconds: float) -> int:
@@ -442,7 +443,7 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
         condition = _window_condition(f)
     else:
         condition = and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
-    names = ("routed", "rank_0", "handoffs", "rejections") if per_replica else TIMESERIES_COLUMNS
+    names = PER_REPLICA_TIMESERIES_COLUMNS if per_replica else TIMESERIES_COLUMNS
     if not sc.routers:
         return {"window": _window(f), "step_s": step, "points": []}
     where = [condition, rollups.c.router_pk.in_(sorted(sc.routers))]
@@ -465,8 +466,8 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
             point["replica_id"] = sc.replicas.get(point.pop("replica_pk"), {}).get("replica_id")
         else:
             point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
-            point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
-                                                           point["stale_max"])
+        point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
+                                                       point["stale_max"])
         out.append(point)
     if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
         out.sort(key=lambda point: (point["t"], point["replica_id"] or ""))

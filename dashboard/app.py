@@ -17,12 +17,14 @@ from sqlalchemy.engine import Connection, Engine
 from collector import queries
 from collector.filtering import FilterError
 from collector.queries import Filters
-from dashboard import distribution, overview
+from dashboard import distribution, overview, rank_hits, staleness
 from dashboard.state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 
 RENDERERS: Dict[str, Callable[[Connection, Filters], html.Div]] = {
     "overview": overview.render,
     "distribution": distribution.render,
+    "staleness": staleness.render,
+    "rank-hits": rank_hits.render,
 }
 
 _CSS = """

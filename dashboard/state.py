@@ -18,7 +18,8 @@ from collector.queries import Filters
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 DEFAULT_WINDOW = "1h"
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
-VIEWS = {"overview": "Overview", "distribution": "Distribution"}
+VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
+         "rank-hits": "Rank hits"}
 DEFAULT_VIEW = "overview"
 
 

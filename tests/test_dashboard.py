@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from collector.settings import Settings
-from dashboard.components import number, percent
+from dashboard.components import number, percent, seconds
 from dashboard.serve import create_up_app
 from tests.collector_server import CollectorServer
 from tests.conftest import WireSource
@@ -106,6 +106,39 @@ def test_with_no_data_the_page_says_how_to_start(tmp_path, page):
         page.goto(up.url + "/")
         assert "No routing decisions yet" in text(page, "#empty-state")
         assert "collector_url" in text(page, "#empty-state")
+    assert not page.console_errors
+
+
+def test_staleness_shows_the_api_figures(server, page):
+    page.goto(server.url + "/staleness?app=shop")
+    s = api(server, "/v1/staleness", app="shop")
+    assert text(page, "#staleness-p95") == seconds(s["overall"]["p95_s"])
+    assert text(page, "#staleness-stamped") == f'{number(s["overall"]["stamped"])} / {number(s["overall"]["observed"])}'
+    page.wait_for_selector("#staleness-table tbody tr")
+    shown = [row.split("\t")[0].strip() for row in page.inner_text("#staleness-table tbody").strip().splitlines()]
+    assert shown == [r["replica_id"] for r in s["replicas"]]
+    page.wait_for_selector("#staleness-heatmap .main-svg")
+    assert not page.console_errors
+
+
+def test_rank_hits_shows_the_api_figures(server, page):
+    page.goto(server.url + "/rank-hits?app=search")
+    r = api(server, "/v1/rank-hits", app="search")
+    assert text(page, "#rank-hits-rank0-rate") == percent(r["rank0_rate"])
+    assert text(page, "#rank-hits-handoff-rate") == percent(r["handoff_rate"])
+    page.wait_for_selector("#rank-hits-ranks tbody tr")
+    rows = [row.split("\t") for row in page.inner_text("#rank-hits-ranks tbody").strip().splitlines()]
+    assert [(x[0].strip(), x[1].strip()) for x in rows] == [(e["rank"], number(e["routed"])) for e in r["ranks"]]
+    assert not page.console_errors
+
+
+def test_the_navigation_keeps_the_filters(server, page):
+    page.goto(server.url + "/?app=shop&window=24h")
+    page.click("#nav-staleness")
+    page.wait_for_url("**/staleness?**")
+    assert "app=shop" in page.url and "window=24h" in page.url
+    assert text(page, "#staleness-p95") == seconds(api(server, "/v1/staleness", app="shop", window="24h")
+                                                   ["overall"]["p95_s"])
     assert not page.console_errors
 
 
