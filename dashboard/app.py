@@ -9,6 +9,7 @@ them, again on every auto-refresh tick.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Dict
 
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
@@ -17,15 +18,9 @@ from sqlalchemy.engine import Connection, Engine
 from collector import queries
 from collector.filtering import FilterError
 from collector.queries import Filters
-from dashboard import distribution, overview, rank_hits, staleness
+from dashboard import distribution, explorer, overview, rank_hits, staleness
 from dashboard.state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 
-RENDERERS: Dict[str, Callable[[Connection, Filters], html.Div]] = {
-    "overview": overview.render,
-    "distribution": distribution.render,
-    "staleness": staleness.render,
-    "rank-hits": rank_hits.render,
-}
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2430; }
@@ -62,6 +57,14 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
                update_title=None, suppress_callback_exceptions=True)
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>")
     app.layout = _layout(prefix)
+    # Each view: (connection, filters, the whole state) -> its content.
+    renderers: Dict[str, Callable[[Connection, Filters, ViewState], html.Div]] = {
+        "overview": overview.render,
+        "distribution": partial(distribution.render, prefix=prefix),
+        "staleness": staleness.render,
+        "rank-hits": rank_hits.render,
+        "explorer": partial(explorer.render, prefix=prefix),
+    }
 
     @app.callback(
         Output("window", "value"), Output("app", "value"), Output("deployment", "value"),
@@ -102,7 +105,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
     )
     def render(pathname, search, _tick):
         state = from_url(pathname, search, prefix)
-        nav = [dcc.Link(title, href=ViewState(**{**state.__dict__, "view": view}).path(prefix) + state.search(),
+        nav = [dcc.Link(title, href=state.with_(view=view, cursor=None, decision=None).href(prefix),
                         className="active" if view == state.view else "", id=f"nav-{view}")
                for view, title in VIEWS.items()]
         try:
@@ -112,7 +115,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         with engine.connect() as conn:
             if not queries.deployments(conn)["deployments"]:
                 return _empty(), nav
-            return RENDERERS[state.view](conn, f), nav
+            return renderers[state.view](conn, f, state), nav
 
     return app
 

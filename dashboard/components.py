@@ -48,5 +48,16 @@ def table(table_id: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) 
     ])
 
 
+def downloads(element_id: str, api_prefix: str, query: str, what: str) -> html.Div:
+    """Links that download what a view shows, through the export endpoint
+    (the code path of `routelens export`): `query` holds the view's filters."""
+    separator = "&" if query else ""
+    return html.Div(id=element_id, className="downloads", children=["download: ", *[
+        html.A(fmt.upper() if fmt != "jsonl" else "JSON Lines", download="", id=f"{element_id}-{fmt}",
+               href=f"{api_prefix}v1/export?{query}{separator}what={what}&format={fmt}",
+               style={"marginRight": "10px"})
+        for fmt in ("csv", "jsonl", "parquet")]])
+
+
 def section(title: str, children: List) -> html.Section:
     return html.Section(className="panel", children=[html.H3(title), *children])

@@ -10,10 +10,11 @@ from sqlalchemy.engine import Connection
 
 from collector import queries
 from collector.queries import Filters
-from dashboard.components import card, dates, number, percent, section, table
+from dashboard.components import card, dates, downloads, number, percent, section, table
+from dashboard.state import ViewState
 
 
-def render(conn: Connection, f: Filters) -> html.Div:
+def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") -> html.Div:
     sc = queries.scope(conn, f)
     d = queries.distribution(conn, f, sc)
     replicas = d["replicas"]
@@ -51,6 +52,8 @@ def render(conn: Connection, f: Filters) -> html.Div:
              number(r["routed"]), percent(r["share"]), number(r["rejections"])) for r in replicas]
     return html.Div([
         cards,
+        # The routed requests the counts are made of.
+        downloads("distribution-download", prefix, state.export_query(f), "routed"),
         section("Routed requests per replica", [dcc.Graph(id="distribution-bars", figure=bars)]),
         section("Share over time", [dcc.Graph(id="distribution-shares", figure=shares)]),
         section("Replicas", [table("distribution-table", ("replica", "deployment", "node", "zone", "routed",

@@ -11,7 +11,7 @@ from collector.queries import Filters
 from dashboard.components import card, dates, number, percent, section, seconds
 
 
-def render(conn: Connection, f: Filters) -> html.Div:
+def render(conn: Connection, f: Filters, _state=None) -> html.Div:
     sc = queries.scope(conn, f)
     s = queries.summary(conn, f, sc)
     series = queries.timeseries(conn, f, sc=sc)

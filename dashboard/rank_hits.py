@@ -12,7 +12,7 @@ from collector.queries import Filters
 from dashboard.components import card, dates, number, percent, section, table
 
 
-def render(conn: Connection, f: Filters) -> html.Div:
+def render(conn: Connection, f: Filters, _state=None) -> html.Div:
     sc = queries.scope(conn, f)
     r = queries.rank_hits(conn, f, sc)
     choose = r["choose_us"]

@@ -11,7 +11,7 @@ from collector.queries import Filters
 from dashboard.components import card, dates, number, section, seconds, table
 
 
-def render(conn: Connection, f: Filters) -> html.Div:
+def render(conn: Connection, f: Filters, _state=None) -> html.Div:
     sc = queries.scope(conn, f)
     s = queries.staleness(conn, f, sc)
     overall, period = s["overall"], s["stats_period_s"]

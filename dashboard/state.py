@@ -19,7 +19,7 @@ WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 DEFAULT_WINDOW = "1h"
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
 VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
-         "rank-hits": "Rank hits"}
+         "rank-hits": "Rank hits", "explorer": "Decisions"}
 DEFAULT_VIEW = "overview"
 
 
@@ -32,6 +32,15 @@ class ViewState:
     router_classes: List[str] = field(default_factory=list)
     labels: List[str] = field(default_factory=list)  # "key=value"
     refresh: str = "off"
+    # The decision explorer's place: a page (the cursor of the API's pagination) and an open decision.
+    cursor: Optional[str] = None
+    decision: Optional[str] = None
+
+    def with_(self, **changes) -> "ViewState":
+        return ViewState(**{**self.__dict__, **changes})
+
+    def href(self, prefix: str) -> str:
+        return self.path(prefix) + self.search()
 
     def filters(self, now: Optional[float] = None) -> Filters:
         return build_filters(self.window, None, None, self.apps, self.deployments, self.router_classes,
@@ -47,7 +56,19 @@ class ViewState:
             pairs.extend((key, value) for value in values)
         if self.refresh != "off":
             pairs.append(("refresh", self.refresh))
+        for key in ("cursor", "decision"):
+            if getattr(self, key):
+                pairs.append((key, getattr(self, key)))
         return "?" + urlencode(pairs) if pairs else ""
+
+    def export_query(self, f: Filters) -> str:
+        """The export endpoint's query string for what the view shows: its
+        filters, and its window as the absolute times it was computed for."""
+        pairs = [("since", repr(f.since)), ("until", repr(f.until))]
+        for key, values in (("app", self.apps), ("deployment", self.deployments),
+                            ("router_class", self.router_classes), ("label", self.labels)):
+            pairs.extend((key, value) for value in values)
+        return urlencode(pairs)
 
     def path(self, prefix: str) -> str:
         return prefix + ("" if self.view == DEFAULT_VIEW else self.view)
@@ -65,4 +86,5 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         apps=query.get("app", []), deployments=query.get("deployment", []),
         router_classes=query.get("router_class", []), labels=query.get("label", []),
         refresh=refresh if refresh in REFRESH_S else "off",
+        cursor=query.get("cursor", [None])[-1], decision=query.get("decision", [None])[-1],
     )

@@ -7,6 +7,8 @@ import json
 import time
 
 import httpx
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from collector.settings import Settings
@@ -139,6 +141,57 @@ def test_the_navigation_keeps_the_filters(server, page):
     assert "app=shop" in page.url and "window=24h" in page.url
     assert text(page, "#staleness-p95") == seconds(api(server, "/v1/staleness", app="shop", window="24h")
                                                    ["overall"]["p95_s"])
+    assert not page.console_errors
+
+
+def test_the_explorer_pages_through_decisions_and_opens_one(server, page):
+    page.goto(server.url + "/explorer")
+    first = api(server, "/v1/decisions", limit=50)
+    page.wait_for_selector("#explorer-table tbody tr")
+    assert page.locator("#explorer-table tbody tr").count() == len(first["decisions"]) == 50
+    page.click("#explorer-older")
+    page.wait_for_url("**cursor=**")
+    older = api(server, "/v1/decisions", limit=50, cursor=first["next_cursor"])
+    page.wait_for_function(f"document.querySelectorAll('#explorer-table tbody tr').length === "
+                           f"{len(older['decisions'])}")
+    page.click("#explorer-table tbody tr:first-child a")
+    page.wait_for_selector("#decision-candidates")
+    wanted = older["decisions"][0]
+    assert f"decision={wanted['id']}" in page.url
+    detail = api(server, f"/v1/decisions/{wanted['id']}")
+    shown = [row.split("\t")[1].strip() for row in
+             page.inner_text("#decision-candidates tbody").strip().splitlines()]
+    assert shown == [c["replica_id"] for rank in detail["candidates"] for c in rank]
+    assert f"routed to {detail['routed']['replica_id']} (rank 0)" in text(page, "#decision-routed")
+    assert "completed at" in text(page, "#decision-completed")
+    assert not page.console_errors
+
+
+def test_a_link_to_a_decision_opens_it(server, page):
+    wanted = api(server, "/v1/decisions", app="search", limit=1)["decisions"][0]
+    page.goto(server.url + f"/explorer?app=search&decision={wanted['id']}")
+    assert wanted["id"] in text(page, "#decision-facts")
+    page.goto(server.url + "/explorer?decision=not-a-decision")
+    assert "No decision not-a-decision" in text(page, "#decision-missing")
+    assert not page.console_errors
+
+
+def test_a_download_holds_the_rows_the_view_counts(server, page):
+    page.goto(server.url + "/distribution?app=shop")
+    page.wait_for_selector("#distribution-download-csv")
+    with page.expect_download() as download:
+        page.click("#distribution-download-csv")
+    frame = pd.read_csv(download.value.path())
+    dist = api(server, "/v1/distribution", app="shop")
+    assert set(frame["app"]) == {"shop"}
+    assert frame["replica_id"].value_counts().to_dict() == {r["replica_id"]: r["routed"] for r in dist["replicas"]
+                                                            if r["routed"]}
+    page.goto(server.url + "/explorer?app=search")
+    with page.expect_download() as download:
+        page.click("#explorer-download-parquet")
+    table = pq.read_table(download.value.path())
+    assert table.num_rows == api(server, "/v1/summary", app="search")["decisions"]
+    assert set(table.column("app").to_pylist()) == {"search"}
     assert not page.console_errors
 
 
