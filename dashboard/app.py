@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from collector import queries
 from collector.filtering import FilterError
 from collector.queries import Filters
-from dashboard import distribution, explorer, overview, rank_hits, staleness
+from dashboard import compare, distribution, explorer, overview, rank_hits, staleness
 from dashboard.state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 
 
@@ -38,6 +38,7 @@ main { padding: 0 20px 20px; }
 .panel h3 { margin: 0 0 6px; font-size: 14px; }
 table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, table.figures th { padding: 3px 10px;
   border-bottom: 1px solid #e6e8ec; text-align: right; } table.figures td:first-child { text-align: left; }
+.panel a.active { font-weight: 700; text-decoration: underline; }
 .empty { background: white; padding: 20px; border-radius: 6px; max-width: 820px; }
 .empty pre { background: #f0f2f5; padding: 10px; }
 """
@@ -64,6 +65,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         "staleness": staleness.render,
         "rank-hits": rank_hits.render,
         "explorer": partial(explorer.render, prefix=prefix),
+        "compare": partial(compare.render, prefix=prefix),
     }
 
     @app.callback(
@@ -81,8 +83,11 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         control changed: the URL follows. Either way, and on each refresh, the
         filters' choices are what the database knows, plus what is chosen (a
         dropdown drops a value it has no option for)."""
-        from_controls = ViewState(window=window, apps=apps or [], deployments=deployments or [],
-                                  router_classes=router_classes or [], labels=labels or [], refresh=refresh)
+        # What the URL holds besides the controls (the view, the compare choices) is kept; a page of
+        # decisions or an open one is not, under other filters.
+        from_controls = from_url(pathname, search, prefix).with_(
+            window=window, apps=apps or [], deployments=deployments or [], router_classes=router_classes or [],
+            labels=labels or [], refresh=refresh, cursor=None, decision=None)
         if ctx.triggered_id in (None, "url"):
             state = from_url(pathname, search, prefix)
             values = (state.window, state.apps, state.deployments, state.router_classes, state.labels,

@@ -19,7 +19,8 @@ WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 DEFAULT_WINDOW = "1h"
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
 VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
-         "rank-hits": "Rank hits", "explorer": "Decisions"}
+         "rank-hits": "Rank hits", "explorer": "Decisions", "compare": "Compare"}
+SHIFTS = {"previous": "the window before", "24h": "24 h earlier", "7d": "7 d earlier"}
 DEFAULT_VIEW = "overview"
 
 
@@ -35,6 +36,10 @@ class ViewState:
     # The decision explorer's place: a page (the cursor of the API's pagination) and an open decision.
     cursor: Optional[str] = None
     decision: Optional[str] = None
+    # The compare view: two label values ("key=value"), or the window against an earlier one.
+    compare_a: Optional[str] = None
+    compare_b: Optional[str] = None
+    compare_shift: Optional[str] = None
 
     def with_(self, **changes) -> "ViewState":
         return ViewState(**{**self.__dict__, **changes})
@@ -56,7 +61,7 @@ class ViewState:
             pairs.extend((key, value) for value in values)
         if self.refresh != "off":
             pairs.append(("refresh", self.refresh))
-        for key in ("cursor", "decision"):
+        for key in ("cursor", "decision", "compare_a", "compare_b", "compare_shift"):
             if getattr(self, key):
                 pairs.append((key, getattr(self, key)))
         return "?" + urlencode(pairs) if pairs else ""
@@ -87,4 +92,7 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         router_classes=query.get("router_class", []), labels=query.get("label", []),
         refresh=refresh if refresh in REFRESH_S else "off",
         cursor=query.get("cursor", [None])[-1], decision=query.get("decision", [None])[-1],
+        compare_a=query.get("compare_a", [None])[-1], compare_b=query.get("compare_b", [None])[-1],
+        compare_shift=query.get("compare_shift", [None])[-1] if query.get("compare_shift", [None])[-1] in SHIFTS
+        else None,
     )

@@ -195,6 +195,36 @@ def test_a_download_holds_the_rows_the_view_counts(server, page):
     assert not page.console_errors
 
 
+def compare_rows(page) -> dict:
+    page.wait_for_selector("#compare-table tbody tr")
+    rows = [row.split("\t") for row in page.inner_text("#compare-table tbody").strip().splitlines()]
+    return {row[0].strip(): (row[1].strip(), row[2].strip()) for row in rows}
+
+
+def test_compare_puts_two_label_values_side_by_side(server, page):
+    page.goto(server.url + "/compare")
+    assert "Choose two label values" in text(page, "#compare-hint")
+    page.click("#compare-a-router_version-a")
+    page.wait_for_url("**compare_a=**")
+    page.click("#compare-b-router_version-b")
+    rows = compare_rows(page)
+    a = api(server, "/v1/distribution", label="router_version=a")
+    b = api(server, "/v1/distribution", label="router_version=b")
+    assert rows["routed requests"] == (number(a["routed"]), number(b["routed"]))
+    assert rows["Jain's fairness index"] == (number(a["imbalance"]["jain"], 3), number(b["imbalance"]["jain"], 3))
+    hits = [api(server, "/v1/rank-hits", label=f"router_version={v}") for v in "ab"]
+    assert rows["rank-0 hit rate"] == tuple(percent(h["rank0_rate"]) for h in hits)
+    assert not page.console_errors
+
+
+def test_compare_a_window_with_the_one_before(server, page):
+    page.goto(server.url + "/compare?window=15m&compare_shift=previous")
+    rows = compare_rows(page)
+    now = api(server, "/v1/distribution", window="15m")
+    assert rows["routed requests"] == (number(now["routed"]), "0")  # the traffic is 5 minutes old
+    assert not page.console_errors
+
+
 def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
     page.goto(server.url + "/distribution?app=shop&refresh=5s")
     before = api(server, "/v1/distribution", app="shop")["routed"]
