@@ -16,6 +16,7 @@ from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 from sqlalchemy.engine import Connection, Engine
 
 from collector import queries
+from collector.explore import iso
 from collector.filtering import FilterError
 from collector.queries import Filters
 from dashboard import compare, distribution, explorer, overview, rank_hits, staleness
@@ -88,6 +89,8 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         from_controls = from_url(pathname, search, prefix).with_(
             window=window, apps=apps or [], deployments=deployments or [], router_classes=router_classes or [],
             labels=labels or [], refresh=refresh, cursor=None, decision=None)
+        if ctx.triggered_id == "window":  # a window chosen from the list replaces a custom one
+            from_controls = from_controls.with_(since=None, until=None)
         if ctx.triggered_id in (None, "url"):
             state = from_url(pathname, search, prefix)
             values = (state.window, state.apps, state.deployments, state.router_classes, state.labels,
@@ -105,7 +108,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         return max(seconds, 1) * 1000, seconds == 0
 
     @app.callback(
-        Output("view", "children"), Output("nav", "children"),
+        Output("view", "children"), Output("nav", "children"), Output("custom-window", "children"),
         Input("url", "pathname"), Input("url", "search"), Input("tick", "n_intervals"),
     )
     def render(pathname, search, _tick):
@@ -116,11 +119,12 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         try:
             f = state.filters()
         except FilterError as exc:
-            return html.Div(str(exc), className="empty"), nav
+            return html.Div(str(exc), className="empty"), nav, ""
+        custom = f"custom window: {iso(f.since)} to {iso(f.until)}" if state.since or state.until else ""
         with engine.connect() as conn:
             if not queries.deployments(conn)["deployments"]:
-                return _empty(), nav
-            return renderers[state.view](conn, f, state), nav
+                return _empty(), nav, custom
+            return renderers[state.view](conn, f, state), nav, custom
 
     return app
 
@@ -149,6 +153,7 @@ def _layout(prefix: str) -> html.Div:
             html.Div(dcc.Dropdown(id="window", options=list(WINDOWS), clearable=False)),
             dropdown("app", "all apps"), dropdown("deployment", "all deployments"),
             dropdown("router_class", "all routers"), dropdown("label", "all labels"),
+            html.Span(id="custom-window"),
             html.Div(dcc.RadioItems(id="refresh", options=list(REFRESH_S), inline=True), title="auto-refresh"),
         ]),
         html.Main(dcc.Loading(html.Div(id="view"), delay_show=500)),

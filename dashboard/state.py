@@ -1,7 +1,8 @@
 """What the dashboard shows, as the page's URL carries it, so that a link reproduces the view.
 
 The query string holds the same parameters as the read API
-(`window`, `app`, `deployment`, `router_class`, `label`), plus `refresh`;
+(`window` or `since`/`until`, `app`, `deployment`, `router_class`, `label`),
+plus `refresh` and a view's own (the explorer's page, compare's choices);
 the path names the view. `Filters` come from it through the same
 `build_filters` as the API's.
 """
@@ -28,6 +29,9 @@ DEFAULT_VIEW = "overview"
 class ViewState:
     view: str = DEFAULT_VIEW
     window: str = DEFAULT_WINDOW
+    # A custom window (epoch seconds or ISO-8601), which the relative `window` then does not set.
+    since: Optional[str] = None
+    until: Optional[str] = None
     apps: List[str] = field(default_factory=list)
     deployments: List[str] = field(default_factory=list)
     router_classes: List[str] = field(default_factory=list)
@@ -48,14 +52,15 @@ class ViewState:
         return self.path(prefix) + self.search()
 
     def filters(self, now: Optional[float] = None) -> Filters:
-        return build_filters(self.window, None, None, self.apps, self.deployments, self.router_classes,
-                             self.labels, now=now)
+        return build_filters(self.window, self.since, self.until, self.apps, self.deployments,
+                             self.router_classes, self.labels, now=now)
 
     def search(self) -> str:
         """The query string (with its "?", or empty) for this state."""
         pairs: List[Tuple[str, str]] = []
         if self.window != DEFAULT_WINDOW:
             pairs.append(("window", self.window))
+        pairs.extend((key, getattr(self, key)) for key in ("since", "until") if getattr(self, key))
         for key, values in (("app", self.apps), ("deployment", self.deployments),
                             ("router_class", self.router_classes), ("label", self.labels)):
             pairs.extend((key, value) for value in values)
@@ -88,6 +93,7 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
     return ViewState(
         view=view if view in VIEWS else DEFAULT_VIEW,
         window=window if window in WINDOWS else DEFAULT_WINDOW,
+        since=query.get("since", [None])[-1], until=query.get("until", [None])[-1],
         apps=query.get("app", []), deployments=query.get("deployment", []),
         router_classes=query.get("router_class", []), labels=query.get("label", []),
         refresh=refresh if refresh in REFRESH_S else "off",

@@ -205,7 +205,7 @@ def test_compare_puts_two_label_values_side_by_side(server, page):
     page.goto(server.url + "/compare")
     assert "Choose two label values" in text(page, "#compare-hint")
     page.click("#compare-a-router_version-a")
-    page.wait_for_url("**compare_a=**")
+    page.wait_for_selector("#compare-a-router_version-a.active")  # the links now carry A's choice
     page.click("#compare-b-router_version-b")
     rows = compare_rows(page)
     a = api(server, "/v1/distribution", label="router_version=a")
@@ -225,6 +225,17 @@ def test_compare_a_window_with_the_one_before(server, page):
     assert not page.console_errors
 
 
+def test_a_custom_window_in_the_url(server, page):
+    since, until = time.time() - 3 * 3600, time.time() + 60
+    page.goto(server.url + f"/distribution?since={since}&until={until}&app=shop")
+    expected = api(server, "/v1/distribution", since=since, until=until, app="shop")
+    assert text(page, "#distribution-routed") == number(expected["routed"])
+    assert "custom window" in text(page, "#custom-window")
+    page.goto(server.url + f"/distribution?since={time.time() - 7200}&until={time.time() - 3600}&app=shop")
+    page.wait_for_function("(document.querySelector('#distribution-routed') || {}).innerText === '0'")
+    assert not page.console_errors
+
+
 def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
     page.goto(server.url + "/distribution?app=shop&refresh=5s")
     before = api(server, "/v1/distribution", app="shop")["routed"]
@@ -233,8 +244,8 @@ def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
     batch = shop.batch(_traffic(shop, time.time() - 60, ["r1", "r2", "r3"], [0, 0, 7]))
     assert httpx.post(f"{server.url}/v1/events", content=json.dumps(batch),
                       headers={"content-type": "application/json"}).status_code == 200
-    page.wait_for_function(f"document.querySelector('#distribution-routed').innerText === '{number(before + 7)}'",
-                           timeout=15_000)
+    page.wait_for_function(f"(document.querySelector('#distribution-routed') || {{}}).innerText === "
+                           f"'{number(before + 7)}'", timeout=15_000)
     assert "app=shop" in page.url and "refresh=5s" in page.url
     assert "search" not in page.inner_text("#distribution-table")
     assert not page.console_errors
