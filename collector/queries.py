@@ -420,10 +420,10 @@ TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "hando
 PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS)
 
 
-def default_step(seconds: float) -> int:
-    """About 60 to 120 points per chart, in whole minutes or hours."""
+def default_step(seconds: float, points: int = 120) -> int:
+    """At most `points` steps (about half as many at least), in whole minutes or hours."""
     for step in (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400):
-        if seconds / step <= 120:
+        if seconds / step <= points:
             return step
     return 86400
 
@@ -431,12 +431,14 @@ def default_step(seconds: float) -> int:
 def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_replica: bool = False,
                sc: Optional[Scope] = None) -> dict:
     """Counters per time step. Steps are whole minutes, or whole hours when the
-    step allows it, so that long windows read hourly rows. Points start at
+    step allows it, so that long windows read hourly rows. Per replica, the
+    default step gives a quarter of the points (a series per replica: a 24 h
+    window reads hourly rows, not 1,440 minutes x replicas). Points start at
     multiples of the step; they count the window's rows only, so that they
     add up to the panels' totals even where the window does not begin or end
     on a step."""
     sc = sc or scope(conn, f)
-    step = max(MINUTE, int(step or default_step(f.seconds)) // MINUTE * MINUTE)
+    step = max(MINUTE, int(step or default_step(f.seconds, 30 if per_replica else 120)) // MINUTE * MINUTE)
     m0, m1 = f.rollup_bounds()
     if step % HOUR == 0:
         # Every row of the window, hourly or at its edges per minute, lies in one step.
