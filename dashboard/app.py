@@ -20,7 +20,7 @@ from collector.explore import iso
 from collector.filtering import FilterError
 from collector.queries import Filters
 from dashboard import compare, distribution, explorer, overview, rank_hits, staleness
-from dashboard.state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
+from dashboard.state import DEFAULT_WINDOW, REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 
 
 _CSS = """
@@ -87,13 +87,15 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         # What the URL holds besides the controls (the view, the compare choices) is kept; a page of
         # decisions or an open one is not, under other filters.
         from_controls = from_url(pathname, search, prefix).with_(
-            window=window, apps=apps or [], deployments=deployments or [], router_classes=router_classes or [],
-            labels=labels or [], refresh=refresh, cursor=None, decision=None)
+            window=window or DEFAULT_WINDOW, apps=apps or [], deployments=deployments or [],
+            router_classes=router_classes or [], labels=labels or [], refresh=refresh, cursor=None, decision=None)
         if ctx.triggered_id == "window":  # a window chosen from the list replaces a custom one
             from_controls = from_controls.with_(since=None, until=None)
         if ctx.triggered_id in (None, "url"):
             state = from_url(pathname, search, prefix)
-            values = (state.window, state.apps, state.deployments, state.router_classes, state.labels,
+            # A custom window leaves the list empty (its placeholder says "custom").
+            window_choice = None if state.since or state.until else state.window
+            values = (window_choice, state.apps, state.deployments, state.router_classes, state.labels,
                       state.refresh, no_update)
         elif ctx.triggered_id == "tick":
             state, values = from_controls, (no_update,) * 7
@@ -150,7 +152,7 @@ def _layout(prefix: str) -> html.Div:
         dcc.Interval(id="tick", disabled=True),
         html.Header([html.H1("routelens"), html.Nav(id="nav", style={"display": "flex", "gap": "16px"})]),
         html.Div(className="controls", children=[
-            html.Div(dcc.Dropdown(id="window", options=list(WINDOWS), clearable=False)),
+            html.Div(dcc.Dropdown(id="window", options=list(WINDOWS), clearable=False, placeholder="custom")),
             dropdown("app", "all apps"), dropdown("deployment", "all deployments"),
             dropdown("router_class", "all routers"), dropdown("label", "all labels"),
             html.Span(id="custom-window"),

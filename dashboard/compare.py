@@ -49,7 +49,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         go.Bar(name=name, x=[r["replica_id"] for r in d["replicas"]], y=[r["share"] for r in d["replicas"]])
         for name, (d, _s, _r) in ((name_a, figures[0]), (name_b, figures[1]))
     ])
-    bars.update_layout(barmode="group", height=300, margin=dict(l=40, r=10, t=10, b=80), yaxis_tickformat=".0%",
+    bars.update_layout(barmode="group", height=300, margin=dict(l=40, r=10, t=10, b=80), yaxis_tickformat=".1%",
                        yaxis_title="share of routed requests")
     ranks = go.Figure([
         go.Bar(name=name, x=[e["rank"] for e in r["ranks"]], y=[e["share"] for e in r["ranks"]])
