@@ -46,6 +46,19 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
                                   colorscale="Blues", zmin=0, colorbar=dict(title="share", tickformat=".0%")))
     shares.update_layout(margin=dict(l=80, r=10, t=10, b=40), height=max(200, 18 * len(ids) + 80))
 
+    # Imbalance per step, over every replica of the window: those with no request in a step count as 0.
+    counts_at = defaultdict(dict)
+    for point in series["points"]:
+        counts_at[point["t"]][point["replica_id"]] = point["routed"]
+    per_step = [queries.imbalance([counts_at[t].get(r["replica_id"], 0) for r in replicas]) for t in times]
+    balance = go.Figure([
+        go.Scatter(x=dates(times), y=[i["max_over_mean"] for i in per_step], name="max/mean"),
+        go.Scatter(x=dates(times), y=[i["jain"] for i in per_step], name="Jain's index", yaxis="y2"),
+    ])
+    balance.update_layout(margin=dict(l=40, r=40, t=10, b=40), height=260, legend=dict(orientation="h", y=-0.3),
+                          yaxis=dict(title="max/mean"), yaxis2=dict(title="Jain", overlaying="y", side="right",
+                                                                    range=[0, 1.05]))
+
     rows = [(r["replica_id"], r["deployment"], r["node_id"] or "–", r["availability_zone"] or "–",
              number(r["routed"]), percent(r["share"]), number(r["rejections"])) for r in replicas]
     return html.Div([
@@ -54,6 +67,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         downloads("distribution-download", prefix, state.export_query(f), "routed"),
         section("Routed requests per replica", [dcc.Graph(id="distribution-bars", figure=bars)]),
         section("Share over time", [dcc.Graph(id="distribution-shares", figure=shares)]),
+        section("Imbalance over time", [dcc.Graph(id="distribution-imbalance", figure=balance)]),
         section("Replicas", [table("distribution-table", ("replica", "deployment", "node", "zone", "routed",
                                                            "share", "rejections"), rows)]),
         section("By node", [_group_table("distribution-by-node", "node_id", d["by_node"])]),

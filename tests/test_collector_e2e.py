@@ -23,6 +23,8 @@ from collector.importer import import_files
 from collector.ingest import Ingestor
 from collector.models import Deployment, Replica, Router, completed, decisions, routed
 from collector.settings import Settings
+from dashboard.components import number
+from dashboard.serve import create_up_app
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
 from tests import serve_apps
 from tests.collector_server import CollectorServer
@@ -61,7 +63,8 @@ def traced(request, serve_instance, tmp_path_factory):
     # app deleted and deployed again under the same name, with its old
     # request_router_kwargs (the collector's URL among them).
     deployed = {name: f"{request.param}-{name}" for name in APPS}
-    with CollectorServer(Settings(db_url=db_url)) as collector:
+    # `routelens up`: the collector and the dashboard, which a browser test reads.
+    with CollectorServer(Settings(db_url=db_url), app_factory=create_up_app) as collector:
         started = time.time()
         handles = {}
         for name, (app_cls, router_class, options, *_traffic) in APPS.items():
@@ -86,6 +89,7 @@ def traced(request, serve_instance, tmp_path_factory):
 
                 wait_for(arrived, timeout_s=60, what=f"{name}: routed and completed events at the collector")
             yield {"api": api, "window": window, "engine": collector.app.state.engine, "apps": deployed,
+                   "url": collector.url,
                    "counts": {name: serve_apps.read_counts(count_dir, deployed[name]) for name in APPS}}
         finally:
             for name in APPS:
@@ -184,6 +188,20 @@ def test_decision_drill_down_links_routed_and_completed(traced):
     assert detail["routed"]["replica_id"] in {r for rank in detail["ranks"] for r in rank}
     assert detail["completed"]["routed_id"] == detail["routed"]["id"]
     assert all("queue_len" in c for rank in detail["candidates"] for c in rank)
+
+
+@pytest.mark.browser
+def test_the_dashboard_shows_the_replicas_own_counts(traced, page):
+    """Real traffic, the real dashboard in Chromium: per replica, what the page
+    shows is what the replicas counted themselves."""
+    for app, deployed in traced["apps"].items():
+        page.goto(f'{traced["url"]}/distribution?app={deployed}&since={traced["window"]["since"]}')
+        page.wait_for_selector("#distribution-table tbody tr")
+        rows = [row.split("\t") for row in page.inner_text("#distribution-table tbody").strip().splitlines()]
+        shown = {row[0].strip(): row[4].strip() for row in rows}
+        assert shown == {replica: number(traced["counts"][app].get(replica, 0)) for replica in shown}, app
+        assert len(shown) == APPS[app][2]["num_replicas"]
+    assert not page.console_errors
 
 
 def test_export_then_import_gives_the_same_numbers_in_every_panel(traced, tmp_path):
