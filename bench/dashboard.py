@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-
-import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,40 +31,14 @@ sys.path.insert(0, ROOT)
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 
 from queries import FULL, database  # noqa: E402
+from servers import Server  # noqa: E402
 from tests.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from tests.ports import free_port  # noqa: E402
 
 TARGET_S = 1.5
 DAY = 86400.0
 # Each view and the element drawn last: its last chart.
 VIEWS = {"": "#overview-traffic .main-svg", "distribution": "#distribution-shares .main-svg",
          "staleness": "#staleness-heatmap .main-svg", "rank-hits": "#rank-hits-handoffs .main-svg"}
-
-
-class Up:
-    """`routelens up --db URL` in a child process."""
-
-    def __init__(self, db_url: str):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "up", "--db", db_url, "--port", self.url.rsplit(":", 1)[1],
-             "--retention", "never"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(self.url + "/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise SystemExit(f"routelens up did not start:\n{self.log.read().decode(errors='replace')}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 def refresh(page: Page, url: str, drawn: str) -> float:
@@ -86,8 +57,9 @@ def main() -> int:
     args = parser.parse_args()
     path, info = database(args.decisions)
     window = f"since={info['end'] - DAY}&until={info['end']}"
-    full = Up(f"sqlite:///{path}")
-    empty = Up(f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='routelens-bench-dash-'), 'empty.db')}")
+    full = Server(f"sqlite:///{path}", command="up")
+    empty = Server(f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='routelens-bench-dash-'), 'empty.db')}",
+                   command="up")
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)

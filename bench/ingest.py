@@ -33,7 +33,6 @@ import json
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +51,7 @@ from collector import db  # noqa: E402
 from collector.ingest import _Rows  # noqa: E402  (the rows exactly as ingest builds them)
 from collector.models import decisions  # noqa: E402
 from collector.schema import parse  # noqa: E402
-from tests.ports import free_port  # noqa: E402
+from servers import Server  # noqa: E402
 
 TARGET = 50_000
 PER_BATCH = 1000
@@ -107,42 +106,6 @@ def raw_postgres(url: str, batches: List[List[tuple]]) -> float:
 
 
 # --- the collector over HTTP ---
-
-class Collector:
-    """`python -m collector.cli collector --db URL --port P` in a subprocess."""
-
-    def __init__(self, url: str):
-        self.port = free_port()
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "collector", "--db", url, "--port", str(self.port),
-             "--retention", "never"],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                connection.request("GET", "/healthz")
-                if connection.getresponse().status == 200:
-                    return
-            except OSError:
-                pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"the collector did not start:\n{self.log.read().decode(errors='replace')}")
-            time.sleep(0.1)
-
-    def cpu_seconds(self) -> float:
-        return process_cpu_seconds(self.process.pid)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
 
 def process_cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
@@ -203,10 +166,10 @@ def http_run(url: str, warmup: List[List[bytes]], streams: List[List[bytes]], co
              postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
     """Seconds to ingest the streams over HTTP (after their warm-up batches),
     and the CPU seconds the collector, PostgreSQL and this load generator spent meanwhile."""
-    collector = Collector(url)
+    collector = Server(url)
 
     def cpu_now() -> Dict[str, float]:
-        now = {"collector": collector.cpu_seconds()}
+        now = {"collector": process_cpu_seconds(collector.process.pid)}
         if postmaster is not None:
             now["postgres"] = cluster_cpu_seconds(postmaster)
         now["load generator"] = time.process_time()
