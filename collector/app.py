@@ -13,7 +13,6 @@ exporter retries those).
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 import zlib
@@ -30,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 import routers
 from collector import explore, export, queries
+from collector.auth import is_authorized
 from collector.db import check_schema, current_revision, make_engine
 from collector.export_formats import FORMATS, MEDIA_TYPES
 from collector.ids import to_bytes
@@ -80,9 +80,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     def authorized(request: Request) -> None:
         if settings.token is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), settings.token.encode()):
+        if not is_authorized(request.headers.get("authorization"), request.headers.get("cookie"), settings.token):
             raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 

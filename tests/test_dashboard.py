@@ -249,3 +249,25 @@ def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
     assert "app=shop" in page.url and "refresh=5s" in page.url
     assert "search" not in page.inner_text("#distribution-table")
     assert not page.console_errors
+
+
+def test_with_a_token_the_dashboard_asks_for_it(tmp_path, page):
+    settings = Settings(db_url=f"sqlite:///{tmp_path / 'guarded.db'}", token="s3cret; with=odd chars")
+    with CollectorServer(settings, app_factory=create_up_app) as up:
+        assert httpx.get(up.url + "/").status_code == 401
+        assert httpx.get(up.url + "/_dash-layout").status_code == 401
+        assert httpx.get(up.url + "/v1/summary").status_code == 401
+        page.goto(up.url + "/distribution?window=24h")
+        page.fill("#token", "wrong")
+        page.click("#sign-in")
+        assert "Wrong token" in text(page, "#wrong")
+        page.fill("#token", "s3cret; with=odd chars")
+        page.click("#sign-in")
+        page.wait_for_url("**/distribution?window=24h")
+        assert "No routing decisions yet" in text(page, "#empty-state")
+        # The cookie also opens the API to the browser: the download links work.
+        assert page.request.get(up.url + "/v1/summary").status == 200
+        assert httpx.get(up.url + "/v1/summary", headers={"authorization": "Bearer s3cret; with=odd chars"}
+                         ).status_code == 200
+    # A 401 page is an expected error in the console; nothing else is.
+    assert all("401" in error for error in page.console_errors)
