@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections import Counter, defaultdict
 
 import httpx
+import pandas as pd
 import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
@@ -23,7 +25,7 @@ from collector.importer import import_files
 from collector.ingest import Ingestor
 from collector.models import Deployment, Replica, Router, completed, decisions, routed
 from collector.settings import Settings
-from dashboard.components import number
+from dashboard.components import number, percent, seconds
 from dashboard.serve import create_up_app
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
 from tests import serve_apps
@@ -88,8 +90,19 @@ def traced(request, serve_instance, tmp_path_factory):
                     return figures["routed"] >= wanted and figures["completions"] >= wanted
 
                 wait_for(arrived, timeout_s=60, what=f"{name}: routed and completed events at the collector")
+            # Rejections settle after the tracer's grace period, and late batches follow: tests compare
+            # the API with raw rows read a moment later, so wait until the totals hold still.
+            totals = []
+
+            def settled() -> bool:
+                time.sleep(3)  # longer than REJECTION_GRACE_S and the exporter's flush interval
+                totals.append(api.get("/v1/summary", params=window).json())
+                return len(totals) > 1 and totals[-1]["decisions"] == totals[-2]["decisions"] and \
+                    totals[-1]["completions"] == totals[-2]["completions"]
+
+            wait_for(settled, timeout_s=60, what="the collector's totals to settle")
             yield {"api": api, "window": window, "engine": collector.app.state.engine, "apps": deployed,
-                   "url": collector.url,
+                   "url": collector.url, "handles": handles,
                    "counts": {name: serve_apps.read_counts(count_dir, deployed[name]) for name in APPS}}
         finally:
             for name in APPS:
@@ -238,3 +251,77 @@ def test_export_then_import_gives_the_same_numbers_in_every_panel(traced, tmp_pa
             assert [copied[key] for key in SOURCE_FIGURES] == [original[key] for key in SOURCE_FIGURES]
     finally:
         copy.close()
+
+
+def shown_text(page, selector: str) -> str:
+    page.wait_for_selector(selector)
+    return page.inner_text(selector).strip()
+
+
+def shown_rows(page, selector: str):
+    page.wait_for_selector(f"{selector} tbody tr")
+    return [[cell.strip() for cell in row.split("\t")] for row in page.inner_text(f"{selector} tbody").splitlines()
+            if row.strip()]
+
+
+@pytest.mark.browser
+def test_every_view_shows_what_the_api_says(traced, page):
+    """The dashboard in Chromium on real traced traffic: each view's figures are
+    the API's, filters change them, a decision opens, a download holds the
+    rows counted, and auto-refresh shows new traffic under the same filters.
+    (Last in the module: it sends more traffic.)"""
+    url, since = traced["url"], traced["window"]["since"]
+    apps = traced["apps"]
+
+    def view(path, app, **extra):
+        query = "&".join(f"{k}={v}" for k, v in {"app": apps[app], "since": since, **extra}.items())
+        page.goto(f"{url}/{path}?{query}")
+
+    routed = {}
+    for app in ("uniform", "pow2"):
+        view("", app)
+        summary = read(traced, "/v1/summary", app)
+        assert shown_text(page, "#overview-rank0-rate") == percent(summary["rank0_rate"]), app
+        assert shown_text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3), app
+        view("distribution", app)
+        routed[app] = shown_text(page, "#distribution-routed")
+        assert routed[app] == number(APPS[app][3] + APPS[app][4]), app
+    assert routed["uniform"] != routed["pow2"]  # the filter changes what is shown
+
+    view("staleness", "throughput")
+    staleness = read(traced, "/v1/staleness", "throughput")
+    assert shown_text(page, "#staleness-p95") == seconds(staleness["overall"]["p95_s"])
+    assert shown_text(page, "#staleness-stamped").startswith(number(staleness["overall"]["stamped"]))
+
+    view("rank-hits", "pow2")
+    hits = read(traced, "/v1/rank-hits", "pow2")
+    assert shown_text(page, "#rank-hits-rejections") == number(hits["rejections"]) != "0"
+    assert shown_text(page, "#rank-hits-handoff-rate") == percent(hits["handoff_rate"])
+
+    view("explorer", "pow2")
+    page.click("#explorer-table tbody tr:first-child a")
+    page.wait_for_selector("#decision-candidates")
+    decision_id = page.url.split("decision=")[1].split("&")[0]
+    detail = traced["api"].get(f"/v1/decisions/{decision_id}").json()
+    assert [row[1] for row in shown_rows(page, "#decision-candidates")] == [
+        c["replica_id"] for rank in detail["candidates"] for c in rank]
+
+    view("distribution", "uniform")
+    with page.expect_download() as download:
+        page.click("#distribution-download-csv")
+    routed_rows = pd.read_csv(download.value.path())
+    assert routed_rows["replica_id"].value_counts().to_dict() == traced["counts"]["uniform"]
+
+    view("distribution", "uniform", refresh="5s")
+    before = shown_text(page, "#distribution-routed")
+    # From another thread: in this one, Playwright's event loop counts as running, and a handle's
+    # result() refuses to block inside a running loop.
+    sender = threading.Thread(target=send_handle, args=(traced["handles"]["uniform"], 10, 5))
+    sender.start()
+    sender.join(60)
+    wanted = number(int(before.replace(",", "")) + 10)
+    page.wait_for_function(f"(document.querySelector('#distribution-routed') || {{}}).innerText === '{wanted}'",
+                           timeout=20_000)
+    assert f"app={apps['uniform']}" in page.url and "refresh=5s" in page.url
+    assert not page.console_errors
+
