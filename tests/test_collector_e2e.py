@@ -266,9 +266,10 @@ def shown_rows(page, selector: str):
 
 @pytest.mark.browser
 def test_every_view_shows_what_the_api_says(traced, page):
-    """The dashboard in Chromium on real traced traffic: each view's figures are
-    the API's, filters change them, a decision opens, a download holds the
-    rows counted, and auto-refresh shows new traffic under the same filters.
+    """The dashboard in Chromium on real traced traffic: each view's figures
+    (overview, distribution, staleness, rank hits, decisions, compare) are the
+    API's, filters change them, a decision opens, a download holds the rows
+    counted, and auto-refresh shows new traffic under the same filters.
     (Last in the module: it sends more traffic.)"""
     url, since = traced["url"], traced["window"]["since"]
     apps = traced["apps"]
@@ -305,6 +306,12 @@ def test_every_view_shows_what_the_api_says(traced, page):
     detail = traced["api"].get(f"/v1/decisions/{decision_id}").json()
     assert [row[1] for row in shown_rows(page, "#decision-candidates")] == [
         c["replica_id"] for rank in detail["candidates"] for c in rank]
+
+    view("compare", "pow2", compare_shift="7d")
+    page.wait_for_selector("#compare-table tbody tr")
+    compared = {row[0]: row[1:] for row in shown_rows(page, "#compare-table")}
+    assert compared["routed requests"] == [number(hits["routed"]), "0"]  # a week earlier: no traffic
+    assert compared["rank-0 hit rate"][0] == percent(hits["rank0_rate"])
 
     view("distribution", "uniform")
     with page.expect_download() as download:
