@@ -30,6 +30,8 @@ import shutil
 
 import pytest
 
+from tests.system_deps import require
+
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 
 # Headless, and nothing that reaches the network on its own (component and
@@ -73,11 +75,6 @@ def check_available(path: str = None) -> None:
                                   "pip install 'playwright>=1.40' (in the test extra)") from None
 
 
-def _in_ci() -> bool:
-    # As in tests/conftest.py (which imports this module, so it cannot be imported from there).
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 # Playwright's loop, while it runs: what `_enter` marks as running.
 _loop = None
 
@@ -99,12 +96,7 @@ def browser():
     """Debian's Chromium, headless, for the session. Skipped where it is not
     installed, except in CI (CI set), where that is a failure."""
     global _loop
-    try:
-        check_available()
-    except ChromiumUnavailable as exc:
-        if _in_ci():
-            pytest.fail(f"CI must run the browser tests: {exc}", pytrace=False)
-        pytest.skip(f"Chromium unavailable: {exc}")
+    require(check_available, ChromiumUnavailable, "CI must run the browser tests", "Chromium unavailable")
     from playwright.sync_api import sync_playwright
 
     playwright = sync_playwright().start()

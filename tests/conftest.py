@@ -19,6 +19,7 @@ from routers.ids import event_id, next_seq
 from tests.browser import browser, page, playwright_loop  # noqa: F401  (a real headless Chromium)
 from tests.ports import free_port
 from tests.postgres import PostgresCluster, PostgresUnavailable, check_available
+from tests.system_deps import require
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +51,6 @@ def serve_instance(tmp_path_factory):
 
 # --- the collector's databases: SQLite, and a throwaway PostgreSQL cluster ---
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 class PostgresServer:
     """The session's cluster, and a template database migrated to head."""
 
@@ -75,12 +72,7 @@ class PostgresServer:
 def postgres():
     """A PostgreSQL 15 cluster for the session. Skipped where PostgreSQL is not
     installed, except in CI (CI set), where that is a failure."""
-    try:
-        check_available()
-    except PostgresUnavailable as exc:
-        if _in_ci():
-            pytest.fail(f"CI must test against PostgreSQL: {exc}", pytrace=False)
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    require(check_available, PostgresUnavailable, "CI must test against PostgreSQL", "PostgreSQL unavailable")
     cluster = PostgresCluster().start()
     try:
         cluster.create_database(PostgresServer.TEMPLATE)
