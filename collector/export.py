@@ -418,9 +418,10 @@ def _rejections(conn: Connection, unrouted: list) -> Dict[bytes, tuple]:
     return found
 
 
-def _decision_columns(rows: list, names: _Names) -> Dict[str, object]:
+def _decision_columns(by_column: list, names: _Names) -> Dict[str, object]:
+    """The decision's own columns, from a chunk transposed (`list(zip(*rows))`)."""
     (decision_ids, ts, router_pks, source_pks, request_ids, internal_ids, model_ids, attempts, durations,
-     n_candidates) = list(zip(*rows))[:_RANKING]
+     n_candidates) = by_column[:_RANKING]
     return {"decision_id": _uuids(decision_ids), "time": _times(ts), **names.router_columns(router_pks, source_pks),
             "request_id": _request_ids(request_ids), "internal_request_id": _request_ids(internal_ids),
             "model_id": model_ids, "attempt": attempts, "duration_us": durations, "n_candidates": n_candidates}
@@ -481,9 +482,10 @@ _AGE_SOURCE_NAMES = pa.array([AGE_SOURCE_NAMES.get(i) for i in range(3)], pa.str
 
 def _decision_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
     for rows, rejections in _in_background(_decision_rows(conn, f, sc)):
-        columns = _decision_columns(rows, names)
-        rankings = _Rankings([row[_RANKING] for row in rows], names)
-        replica, rank, own, wait, latency, ok = [list(column) for column in list(zip(*rows))[_ROUTED_REPLICA:]]
+        by_column = list(zip(*rows))
+        columns = _decision_columns(by_column, names)
+        rankings = _Rankings(by_column[_RANKING], names)
+        replica, rank, own, wait, latency, ok = [list(column) for column in by_column[_ROUTED_REPLICA:]]
         # A routed request was accepted; an unrouted one was refused, or its outcome is unknown.
         rejected = [False if pk is not None else None for pk in replica]
         for i, row in enumerate(rows):
@@ -498,13 +500,14 @@ def _decision_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) ->
 
 def _candidate_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
     for rows, _ in _in_background(_decision_rows(conn, f, sc, with_rejections=False)):
-        decision = _decision_columns(rows, names)
-        rankings = _Rankings([row[_RANKING] for row in rows], names)
+        by_column = list(zip(*rows))
+        decision = _decision_columns(by_column, names)
+        rankings = _Rankings(by_column[_RANKING], names)
         parents = rankings.parents  # each candidate's decision: its columns repeat per candidate
         columns = {column.name: pa.array(decision[column.name], column.arrow).take(parents)
                    for column in _DECISION}
         entries = rankings.entries
-        chosen_pk = pa.array([row[_ROUTED_REPLICA] for row in rows], pa.int64()).take(parents)
+        chosen_pk = pa.array(by_column[_ROUTED_REPLICA], pa.int64()).take(parents)
         columns.update(
             candidate_rank=entries["rank"], replica_id=entries["replica_id"],
             node_id=names.replica_info("node_id", rankings.replica_pks),
