@@ -483,6 +483,11 @@ def _window(f: Filters) -> dict:
 
 # --- catalogue ---
 
+def any_router(conn: Connection) -> bool:
+    """Whether any traced router has reported at all."""
+    return conn.scalar(select(Router.pk).limit(1)) is not None
+
+
 def deployments(conn: Connection, f: Optional[Filters] = None) -> dict:
     """Apps, deployments, routers (class and labels) and sources known."""
     routers = conn.execute(

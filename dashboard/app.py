@@ -124,7 +124,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
             return html.Div(str(exc), className="empty"), nav, ""
         custom = f"custom window: {iso(f.since)} to {iso(f.until)}" if state.since or state.until else ""
         with engine.connect() as conn:
-            if not queries.deployments(conn)["deployments"]:
+            if not queries.any_router(conn):
                 return _empty(), nav, custom
             return renderers[state.view](conn, f, state), nav, custom
 
