@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from typing import List
 
 import pytest
 
@@ -153,3 +154,16 @@ def page(browser):
         yield page
     finally:
         context.close()
+
+
+def shown_text(page, selector: str) -> str:
+    """The text of an element, once it is on the page."""
+    page.wait_for_selector(selector)
+    return page.inner_text(selector).strip()
+
+
+def shown_rows(page, table: str) -> List[List[str]]:
+    """The cells of a table's body rows, once it has one."""
+    page.wait_for_selector(f"{table} tbody tr")
+    return [[cell.strip() for cell in row.split("\t")]
+            for row in page.inner_text(f"{table} tbody").strip().splitlines()]

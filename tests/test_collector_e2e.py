@@ -29,6 +29,7 @@ from dashboard.components import number, percent, seconds
 from dashboard.serve import create_up_app
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
 from tests import serve_apps
+from tests.browser import shown_rows, shown_text
 from tests.collector_server import CollectorServer
 from tests.conftest import Collector
 from tests.serve_traffic import send_handle, send_http
@@ -209,9 +210,7 @@ def test_the_dashboard_shows_the_replicas_own_counts(traced, page):
     shows is what the replicas counted themselves."""
     for app, deployed in traced["apps"].items():
         page.goto(f'{traced["url"]}/distribution?app={deployed}&since={traced["window"]["since"]}')
-        page.wait_for_selector("#distribution-table tbody tr")
-        rows = [row.split("\t") for row in page.inner_text("#distribution-table tbody").strip().splitlines()]
-        shown = {row[0].strip(): row[4].strip() for row in rows}
+        shown = {row[0]: row[4] for row in shown_rows(page, "#distribution-table")}
         assert shown == {replica: number(traced["counts"][app].get(replica, 0)) for replica in shown}, app
         assert len(shown) == APPS[app][2]["num_replicas"]
     assert not page.console_errors
@@ -251,17 +250,6 @@ def test_export_then_import_gives_the_same_numbers_in_every_panel(traced, tmp_pa
             assert [copied[key] for key in SOURCE_FIGURES] == [original[key] for key in SOURCE_FIGURES]
     finally:
         copy.close()
-
-
-def shown_text(page, selector: str) -> str:
-    page.wait_for_selector(selector)
-    return page.inner_text(selector).strip()
-
-
-def shown_rows(page, selector: str):
-    page.wait_for_selector(f"{selector} tbody tr")
-    return [[cell.strip() for cell in row.split("\t")] for row in page.inner_text(f"{selector} tbody").splitlines()
-            if row.strip()]
 
 
 @pytest.mark.browser
@@ -308,7 +296,6 @@ def test_every_view_shows_what_the_api_says(traced, page):
         c["replica_id"] for rank in detail["candidates"] for c in rank]
 
     view("compare", "pow2", compare_shift="7d")
-    page.wait_for_selector("#compare-table tbody tr")
     compared = {row[0]: row[1:] for row in shown_rows(page, "#compare-table")}
     assert compared["routed requests"] == [number(hits["routed"]), "0"]  # a week earlier: no traffic
     assert compared["rank-0 hit rate"][0] == percent(hits["rank0_rate"])

@@ -14,6 +14,7 @@ import pytest
 from collector.settings import Settings
 from dashboard.components import number, percent, seconds
 from dashboard.serve import create_up_app
+from tests.browser import shown_rows, shown_text
 from tests.collector_server import CollectorServer
 from tests.conftest import WireSource
 
@@ -56,19 +57,14 @@ def api(server, path, **params):
     return httpx.get(f"{server.url}{path}", params={"window": "1h", **params}).json()
 
 
-def text(page, selector) -> str:
-    page.wait_for_selector(selector)
-    return page.inner_text(selector).strip()
-
-
 def test_overview_shows_the_api_figures(server, page):
     page.goto(server.url + "/")
     summary = api(server, "/v1/summary")
-    assert text(page, "#overview-routed-per-s") == number(summary["routed_per_s"], 2)
-    assert text(page, "#overview-decisions-per-s") == number(summary["decisions_per_s"], 2)
-    assert text(page, "#overview-rank0-rate") == percent(summary["rank0_rate"])
-    assert text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3)
-    assert text(page, "#overview-dropped-events") == "3"
+    assert shown_text(page, "#overview-routed-per-s") == number(summary["routed_per_s"], 2)
+    assert shown_text(page, "#overview-decisions-per-s") == number(summary["decisions_per_s"], 2)
+    assert shown_text(page, "#overview-rank0-rate") == percent(summary["rank0_rate"])
+    assert shown_text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3)
+    assert shown_text(page, "#overview-dropped-events") == "3"
     assert "alert" in page.get_attribute("#overview-dropped-events >> xpath=..", "class")
     assert not page.console_errors
 
@@ -76,7 +72,7 @@ def test_overview_shows_the_api_figures(server, page):
 def test_a_filter_in_the_url_changes_the_figures(server, page):
     page.goto(server.url + "/?app=search")
     search = api(server, "/v1/summary", app="search")
-    assert text(page, "#overview-routed-per-s") == number(search["routed_per_s"], 2)
+    assert shown_text(page, "#overview-routed-per-s") == number(search["routed_per_s"], 2)
     assert search["routed"] != api(server, "/v1/summary")["routed"]
     assert not page.console_errors
 
@@ -94,30 +90,28 @@ def test_choosing_a_window_puts_it_in_the_url(server, page):
 def test_distribution_lists_every_replica_with_its_count(server, page):
     page.goto(server.url + "/distribution?app=shop")
     dist = api(server, "/v1/distribution", app="shop")
-    page.wait_for_selector("#distribution-table tbody tr")
-    rows = [[cell.strip() for cell in row.split("\t")]
-            for row in page.inner_text("#distribution-table tbody").strip().splitlines()]
+    rows = shown_rows(page, "#distribution-table")
     assert [(row[0], row[4]) for row in rows] == [(r["replica_id"], number(r["routed"])) for r in dist["replicas"]]
     assert ("r3", "0") in [(row[0], row[4]) for row in rows]  # a member that got nothing is listed
-    assert text(page, "#distribution-max-over-mean") == number(dist["imbalance"]["max_over_mean"], 2)
+    assert shown_text(page, "#distribution-max-over-mean") == number(dist["imbalance"]["max_over_mean"], 2)
     assert not page.console_errors
 
 
 def test_with_no_data_the_page_says_how_to_start(tmp_path, page):
     with CollectorServer(Settings(db_url=f"sqlite:///{tmp_path / 'empty.db'}"), app_factory=create_up_app) as up:
         page.goto(up.url + "/")
-        assert "No routing decisions yet" in text(page, "#empty-state")
-        assert "collector_url" in text(page, "#empty-state")
+        assert "No routing decisions yet" in shown_text(page, "#empty-state")
+        assert "collector_url" in shown_text(page, "#empty-state")
     assert not page.console_errors
 
 
 def test_staleness_shows_the_api_figures(server, page):
     page.goto(server.url + "/staleness?app=shop")
     s = api(server, "/v1/staleness", app="shop")
-    assert text(page, "#staleness-p95") == seconds(s["overall"]["p95_s"])
-    assert text(page, "#staleness-stamped") == f'{number(s["overall"]["stamped"])} / {number(s["overall"]["observed"])}'
-    page.wait_for_selector("#staleness-table tbody tr")
-    shown = [row.split("\t")[0].strip() for row in page.inner_text("#staleness-table tbody").strip().splitlines()]
+    assert shown_text(page, "#staleness-p95") == seconds(s["overall"]["p95_s"])
+    assert shown_text(page, "#staleness-stamped") == \
+        f'{number(s["overall"]["stamped"])} / {number(s["overall"]["observed"])}'
+    shown = [row[0] for row in shown_rows(page, "#staleness-table")]
     assert shown == [r["replica_id"] for r in s["replicas"]]
     page.wait_for_selector("#staleness-heatmap .main-svg")
     assert not page.console_errors
@@ -126,11 +120,10 @@ def test_staleness_shows_the_api_figures(server, page):
 def test_rank_hits_shows_the_api_figures(server, page):
     page.goto(server.url + "/rank-hits?app=search")
     r = api(server, "/v1/rank-hits", app="search")
-    assert text(page, "#rank-hits-rank0-rate") == percent(r["rank0_rate"])
-    assert text(page, "#rank-hits-handoff-rate") == percent(r["handoff_rate"])
-    page.wait_for_selector("#rank-hits-ranks tbody tr")
-    rows = [row.split("\t") for row in page.inner_text("#rank-hits-ranks tbody").strip().splitlines()]
-    assert [(x[0].strip(), x[1].strip()) for x in rows] == [(e["rank"], number(e["routed"])) for e in r["ranks"]]
+    assert shown_text(page, "#rank-hits-rank0-rate") == percent(r["rank0_rate"])
+    assert shown_text(page, "#rank-hits-handoff-rate") == percent(r["handoff_rate"])
+    rows = shown_rows(page, "#rank-hits-ranks")
+    assert [(x[0], x[1]) for x in rows] == [(e["rank"], number(e["routed"])) for e in r["ranks"]]
     assert not page.console_errors
 
 
@@ -139,7 +132,7 @@ def test_the_navigation_keeps_the_filters(server, page):
     page.click("#nav-staleness")
     page.wait_for_url("**/staleness?**")
     assert "app=shop" in page.url and "window=24h" in page.url
-    assert text(page, "#staleness-p95") == seconds(api(server, "/v1/staleness", app="shop", window="24h")
+    assert shown_text(page, "#staleness-p95") == seconds(api(server, "/v1/staleness", app="shop", window="24h")
                                                    ["overall"]["p95_s"])
     assert not page.console_errors
 
@@ -159,20 +152,19 @@ def test_the_explorer_pages_through_decisions_and_opens_one(server, page):
     wanted = older["decisions"][0]
     assert f"decision={wanted['id']}" in page.url
     detail = api(server, f"/v1/decisions/{wanted['id']}")
-    shown = [row.split("\t")[1].strip() for row in
-             page.inner_text("#decision-candidates tbody").strip().splitlines()]
+    shown = [row[1] for row in shown_rows(page, "#decision-candidates")]
     assert shown == [c["replica_id"] for rank in detail["candidates"] for c in rank]
-    assert f"routed to {detail['routed']['replica_id']} (rank 0)" in text(page, "#decision-routed")
-    assert "completed at" in text(page, "#decision-completed")
+    assert f"routed to {detail['routed']['replica_id']} (rank 0)" in shown_text(page, "#decision-routed")
+    assert "completed at" in shown_text(page, "#decision-completed")
     assert not page.console_errors
 
 
 def test_a_link_to_a_decision_opens_it(server, page):
     wanted = api(server, "/v1/decisions", app="search", limit=1)["decisions"][0]
     page.goto(server.url + f"/explorer?app=search&decision={wanted['id']}")
-    assert wanted["id"] in text(page, "#decision-facts")
+    assert wanted["id"] in shown_text(page, "#decision-facts")
     page.goto(server.url + "/explorer?decision=not-a-decision")
-    assert "No decision not-a-decision" in text(page, "#decision-missing")
+    assert "No decision not-a-decision" in shown_text(page, "#decision-missing")
     assert not page.console_errors
 
 
@@ -196,14 +188,12 @@ def test_a_download_holds_the_rows_the_view_counts(server, page):
 
 
 def compare_rows(page) -> dict:
-    page.wait_for_selector("#compare-table tbody tr")
-    rows = [row.split("\t") for row in page.inner_text("#compare-table tbody").strip().splitlines()]
-    return {row[0].strip(): (row[1].strip(), row[2].strip()) for row in rows}
+    return {row[0]: (row[1], row[2]) for row in shown_rows(page, "#compare-table")}
 
 
 def test_compare_puts_two_label_values_side_by_side(server, page):
     page.goto(server.url + "/compare")
-    assert "Choose two label values" in text(page, "#compare-hint")
+    assert "Choose two label values" in shown_text(page, "#compare-hint")
     page.click("#compare-a-router_version-a")
     page.wait_for_selector("#compare-a-router_version-a.active")  # the links now carry A's choice
     page.click("#compare-b-router_version-b")
@@ -229,8 +219,8 @@ def test_a_custom_window_in_the_url(server, page):
     since, until = time.time() - 3 * 3600, time.time() + 60
     page.goto(server.url + f"/distribution?since={since}&until={until}&app=shop")
     expected = api(server, "/v1/distribution", since=since, until=until, app="shop")
-    assert text(page, "#distribution-routed") == number(expected["routed"])
-    assert "custom window" in text(page, "#custom-window")
+    assert shown_text(page, "#distribution-routed") == number(expected["routed"])
+    assert "custom window" in shown_text(page, "#custom-window")
     page.goto(server.url + f"/distribution?since={time.time() - 7200}&until={time.time() - 3600}&app=shop")
     page.wait_for_function("(document.querySelector('#distribution-routed') || {}).innerText === '0'")
     assert not page.console_errors
@@ -239,7 +229,7 @@ def test_a_custom_window_in_the_url(server, page):
 def test_auto_refresh_shows_new_data_and_keeps_the_filters(server, page):
     page.goto(server.url + "/distribution?app=shop&refresh=5s")
     before = api(server, "/v1/distribution", app="shop")["routed"]
-    assert text(page, "#distribution-routed") == number(before)
+    assert shown_text(page, "#distribution-routed") == number(before)
     shop = WireSource("shop-proxy-2", app="shop", labels={"router_version": "a"})
     batch = shop.batch(_traffic(shop, time.time() - 60, ["r1", "r2", "r3"], [0, 0, 7]))
     assert httpx.post(f"{server.url}/v1/events", content=json.dumps(batch),
@@ -260,11 +250,11 @@ def test_with_a_token_the_dashboard_asks_for_it(tmp_path, page):
         page.goto(up.url + "/distribution?window=24h")
         page.fill("#token", "wrong")
         page.click("#sign-in")
-        assert "Wrong token" in text(page, "#wrong")
+        assert "Wrong token" in shown_text(page, "#wrong")
         page.fill("#token", "s3cret; with=odd chars")
         page.click("#sign-in")
         page.wait_for_url("**/distribution?window=24h")
-        assert "No routing decisions yet" in text(page, "#empty-state")
+        assert "No routing decisions yet" in shown_text(page, "#empty-state")
         # The cookie also opens the API to the browser: the download links work.
         assert page.request.get(up.url + "/v1/summary").status == 200
         assert httpx.get(up.url + "/v1/summary", headers={"authorization": "Bearer s3cret; with=odd chars"}
