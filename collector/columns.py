@@ -51,9 +51,10 @@ def request_id_bytes(text: str) -> bytes:
         try:
             raw = bytes.fromhex(digits)
         except ValueError:
-            raw = None
-        # hex() gives lowercase: equal digits mean the text was canonical (a regex costs twice as much).
-        if raw is not None and raw[0] != 0xFF and raw.hex() == digits:
+            raw = b""
+        # 16 bytes, and hex() (lowercase) gives the digits back: the text was canonical, with no dash
+        # elsewhere (a regex costs twice as much).
+        if len(raw) == 16 and raw[0] != 0xFF and raw.hex() == digits:
             return raw
     return _TEXT_MARK + text.encode()
 
