@@ -171,7 +171,7 @@ def _encode_decision(d: Decision) -> str:
             stamp = collected_at(stats)
             if stamp is not None:
                 stats_age, age_source = _number(ts - stamp), '"stamped"'
-            elif seen is not None:
+            elif stats:  # `{}` is Ray's "no stats (yet)": there is no value to be stale
                 stats_age, age_source = _number(ts - seen[1]), '"observed"'
             else:
                 stats_age, age_source = "null", "null"
