@@ -112,11 +112,41 @@ class ThroughputAwareRequestRouter(FIFOMixin, MultiplexMixin, LocalityMixin, Req
         return [[min_throughput_replicas]]
 
 
+class ModelAwareRequestRouter(FIFOMixin, MultiplexMixin, LocalityMixin, RequestRouter):
+    """Model first, then locality: the replicas that hold the request's
+    multiplexed model, then those holding the fewest models, then the rest
+    (MultiplexMixin's ranks); within each, same node before same availability
+    zone before the others (LocalityMixin's ranks). Requests without a model id
+    are ranked by locality alone. Ray tries the ranks in order and, within a
+    rank, takes the replica with the shortest queue that accepts.
+
+    Not in the guide: the guide's throughput-aware router merges the model's
+    replicas with the local ones into one set, so on a single node (where
+    every replica is local) it ignores the model id. This one keeps them apart.
+    """
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        model_id = pending_request.metadata.multiplexed_model_id if pending_request is not None else ""
+        if model_id:
+            by_model = self.rank_replicas_via_multiplex(replicas=candidate_replicas, multiplexed_model_id=model_id)
+        else:
+            by_model = [candidate_replicas]
+        return [near for group in by_model for near in self.rank_replicas_via_locality(replicas=group) if near]
+
+
 class TracedUniformRequestRouter(TracingMixin, UniformRequestRouter):
     pass
 
 
 class TracedThroughputAwareRequestRouter(TracingMixin, ThroughputAwareRequestRouter):
+    pass
+
+
+class TracedModelAwareRequestRouter(TracingMixin, ModelAwareRequestRouter):
     pass
 
 
