@@ -197,6 +197,7 @@ def distribution(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> di
         replicas.append({
             "replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
             "node_id": info.get("node_id"), "availability_zone": info.get("availability_zone"),
+            "model_ids": info.get("model_ids", []),  # as last reported: what the replica holds now
             **{name: row[name] for name in names},
             "share": _rate(row["routed"], total), "member": pk in members,
         })

@@ -60,7 +60,8 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
                                                                     range=[0, 1.05]))
 
     rows = [(r["replica_id"], r["deployment"], r["node_id"] or "–", r["availability_zone"] or "–",
-             number(r["routed"]), percent(r["share"]), number(r["rejections"])) for r in replicas]
+             ", ".join(r["model_ids"]) or "–", number(r["routed"]), percent(r["share"]), number(r["rejections"]))
+            for r in replicas]
     return html.Div([
         cards,
         # The routed requests the counts are made of.
@@ -68,8 +69,9 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         section("Routed requests per replica", [dcc.Graph(id="distribution-bars", figure=bars)]),
         section("Share over time", [dcc.Graph(id="distribution-shares", figure=shares)]),
         section("Imbalance over time", [dcc.Graph(id="distribution-imbalance", figure=balance)]),
-        section("Replicas", [table("distribution-table", ("replica", "deployment", "node", "zone", "routed",
-                                                           "share", "rejections"), rows)]),
+        section("Replicas", [table("distribution-table", ("replica", "deployment", "node", "zone",
+                                                           "models held", "routed", "share", "rejections"),
+                                               rows)]),
         section("By node", [_group_table("distribution-by-node", "node_id", d["by_node"])]),
         section("By availability zone", [_group_table("distribution-by-zone", "availability_zone",
                                                       d["by_availability_zone"])]),

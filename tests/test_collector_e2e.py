@@ -210,7 +210,7 @@ def test_the_dashboard_shows_the_replicas_own_counts(traced, page):
     shows is what the replicas counted themselves."""
     for app, deployed in traced["apps"].items():
         page.goto(f'{traced["url"]}/distribution?app={deployed}&since={traced["window"]["since"]}')
-        shown = {row[0]: row[4] for row in shown_rows(page, "#distribution-table")}
+        shown = {row[0]: row[5] for row in shown_rows(page, "#distribution-table")}
         assert shown == {replica: number(traced["counts"][app].get(replica, 0)) for replica in shown}, app
         assert len(shown) == APPS[app][2]["num_replicas"]
     assert not page.console_errors
