@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from collector.db import DatabaseError
+from collector.demo import DemoError
 from collector.export import TABLES
 from collector.export_formats import FORMATS
 from collector.serve import ServeError
@@ -21,35 +22,71 @@ class UsageError(Exception):
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="routelens", description="Make Ray Serve request routing observable.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="trace the seed's routers and Ray's default router on a local Ray Serve, then summarize",
-        description="Start a local Ray Serve, deploy the Ray custom-routing guide's two apps and a pow-2 "
-                    "deployment with traced routers, send traffic through HTTP and a handle, and print "
-                    "what the tracer recorded.",
-    )
-    demo.add_argument("--dir", default="routelens-demo", help="where the decision logs go (default: %(default)s)")
-    demo.add_argument("--requests", type=int, default=100,
-                      help="requests per app and per path, HTTP and handle (default: %(default)s)")
-    demo.add_argument("--port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
+    _add_demo(commands)
     _add_collector(commands)
     _add_db(commands)
     _add_export(commands)
     _add_import(commands)
     args = parser.parse_args(argv)
 
-    if args.command in ("collector", "up", "db", "export", "import"):
-        try:
-            return args.run(args)
-        except (DatabaseError, ServeError, UsageError) as exc:
-            print(f"routelens {args.command}: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, UsageError) else 1
-    if args.command == "demo":
-        if args.requests <= 0:
-            parser.error("--requests must be positive")
-        from collector import demo as demo_job
+    try:
+        return args.run(args)
+    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
+        print(f"routelens {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
 
-        demo_job.run(args.dir, args.requests, args.port)
-    return 0
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="see routelens at work: traced routers, live traffic and the dashboard, on this machine",
+        description="Start `routelens up` on a SQLite file and a local Ray Serve; deploy the Ray custom-routing "
+                    "guide's two apps (uniform router, 10 replicas; throughput-aware router, 3 replicas, stamped "
+                    "stats every second), a deployment on Ray's default power-of-two router (one slow replica, "
+                    "bursts that cause rejections) and a multiplexed-model deployment on a model-then-locality "
+                    "router (one replica's stats go stale), all traced; drive mixed HTTP and handle traffic; "
+                    "print the dashboard's URL. Ctrl-C, or the end of --duration, shuts everything down.",
+    )
+    demo.add_argument("--duration", type=_positive_duration,
+                      help="stop after this long, e.g. 60, 90s, 10m (default: run until Ctrl-C)")
+    demo.add_argument("--rate", type=_positive_float, default=40.0,
+                      help="requests per second over all apps, bursts aside (default: %(default)s)")
+    demo.add_argument("--db", help="SQLite file to keep the demo's data in (default: a temporary file, "
+                                   "removed at the end)")
+    demo.add_argument("--port", type=int, default=8321, help="the dashboard's port (default: %(default)s)")
+    demo.add_argument("--serve-port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
+    demo.add_argument("--no-traffic", dest="traffic", action="store_false",
+                      help="deploy and serve the dashboard, but send nothing (send your own)")
+    demo.set_defaults(run=_run_demo)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_demo(args) -> int:
+    from collector.demo import DemoOptions, run
+
+    if args.db and os.path.isdir(args.db):
+        raise UsageError(f"--db {args.db} is a directory: name the SQLite file to keep the data in")
+    return run(DemoOptions(duration=args.duration, rate=args.rate, db=args.db, port=args.port,
+                           serve_port=args.serve_port, traffic=args.traffic))
 
 
 def _add_collector(commands) -> None:

@@ -1,110 +1,244 @@
-"""`routelens demo`, first version: the seed's two apps and Ray's default
-router, traced, on a local Ray Serve; traffic through HTTP and a handle; then
-a summary of what the tracer recorded (from its JSON Lines sink).
+"""`routelens demo`: everything on one machine, so that a newcomer sees every
+view of the dashboard show something true within a minute.
 
-The full demo (collector, dashboard, skewed and stale traffic) is issue #6.
+In order: `routelens up` on a SQLite file (a child process, so that the
+dashboard never competes with the traffic for this process's GIL); a local
+Ray and Serve; the apps of `collector.demo_apps`, their traced routers
+pointed at that collector; traffic (`collector.demo_traffic`) until
+`--duration` ends or Ctrl-C. Then, in the order that loses nothing: the
+traffic stops, Serve shuts down (the routers flush their last events), the
+final figures are read from the collector, Ray stops, the server stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import json
+import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.parse
 import urllib.request
-from collections import defaultdict
-from typing import Any, Dict
+from dataclasses import dataclass
+from typing import Dict, Optional
 
-from ray import serve
-from ray.serve.config import RequestRouterConfig
-from ray.serve.context import _get_internal_replica_context
+from rich.console import Console
+from rich.table import Table
 
-from routers import stamp_routing_stats
+from collector.serve import check_port_free
 
-
-@serve.deployment(num_replicas=10, ray_actor_options={"num_cpus": 0})
-class UniformRequestRouterApp:
-    def __init__(self):
-        self.replica_id = _get_internal_replica_context().replica_id
-
-    async def __call__(self, *args: Any) -> str:
-        return self.replica_id.unique_id
+HOST = "127.0.0.1"
+STATUS_EVERY_S = 2.0
+LINE_EVERY_S = 10.0  # when the output is not a terminal: a plain line this often
 
 
-def _time_ms() -> int:
-    return int(time.time() * 1000)
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says why and what to do."""
 
 
-@serve.deployment(num_replicas=3, ray_actor_options={"num_cpus": 0})
-class ThroughputAwareRequestRouterApp:
-    """The seed's app, its routing stats stamped so staleness is exact."""
-
-    def __init__(self):
-        self.throughput_buckets: Dict[int, int] = defaultdict(int)
-        self.last_throughput_buckets = _time_ms()
-        self.replica_id = _get_internal_replica_context().replica_id
-
-    def __call__(self, *args: Any) -> str:
-        current_timestamp_ms = _time_ms()
-        if current_timestamp_ms >= self.last_throughput_buckets - 1000:
-            self.throughput_buckets[current_timestamp_ms] += 1
-            self.last_throughput_buckets = current_timestamp_ms
-        return self.replica_id.unique_id
-
-    @stamp_routing_stats
-    def record_routing_stats(self) -> Dict[str, Any]:
-        now = _time_ms()
-        for t in [t for t in self.throughput_buckets if t < now - 1000]:
-            self.throughput_buckets.pop(t)
-        return {"throughput": sum(self.throughput_buckets.values())}
+@dataclass(frozen=True)
+class DemoOptions:
+    duration: Optional[float]  # seconds of traffic; None: until Ctrl-C
+    rate: float  # requests/s, all apps together, bursts not counted
+    db: Optional[str]  # SQLite file to keep; None: a temporary one
+    port: int  # the dashboard's
+    serve_port: int  # Serve's HTTP proxy
+    traffic: bool
 
 
-@serve.deployment(num_replicas=3, max_ongoing_requests=2, ray_actor_options={"num_cpus": 0})
-class SlowApp:
-    """50 ms per request, 2 at a time: bursts get rejections and FIFO hand-offs."""
-
-    async def __call__(self, *args: Any) -> str:
-        await asyncio.sleep(0.05)
-        return "ok"
-
-
-APPS = {
-    "uniform": (UniformRequestRouterApp, "routers.examples:TracedUniformRequestRouter", {}),
-    "throughput": (ThroughputAwareRequestRouterApp, "routers.examples:TracedThroughputAwareRequestRouter",
-                   {"request_routing_stats_period_s": 1, "request_routing_stats_timeout_s": 1}),
-    "pow2": (SlowApp, "routers.examples:TracedPowerOfTwoChoicesRequestRouter", {}),
-}
-
-
-def run(directory: str, requests: int, port: int) -> None:
-    import ray
-
-    from collector import sink_report
-
-    os.makedirs(directory, exist_ok=True)
-    for path in sink_report.sink_files(directory):
-        os.unlink(path)
-    jsonl_path = os.path.join(os.path.abspath(directory), "events-{hostname}-{pid}.jsonl")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def run(options: DemoOptions) -> int:
+    for port, flag in ((options.port, "--port"), (options.serve_port, "--serve-port")):
+        try:
+            check_port_free(HOST, port)
+        except Exception as exc:
+            raise DemoError(f"{exc} ({flag})") from None
+    console = Console(stderr=True, highlight=False)
+    workdir = tempfile.mkdtemp(prefix="routelens-demo-")
+    db = os.path.abspath(options.db) if options.db else os.path.join(workdir, "routelens.db")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        handles = {}
-        for name, (app, router, options) in APPS.items():
-            config = RequestRouterConfig(request_router_class=router,
-                                         request_router_kwargs={"jsonl_path": jsonl_path}, **options)
-            print(f"deploying {name} ({router.split(':')[1]})")
-            handles[name] = serve.run(app.options(request_router_config=config).bind(),
-                                      name=name, route_prefix=f"/{name}")
-        time.sleep(2)  # let the first stamped stats reach the routers
-        for name, handle in handles.items():
-            print(f"sending {requests} requests to {name} through HTTP and {requests} through a handle")
-            for _ in range(requests):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/{name}", timeout=60).read()
-            for start in range(0, requests, 50):
-                for response in [handle.remote() for _ in range(min(50, requests - start))]:
-                    response.result(timeout_s=60)
-        time.sleep(4)  # one flush interval, plus the grace period for rejections
+        with DashboardServer(db, options.port, os.path.join(workdir, "up.log")) as server:
+            console.print(f"[bold]routelens up[/] on {db}")
+            try:
+                _run_serve(options, server, os.path.join(workdir, "spool"), console)
+            except KeyboardInterrupt:
+                console.print("interrupted: shutting down")
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    sink_report.render(sink_report.summarize(sink_report.sink_files(directory)))
-    print(f"decision logs (JSON Lines, one wire-format batch per line): {os.path.abspath(directory)}")
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not options.db:
+        console.print("the demo's database was temporary; keep one with --db FILE, "
+                      "then browse it with `routelens up --db FILE`")
+    return 0
+
+
+def _run_serve(options: DemoOptions, server: "DashboardServer", spool_dir: str, console: Console) -> None:
+    import ray
+    from ray import serve
+
+    from collector.demo_apps import APPS
+
+    started_at = time.time()
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    with console.status("starting Ray and Serve"):
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        serve.start(http_options={"host": HOST, "port": options.serve_port})
+        # The demo overloads `backend` on purpose: Serve's warnings about it would bury the demo's own lines.
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
+        router_kwargs = {"collector_url": server.url, "spool_dir": spool_dir}
+        handles = {}
+        for app in APPS:
+            began = time.monotonic()
+            with console.status(f"deploying {app.name}: {app.replicas} replicas, {app.router.split(':')[1]}"):
+                handles[app.name] = serve.run(app.bind(router_kwargs), name=app.name, route_prefix=f"/{app.name}")
+            console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
+                          f"({time.monotonic() - began:.0f} s)")
+        serve_url = f"http://{HOST}:{options.serve_port}"
+        console.print(f"\n[bold]dashboard: {server.url}/[/]   (API: {server.url}/docs)")
+        console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS)}}}")
+        if options.traffic:
+            tally = _drive(handles, serve_url, options, server, started_at, console)
+        else:
+            console.print("no traffic (--no-traffic): send your own; Ctrl-C stops the demo")
+            _wait(options.duration)
+            tally = None
+        with console.status("shutting down Serve (the routers flush their last events)"):
+            serve.shutdown()
+        if tally is not None:
+            console.print(_final_table(server, started_at, tally))
+    finally:
+        with console.status("stopping Ray"):
+            serve.shutdown()  # a no-op unless interrupted before the shutdown above
+            ray.shutdown()
+
+
+def _wait(duration: Optional[float]) -> None:
+    deadline = None if duration is None else time.monotonic() + duration
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _drive(handles, serve_url: str, options: DemoOptions, server: "DashboardServer", started_at: float,
+           console: Console):
+    from collector.demo_traffic import Traffic
+
+    traffic = Traffic(handles, serve_url, options.rate)
+
+    async def drive() -> None:
+        sending = asyncio.create_task(traffic.run())
+        status = asyncio.create_task(_show_status(traffic, server, started_at, options.duration, console))
+        try:
+            await asyncio.wait_for(asyncio.shield(sending), options.duration)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            status.cancel()
+
+    try:
+        asyncio.run(drive())
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the traffic")
+    return traffic.tally
+
+
+async def _show_status(traffic, server: "DashboardServer", started_at: float, duration: Optional[float],
+                       console: Console) -> None:
+    last_line = 0.0
+    traffic_began = time.monotonic()
+    with console.status("") as status:
+        while True:
+            total = traffic.total
+            figures = await asyncio.to_thread(server.get, "/v1/summary", since=started_at)
+            clock = f"{time.monotonic() - traffic_began:.0f}" + (f"/{duration:.0f}" if duration else "")
+            stored = (f"stored {figures['decisions']} decisions, {figures['routed']} routed, "
+                      f"{figures['rejections']} rejections" if figures else "the collector does not answer")
+            text = f"{clock} s: sent {total.sent}, {total.ok} ok, {total.failed} failed; {stored}"
+            if console.is_terminal:
+                status.update(text)
+            elif time.monotonic() - last_line >= LINE_EVERY_S:
+                console.print(text)
+                last_line = time.monotonic()
+            await asyncio.sleep(STATUS_EVERY_S)
+
+
+def _final_table(server: "DashboardServer", started_at: float, tally) -> Table:
+    from collector.demo_apps import APPS
+
+    table = Table(title="what the routers decided, as the collector stored it")
+    for column in ("app", "sent", "routed", "Jain", "rank 0", "hand-offs", "rejected", "stats age p95"):
+        table.add_column(column, justify="left" if column == "app" else "right")
+    for app in APPS:
+        s = server.get("/v1/summary", since=started_at, app=app.name) or {}
+        table.add_row(app.name, str(tally[app.name].sent), str(s.get("routed", "")),
+                      _fixed(s.get("imbalance", {}).get("jain"), "{:.3f}"), _fixed(s.get("rank0_rate"), "{:.0%}"),
+                      str(s.get("handoffs", "")), str(s.get("rejections", "")),
+                      _fixed(s.get("staleness_p95_s"), "{:.2f} s"))
+    return table
+
+
+def _fixed(value, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+class DashboardServer:
+    """`routelens up` in a child process that dies with this one."""
+
+    def __init__(self, db: str, port: int, log_path: str):
+        self.url = f"http://{HOST}:{port}"
+        self._command = [sys.executable, "-m", "collector.cli", "up", "--db", db, "--host", HOST,
+                         "--port", str(port), "--retention", "never"]
+        self._log_path = log_path
+        self._process: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "DashboardServer":
+        with open(self._log_path, "wb") as log:
+            # Its own session: Ctrl-C reaches the demo, which stops the server last, after the final flush.
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 60
+        while self.get("/healthz") is None:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise DemoError(f"routelens up did not start: {self._last_log_line()}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def get(self, path: str, **params) -> Optional[Dict]:
+        """The answer as JSON, or None when the server does not answer."""
+        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)
+        except (OSError, ValueError):
+            return None
+
+    def _last_log_line(self) -> str:
+        with contextlib.suppress(OSError), open(self._log_path, errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+            if lines:
+                return lines[-1]
+        return "no output"
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the demo dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -1,0 +1,224 @@
+"""`routelens demo` as a new user runs it: the real command in a child
+process (its own local Ray, Serve, `routelens up`), checked through the API
+while it runs and on the database it leaves, and for what it leaves behind:
+no process of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from typing import Dict, List, Tuple
+
+import pytest
+
+from collector.demo_apps import APPS, STATS_PERIOD_S
+from tests.conftest import Collector
+from tests.ports import free_port
+
+DURATION_S = 60
+WINDOW = "2h"
+
+pytestmark = pytest.mark.slow
+
+
+def _children_by_parent() -> Dict[int, List[int]]:
+    children = defaultdict(list)
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = _stat(int(name))
+            if stat is not None:
+                children[int(stat[1])].append(int(name))
+    return children
+
+
+def _stat(pid: int):
+    """(state, ppid, start time) of a live process, from /proc; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[1], fields[19]
+
+
+def _descendants(pid: int) -> Dict[int, str]:
+    """Every process below `pid`, with its start time (to tell a reused pid apart)."""
+    children, out, todo = _children_by_parent(), {}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            stat = _stat(child)
+            if stat is not None:
+                out[child] = stat[2]
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int, started: str) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[2] == started and stat[0] != "Z"
+
+
+class DemoRun:
+    def __init__(self, directory):
+        self.db = directory / "demo.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.lines: List[str] = []
+        self.processes: Dict[int, str] = {}
+        self.first_data_after_url_s = None
+
+    def run(self) -> int:
+        command = [sys.executable, "-m", "collector.cli", "demo", "--duration", str(DURATION_S), "--db",
+                   str(self.db), "--port", str(self.port), "--serve-port", str(free_port())]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "COLUMNS": "160"})
+        reader = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        reader.start()
+        url_shown_at = None
+        deadline = time.monotonic() + 420
+        while process.poll() is None:
+            if time.monotonic() > deadline:
+                process.kill()
+                pytest.fail("the demo did not end within 7 minutes:\n" + "".join(self.lines[-30:]))
+            self.processes.update(_descendants(process.pid))
+            if url_shown_at is None and any(f"dashboard: {self.url}/" in line for line in self.lines):
+                url_shown_at = time.monotonic()
+            if url_shown_at is not None and self.first_data_after_url_s is None and self._has_data():
+                self.first_data_after_url_s = time.monotonic() - url_shown_at
+            time.sleep(0.5)
+        reader.join(timeout=10)
+        return process.returncode
+
+    def _has_data(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/", timeout=5) as page:
+                assert page.status == 200
+            with urllib.request.urlopen(f"{self.url}/v1/summary?window=1h", timeout=5) as answer:
+                return json.load(answer)["routed"] > 0
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    run = DemoRun(tmp_path_factory.mktemp("demo"))
+    run.returncode = run.run()
+    run.api = Collector(f"sqlite:///{run.db}")
+    yield run
+    run.api.close()
+
+
+def test_the_demo_runs_and_ends_cleanly(demo):
+    output = "".join(demo.lines)
+    assert demo.returncode == 0, output[-3000:]
+    assert "Traceback" not in output
+    assert f"dashboard: {demo.url}/" in output
+    assert demo.first_data_after_url_s is not None and demo.first_data_after_url_s < 60, output[-3000:]
+    assert len(demo.processes) >= 10  # Ray's own processes and the replicas were seen
+    left = [pid for pid, started in demo.processes.items() if _alive(pid, started)]
+    assert not left, [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:200] for pid in left]
+
+
+def test_every_view_has_data_and_the_views_agree(demo):
+    api = demo.api
+    assert api.get("/v1/deployments", window=WINDOW)["apps"] == sorted(app.name for app in APPS)
+    total = api.get("/v1/summary", window=WINDOW)
+    assert total["decisions"] > 0 and total["completions"] > 0 and total["dropped_events"] == 0
+    routed = 0
+    for app in APPS:
+        summary = api.get("/v1/summary", window=WINDOW, app=app.name)
+        distribution = api.get("/v1/distribution", window=WINDOW, app=app.name)
+        hits = api.get("/v1/rank-hits", window=WINDOW, app=app.name)
+        assert summary["routed"] > 0, app.name
+        assert summary["routed"] == distribution["routed"] == hits["routed"], app.name
+        assert sum(r["routed"] for r in distribution["replicas"]) == summary["routed"], app.name
+        assert len(distribution["replicas"]) == app.replicas, app.name
+        assert api.get("/v1/timeseries", window=WINDOW, app=app.name)["points"], app.name
+        assert api.get("/v1/decisions", window=WINDOW, app=app.name, limit=5)["decisions"], app.name
+        routed += summary["routed"]
+    assert routed == total["routed"]
+    for app in ("throughput", "models"):
+        assert api.get("/v1/staleness", window=WINDOW, app=app)["overall"]["samples"] > 0, app
+
+
+def test_the_uniform_router_spreads_requests_evenly(demo):
+    distribution = demo.api.get("/v1/distribution", window=WINDOW, app="uniform")
+    assert len(distribution["replicas"]) == 10
+    assert distribution["imbalance"]["jain"] >= 0.9, distribution["imbalance"]
+
+
+def test_the_throughput_aware_routers_stamped_stats_stay_within_two_periods(demo):
+    staleness = demo.api.get("/v1/staleness", window=WINDOW, app="throughput")
+    overall = staleness["overall"]
+    assert overall["stamped"] == overall["samples"] > 0 and overall["observed"] == 0
+    assert len(staleness["replicas"]) == 3
+    for replica in staleness["replicas"]:
+        assert replica["p95_s"] <= 2 * STATS_PERIOD_S, replica
+
+
+def test_the_pow2_bursts_show_rejections_and_fifo_hand_offs(demo):
+    hits = demo.api.get("/v1/rank-hits", window=WINDOW, app="backend")
+    assert hits["rejections"] > 0 and hits["handoffs"] > 0, hits
+
+
+def test_the_multiplexed_deployment_ranks_by_model(demo):
+    api = demo.api
+    holders = defaultdict(set)
+    for replica in api.get("/v1/distribution", window=WINDOW, app="models")["replicas"]:
+        for model in replica["model_ids"]:  # models are never evicted in the demo: what they hold now, they held
+            holders[model].add(replica["replica_id"])
+    assert holders, "no replica reported a model"
+    decisions = _all_decisions(api, app="models")
+    with_model = [d for d in decisions if d["model_id"]]
+    assert with_model
+    # Rank 0 holds the request's model (all but the first requests of each model, before any replica had it) ...
+    warm = [d for d in with_model if set(d["ranks"][0]) <= holders[d["model_id"]]]
+    assert len(warm) >= 0.9 * len(with_model), (len(warm), len(with_model))
+    # ... and is not simply every replica: the ranking tells replicas apart by model.
+    narrow = [d for d in with_model if len(d["ranks"][0]) < 4]
+    assert len(narrow) >= 0.5 * len(with_model), (len(narrow), len(with_model))
+
+
+def test_the_stale_replica_stands_out(demo):
+    staleness = demo.api.get("/v1/staleness", window=WINDOW, app="models")
+    ages = sorted((r["max_s"], r["p95_s"]) for r in staleness["replicas"])
+    assert len(ages) == 4
+    assert ages[-1][0] > 10  # the replica whose stats stopped arriving
+    assert all(p95 <= 2 * STATS_PERIOD_S for _, p95 in ages[:-1]), ages
+
+
+def _all_decisions(api: Collector, **filters) -> List[dict]:
+    out, cursor = [], None
+    while True:
+        page = api.get("/v1/decisions", window=WINDOW, limit=500, **filters, **({"cursor": cursor} if cursor else {}))
+        out.extend(page["decisions"])
+        cursor = page.get("next_cursor")
+        if not cursor:
+            return out
+
+
+def _busy_port() -> Tuple[socket.socket, int]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    return listener, listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("flag", ["--port", "--serve-port"])
+def test_a_busy_port_is_one_line_and_starts_nothing(flag, tmp_path):
+    listener, port = _busy_port()
+    with listener:
+        result = subprocess.run([sys.executable, "-m", "collector.cli", "demo", flag, str(port), "--duration", "5"],
+                                capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"{port}" in result.stderr and flag in result.stderr
+    assert os.listdir(tmp_path) == []
