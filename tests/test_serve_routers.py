@@ -87,7 +87,7 @@ def test_throughput_aware_router_stamped_stats(serve_instance, tmp_path):
         if inputs["stats_age_source"] == "stamped"
     ]
     # Stats arrive stamped once the first collection reached the router; before
-    # that a replica's stats are {} and staleness is only "observed".
+    # that a replica's stats are {}, which have no age.
     assert len(ages) >= 0.8 * len(decisions), (len(ages), len(decisions))
     assert max(ages) <= period + 1.0, sorted(ages)[-5:]
     assert min(ages) >= 0
