@@ -208,3 +208,13 @@ def test_without_a_fulfilment_routed_falls_back_to_the_last_decision(tmp_path):
         assert r["attribution"] == "last_decision" and r["decision_id"] == decisions[request_id]
     ranks = sorted((r["rank"] is None) for r in routed.values())
     assert ranks == [False, True]  # rank 0 when the replica was ranked, null when it was not
+
+
+def test_replicas_without_routing_stats_have_no_staleness(tmp_path):
+    """Ray gives a router {} before a replica first reports, and always for a
+    deployment without record_routing_stats: there is no value to be stale."""
+    _, events, _ = run_traffic(tmp_path, TracedUniformRequestRouter, 20, 5)
+    candidates = [c for e in events if e["type"] == "decision" for c in e["replicas"].values()]
+    assert candidates
+    assert all(c["stats"] == {} and c["stats_age_s"] is None and c["stats_age_source"] is None
+               for c in candidates)
