@@ -8,7 +8,9 @@ these column types see exactly what was sent.
 
 from __future__ import annotations
 
+import binascii
 import json
+import struct
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
@@ -57,6 +59,32 @@ def request_id_bytes(text: str) -> bytes:
         if len(raw) == 16 and raw[0] != 0xFF and raw.hex() == digits:
             return raw
     return _TEXT_MARK + text.encode()
+
+
+def request_ids_bytes(texts: Sequence[str]) -> List[bytes]:
+    """`request_id_bytes` of each id, in a quarter of the time when all are
+    canonical UUIDs (the ids Ray makes): they are checked and converted
+    together, as one string, rather than one by one."""
+    count = len(texts)
+    if count and set(map(len, texts)) == {36}:
+        joined = "".join(texts)
+        # Each id has its 4 dashes in place ...
+        if joined[8::36] == joined[13::36] == joined[18::36] == joined[23::36] == "-" * count:
+            digits = joined.encode().translate(None, b"-")
+            try:
+                raw = binascii.unhexlify(digits)
+            except ValueError:  # binascii.Error: not hex digits, or an odd number of them
+                raw = b""
+            # ... and 32 lowercase hex digits besides (hexlify gives lowercase).
+            if len(raw) == 16 * count and binascii.hexlify(raw) == digits:
+                stored = list(struct.unpack("16s" * count, raw))
+                first_bytes = raw[::16]
+                at = first_bytes.find(_TEXT_MARK)
+                while at != -1:  # 1 UUID in 256 starts with 0xFF: those take the text form
+                    stored[at] = _TEXT_MARK + texts[at].encode()
+                    at = first_bytes.find(_TEXT_MARK, at + 1)
+                return stored
+    return [request_id_bytes(text) for text in texts]
 
 
 def request_id_text(stored: bytes) -> str:

@@ -44,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import LargeBinary
 
-from collector.columns import ranking_bytes, request_id_bytes
+from collector.columns import ranking_bytes, request_ids_bytes
 from collector.db import is_sqlite, writer
 from collector.models import (
     RAW_TABLES, ROLLUP_KEY, ROLLUP_MAXIMA, Deployment, Replica, Router, Source, SourceBatch, completed, decisions,
@@ -52,7 +52,7 @@ from collector.models import (
 )
 from collector.rollups import COLUMNS as ROLLUP_COLUMNS, RollupDelta
 from collector.schema import (
-    CompletedEvent, DecisionEvent, ReplicasEvent, RoutedEvent, StatsEvent, ValidBatch,
+    CompletedEvent, DecisionEvent, Event, ReplicasEvent, RoutedEvent, StatsEvent, ValidBatch,
 )
 
 _json = msgspec.json.Encoder()
@@ -175,13 +175,25 @@ def _sparse(row: tuple) -> Dict[str, float]:
     return out
 
 
-class _StoredRequestIds(dict):
-    """Request id -> its stored form (`request_id_bytes`), for one batch: a
-    request's ids recur in its decisions, routed and completed events."""
-
-    def __missing__(self, text: Optional[str]) -> Optional[bytes]:
-        stored = self[text] = None if text is None else request_id_bytes(text)
-        return stored
+def _stored_request_ids(events: Sequence[Event]) -> Dict[Optional[str], Optional[bytes]]:
+    """Each request id of a batch -> its stored form, converted together
+    (see `request_ids_bytes`) and once each: a request's ids recur in its
+    decisions, routed and completed events. A client may choose its request
+    ids, while internal ones are Ray's UUIDs: the two are converted apart, so
+    that odd request ids leave the internal ones their fast path."""
+    external, internal = set(), set()
+    for event in events:
+        if isinstance(event, (DecisionEvent, RoutedEvent)):
+            external.add(event.request_id)
+            internal.add(event.internal_request_id)
+        elif isinstance(event, CompletedEvent):
+            internal.add(event.internal_request_id)
+    stored: Dict[Optional[str], Optional[bytes]] = {None: None}
+    for ids in (external, internal):
+        ids.discard(None)
+        texts = list(ids)
+        stored.update(zip(texts, request_ids_bytes(texts)))
+    return stored
 
 
 def labels_key(labels: Dict[str, str]) -> str:
@@ -498,7 +510,7 @@ class _Rows:
         pks = replica_pks
         decision_rows, routed_rows = self._tables[decisions], self._tables[routed]
         completed_rows = self._tables[completed]
-        request_ids = _StoredRequestIds()
+        request_ids = _stored_request_ids(valid.batch.events)
         for event, event_id, extra in zip(valid.batch.events, valid.ids, extras):
             kept = _extra(event, extra)
             if isinstance(event, DecisionEvent):
