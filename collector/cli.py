@@ -20,6 +20,16 @@ class UsageError(Exception):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    try:
+        return args.run(args)
+    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
+        print(f"routelens {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="routelens", description="Make Ray Serve request routing observable.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo(commands)
@@ -27,13 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_db(commands)
     _add_export(commands)
     _add_import(commands)
-    args = parser.parse_args(argv)
-
-    try:
-        return args.run(args)
-    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
-        print(f"routelens {args.command}: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+    return parser
 
 
 def _add_demo(commands) -> None:
@@ -124,11 +128,19 @@ def _add_db(commands) -> None:
     db_parser = commands.add_parser("db", help="database schema: upgrade, current",
                                     description="Manage the routelens database schema (Alembic migrations).")
     actions = db_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    upgrade = actions.add_parser("upgrade", help="migrate the database to this version's schema (creates it)")
+    upgrade = actions.add_parser(
+        "upgrade", help="migrate the database to this version's schema (creates it)",
+        description="Create the database's tables, or migrate them to this version's schema (Alembic). The "
+                    "collector refuses to start on a database behind it. SQLite and PostgreSQL alike.",
+    )
     _add_db_option(upgrade)
     upgrade.add_argument("--revision", default="head", help="target revision (default: %(default)s)")
     upgrade.set_defaults(run=_run_db_upgrade)
-    current = actions.add_parser("current", help="print the database's schema revision and this version's")
+    current = actions.add_parser(
+        "current", help="print the database's schema revision and this version's",
+        description="Print the database's schema revision next to the one this routelens expects. "
+                    "Asking creates nothing: a missing SQLite file stays missing.",
+    )
     _add_db_option(current)
     current.set_defaults(run=_run_db_current)
 
@@ -189,8 +201,9 @@ def _duration_or_never(text: str):
 
 
 def _run_collector(args) -> int:
-    from collector.serve import serve
+    from collector.serve import check_port_free, serve
 
+    check_port_free(args.host, args.port)  # before anything is said about listening there
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)
     if args.with_dashboard:
@@ -217,13 +230,9 @@ def _run_db_upgrade(args) -> int:
 
 
 def _run_db_current(args) -> int:
-    from sqlalchemy.engine import make_url
-
     from collector import db
 
-    url = make_url(db.normalize_url(args.db))
-    if url.get_backend_name() == "sqlite" and url.database and not os.path.exists(url.database):
-        # Opening a missing SQLite file creates it: a question must not leave a database behind.
+    if db.missing_sqlite_file(args.db):
         current = None
     else:
         engine = db.make_engine(args.db)
@@ -240,8 +249,12 @@ def _run_db_current(args) -> int:
 
 
 def _run_export(args) -> int:
+    from collector.db import missing_sqlite_file
     from collector.export_command import run_export
 
+    missing = missing_sqlite_file(args.db)
+    if missing:
+        raise UsageError(f"no database at {missing} (name the file with --db)")
     return run_export(args)
 
 

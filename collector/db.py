@@ -45,6 +45,15 @@ def normalize_url(url: str) -> str:
     return parsed.render_as_string(hide_password=False)
 
 
+def missing_sqlite_file(url: str) -> Optional[str]:
+    """The path of a SQLite database that does not exist yet, else None.
+    Opening it would create it: commands that only read must not."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.exists(parsed.database):
+        return parsed.database
+    return None
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 

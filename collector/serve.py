@@ -49,6 +49,5 @@ def serve(app, host: str, port: int, token: str | None) -> None:
     if token is None and not is_loopback(host):
         print(f"warning: listening on {host} without a token: anyone who can reach this port can read and "
               "write your routing data (set --token)", file=sys.stderr)
-    check_port_free(host, port)
     tune_gc_for_bulk_work()
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
