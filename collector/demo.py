@@ -84,13 +84,13 @@ def _run_serve(options: DemoOptions, server: "DashboardServer", spool_dir: str, 
     from collector.demo_apps import APPS
 
     started_at = time.time()
-    logging.getLogger("ray").setLevel(logging.WARNING)
+    # Ray's notes about a local cluster, and Serve's warnings about `backend`, which the demo overloads on
+    # purpose, would bury the demo's own lines; errors still show.
     with console.status("starting Ray and Serve"):
-        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
-        serve.start(http_options={"host": HOST, "port": options.serve_port})
-        # The demo overloads `backend` on purpose: Serve's warnings about it would bury the demo's own lines.
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
+        serve.start(http_options={"host": HOST, "port": options.serve_port})
         router_kwargs = {"collector_url": server.url, "spool_dir": spool_dir}
         handles = {}
         for app in APPS:
