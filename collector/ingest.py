@@ -350,18 +350,14 @@ class Ingestor:
                     if inserted:
                         stored_by_type[kind] = len(inserted)
                         new_ids.update(inserted)
+                stored = batch.events if all_new else [
+                    event for event, event_id in zip(batch.events, valid.ids) if event_id in new_ids]
                 delta = RollupDelta()
-                changes: List[ReplicasEvent] = []
-                if all_new:
-                    for event in batch.events:
-                        rows.feed(delta, event, changes)
-                else:
-                    for event, event_id in zip(batch.events, valid.ids):
-                        if event_id in new_ids:
-                            rows.feed(delta, event, changes)
+                delta.add(stored, rows.router_pk, rows.replica_pks)
                 rollup_rows = delta.tuples()
                 if rollup_rows:
                     self._upsert_rollups(connection, rollup_rows)
+                changes = [event for event in stored if isinstance(event, ReplicasEvent)]
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
                 self._record_batch(connection, source_pk, batch, now)
@@ -499,19 +495,20 @@ def _extra(event, unknown: Optional[dict]) -> Optional[str]:
 
 
 class _Rows:
-    """A batch's events as table rows (tuples in column order), and what each
-    adds to the rollups once stored."""
+    """A batch's events as table rows (tuples in column order), with the
+    router and replica keys their rollups are counted under."""
 
     def __init__(self, valid: ValidBatch, source_pk: int, router_pk: int, replica_pks: Dict[str, int]):
         self.replica_pks = replica_pks
         self.router_pk = router_pk
         self._tables: Dict[object, List[tuple]] = {table: [] for table in RAW_TABLES}
+        events = valid.batch.events
         extras = valid.extras or [None] * len(valid.ids)
         pks = replica_pks
         decision_rows, routed_rows = self._tables[decisions], self._tables[routed]
         completed_rows = self._tables[completed]
-        request_ids = _stored_request_ids(valid.batch.events)
-        for event, event_id, extra in zip(valid.batch.events, valid.ids, extras):
+        request_ids = _stored_request_ids(events)
+        for event, event_id, extra in zip(events, valid.ids, extras):
             kept = _extra(event, extra)
             if isinstance(event, DecisionEvent):
                 decision_rows.append((
@@ -539,16 +536,3 @@ class _Rows:
 
     def of(self, table) -> List[tuple]:
         return self._tables[table]
-
-    def feed(self, delta: RollupDelta, event, changes: List[ReplicasEvent]) -> None:
-        pks = self.replica_pks
-        if isinstance(event, DecisionEvent):
-            delta.decision(event.ts, self.router_pk, event.duration_us, event.replicas, pks)
-        elif isinstance(event, RoutedEvent):
-            delta.routed(event.ts, self.router_pk, pks[event.replica_id], event.rank, event.own_ranking,
-                         event.attempts)
-        elif isinstance(event, CompletedEvent):
-            delta.completed(event.ts, self.router_pk, pks[event.replica_id], event.rejected, event.ok,
-                            event.latency_ms)
-        elif isinstance(event, ReplicasEvent):
-            changes.append(event)

@@ -1,9 +1,9 @@
 """Rollup deltas: what one batch adds to the per-minute and per-hour counters.
 
-Ingest feeds each newly stored event to a `RollupDelta`; `tuples()` (or
+Ingest adds a batch's newly stored events to a `RollupDelta`; `tuples()` (or
 `rows()`, as dicts) then gives one row per (grain, start, router, replica)
 touched, with every counter, ready for the upsert in `collector.ingest`.
-Only new events are fed, so a re-sent batch adds nothing.
+Only new events are added, so a re-sent batch adds nothing.
 
 Rows with replica_pk = 0 (`ROUTER_LEVEL`) hold a router's totals: what it
 counts of its own (decisions, choose_replicas time, attempts) and the sum of
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from operator import add
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from collector.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, STALENESS, rank_column
 from collector.models import ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS
+from collector.schema import CompletedEvent, DecisionEvent, Event, RoutedEvent
 
 GRAINS = (60, 3600)
 ROUTER_LEVEL = 0  # replica_pk of the rows that hold a router's own counters
@@ -61,40 +62,55 @@ class RollupDelta:
             row = self._minutes[key] = _EMPTY[:]
         return row
 
-    def decision(self, ts: float, router_pk: int, duration_us: int, candidates: Mapping[str, Any],
-                 replica_pks: Mapping[str, int]) -> None:
-        """`candidates`: a decision event's `replicas` (replica id -> its inputs,
-        with `stats_age_s` and `stats_age_source`; see `collector.schema.Candidate`).
-        Those without a key in `replica_pks` are not counted."""
-        minute = int(ts // 60) * 60
-        row = self._row_at(minute, router_pk, ROUTER_LEVEL)
-        row[DECISIONS] += 1
-        row[CHOOSE_FIRST + bisect_left(CHOOSE_BOUNDS, duration_us)] += 1
-        row[CHOOSE_SUM] += duration_us
-        if row[CHOOSE_MAX] is None or duration_us > row[CHOOSE_MAX]:
-            row[CHOOSE_MAX] = duration_us
-        minutes = self._minutes
-        for replica_id, candidate in candidates.items():
-            replica_pk = replica_pks.get(replica_id)
-            if replica_pk is None:
+    def add(self, events: Iterable[Event], router_pk: int, replica_pks: Mapping[str, int]) -> None:
+        """Count newly stored events of a router, in order (stats and replicas
+        events count nothing here). A decision's candidates without a key in
+        `replica_pks` are not counted."""
+        # Most events of a batch fall in the same minute: its rows are kept at hand, by replica_pk,
+        # rather than looked up by (minute, router, replica) three times per decision.
+        minute, rows = None, {}
+        for event in events:
+            if not isinstance(event, DecisionEvent):
+                if isinstance(event, RoutedEvent):
+                    self.routed(event.ts, router_pk, replica_pks[event.replica_id], event.rank, event.own_ranking,
+                                event.attempts)
+                elif isinstance(event, CompletedEvent):
+                    self.completed(event.ts, router_pk, replica_pks[event.replica_id], event.rejected, event.ok,
+                                   event.latency_ms)
                 continue
-            row = minutes.get((minute, router_pk, replica_pk))  # `_row_at`, inlined: twice per decision
+            event_minute = int(event.ts // 60) * 60
+            if event_minute != minute:
+                minute, rows = event_minute, {}
+            row = rows.get(ROUTER_LEVEL)
             if row is None:
-                row = minutes[(minute, router_pk, replica_pk)] = _EMPTY[:]
-            row[CANDIDATES] += 1
-            stats_age = candidate.stats_age_s
-            if stats_age is None:
-                continue
-            if stats_age < 0.0:
-                stats_age = 0.0  # clocks of replica and router may disagree slightly
-            else:
-                # In whole microseconds, as the raw ranking stores it: the rollups then agree
-                # with the raw rows, and with a copy of them imported elsewhere.
-                stats_age = round(stats_age * 1e6) / 1e6
-            row[STALE_FIRST + bisect_left(STALE_BOUNDS, stats_age)] += 1
-            row[STAMPED if candidate.stats_age_source == "stamped" else OBSERVED] += 1
-            if row[STALE_MAX] is None or stats_age > row[STALE_MAX]:
-                row[STALE_MAX] = stats_age
+                row = rows[ROUTER_LEVEL] = self._row_at(minute, router_pk, ROUTER_LEVEL)
+            duration_us = event.duration_us
+            row[DECISIONS] += 1
+            row[CHOOSE_FIRST + bisect_left(CHOOSE_BOUNDS, duration_us)] += 1
+            row[CHOOSE_SUM] += duration_us
+            if row[CHOOSE_MAX] is None or duration_us > row[CHOOSE_MAX]:
+                row[CHOOSE_MAX] = duration_us
+            for replica_id, candidate in event.replicas.items():
+                replica_pk = replica_pks.get(replica_id)
+                if replica_pk is None:
+                    continue
+                row = rows.get(replica_pk)
+                if row is None:
+                    row = rows[replica_pk] = self._row_at(minute, router_pk, replica_pk)
+                row[CANDIDATES] += 1
+                stats_age = candidate.stats_age_s
+                if stats_age is None:
+                    continue
+                if stats_age < 0.0:
+                    stats_age = 0.0  # clocks of replica and router may disagree slightly
+                else:
+                    # In whole microseconds, as the raw ranking stores it: the rollups then agree
+                    # with the raw rows, and with a copy of them imported elsewhere.
+                    stats_age = round(stats_age * 1e6) / 1e6
+                row[STALE_FIRST + bisect_left(STALE_BOUNDS, stats_age)] += 1
+                row[STAMPED if candidate.stats_age_source == "stamped" else OBSERVED] += 1
+                if row[STALE_MAX] is None or stats_age > row[STALE_MAX]:
+                    row[STALE_MAX] = stats_age
 
     def routed(self, ts: float, router_pk: int, replica_pk: int, rank: Optional[int],
                own_ranking: Optional[bool], attempts: Optional[int]) -> None:
