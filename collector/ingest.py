@@ -508,31 +508,33 @@ class _Rows:
         decision_rows, routed_rows = self._tables[decisions], self._tables[routed]
         completed_rows = self._tables[completed]
         request_ids = _stored_request_ids(events)
+        # `extra` is None for most events: `_extra` is called only when there is something to keep.
         for event, event_id, extra in zip(events, valid.ids, extras):
-            kept = _extra(event, extra)
             if isinstance(event, DecisionEvent):
                 decision_rows.append((
                     event_id, event.ts, router_pk, source_pk, request_ids[event.request_id],
                     request_ids[event.internal_request_id], event.model_id, event.attempt, event.duration_us,
-                    event.n_candidates, ranking_bytes(event, pks), kept))
+                    event.n_candidates, ranking_bytes(event, pks),
+                    _extra(event, extra) if extra or event.attributes else None))
             elif isinstance(event, RoutedEvent):
                 routed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
                     event.decision_id.bytes if event.decision_id else None, event.rank, event.own_ranking,
                     event.attempts, event.queue_wait_ms, request_ids[event.request_id],
-                    request_ids[event.internal_request_id], event.model_id, kept))
+                    request_ids[event.internal_request_id], event.model_id,
+                    _extra(event, extra) if extra or event.attribution is not None else None))
             elif isinstance(event, CompletedEvent):
                 completed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
                     request_ids[event.internal_request_id], event.routed_id.bytes if event.routed_id else None,
-                    event.latency_ms, event.ok, event.rejected, kept))
+                    event.latency_ms, event.ok, event.rejected, _extra(event, extra) if extra else None))
             elif isinstance(event, StatsEvent):
                 self._tables[stats_changes].append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id], _text(event.stats),
-                    event.collected_at, kept))
+                    event.collected_at, _extra(event, extra) if extra else None))
             else:
                 self._tables[memberships].append((event_id, event.ts, router_pk, source_pk, _text(event.replicas),
-                                                  kept))
+                                                  _extra(event, extra) if extra else None))
 
     def of(self, table) -> List[tuple]:
         return self._tables[table]
