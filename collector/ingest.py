@@ -39,7 +39,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
 import psycopg
-from sqlalchemy import case, func, select, type_coerce, update
+from sqlalchemy import bindparam, case, func, select, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.types import LargeBinary
@@ -212,6 +212,7 @@ class Ingestor:
         self._replicas: Dict[Tuple[int, str], int] = {}
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
+        self._record_batch_statements = self._make_record_batch()
         # Raw rows: on SQLite, multi-row INSERTs; on PostgreSQL, COPY, and
         # executemany's INSERTs when some ids may be stored already.
         self._sqlite_insert = {
@@ -463,23 +464,30 @@ class Ingestor:
         connection.execute(update(Deployment).where(Deployment.pk == deployment_pk)
                            .values(membership_at=event.ts))
 
-    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> None:
+    def _make_record_batch(self) -> list:
+        """The statements of `_record_batch`, built once: building them for
+        each batch cost the collector 0.3 ms, ten times as much as running them."""
         received = self._dialect_insert(SourceBatch).values(
-            source_pk=source_pk, seq=batch.seq, received_at=now).on_conflict_do_nothing()
+            source_pk=bindparam("source_pk"), seq=bindparam("seq"), received_at=bindparam("now"),
+        ).on_conflict_do_nothing()
         # Counters are cumulative: the batch with the highest number has the newest.
-        newest = Source.last_seq <= batch.seq
-        seen = update(Source).where(Source.pk == source_pk).values(
-            last_seen=now,
-            last_seq=case((newest, batch.seq), else_=Source.last_seq),
-            produced=case((newest, batch.produced), else_=Source.produced),
-            dropped=case((newest, _text(batch.dropped)), else_=Source.dropped),
+        newest = Source.last_seq <= bindparam("seq")
+        seen = update(Source).where(Source.pk == bindparam("source_pk")).values(
+            last_seen=bindparam("now"),
+            last_seq=case((newest, bindparam("seq", type_=Source.last_seq.type)), else_=Source.last_seq),
+            produced=case((newest, bindparam("produced", type_=Source.produced.type)), else_=Source.produced),
+            dropped=case((newest, bindparam("dropped", type_=Source.dropped.type)), else_=Source.dropped),
         )
         if self._sqlite:
-            connection.execute(received)
-            connection.execute(seen)
-        else:
-            # One statement, one round trip: each costs the batch's transaction (and its locks) time.
-            connection.execute(seen.add_cte(received.cte("received")))
+            return [received, seen]
+        # One statement, one round trip: each costs the batch's transaction (and its locks) time.
+        return [seen.add_cte(received.cte("received"))]
+
+    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> None:
+        values = {"source_pk": source_pk, "seq": batch.seq, "now": now, "produced": batch.produced,
+                  "dropped": _text(batch.dropped)}
+        for statement in self._record_batch_statements:
+            connection.execute(statement, values)
 
 
 def _extra(event, unknown: Optional[dict]) -> Optional[str]:
