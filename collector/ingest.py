@@ -247,8 +247,7 @@ class Ingestor:
         wanted = set()
         for event in valid.batch.events:
             if isinstance(event, DecisionEvent):
-                for rank in event.ranks:
-                    wanted.update(rank)
+                wanted.update(*event.ranks)
             elif isinstance(event, ReplicasEvent):
                 wanted.update(member.replica_id for member in event.replicas)
             else:
