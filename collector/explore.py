@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.types import LargeBinary
 
 from collector import ids
+from collector.columns import request_id_bytes
 from collector.models import completed, decisions, routed
 from collector.queries import AGE_SOURCES, Filters, Scope, scope
 
@@ -44,7 +45,10 @@ def decision_conditions(f: Filters, sc: Scope) -> list:
     """Conditions for the decisions of the window that match the filters (drill-down and export)."""
     where = in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]
     if f.request_id:
-        where.append(or_(decisions.c.request_id == f.request_id, decisions.c.internal_request_id == f.request_id))
+        # Compared as stored (the export binds parameters without the column types' conversions).
+        stored = request_id_bytes(f.request_id)
+        where.append(or_(type_coerce(decisions.c.request_id, LargeBinary) == stored,
+                         type_coerce(decisions.c.internal_request_id, LargeBinary) == stored))
     if f.model_id:
         where.append(decisions.c.model_id == f.model_id)
     if sc.replica_pks is not None:
