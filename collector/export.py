@@ -21,27 +21,33 @@ stays flat however many rows go out. Tables (`what`), schema version
   `routelens import` loads: a lossless copy from one database to another
   (see `collector.wire_export`).
 
-Rows are read CHUNK_ROWS at a time and turned into an Arrow record batch
-column by column (vectorized where Arrow can do the work), which the
-format's writer (`collector.export_formats`) encodes.
+Rows are read CHUNK_ROWS at a time as Arrow columns (`collector.export_read`),
+each table by a range scan of its own (a decision's outcome is matched to it
+by id in Arrow, not joined by the database), converted to the export's
+columns (vectorized where Arrow can do the work), and encoded by the
+format's writer (`collector.export_formats`).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+from contextlib import closing
 from dataclasses import dataclass, replace
 from itertools import accumulate, chain, zip_longest
 from queue import Full, Queue
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import or_, select, type_coerce
+from sqlalchemy import false, or_, select, type_coerce
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.types import LargeBinary
 
-from collector.columns import AGE_SOURCE_NAMES, ranking_layouts, request_id_text
+from collector.columns import AGE_SOURCE_NAMES, ranking_layouts, request_id_bytes, request_id_text
 from collector.explore import (
     REQUEST_HORIZON_S,
     decision_conditions,
@@ -49,6 +55,7 @@ from collector.explore import (
     in_window,
 )
 from collector.export_formats import FORMATS, WRITERS
+from collector.export_read import ArrowReader
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
 from collector.wire_export import wire_batches
@@ -189,13 +196,19 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
     writer = WRITERS[fmt](arrow_schema(what))
     chunks = {"decisions": _decision_batches, "candidates": _candidate_batches, "routed": _routed_batches,
               "completed": _completed_batches}[what]
-    for batch in chunks(conn, f, sc, names):
-        data = writer.write(batch)
-        if on_rows:
-            on_rows(batch.num_rows)
-        if data:
-            yield data
-    yield writer.close()
+    reader = ArrowReader(conn)
+    try:
+        # Closed before the reader: its thread, which uses the reader, stops first.
+        with closing(chunks(conn, reader, f, sc, names)) as batches:
+            for batch in batches:
+                data = writer.write(batch)
+                if on_rows:
+                    on_rows(batch.num_rows)
+                if data:
+                    yield data
+        yield writer.close()
+    finally:
+        reader.close()
 
 
 def arrow_schema(what: str) -> pa.Schema:
@@ -225,15 +238,14 @@ class _Names:
                               for name in ("node_id", "availability_zone")}
         self._sources = by_key(dict(conn.execute(select(Source.pk, Source.source_id)).all()), pa.string())
 
-    def router_columns(self, router_pks: Sequence[int], source_pks: Sequence[int]) -> Dict[str, pa.Array]:
-        router_pks = pa.array(router_pks, pa.int64())
+    def router_columns(self, router_pks: pa.Array, source_pks: pa.Array) -> Dict[str, pa.Array]:
         out = {name: _lookup(self._router[name], router_pks) for name in ("app", "deployment", "router_class")}
-        out["source_id"] = _lookup(self._sources, pa.array(source_pks, pa.int64()))
+        out["source_id"] = _lookup(self._sources, source_pks)
         out["labels"] = _lookup(self._router["labels"], router_pks)
         return out
 
-    def replica_ids(self, replica_pks: Sequence[Optional[int]]) -> pa.Array:
-        return _lookup(self._replica_ids, pa.array(replica_pks, pa.int64()))
+    def replica_ids(self, replica_pks: pa.Array) -> pa.Array:
+        return _lookup(self._replica_ids, replica_pks)
 
     def replica_info(self, name: str, replica_pks: pa.Array) -> pa.Array:
         return _lookup(self._replica_info[name], replica_pks)
@@ -241,64 +253,100 @@ class _Names:
 
 def _lookup(by_key: pa.Array, keys: pa.Array) -> pa.Array:
     # A key newer than the export's start (a replica that just joined) has no name here: null, not an error.
+    keys = keys.cast(pa.int64())
     return by_key.take(pc.if_else(pc.less(keys, len(by_key)), keys, pa.scalar(None, pa.int64())))
 
 
-def _times(ts: Sequence[float]) -> pa.Array:
-    return pc.round(pc.multiply(pa.array(ts, pa.float64()), 1e6)).cast(pa.int64()).cast(_TIME)
+def _times(ts: pa.Array) -> pa.Array:
+    return pc.round(pc.multiply(ts, 1e6)).cast(pa.int64()).cast(_TIME)
 
 
-_UUID_PARTS = ((0, 8), (8, 4), (12, 4), (16, 4), (20, 12))  # hex digits between the dashes
-_NO_ID = bytes(16)
+_NO_ID = pa.scalar(bytes(16), pa.binary())
+_NO_BYTES = pa.scalar(None, pa.binary())
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", np.uint8)
+# Where a UUID's 32 hex digits go in its 36 characters (the others are dashes).
+_DIGIT_PLACES = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
 
 
-def _uuids(values: Sequence[Optional[bytes]]) -> pa.Array:
-    """UUIDs (16 bytes each, or None) as canonical text: hex-encoded by one C
-    call for the whole chunk, cut and dashed by Arrow (a tenth of the cost of
-    formatting them one by one)."""
-    n = len(values)
-    digits = b"".join(_NO_ID if v is None else v for v in values).hex().encode()
-    hexed = pa.StringArray.from_buffers(n, pa.py_buffer(pa.array(range(0, 32 * n + 1, 32), pa.int32())
-                                                         .buffers()[1]), pa.py_buffer(digits))
-    parts = [pc.utf8_slice_codeunits(hexed, start, start + length) for start, length in _UUID_PARTS]
-    text = pc.binary_join_element_wise(*parts, "-")
-    if values.count(None):
-        text = pc.if_else(pa.array([v is None for v in values]), pa.scalar(None, pa.string()), text)
-    return text
+def _uuids(stored: pa.Array) -> pa.Array:
+    """UUIDs stored as their 16 bytes (or null) as canonical text, all of a
+    chunk's at once: numpy writes each byte's two hex digits into a block of
+    36-character rows, which becomes the Arrow string array as it is."""
+    n = len(stored)
+    raw = pc.fill_null(stored, _NO_ID).cast(pa.binary(16))  # fails on a value that is not 16 bytes
+    values = np.frombuffer(raw.buffers()[1], np.uint8, count=16 * n, offset=16 * raw.offset).reshape(n, 16)
+    text = np.full((n, 36), ord("-"), np.uint8)
+    text[:, _DIGIT_PLACES[0::2]] = _HEX_DIGITS[values >> 4]
+    text[:, _DIGIT_PLACES[1::2]] = _HEX_DIGITS[values & 15]
+    offsets = np.arange(0, 36 * n + 1, 36, dtype=np.int32)
+    uuids = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
+    return pc.if_else(stored.is_valid(), uuids, pa.scalar(None, pa.string())) if stored.null_count else uuids
 
 
-def _request_ids(values: Sequence[Optional[bytes]]) -> pa.Array:
+def _request_ids(stored: pa.Array) -> pa.Array:
     # Ray's request ids are UUIDs, stored as their 16 bytes; other ids (and the
     # UUIDs that begin with 0xFF, one in 256) are stored as text, 0xFF first.
-    as_text = [v is not None and (len(v) != 16 or v[0] == 0xFF) for v in values]
-    if not any(as_text):
-        return _uuids(values)
-    texts = [request_id_text(v) for v, text in zip(values, as_text) if text]
-    return pc.replace_with_mask(_uuids([None if text else v for v, text in zip(values, as_text)]),
-                                pa.array(as_text), pa.array(texts, pa.string()))
+    # Text ids are few (Ray makes UUIDs): decoded in Python, which pyarrow's
+    # binary_slice cannot do for them (it fails on a value shorter than the cut).
+    as_text = pc.fill_null(pc.equal(pc.binary_slice(stored, 0, 1), pa.scalar(b"\xff", pa.binary())), False)
+    if not pc.any(as_text).as_py():
+        return _uuids(stored)
+    texts = pa.array([request_id_text(v) for v in stored.filter(as_text).to_pylist()], pa.string())
+    return pc.replace_with_mask(_uuids(pc.if_else(as_text, _NO_BYTES, stored)), as_text, texts)
 
 
-def _record_batch(what: str, columns: Dict[str, object]) -> pa.RecordBatch:
+def _record_batch(what: str, columns: Dict[str, pa.Array]) -> pa.RecordBatch:
     schema = arrow_schema(what)
-    return pa.record_batch([columns[name] if isinstance(columns[name], pa.Array)
-                            else pa.array(columns[name], schema.field(name).type) for name in schema.names],
-                           schema=schema)
+    return pa.record_batch([columns[name] for name in schema.names], schema=schema)
 
 
-def _partitions(conn: Connection, query) -> Iterator[list]:
-    # yield_per streams: a server-side cursor on PostgreSQL, SQLite's own stepping otherwise.
-    result = conn.execution_options(yield_per=CHUNK_ROWS).execute(query)
-    try:
-        yield from result.partitions()
-    finally:
-        result.close()
+@dataclass(frozen=True)
+class _Reading:
+    """Columns of one table to read, by name: what is selected, and its Arrow type as read."""
+    columns: Dict[str, Tuple[ColumnElement, pa.DataType]]
+
+    def query(self, *where: ColumnElement) -> Select:
+        return select(*(selected for selected, _ in self.columns.values())).where(*where)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([(name, type_) for name, (_, type_) in self.columns.items()])
+
+
+def _key(column: ColumnElement) -> ColumnElement:
+    """An id column as the bytes it is stored as (comparisons and order are those of the bytes)."""
+    return type_coerce(column, LargeBinary)
+
+
+def _chunks(reader: ArrowReader, reading: _Reading, where: list) -> Iterator[pa.RecordBatch]:
+    """The rows of `reading` (its first column: the table's id) that match
+    `where`, in id order, CHUNK_ROWS at a time. Each chunk is a query of its
+    own, for the rows after the last one's id: memory stays flat, and no
+    cursor stays open between chunks."""
+    key = next(iter(reading.columns.values()))[0]
+    after = []
+    while True:
+        # The chunk's bound first: SQLite seeks to the first lower bound of the key it is given, and
+        # scanning from the window's start (a bound in `where`) would make each chunk slower than the last.
+        chunk = reader.read(reading.query(*after, *where).order_by(key).limit(CHUNK_ROWS), reading.schema)
+        if chunk.num_rows:
+            yield chunk
+        if chunk.num_rows < CHUNK_ROWS:
+            return
+        after = [key > chunk.column(0)[-1].as_py()]
+
+
+def _first_match(keys: pa.Array, rows: pa.RecordBatch, column: str) -> pa.RecordBatch:
+    """For each key, the first of `rows` whose `column` equals it (rows of nulls where none does):
+    a left join, in the keys' order, that keeps one match as the joins it replaces did."""
+    return rows.take(pc.index_in(keys, value_set=rows.column(column)))
 
 
 def _in_background(chunks: Iterator[T], depth: int = 2) -> Iterator[T]:
     """The chunks of a generator that reads the database, read by a thread
-    `depth` chunks ahead: the database steps (without the GIL) while this
+    `depth` chunks ahead: the database is read (without the GIL) while this
     thread converts the chunk before. All of the generator's use of the
-    connection happens in that thread, one statement at a time."""
+    connection and the reader happens in that thread, one statement at a time."""
     queue: "Queue[object]" = Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -346,70 +394,116 @@ class _Failed:
     exc: BaseException
 
 
-def _first_of_each(rows: list, last_id: Optional[bytes]) -> Tuple[list, Optional[bytes]]:
-    """Rows with a new id (the first column): a join that matched twice repeats a row."""
-    unique = []
-    for row in rows:
-        if row[0] != last_id:
-            unique.append(row)
-            last_id = row[0]
-    return unique, last_id
+_BLOB = pa.binary()
+d, r, c = decisions.c, routed.c, completed.c
+_DECISIONS = _Reading({
+    "id": (_key(d.id), _BLOB), "ts": (d.ts, pa.float64()), "router_pk": (d.router_pk, pa.int64()),
+    "source_pk": (d.source_pk, pa.int64()), "request_id": (_key(d.request_id), _BLOB),
+    "internal_request_id": (_key(d.internal_request_id), _BLOB), "model_id": (d.model_id, pa.string()),
+    "attempt": (d.attempt, pa.int32()), "duration_us": (d.duration_us, pa.int64()),
+    "n_candidates": (d.n_candidates, pa.int32()), "ranking": (_key(d.ranking), _BLOB),
+})
+_ROUTINGS = _Reading({  # the outcome columns of a decision's routed event
+    "decision_id": (_key(r.decision_id), _BLOB), "routed_id": (_key(r.id), _BLOB),
+    "replica_pk": (r.replica_pk, pa.int64()), "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()),
+    "queue_wait_ms": (r.queue_wait_ms, pa.float64()),
+})
+_COMPLETIONS = _Reading({  # those of a routing's completion
+    "routed_id": (_key(c.routed_id), _BLOB), "latency_ms": (c.latency_ms, pa.float64()), "ok": (c.ok, pa.bool_()),
+})
+_ROUTED = _Reading({
+    "id": (_key(r.id), _BLOB), "ts": (r.ts, pa.float64()), "router_pk": (r.router_pk, pa.int64()),
+    "source_pk": (r.source_pk, pa.int64()), "request_id": (_key(r.request_id), _BLOB),
+    "internal_request_id": (_key(r.internal_request_id), _BLOB), "model_id": (r.model_id, pa.string()),
+    "replica_pk": (r.replica_pk, pa.int64()), "decision_id": (_key(r.decision_id), _BLOB),
+    "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()), "attempts": (r.attempts, pa.int32()),
+    "queue_wait_ms": (r.queue_wait_ms, pa.float64()),
+})
+_COMPLETED = _Reading({
+    "id": (_key(c.id), _BLOB), "ts": (c.ts, pa.float64()), "router_pk": (c.router_pk, pa.int64()),
+    "source_pk": (c.source_pk, pa.int64()), "internal_request_id": (_key(c.internal_request_id), _BLOB),
+    "replica_pk": (c.replica_pk, pa.int64()), "routed_id": (_key(c.routed_id), _BLOB),
+    "latency_ms": (c.latency_ms, pa.float64()), "ok": (c.ok, pa.bool_()), "rejected": (c.rejected, pa.bool_()),
+})
+del d, r, c
 
 
-# Columns of `_decision_rows`' rows.
-(_ID, _TS, _ROUTER_PK, _SOURCE_PK, _REQUEST_ID, _INTERNAL_ID, _MODEL_ID, _ATTEMPT, _DURATION, _N_CANDIDATES,
- _RANKING, _ROUTED_REPLICA, _ROUTED_RANK, _OWN_RANKING, _QUEUE_WAIT, _LATENCY, _OK) = range(17)
+def _completions(reader: ArrowReader, routed_ids: pa.Array) -> pa.RecordBatch:
+    """The completion of each routing (nulls: none), from one range scan of
+    `completed`'s routed_id index over the routings' ids."""
+    key = _key(completed.c.routed_id)
+    low, high = pc.min(routed_ids).as_py(), pc.max(routed_ids).as_py()
+    found = reader.read(_COMPLETIONS.query(key >= low, key <= high).order_by(key, _key(completed.c.id))
+                        if low is not None else _COMPLETIONS.query(false()), _COMPLETIONS.schema)
+    return _first_match(routed_ids, found, "routed_id")
 
 
-def _decision_rows(conn: Connection, f: Filters, sc: Scope,
-                   with_rejections: bool = True) -> Iterator[Tuple[list, Dict[bytes, tuple]]]:
-    """Decision rows with their outcome, oldest first, a chunk at a time, and
-    (`with_rejections`) the rejections that followed the chunk's unrouted decisions."""
+@dataclass
+class _Decisions:
+    """A chunk of decisions and, row by row, their outcome (rows of nulls where there is none)."""
+    rows: pa.RecordBatch  # _DECISIONS
+    routing: pa.RecordBatch  # _ROUTINGS: the routed event that names the decision
+    completion: pa.RecordBatch  # _COMPLETIONS: that routing's completion
+    refusal: Optional[pa.RecordBatch]  # _REFUSALS: the rejection that followed an unrouted decision
+
+
+def _decision_chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+                     with_rejections: bool = True) -> Iterator[_Decisions]:
+    """Decisions with their outcome, oldest first, a chunk at a time. Each
+    table is read by a range scan (no join, whose per-row index lookups cost
+    most of the reading) and the rows are matched by id in Arrow."""
     if not sc.routers:
         return
-    d, r, c = decisions.c, routed.c, completed.c
-    query = (
-        select(id_bytes(decisions), d.ts, d.router_pk, d.source_pk, type_coerce(d.request_id, LargeBinary),
-               type_coerce(d.internal_request_id, LargeBinary), d.model_id, d.attempt, d.duration_us,
-               d.n_candidates, type_coerce(d.ranking, LargeBinary), r.replica_pk, r.rank, r.own_ranking,
-               r.queue_wait_ms, c.latency_ms, c.ok)
-        .select_from(decisions.outerjoin(routed, r.decision_id == d.id).outerjoin(completed, c.routed_id == r.id))
-        .where(*decision_conditions(f, sc))
-        .order_by(id_bytes(decisions))
-    )
-    last_id = None
-    for rows in _partitions(conn, query):
-        rows, last_id = _first_of_each(rows, last_id)
-        if rows:  # a chunk may hold nothing but the repeat of the previous chunk's last row
-            yield rows, (_rejections(conn, [row for row in rows if row[_ROUTED_REPLICA] is None])
-                         if with_rejections else {})
+    key = _key(routed.c.decision_id)
+    for rows in _chunks(reader, _DECISIONS, decision_conditions(f, sc)):
+        ids = rows.column("id")
+        # The routed events naming these decisions: a range of routed's decision_id index, in its order.
+        routings = reader.read(_ROUTINGS.query(key >= ids[0].as_py(), key <= ids[-1].as_py())
+                               .order_by(key, _key(routed.c.id)), _ROUTINGS.schema)
+        routing = _first_match(ids, routings, "decision_id")
+        yield _Decisions(rows, routing, _completions(reader, routing.column("routed_id")),
+                         _refusals(conn, rows, routing) if with_rejections else None)
 
 
-def _rejections(conn: Connection, unrouted: list) -> Dict[bytes, tuple]:
-    """Decision id -> (replica_pk, latency_ms, ok) of the rejection that
-    followed it: the first rejected completion of its request after it, with
-    no other decision of the request in between (Ray decides again after a
-    rejection). Few decisions go unrouted: this reads little."""
-    requests = {row[_INTERNAL_ID] for row in unrouted if row[_INTERNAL_ID] is not None}
-    if not requests:
-        return {}
-    since = min(row[_TS] for row in unrouted)
-    until = max(row[_TS] for row in unrouted) + REQUEST_HORIZON_S
-    request_key = type_coerce(completed.c.internal_request_id, LargeBinary)
+_REFUSALS = pa.schema([("replica_pk", pa.int64()), ("latency_ms", pa.float64()), ("ok", pa.bool_())])
+
+
+def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -> pa.RecordBatch:
+    """Row by row, the rejection (replica_pk, latency_ms, ok) that followed
+    an unrouted decision: the first rejected completion of its request after
+    it, with no other decision of the request in between (Ray decides again
+    after a rejection). Few decisions go unrouted: this reads little."""
+    unrouted = rows.filter(routing.column("replica_pk").is_null())
+    requests = {request for request in unrouted.column("internal_request_id").to_pylist() if request is not None}
+    found: Dict[bytes, tuple] = {}
+    if requests:
+        since, until = pc.min(unrouted.column("ts")).as_py(), pc.max(unrouted.column("ts")).as_py()
+        found = _rejections(conn, requests, set(unrouted.column("id").to_pylist()), since,
+                            until + REQUEST_HORIZON_S)
+    refused = pa.RecordBatch.from_arrays([pa.array(column, field.type) for column, field in
+                                          zip(list(zip(*found.values())) or [()] * 3, _REFUSALS)], schema=_REFUSALS)
+    return refused.take(pc.index_in(rows.column("id"), value_set=pa.array(list(found), pa.binary())))
+
+
+def _rejections(conn: Connection, requests: set, wanted: set, since: float, until: float) -> Dict[bytes, tuple]:
+    """Decision id -> (replica_pk, latency_ms, ok), for the `wanted` decisions
+    (of `requests`) that a rejection followed."""
+    request_key = _key(completed.c.internal_request_id)
     rejections = conn.execute(
         select(completed.c.ts, request_key, completed.c.replica_pk, completed.c.latency_ms, completed.c.ok)
         .where(*in_window(completed, since, until), completed.c.rejected.is_(True), request_key.in_(requests))
         .order_by(id_bytes(completed))).all()
     if not rejections:
         return {}
-    decision_request = type_coerce(decisions.c.internal_request_id, LargeBinary)
+    # The decisions that came before each rejection: up to the last one (its ts included).
+    until = math.nextafter(max(rejection[0] for rejection in rejections), math.inf)
+    decision_request = _key(decisions.c.internal_request_id)
     by_request: Dict[bytes, List[Tuple[float, bytes]]] = {}
     for ts, request, decision_id in conn.execute(
             select(decisions.c.ts, decision_request, id_bytes(decisions))
             .where(*in_window(decisions, since, until), decision_request.in_(requests))
             .order_by(id_bytes(decisions))):
         by_request.setdefault(request, []).append((ts, decision_id))
-    wanted = {row[_ID] for row in unrouted}
     found: Dict[bytes, tuple] = {}
     for ts, request, replica_pk, latency_ms, ok in rejections:
         before = [decision_id for decision_ts, decision_id in by_request.get(request, ()) if decision_ts <= ts]
@@ -418,13 +512,14 @@ def _rejections(conn: Connection, unrouted: list) -> Dict[bytes, tuple]:
     return found
 
 
-def _decision_columns(by_column: list, names: _Names) -> Dict[str, object]:
-    """The decision's own columns, from a chunk transposed (`list(zip(*rows))`)."""
-    (decision_ids, ts, router_pks, source_pks, request_ids, internal_ids, model_ids, attempts, durations,
-     n_candidates) = by_column[:_RANKING]
-    return {"decision_id": _uuids(decision_ids), "time": _times(ts), **names.router_columns(router_pks, source_pks),
-            "request_id": _request_ids(request_ids), "internal_request_id": _request_ids(internal_ids),
-            "model_id": model_ids, "attempt": attempts, "duration_us": durations, "n_candidates": n_candidates}
+def _decision_columns(rows: pa.RecordBatch, names: _Names) -> Dict[str, pa.Array]:
+    """The decision's own columns."""
+    column = rows.column
+    return {"decision_id": _uuids(column("id")), "time": _times(column("ts")),
+            **names.router_columns(column("router_pk"), column("source_pk")),
+            "request_id": _request_ids(column("request_id")),
+            "internal_request_id": _request_ids(column("internal_request_id")),
+            **{name: column(name) for name in ("model_id", "attempt", "duration_us", "n_candidates")}}
 
 
 class _Rankings:
@@ -433,8 +528,8 @@ class _Rankings:
     decision. Built for speed: the entries are flattened and transposed by
     C code (chain, zip_longest) and indexed by Arrow, not by Python loops."""
 
-    def __init__(self, stored: Sequence[bytes], names: _Names):
-        layouts = ranking_layouts(stored)
+    def __init__(self, stored: pa.Array, names: _Names):
+        layouts = ranking_layouts(stored.to_pylist())
         ranks = list(chain.from_iterable(layouts))  # per rank: its entries
         entries = list(chain.from_iterable(ranks))  # per ranked replica: (pk, inputs...), or (pk,) alone
         columns = list(zip_longest(*entries))
@@ -458,7 +553,7 @@ class _Rankings:
             "queue_len_age_s": pc.divide(pa.array(queue_len_ages, pa.float64()), 1e6),
             "stats_age_s": pc.divide(pa.array(stats_ages, pa.float64()), 1e6),
             "stats_age_source": _AGE_SOURCE_NAMES.take(pa.array(age_sources, pa.int8())),
-            "stats": pa.array([None if s is None else _json.encode(s).decode() for s in stats], pa.string()),
+            "stats": _json_texts(stats),
         }
 
     def ranks(self) -> pa.Array:
@@ -472,42 +567,51 @@ class _Rankings:
             [self.entries[field.name] for field in _CANDIDATE], fields=list(_CANDIDATE)))
 
 
+def _json_texts(values: Sequence[object]) -> pa.Array:
+    """Each value as JSON text, None as null. Encoded by a C loop (map), and
+    the nulls (encoded as "null") put back by Arrow: no Python code per value."""
+    texts = pa.array(list(map(_json.encode, values)), pa.binary()).cast(pa.string())
+    return pc.if_else(pc.equal(texts, "null"), pa.scalar(None, pa.string()), texts)
+
+
 def _offsets(sizes: List[int]) -> pa.Array:
     """List offsets (int32) from list sizes: 0, then where each list ends."""
     return pa.array([0, *accumulate(sizes)], pa.int32())
 
 
 _AGE_SOURCE_NAMES = pa.array([AGE_SOURCE_NAMES.get(i) for i in range(3)], pa.string())  # by stored code
+_TRUE, _FALSE, _UNKNOWN = pa.scalar(True), pa.scalar(False), pa.scalar(None, pa.bool_())
 
 
-def _decision_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
-    for rows, rejections in _in_background(_decision_rows(conn, f, sc)):
-        by_column = list(zip(*rows))
-        columns = _decision_columns(by_column, names)
-        rankings = _Rankings(by_column[_RANKING], names)
-        replica, rank, own, wait, latency, ok = [list(column) for column in by_column[_ROUTED_REPLICA:]]
-        # A routed request was accepted; an unrouted one was refused, or its outcome is unknown.
-        rejected = [False if pk is not None else None for pk in replica]
-        for i, row in enumerate(rows):
-            refused = rejections.get(row[_ID]) if row[_ROUTED_REPLICA] is None else None
-            if refused is not None:
-                replica[i], latency[i], ok[i], rejected[i] = refused[0], refused[1], refused[2], True
+def _decision_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+                      names: _Names) -> Iterator[pa.RecordBatch]:
+    for chunk in _in_background(_decision_chunks(conn, reader, f, sc)):
+        columns = _decision_columns(chunk.rows, names)
+        rankings = _Rankings(chunk.rows.column("ranking"), names)
+        routing, completion, refusal = chunk.routing.column, chunk.completion.column, chunk.refusal.column
+        # A routed request was accepted; an unrouted one was refused (its rejection
+        # stands in for the routing and its completion), or its outcome is unknown.
+        accepted = routing("replica_pk").is_valid()
         columns.update(ranks=rankings.ranks(), candidates=rankings.candidates(),
-                       chosen_replica=names.replica_ids(replica), rank=rank, own_ranking=own, queue_wait_ms=wait,
-                       latency_ms=latency, ok=ok, rejected=rejected)
+                       chosen_replica=names.replica_ids(pc.coalesce(routing("replica_pk"), refusal("replica_pk"))),
+                       rank=routing("rank"), own_ranking=routing("own_ranking"),
+                       queue_wait_ms=routing("queue_wait_ms"),
+                       latency_ms=pc.coalesce(completion("latency_ms"), refusal("latency_ms")),
+                       ok=pc.coalesce(completion("ok"), refusal("ok")),
+                       rejected=pc.if_else(refusal("replica_pk").is_valid(), _TRUE,
+                                           pc.if_else(accepted, _FALSE, _UNKNOWN)))
         yield _record_batch("decisions", columns)
 
 
-def _candidate_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
-    for rows, _ in _in_background(_decision_rows(conn, f, sc, with_rejections=False)):
-        by_column = list(zip(*rows))
-        decision = _decision_columns(by_column, names)
-        rankings = _Rankings(by_column[_RANKING], names)
+def _candidate_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+                       names: _Names) -> Iterator[pa.RecordBatch]:
+    for chunk in _in_background(_decision_chunks(conn, reader, f, sc, with_rejections=False)):
+        decision = _decision_columns(chunk.rows, names)
+        rankings = _Rankings(chunk.rows.column("ranking"), names)
         parents = rankings.parents  # each candidate's decision: its columns repeat per candidate
-        columns = {column.name: pa.array(decision[column.name], column.arrow).take(parents)
-                   for column in _DECISION}
+        columns = {column.name: decision[column.name].take(parents) for column in _DECISION}
         entries = rankings.entries
-        chosen_pk = pa.array(by_column[_ROUTED_REPLICA], pa.int64()).take(parents)
+        chosen_pk = chunk.routing.column("replica_pk").take(parents)
         columns.update(
             candidate_rank=entries["rank"], replica_id=entries["replica_id"],
             node_id=names.replica_info("node_id", rankings.replica_pks),
@@ -519,39 +623,39 @@ def _candidate_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -
             yield _record_batch("candidates", columns)
 
 
-def _routed_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
+def _routed_chunks(reader: ArrowReader, where: list) -> Iterator[Tuple[pa.RecordBatch, pa.RecordBatch]]:
+    for rows in _chunks(reader, _ROUTED, where):
+        yield rows, _completions(reader, rows.column("id"))
+
+
+def _routed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+                    names: _Names) -> Iterator[pa.RecordBatch]:
     if not sc.routers:
         return
-    r, c = routed.c, completed.c
+    r = routed.c
     where = in_window(routed, f.since, f.until) + [r.router_pk.in_(sorted(sc.routers))]
     if sc.replica_pks is not None:
         where.append(r.replica_pk.in_(sc.replica_pks))
     if f.request_id:
-        where.append(or_(r.request_id == f.request_id, r.internal_request_id == f.request_id))
+        stored = request_id_bytes(f.request_id)
+        where.append(or_(_key(r.request_id) == stored, _key(r.internal_request_id) == stored))
     if f.model_id:
         where.append(r.model_id == f.model_id)
-    query = (select(id_bytes(routed), r.ts, r.router_pk, r.source_pk, type_coerce(r.request_id, LargeBinary),
-                    type_coerce(r.internal_request_id, LargeBinary), r.model_id, r.replica_pk,
-                    type_coerce(r.decision_id, LargeBinary), r.rank, r.own_ranking, r.attempts, r.queue_wait_ms,
-                    c.latency_ms, c.ok)
-             .select_from(routed.outerjoin(completed, c.routed_id == r.id)).where(*where)
-             .order_by(id_bytes(routed)))
-    last_id = None
-    for rows in _in_background(_partitions(conn, query)):
-        rows, last_id = _first_of_each(rows, last_id)
-        if not rows:
-            continue
-        (routed_ids, ts, router_pks, source_pks, request_ids, internal_ids, model_ids, replica_pks, decision_ids,
-         ranks, own, attempts, waits, latencies, oks) = zip(*rows)
+    for rows, completion in _in_background(_routed_chunks(reader, where)):
+        column = rows.column
         yield _record_batch("routed", {
-            "routed_id": _uuids(routed_ids), "time": _times(ts), **names.router_columns(router_pks, source_pks),
-            "request_id": _request_ids(request_ids), "internal_request_id": _request_ids(internal_ids),
-            "model_id": model_ids, "replica_id": names.replica_ids(replica_pks), "decision_id": _uuids(decision_ids),
-            "rank": ranks, "own_ranking": own, "attempts": attempts, "queue_wait_ms": waits,
-            "latency_ms": latencies, "ok": oks})
+            "routed_id": _uuids(column("id")), "time": _times(column("ts")),
+            **names.router_columns(column("router_pk"), column("source_pk")),
+            "request_id": _request_ids(column("request_id")),
+            "internal_request_id": _request_ids(column("internal_request_id")), "model_id": column("model_id"),
+            "replica_id": names.replica_ids(column("replica_pk")), "decision_id": _uuids(column("decision_id")),
+            "rank": column("rank"), "own_ranking": column("own_ranking"), "attempts": column("attempts"),
+            "queue_wait_ms": column("queue_wait_ms"), "latency_ms": completion.column("latency_ms"),
+            "ok": completion.column("ok")})
 
 
-def _completed_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -> Iterator[pa.RecordBatch]:
+def _completed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+                       names: _Names) -> Iterator[pa.RecordBatch]:
     if not sc.routers:
         return
     c = completed.c
@@ -559,15 +663,12 @@ def _completed_batches(conn: Connection, f: Filters, sc: Scope, names: _Names) -
     if sc.replica_pks is not None:
         where.append(c.replica_pk.in_(sc.replica_pks))
     if f.request_id:
-        where.append(c.internal_request_id == f.request_id)
-    query = (select(id_bytes(completed), c.ts, c.router_pk, c.source_pk,
-                    type_coerce(c.internal_request_id, LargeBinary), c.replica_pk,
-                    type_coerce(c.routed_id, LargeBinary), c.latency_ms, c.ok, c.rejected)
-             .where(*where).order_by(id_bytes(completed)))
-    for rows in _in_background(_partitions(conn, query)):
-        (completed_ids, ts, router_pks, source_pks, internal_ids, replica_pks, routed_ids, latencies, oks,
-         rejected) = zip(*rows)
+        where.append(_key(c.internal_request_id) == request_id_bytes(f.request_id))
+    for rows in _in_background(_chunks(reader, _COMPLETED, where)):
+        column = rows.column
         yield _record_batch("completed", {
-            "completed_id": _uuids(completed_ids), "time": _times(ts), **names.router_columns(router_pks, source_pks),
-            "internal_request_id": _request_ids(internal_ids), "replica_id": names.replica_ids(replica_pks),
-            "routed_id": _uuids(routed_ids), "latency_ms": latencies, "ok": oks, "rejected": rejected})
+            "completed_id": _uuids(column("id")), "time": _times(column("ts")),
+            **names.router_columns(column("router_pk"), column("source_pk")),
+            "internal_request_id": _request_ids(column("internal_request_id")),
+            "replica_id": names.replica_ids(column("replica_pk")), "routed_id": _uuids(column("routed_id")),
+            **{name: column(name) for name in ("latency_ms", "ok", "rejected")}})
