@@ -36,7 +36,8 @@ from queries import FULL, database  # noqa: E402
 TARGET_ROWS_S = 200_000
 TARGET_RSS_MB = 300
 
-# The export's query (collector.export._decision_rows) as SQL, read and thrown away.
+# The rows the export reads (decisions, the routed event naming each, its completion) as one SQL join,
+# read and thrown away.
 RAW_READ = textwrap.dedent("""
     import sqlite3, sys
     connection = sqlite3.connect(sys.argv[1])
