@@ -32,7 +32,7 @@ from typing import Dict, Optional
 from rich.console import Console
 from rich.table import Table
 
-from collector.serve import check_port_free
+from collector.serve import ServeError, check_port_free
 
 HOST = "127.0.0.1"
 STATUS_EVERY_S = 2.0
@@ -57,8 +57,9 @@ def run(options: DemoOptions) -> int:
     for port, flag in ((options.port, "--port"), (options.serve_port, "--serve-port")):
         try:
             check_port_free(HOST, port)
-        except Exception as exc:
+        except ServeError as exc:
             raise DemoError(f"{exc} ({flag})") from None
+    _interrupt_on_signals()
     console = Console(stderr=True, highlight=False)
     workdir = tempfile.mkdtemp(prefix="routelens-demo-")
     db = os.path.abspath(options.db) if options.db else os.path.join(workdir, "routelens.db")
@@ -75,6 +76,17 @@ def run(options: DemoOptions) -> int:
         console.print("the demo's database was temporary; keep one with --db FILE, "
                       "then browse it with `routelens up --db FILE`")
     return 0
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (kill, a CI timeout, a service manager) and SIGINT stop the demo
+    as Ctrl-C does, through the orderly shutdown; also when a shell started it
+    in the background, which makes it ignore SIGINT."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run_serve(options: DemoOptions, server: "DashboardServer", spool_dir: str, console: Console) -> None:

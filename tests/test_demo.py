@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def _alive(pid: int, started: str) -> bool:
 
 
 class DemoRun:
+    """The demo in a child process, watched: its output, every process below
+    it, and how soon its printed URL served data."""
+
     def __init__(self, directory):
         self.db = directory / "demo.db"
         self.port = free_port()
@@ -75,9 +79,9 @@ class DemoRun:
         self.processes: Dict[int, str] = {}
         self.first_data_after_url_s = None
 
-    def run(self) -> int:
-        command = [sys.executable, "-m", "collector.cli", "demo", "--duration", str(DURATION_S), "--db",
-                   str(self.db), "--port", str(self.port), "--serve-port", str(free_port())]
+    def run(self, *flags: str, interrupt_once_sending: bool = False) -> int:
+        command = [sys.executable, "-m", "collector.cli", "demo", *flags, "--db", str(self.db),
+                   "--port", str(self.port), "--serve-port", str(free_port())]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, "COLUMNS": "160"})
         reader = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
@@ -93,6 +97,8 @@ class DemoRun:
                 url_shown_at = time.monotonic()
             if url_shown_at is not None and self.first_data_after_url_s is None and self._has_data():
                 self.first_data_after_url_s = time.monotonic() - url_shown_at
+                if interrupt_once_sending:
+                    process.send_signal(signal.SIGINT)  # what Ctrl-C does
             time.sleep(0.5)
         reader.join(timeout=10)
         return process.returncode
@@ -110,7 +116,7 @@ class DemoRun:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     run = DemoRun(tmp_path_factory.mktemp("demo"))
-    run.returncode = run.run()
+    run.returncode = run.run("--duration", str(DURATION_S))
     run.api = Collector(f"sqlite:///{run.db}")
     yield run
     run.api.close()
@@ -125,6 +131,21 @@ def test_the_demo_runs_and_ends_cleanly(demo):
     assert len(demo.processes) >= 10  # Ray's own processes and the replicas were seen
     left = [pid for pid, started in demo.processes.items() if _alive(pid, started)]
     assert not left, [open(f"/proc/{pid}/cmdline").read().replace("\0", " ")[:200] for pid in left]
+
+
+def test_ctrl_c_stops_the_demo_in_order_and_leaves_nothing(tmp_path):
+    run = DemoRun(tmp_path)
+    returncode = run.run(interrupt_once_sending=True)
+    output = "".join(run.lines)
+    assert returncode == 0 and "interrupted" in output and "Traceback" not in output, output[-3000:]
+    assert [pid for pid, started in run.processes.items() if _alive(pid, started)] == []
+    # The routers flushed before the server stopped: everything the traced processes produced was stored.
+    api = Collector(f"sqlite:///{run.db}")
+    try:
+        summary = api.get("/v1/summary", window=WINDOW)
+        assert summary["routed"] > 0 and summary["dropped_events"] == 0 and summary["batch_gaps"] == 0
+    finally:
+        api.close()
 
 
 def test_every_view_has_data_and_the_views_agree(demo):
