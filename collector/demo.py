@@ -185,7 +185,7 @@ def _final_table(server: "DashboardServer", started_at: float, tally) -> Table:
     from collector.demo_apps import APPS
 
     table = Table(title="what the routers decided, as the collector stored it")
-    for column in ("app", "sent", "routed", "Jain", "rank 0", "hand-offs", "rejected", "stats age p95"):
+    for column in ("app", "sent", "routed", "Jain", "rank 0", "handoffs", "rejected", "stats p95"):
         table.add_column(column, justify="left" if column == "app" else "right", no_wrap=column == "app")
     for app in APPS:
         s = server.get("/v1/summary", since=started_at, app=app.name) or {}
