@@ -59,15 +59,17 @@ RESULTS_DRAIN_INTERVAL_S = 0.25
 class _Attempt:
     """An accepted send attempt, waiting for its completion."""
 
-    __slots__ = ("key", "trace", "routed_ts", "routed_seq", "ok", "done_ts")
+    __slots__ = ("key", "trace", "routed_ts", "routed_seq", "routed_at", "ok", "done_ts", "done_at")
 
     def __init__(self, key, trace, routed_ts, routed_seq):
         self.key = key  # (ReplicaID, internal_request_id)
         self.trace = trace
-        self.routed_ts = routed_ts
+        self.routed_ts = routed_ts  # wall clock, for the events
         self.routed_seq = routed_seq
+        self.routed_at = time.monotonic()  # for the latency: a wall-clock jump must not change it
         self.ok: Optional[bool] = None
         self.done_ts: Optional[float] = None
+        self.done_at: Optional[float] = None
 
 
 class RouterTracer:
@@ -109,7 +111,7 @@ class RouterTracer:
         self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: their times.
-        self._unmatched_completions: Dict[Tuple[Any, str], Deque[float]] = {}
+        self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float]]] = {}  # (wall, monotonic)
         # (attempt, ok, done time) appended by Ray's worker threads, drained on the loop.
         self._results_done: Deque[Tuple[_Attempt, bool, float]] = deque()
         self._drain_scheduled = False
@@ -290,7 +292,7 @@ class RouterTracer:
         # On a Ray core-worker thread: only note the outcome. Waking the loop
         # for it (call_soon_threadsafe) costs the process measurable
         # throughput; the loop drains these at its next hook, or on a timer.
-        self._results_done.append((attempt, not isinstance(value, BaseException), time.time()))
+        self._results_done.append((attempt, not isinstance(value, BaseException), time.time(), time.monotonic()))
 
     def _drain_results(self) -> None:
         results = self._results_done
@@ -307,9 +309,9 @@ class RouterTracer:
         else:
             self._drain_scheduled = False
 
-    def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float) -> None:
+    def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float, done_at: float) -> None:
         try:
-            attempt.ok, attempt.done_ts = ok, done_ts
+            attempt.ok, attempt.done_ts, attempt.done_at = ok, done_ts, done_at
             unmatched = self._unmatched_completions.get(attempt.key)
             if unmatched:
                 # Ray's own completion callback was registered first, so its
@@ -336,7 +338,8 @@ class RouterTracer:
         # Either a rejected attempt, or an accepted one whose routed event or
         # result has not come in yet (a fast request can finish before the
         # router resumes to call on_request_routed). Which, only time tells.
-        self._unmatched_completions.setdefault(key, deque()).append(time.time())
+        # Wall clock for the event, monotonic for the grace period (a clock jump must not settle it early or late).
+        self._unmatched_completions.setdefault(key, deque()).append((time.time(), time.monotonic()))
         self._settle_later(key)
 
     def _settle_later(self, key: Tuple[Any, str]) -> None:
@@ -349,9 +352,9 @@ class RouterTracer:
             if self._open.get(key):
                 return  # an accepted attempt is in flight: its result settles this key
             unmatched = self._unmatched_completions.get(key)
-            cutoff = time.time() - REJECTION_GRACE_S
-            while unmatched and unmatched[0] <= cutoff:
-                self._emit_rejection(key, unmatched.popleft())
+            cutoff = time.monotonic() - REJECTION_GRACE_S
+            while unmatched and unmatched[0][1] <= cutoff:
+                self._emit_rejection(key, unmatched.popleft()[0])
             if unmatched:
                 self._settle_later(key)
             else:
@@ -370,7 +373,7 @@ class RouterTracer:
         replica_id, internal_request_id = attempt.key
         self._emit((
             COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
-            (attempt.done_ts - attempt.routed_ts) * 1000.0, attempt.ok, False,
+            (attempt.done_at - attempt.routed_at) * 1000.0, attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))
 

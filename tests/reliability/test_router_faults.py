@@ -1,0 +1,81 @@
+"""The router side under faults of its own machine: the wall clock jumps, the
+spool's disk fills up. Routing goes on, figures stay right, every loss is
+counted. (Collector failures seen from Ray Serve: tests/test_serve_robustness.py
+and bench/router_faults.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from routers import tracer as tracer_module
+from routers.config import TracerConfig
+from routers.examples import TracedUniformRequestRouter
+from routers.exporter import Exporter
+from routers.offline import FakeResult, make_request, make_router
+
+JUMP_S = 3600.0
+
+
+class JumpingClock:
+    """`time` as the tracer sees it, with a wall clock that can jump; the monotonic clock never does."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    jumping = JumpingClock()
+    monkeypatch.setattr(tracer_module, "time", jumping)
+    return jumping
+
+
+def events_of(path):
+    return [e for line in open(path) for e in json.loads(line)["events"]]
+
+
+@pytest.mark.parametrize("jump", [-JUMP_S, JUMP_S])
+def test_a_clock_jump_changes_no_latency_and_settles_rejections_on_time(tmp_path, clock, monkeypatch, jump):
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.2)
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        accepted, refused = make_request(), make_request()
+        ranks = await router.choose_replicas(router._replicas_list, accepted)
+        replica_id = ranks[0][0].replica_id
+        result = FakeResult()
+        router.on_request_routed(accepted, replica_id, result)
+        # A refused attempt of another request: no routed event, only a completion.
+        router.on_request_completed(replica_id, refused.metadata.internal_request_id)
+        clock.offset = jump  # NTP steps the clock while both are in flight
+        await asyncio.sleep(0.05)
+        router.on_request_completed(replica_id, accepted.metadata.internal_request_id)
+        result.finish("ok")
+        started = time.monotonic()
+        # The refused attempt is settled as a rejection one grace period later, whatever the wall clock did.
+        while time.monotonic() - started < 5 and not rejected(router):
+            await asyncio.sleep(0.05)
+        return replica_id
+
+    def rejected(router):
+        return not router._routelens._unmatched_completions
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    exporter.close()
+    completed = [e for e in events_of(sink) if e["type"] == "completed"]
+    assert sorted(c["rejected"] for c in completed) == [False, True]
+    accepted = next(c for c in completed if not c["rejected"])
+    assert 40 <= accepted["latency_ms"] < 1000  # the 50 ms it took, not an hour either way
