@@ -39,7 +39,10 @@ class FaultLog:
                 self._pending[kind] = (count, last)
                 return
             self._pending[kind] = (0, now)
-        if count == 1:
+        if count == 1 and isinstance(exc, OSError):
+            # The network or the disk: an operating condition, not a bug; its message says it all.
+            logger.warning("routelens: %s failed: %s; routing is unaffected", kind, exc)
+        elif count == 1:
             logger.warning("routelens: %s failed; routing is unaffected", kind, exc_info=exc)
         else:
             logger.warning(

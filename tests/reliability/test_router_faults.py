@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from routers import tracer as tracer_module
 from routers.config import TracerConfig
 from routers.examples import TracedUniformRequestRouter
 from routers.exporter import Exporter
+from routers.faults import FaultLog
 from routers.offline import FakeResult, make_request, make_router
 
 JUMP_S = 3600.0
@@ -79,3 +81,14 @@ def test_a_clock_jump_changes_no_latency_and_settles_rejections_on_time(tmp_path
     assert sorted(c["rejected"] for c in completed) == [False, True]
     accepted = next(c for c in completed if not c["rejected"])
     assert 40 <= accepted["latency_ms"] < 1000  # the 50 ms it took, not an hour either way
+
+
+def test_a_collector_or_disk_failure_is_one_line_and_a_bug_a_traceback(caplog):
+    log = FaultLog()
+    with caplog.at_level(logging.WARNING, logger="routelens"):
+        log.record("sending to the collector at 127.0.0.1:1", ConnectionRefusedError(111, "Connection refused"))
+        log.record("sending to the collector at 127.0.0.1:1", ConnectionRefusedError(111, "Connection refused"))
+        log.record("encoding an event", ValueError("not JSON"))
+    first, bug = caplog.records  # the second refusal waits for the minute's count
+    assert first.exc_info is None and "Connection refused" in first.getMessage()
+    assert bug.exc_info is not None and "encoding an event" in bug.getMessage()
