@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
 import time
 
 import pytest
 
 from routers import tracer as tracer_module
 from routers.config import TracerConfig
-from routers.examples import TracedUniformRequestRouter
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
 from routers.exporter import Exporter
 from routers.faults import FaultLog
 from routers.offline import FakeResult, make_request, make_router
+from tests.event_sink_server import EventSinkServer
+from tests.system_deps import require
+from tests.test_exporter_outage import drive
 
 JUMP_S = 3600.0
 
@@ -92,3 +96,49 @@ def test_a_collector_or_disk_failure_is_one_line_and_a_bug_a_traceback(caplog):
     first, bug = caplog.records  # the second refusal waits for the minute's count
     assert first.exc_info is None and "Connection refused" in first.getMessage()
     assert bug.exc_info is not None and "encoding an event" in bug.getMessage()
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB filesystem of its own (tmpfs): writes past it fail with ENOSPC, as on a full disk."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+
+    def mount_tmpfs():
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise OSError(result.stderr.strip() or f"mount exited {result.returncode}")
+
+    require(mount_tmpfs, OSError, "cannot mount a small tmpfs for the disk-full test",
+            "mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_spool_disk_keeps_routing_and_counts_every_loss(tiny_disk):
+    server = EventSinkServer()
+    server.stop()  # the collector is down: batches go to the spool, which the disk cannot hold
+    router_kwargs = {"collector_url": server.url, "spool_dir": str(tiny_disk)}
+    exporter = Exporter(TracerConfig(flush_interval_s=0.2, **router_kwargs))
+
+    async def scenario():
+        router = make_router(TracedPowerOfTwoChoicesRequestRouter, 16, router_kwargs=router_kwargs,
+                             exporter=exporter)
+        await drive(router, 5)  # 5,000 requests, each through every hook: none may fail
+        return router._routelens.source
+
+    source = asyncio.run(scenario())
+    server.start()
+    try:
+        assert exporter.flush(60), "what the disk held was not replayed"
+    finally:
+        exporter.close()
+        server.stop()
+    stored = server.events(source_id=source.id)
+    dropped = source.dropped()
+    assert sum(dropped.values()) > 0 and set(dropped) <= {"spool_full", "spool_error"}, dropped
+    assert len(stored) > 0  # what fitted on the disk arrived
+    assert len(stored) + sum(dropped.values()) == source.produced
+    decisions = sum(e["type"] == "decision" for e in stored.values())
+    assert decisions < 5000 <= source.produced  # the loss was real, and counted
