@@ -7,6 +7,10 @@ Arrow arrays, in C and without the GIL, so that a thread can read the next
 chunk while another converts the last. Other databases (PostgreSQL, SQLite
 in memory) are read through the export's SQLAlchemy connection, rows
 transposed into the same columns: the same results, more slowly.
+
+ADBC is used through its low-level API, not its DB-API module, which
+imports pyarrow.dataset (some 6 MB resident, and pandas with it when
+installed): nothing here uses it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import adbc_driver_sqlite.dbapi as adbc_sqlite
+import adbc_driver_manager
+import adbc_driver_sqlite
 import pyarrow as pa
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import Select
@@ -32,11 +37,14 @@ class ArrowReader:
 
     def __init__(self, conn: Connection):
         self._conn = conn
-        self._adbc: Optional[adbc_sqlite.Connection] = None
+        self._database: Optional[adbc_driver_manager.AdbcDatabase] = None
+        self._adbc: Optional[adbc_driver_manager.AdbcConnection] = None
         url = conn.engine.url
         if url.get_backend_name() == "sqlite" and url.database and os.path.isfile(url.database):
             # Its own connection to the file: one read transaction, so every chunk sees the same snapshot.
-            self._adbc = adbc_sqlite.connect(url.database)
+            self._database = adbc_driver_sqlite.connect(url.database)
+            self._adbc = adbc_driver_manager.AdbcConnection(self._database)
+            self._adbc.set_autocommit(False)
 
     def read(self, query: Select, schema: pa.Schema) -> pa.RecordBatch:
         """The query's rows with the columns `schema` names and types, in its order."""
@@ -51,17 +59,23 @@ class ArrowReader:
             # to its stored bytes) would go unheard. Export queries compare stored forms.
             if isinstance(bind.type, TypeDecorator):
                 raise TypeError(f"export query binds {bind.key} through {type(bind.type).__name__}")
-        with self._adbc.cursor() as cursor:
-            cursor.adbc_statement.set_options(**{"adbc.sqlite.query.batch_rows": str(_BATCH_ROWS)})
-            cursor.execute(compiled.string, tuple(compiled.params[name] for name in compiled.positiontup))
-            table = cursor.fetch_arrow_table()
+        params = [compiled.params[name] for name in compiled.positiontup]
+        with adbc_driver_manager.AdbcStatement(self._adbc) as statement:
+            statement.set_options(**{adbc_driver_sqlite.StatementOptions.BATCH_ROWS.value: str(_BATCH_ROWS)})
+            statement.set_sql_query(compiled.string)
+            if params:  # one row of parameters, one column each
+                statement.bind(pa.record_batch([[param] for param in params], names=list(map(str, range(len(params))))))
+            stream, _ = statement.execute_query()
+            # The rows are read in read_all, which releases the GIL.
+            table = pa.RecordBatchReader.from_stream(stream).read_all()
         return pa.record_batch([_as(column, field.type) for column, field in zip(table.columns, schema)],
                                schema=schema)
 
     def close(self) -> None:
         if self._adbc is not None:
             self._adbc.close()
-            self._adbc = None
+            self._database.close()
+            self._adbc = self._database = None
 
 
 def _as(column: pa.ChunkedArray, type_: pa.DataType) -> pa.Array:
