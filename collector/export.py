@@ -31,6 +31,7 @@ format's writer (`collector.export_formats`).
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from contextlib import closing
 from dataclasses import dataclass, replace
@@ -59,6 +60,32 @@ from collector.export_read import ArrowReader
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
 from collector.wire_export import wire_batches
+
+
+
+class _NoPandas:
+    """An import finder that finds no pandas (see below)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("hidden from pyarrow's first look: see collector.export")
+        return None
+
+
+# The first time pyarrow converts Python values (this module's constants, just below), it imports pandas,
+# when installed, to recognise pandas objects among them: some 40 MB resident in every export, for objects
+# routelens never hands it (pandas is no dependency of routelens). That first look is made with pandas
+# hidden; pyarrow remembers the answer and still imports pandas when asked for pandas (to_pandas,
+# from_pandas), after which it also recognises pandas objects again. A process that imported pandas
+# already keeps pyarrow's ordinary behaviour.
+if "pandas" not in sys.modules:
+    _hiding = _NoPandas()
+    sys.meta_path.insert(0, _hiding)
+    try:
+        pa.array([None])
+    finally:
+        sys.meta_path.remove(_hiding)
+        del _hiding
 
 SCHEMA_VERSION = 1
 TABLES = ("decisions", "candidates", "routed", "completed", "events")
