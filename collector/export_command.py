@@ -20,8 +20,6 @@ from collector.cli import UsageError
 from collector.db import check_schema, make_engine
 from collector.export import ExportError, check, export
 from collector.export_formats import FORMATS
-from collector.importer import import_files
-from collector.ingest import Ingestor
 from collector.serve import tune_gc_for_bulk_work
 from collector.filtering import FilterError, build_filters
 
@@ -122,6 +120,10 @@ class _RowRate(ProgressColumn):
 
 
 def run_import(args) -> int:
+    # Imported here: `routelens export` needs none of the ingest path (some 8 MB resident).
+    from collector.importer import import_files
+    from collector.ingest import Ingestor
+
     missing = [path for path in args.files if not os.path.isfile(path)]
     if missing:
         raise UsageError(f"no such file: {', '.join(missing)}")

@@ -7,8 +7,6 @@ import ipaddress
 import socket
 import sys
 
-import uvicorn
-
 LOOPBACK_HOSTS = {"localhost"}
 
 
@@ -46,6 +44,8 @@ def tune_gc_for_bulk_work() -> None:
 
 
 def serve(app, host: str, port: int, token: str | None) -> None:
+    import uvicorn  # here, not above: the commands that only need this module's errors and GC tuning skip it
+
     if token is None and not is_loopback(host):
         print(f"warning: listening on {host} without a token: anyone who can reach this port can read and "
               "write your routing data (set --token)", file=sys.stderr)
