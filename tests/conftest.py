@@ -22,6 +22,13 @@ from tests.postgres import PostgresCluster, PostgresUnavailable, check_available
 from tests.system_deps import require
 
 
+def pytest_addoption(parser):
+    # Here, in the initial conftest, so that `pytest --run-long` works from the
+    # root too; tests/reliability/conftest.py applies it.
+    parser.addoption("--run-long", action="store_true", default=False,
+                     help="run the long reliability tests (marked reliability_long); also ROUTELENS_LONG=1")
+
+
 @pytest.fixture(scope="session")
 def serve_instance(tmp_path_factory):
     """Ray (2 CPUs, replicas use num_cpus=0) and Serve with HTTP on a free port.
