@@ -118,12 +118,24 @@ class PostgresCluster:
                   "--no-locale", "--no-sync")
         durability = (["-c fsync=on", "-c synchronous_commit=on"] if self.fsync
                       else ["-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off"])
-        options = " ".join([
+        self._options = " ".join([
             "-c listen_addresses=127.0.0.1", f"-c port={self.port}", f"-c unix_socket_directories={self.dir}",
             *durability, "-c max_connections=200",  # every test app keeps a small pool open
         ])
-        self._run("pg_ctl", "-D", self.data_dir, "-l", self.log_file, "-o", options, "-w", "-t", "60", "start")
+        self.start_server()
         return self
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data: at `start`, and again after
+        `stop_server` (same port, same databases)."""
+        self._run("pg_ctl", "-D", self.data_dir, "-l", self.log_file, "-o", self._options, "-w", "-t", "60",
+                  "start")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server but keep its data, for tests of a database outage.
+        `fast` disconnects clients and shuts down cleanly; `immediate` is a
+        crash (the next start recovers from the WAL)."""
+        self._run("pg_ctl", "-D", self.data_dir, "-m", mode, "-w", "stop")
 
     def stop(self) -> None:
         if self.dir is None:
