@@ -77,11 +77,18 @@ class SourceInfo(Struct, gc=False):
                       Meta(max_length=64)] = {}
 
 
+# A candidate's ages are stored in whole microseconds as 64-bit integers
+# (`collector.columns.Ranking`). Beyond 10**12 s (30,000 years) an age is
+# no age, and converting it would fail (a 500): it is a 422 naming the field.
+# Negative ages stay allowed: clocks of different processes disagree.
+Age = Annotated[float, Meta(ge=-1e12, le=1e12)]
+
+
 class Candidate(Struct, gc=False):
     queue_len: Optional[int] = None
-    queue_len_age_s: Optional[float] = None
+    queue_len_age_s: Optional[Age] = None
     stats: Optional[Dict[str, Any]] = None
-    stats_age_s: Optional[float] = None
+    stats_age_s: Optional[Age] = None
     stats_age_source: Optional[Literal["stamped", "observed"]] = None
 
 
