@@ -19,8 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CollectorProcess:
-    def __init__(self, db_url: str, port: Optional[int] = None):
+    """`command`: "collector", or "up" (the dashboard as well)."""
+
+    def __init__(self, db_url: str, port: Optional[int] = None, command: str = "collector"):
         self.db_url = db_url
+        self.command = command
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: Optional[subprocess.Popen] = None
@@ -28,7 +31,7 @@ class CollectorProcess:
 
     def start(self, timeout_s: float = 60) -> "CollectorProcess":
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", "collector", "--db", self.db_url, "--port", str(self.port),
+            [sys.executable, "-m", "collector.cli", self.command, "--db", self.db_url, "--port", str(self.port),
              "--retention", "never"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while self.get("/healthz") is None:
