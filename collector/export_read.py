@@ -6,7 +6,8 @@ On a SQLite file, results are read by the ADBC SQLite driver straight into
 Arrow arrays, in C and without the GIL, so that a thread can read the next
 chunk while another converts the last. Other databases (PostgreSQL, SQLite
 in memory) are read through the export's SQLAlchemy connection, rows
-transposed into the same columns: the same results, more slowly.
+transposed into the same columns: the same results, more slowly. (For
+now SQLite files are read that way too: see `_ADBC_ON_SQLITE_FILES`.)
 
 ADBC is used through its low-level API, not its DB-API module, which
 imports pyarrow.dataset (some 6 MB resident, and pandas with it when
@@ -31,6 +32,17 @@ from sqlalchemy.types import TypeDecorator
 # one batch, the guess covers every row, and `read` casts it to the type meant.
 _BATCH_ROWS = 1 << 30
 
+# Off: ADBC's driver links its own copy of SQLite, and two copies of SQLite
+# must never open one file in one process (sqlite.org/howtocorrupt.html,
+# 2.2.1). POSIX locks belong to the process: when ADBC's copy closed its
+# connection it saw no other, checkpointed and deleted the -wal and -shm
+# files under the collector's own connections. Every batch stored after an
+# export through the API then went to an unlinked WAL: invisible to other
+# processes and to later exports, and lost when the collector was killed.
+# Until ADBC reads from a process of its own, SQLite files take the
+# SQLAlchemy path too (tests/reliability/test_bad_input.py).
+_ADBC_ON_SQLITE_FILES = False
+
 
 class ArrowReader:
     """Runs the export's SELECTs and returns their rows as one record batch."""
@@ -40,7 +52,8 @@ class ArrowReader:
         self._database: Optional[adbc_driver_manager.AdbcDatabase] = None
         self._adbc: Optional[adbc_driver_manager.AdbcConnection] = None
         url = conn.engine.url
-        if url.get_backend_name() == "sqlite" and url.database and os.path.isfile(url.database):
+        if (_ADBC_ON_SQLITE_FILES and url.get_backend_name() == "sqlite" and url.database
+                and os.path.isfile(url.database)):
             # Its own connection to the file: one read transaction, so every chunk sees the same snapshot.
             self._database = adbc_driver_sqlite.connect(url.database)
             self._adbc = adbc_driver_manager.AdbcConnection(self._database)
