@@ -1,0 +1,109 @@
+"""A load generator process: real traced routers and a real exporter sending
+to a collector, at a steady rate, as a Ray proxy would (but no Ray cluster).
+
+    python -m tests.reliability.exporter_load --collector URL --spool DIR \\
+        --rate 5000 --seconds 20 --start-at EPOCH --out result.json
+
+Each request goes through the full hook sequence of
+`routers.examples.TracedPowerOfTwoChoicesRequestRouter` on 16 fake replicas
+(`routers.offline`): three events (decision, routed, completed). Requests
+are paced to `--rate` events per second over `--routers` routers (sources)
+in this process. The process's own exporter batches, gzips and POSTs them,
+spooling while the collector is away, like in production.
+
+After the load it flushes (waits until the spool is replayed) and writes,
+per source, the counters the exporter keeps: what the test compares with
+what the collector stored. Starting at `--start-at` (wall clock) lets
+several such processes, and the test's fault schedule, share one timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+
+from routers.config import TracerConfig
+from routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from routers.exporter import Exporter
+from routers.faults import faults
+from routers.offline import FakeResult, make_request, make_router
+
+EVENTS_PER_REQUEST = 3  # decision, routed, completed
+TICK_S = 0.01
+
+
+async def drive(routers, requests_per_s: float, seconds: float, peaks: dict, exporter: Exporter) -> int:
+    """Route `requests_per_s` requests a second, round robin over `routers`,
+    for `seconds`; returns how many were routed."""
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < seconds:
+        due = int((time.monotonic() - start) * requests_per_s)
+        while n < due:
+            router = routers[n % len(routers)]
+            pr = make_request()
+            ranks = await router.choose_replicas(router._replicas_list, pr)
+            replica = ranks[0][0]
+            result = FakeResult()
+            router.on_request_routed(pr, replica.replica_id, result)
+            result.finish("done")
+            router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+            n += 1
+        peaks["queue"] = max(peaks["queue"], len(exporter._queue))
+        for destination in exporter._destinations.values():
+            peaks["spool_bytes"] = max(peaks["spool_bytes"], destination._spool.bytes)
+        await asyncio.sleep(TICK_S)
+    await asyncio.sleep(0.2)  # let the last completions hop back to the loop
+    return n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--collector", required=True)
+    parser.add_argument("--spool", required=True)
+    parser.add_argument("--rate", type=float, default=5000.0, help="events per second in this process")
+    parser.add_argument("--seconds", type=float, required=True)
+    parser.add_argument("--routers", type=int, default=2)
+    parser.add_argument("--start-at", type=float, default=0.0, help="wall-clock time to start the load at")
+    parser.add_argument("--spool-max-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--flush-timeout", type=float, default=180.0)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    router_kwargs = {"collector_url": args.collector, "spool_dir": args.spool}
+    # Production defaults otherwise (queue 20,000 events, batches of 1,000,
+    # 1 s interval, 5 s HTTP timeout): the point is how those behave.
+    exporter = Exporter(TracerConfig(spool_max_bytes=args.spool_max_bytes, **router_kwargs))
+    peaks = {"queue": 0, "spool_bytes": 0}
+
+    async def scenario():
+        routers = [make_router(TracedPowerOfTwoChoicesRequestRouter, 16, router_kwargs=router_kwargs,
+                               exporter=exporter, deployment="Checkout", app="shop")
+                   for _ in range(args.routers)]
+        await asyncio.sleep(max(0.0, args.start_at - time.time()))
+        started = time.monotonic()
+        n = await drive(routers, args.rate / EVENTS_PER_REQUEST, args.seconds, peaks, exporter)
+        return routers, n, time.monotonic() - started
+
+    routers, requests, elapsed = asyncio.run(scenario())
+    flush_started = time.monotonic()
+    flushed = exporter.flush(timeout_s=args.flush_timeout)
+    flush_s = time.monotonic() - flush_started
+    exporter.close()
+    sources = {}
+    for router in routers:
+        source = router._routelens.source
+        produced, dropped = source.counters()
+        sources[source.id] = {"produced": produced, "dropped": dropped, "last_seq": source.batch_seq}
+    result = {"pid": os.getpid(), "requests": requests, "seconds": elapsed, "flushed": flushed,
+              "flush_s": flush_s, "sources": sources, "peaks": peaks, "faults": faults.total}
+    with open(args.out + ".tmp", "w") as out:
+        json.dump(result, out)
+    os.replace(args.out + ".tmp", args.out)
+
+
+if __name__ == "__main__":
+    main()
