@@ -78,10 +78,12 @@ class SourceInfo(Struct, gc=False):
 
 
 # A candidate's ages are stored in whole microseconds as 64-bit integers
-# (`collector.columns.Ranking`). Beyond 10**12 s (30,000 years) an age is
-# no age, and converting it would fail (a 500): it is a 422 naming the field.
-# Negative ages stay allowed: clocks of different processes disagree.
-Age = Annotated[float, Meta(ge=-1e12, le=1e12)]
+# (`collector.columns.Ranking`), which the export turns into doubles: exact
+# only up to 2**53 us (285 years). Beyond 10**9 s (31 years) an age is no
+# age, and converting it would fail (a 500 at ingest, or an export cut
+# short): it is a 422 naming the field. Negative ages stay allowed: clocks
+# of different processes disagree.
+Age = Annotated[float, Meta(ge=-1e9, le=1e9)]
 
 
 class Candidate(Struct, gc=False):
