@@ -86,8 +86,12 @@ class SourceInfo(Struct, gc=False):
 Age = Annotated[float, Meta(ge=-1e9, le=1e9)]
 
 
+# The export holds a queue length as a 64-bit integer.
+QueueLength = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
 class Candidate(Struct, gc=False):
-    queue_len: Optional[int] = None
+    queue_len: Optional[QueueLength] = None
     queue_len_age_s: Optional[Age] = None
     stats: Optional[Dict[str, Any]] = None
     stats_age_s: Optional[Age] = None
