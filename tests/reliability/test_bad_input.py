@@ -1,0 +1,498 @@
+"""Bad input of every kind, on SQLite and PostgreSQL: the collector answers a
+clear 4xx, never a 500, and writes nothing unless it answers 200.
+
+- ingest (POST /v1/events): arbitrary bodies and mutated valid batches
+  (hypothesis); valid batches from a strategy are stored, idempotently;
+- every endpoint of the OpenAPI spec, fuzzed in-process (schemathesis);
+- oversized bodies and gzip bombs, against the real server in a subprocess
+  whose peak memory is read from /proc;
+- SQL injection and other odd strings in every query parameter of every read
+  endpoint: never more rows than without the filter, the database unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import select as io_select  # (sqlalchemy has the name select)
+import socket
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from urllib.parse import quote
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, note, settings
+from hypothesis import strategies as st
+from sqlalchemy import create_engine, func, select
+
+from collector.models import Base, decisions
+from tests.ports import free_port
+
+# Every example runs against the test's one database (a function-scoped
+# fixture): each asserts on what it changed, not on absolute contents.
+FUZZ = settings(deadline=None, database=None, derandomize=False,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                       HealthCheck.data_too_large, HealthCheck.large_base_example])
+
+# The answers bad input may get: 400 malformed, 409 a source id reused for another
+# deployment, 413 too large, 422 breaks the wire format.
+REFUSALS = {400, 409, 413, 422}
+
+
+def _now() -> float:
+    return time.time() - 60  # inside any read window ending now
+
+
+# --- strategies: JSON of any shape, odd values, valid batches ---
+
+# Text a database can hold (no NUL, which the validator refuses on purpose, no lone surrogates,
+# which JSON cannot carry as UTF-8): names, ids, labels.
+storable_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1,
+                        max_size=40)
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                | st.text(max_size=20))
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=15)
+
+# Values that broke parsers and databases somewhere before: big and negative
+# numbers, NaN, odd unicode, NUL, very long strings, deep nesting.
+odd_values = st.sampled_from([
+    None, True, False, 0, -1, -0.0, 2**31, 2**63, 2**64 + 1, -(2**63) - 1, 10**30, 1e308, -1e308, 5e-324,
+    math.nan, math.inf, -math.inf, "", " ", "x" * 129, "x" * 257, "x" * 513, "y" * 100_000, "nul\x00byte",
+    "\u202eevil", "🙂" * 300, "' OR 1=1 --", "1", "1.5", "true", "null", "decision", [], {}, [[]], {"": {}},
+    "0196b8a2-7c4e-7000-8000-000000000000", str(uuid.uuid4()),
+    json.loads("[" * 200 + "]" * 200),
+])
+
+
+@st.composite
+def valid_batches(draw) -> dict:
+    """A batch the wire format allows: unicode ids, unknown stats shapes, edge-case numbers."""
+    from tests.conftest import WireSource
+
+    labels = draw(st.dictionaries(st.text(max_size=10).filter(lambda s: "\x00" not in s), storable_text,
+                                  max_size=3))
+    # Each batch its own app (unicode, then a unique part): reads filtered by it see this batch alone.
+    source = WireSource(str(uuid.uuid4()), app=f"{draw(storable_text)}/{uuid.uuid4()}",
+                        deployment=draw(storable_text), labels=labels)
+    replicas = draw(st.lists(storable_text, min_size=1, max_size=4, unique=True))
+    stats = st.dictionaries(st.text(max_size=8), json_values, max_size=3)
+    non_negative = st.floats(min_value=0, max_value=1e308)
+    ages = st.floats(min_value=-1e9, max_value=1e9)  # stored in microseconds: see collector.schema.Age
+    events, ts = [], _now()
+    for i in range(draw(st.integers(1, 4))):
+        t = ts + i * 0.01
+        chosen = draw(st.sampled_from(replicas))
+        candidates = {chosen: {"queue_len": draw(st.none() | st.integers(-(2**63), 2**63 - 1)), "stats": draw(stats),
+                               "queue_len_age_s": draw(st.none() | ages), "stats_age_s": draw(st.none() | ages),
+                               "stats_age_source": draw(st.sampled_from([None, "stamped", "observed"]))}}
+        decision = source.decision(t, [[chosen], [r for r in replicas if r != chosen]], candidates=candidates,
+                                   request_id=draw(st.none() | storable_text),
+                                   internal_request_id=draw(st.none() | storable_text),
+                                   model_id=draw(st.none() | storable_text),
+                                   attempt=draw(st.integers(0, 2**31 - 1)),
+                                   duration_us=draw(st.integers(0, 2**31 - 1)))
+        routed = source.routed(t + 0.001, chosen, decision, rank=draw(st.integers(0, 10_000)),
+                               queue_wait_ms=draw(non_negative))
+        completed = source.completed(t + 0.002, chosen, routed, latency_ms=draw(non_negative),
+                                     ok=draw(st.booleans()), rejected=draw(st.booleans()))
+        events += [decision, routed, completed]
+    events.append(source.replicas(ts, replicas))
+    events.append(source.stats(ts, replicas[0], draw(stats), collected_at=draw(st.none() | st.just(ts))))
+    return source.batch(events, dropped=draw(st.dictionaries(st.text(max_size=10).filter(lambda s: "\x00" not in s),
+                                                             st.integers(0, 2**63 - 1), max_size=2)))
+
+
+def _paths(value, path=()):
+    """Every place in a JSON value: (key or index, ...)."""
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _paths(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _paths(item, (*path, index))
+
+
+def _json_path(path) -> str:
+    """`$.events[3]` for ("events", 3): how the validator names a place."""
+    return "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+
+
+@st.composite
+def mutated_batches(draw):
+    """(a valid batch changed in one place, that place): a field dropped,
+    retyped, oversized, wrapped in a list or an object, or given an odd value."""
+    batch = draw(valid_batches())
+    path = draw(st.sampled_from([p for p in _paths(batch) if p]))
+    *parent_path, key = path
+    parent = batch
+    for step in parent_path:
+        parent = parent[step]
+    old = parent[key]
+    how = draw(st.sampled_from(["drop", "retype", "oversize", "wrap", "odd"]))
+    if how == "drop":
+        del parent[key]
+    elif how == "retype":
+        parent[key] = draw(json_scalars.filter(lambda new: type(new) is not type(old)))
+    elif how == "oversize":
+        if isinstance(old, str):
+            parent[key] = old * 300 or "x" * 300
+        elif isinstance(old, list):
+            parent[key] = old * 60 or [None] * 60
+        elif isinstance(old, (int, float)) and not isinstance(old, bool):
+            parent[key] = old * 2**64 + 2**64
+        else:
+            parent[key] = "z" * 100_000
+    elif how == "wrap":
+        parent[key] = draw(st.sampled_from([[old], {"value": old}]))
+    else:
+        parent[key] = draw(odd_values)
+    return batch, path
+
+
+def _body(value) -> bytes:
+    # allow_nan: NaN and Infinity as JavaScript writes them, which JSON does not allow.
+    return json.dumps(value, allow_nan=True).encode()
+
+
+# --- ingest: arbitrary and mutated bodies ---
+
+def _names_the_place(detail: str, path) -> bool:
+    """Whether a 422's detail names the event (or the source) and the field
+    changed at `path`: `$.events[3].attempt`, "missing required field
+    `replica_id` - at `$.events[3]`", `$.source.app`, `$.seq`."""
+    place = path[:2] if path[0] == "events" and len(path) > 1 else path[:1]
+    named = (path[0] in detail) if len(place) == 1 else (_json_path(place) in detail)
+    field = path[len(place)] if len(path) > len(place) else None
+    # Another event type makes the event's other fields the problem, not `type` itself.
+    if isinstance(field, str) and field != "type":
+        named = named and field in detail
+    return named
+
+
+def _assert_refused_cleanly(response, counts_before: dict, collector) -> str:
+    assert response.status_code in REFUSALS, (response.status_code, response.text[:500])
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail, response.text[:500]
+    assert collector.table_counts() == counts_before
+    return detail
+
+
+def test_arbitrary_json_bodies_are_refused_with_a_4xx_and_store_nothing(make_collector):
+    collector = make_collector(max_events_per_batch=50)
+    counts = collector.table_counts()
+    nearly_batches = st.fixed_dictionaries({"schema_version": st.sampled_from([1, 1.0, "1", 2, None]),
+                                            "source": json_values, "seq": json_values,
+                                            "events": st.lists(json_values, max_size=4)})
+    bodies = (json_values.map(_body) | odd_values.map(_body) | nearly_batches.map(_body)
+              | st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
+
+    @settings(FUZZ, max_examples=150)
+    @given(body=bodies)
+    def check(body):
+        note(body[:2000])
+        _assert_refused_cleanly(collector.send(body), counts, collector)
+
+    check()
+
+
+def test_mutated_batches_get_200_or_a_4xx_naming_the_place_and_refused_ones_store_nothing(make_collector):
+    collector = make_collector(max_events_per_batch=50)
+
+    @settings(FUZZ, max_examples=150)
+    @given(mutated=mutated_batches())
+    def check(mutated):
+        batch, path = mutated
+        note(f"changed at {path}: {_body(batch)[:2000]!r}")
+        counts = collector.table_counts()
+        response = collector.send(_body(batch))
+        if response.status_code == 200:
+            # Still valid (an optional field dropped, say): stored once, and only once.
+            again = collector.send(_body(batch))
+            assert again.status_code == 200 and again.json()["stored"] == 0, again.text
+            return
+        detail = _assert_refused_cleanly(response, counts, collector)
+        if response.status_code == 422:
+            assert _names_the_place(detail, path), (path, detail)
+
+    check()
+
+
+def test_valid_batches_are_stored_readable_and_idempotent(collector):
+    @settings(FUZZ, max_examples=30)
+    @given(batch=valid_batches())
+    def check(batch):
+        note(_body(batch)[:4000])
+        counts = collector.table_counts()
+        answer = collector.store(batch)
+        assert answer == {"stored": len(batch["events"]), "duplicates": 0}
+        assert collector.table_counts() != counts
+        stored, rollups = collector.table_counts(), collector.rollup_rows()
+        assert collector.store(batch) == {"stored": 0, "duplicates": len(batch["events"])}
+        assert collector.table_counts() == stored and collector.rollup_rows() == rollups
+        # Whatever was stored, every view of it can be read.
+        app = batch["source"]["app"]
+        for path in ("/v1/summary", "/v1/distribution", "/v1/staleness", "/v1/rank-hits", "/v1/timeseries",
+                     "/v1/decisions", "/v1/deployments", "/v1/sources"):
+            collector.get(path, app=app)
+        decision = batch["events"][0]["id"]
+        assert collector.get(f"/v1/decisions/{decision}")["id"] == decision
+        exported = collector.http.get("/v1/export", params={"app": app, "format": "jsonl"})
+        assert exported.status_code == 200, exported.text[:500]
+        # One line per decision; "\n" alone ends a line (a JSON string may hold U+2028 or U+0085 as they are).
+        assert exported.text.count("\n") == sum(e["type"] == "decision" for e in batch["events"])
+
+    check()
+
+
+def test_batches_stored_after_an_export_are_seen_by_later_exports_and_other_processes(collector, make_source):
+    """An export through the API once closed a second SQLite library's
+    connection to the file (ADBC's), which deleted the WAL the collector was
+    writing to: later batches were acknowledged, then invisible and lost."""
+    for i in range(3):
+        source = make_source(f"s{i}", app=f"app{i}")
+        collector.store(source.batch([source.decision(_now(), [["r1"]])]))
+        exported = collector.http.get("/v1/export", params={"format": "jsonl"})
+        assert exported.text.count("\n") == i + 1
+    # Another process (a second connection, as `routelens export` makes) sees them too.
+    other = create_engine(collector.engine.url)
+    try:
+        with other.connect() as connection:
+            assert connection.scalar(select(func.count()).select_from(decisions)) == 3
+    finally:
+        other.dispose()
+
+
+@pytest.mark.parametrize("field, value", [("stats_age_s", 1.8e302), ("queue_len_age_s", 9.1e9),
+                                          ("stats_age_s", -1e10), ("queue_len", 2**63)])
+def test_candidate_values_the_database_or_export_cannot_hold_are_422(collector, make_source, field, value):
+    """Found by the properties above: an age past 10**9 s was a 500 at ingest (microseconds
+    overflowing) or an export cut short (past 2**53 us); so was a queue length past 64 bits."""
+    source = make_source("s1")
+    counts = collector.table_counts()
+    decision = source.decision(_now(), [["r1"]], candidates={"r1": {field: value}})
+    response = collector.send(source.batch([decision]))
+    assert _assert_refused_cleanly(response, counts, collector)
+    assert response.status_code == 422 and f"$.events[0].replicas[...].{field}" in response.json()["detail"]
+
+
+# --- every endpoint of the OpenAPI spec (schemathesis, in-process) ---
+
+def test_no_endpoint_of_the_openapi_spec_answers_500(make_collector, make_source):
+    """Parameters of every kind the spec allows, and some it does not (schemathesis'
+    negative cases too): 4xx for what is wrong, never a 5xx."""
+    collector = make_collector()
+    source = make_source("s1")
+    first = source.decision(_now(), [["r1"], ["r2"]], request_id="req-1", model_id="m1")
+    collector.store(source.batch([first, source.routed(_now(), "r1", first)]))
+    counts = collector.table_counts()
+    schema = schemathesis.openapi.from_asgi("/openapi.json", collector.app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/summary", "/v1/export", "/v1/decisions/{decision_id}", "/metrics"}
+    for operation in operations:
+        @settings(FUZZ, max_examples=8)
+        @given(case=operation.as_strategy())
+        def check(case):
+            response = case.call(session=None)
+            assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:300])
+
+        check()
+    # GET endpoints change nothing; POSTs without a valid batch store nothing.
+    assert collector.table_counts() == counts
+
+
+# --- oversized bodies and gzip bombs, against the real server in a process of its own ---
+
+def _peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
+
+
+def _gzip_of_zeros(size: int) -> bytes:
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+    chunk = bytes(1 << 20)
+    return b"".join(deflate.compress(chunk) for _ in range(size // len(chunk))) + deflate.flush()
+
+
+@pytest.fixture(scope="module")
+def real_collector(tmp_path_factory):
+    """`routelens collector` (uvicorn, default limits: 32 MB) in its own process: its memory is its own."""
+    port = free_port()
+    db = tmp_path_factory.mktemp("big") / "routelens.db"
+    env = {k: v for k, v in os.environ.items() if k != "ROUTELENS_TOKEN"}
+    command = [sys.executable, "-m", "collector.cli", "collector", "--db", str(db), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()
+            time.sleep(0.1)
+        yield server, port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _post_streamed(port: int, chunks, headers: dict) -> bytes:
+    """POST with Transfer-Encoding: chunked (no Content-Length) from a raw socket,
+    stopping as soon as the server answers: a server that refuses early may close
+    before the body ends, which a client sending it all would see as an error."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}\r\n".encode())
+        for chunk in chunks:
+            if io_select.select([sock], [], [], 0)[0]:
+                break  # answered already
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        else:
+            sock.sendall(b"0\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            data = sock.recv(65536)
+            if not data:
+                break
+            answer += data
+        return answer
+
+
+def test_gzip_bomb_and_endless_body_are_413_without_the_server_growing(real_collector, make_source):
+    server, port = real_collector
+    url = f"http://127.0.0.1:{port}"
+    source = make_source("s1")
+    # Warm up first (imports, connections), so that the peak after is the bodies' doing.
+    assert httpx.post(url + "/v1/events", json=source.batch([source.decision(_now(), [["r1"]])])).status_code == 200
+    before = _peak_rss_mb(server.pid)
+
+    bomb = _gzip_of_zeros(1 << 30)  # 1 GiB of zeros, about 1 MB on the wire
+    assert len(bomb) < 2 << 20
+    response = httpx.post(url + "/v1/events", content=bomb,
+                          headers={"content-type": "application/json", "content-encoding": "gzip"}, timeout=60)
+    assert response.status_code == 413 and "inflates to more than" in response.json()["detail"]
+
+    # 1 GiB more, streamed in 1 MiB chunks without a Content-Length, plain and gzip.
+    plain = (bytes(1 << 20) for _ in range(1024))
+    answer = _post_streamed(port, plain, {"content-type": "application/json"})
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    bomb_chunks = (bomb[i:i + (64 << 10)] for i in range(0, len(bomb), 64 << 10))
+    answer = _post_streamed(port, bomb_chunks, {"content-type": "application/json", "content-encoding": "gzip"})
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+
+    # A body no bigger than the limit (32 MB) was ever held: not the GiB offered.
+    grown = _peak_rss_mb(server.pid) - before
+    assert grown < 100, f"the server's peak memory grew by {grown:.0f} MB"
+    assert httpx.get(url + "/healthz").status_code == 200
+
+
+# --- SQL injection and odd strings in every query parameter of every read endpoint ---
+
+INJECTIONS = ["' OR 1=1 --", "x'); DROP TABLE decisions; --", "%' --", "\x00", "%", "_", "*", "a" * 20_000,
+              "🙂' OR ''='", "app=' OR 1=1 --", "1; SELECT pg_sleep(5)", "$.events[0]"]
+# Filters on names: an injected value is a name nothing has, and matches nothing. Routers are
+# chosen by app, deployment, class and label, and sources by their router. /v1/deployments
+# lists every router known whatever the filters (the dashboard's choices): only never more.
+# The drill-downs (request_id, model_id) select raw decisions; the panels' figures come from
+# rollups, which have no request ids: there too, only never more.
+ROUTER_FILTERS = {"app", "deployment", "router_class", "label"}
+EVENT_FILTERS = ROUTER_FILTERS | {"replica"}
+DRILL_DOWNS = EVENT_FILTERS | {"request_id", "model_id"}
+MATCHING_NOTHING = {"/v1/deployments": set(), "/v1/sources": ROUTER_FILTERS, "/v1/decisions": DRILL_DOWNS,
+                    "/v1/export": DRILL_DOWNS}
+
+
+def _rows(path: str, response) -> int:
+    """How many rows an answer holds: what a filter may only reduce."""
+    if path == "/v1/export":
+        return response.text.count("\n")
+    body = response.json()
+    counts = {"/v1/summary": lambda: body["decisions"] + body["routed"] + body["completions"],
+              "/v1/decisions": lambda: len(body["decisions"]),
+              "/v1/deployments": lambda: len(body["deployments"]),
+              "/v1/sources": lambda: len(body["sources"])}
+    # The others: every non-zero number counts or measures something filtered, but the window's
+    # and the histogram's fixed bounds.
+    fixed = {"window", "bin_bounds_s", "step_s"}
+    return counts[path]() if path in counts else _figures({k: v for k, v in body.items() if k not in fixed})
+
+
+def _figures(value) -> int:
+    if isinstance(value, dict):
+        return sum(_figures(item) for item in value.values())
+    if isinstance(value, list):
+        return sum(_figures(item) for item in value)
+    return int(isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0)
+
+
+def _checksum(collector) -> str:
+    digest = hashlib.sha256()
+    with collector.engine.connect() as connection:
+        for name, table in sorted(Base.metadata.tables.items()):
+            for row in connection.execute(select(table).order_by(*table.primary_key.columns)):
+                digest.update(repr((name, tuple(row))).encode())
+    return digest.hexdigest()
+
+
+def test_injected_filters_match_nothing_and_change_nothing(collector, make_source):
+    source = make_source("s1", app="shop", labels={"zone": "eu"})
+    events, inputs = [], {"r1": {"queue_len": 1, "stats_age_s": 0.5, "stats_age_source": "stamped"}}
+    for i in range(5):
+        decision = source.decision(_now() + i, [["r1"], ["r2"]], request_id=f"req-{i}", model_id="m1",
+                                   candidates=inputs)
+        routed = source.routed(_now() + i, "r1", decision)
+        events += [decision, routed, source.completed(_now() + i, "r1", routed)]
+    collector.store(source.batch(events + [source.replicas(_now(), ["r1", "r2"])]))
+    counts, checksum = collector.table_counts(), _checksum(collector)
+
+    spec = collector.get("/openapi.json")
+    reads = {path: [p["name"] for p in spec["paths"][path]["get"].get("parameters", [])]
+             for path in spec["paths"] if path.startswith("/v1/") and "get" in spec["paths"][path]}
+    decision_id = events[0]["id"]
+    tried = 0
+    for path, params in reads.items():
+        if "{decision_id}" in path:
+            for value in INJECTIONS:
+                response = collector.http.get(path.replace("{decision_id}", quote(value, safe="")))
+                assert response.status_code in (404, 422), (path, value, response.text[:200])
+            assert collector.get(path.replace("{decision_id}", decision_id))["id"] == decision_id
+            continue
+        baseline = collector.http.get(path, params={"format": "jsonl"} if path == "/v1/export" else {})
+        assert baseline.status_code == 200
+        unfiltered = _rows(path, baseline)
+        assert unfiltered > 0, path
+        for name in params:
+            for value in INJECTIONS:
+                query = {name: value, **({"format": "jsonl"} if path == "/v1/export" and name != "format" else {})}
+                response = collector.http.get(path, params=query)
+                tried += 1
+                assert response.status_code in (200, 422), (path, name, value[:40], response.text[:300])
+                if response.status_code != 200:
+                    assert name in response.text or "query" in response.text, (path, name, response.text[:300])
+                    continue
+                rows = _rows(path, response)
+                assert rows <= unfiltered, (path, name, value[:40])
+                if name in MATCHING_NOTHING.get(path, EVENT_FILTERS):
+                    assert rows == 0, (path, name, value[:40], response.text[:300])
+    assert tried > 300
+    assert collector.table_counts() == counts and _checksum(collector) == checksum
