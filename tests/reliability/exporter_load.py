@@ -26,6 +26,7 @@ import os
 import time
 
 from routers.config import TracerConfig
+from routers.delivery import CollectorClient
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from routers.exporter import Exporter
 from routers.faults import faults
@@ -52,12 +53,27 @@ async def drive(routers, requests_per_s: float, seconds: float, peaks: dict, exp
             result.finish("done")
             router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
             n += 1
-        peaks["queue"] = max(peaks["queue"], len(exporter._queue))
+        if len(exporter._queue) > peaks["queue"]:
+            peaks["queue"], peaks["queue_at_s"] = len(exporter._queue), round(time.monotonic() - start, 1)
         for destination in exporter._destinations.values():
             peaks["spool_bytes"] = max(peaks["spool_bytes"], destination._spool.bytes)
         await asyncio.sleep(TICK_S)
     await asyncio.sleep(0.2)  # let the last completions hop back to the loop
     return n
+
+
+def watch_posts(exporter: Exporter, peaks: dict) -> None:
+    """Record the longest POST: the exporter thread waits for it while the queue fills."""
+    original = CollectorClient._request
+
+    def timed(client, payload):
+        started = time.monotonic()
+        try:
+            return original(client, payload)
+        finally:
+            peaks["post_s"] = max(peaks["post_s"], round(time.monotonic() - started, 2))
+
+    CollectorClient._request = timed
 
 
 def main() -> None:
@@ -69,15 +85,18 @@ def main() -> None:
     parser.add_argument("--routers", type=int, default=2)
     parser.add_argument("--start-at", type=float, default=0.0, help="wall-clock time to start the load at")
     parser.add_argument("--spool-max-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument("--queue-max-events", type=int, default=20_000)
     parser.add_argument("--flush-timeout", type=float, default=180.0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     router_kwargs = {"collector_url": args.collector, "spool_dir": args.spool}
-    # Production defaults otherwise (queue 20,000 events, batches of 1,000,
-    # 1 s interval, 5 s HTTP timeout): the point is how those behave.
-    exporter = Exporter(TracerConfig(spool_max_bytes=args.spool_max_bytes, **router_kwargs))
-    peaks = {"queue": 0, "spool_bytes": 0}
+    # Production defaults otherwise (batches of 1,000, 1 s interval, 5 s HTTP
+    # timeout): the point is how those behave.
+    exporter = Exporter(TracerConfig(spool_max_bytes=args.spool_max_bytes, queue_max_events=args.queue_max_events,
+                                     **router_kwargs))
+    peaks = {"queue": 0, "queue_at_s": None, "spool_bytes": 0, "post_s": 0.0}
+    watch_posts(exporter, peaks)
 
     async def scenario():
         routers = [make_router(TracedPowerOfTwoChoicesRequestRouter, 16, router_kwargs=router_kwargs,
