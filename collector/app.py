@@ -188,6 +188,11 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             export.check(f, what, format)
         except export.ExportError as exc:
             raise HTTPException(422, str(exc)) from None
+        # Reach the database before the 200 goes out: a database that is away
+        # must be a 503 (retry later), not a 200 whose body breaks off at once.
+        # (PostgreSQL's pool pings the connection it hands out.)
+        with engine.connect():
+            pass
         filename = f"routelens-{what}-{int(f.since)}-{int(f.until)}.{format}"
         return StreamingResponse(_export_stream(engine, f, what, format), media_type=MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
