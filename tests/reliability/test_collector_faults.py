@@ -45,7 +45,7 @@ from sqlalchemy import func, select
 from collector.db import make_engine, upgrade
 from collector.models import RAW_TABLES, Source, decisions, rollups
 from tests.collector_process import ROOT, CollectorProcess
-from tests.conftest import WireSource
+from tests.conftest import Collector, WireSource
 from tests.postgres import PostgresCluster, PostgresUnavailable, check_available
 from tests.system_deps import require
 
@@ -317,6 +317,31 @@ def test_postgres_restarted_under_load_gives_503s_then_loses_nothing(own_postgre
     assert totals["peak_spool_mb"] > 0  # the exporters spooled while refused, and replayed it all
     figures("postgres_restarts", seconds=seconds, outages=outages, down_s=down_s, mode=mode,
             probe_answers_while_down=dict(during), recovered_s=recovered_s, **totals)
+
+
+def test_while_postgres_is_down_every_database_route_answers_503_and_recovers(own_postgres):
+    """Quick and in-process: each route that reads the database answers 503
+    (retry later) while it is away, the export included, which used to start
+    a 200 and break it off; then 200 again, without restarting the app."""
+    db_url = own_postgres.url(own_postgres.create_database())
+    upgrade(db_url)
+    collector = Collector(db_url)
+    source = WireSource(f"probe-{uuid.uuid4().hex[:12]}")
+    batch = source.batch([source.replicas(time.time(), ["replica000"])])
+    routes = ["/v1/summary", "/v1/sources", "/v1/decisions", "/v1/export?format=csv",
+              "/v1/export?format=parquet", "/metrics", "/healthz"]
+    try:
+        own_postgres.stop_server("fast")
+        try:
+            down = {route: collector.http.get(route).status_code for route in routes}
+            down["POST /v1/events"] = collector.send(batch).status_code
+        finally:
+            own_postgres.start_server()
+        assert down == dict.fromkeys(down, 503), down
+        assert collector.send(batch).status_code == 200
+        assert {route: collector.http.get(route).status_code for route in routes} == dict.fromkeys(routes, 200)
+    finally:
+        collector.close()
 
 
 # --- 3. SQLite: the dashboard's reads during full-rate ingest; kills mid-batch ---
