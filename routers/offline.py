@@ -92,3 +92,15 @@ def make_request(model_id: str = "") -> PendingRequest:
             multiplexed_model_id=model_id,
         ),
     )
+
+
+async def route_one(router: Any) -> None:
+    """One request through every hook, in Ray's order for an accepted request
+    that completes at once: choose_replicas, routed, completed."""
+    pr = make_request()
+    ranks = await router.choose_replicas(router._replicas_list, pr)
+    replica = ranks[0][0]
+    result = FakeResult()
+    router.on_request_routed(pr, replica.replica_id, result)
+    result.finish("done")
+    router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)

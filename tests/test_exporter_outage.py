@@ -13,7 +13,7 @@ import pytest
 from routers.config import TracerConfig
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from routers.exporter import Exporter
-from routers.offline import FakeResult, make_request, make_router
+from routers.offline import make_router, route_one
 from tests.event_sink_server import EventSinkServer
 
 RATE = 1000  # decisions per second
@@ -26,13 +26,7 @@ async def drive(router, seconds: float, on_tick=None) -> None:
     n = 0
     while time.monotonic() - start < seconds:
         for _ in range(int(RATE * tick)):
-            pr = make_request()
-            ranks = await router.choose_replicas(router._replicas_list, pr)
-            replica = ranks[0][0]
-            result = FakeResult()
-            router.on_request_routed(pr, replica.replica_id, result)
-            result.finish("done")
-            router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+            await route_one(router)
             n += 1
         if on_tick:
             on_tick()

@@ -30,7 +30,7 @@ from routers.delivery import CollectorClient
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from routers.exporter import Exporter
 from routers.faults import faults
-from routers.offline import FakeResult, make_request, make_router
+from routers.offline import make_router, route_one
 
 EVENTS_PER_REQUEST = 3  # decision, routed, completed
 TICK_S = 0.01
@@ -44,14 +44,7 @@ async def drive(routers, requests_per_s: float, seconds: float, peaks: dict, exp
     while time.monotonic() - start < seconds:
         due = int((time.monotonic() - start) * requests_per_s)
         while n < due:
-            router = routers[n % len(routers)]
-            pr = make_request()
-            ranks = await router.choose_replicas(router._replicas_list, pr)
-            replica = ranks[0][0]
-            result = FakeResult()
-            router.on_request_routed(pr, replica.replica_id, result)
-            result.finish("done")
-            router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+            await route_one(routers[n % len(routers)])
             n += 1
         if len(exporter._queue) > peaks["queue"]:
             peaks["queue"], peaks["queue_at_s"] = len(exporter._queue), round(time.monotonic() - start, 1)
