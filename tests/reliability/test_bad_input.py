@@ -176,7 +176,8 @@ def _names_the_place(detail: str, path) -> bool:
     field = path[len(place)] if len(path) > len(place) else None
     # Another event type makes the event's other fields the problem, not `type` itself.
     if isinstance(field, str) and field != "type":
-        named = named and field in detail
+        # A value inside a free-form mapping (dropped, labels, stats) is named as the mapping's `[...]`.
+        named = named and (field in detail or "[...]" in detail)
     return named
 
 
