@@ -62,9 +62,9 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or make_engine(settings.db_url)
     check_schema(engine, settings.db_url)
     ingestor = Ingestor(engine)
-    metrics = Metrics(engine)
+    metrics = Metrics(engine, settings.metrics_dir)
     retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
-                          settings.retention_interval_s)
+                          settings.retention_interval_s, running=metrics.pruners)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

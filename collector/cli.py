@@ -122,6 +122,19 @@ def _add_server_options(parser) -> None:
                         help="largest batch body accepted, inflated (default: %(default)s)")
     parser.add_argument("--max-events", type=int, default=20_000,
                         help="most events accepted in one batch (default: %(default)s)")
+    parser.add_argument("--workers", type=_worker_count, default=1,
+                        help="processes serving on the port (default: %(default)s, which handles tens of thousands "
+                             "of events/s; give one per core for more: each costs memory and database connections)")
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
 
 
 def _add_db(commands) -> None:
@@ -201,21 +214,22 @@ def _duration_or_never(text: str):
 
 
 def _run_collector(args) -> int:
-    from collector.serve import check_port_free, serve
+    from collector.serve import check_port_free, load_factory, serve, serve_workers
 
     check_port_free(args.host, args.port)  # before anything is said about listening there
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)
     if args.with_dashboard:
-        from dashboard.serve import create_up_app
-
-        app = create_up_app(settings)
+        factory = "dashboard.serve:create_up_app"
         what = f"dashboard at http://{args.host}:{args.port}/, API at /v1 (docs at /docs)"
     else:
-        from collector.app import create_app
-
-        app = create_app(settings)
+        factory = "collector.app:create_app"
         what = f"listening on http://{args.host}:{args.port} (API docs at /docs)"
+    if args.workers > 1:
+        serve_workers(settings, factory, args.host, args.port, args.workers,
+                      banner=f"routelens {args.command}: {what}, {args.workers} worker processes")
+        return 0
+    app = load_factory(factory)(settings)
     print(f"routelens {args.command}: {what}", file=sys.stderr)
     serve(app, args.host, args.port, settings.token)
     return 0

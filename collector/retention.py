@@ -30,8 +30,10 @@ PAUSE_S = 0.05  # between chunks: room for ingest to take the write lock
 
 class Retention:
     def __init__(self, engine: Engine, raw_s: Optional[float], minute_rollups_s: Optional[float],
-                 interval_s: float = 300.0, clock: Callable[[], float] = time.time):
+                 interval_s: float = 300.0, clock: Callable[[], float] = time.time, running=None):
+        """`running`: a gauge (`metrics.pruners_gauge`) set to 1 while the pruner runs."""
         self.engine = engine
+        self._running = running
         self.raw_s = raw_s
         self.minute_rollups_s = minute_rollups_s
         self.interval_s = interval_s
@@ -44,11 +46,15 @@ class Retention:
             return
         self._thread = threading.Thread(target=self._run, name="routelens-retention", daemon=True)
         self._thread.start()
+        if self._running is not None:
+            self._running.set(1)
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+            if self._running is not None:
+                self._running.set(0)
 
     def _run(self) -> None:
         while not self._stop.is_set():

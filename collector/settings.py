@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional
 
 DEFAULT_DB = "sqlite:///routelens.db"
@@ -34,3 +35,14 @@ class Settings:
     retention_s: Optional[float] = 7 * 86400
     minute_rollup_retention_s: Optional[float] = 90 * 86400
     retention_interval_s: float = 300.0
+    # Set in the worker processes of `--workers N`: the directory where they
+    # all keep their metrics, summed at each scrape (prometheus-client's
+    # multiprocess mode). None: this process's metrics alone.
+    metrics_dir: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Settings":
+        return cls(**json.loads(text))
