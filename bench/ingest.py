@@ -10,17 +10,21 @@ What is measured, per round and backend:
   the driver's `executemany`, one transaction per 1000 rows, into a fresh
   database migrated to the collector's schema (so the same table, keys and
   pragmas). No validation, no rollups, no HTTP: the bound.
-- http: the real collector (`python -m collector.cli collector --db URL`,
-  uvicorn) in a subprocess on a fresh database; pre-built gzip'd wire-format
-  batches of 1000 decision events each (pow-2 shape: 2 candidates out of 50
-  replicas, uuid4 request ids, stats dicts; see bench/workload.py) POSTed by
+- http: the real collector (`python -m collector.cli collector --db URL
+  --workers N`, uvicorn; N worker processes, by default one per core) in a
+  subprocess on a fresh database; pre-built gzip'd wire-format batches of
+  1000 decision events each (pow-2 shape: 2 candidates out of 50 replicas,
+  uuid4 request ids, stats dicts; see bench/workload.py) POSTed by
   `--senders` threads over keep-alive `http.client` connections. Each sender
   is one traced router (a source of its own) sending its batches one after
-  the other, as the tracer's exporter does. The clock runs from the first
-  request to the last answer; every answer must report 1000 stored, and the
-  database is counted afterwards.
+  the other, as the tracer's exporter does. With several workers the
+  senders' connections are spread evenly over them, as a load balancer or a
+  cluster's many sources would (the kernel alone may hand both of two
+  connections to one worker). The clock runs from the first request to the
+  last answer; every answer must report 1000 stored, and the database is
+  counted afterwards. CPU is counted for the collector's processes together.
 
-    .venv/bin/python bench/ingest.py [--batches 150] [--senders 2] [--rounds 3]
+    .venv/bin/python bench/ingest.py [--batches 150] [--senders 2] [--workers 2] [--rounds 3]
                                      [--backends sqlite,postgres] [--pg-fsync on|off]
 """
 
@@ -52,6 +56,7 @@ from collector.ingest import _Rows  # noqa: E402  (the rows exactly as ingest bu
 from collector.models import decisions  # noqa: E402
 from collector.schema import parse  # noqa: E402
 from servers import Server  # noqa: E402
+from tests.workers import children, connection_to_each, worker_pids  # noqa: E402
 
 TARGET = 50_000
 PER_BATCH = 1000
@@ -114,29 +119,40 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cluster_cpu_seconds(postmaster: int) -> float:
-    """CPU time of a PostgreSQL server: its postmaster and the processes it started."""
-    total = process_cpu_seconds(postmaster)
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-                if parent == postmaster:
-                    total += process_cpu_seconds(int(pid))
-            except OSError:  # gone meanwhile
-                continue
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of the processes it started (a PostgreSQL
+    server's postmaster and backends; a collector's supervisor and workers)."""
+    total = process_cpu_seconds(pid)
+    for child in children(pid):
+        try:
+            total += process_cpu_seconds(child)
+        except OSError:  # gone meanwhile
+            continue
     return total
 
 
-def post_all(port: int, streams: List[List[bytes]]) -> float:
+def open_connections(collector: Server, count: int) -> List[http.client.HTTPConnection]:
+    """`count` keep-alive connections to the collector, spread evenly over its workers."""
+    pids = worker_pids(collector.process.pid)
+    if not pids:  # one process
+        connections = [http.client.HTTPConnection("127.0.0.1", collector.port, timeout=120) for _ in range(count)]
+        for connection in connections:
+            connection.connect()
+        return connections
+    connections = []
+    while len(connections) < count:
+        connections.extend(connection_to_each(collector.port, pids).values())
+    for extra in connections[count:]:
+        extra.close()
+    return connections[:count]
+
+
+def post_all(collector: Server, streams: List[List[bytes]]) -> float:
     """POST each stream's bodies in order, the streams concurrently (one
     connection each); seconds from the first request to the last answer."""
     failures: List[str] = []
     ready = threading.Barrier(len(streams) + 1)
-    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in streams]
-    for connection in connections:
-        connection.connect()
+    connections = open_connections(collector, len(streams))
 
     def sender(connection: http.client.HTTPConnection, bodies: List[bytes]) -> None:
         ready.wait()
@@ -162,23 +178,23 @@ def post_all(port: int, streams: List[List[bytes]]) -> float:
     return elapsed
 
 
-def http_run(url: str, warmup: List[List[bytes]], streams: List[List[bytes]], count: Callable[[], int],
-             postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
+def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[List[bytes]],
+             count: Callable[[], int], postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
     """Seconds to ingest the streams over HTTP (after their warm-up batches),
     and the CPU seconds the collector, PostgreSQL and this load generator spent meanwhile."""
-    collector = Server(url)
+    collector = Server(url, workers=workers)
 
     def cpu_now() -> Dict[str, float]:
-        now = {"collector": process_cpu_seconds(collector.process.pid)}
+        now = {"collector": tree_cpu_seconds(collector.process.pid)}
         if postmaster is not None:
-            now["postgres"] = cluster_cpu_seconds(postmaster)
+            now["postgres"] = tree_cpu_seconds(postmaster)
         now["load generator"] = time.process_time()
         return now
 
     try:
-        post_all(collector.port, warmup)  # sources, replicas, pools and caches: not timed
+        post_all(collector, warmup)  # sources, replicas, pools and caches: not timed
         before = cpu_now()
-        elapsed = post_all(collector.port, streams)
+        elapsed = post_all(collector, streams)
         cpu = {name: seconds - before[name] for name, seconds in cpu_now().items()}
     finally:
         collector.stop()
@@ -206,6 +222,8 @@ def main() -> int:
     parser.add_argument("--batches", type=int, default=150, help="timed batches of 1000 decisions per run")
     parser.add_argument("--senders", type=int, default=2,
                         help="concurrent HTTP senders, one traced router each (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="the collector's worker processes (default: one per core, %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="raw + http pairs per backend (default: %(default)s)")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on",
@@ -214,7 +232,7 @@ def main() -> int:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
     print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches x {PER_BATCH} decision events, "
-          f"{args.senders} sender(s), {args.rounds} round(s)")
+          f"{args.senders} sender(s), collector with {args.workers} worker(s), {args.rounds} round(s)")
     started = time.perf_counter()
     # One stream of batches per sender (a traced router: its own source), 5 of them sent untimed first.
     per_sender = -(-args.batches // args.senders)
@@ -247,12 +265,14 @@ def main() -> int:
                 if backend == "sqlite":
                     raw_s = raw_sqlite(os.path.join(workdir, f"raw{round_no}.db"), rows)
                     path = os.path.join(workdir, f"http{round_no}.db")
-                    http_s, cpu = http_run(f"sqlite:///{path}", warmup, streams, lambda: count_sqlite(path))
+                    http_s, cpu = http_run(f"sqlite:///{path}", args.workers, warmup, streams,
+                                           lambda: count_sqlite(path))
                 elif backend == "postgres":
                     raw_s = raw_postgres(cluster.url(cluster.create_database(f"raw{round_no}")), rows)
                     url = cluster.url(cluster.create_database(f"http{round_no}"))
                     db.upgrade(url)
-                    http_s, cpu = http_run(url, warmup, streams, lambda: count_postgres(url), cluster.postmaster_pid())
+                    http_s, cpu = http_run(url, args.workers, warmup, streams, lambda: count_postgres(url),
+                                           cluster.postmaster_pid())
                 else:
                     raise SystemExit(f"unknown backend {backend!r}")
                 result = results[backend]
@@ -271,12 +291,14 @@ def main() -> int:
         os.rmdir(workdir)
 
     print()
-    print("decision events/s, median of rounds (ratio: median of the rounds' http/raw)")
+    print(f"decision events/s, median of rounds (ratio: median of the rounds' http/raw); "
+          f"collector with {args.workers} worker(s) on {os.cpu_count()} cores")
     for backend in backends:
         result = results[backend]
         http_rate = statistics.median(result["http"])
         raw_rate = statistics.median(result["raw"])
-        print(f"  {backend:8s}: http {http_rate:9,.0f}/s   raw executemany {raw_rate:9,.0f}/s   "
+        print(f"  {backend:8s}: http {http_rate:9,.0f}/s ({args.workers} workers)   "
+              f"raw executemany {raw_rate:9,.0f}/s   "
               f"http/raw {statistics.median(result['ratio']):.2f}   target >= {TARGET:,}/s: "
               f"{'met' if http_rate >= TARGET else 'NOT met'}")
     return 0

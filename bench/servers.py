@@ -16,15 +16,16 @@ from tests.ports import free_port  # noqa: E402
 
 
 class Server:
-    """`python -m collector.cli COMMAND --db URL --port P --retention never`, ready when /healthz answers."""
+    """`python -m collector.cli COMMAND --db URL --port P --retention never --workers N`, ready when
+    /healthz answers (with several workers: when one does)."""
 
-    def __init__(self, db_url: str, command: str = "collector"):
+    def __init__(self, db_url: str, command: str = "collector", workers: int = 1):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "collector.cli", command, "--db", db_url, "--port", str(self.port),
-             "--retention", "never"],
+             "--retention", "never", "--workers", str(workers)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while True:
