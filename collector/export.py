@@ -225,8 +225,9 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
               "completed": _completed_batches}[what]
     reader = ArrowReader(conn)
     try:
-        # Closed before the reader: its thread, which uses the reader, stops first.
-        with closing(chunks(conn, reader, f, sc, names)) as batches:
+        # Batches are converted by a thread of their own while this one writes the last (Parquet's
+        # writer works without the GIL). Closed before the reader: the threads that use it stop first.
+        with closing(_in_background(chunks(conn, reader, f, sc, names))) as batches:
             for batch in batches:
                 data = writer.write(batch)
                 if on_rows:
@@ -505,31 +506,41 @@ def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -
     found: Dict[bytes, tuple] = {}
     if requests:
         since, until = pc.min(unrouted.column("ts")).as_py(), pc.max(unrouted.column("ts")).as_py()
-        found = _rejections(conn, requests, set(unrouted.column("id").to_pylist()), since,
+        found = _rejections(conn, rows, requests, set(unrouted.column("id").to_pylist()), since,
                             until + REQUEST_HORIZON_S)
     refused = pa.RecordBatch.from_arrays([pa.array(column, field.type) for column, field in
                                           zip(list(zip(*found.values())) or [()] * 3, _REFUSALS)], schema=_REFUSALS)
     return refused.take(pc.index_in(rows.column("id"), value_set=pa.array(list(found), pa.binary())))
 
 
-def _rejections(conn: Connection, requests: set, wanted: set, since: float, until: float) -> Dict[bytes, tuple]:
+def _rejections(conn: Connection, rows: pa.RecordBatch, requests: set, wanted: set, since: float,
+                until: float) -> Dict[bytes, tuple]:
     """Decision id -> (replica_pk, latency_ms, ok), for the `wanted` decisions
-    (of `requests`) that a rejection followed."""
+    of the chunk `rows` (of `requests`) that a rejection followed."""
     request_key = _key(completed.c.internal_request_id)
+    # A rejection is a completion without a routing (DESIGN.md): found through routed_id's index, whose
+    # nulls come first in id order, rather than by scanning every completion of the window.
     rejections = conn.execute(
         select(completed.c.ts, request_key, completed.c.replica_pk, completed.c.latency_ms, completed.c.ok)
-        .where(*in_window(completed, since, until), completed.c.rejected.is_(True), request_key.in_(requests))
+        .where(completed.c.routed_id.is_(None), *in_window(completed, since, until), completed.c.rejected.is_(True),
+               request_key.in_(requests))
         .order_by(id_bytes(completed))).all()
     if not rejections:
         return {}
-    # The decisions that came before each rejection: up to the last one (its ts included).
+    # The requests' decisions that came before each rejection: the chunk's, then any after the chunk
+    # up to the last rejection (its ts included).
+    in_chunk = rows.filter(pc.is_in(rows.column("internal_request_id"), value_set=pa.array(list(requests), _BLOB)))
+    decided = zip(in_chunk.column("ts").to_pylist(), in_chunk.column("internal_request_id").to_pylist(),
+                  in_chunk.column("id").to_pylist())
     until = math.nextafter(max(rejection[0] for rejection in rejections), math.inf)
     decision_request = _key(decisions.c.internal_request_id)
+    later = conn.execute(
+        select(decisions.c.ts, decision_request, id_bytes(decisions))
+        .where(id_bytes(decisions) > rows.column("id")[-1].as_py(), *in_window(decisions, since, until),
+               decision_request.in_(requests))
+        .order_by(id_bytes(decisions)))
     by_request: Dict[bytes, List[Tuple[float, bytes]]] = {}
-    for ts, request, decision_id in conn.execute(
-            select(decisions.c.ts, decision_request, id_bytes(decisions))
-            .where(*in_window(decisions, since, until), decision_request.in_(requests))
-            .order_by(id_bytes(decisions))):
+    for ts, request, decision_id in chain(decided, later):
         by_request.setdefault(request, []).append((ts, decision_id))
     found: Dict[bytes, tuple] = {}
     for ts, request, replica_pk, latency_ms, ok in rejections:
