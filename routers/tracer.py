@@ -41,7 +41,9 @@ from routers.exporter import Exporter, Source, get_exporter
 from routers.faults import faults
 from routers.ids import is_sampled, next_seq
 from routers.stats import collected_at
-from routers.wire import COMPLETED, DECISION, REPLICAS, ROUTED, STATS, Decision, RequestTrace
+from routers.wire import (
+    COMPLETED, D_EXPORTED, D_PREVIOUS, D_TRACE, DECISION, REPLICAS, ROUTED, STATS, RequestTrace, rank_of,
+)
 
 # Accepted attempts whose completion has not been seen, and requests not yet
 # routed, per router. Beyond these the oldest are forgotten (attempts are
@@ -99,7 +101,7 @@ class RouterTracer:
         self.exporter: Optional[Exporter] = None
         # Private in Ray 2.60 (see DESIGN.md rule 7): without it, queue_len is unknown.
         cache = getattr(getattr(router, "replica_queue_len_cache", None), "_cache", None)
-        self._queue_len_cache: Optional[Dict] = cache if isinstance(cache, dict) else None
+        self._queue_len_get = cache.get if isinstance(cache, dict) else None  # the dict is never replaced
         # ReplicaID -> (routing_stats, first seen). Replaced, never mutated, on
         # each update_replicas, so a decision can keep a reference to it.
         self._stats_seen: Dict[Any, Tuple[Any, float]] = {}
@@ -108,7 +110,7 @@ class RouterTracer:
         # completes: how a fulfilment, which names only the metadata, finds
         # the decision that supplied its replica.
         self._trace_by_metadata: Dict[int, RequestTrace] = {}
-        self.fulfilling: Optional[Tuple[Any, Optional[Decision]]] = None
+        self.fulfilling: Optional[Tuple[Any, Optional[list]]] = None  # (replica, decision)
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: their times.
         self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float]]] = {}  # (wall, monotonic)
@@ -148,20 +150,21 @@ class RouterTracer:
     # -- hooks ---------------------------------------------------------------
 
     def trace_of(self, pending_request: Any) -> RequestTrace:
-        trace = getattr(pending_request, "_routelens", None)
-        if trace is None:
-            metadata = pending_request.metadata
-            rate = self.config.sample_rate
-            trace = RequestTrace(
-                metadata,
-                rate >= 1.0 or is_sampled(metadata.internal_request_id, rate),
-                self._request_attributes(pending_request) if self._records_attributes else None,
-            )
-            pending_request._routelens = trace
-            traces = self._trace_by_metadata
-            traces[id(metadata)] = trace
-            if len(traces) > MAX_OPEN_REQUESTS:  # requests that never completed (cancelled)
-                self._forget_request(traces[next(iter(traces))])
+        return getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+
+    def _new_trace(self, pending_request: Any) -> RequestTrace:
+        metadata = pending_request.metadata
+        rate = self.config.sample_rate
+        trace = RequestTrace(
+            metadata,
+            rate >= 1.0 or is_sampled(metadata.internal_request_id, rate),
+            self._request_attributes(pending_request) if self._records_attributes else None,
+        )
+        pending_request._routelens = trace
+        traces = self._trace_by_metadata
+        traces[id(metadata)] = trace
+        if len(traces) > MAX_OPEN_REQUESTS:  # requests that never completed (cancelled)
+            self._forget_request(traces[next(iter(traces))])
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -174,29 +177,38 @@ class RouterTracer:
     def on_decision(self, candidates: List[Any], pending_request: Any, ranks: List[List[Any]],
                     started: float, now: float) -> None:
         # The hot path: runs for every choose_replicas call. Kept to plain
-        # references (no copies, no formatting) so it costs about a microsecond.
-        if self.source is None:
+        # references (no copies, no formatting, one list for the record, which
+        # is also the queued item) so it costs about a microsecond.
+        source = self.source
+        if source is None:
             self._ensure_configured()
+            source = self.source
         if pending_request is None:  # not called by Ray's routing loop: nothing to sample by
             trace, attempt, previous, sampled = None, 0, None, True
         else:
-            trace = getattr(pending_request, "_routelens", None) or self.trace_of(pending_request)
+            trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
             attempt = trace.decisions
             trace.decisions = attempt + 1
             previous, sampled = trace.last_decision, trace.sampled
-        cache = self._queue_len_cache
+        get = self._queue_len_get
         queue_lens = None
-        if cache is not None:
-            if len(ranks) == 1:  # the common shape; a flat loop is measurably cheaper
-                queue_lens = [cache.get(replica.replica_id) for replica in ranks[0]]
+        if get is not None:
+            if len(ranks) == 1:
+                rank = ranks[0]
+                if len(rank) == 2:  # pow-2's shape: unpacking is cheaper than a comprehension
+                    first, second = rank
+                    queue_lens = (get(first.replica_id), get(second.replica_id))
+                else:
+                    queue_lens = [get(replica.replica_id) for replica in rank]
             else:
-                queue_lens = [cache.get(replica.replica_id) for rank in ranks for replica in rank]
-        decision = Decision(now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
-                            self._stats_seen, previous, sampled)
+                queue_lens = [get(replica.replica_id) for rank in ranks for replica in rank]
+        # The slots D_* of routers.wire.
+        decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
+                    self._stats_seen, previous, sampled, None]
         if trace is not None:
             trace.last_decision = decision
         if sampled:
-            self._submit((self.source, DECISION, decision))
+            self._submit(decision)
 
     def _loop_or_bind(self) -> asyncio.AbstractEventLoop:
         # Every hook of a router runs on one loop: Ray's router loop, or the
@@ -205,19 +217,19 @@ class RouterTracer:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def _export_decision(self, decision: Decision) -> None:
-        decision.exported = True
-        self._emit((DECISION, decision))
+    def _export_decision(self, decision: list) -> None:
+        decision[D_EXPORTED] = True
+        self._submit(decision)
 
-    def _settle_unexported(self, last: Optional[Decision]) -> None:
+    def _settle_unexported(self, last: Optional[list]) -> None:
         # A sampled-out decision is exported after all if it supplies a replica
         # to a sampled request (see on_recipient). Once its request was routed
         # (or forgotten), none of its decisions can: count them as sampled out.
         while last is not None:
-            if not last.exported:
+            if not last[D_EXPORTED]:
                 self.source.count_unqueued("sampled_out")
-            previous = last.previous
-            last.previous = None  # unlink: the chain lives only until its request completes
+            previous = last[D_PREVIOUS]
+            last[D_PREVIOUS] = None  # unlink: the chain lives only until its request completes
             last = previous
 
     def _forget_request(self, trace: RequestTrace) -> None:
@@ -240,17 +252,17 @@ class RouterTracer:
             return
         decision = trace.last_decision
         while decision is not None:
-            if decision.rank_of(replica.replica_id) is not None:
+            if rank_of(decision, replica.replica_id) is not None:
                 self.fulfilling = (replica, decision)
                 return
-            decision = decision.previous
+            decision = decision[D_PREVIOUS]
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
             trace = self.trace_of(pending_request)
             trace.handoff = self.fulfilling
             decision = self.fulfilling[1]
-            if trace.sampled and decision is not None and not decision.exported:
+            if trace.sampled and decision is not None and not decision[D_EXPORTED]:
                 # A sampled request got a replica from a sampled-out request's
                 # decision: export it now, before that request decides again
                 # and settles it as sampled out.
@@ -271,8 +283,8 @@ class RouterTracer:
             return
         rank = own = None
         if decision is not None:  # exported already: by its own request, or by on_recipient
-            rank = decision.rank_of(replica_id)
-            own = decision.trace is trace
+            rank = rank_of(decision, replica_id)
+            own = decision[D_TRACE] is trace
         seq = next_seq()
         self._emit((
             ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,

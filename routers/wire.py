@@ -3,8 +3,9 @@
 The hot path queues tuples of references (replica ids, cache entries, stats
 dicts, request metadata): no formatting, no copying. `encode` runs on the
 exporter thread and turns one queued item into the JSON text of one event. Every item
-starts with `(source, kind, ts, seq, ...)`, except decisions, whose record is
-shared with the attribution logic and carries its own ts and seq.
+starts with `(source, kind, ts, seq, ...)`, except decisions: a decision is a
+list `[source, kind, ts, ...]` (slots D_*) shared with the attribution logic,
+whose id is drawn when it is first encoded.
 """
 
 from __future__ import annotations
@@ -34,52 +35,45 @@ class RequestTrace:
         self.metadata = metadata
         self.sampled = sampled
         self.decisions = 0  # choose_replicas calls made for this request
-        self.last_decision: Optional[Decision] = None
+        self.last_decision: Optional[list] = None  # see D_* below
         # (replica, decision) set when a fulfilment hands this request a replica.
         self.handoff: Optional[tuple] = None
         self.attributes = attributes
 
 
-class Decision:
-    """One `choose_replicas` call: its ranking and the inputs it ranked on."""
+# A decision (one `choose_replicas` call: its ranking and the inputs it ranked
+# on) is a plain list, which is both the record the attribution logic keeps
+# and the item queued for export: a list is the cheapest object CPython
+# builds, and the hot path builds one per decision. Its slots:
+D_SOURCE = 0  # the Source that produced it (item[0] of every queued item)
+D_KIND = 1  # DECISION
+D_TS = 2
+D_TRACE = 3  # the request's RequestTrace (None when choose_replicas got no request)
+D_ATTEMPT = 4
+D_DURATION_S = 5
+D_N_CANDIDATES = 6
+D_RANKS = 7  # the list of lists of RunningReplica returned by the router
+D_QUEUE_LENS = 8  # queue-length cache entries of the ranked replicas, in rank order (None: unknown)
+D_STATS_SEEN = 9  # the tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time
+D_PREVIOUS = 10  # the same request's decision before this one, until the request completes
+D_EXPORTED = 11  # queued for export (or counted as sampled out, once settled)
+D_ID = 12  # drawn by decision_id() on the exporter thread
 
-    __slots__ = (
-        "ts", "trace", "attempt", "duration_s", "n_candidates", "ranks", "queue_lens", "stats_seen",
-        "exported", "previous", "_id",
-    )
 
-    def __init__(self, ts, trace, attempt, duration_s, n_candidates, ranks, queue_lens, stats_seen,
-                 previous, exported):
-        self.ts = ts
-        self.trace: Optional[RequestTrace] = trace
-        self.attempt = attempt
-        self.duration_s = duration_s
-        self.n_candidates = n_candidates
-        self.ranks = ranks  # the list of lists of RunningReplica returned by the router
-        # Queue-length cache entries of the ranked replicas, in rank order (None: unknown).
-        self.queue_lens = queue_lens
-        # The tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time.
-        self.stats_seen = stats_seen
-        # Queued for export (or counted as sampled out, once settled).
-        self.exported = exported
-        # The same request's decision before this one, until the request completes.
-        self.previous: Optional[Decision] = previous
-        self._id: Optional[str] = None
+def decision_id(decision: list) -> str:
+    # Drawn on the exporter thread, the first time the decision or a routed
+    # event naming it is encoded: the hot path never pays for an id.
+    if decision[D_ID] is None:
+        decision[D_ID] = event_id(decision[D_TS], next_seq())
+    return decision[D_ID]
 
-    @property
-    def id(self) -> str:
-        # Drawn on the exporter thread, the first time the decision or a routed
-        # event naming it is encoded: the hot path never pays for an id.
-        if self._id is None:
-            self._id = event_id(self.ts, next_seq())
-        return self._id
 
-    def rank_of(self, replica_id: Any) -> Optional[int]:
-        for index, rank in enumerate(self.ranks):
-            for replica in rank:
-                if replica.replica_id == replica_id:
-                    return index
-        return None
+def rank_of(decision: list, replica_id: Any) -> Optional[int]:
+    for index, rank in enumerate(decision[D_RANKS]):
+        for replica in rank:
+            if replica.replica_id == replica_id:
+                return index
+    return None
 
 
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -147,15 +141,15 @@ class _StatsText:
 _stats_text = _StatsText()
 
 
-def _encode_decision(d: Decision) -> str:
-    ts = d.ts
-    stats_seen = d.stats_seen
-    queue_lens = d.queue_lens
+def _encode_decision(d: list) -> str:
+    ts = d[D_TS]
+    stats_seen = d[D_STATS_SEEN]
+    queue_lens = d[D_QUEUE_LENS]
     candidates = []
     written = set()
     ranks = []
     position = 0  # queue_lens follows the ranked replicas in rank order
-    for rank in d.ranks:
+    for rank in d[D_RANKS]:
         keys = []
         for replica in rank:
             replica_id = replica.replica_id
@@ -184,7 +178,8 @@ def _encode_decision(d: Decision) -> str:
                 f'"stats_age_s":{stats_age},"stats_age_source":{age_source}}}'
             )
         ranks.append(f"[{','.join(keys)}]")
-    meta = d.trace.metadata if d.trace is not None else None
+    trace = d[D_TRACE]
+    meta = trace.metadata if trace is not None else None
     if meta is not None:
         request_ids = (f'"request_id":{_string(meta.request_id)},'
                        f'"internal_request_id":{_string(meta.internal_request_id)},'
@@ -192,11 +187,12 @@ def _encode_decision(d: Decision) -> str:
     else:
         request_ids = '"request_id":null,"internal_request_id":null,"model_id":null'
     attributes = ""
-    if d.trace is not None and d.trace.attributes:
-        attributes = f',"attributes":{_object(d.trace.attributes)}'
+    if trace is not None and trace.attributes:
+        attributes = f',"attributes":{_object(trace.attributes)}'
     return (
-        f'{{"type":"decision","id":"{d.id}","ts":{_number(ts)},{request_ids},"attempt":{_number(d.attempt)},'
-        f'"duration_us":{int(d.duration_s * 1e6)},"n_candidates":{_number(d.n_candidates)},'
+        f'{{"type":"decision","id":"{decision_id(d)}","ts":{_number(ts)},{request_ids},'
+        f'"attempt":{_number(d[D_ATTEMPT])},"duration_us":{int(d[D_DURATION_S] * 1e6)},'
+        f'"n_candidates":{_number(d[D_N_CANDIDATES])},'
         f'"ranks":[{",".join(ranks)}],"replicas":{{{",".join(candidates)}}}{attributes}}}'
     )
 
@@ -205,7 +201,7 @@ def encode(item: tuple) -> str:
     """One queued item -> one wire-format event, as JSON text."""
     kind = item[1]
     if kind == DECISION:
-        return _encode_decision(item[2])
+        return _encode_decision(item)
     if kind == ROUTED:
         _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
         meta = trace.metadata
@@ -213,7 +209,7 @@ def encode(item: tuple) -> str:
             f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
             f'"request_id":{_string(meta.request_id)},"internal_request_id":{_string(meta.internal_request_id)},'
             f'"model_id":{_string(meta.multiplexed_model_id or None)},"replica_id":{_string(replica_id.unique_id)},'
-            f'"decision_id":{_string(decision.id if decision is not None else None)},"rank":{_number(rank)},'
+            f'"decision_id":{_string(decision_id(decision) if decision is not None else None)},"rank":{_number(rank)},'
             f'"own_ranking":{_flag(own)},"attempts":{_number(attempts)},"queue_wait_ms":{_number(wait_ms)},'
             f'"attribution":{_string(attribution)}}}'
         )
