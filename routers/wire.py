@@ -100,9 +100,14 @@ def _string(value: Any) -> str:
 
 def _number(value: Any) -> str:
     # Strict JSON has no NaN or infinity: a replica reporting one is recorded as null.
+    kind = type(value)
+    if kind is float:  # the common cases first, without a call
+        return repr(value) if value - value == 0.0 else "null"  # inf - inf and nan - nan are nan
+    if kind is int:
+        return repr(value)
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "null"
-    return repr(value) if isinstance(value, float) else str(int(value))
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
 def _flag(value: Optional[bool]) -> str:
