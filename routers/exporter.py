@@ -179,17 +179,29 @@ class Exporter:
         replayed). Returns False if that did not happen within the timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
+            if not self.export_now(deadline - time.monotonic()):
+                return False
+            if (not self._queue and not any(d.backlog for d in list(self._destinations.values()))
+                    and not any(s.counters_unsent() for s in list(self._sources.values()))):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def export_now(self, timeout_s: float = 10.0) -> bool:
+        """Wake the thread and block until it has run whole cycles until the
+        queue was empty at the end of one: everything queued so far has then
+        been handed to its destination (delivered, spooled or counted as
+        dropped). Returns False if that did not happen within the timeout."""
+        deadline = time.monotonic() + timeout_s
+        while True:
             with self._cycle:
                 target = self._cycles + 1
                 self._wake.set()
                 while self._cycles < target:
                     if not self._cycle.wait(max(0.0, deadline - time.monotonic())):
                         return False
-            if (not self._queue and not any(d.backlog for d in list(self._destinations.values()))
-                    and not any(s.counters_unsent() for s in list(self._sources.values()))):
+            if not self._queue:
                 return True
-            time.sleep(0.05)
-        return False
 
     def close(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Deliver what is queued within `timeout_s`, then stop the thread."""
