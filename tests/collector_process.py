@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Optional
+from typing import Optional, Sequence
 
 from tests.ports import free_port
 
@@ -19,11 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class CollectorProcess:
-    """`command`: "collector", or "up" (the dashboard as well)."""
+    """`command`: "collector", or "up" (the dashboard as well); `args`: more
+    options (say `--workers 2`; a `--retention` given there wins)."""
 
-    def __init__(self, db_url: str, port: Optional[int] = None, command: str = "collector"):
+    def __init__(self, db_url: str, port: Optional[int] = None, command: str = "collector",
+                 args: Sequence[str] = ()):
         self.db_url = db_url
         self.command = command
+        self.args = list(args)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: Optional[subprocess.Popen] = None
@@ -32,7 +35,7 @@ class CollectorProcess:
     def start(self, timeout_s: float = 60) -> "CollectorProcess":
         self.process = subprocess.Popen(
             [sys.executable, "-m", "collector.cli", self.command, "--db", self.db_url, "--port", str(self.port),
-             "--retention", "never"], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+             "--retention", "never", *self.args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while self.get("/healthz") is None:
             if self.process.poll() is not None or time.monotonic() > deadline:
