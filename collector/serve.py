@@ -156,7 +156,11 @@ def worker_app():
                 out.write(reason)
         except FileExistsError:
             pass
-        sys.exit(STARTUP_FAILURE)
+        # At once, not through the interpreter's teardown: the supervisor's
+        # health check may ping meanwhile, and a ping this process neither
+        # answers nor refuses (by being gone) holds the supervisor for the
+        # check's whole timeout.
+        os._exit(STARTUP_FAILURE)
     tune_gc_for_bulk_work()
     return app
 
