@@ -286,12 +286,15 @@ class RouterTracer:
             rank = rank_of(decision, replica_id)
             own = decision[D_TRACE] is trace
         seq = next_seq()
-        self._emit((
-            ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
+        self._submit((
+            self.source, ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
             (now - pending_request.created_at) * 1000.0, attribution,
         ))
         attempt = _Attempt((replica_id, trace.metadata.internal_request_id), trace, now, seq)
-        self._open.setdefault(attempt.key, deque()).append(attempt)
+        attempts = self._open.get(attempt.key)
+        if attempts is None:
+            attempts = self._open[attempt.key] = deque()
+        attempts.append(attempt)
         if len(self._open) > MAX_OPEN_ATTEMPTS:
             for _ in self._open.pop(next(iter(self._open))):
                 self.source.count_unqueued("untracked_completion")
@@ -383,8 +386,8 @@ class RouterTracer:
         # replica from its decisions until about now; after this, forget them.
         self._forget_request(attempt.trace)
         replica_id, internal_request_id = attempt.key
-        self._emit((
-            COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
+        self._submit((
+            self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
             (attempt.done_at - attempt.routed_at) * 1000.0, attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))

@@ -71,7 +71,10 @@ def decision_id(decision: list) -> str:
 def rank_of(decision: list, replica_id: Any) -> Optional[int]:
     for index, rank in enumerate(decision[D_RANKS]):
         for replica in rank:
-            if replica.replica_id == replica_id:
+            other = replica.replica_id
+            # Ray passes the replica's own ReplicaID object: `is` spares the
+            # dataclass's __eq__, a Python call, in the common case.
+            if other is replica_id or other == replica_id:
                 return index
     return None
 
