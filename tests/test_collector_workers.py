@@ -52,6 +52,32 @@ def post(connection: http.client.HTTPConnection, batch: dict) -> dict:
     return json.loads(answer)
 
 
+def send_in_step(connections: List[http.client.HTTPConnection], streams: List[List[dict]]) -> List[List[dict]]:
+    """Each connection POSTs its stream of batches, the n-th batches of all
+    streams at the same moment; the answers, per connection."""
+    answers: List[List[dict]] = [[] for _ in connections]
+    errors: List[BaseException] = []
+    barrier = threading.Barrier(len(connections), timeout=120)
+
+    def send(w: int) -> None:
+        try:
+            for batch in streams[w]:
+                barrier.wait()
+                answers[w].append(post(connections[w], batch))
+        except BaseException as exc:  # the others must not wait for this one at the barrier
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(len(connections))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return answers
+
+
 def traffic(src, ts: float, replicas: List[str], n: int) -> list:
     """A membership event and n requests: decision, routed, completed each."""
     events = [src.replicas(ts, replicas)]
@@ -131,19 +157,7 @@ def test_concurrent_batches_through_every_worker_are_stored_and_counted_once(db_
                 src = make_source(f"w{w}-s{i}", app="shop", deployment=f"D{i % 3}")
                 replicas = [f"D{i % 3}-r{k}" for k in range(5)]
                 sent[w].append(src.batch(traffic(src, ts + i * 10 + w, replicas, 40)))
-        answers: List[List[dict]] = [[] for _ in connections]
-        barrier = threading.Barrier(len(connections))
-
-        def send(w: int) -> None:
-            for batch in sent[w]:
-                barrier.wait()  # the same round's batches reach both workers at once
-                answers[w].append(post(connections[w], batch))
-
-        threads = [threading.Thread(target=send, args=(w,)) for w in range(len(connections))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = send_in_step(connections, sent)
         batches = [batch for per_worker in sent for batch in per_worker]
         assert [a["stored"] for per_worker in answers for a in per_worker] == [len(b["events"]) for b in batches]
         decisions_sent = sum(1 for b in batches for e in b["events"] if e["type"] == "decision")
@@ -170,21 +184,9 @@ def test_a_batch_sent_to_two_workers_at_once_is_stored_once(db_url, make_source,
         src = make_source("twice")
         ts = time.time() - 600
         batches = [src.batch(traffic(src, ts + i * 20, ["r1", "r2", "r3"], 30)) for i in range(6)]
-        barrier = threading.Barrier(len(connections))
-        answers: Dict[int, List[dict]] = {w: [] for w in range(len(connections))}
-
-        def send(w: int) -> None:
-            for batch in batches:
-                barrier.wait()
-                answers[w].append(post(connections[w], batch))
-
-        threads = [threading.Thread(target=send, args=(w,)) for w in range(len(connections))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        answers = send_in_step(connections, [batches for _ in connections])
         for index, batch in enumerate(batches):
-            both = [answers[w][index] for w in answers]
+            both = [per_worker[index] for per_worker in answers]
             assert sum(a["stored"] for a in both) == len(batch["events"]), both
             assert all(a["stored"] + a["duplicates"] == len(batch["events"]) for a in both), both
         decisions_sent = sum(1 for b in batches for e in b["events"] if e["type"] == "decision")
