@@ -22,9 +22,14 @@ plain tuples written with driver SQL (no per-row SQLAlchemy processing), and
 the code on the way is written for speed (see `bench/ingest.py`).
 
 On SQLite the transaction begins IMMEDIATE and a lock serializes writers
-of this process, so concurrent batches queue instead of failing. On Postgres
+of this process, so concurrent batches queue instead of failing; writers in
+other processes (the workers of `--workers N`, the pruner, other collectors
+on the file) wait for SQLite's lock, up to its busy timeout. On Postgres
 several collectors can write at once; rollup rows are upserted in key order
-so that two transactions never wait on each other in a cycle.
+so that two transactions never wait on each other in a cycle, and batches of
+one source are written one at a time (an advisory lock). On both, the rows
+of step 1 are inserted with ON CONFLICT DO NOTHING and read back, so that
+two processes registering the same source or replica at once agree on it.
 """
 
 from __future__ import annotations
