@@ -119,9 +119,11 @@ def serve_workers(settings: Settings, factory: str, host: str, port: int, worker
         retention.start()
         try:
             # A worker starting on a busy machine can take longer than uvicorn's
-            # 5 s to answer its first health check, and would be killed as hung.
+            # 5 s to answer its first health check, and would be killed as hung
+            # (and again, and again). Longer is not better either: a worker that
+            # exits just after a check was sent holds the supervisor that long.
             uvicorn.run("collector.serve:worker_app", factory=True, host=host, port=port, workers=workers,
-                        log_level="warning", access_log=False, timeout_worker_healthcheck=60)
+                        log_level="warning", access_log=False, timeout_worker_healthcheck=20)
         finally:
             retention.stop()
         failure = os.path.join(runtime, _FAILURE)
