@@ -170,19 +170,21 @@ def _encode_decision(d: list) -> str:
             written.add(key)
             seen = stats_seen.get(replica_id)
             stats = seen[0] if seen is not None else None
-            stamp = collected_at(stats)
-            if stamp is not None:
-                stats_age, age_source = _number(ts - stamp), '"stamped"'
-            elif stats:  # `{}` is Ray's "no stats (yet)": there is no value to be stale
-                stats_age, age_source = _number(ts - seen[1]), '"observed"'
+            if not stats:  # `{}` is Ray's "no stats (yet)": there is no value to be stale
+                stats_text, stats_age, age_source = "{}", "null", "null"
             else:
-                stats_age, age_source = "null", "null"
+                stats_text = _stats_text.of(stats)
+                stamp = collected_at(stats)
+                if stamp is not None:
+                    stats_age, age_source = _number(ts - stamp), '"stamped"'
+                else:
+                    stats_age, age_source = _number(ts - seen[1]), '"observed"'
             if entry is not None:
                 queue_len, queue_age = _number(entry.queue_len), _number(ts - entry.timestamp)
             else:
                 queue_len = queue_age = "null"
             candidates.append(
-                f'{key}:{{"queue_len":{queue_len},"queue_len_age_s":{queue_age},"stats":{_stats_text.of(stats)},'
+                f'{key}:{{"queue_len":{queue_len},"queue_len_age_s":{queue_age},"stats":{stats_text},'
                 f'"stats_age_s":{stats_age},"stats_age_source":{age_source}}}'
             )
         ranks.append(f"[{','.join(keys)}]")
@@ -210,24 +212,29 @@ def encode(item: tuple) -> str:
     kind = item[1]
     if kind == DECISION:
         return _encode_decision(item)
+    # Times, latencies and waits come from our clocks (finite floats), ints
+    # from our counters, and attribution from our constants: written as they
+    # are, without the checks that values from Ray or a replica go through.
     if kind == ROUTED:
         _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
         meta = trace.metadata
+        decision_ref = "null" if decision is None else f'"{decision_id(decision)}"'
         return (
-            f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+            f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{ts!r},'
             f'"request_id":{_string(meta.request_id)},"internal_request_id":{_string(meta.internal_request_id)},'
             f'"model_id":{_string(meta.multiplexed_model_id or None)},"replica_id":{_string(replica_id.unique_id)},'
-            f'"decision_id":{_string(decision_id(decision) if decision is not None else None)},"rank":{_number(rank)},'
-            f'"own_ranking":{_flag(own)},"attempts":{_number(attempts)},"queue_wait_ms":{_number(wait_ms)},'
-            f'"attribution":{_string(attribution)}}}'
+            f'"decision_id":{decision_ref},"rank":{"null" if rank is None else rank},'
+            f'"own_ranking":{_flag(own)},"attempts":{attempts},"queue_wait_ms":{_number(wait_ms)},'
+            f'"attribution":"{attribution}"}}'
         )
     if kind == COMPLETED:
         _, _, ts, seq, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
+        routed_ref = "null" if routed is None else f'"{event_id(*routed)}"'
         return (
-            f'{{"type":"completed","id":"{event_id(ts, seq)}","ts":{_number(ts)},'
+            f'{{"type":"completed","id":"{event_id(ts, seq)}","ts":{ts!r},'
             f'"internal_request_id":{_string(internal_request_id)},"replica_id":{_string(replica_id.unique_id)},'
-            f'"latency_ms":{_number(latency_ms)},"ok":{_flag(ok)},"rejected":{_flag(rejected)},'
-            f'"routed_id":{_string(event_id(*routed) if routed is not None else None)}}}'
+            f'"latency_ms":{"null" if latency_ms is None else repr(latency_ms)},"ok":{_flag(ok)},'
+            f'"rejected":{_flag(rejected)},"routed_id":{routed_ref}}}'
         )
     if kind == REPLICAS:
         _, _, ts, seq, members = item
