@@ -29,10 +29,28 @@ import struct
 import sys
 from typing import BinaryIO, List, Optional
 
-import adbc_driver_manager
-import adbc_driver_sqlite
-import msgspec
-import pyarrow as pa
+
+class NoPandas:
+    """An import finder that finds no pandas.
+
+    pyarrow's first conversion of Python values imports pandas, when
+    installed, to recognise pandas objects among them: some 40-50 MB
+    resident in a process that never hands it any (pandas is no dependency
+    of routelens). pyarrow takes the failed import for "no pandas"."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas is hidden from pyarrow here: see collector.sqlite_reader")
+        return None
+
+
+if __name__ == "__main__":  # the reader's own process (the parameters it binds are converted by pyarrow)
+    sys.meta_path.insert(0, NoPandas())
+
+import adbc_driver_manager  # noqa: E402
+import adbc_driver_sqlite  # noqa: E402
+import msgspec  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 REQUEST_HEADER = struct.Struct(">I")
 ANSWER_HEADER = struct.Struct(">cQ")
