@@ -201,7 +201,6 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
     chunk of n rows written. Call `check` first: this raises `ExportError`
     too, but only once the first chunk is asked for."""
     check(f, what, fmt)
-    _return_freed_memory_soon()
     sc = scope(conn, f)
     if what == "events":
         for n_events, line in wire_batches(conn, f, sc):
@@ -228,20 +227,6 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
         yield writer.close()
     finally:
         reader.close()
-
-
-def _return_freed_memory_soon() -> None:
-    """Arrow's default allocator (mimalloc) keeps what it frees for reuse, and
-    an export frees every chunk: measured over two days of the bench's
-    decisions, 30 MB more resident than jemalloc holds when it returns freed
-    memory to the system after 300 ms (at 0 ms: 20 MB less again, but 20%
-    more CPU). Process-wide, and the same for every export."""
-    try:
-        pool = pa.jemalloc_memory_pool()
-    except NotImplementedError:  # a pyarrow built without jemalloc (Windows): its default allocator then
-        return
-    pa.set_memory_pool(pool)
-    pa.jemalloc_set_decay_ms(300)
 
 
 def arrow_schema(what: str) -> pa.Schema:
