@@ -57,9 +57,9 @@ from collector.explore import (
 )
 from collector.export_formats import FORMATS, WRITERS
 from collector.export_read import ArrowReader
-from collector.sqlite_reader import NoPandas
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
+from collector.sqlite_reader import NoPandas
 from collector.wire_export import wire_batches
 
 
@@ -361,10 +361,11 @@ def _first_match(keys: pa.Array, rows: pa.RecordBatch, column: str) -> pa.Record
 
 
 def _in_background(chunks: Iterator[T], depth: int = 2) -> Iterator[T]:
-    """The chunks of a generator that reads the database, read by a thread
-    `depth` chunks ahead: the database is read (without the GIL) while this
-    thread converts the chunk before. All of the generator's use of the
-    connection and the reader happens in that thread, one statement at a time."""
+    """The chunks of a generator, made by a thread `depth` chunks ahead: the
+    database is read (without the GIL) while the consumer converts the chunk
+    before, and batches are converted while the consumer writes the last.
+    All of the generator's use of the connection and the reader happens in
+    that thread, one statement at a time."""
     queue: "Queue[object]" = Queue(maxsize=depth)
     stop = threading.Event()
 

@@ -66,7 +66,9 @@ class ArrowReader:
             header = self._process.stdout.read(ANSWER_HEADER.size)
             kind, size = ANSWER_HEADER.unpack(header)
             payload = self._process.stdout.read(size)
-        except (OSError, ValueError, struct.error) as exc:  # the process died (its stderr is ours: it said why)
+            if len(payload) != size:
+                raise EOFError("answer cut short")
+        except (OSError, ValueError, EOFError, struct.error) as exc:  # the process died (its stderr is ours)
             raise DatabaseError(f"the export's SQLite reader stopped (exit status {self._process.poll()})") from exc
         if kind != ROWS:
             raise DatabaseError(f"reading {self._conn.engine.url.database}: {payload.decode(errors='replace')}")
