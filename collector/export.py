@@ -35,11 +35,10 @@ import sys
 import threading
 from contextlib import closing
 from dataclasses import dataclass, replace
-from itertools import accumulate, chain, zip_longest
+from itertools import chain
 from queue import Full, Queue
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
-import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -48,7 +47,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ColumnElement, Select
 from sqlalchemy.types import LargeBinary
 
-from collector.columns import AGE_SOURCE_NAMES, ranking_layouts, request_id_bytes, request_id_text
+from collector.columns import AGE_SOURCE_NAMES, request_id_bytes, request_id_text
 from collector.explore import (
     REQUEST_HORIZON_S,
     decision_conditions,
@@ -59,6 +58,7 @@ from collector.export_formats import FORMATS, WRITERS
 from collector.export_read import ArrowReader
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
+from collector.ranking_columns import ranking_columns
 from collector.sqlite_reader import NoPandas
 from collector.wire_export import wire_batches
 
@@ -81,7 +81,6 @@ SCHEMA_VERSION = 1
 TABLES = ("decisions", "candidates", "routed", "completed", "events")
 CHUNK_ROWS = 10_000  # rows read, converted and written at a time: what bounds memory
 
-_json = msgspec.json.Encoder()
 T = TypeVar("T")
 
 
@@ -554,35 +553,30 @@ def _decision_columns(rows: pa.RecordBatch, names: _Names) -> Dict[str, pa.Array
 class _Rankings:
     """The rankings of a chunk of decisions, flattened: one entry per ranked
     replica, in order, and the offsets that nest them per rank and per
-    decision. Built for speed: the entries are flattened and transposed by
-    C code (chain, zip_longest) and indexed by Arrow, not by Python loops."""
+    decision (decoded by `collector.ranking_columns`, indexed by Arrow)."""
 
     def __init__(self, stored: pa.Array, names: _Names):
-        layouts = ranking_layouts(stored.to_pylist())
-        ranks = list(chain.from_iterable(layouts))  # per rank: its entries
-        entries = list(chain.from_iterable(ranks))  # per ranked replica: (pk, inputs...), or (pk,) alone
-        columns = list(zip_longest(*entries))
-        columns += [(None,) * len(entries)] * (6 - len(columns))  # no entry had inputs
-        pks, queue_lens, queue_len_ages, stats_ages, age_sources, stats = columns
-        self.replica_pks = pa.array(pks, pa.int64())
+        flat = ranking_columns(stored)
+        self.replica_pks = flat.replica_pk
         self.replica_ids = names.replica_ids(self.replica_pks)
-        self._rank_ends = _offsets(list(map(len, ranks)))  # per rank, where its entries end
-        self._decision_ranks = _offsets(list(map(len, layouts)))  # per decision, where its ranks end
+        self._rank_ends = _offsets(flat.entries_per_rank)  # per rank, where its entries end
+        self._decision_ranks = _offsets(flat.ranks_per_decision)  # per decision, where its ranks end
         self._decision_entries = self._rank_ends.take(self._decision_ranks)
         by_rank = pa.ListArray.from_arrays(self._rank_ends, self.replica_ids)
         # Each entry's rank within its decision: its rank's number, less its decision's first rank's.
-        rank_decision = pa.ListArray.from_arrays(self._decision_ranks, pa.nulls(len(ranks))).value_parent_indices()
-        rank_in_decision = pc.subtract(pa.array(range(len(ranks)), pa.int64()),
+        n_ranks = len(flat.entries_per_rank)
+        rank_decision = pa.ListArray.from_arrays(self._decision_ranks, pa.nulls(n_ranks)).value_parent_indices()
+        rank_in_decision = pc.subtract(pa.array(np.arange(n_ranks)),
                                        self._decision_ranks.take(rank_decision).cast(pa.int64()))
         self.parents = pa.ListArray.from_arrays(self._decision_entries, self.replica_pks).value_parent_indices()
         self.entries = {
             "replica_id": self.replica_ids,
             "rank": rank_in_decision.take(by_rank.value_parent_indices()).cast(pa.int32()),
-            "queue_len": pa.array(queue_lens, pa.int64()),
-            "queue_len_age_s": pc.divide(pa.array(queue_len_ages, pa.float64()), 1e6),
-            "stats_age_s": pc.divide(pa.array(stats_ages, pa.float64()), 1e6),
-            "stats_age_source": _AGE_SOURCE_NAMES.take(pa.array(age_sources, pa.int8())),
-            "stats": _json_texts(stats),
+            "queue_len": flat.queue_len,
+            "queue_len_age_s": pc.divide(flat.queue_len_age_us.cast(pa.float64()), 1e6),
+            "stats_age_s": pc.divide(flat.stats_age_us.cast(pa.float64()), 1e6),
+            "stats_age_source": _AGE_SOURCE_NAMES.take(flat.age_source),
+            "stats": flat.stats,
         }
 
     def ranks(self) -> pa.Array:
@@ -596,16 +590,11 @@ class _Rankings:
             [self.entries[field.name] for field in _CANDIDATE], fields=list(_CANDIDATE)))
 
 
-def _json_texts(values: Sequence[object]) -> pa.Array:
-    """Each value as JSON text, None as null. Encoded by a C loop (map), and
-    the nulls (encoded as "null") put back by Arrow: no Python code per value."""
-    texts = pa.array(list(map(_json.encode, values)), pa.binary()).cast(pa.string())
-    return pc.if_else(pc.equal(texts, "null"), pa.scalar(None, pa.string()), texts)
-
-
-def _offsets(sizes: List[int]) -> pa.Array:
+def _offsets(sizes: np.ndarray) -> pa.Array:
     """List offsets (int32) from list sizes: 0, then where each list ends."""
-    return pa.array([0, *accumulate(sizes)], pa.int32())
+    offsets = np.zeros(len(sizes) + 1, np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    return pa.array(offsets)
 
 
 _AGE_SOURCE_NAMES = pa.array([AGE_SOURCE_NAMES.get(i) for i in range(3)], pa.string())  # by stored code
