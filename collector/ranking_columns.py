@@ -62,7 +62,7 @@ _UINT64 = 0xCF
 _PADDING = 9  # a tag and 8 bytes are read at every position
 
 
-class _Unreadable(Exception):
+class Unreadable(Exception):
     """The chunk holds something the walk does not read."""
 
 
@@ -83,14 +83,19 @@ class RankingColumns:
 
 def ranking_columns(stored: pa.Array) -> RankingColumns:
     """The flat columns of a chunk of stored rankings (binary)."""
-    if stored.null_count:
+    try:
+        return walked(stored)
+    except Unreadable:
         return _decoded(stored)
+
+
+def walked(stored: pa.Array) -> RankingColumns:
+    """`ranking_columns` by the walk alone: raises `Unreadable` where it would decode by msgspec."""
+    if stored.null_count:
+        raise Unreadable("a null ranking")
     offsets = np.frombuffer(stored.buffers()[1], np.int32, len(stored) + 1, 4 * stored.offset).astype(np.int64)
     data = np.frombuffer(stored.buffers()[2], np.uint8, offsets[-1]) if offsets[-1] else np.zeros(0, np.uint8)
-    try:
-        return _Walk(data, offsets).columns()
-    except _Unreadable:
-        return _decoded(stored)
+    return _Walk(data, offsets).columns()
 
 
 class _Walk:
@@ -104,18 +109,18 @@ class _Walk:
     def _read(self, pos: np.ndarray, limit: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The value at each position: (kind, number, where its tag and number end)."""
         if np.any(pos >= limit):
-            raise _Unreadable("past the end of a ranking")
+            raise Unreadable("past the end of a ranking")
         tag = self._data[pos].astype(np.intp)  # (an index of the platform's type: the lookups below are faster)
         kind, width, number = _KIND[tag], _WIDTH[tag], _IN_TAG[tag]
         if np.any(kind == _UNREAD):
-            raise _Unreadable("a value of a kind a ranking does not hold")
+            raise Unreadable("a value of a kind a ranking does not hold")
         wide = np.flatnonzero(width)  # few: the ages, mostly
         if wide.size:
             at, tag_at = pos[wide], tag[wide]
             value = (self._after[at].byteswap() >> _SHIFT[tag_at]).view(np.int64)
             value -= (value >= _HALF[tag_at]) * _SPAN[tag_at]
             if np.any((tag_at == _UINT64) & (value < 0)):
-                raise _Unreadable("an integer beyond int64")
+                raise Unreadable("an integer beyond int64")
             number[wide] = value
         return kind, number, pos + 1 + width
 
@@ -157,7 +162,7 @@ class _Walk:
             entries_left[reading] -= 1
             active = active[(entries_left[active] > 0) | (ranks_left[active] > 0)]
         if not np.array_equal(pos, ends):
-            raise _Unreadable("a ranking with bytes after its end")
+            raise Unreadable("a ranking with bytes after its end")
         # The steps read the chunk's entries in another order than its own: each entry goes to its place,
         # its decision's first plus its number within the decision.
         read = {key: np.concatenate([step[key] for step in steps]) for key in steps[0]}
@@ -168,7 +173,7 @@ class _Walk:
             entry[key][place] = values
         inputs, null = entry["inputs"], entry["null"]
         if np.any(~null[:, 3] & ((inputs[:, 3] < 0) | (inputs[:, 3] > 2))):
-            raise _Unreadable("an age source other than 1 or 2")
+            raise Unreadable("an age source other than 1 or 2")
         return RankingColumns(
             ranks_per_decision, entries_per_rank, pa.array(entry["pk"]),
             *(_with_nulls(inputs[:, i], null[:, i]) for i in range(3)),
@@ -181,7 +186,7 @@ class _Walk:
         kind, size, after = self._read(pos[cursors], limit)
         _expect(kind, _ARRAY)
         if not np.all((size == 1) | (size == 6)):
-            raise _Unreadable("an entry of another length than 1 or 6")
+            raise Unreadable("an entry of another length than 1 or 6")
         kind, pk, after = self._read(after, limit)
         _expect(kind, _INT)
         full = np.flatnonzero(size == 6)  # the entries with inputs
@@ -222,7 +227,7 @@ def _expect(kind: np.ndarray, *kinds: int) -> None:
     allowed = np.zeros(_SCALAR + 1, bool)
     allowed[list(kinds)] = True
     if not np.all(allowed[kind]):
-        raise _Unreadable("a value of another kind than the stored shape's")
+        raise Unreadable("a value of another kind than the stored shape's")
 
 
 def _with_nulls(values: np.ndarray, null: np.ndarray) -> pa.Array:
