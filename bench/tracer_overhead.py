@@ -63,15 +63,14 @@ async def hot_path(calls: int, rounds: int):
             for label in (("plain", "traced") if call % 2 == 0 else ("traced", "plain")):
                 router = routers[label]
                 pr = make_request()
-                result = FakeResult()
                 t0 = clock()
                 ranks = await router.choose_replicas(router._replicas_list, pr)
                 t1 = clock()
                 replica_id = ranks[0][0].replica_id
+                result = FakeResult.sent(router, replica_id, pr)
                 router.on_request_routed(pr, replica_id, result)
-                router.on_request_completed(replica_id, pr.metadata.internal_request_id)
+                result.finish(None)  # Ray's done-callback: on_request_completed
                 t2 = clock()
-                result.finish(None)
                 choose[label].append(t1 - t0)
                 cycle[label].append(t2 - t0)
             await asyncio.sleep(0)  # let completion hops run, as Ray's loop would

@@ -14,6 +14,7 @@ import itertools
 from typing import Any, Dict, List, Optional, Set
 
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.serve._private.router import AsyncioRouter
 from ray.serve.request_router import PendingRequest
 
 _request_numbers = itertools.count()
@@ -65,17 +66,55 @@ def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "of
     return router
 
 
+class _Metrics:
+    def dec_num_running_requests_for_replica(self, replica_id: Any) -> None:
+        pass
+
+
+class _RayRouter:
+    """Ray's AsyncioRouter around a request router, reduced to what its
+    done-callback reads: the callback itself is Ray's own code."""
+
+    _process_finished_request = AsyncioRouter._process_finished_request
+    _get_actor_died_error = AsyncioRouter._get_actor_died_error
+
+    def __init__(self, request_router: Any):
+        self.request_router = self._active_request_router = request_router
+        self._metrics_manager = _Metrics()
+
+
 class FakeResult:
-    """Stands in for `ReplicaResult`: completes when the test says so."""
+    """Stands in for the `ReplicaResult` of one send attempt: completes when the test says so.
+
+    Made by `sent`, which registers Ray's own done-callback first, as Ray
+    does when it sends (it calls the router's on_request_completed with the
+    result); callbacks registered later (a tracer's) run after it.
+    """
+
+    _UNSET = object()
 
     def __init__(self):
         self._callbacks = []
+        self._value = self._UNSET
+
+    @classmethod
+    def sent(cls, router: Any, replica_id: ReplicaID, pending_request: PendingRequest) -> "FakeResult":
+        result = cls()
+        ray_router = _RayRouter(router)
+        internal_request_id = pending_request.metadata.internal_request_id
+        result.add_done_callback(
+            lambda value: ray_router._process_finished_request(replica_id, internal_request_id, None, value))
+        return result
 
     def add_done_callback(self, callback) -> None:
-        self._callbacks.append(callback)
+        if self._value is self._UNSET:
+            self._callbacks.append(callback)
+        else:  # as Ray does for a result that is already complete
+            callback(self._value)
 
     def finish(self, value: Any = None) -> None:
-        """Complete the request; like Ray, from a thread other than the loop's."""
+        """Complete the attempt with `value` (an exception: it failed)."""
+        self._value = value
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(value)
@@ -99,8 +138,7 @@ async def route_one(router: Any) -> None:
     that completes at once: choose_replicas, routed, completed."""
     pr = make_request()
     ranks = await router.choose_replicas(router._replicas_list, pr)
-    replica = ranks[0][0]
-    result = FakeResult()
-    router.on_request_routed(pr, replica.replica_id, result)
+    replica_id = ranks[0][0].replica_id
+    result = FakeResult.sent(router, replica_id, pr)
+    router.on_request_routed(pr, replica_id, result)
     result.finish("done")
-    router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)

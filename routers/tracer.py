@@ -19,9 +19,13 @@ methods, routed events fall back to the request's last decision.
 Completion. Ray calls `on_request_completed` once per send attempt, rejected
 attempts included, keyed only by (replica, internal_request_id), which
 fan-out calls and retries share, and possibly before the accepted attempt's
-`on_request_routed`. The tracer therefore also watches each accepted
-attempt's result and pairs the two signals per key: a framework completion
-that no accepted attempt claims within REJECTION_GRACE_S is a rejection.
+`on_request_routed`. A completion pairs with the key's open accepted attempt;
+one that comes first waits, and is claimed by the attempt routed next if it
+came after that attempt was handed its replica; one that no accepted attempt
+claims within REJECTION_GRACE_S is a rejection. Whether the request succeeded
+comes from the result Ray's own done-callback completes (`results_from_ray`,
+see routers.mixin); where that cannot be read, the tracer watches each
+accepted attempt's result itself, which costs a second fetch of it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import time
 import uuid
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+
+from ray.exceptions import TaskCancelledError
 
 import routers
 from routers.config import TracerConfig, load_config
@@ -56,6 +62,7 @@ MAX_OPEN_REQUESTS = 100_000
 REJECTION_GRACE_S = 2.0
 # How often results noted by worker threads are drained when no hook runs.
 RESULTS_DRAIN_INTERVAL_S = 0.25
+NO_RESULT = object()  # a completion whose result is unknown (not called from Ray's done-callback)
 
 
 class _Attempt:
@@ -75,11 +82,15 @@ class _Attempt:
 
 
 class RouterTracer:
-    def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False):
+    def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False,
+                 results_from_ray: bool = False):
         """`records_attributes`: call the router's `routelens_request_attributes`
-        for each request (only worth it when a subclass overrides it)."""
+        for each request (only worth it when a subclass overrides it).
+        `results_from_ray`: on_completed is given each result by Ray's own
+        done-callback, so no callback of the tracer's is needed."""
         self._router = router
         self._records_attributes = records_attributes
+        self.results_from_ray = results_from_ray
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
         cls = type(router)
@@ -112,8 +123,8 @@ class RouterTracer:
         self._trace_by_metadata: Dict[int, RequestTrace] = {}
         self.fulfilling: Optional[Tuple[Any, Optional[list]]] = None  # (replica, decision)
         self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
-        # Framework completions not yet claimed by an accepted attempt: their times.
-        self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float]]] = {}  # (wall, monotonic)
+        # Framework completions not yet claimed by an accepted attempt: (wall time, monotonic time, ok, cancelled).
+        self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float, Optional[bool], bool]]] = {}
         # (attempt, ok, done time) appended by Ray's worker threads, drained on the loop.
         self._results_done: Deque[Tuple[_Attempt, bool, float]] = deque()
         self._drain_scheduled = False
@@ -260,8 +271,8 @@ class RouterTracer:
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
             trace = self.trace_of(pending_request)
-            trace.handoff = self.fulfilling
-            decision = self.fulfilling[1]
+            replica, decision = self.fulfilling
+            trace.handoff = (replica, decision, time.monotonic())  # when: see on_routed
             if trace.sampled and decision is not None and not decision[D_EXPORTED]:
                 # A sampled request got a replica from a sampled-out request's
                 # decision: export it now, before that request decides again
@@ -298,6 +309,17 @@ class RouterTracer:
         if len(self._open) > MAX_OPEN_ATTEMPTS:
             for _ in self._open.pop(next(iter(self._open))):
                 self.source.count_unqueued("untracked_completion")
+        if self.results_from_ray:
+            unmatched = self._unmatched_completions.get(attempt.key)
+            # A completion that came after this attempt was handed its replica
+            # is its own (it completed before Ray resumed to call this hook);
+            # earlier ones are rejected attempts'. A cancelled result never is.
+            if unmatched and handoff is not None and unmatched[-1][1] >= handoff[2] and not unmatched[-1][3]:
+                attempt.done_ts, attempt.done_at, attempt.ok, _ = unmatched.pop()
+                if not unmatched:
+                    del self._unmatched_completions[attempt.key]
+                self._close_attempt(attempt)
+            return
         result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
         if not self._drain_scheduled:
             self._drain_scheduled = True
@@ -339,22 +361,36 @@ class RouterTracer:
         except Exception as exc:
             faults.record("recording a completion", exc)
 
-    def on_completed(self, replica_id: Any, internal_request_id: str) -> None:
+    def on_completed(self, replica_id: Any, internal_request_id: str, result: Any = NO_RESULT) -> None:
+        """`result`: what the attempt's result completed with, when Ray's done-callback says."""
         self._ensure_configured()
         if not is_sampled(internal_request_id, self.config.sample_rate):
             self.source.count_unqueued("sampled_out")
             return
-        self._drain_results()
         key = (replica_id, internal_request_id)
-        for attempt in self._open.get(key, ()):
-            if attempt.done_ts is not None:
+        # Wall clock for the event, monotonic for latency and the grace period
+        # (a clock jump must not change them).
+        ts, at = time.time(), time.monotonic()
+        if self.results_from_ray:
+            ok = None if result is NO_RESULT else not isinstance(result, BaseException)
+            cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
+            attempts = self._open.get(key)
+            if attempts:
+                attempt = attempts[0]
+                attempt.done_ts, attempt.done_at, attempt.ok = ts, at, ok
                 self._close_attempt(attempt)
                 return
+        else:
+            self._drain_results()
+            ok, cancelled = None, False
+            for attempt in self._open.get(key, ()):
+                if attempt.done_ts is not None:
+                    self._close_attempt(attempt)
+                    return
         # Either a rejected attempt, or an accepted one whose routed event or
         # result has not come in yet (a fast request can finish before the
         # router resumes to call on_request_routed). Which, only time tells.
-        # Wall clock for the event, monotonic for the grace period (a clock jump must not settle it early or late).
-        self._unmatched_completions.setdefault(key, deque()).append((time.time(), time.monotonic()))
+        self._unmatched_completions.setdefault(key, deque()).append((ts, at, ok, cancelled))
         self._settle_later(key)
 
     def _settle_later(self, key: Tuple[Any, str]) -> None:
@@ -378,6 +414,7 @@ class RouterTracer:
             faults.record("recording a rejection", exc)
 
     def _close_attempt(self, attempt: _Attempt) -> None:
+        # Not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         attempts = self._open[attempt.key]
         attempts.remove(attempt)
         if not attempts:
@@ -388,7 +425,7 @@ class RouterTracer:
         replica_id, internal_request_id = attempt.key
         self._submit((
             self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
-            (attempt.done_at - attempt.routed_at) * 1000.0, attempt.ok, False,
+            max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0, attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))
 

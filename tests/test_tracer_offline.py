@@ -9,6 +9,9 @@ import time
 from collections import defaultdict
 
 
+import pytest
+
+from routers import mixin as mixin_module
 from routers import tracer as tracer_module
 from routers.config import TracerConfig
 from routers import TracingMixin
@@ -18,22 +21,26 @@ from routers.faults import faults
 from routers.offline import FakeResult, make_request, make_router
 
 
+@pytest.fixture(autouse=True, params=["results from Ray", "own done-callbacks"])
+def result_source(request, monkeypatch):
+    """Each test both ways the tracer learns a request's result: from Ray's own
+    done-callback (Ray 2.60), and from callbacks of its own (the fallback)."""
+    if request.param == "own done-callbacks":
+        monkeypatch.setattr(mixin_module, "RESULTS_FROM_RAY", False)
+    return request.param
+
+
 def exported_events(path):
     batches = [json.loads(line) for line in open(path)]
     return [e for b in batches for e in b["events"]], batches
 
 
 async def route(router, pr):
-    """One request through Ray's own routing machinery, then routed and completed.
-
-    As in Ray, the framework's completion callback runs before the result's
-    other done-callbacks: on_request_completed first, the tracer's hop after.
-    """
+    """One request through Ray's own routing machinery, then routed and completed."""
     replica = await router._choose_replica_for_request(pr)
-    result = FakeResult()
+    result = FakeResult.sent(router, replica.replica_id, pr)
     router.on_request_routed(pr, replica.replica_id, result)
     await asyncio.sleep(0)
-    router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
     result.finish("ok")
 
 
@@ -113,10 +120,9 @@ def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
         pr = make_request()
         replica = router._replicas_list[0]
         # Refused once by replica 0, then accepted by it: two completions, one claimed.
-        router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
-        result = FakeResult()
+        FakeResult.sent(router, replica.replica_id, pr).finish(None)
+        result = FakeResult.sent(router, replica.replica_id, pr)
         router.on_request_routed(pr, replica.replica_id, result)
-        router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
         result.finish("ok")
         # Settled one grace period later; on a loaded machine the loop may get there late.
         deadline = time.monotonic() + 10
@@ -130,6 +136,35 @@ def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
     assert sorted(c["rejected"] for c in completed) == [False, True]
     accepted = next(c for c in completed if not c["rejected"])
     assert accepted["ok"] is True and accepted["routed_id"] is not None
+
+
+def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_source):
+    """A fast request can complete before Ray resumes to call on_request_routed:
+    its completion is paired with it (not taken for a rejection), failure included."""
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        assert router._routelens.results_from_ray == (result_source == "results from Ray")
+        pr = make_request()
+        replica = await router._choose_replica_for_request(pr)
+        result = FakeResult.sent(router, replica.replica_id, pr)
+        result.finish(RuntimeError("the replica raised"))
+        router.on_request_routed(pr, replica.replica_id, result)
+        deadline = time.monotonic() + 10
+        while router._routelens._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    routed = [e for e in events if e["type"] == "routed"]
+    completed = [e for e in events if e["type"] == "completed"]
+    assert len(routed) == 1 and len(completed) == 1
+    assert completed[0]["routed_id"] == routed[0]["id"]
+    assert completed[0]["rejected"] is False and completed[0]["ok"] is False
+    assert completed[0]["latency_ms"] >= 0
 
 
 class ExplodingStats(dict):

@@ -61,13 +61,12 @@ def test_a_clock_jump_changes_no_latency_and_settles_rejections_on_time(tmp_path
         accepted, refused = make_request(), make_request()
         ranks = await router.choose_replicas(router._replicas_list, accepted)
         replica_id = ranks[0][0].replica_id
-        result = FakeResult()
+        result = FakeResult.sent(router, replica_id, accepted)
         router.on_request_routed(accepted, replica_id, result)
         # A refused attempt of another request: no routed event, only a completion.
-        router.on_request_completed(replica_id, refused.metadata.internal_request_id)
+        FakeResult.sent(router, replica_id, refused).finish(None)
         clock.offset = jump  # NTP steps the clock while both are in flight
         await asyncio.sleep(0.05)
-        router.on_request_completed(replica_id, accepted.metadata.internal_request_id)
         result.finish("ok")
         started = time.monotonic()
         # The refused attempt is settled as a rejection one grace period later, whatever the wall clock did.
