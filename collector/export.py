@@ -59,17 +59,17 @@ from collector.export_read import ArrowReader
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
 from collector.ranking_columns import ranking_columns
-from collector.sqlite_reader import NoPandas
+from collector.sqlite_reader import Hidden
 from collector.wire_export import wire_batches
 
 
 
 # The first time pyarrow converts Python values (this module's constants, just below), it imports pandas
-# (see `NoPandas`). That first look is made with pandas hidden; pyarrow remembers the answer and still
+# (see `Hidden`). That first look is made with pandas hidden; pyarrow remembers the answer and still
 # imports pandas when asked for pandas (to_pandas, from_pandas), after which it also recognises pandas
 # objects again. A process that imported pandas already keeps pyarrow's ordinary behaviour.
 if "pandas" not in sys.modules:
-    _hiding = NoPandas()
+    _hiding = Hidden("pandas")
     sys.meta_path.insert(0, _hiding)
     try:
         pa.array([None])
@@ -223,6 +223,9 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
                     on_rows(batch.num_rows)
                 if data:
                     yield data
+        # The reader's process ends before the Parquet footer is built, the export's largest allocation
+        # (the metadata of every row group, some 30 MB for 10 million decisions): not both at once.
+        reader.close()
         yield writer.close()
     finally:
         reader.close()

@@ -30,22 +30,26 @@ import sys
 from typing import BinaryIO, List, Optional
 
 
-class NoPandas:
-    """An import finder that finds no pandas.
+class Hidden:
+    """An import finder that finds none of the packages it is given.
 
     pyarrow's first conversion of Python values imports pandas, when
     installed, to recognise pandas objects among them: some 40-50 MB
     resident in a process that never hands it any (pandas is no dependency
-    of routelens). pyarrow takes the failed import for "no pandas"."""
+    of routelens). pyarrow takes the failed import for "no pandas". Nor does
+    it need numpy for what this process does (ADBC, IPC): some 13 MB."""
+
+    def __init__(self, *packages: str):
+        self._packages = packages
 
     def find_spec(self, name, path=None, target=None):
-        if name == "pandas":
-            raise ModuleNotFoundError("pandas is hidden from pyarrow here: see collector.sqlite_reader")
+        if name.partition(".")[0] in self._packages:
+            raise ModuleNotFoundError(f"{name} is hidden from pyarrow here: see collector.sqlite_reader")
         return None
 
 
 if __name__ == "__main__":  # the reader's own process (the parameters it binds are converted by pyarrow)
-    sys.meta_path.insert(0, NoPandas())
+    sys.meta_path.insert(0, Hidden("pandas", "numpy"))
 
 import adbc_driver_manager  # noqa: E402
 import adbc_driver_sqlite  # noqa: E402

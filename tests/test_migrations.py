@@ -58,6 +58,37 @@ def test_empty_to_head_to_base_to_head(empty_db_url):
     _stores_a_batch(empty_db_url)
 
 
+def test_the_expected_head_is_alembics_head():
+    """`collector.db` reads the scripts' revisions without Alembic: the head it finds must be Alembic's."""
+    from alembic.script import ScriptDirectory
+
+    from collector.db import alembic_config
+
+    assert head_revision() == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+
+
+def test_the_version_is_read_as_alembic_reads_it(db_url):
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            assert current_revision(engine) == MigrationContext.configure(connection).get_current_revision()
+            assert current_revision(engine) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_checking_a_version_imports_no_alembic(db_url):
+    """An export's memory: checking the schema leaves Alembic (some 11 MB) unimported."""
+    script = textwrap.dedent(f"""
+        import sys
+        from collector.db import check_schema, make_engine
+        check_schema(make_engine({db_url!r}), {db_url!r})
+        print("alembic" in sys.modules)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "False"
+
+
 def test_models_and_migrations_agree(db_url):
     """Autogenerate, run against a database the migrations made, finds nothing to do."""
     engine = make_engine(db_url)
