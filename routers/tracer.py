@@ -271,8 +271,9 @@ class RouterTracer:
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
             trace = self.trace_of(pending_request)
-            replica, decision = self.fulfilling
-            trace.handoff = (replica, decision, time.monotonic())  # when: see on_routed
+            trace.handoff = self.fulfilling
+            trace.handed_at = time.monotonic()  # see on_routed
+            decision = self.fulfilling[1]
             if trace.sampled and decision is not None and not decision[D_EXPORTED]:
                 # A sampled request got a replica from a sampled-out request's
                 # decision: export it now, before that request decides again
@@ -314,7 +315,7 @@ class RouterTracer:
             # A completion that came after this attempt was handed its replica
             # is its own (it completed before Ray resumed to call this hook);
             # earlier ones are rejected attempts'. A cancelled result never is.
-            if unmatched and handoff is not None and unmatched[-1][1] >= handoff[2] and not unmatched[-1][3]:
+            if unmatched and handoff is not None and unmatched[-1][1] >= trace.handed_at and not unmatched[-1][3]:
                 attempt.done_ts, attempt.done_at, attempt.ok, _ = unmatched.pop()
                 if not unmatched:
                     del self._unmatched_completions[attempt.key]

@@ -29,7 +29,7 @@ STATS = "stats"
 class RequestTrace:
     """What the tracer keeps on a PendingRequest (as `pr._routelens`)."""
 
-    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "attributes")
+    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes")
 
     def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
         self.metadata = metadata
@@ -38,6 +38,7 @@ class RequestTrace:
         self.last_decision: Optional[list] = None  # see D_* below
         # (replica, decision) set when a fulfilment hands this request a replica.
         self.handoff: Optional[tuple] = None
+        self.handed_at = 0.0  # monotonic time of the last hand-off
         self.attributes = attributes
 
 
