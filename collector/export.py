@@ -353,18 +353,25 @@ def _chunks(reader: ArrowReader, reading: _Reading, where: list) -> Iterator[pa.
     """The rows of `reading` (its first column: the table's id) that match
     `where`, in id order, CHUNK_ROWS at a time. Each chunk is a query of its
     own, for the rows after the last one's id: memory stays flat, and no
-    cursor stays open between chunks."""
+    cursor stays open between chunks. The next chunk's query is sent before
+    a chunk is handed on: the reader works on it meanwhile."""
     key = next(iter(reading.columns.values()))[0]
-    after = []
-    while True:
+
+    def after(*bound: ColumnElement) -> Callable[[], pa.RecordBatch]:
         # The chunk's bound first: SQLite seeks to the first lower bound of the key it is given, and
         # scanning from the window's start (a bound in `where`) would make each chunk slower than the last.
-        chunk = reader.read(reading.query(*after, *where).order_by(key).limit(CHUNK_ROWS), reading.schema)
+        return reader.submit(reading.query(*bound, *where).order_by(key).limit(CHUNK_ROWS), reading.schema)
+
+    pending = after()
+    while True:
+        chunk = pending()
+        full = chunk.num_rows == CHUNK_ROWS
+        if full:
+            pending = after(key > chunk.column(0)[-1].as_py())
         if chunk.num_rows:
             yield chunk
-        if chunk.num_rows < CHUNK_ROWS:
+        if not full:
             return
-        after = [key > chunk.column(0)[-1].as_py()]
 
 
 def _first_match(keys: pa.Array, rows: pa.RecordBatch, column: str) -> pa.RecordBatch:
@@ -460,14 +467,15 @@ _COMPLETED = _Reading({
 del d, r, c
 
 
-def _completions(reader: ArrowReader, routed_ids: pa.Array) -> pa.RecordBatch:
+def _completions(reader: ArrowReader, routed_ids: pa.Array) -> Callable[[], pa.RecordBatch]:
     """The completion of each routing (nulls: none), from one range scan of
-    `completed`'s routed_id index over the routings' ids."""
+    `completed`'s routed_id index over the routings' ids: the query is sent,
+    the function returned waits for its rows."""
     key = _key(completed.c.routed_id)
     low, high = pc.min(routed_ids).as_py(), pc.max(routed_ids).as_py()
-    found = reader.read(_COMPLETIONS.query(key >= low, key <= high).order_by(key, _key(completed.c.id))
-                        if low is not None else _COMPLETIONS.query(false()), _COMPLETIONS.schema)
-    return _first_match(routed_ids, found, "routed_id")
+    found = reader.submit(_COMPLETIONS.query(key >= low, key <= high).order_by(key, _key(completed.c.id))
+                          if low is not None else _COMPLETIONS.query(false()), _COMPLETIONS.schema)
+    return lambda: _first_match(routed_ids, found(), "routed_id")
 
 
 @dataclass
@@ -493,8 +501,9 @@ def _decision_chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scop
         routings = reader.read(_ROUTINGS.query(key >= ids[0].as_py(), key <= ids[-1].as_py())
                                .order_by(key, _key(routed.c.id)), _ROUTINGS.schema)
         routing = _first_match(ids, routings, "decision_id")
-        yield _Decisions(rows, routing, _completions(reader, routing.column("routed_id")),
-                         _refusals(conn, rows, routing) if with_rejections else None)
+        completion = _completions(reader, routing.column("routed_id"))  # read while the refusals are found
+        refusal = _refusals(conn, rows, routing) if with_rejections else None
+        yield _Decisions(rows, routing, completion(), refusal)
 
 
 _REFUSALS = pa.schema([("replica_pk", pa.int64()), ("latency_ms", pa.float64()), ("ok", pa.bool_())])
@@ -657,7 +666,7 @@ def _candidate_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Sc
 
 def _routed_chunks(reader: ArrowReader, where: list) -> Iterator[Tuple[pa.RecordBatch, pa.RecordBatch]]:
     for rows in _chunks(reader, _ROUTED, where):
-        yield rows, _completions(reader, rows.column("id"))
+        yield rows, _completions(reader, rows.column("id"))()
 
 
 def _routed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,

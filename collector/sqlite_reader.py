@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (path,) = argv if argv is not None else sys.argv[1:]
     try:
         serve(path, sys.stdin.buffer, sys.stdout.buffer)
-    except BrokenPipeError:  # the parent went away mid-answer
+    except BrokenPipeError:  # the parent went away mid-answer, or stopped reading (a query sent ahead)
         pass
     return 0
 
