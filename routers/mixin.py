@@ -22,7 +22,6 @@ import sys
 from time import time
 from typing import Any, Dict, List, Optional
 
-from ray.serve._private.router import AsyncioRouter
 from ray.serve.request_router import RequestRouter
 
 from routers.faults import faults
@@ -39,10 +38,14 @@ EXACT_ATTRIBUTION = hasattr(RequestRouter, "_fulfill_next_pending_request") and 
 # Ray hands a result's value to the request router nowhere: only its own
 # done-callback sees it (AsyncioRouter._process_finished_request, which then
 # calls on_request_completed). Reading it from that caller's frame spares the
-# tracer a done-callback of its own per request, which costs the process a
-# second fetch and deserialization of every result: measured, most of the
+# tracer a done-callback of its own per request, which costs the process one
+# more fetch and deserialization of every result: measured, most of the
 # tracer's end-to-end cost through a handle. Feature-detected like the above;
 # without it the tracer registers its own callbacks (routers.tracer).
+try:
+    from ray.serve._private.router import AsyncioRouter
+except ImportError:  # private: another Ray may not have it
+    AsyncioRouter = None
 _FINISHED = getattr(getattr(AsyncioRouter, "_process_finished_request", None), "__code__", None)
 RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in _FINISHED.co_varnames
                     and "on_request_completed" in _FINISHED.co_names)
@@ -55,7 +58,7 @@ def _ray_result(frame: Any) -> Any:
         if frame is None:
             break
         if frame.f_code is _FINISHED:
-            return frame.f_locals["result"]
+            return frame.f_locals.get("result", NO_RESULT)
         frame = frame.f_back
     return NO_RESULT
 

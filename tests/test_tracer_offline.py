@@ -167,6 +167,40 @@ def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_
     assert completed[0]["latency_ms"] >= 0
 
 
+class CompletionCountingRouter(TracedUniformRequestRouter):
+    """A subclass's own on_request_completed between Ray and the mixin."""
+
+    completions = 0
+
+    def on_request_completed(self, replica_id, internal_request_id):
+        type(self).completions += 1
+        return super().on_request_completed(replica_id, internal_request_id)
+
+
+def test_results_reach_the_tracer_through_a_subclass_override(tmp_path):
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+    async def main():
+        router = make_router(CompletionCountingRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        for fails in (False, True):
+            pr = make_request()
+            replica = await router._choose_replica_for_request(pr)
+            result = FakeResult.sent(router, replica.replica_id, pr)
+            router.on_request_routed(pr, replica.replica_id, result)
+            result.finish(RuntimeError("failed") if fails else "done")
+        deadline = time.monotonic() + 10
+        while router._routelens._open and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    CompletionCountingRouter.completions = 0
+    asyncio.run(main())
+    assert CompletionCountingRouter.completions == 2
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    assert [e["ok"] for e in events if e["type"] == "completed"] == [True, False]
+
+
 class ExplodingStats(dict):
     def __eq__(self, other):
         raise RuntimeError("cannot compare these stats")
