@@ -44,6 +44,13 @@ async def route(router, pr):
     result.finish("ok")
 
 
+async def wait_until(condition, timeout_s=10.0):
+    """Until condition() holds: on a loaded machine the loop may get there late."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
     sink = str(tmp_path / "events.jsonl")
     kwargs = {"jsonl_path": sink, **router_kwargs}
@@ -124,10 +131,7 @@ def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
         result = FakeResult.sent(router, replica.replica_id, pr)
         router.on_request_routed(pr, replica.replica_id, result)
         result.finish("ok")
-        # Settled one grace period later; on a loaded machine the loop may get there late.
-        deadline = time.monotonic() + 10
-        while router._routelens._unmatched_completions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not router._routelens._unmatched_completions)  # one grace period later
 
     asyncio.run(main())
     assert exporter.flush(10)
@@ -152,9 +156,7 @@ def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_
         result = FakeResult.sent(router, replica.replica_id, pr)
         result.finish(RuntimeError("the replica raised"))
         router.on_request_routed(pr, replica.replica_id, result)
-        deadline = time.monotonic() + 10
-        while router._routelens._open and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not router._routelens._open)
 
     asyncio.run(main())
     assert exporter.flush(10)
@@ -189,9 +191,7 @@ def test_results_reach_the_tracer_through_a_subclass_override(tmp_path):
             result = FakeResult.sent(router, replica.replica_id, pr)
             router.on_request_routed(pr, replica.replica_id, result)
             result.finish(RuntimeError("failed") if fails else "done")
-        deadline = time.monotonic() + 10
-        while router._routelens._open and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await wait_until(lambda: not router._routelens._open)
 
     CompletionCountingRouter.completions = 0
     asyncio.run(main())
