@@ -118,4 +118,5 @@ class ArrowReader:
 def _as(column: pa.ChunkedArray, type_: pa.DataType) -> pa.Array:
     if column.null_count == len(column):  # typed int64 by the driver's guess, which casts to few types
         return pa.nulls(len(column), type_)
-    return pa.concat_arrays(column.chunks).cast(type_)
+    # One chunk (a query's rows are read as one batch: see collector.sqlite_reader) is used as it is.
+    return (column.chunk(0) if column.num_chunks == 1 else pa.concat_arrays(column.chunks)).cast(type_)

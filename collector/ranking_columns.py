@@ -111,9 +111,7 @@ class _Walk:
         if np.any(pos >= limit):
             raise Unreadable("past the end of a ranking")
         tag = self._data[pos].astype(np.intp)  # (an index of the platform's type: the lookups below are faster)
-        kind, width, number = _KIND[tag], _WIDTH[tag], _IN_TAG[tag]
-        if np.any(kind == _UNREAD):
-            raise Unreadable("a value of a kind a ranking does not hold")
+        kind, width, number = _KIND[tag], _WIDTH[tag], _IN_TAG[tag]  # the caller checks the kind (_expect)
         wide = np.flatnonzero(width)  # few: the ages, mostly
         if wide.size:
             at, tag_at = pos[wide], tag[wide]
@@ -131,6 +129,7 @@ class _Walk:
         active = np.arange(len(pos))
         while active.size:
             kind, number, after = self._read(pos[active], limit[active])
+            _expect(kind, _READ)
             remaining[active] += np.where(kind == _ARRAY, number, np.where(kind == _MAP, 2 * number, 0)) - 1
             pos[active] = np.where(kind == _BYTES, after + number, after)
             active = active[remaining[active] > 0]
@@ -139,7 +138,7 @@ class _Walk:
     def columns(self) -> RankingColumns:
         starts, ends = self._offsets[:-1], self._offsets[1:]
         kind, ranks_left, pos = self._read(starts, ends)
-        _expect(kind, _ARRAY)
+        _expect(kind, _ARRAYS)
         ranks_per_decision = ranks_left.copy()
         first_rank = np.cumsum(ranks_per_decision) - ranks_per_decision
         entries_per_rank = np.zeros(first_rank[-1] + ranks_per_decision[-1] if len(starts) else 0, np.int64)
@@ -152,7 +151,7 @@ class _Walk:
             opening = active[entries_left[active] == 0]
             while opening.size:
                 kind, size, after = self._read(pos[opening], ends[opening])
-                _expect(kind, _ARRAY)
+                _expect(kind, _ARRAYS)
                 entries_per_rank[first_rank[opening] + ranks_per_decision[opening] - ranks_left[opening]] = size
                 pos[opening], entries_left[opening] = after, size
                 ranks_left[opening] -= 1
@@ -184,21 +183,21 @@ class _Walk:
         """The entry at each cursor's position, which moves past it."""
         limit = self._offsets[1:][cursors]
         kind, size, after = self._read(pos[cursors], limit)
-        _expect(kind, _ARRAY)
+        _expect(kind, _ARRAYS)
         if not np.all((size == 1) | (size == 6)):
             raise Unreadable("an entry of another length than 1 or 6")
         kind, pk, after = self._read(after, limit)
-        _expect(kind, _INT)
+        _expect(kind, _INTS)
         full = np.flatnonzero(size == 6)  # the entries with inputs
         inputs = np.zeros((len(cursors), 4), np.int64)
         null = np.ones((len(cursors), 4), bool)
         here, end = after[full], limit[full]
         for i in range(4):  # queue_len, queue_len_age_us, stats_age_us, age_source
             kind, inputs[full, i], here = self._read(here, end)
-            _expect(kind, _INT, _NIL)
+            _expect(kind, _INTS_OR_NILS)
             null[full, i] = kind == _NIL
         kind, _, _ = self._read(here, end)
-        _expect(kind, _MAP, _NIL)
+        _expect(kind, _MAPS_OR_NILS)
         # The stats map's bytes: none for an entry without inputs, or with nil stats.
         stats_from, stats_to = after.copy(), after.copy()
         stats_to[full] = self._skip(here, end)
@@ -223,9 +222,18 @@ class _Walk:
         return texts.take(distinct.indices)
 
 
-def _expect(kind: np.ndarray, *kinds: int) -> None:
+def _kinds(*kinds: int) -> np.ndarray:
+    """A table of the kinds a value may be (by kind: allowed or not), for `_expect`."""
     allowed = np.zeros(_SCALAR + 1, bool)
     allowed[list(kinds)] = True
+    return allowed
+
+
+_READ = _kinds(_INT, _NIL, _ARRAY, _MAP, _BYTES, _SCALAR)  # any but _UNREAD
+_ARRAYS, _INTS, _INTS_OR_NILS, _MAPS_OR_NILS = _kinds(_ARRAY), _kinds(_INT), _kinds(_INT, _NIL), _kinds(_MAP, _NIL)
+
+
+def _expect(kind: np.ndarray, allowed: np.ndarray) -> None:
     if not np.all(allowed[kind]):
         raise Unreadable("a value of another kind than the stored shape's")
 
