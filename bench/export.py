@@ -72,29 +72,36 @@ def _tree(pid: int) -> List[int]:
     return pids
 
 
-def _memory_kib(pid: int) -> Tuple[int, int]:
-    """(RSS, PSS) of one process, KiB; PSS shares each shared page among the processes that map it."""
+def _proc_kib(path: str, field: str) -> int:
+    """One "Field:  N kB" line of a /proc file, KiB; 0 once the process has ended."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as rollup:
-            fields = dict(line.split()[:2] for line in rollup if line.startswith(("Rss:", "Pss:")))
-        return int(fields["Rss:"]), int(fields["Pss:"])
-    except (OSError, KeyError, ValueError):  # it ended meanwhile
-        return 0, 0
+        with open(path) as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field)), 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def run_child(command) -> Tuple[float, float, float, str]:
     """(seconds, peak RSS in MB, peak PSS in MB, stdout) of a child process
     and all of its descendants together (the export reads SQLite in a
-    process of its own), sampled every 20 ms."""
+    process of its own). RSS is sampled every 20 ms from /proc/PID/status,
+    which reads counters; PSS (each shared page divided among the processes
+    that map it) every 0.5 s from smaps_rollup, which walks every mapping
+    under the process's memory lock: at 50 Hz that slowed the export by
+    10-20%."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks = [0, 0]
     done = threading.Event()
 
     def sample() -> None:
+        tick = 0
         while not done.wait(0.02):
-            totals = [sum(values) for values in zip(*map(_memory_kib, _tree(process.pid)))]
-            peaks[:] = [max(peak, total) for peak, total in zip(peaks, totals or (0, 0))]
+            pids = _tree(process.pid)
+            peaks[0] = max(peaks[0], sum(_proc_kib(f"/proc/{pid}/status", "VmRSS:") for pid in pids))
+            if tick % 25 == 0:
+                peaks[1] = max(peaks[1], sum(_proc_kib(f"/proc/{pid}/smaps_rollup", "Pss:") for pid in pids))
+            tick += 1
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
