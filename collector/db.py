@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -112,16 +112,21 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def head_revision() -> str:
-    """The newest migration's revision: the one no other script names as its down_revision."""
-    revisions, downs = set(), set()
+def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
+    """Every migration script's revision, and the revisions it follows (its down_revision)."""
+    revisions = {}
     for script in (Path(migrations.__file__).parent / "versions").glob("*.py"):
         identifiers = _script_identifiers(script)
         if "revision" in identifiers:
-            revisions.add(identifiers["revision"])
             down = identifiers.get("down_revision")
-            downs.update(down if isinstance(down, (tuple, list)) else [down])
-    heads = revisions - downs
+            revisions[identifiers["revision"]] = tuple(down) if isinstance(down, (tuple, list)) else (down,)
+    return revisions
+
+
+def head_revision() -> str:
+    """The newest migration's revision: the one no other script names as its down_revision."""
+    revisions = script_revisions()
+    heads = set(revisions) - {down for downs in revisions.values() for down in downs}
     if len(heads) != 1:
         raise DatabaseError(f"migrations/versions has {len(heads)} heads: {', '.join(sorted(heads))}")
     return heads.pop()
@@ -182,9 +187,7 @@ def check_schema(engine: Engine, url: str) -> None:
     shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
     if current is None:
         raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
-    from alembic.script import ScriptDirectory
-
-    if current not in {script.revision for script in ScriptDirectory.from_config(alembic_config(url)).walk_revisions()}:
+    if current not in script_revisions():
         raise DatabaseError(f"the database schema ({current}) is newer than this routelens ({head}): "
                             "upgrade routelens")
     raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "

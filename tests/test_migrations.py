@@ -59,12 +59,16 @@ def test_empty_to_head_to_base_to_head(empty_db_url):
 
 
 def test_the_expected_head_is_alembics_head():
-    """`collector.db` reads the scripts' revisions without Alembic: the head it finds must be Alembic's."""
+    """`collector.db` reads the scripts' revisions without Alembic: they, and the head it finds, must be Alembic's."""
     from alembic.script import ScriptDirectory
 
-    from collector.db import alembic_config
+    from collector.db import alembic_config, script_revisions
 
-    assert head_revision() == ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert head_revision() == scripts.get_current_head()
+    assert script_revisions() == {
+        script.revision: tuple(down) if isinstance(down := script.down_revision, (tuple, list)) else (down,)
+        for script in scripts.walk_revisions()}
 
 
 def test_the_version_is_read_as_alembic_reads_it(db_url):
