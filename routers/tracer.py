@@ -25,7 +25,7 @@ came after that attempt was handed its replica; one that no accepted attempt
 claims within REJECTION_GRACE_S is a rejection. Whether the request succeeded
 comes from the result Ray's own done-callback completes (`results_from_ray`,
 see routers.mixin); where that cannot be read, the tracer watches each
-accepted attempt's result itself, which costs a second fetch of it.
+accepted attempt's result itself, which costs one more fetch of it.
 """
 
 from __future__ import annotations
@@ -415,7 +415,6 @@ class RouterTracer:
             faults.record("recording a rejection", exc)
 
     def _close_attempt(self, attempt: _Attempt) -> None:
-        # Not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         attempts = self._open[attempt.key]
         attempts.remove(attempt)
         if not attempts:
@@ -424,6 +423,7 @@ class RouterTracer:
         # replica from its decisions until about now; after this, forget them.
         self._forget_request(attempt.trace)
         replica_id, internal_request_id = attempt.key
+        # The latency is not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         self._submit((
             self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
             max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0, attempt.ok, False,
