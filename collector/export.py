@@ -60,17 +60,32 @@ from collector.export_read import ArrowReader
 from collector.models import Source, completed, decisions, routed
 from collector.queries import Filters, Scope, scope
 from collector.ranking_columns import ranking_columns
-from collector.sqlite_reader import Hidden
 from collector.wire_export import wire_batches
 
 
+class _Hidden:
+    """An import finder that finds none of the packages it is given.
+
+    pyarrow's first conversion of Python values imports pandas, when
+    installed, to recognise pandas objects among them: some 40-50 MB
+    resident in a process that never hands it any (pandas is no dependency
+    of routelens). pyarrow takes the failed import for "no pandas"."""
+
+    def __init__(self, *packages: str):
+        self._packages = packages
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in self._packages:
+            raise ModuleNotFoundError(f"{name} is hidden from pyarrow here: see collector.export")
+        return None
+
 
 # The first time pyarrow converts Python values (this module's constants, just below), it imports pandas
-# (see `Hidden`). That first look is made with pandas hidden; pyarrow remembers the answer and still
+# (see `_Hidden`). That first look is made with pandas hidden; pyarrow remembers the answer and still
 # imports pandas when asked for pandas (to_pandas, from_pandas), after which it also recognises pandas
 # objects again. A process that imported pandas already keeps pyarrow's ordinary behaviour.
 if "pandas" not in sys.modules:
-    _hiding = Hidden("pandas")
+    _hiding = _Hidden("pandas")
     sys.meta_path.insert(0, _hiding)
     try:
         pa.array([None])

@@ -44,10 +44,8 @@ class ArrowReader:
         url = conn.engine.url
         if url.get_backend_name() == "sqlite" and url.database and os.path.isfile(url.database):
             # stderr is the parent's: what the process says before it can answer (an import error) is seen.
-            # Arrow's allocator there: the C library's, as the export's own (see `collector.export`).
-            environment = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}
             self._process = subprocess.Popen([sys.executable, "-m", "collector.sqlite_reader", url.database],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment)
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             self._encode = msgspec.msgpack.Encoder().encode
 
     def read(self, query: Select, schema: pa.Schema) -> pa.RecordBatch:

@@ -20,41 +20,23 @@ PATH` and talks to it over its stdin and stdout, one query at a time:
 
 Every query runs in one read transaction, begun by the first: every chunk of
 an export sees the same snapshot. EOF on stdin (the parent closed it, or
-died) ends the process. Only pyarrow, ADBC and msgspec are imported here.
+died) ends the process. Only ADBC, nanoarrow and msgspec are imported here:
+the answers are written by nanoarrow (a few MB), not pyarrow (some 40 MB of
+libraries resident in a process that only passes rows on).
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import sys
 from typing import BinaryIO, List, Optional
 
-
-class Hidden:
-    """An import finder that finds none of the packages it is given.
-
-    pyarrow's first conversion of Python values imports pandas, when
-    installed, to recognise pandas objects among them: some 40-50 MB
-    resident in a process that never hands it any (pandas is no dependency
-    of routelens). pyarrow takes the failed import for "no pandas". Nor does
-    it need numpy for what this process does (ADBC, IPC): some 13 MB."""
-
-    def __init__(self, *packages: str):
-        self._packages = packages
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in self._packages:
-            raise ModuleNotFoundError(f"{name} is hidden from pyarrow here: see collector.sqlite_reader")
-        return None
-
-
-if __name__ == "__main__":  # the reader's own process (the parameters it binds are converted by pyarrow)
-    sys.meta_path.insert(0, Hidden("pandas", "numpy"))
-
-import adbc_driver_manager  # noqa: E402
-import adbc_driver_sqlite  # noqa: E402
-import msgspec  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import adbc_driver_manager
+import adbc_driver_sqlite
+import msgspec
+import nanoarrow as na
+from nanoarrow.ipc import StreamWriter
 
 REQUEST_HEADER = struct.Struct(">I")
 ANSWER_HEADER = struct.Struct(">cQ")
@@ -92,18 +74,23 @@ def serve(path: str, requests: BinaryIO, answers: BinaryIO) -> None:
         database.close()
 
 
-def _query(connection: adbc_driver_manager.AdbcConnection, sql: str, params: List[object]) -> pa.Buffer:
+def _query(connection: adbc_driver_manager.AdbcConnection, sql: str, params: List[object]) -> bytes:
+    answer = io.BytesIO()
     with adbc_driver_manager.AdbcStatement(connection) as statement:
         statement.set_options(**{adbc_driver_sqlite.StatementOptions.BATCH_ROWS.value: str(_BATCH_ROWS)})
         statement.set_sql_query(sql)
         if params:  # one row of parameters, one column each
-            statement.bind(pa.record_batch([[param] for param in params], names=list(map(str, range(len(params))))))
+            types = [_PARAM_TYPES[type(param)] for param in params]
+            statement.bind(na.c_array_from_buffers(
+                na.struct({str(i): type_ for i, type_ in enumerate(types)}), length=1, buffers=[None],
+                children=[na.c_array([param], type_) for param, type_ in zip(params, types)]))
         stream, _ = statement.execute_query()
-        table = pa.RecordBatchReader.from_stream(stream).read_all()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue()
+        StreamWriter.from_writable(answer).serialize_stream(stream)
+    return answer.getvalue()
+
+
+# The Arrow type a parameter is bound as, by its Python type (as MessagePack decodes it).
+_PARAM_TYPES = {int: na.int64(), float: na.float64(), bytes: na.binary(), str: na.string(), bool: na.bool_()}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -68,3 +70,22 @@ def test_closing_with_answers_unread_ends_the_process_at_once_and_quietly(connec
     assert time.monotonic() - started < 5
     assert process.returncode == 0
     assert capfd.readouterr().err == ""
+
+
+def test_parameters_of_every_kind_are_bound_as_they_are(connection):
+    values = {"i": (-(1 << 40), pa.int64()), "f": (0.25, pa.float64()), "b": (b"\x00\xff", pa.binary()),
+              "s": ("é", pa.string()), "t": (True, pa.bool_())}
+    schema = pa.schema([(name, type_) for name, (_, type_) in values.items()])
+    reader = ArrowReader(connection)
+    try:
+        rows = reader.read(select(*(literal(value).label(name) for name, (value, _) in values.items())), schema)
+    finally:
+        reader.close()
+    assert rows.to_pylist() == [{name: value for name, (value, _) in values.items()}]
+
+
+def test_the_reader_process_imports_no_pyarrow_nor_numpy():
+    """Its memory counts in the export's: pyarrow's libraries are some 40 MB resident."""
+    check = "import sys, collector.sqlite_reader; print(sorted({'pyarrow', 'numpy', 'pandas'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
