@@ -1,6 +1,6 @@
 """A chunk of stored rankings as flat columns, decoded by numpy.
 
-The export turns about 10,000 rankings at a time into Arrow columns.
+The export turns about 15,000 rankings at a time into Arrow columns.
 Decoding each with msgspec and transposing the Python lists that come out
 cost about 2.5 us per decision, the largest part of the export's CPU time.
 Every ranking the ingest stores in MessagePack has one shape (see
