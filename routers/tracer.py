@@ -387,12 +387,12 @@ class RouterTracer:
         ts, at = time.time(), time.monotonic()
         if self.results_from_ray:
             ok = None if result is NO_RESULT else not isinstance(result, BaseException)
-            cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
             attempt = self._open_attempt(replica_id, internal_request_id)
             if attempt is not None:
                 attempt.done_ts, attempt.done_at, attempt.ok = ts, at, ok
                 self._close_attempt(attempt)
                 return
+            cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
         else:
             self._drain_results()
             ok, cancelled = None, False
