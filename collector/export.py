@@ -219,7 +219,6 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
     chunk of n rows written. Call `check` first: this raises `ExportError`
     too, but only once the first chunk is asked for."""
     check(f, what, fmt)
-    give_back_freed_memory = _freed_memory_given_back()
     sc = scope(conn, f)
     if what == "events":
         for n_events, line in wire_batches(conn, f, sc):
@@ -233,6 +232,7 @@ def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "pa
     chunks = {"decisions": _decision_batches, "candidates": _candidate_batches, "routed": _routed_batches,
               "completed": _completed_batches}[what]
     reader = ArrowReader(conn)
+    give_back_freed_memory = _freed_memory_given_back()
     try:
         # Batches are converted by a thread of their own while this one writes the last (Parquet's
         # writer works without the GIL). Closed before the reader: the threads that use it stop first.
