@@ -19,6 +19,7 @@ _SEQ_MASK = (1 << _SEQ_BITS) - 1
 # events never share (ts, seq) within a process.
 _sequence = itertools.count()
 _fixed_middle, _nonce_tail = "", 0  # set by _new_process() below
+_last_prefix = (-1, "")  # (unix ms, the id's text up to the nonce tail), one tuple: read and replaced whole
 
 
 def next_seq() -> int:
@@ -27,8 +28,15 @@ def next_seq() -> int:
 
 def event_id(ts: float, seq: int) -> str:
     """The UUIDv7 of the event taken at `ts` with sequence number `seq`."""
+    global _last_prefix
     unix_ms = int(ts * 1000) & 0xFFFFFFFFFFFF
-    return f"{unix_ms >> 16:08x}-{unix_ms & 0xFFFF:04x}-{_fixed_middle}-{_nonce_tail | (seq & _SEQ_MASK):012x}"
+    ms, prefix = _last_prefix
+    if ms != unix_ms:
+        # Events come in time order, several per millisecond: their ids share
+        # all but the last group, formatted once per millisecond.
+        hex_ms = f"{unix_ms:012x}"
+        ms, prefix = _last_prefix = unix_ms, f"{hex_ms[:8]}-{hex_ms[8:]}-{_fixed_middle}-"
+    return f"{prefix}{_nonce_tail | (seq & _SEQ_MASK):012x}"
 
 
 def _layout(nonce: int):
@@ -52,9 +60,10 @@ def is_sampled(internal_request_id: str, rate: float) -> bool:
 
 
 def _new_process() -> None:
-    global _sequence, _fixed_middle, _nonce_tail
+    global _sequence, _fixed_middle, _nonce_tail, _last_prefix
     _sequence = itertools.count()
     _fixed_middle, _nonce_tail = _layout(int.from_bytes(os.urandom(5), "big"))
+    _last_prefix = (-1, "")
 
 
 _new_process()

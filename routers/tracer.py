@@ -68,10 +68,12 @@ NO_RESULT = object()  # a completion whose result is unknown (not called from Ra
 class _Attempt:
     """An accepted send attempt, waiting for its completion."""
 
-    __slots__ = ("key", "trace", "routed_ts", "routed_seq", "routed_at", "ok", "done_ts", "done_at")
+    __slots__ = ("replica_id", "internal_request_id", "trace", "routed_ts", "routed_seq", "routed_at", "ok",
+                 "done_ts", "done_at")
 
-    def __init__(self, key, trace, routed_ts, routed_seq):
-        self.key = key  # (ReplicaID, internal_request_id)
+    def __init__(self, replica_id, internal_request_id, trace, routed_ts, routed_seq):
+        self.replica_id = replica_id
+        self.internal_request_id = internal_request_id
         self.trace = trace
         self.routed_ts = routed_ts  # wall clock, for the events
         self.routed_seq = routed_seq
@@ -113,16 +115,21 @@ class RouterTracer:
         # Private in Ray 2.60 (see DESIGN.md rule 7): without it, queue_len is unknown.
         cache = getattr(getattr(router, "replica_queue_len_cache", None), "_cache", None)
         self._queue_len_get = cache.get if isinstance(cache, dict) else None  # the dict is never replaced
-        # ReplicaID -> (routing_stats, first seen). Replaced, never mutated, on
-        # each update_replicas, so a decision can keep a reference to it.
-        self._stats_seen: Dict[Any, Tuple[Any, float]] = {}
+        # The replica's unique_id -> (routing_stats, first seen). Replaced, never
+        # mutated, on each update_replicas, so a decision can keep a reference
+        # to it. Keyed by the str: ReplicaID hashes through a Python __hash__.
+        self._stats_seen: Dict[str, Tuple[Any, float]] = {}
         self._membership: Optional[List[Dict[str, Any]]] = None
         # id(RequestMetadata) -> the request's trace, until its accepted attempt
         # completes: how a fulfilment, which names only the metadata, finds
         # the decision that supplied its replica.
         self._trace_by_metadata: Dict[int, RequestTrace] = {}
         self.fulfilling: Optional[Tuple[Any, Optional[list]]] = None  # (replica, decision)
-        self._open: Dict[Tuple[Any, str], Deque[_Attempt]] = {}
+        # internal_request_id -> the request's accepted attempts awaiting their
+        # completion, oldest first (more than one only for retries and fan-out
+        # calls). Keyed by the id alone: a str hashes from its cache, a
+        # (ReplicaID, id) tuple through ReplicaID's Python __hash__.
+        self._open: Dict[str, List[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: (wall time, monotonic time, ok, cancelled).
         self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float, Optional[bool], bool]]] = {}
         # (attempt, ok, done time) appended by Ray's worker threads, drained on the loop.
@@ -285,7 +292,8 @@ class RouterTracer:
         now = time.time()
         trace = self.trace_of(pending_request)
         handoff, trace.handoff = trace.handoff, None
-        if handoff is not None and handoff[1] is not None and handoff[0].replica_id == replica_id:
+        if handoff is not None and handoff[1] is not None and (
+                handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
             decision, attribution = handoff[1], "exact"
         else:
             decision, attribution = trace.last_decision, "last_decision"
@@ -302,23 +310,28 @@ class RouterTracer:
             self.source, ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
             (now - pending_request.created_at) * 1000.0, attribution,
         ))
-        attempt = _Attempt((replica_id, trace.metadata.internal_request_id), trace, now, seq)
-        attempts = self._open.get(attempt.key)
+        internal_request_id = trace.metadata.internal_request_id
+        attempt = _Attempt(replica_id, internal_request_id, trace, now, seq)
+        attempts = self._open.get(internal_request_id)
         if attempts is None:
-            attempts = self._open[attempt.key] = deque()
-        attempts.append(attempt)
-        if len(self._open) > MAX_OPEN_ATTEMPTS:
-            for _ in self._open.pop(next(iter(self._open))):
-                self.source.count_unqueued("untracked_completion")
+            self._open[internal_request_id] = [attempt]
+            if len(self._open) > MAX_OPEN_ATTEMPTS:
+                for _ in self._open.pop(next(iter(self._open))):
+                    self.source.count_unqueued("untracked_completion")
+        else:
+            attempts.append(attempt)
         if self.results_from_ray:
-            unmatched = self._unmatched_completions.get(attempt.key)
+            if not self._unmatched_completions:  # the common case, without building a key
+                return
+            key = (replica_id, internal_request_id)
+            unmatched = self._unmatched_completions.get(key)
             # A completion that came after this attempt was handed its replica
             # is its own (it completed before Ray resumed to call this hook);
             # earlier ones are rejected attempts'. A cancelled result never is.
             if unmatched and handoff is not None and unmatched[-1][1] >= trace.handed_at and not unmatched[-1][3]:
                 attempt.done_ts, attempt.done_at, attempt.ok, _ = unmatched.pop()
                 if not unmatched:
-                    del self._unmatched_completions[attempt.key]
+                    del self._unmatched_completions[key]
                 self._close_attempt(attempt)
             return
         result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
@@ -350,15 +363,16 @@ class RouterTracer:
     def _on_result_done(self, attempt: _Attempt, ok: bool, done_ts: float, done_at: float) -> None:
         try:
             attempt.ok, attempt.done_ts, attempt.done_at = ok, done_ts, done_at
-            unmatched = self._unmatched_completions.get(attempt.key)
+            key = (attempt.replica_id, attempt.internal_request_id)
+            unmatched = self._unmatched_completions.get(key)
             if unmatched:
                 # Ray's own completion callback was registered first, so its
                 # on_request_completed usually arrives before this: claim it.
                 unmatched.popleft()
                 if not unmatched:
-                    del self._unmatched_completions[attempt.key]
+                    del self._unmatched_completions[key]
                 self._close_attempt(attempt)
-            self._settle_later(attempt.key)
+            self._settle_later(key)
         except Exception as exc:
             faults.record("recording a completion", exc)
 
@@ -368,40 +382,47 @@ class RouterTracer:
         if not is_sampled(internal_request_id, self.config.sample_rate):
             self.source.count_unqueued("sampled_out")
             return
-        key = (replica_id, internal_request_id)
         # Wall clock for the event, monotonic for latency and the grace period
         # (a clock jump must not change them).
         ts, at = time.time(), time.monotonic()
         if self.results_from_ray:
             ok = None if result is NO_RESULT else not isinstance(result, BaseException)
-            cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
-            attempts = self._open.get(key)
-            if attempts:
-                attempt = attempts[0]
+            attempt = self._open_attempt(replica_id, internal_request_id)
+            if attempt is not None:
                 attempt.done_ts, attempt.done_at, attempt.ok = ts, at, ok
                 self._close_attempt(attempt)
                 return
+            cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
         else:
             self._drain_results()
             ok, cancelled = None, False
-            for attempt in self._open.get(key, ()):
-                if attempt.done_ts is not None:
+            for attempt in self._open.get(internal_request_id, ()):
+                if attempt.done_ts is not None and attempt.replica_id == replica_id:
                     self._close_attempt(attempt)
                     return
         # Either a rejected attempt, or an accepted one whose routed event or
         # result has not come in yet (a fast request can finish before the
         # router resumes to call on_request_routed). Which, only time tells.
+        key = (replica_id, internal_request_id)
         self._unmatched_completions.setdefault(key, deque()).append((ts, at, ok, cancelled))
         self._settle_later(key)
 
+    def _open_attempt(self, replica_id: Any, internal_request_id: str) -> Optional[_Attempt]:
+        """The oldest accepted attempt of this request on this replica awaiting its completion."""
+        for attempt in self._open.get(internal_request_id, ()):
+            # Ray passes the replica's own ReplicaID object: `is` spares the dataclass's __eq__.
+            if attempt.replica_id is replica_id or attempt.replica_id == replica_id:
+                return attempt
+        return None
+
     def _settle_later(self, key: Tuple[Any, str]) -> None:
-        if self._unmatched_completions.get(key) and not self._open.get(key):
+        if self._unmatched_completions.get(key) and self._open_attempt(*key) is None:
             self._loop_or_bind().call_later(REJECTION_GRACE_S, self._settle, key)
 
     def _settle(self, key: Tuple[Any, str]) -> None:
         """Completions no accepted attempt claimed within the grace period were rejections."""
         try:
-            if self._open.get(key):
+            if self._open_attempt(*key) is not None:
                 return  # an accepted attempt is in flight: its result settles this key
             unmatched = self._unmatched_completions.get(key)
             cutoff = time.monotonic() - REJECTION_GRACE_S
@@ -415,17 +436,18 @@ class RouterTracer:
             faults.record("recording a rejection", exc)
 
     def _close_attempt(self, attempt: _Attempt) -> None:
-        attempts = self._open[attempt.key]
-        attempts.remove(attempt)
-        if not attempts:
-            del self._open[attempt.key]
+        internal_request_id = attempt.internal_request_id
+        attempts = self._open[internal_request_id]
+        if len(attempts) == 1:
+            del self._open[internal_request_id]
+        else:
+            attempts.remove(attempt)
         # A second routing task of a retried request may still hand out a
         # replica from its decisions until about now; after this, forget them.
         self._forget_request(attempt.trace)
-        replica_id, internal_request_id = attempt.key
         # The latency is not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         self._submit((
-            self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, replica_id,
+            self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, attempt.replica_id,
             max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0, attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))
@@ -443,11 +465,11 @@ class RouterTracer:
         for replica in replicas:
             replica_id = replica.replica_id
             stats = replica.routing_stats
-            previous = previous_seen.get(replica_id)
+            previous = previous_seen.get(replica_id.unique_id)
             if previous is None or previous[0] != stats:
                 self._emit((STATS, now, next_seq(), replica_id, stats, collected_at(stats)))
                 previous = (stats, now)
-            seen[replica_id] = previous
+            seen[replica_id.unique_id] = previous
             members.append({
                 "replica_id": replica_id.unique_id,
                 "node_id": replica.node_id,

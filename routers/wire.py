@@ -29,7 +29,8 @@ STATS = "stats"
 class RequestTrace:
     """What the tracer keeps on a PendingRequest (as `pr._routelens`)."""
 
-    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes")
+    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes",
+                 "wire_ids")
 
     def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
         self.metadata = metadata
@@ -40,6 +41,7 @@ class RequestTrace:
         self.handoff: Optional[tuple] = None
         self.handed_at = 0.0  # monotonic time of the last hand-off
         self.attributes = attributes
+        self.wire_ids: Optional[str] = None  # see request_ids_json; written by the exporter thread only
 
 
 # A decision (one `choose_replicas` call: its ranking and the inputs it ranked
@@ -55,7 +57,7 @@ D_DURATION_S = 5
 D_N_CANDIDATES = 6
 D_RANKS = 7  # the list of lists of RunningReplica returned by the router
 D_QUEUE_LENS = 8  # queue-length cache entries of the ranked replicas, in rank order (None: unknown)
-D_STATS_SEEN = 9  # the tracer's ReplicaID -> (routing_stats, first seen) snapshot at decision time
+D_STATS_SEEN = 9  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
 D_PREVIOUS = 10  # the same request's decision before this one, until the request completes
 D_EXPORTED = 11  # queued for export (or counted as sampled out, once settled)
 D_ID = 12  # drawn by decision_id() on the exporter thread
@@ -127,24 +129,23 @@ def _object(value: Any) -> str:
 
 
 class _StatsText:
-    """The JSON of each replica's current stats dict, encoded once per change:
-    the same dict object is ranked in many decisions. Used by the exporter
-    thread only."""
+    """The JSON of each replica's current stats dict and its stamp, read once
+    per change: the same dict object is ranked in many decisions. Used by the
+    exporter thread only."""
 
     def __init__(self) -> None:
-        self._cache: Dict[int, Tuple[Any, str]] = {}
+        self._cache: Dict[int, Tuple[Any, str, Optional[float]]] = {}
 
-    def of(self, stats: Optional[Dict[str, Any]]) -> str:
-        if not stats:
-            return "{}"
+    def of(self, stats: Dict[str, Any]) -> Tuple[str, Optional[float]]:
+        """(the stats as JSON, without our stamp; the stamp, if any) of a non-empty stats dict."""
         hit = self._cache.get(id(stats))
         if hit is not None and hit[0] is stats:
-            return hit[1]
-        text = _object(plain_stats(stats))
+            return hit[1], hit[2]
+        text, stamp = _object(plain_stats(stats)), collected_at(stats)
         if len(self._cache) >= 4096:
             self._cache.clear()
-        self._cache[id(stats)] = (stats, text)  # holding the dict keeps its id from being reused
-        return text
+        self._cache[id(stats)] = (stats, text, stamp)  # holding the dict keeps its id from being reused
+        return text, stamp
 
 
 _stats_text = _StatsText()
@@ -161,21 +162,20 @@ def _encode_decision(d: list) -> str:
     for rank in d[D_RANKS]:
         keys = []
         for replica in rank:
-            replica_id = replica.replica_id
-            key = _quote(replica_id.unique_id)
+            unique_id = replica.replica_id.unique_id
+            key = _quote(unique_id)
             keys.append(key)
             entry = queue_lens[position] if queue_lens is not None else None
             position += 1
             if key in written:
                 continue
             written.add(key)
-            seen = stats_seen.get(replica_id)
+            seen = stats_seen.get(unique_id)
             stats = seen[0] if seen is not None else None
             if not stats:  # `{}` is Ray's "no stats (yet)": there is no value to be stale
                 stats_text, stats_age, age_source = "{}", "null", "null"
             else:
-                stats_text = _stats_text.of(stats)
-                stamp = collected_at(stats)
+                stats_text, stamp = _stats_text.of(stats)
                 if stamp is not None:
                     stats_age, age_source = _number(ts - stamp), '"stamped"'
                 else:
@@ -190,22 +190,30 @@ def _encode_decision(d: list) -> str:
             )
         ranks.append(f"[{','.join(keys)}]")
     trace = d[D_TRACE]
-    meta = trace.metadata if trace is not None else None
-    if meta is not None:
-        request_ids = (f'"request_id":{_string(meta.request_id)},'
-                       f'"internal_request_id":{_string(meta.internal_request_id)},'
-                       f'"model_id":{_string(meta.multiplexed_model_id or None)}')
-    else:
-        request_ids = '"request_id":null,"internal_request_id":null,"model_id":null'
     attributes = ""
-    if trace is not None and trace.attributes:
-        attributes = f',"attributes":{_object(trace.attributes)}'
+    if trace is None:
+        request_ids = '"request_id":null,"internal_request_id":null,"model_id":null'
+    else:
+        request_ids = trace.wire_ids or request_ids_json(trace)
+        if trace.attributes:
+            attributes = f',"attributes":{_object(trace.attributes)}'
+    # ts, attempt, duration and n_candidates come from our clock and counters: finite numbers.
     return (
-        f'{{"type":"decision","id":"{decision_id(d)}","ts":{_number(ts)},{request_ids},'
-        f'"attempt":{_number(d[D_ATTEMPT])},"duration_us":{int(d[D_DURATION_S] * 1e6)},'
-        f'"n_candidates":{_number(d[D_N_CANDIDATES])},'
+        f'{{"type":"decision","id":"{decision_id(d)}","ts":{ts!r},{request_ids},'
+        f'"attempt":{d[D_ATTEMPT]},"duration_us":{int(d[D_DURATION_S] * 1e6)},'
+        f'"n_candidates":{d[D_N_CANDIDATES]},'
         f'"ranks":[{",".join(ranks)}],"replicas":{{{",".join(candidates)}}}{attributes}}}'
     )
+
+
+def request_ids_json(trace: RequestTrace) -> str:
+    """The request's ids as JSON members, formatted once per request: its
+    decisions and routed events all carry them."""
+    meta = trace.metadata
+    trace.wire_ids = (f'"request_id":{_string(meta.request_id)},'
+                      f'"internal_request_id":{_string(meta.internal_request_id)},'
+                      f'"model_id":{_string(meta.multiplexed_model_id or None)}')
+    return trace.wire_ids
 
 
 def encode(item: tuple) -> str:
@@ -218,12 +226,10 @@ def encode(item: tuple) -> str:
     # are, without the checks that values from Ray or a replica go through.
     if kind == ROUTED:
         _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
-        meta = trace.metadata
         decision_ref = "null" if decision is None else f'"{decision_id(decision)}"'
         return (
             f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{ts!r},'
-            f'"request_id":{_string(meta.request_id)},"internal_request_id":{_string(meta.internal_request_id)},'
-            f'"model_id":{_string(meta.multiplexed_model_id or None)},"replica_id":{_string(replica_id.unique_id)},'
+            f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_string(replica_id.unique_id)},'
             f'"decision_id":{decision_ref},"rank":{"null" if rank is None else rank},'
             f'"own_ranking":{_flag(own)},"attempts":{attempts},"queue_wait_ms":{_number(wait_ms)},'
             f'"attribution":"{attribution}"}}'

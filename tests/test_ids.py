@@ -36,6 +36,14 @@ def test_event_id_carries_the_millisecond_timestamp():
     assert uuid.UUID(event_id(TS, 3)).int >> 80 == int(TS * 1000)
 
 
+def test_event_ids_of_interleaved_times_each_carry_their_own_millisecond():
+    """Ids are formatted a millisecond at a time: going back and forth between
+    milliseconds must never give an id another millisecond's prefix."""
+    stamps = [TS, TS + 0.001, TS, TS + 5.0, TS + 5.0, TS + 0.001, TS]
+    for ts in stamps:
+        assert uuid.UUID(event_id(ts, 9)).int >> 80 == int(ts * 1000)
+
+
 def test_event_id_is_deterministic():
     """The same (ts, seq) gives the same id within a process."""
     assert event_id(TS, 42) == event_id(TS, 42)
