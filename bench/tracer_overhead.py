@@ -5,13 +5,18 @@ the same run (the machines are shared and noisy: only the ratios mean much).
    replicas, plain and traced, calls interleaved; the median added cost of
    a `choose_replicas` call (target <= 2 us), and of a whole request's hooks
    (decision + routed + completed), for information. The median over a few
-   rounds of each round's median difference.
+   rounds of each round's median difference. Then each hook's added cost
+   with the CPU caches evicted before it, as Ray's own work evicts them in
+   a driver: which hooks cost what there, in seconds rather than the
+   minutes of part 2.
 2. End to end on Ray Serve: in each round, 2,000 requests through a handle
    to a deployment routed by the plain pow-2 router and 2,000 to one routed
    by the traced one, in chunks of 100 that alternate between the two; the
    exporter thread's work is charged to the traced one. The median of the
    rounds' throughput ratios, traced / untraced (target >= 0.97), and their
-   spread.
+   spread; and, for information, where the tracer's cost goes: the CPU time
+   per request of the router's event-loop thread (traced minus plain) and of
+   the exporter thread, read from each thread's own clock.
 
     .venv/bin/python bench/tracer_overhead.py [--requests 2000] [--rounds 25]
 """
@@ -20,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import statistics
 import tempfile
+import threading
 import time
+from typing import Dict
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
@@ -86,6 +94,70 @@ async def hot_path(calls: int, rounds: int):
     return added, export_s / exported * 1e6
 
 
+async def cold_hooks(requests: int) -> Dict[str, float]:
+    """The median added cost of each hook of a request (decision, routed,
+    completed), traced minus plain, with the CPU caches evicted before each
+    hook as Ray's own work evicts them in a driver (~0.5 ms of it between a
+    request's hooks): warm, the hooks cost a few microseconds; in a Ray
+    driver, several times that (see CacheEvictor). Timed by the thread's
+    CPU clock."""
+    sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events.jsonl")
+    config = TracerConfig(jsonl_path=sink, flush_interval_s=3600, batch_max_events=10**9, queue_max_events=10**9)
+    exporter = Exporter(config)
+    routers = {  # two replicas, as the end-to-end deployment has
+        "plain": make_router(PowerOfTwoChoicesRequestRouter, 2),
+        "traced": make_router(TracedPowerOfTwoChoicesRequestRouter, 2, router_kwargs={"jsonl_path": sink},
+                              exporter=exporter),
+    }
+    evict = CacheEvictor()
+    clock = time.thread_time_ns
+    times = {(label, hook): [] for label in routers for hook in ("decision", "routed", "completed")}
+    for call in range(requests):
+        for label in (("plain", "traced") if call % 2 == 0 else ("traced", "plain")):
+            router = routers[label]
+            pr = make_request()
+            evict()
+            t0 = clock()
+            ranks = await router.choose_replicas(router._replicas_list, pr)
+            t1 = clock()
+            replica_id = ranks[0][0].replica_id
+            result = FakeResult.sent(router, replica_id, pr)
+            evict()
+            t2 = clock()
+            router.on_request_routed(pr, replica_id, result)
+            t3 = clock()
+            evict()
+            t4 = clock()
+            result.finish(None)  # Ray's done-callback: on_request_completed
+            t5 = clock()
+            times[label, "decision"].append(t1 - t0)
+            times[label, "routed"].append(t3 - t2)
+            times[label, "completed"].append(t5 - t4)
+        if call % 500 == 0:
+            exporter._queue.clear()  # the exporter's work is not what this measures
+    exporter.close()
+    return {hook: (statistics.median(times["traced", hook]) - statistics.median(times["plain", hook])) / 1000
+            for hook in ("decision", "routed", "completed")}
+
+
+class CacheEvictor:
+    """Evicts the CPU caches, as Ray's own Python does between two hooks of
+    a request in a driver: it writes a buffer larger than a core's L2 cache
+    and reads a field of many small Python objects. How much it evicts is a
+    choice, so the figure it gives is for comparing versions of the tracer
+    and its hooks with one another, in one run; the absolute cost in a
+    driver is the router loop thread's CPU time measured end to end."""
+
+    def __init__(self, buffer_mb: int = 3, objects: int = 25_000):
+        self._buffer = bytearray(buffer_mb << 20)
+        self._zeros = bytes(len(self._buffer) // 64)
+        self._objects = [{"n": n} for n in range(objects)]
+
+    def __call__(self) -> int:
+        self._buffer[::64] = self._zeros
+        return sum(o["n"] for o in self._objects[::3])
+
+
 def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
     """Per round: each deployment's throughput over `n_requests` requests.
 
@@ -104,6 +176,14 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
     thread has encoded and written them. The tracer's other deferred work
     (completions drained on a timer, the grace period of an unclaimed
     completion) falls where it falls; it is microseconds per request.
+
+    After the warm-up the driver's heap is frozen out of the garbage
+    collector (gc.freeze), as Ray Serve freezes its proxies' and replicas'
+    after start-up, the processes where routers run in production: full
+    collections of the driver's ~170,000 start-up objects (about 100 ms
+    each) otherwise land in either deployment's chunks at random, and are
+    most of the spread between rounds. The tracer's own allocations are
+    still collected, and charged to it.
     """
     import ray
     from ray import serve
@@ -137,36 +217,61 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
     for handle in handles.values():  # warm up routers, caches and connections
         for _ in range(5):
             send(handle, chunk)
+    gc.collect()
+    gc.freeze()
     exporter = routers.exporter._exporter  # the driver's, created by the traced router
     assert exporter is not None, "the traced router did not start an exporter in this process"
+    loop_clock = router_loop_clock()
+    exporter_clock = time.pthread_getcpuclockid(exporter._thread.ident)
     batch = TracerConfig().batch_max_events
     ratios, rates, exporting_s = [], {"plain": [], "traced": []}, 0.0
+    loop_cpu_s, exporter_cpu_s = {"plain": 0.0, "traced": 0.0}, 0.0
     for _ in range(rounds):
         exporter.export_now(30)  # the warm-up's or the last round's stragglers, outside the timing
         seconds = {"plain": 0.0, "traced": 0.0}
         starts = range(0, n_requests, chunk)
         for number, start in enumerate(starts):
             for label in (("plain", "traced") if number % 2 == 0 else ("traced", "plain")):
-                t0 = time.perf_counter()
+                t0, loop0 = time.perf_counter(), thread_cpu_s(loop_clock)
                 send(handles[label], min(chunk, n_requests - start))
+                loop_cpu_s[label] += thread_cpu_s(loop_clock) - loop0
                 if label == "traced" and (len(exporter._queue) >= batch or number == len(starts) - 1):
-                    t1 = time.perf_counter()
+                    t1, exporter0 = time.perf_counter(), thread_cpu_s(exporter_clock)
                     if not exporter.export_now(30):
                         raise RuntimeError("the exporter did not export the traced events within 30 s")
                     exporting_s += time.perf_counter() - t1
+                    exporter_cpu_s += thread_cpu_s(exporter_clock) - exporter0
                 seconds[label] += time.perf_counter() - t0
         for label, s in seconds.items():
             rates[label].append(n_requests / s)
         ratios.append(seconds["plain"] / seconds["traced"])
     serve.shutdown()
     ray.shutdown()
-    return {label: statistics.median(r) for label, r in rates.items()}, ratios, exporting_s / rounds
+    per_request_us = 1e6 / (n_requests * rounds)
+    cpu_us = {"exporter": exporter_cpu_s * per_request_us}
+    if loop_clock is not None:
+        cpu_us.update({f"loop {label}": s * per_request_us for label, s in loop_cpu_s.items()})
+    return {label: statistics.median(r) for label, r in rates.items()}, ratios, exporting_s / rounds, cpu_us
+
+
+def router_loop_clock():
+    """The CPU clock of the thread running Ray's router event loop (a handle's
+    routers all run on it), or None if it cannot be found in this Ray."""
+    for thread in threading.enumerate():
+        if getattr(getattr(thread, "_target", None), "__name__", "") == "_run_router_event_loop":
+            return time.pthread_getcpuclockid(thread.ident)
+    return None
+
+
+def thread_cpu_s(clock) -> float:
+    return 0.0 if clock is None else time.clock_gettime(clock)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20_000, help="hot-path calls per router")
     parser.add_argument("--hot-rounds", type=int, default=5, help="hot-path rounds the calls are split into")
+    parser.add_argument("--cold-requests", type=int, default=6_000, help="requests timed with caches evicted")
     parser.add_argument("--requests", type=int, default=2_000, help="end-to-end requests per round")
     parser.add_argument("--rounds", type=int, default=25, help="end-to-end rounds, each timing both routers")
     parser.add_argument("--skip-serve", action="store_true", help="measure the hot path only")
@@ -180,9 +285,13 @@ def main() -> None:
           f" to {max(added['choose']):.2f})  (target <= 2.00) {'OK' if choose <= 2.0 else 'MISSED'}")
     print(f"  whole request (decision + routed + completed hooks)  added {statistics.median(added['cycle']):.2f} us")
     print(f"  exporter thread, off the router loop: {export_us:.1f} us per event (encode, JSON, write)")
+    cold = asyncio.run(cold_hooks(args.cold_requests))
+    print(f"  with the CPU caches evicted before each hook, as in a Ray driver ({args.cold_requests} requests,"
+          f" 2 replicas): added {sum(cold.values()):.1f} us per request ("
+          + ", ".join(f"{hook} {us:.1f}" for hook, us in cold.items()) + ")")
     if args.skip_serve:
         return
-    rps, ratios, exporting_s = end_to_end(args.requests, args.rounds)
+    rps, ratios, exporting_s, cpu_us = end_to_end(args.requests, args.rounds)
     ratio = statistics.median(ratios)
     print(f"end to end, Ray Serve, {args.requests} requests per deployment through a handle in each of"
           f" {args.rounds} rounds, chunks of both deployments interleaved:")
@@ -191,6 +300,10 @@ def main() -> None:
           f"  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}")
     print("  rounds: " + " ".join(f"{r:.3f}" for r in ratios))
     print(f"  of the traced time, waiting for the exporter thread: {exporting_s * 1000:.0f} ms per round")
+    if "loop plain" in cpu_us:
+        print(f"  CPU per request: router loop thread plain {cpu_us['loop plain']:.1f} us, traced"
+              f" {cpu_us['loop traced']:.1f} us (+{cpu_us['loop traced'] - cpu_us['loop plain']:.1f})")
+    print(f"  CPU per request: exporter thread {cpu_us['exporter']:.1f} us")
 
 
 if __name__ == "__main__":
