@@ -107,12 +107,7 @@ class TracingMixin:
         return ranks
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any):
-        tracer = self._routelens
-        if tracer is not None:
-            try:
-                tracer.on_routed(pending_request, replica_id, result)
-            except Exception as exc:
-                faults.record("recording a routed request", exc)
+        self._routelens_hook("recording a routed request", "on_routed", pending_request, replica_id, result)
         return super().on_request_routed(pending_request, replica_id, result)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str):
@@ -127,35 +122,30 @@ class TracingMixin:
 
     def update_replicas(self, replicas: List[Any]):
         result = super().update_replicas(replicas)
-        tracer = self._routelens
-        if tracer is not None:
-            try:
-                tracer.on_replicas(replicas)
-            except Exception as exc:
-                faults.record("recording replica membership", exc)
+        self._routelens_hook("recording replica membership", "on_replicas", replicas)
         return result
 
     if EXACT_ATTRIBUTION:
 
         def _fulfill_next_pending_request(self, replica: Any, request_metadata: Any = None):
-            tracer = self._routelens
-            if tracer is None:
-                return super()._fulfill_next_pending_request(replica, request_metadata)
-            try:
-                tracer.on_fulfil_start(replica, request_metadata)
-            except Exception as exc:
-                faults.record("attributing a fulfilment", exc)
+            self._routelens_hook("attributing a fulfilment", "on_fulfil_start", replica, request_metadata)
             try:
                 return super()._fulfill_next_pending_request(replica, request_metadata)
             finally:
-                tracer.fulfilling = None
+                if self._routelens is not None:
+                    self._routelens.fulfilling = None
 
         def _record_queue_wait_time(self, pending_request: Any):
             result = super()._record_queue_wait_time(pending_request)
-            tracer = self._routelens
-            if tracer is not None:
-                try:
-                    tracer.on_recipient(pending_request)
-                except Exception as exc:
-                    faults.record("attributing a fulfilment", exc)
+            self._routelens_hook("attributing a fulfilment", "on_recipient", pending_request)
             return result
+
+    def _routelens_hook(self, what: str, hook: str, *args: Any) -> None:
+        """Call the tracer's `hook`; its failures are logged, never raised.
+        (choose_replicas inlines this: it is the one hook on the hot path.)"""
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                getattr(tracer, hook)(*args)
+            except Exception as exc:
+                faults.record(what, exc)
