@@ -24,7 +24,7 @@ from collector.demo_apps import APPS, STATS_PERIOD_S
 from tests.conftest import Collector
 from tests.ports import free_port
 
-DURATION_S = 60
+DURATION_S = 45  # of traffic: two pow-2 bursts and 25 s of a stale replica, as much as the checks need
 WINDOW = "2h"
 
 pytestmark = pytest.mark.slow
