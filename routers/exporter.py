@@ -125,8 +125,10 @@ class Exporter:
         self._queue: Deque[tuple] = deque()
         self._lock = threading.Lock()  # guards _sources, _destinations and the thread's start
         self._wake = threading.Event()
+        # Guards _cycles (cycles the thread has finished) and _in_cycle.
         self._cycle = threading.Condition()
         self._cycles = 0
+        self._in_cycle = False
         self._stopping = False
 
     # -- producer side (router event loop) ---------------------------------
@@ -172,9 +174,20 @@ class Exporter:
         if n + 1 == self.batch_max:
             self._wake.set()
 
-    def wake(self) -> None:
-        """Export what is queued now instead of at the next interval."""
-        self._wake.set()
+    def wake(self) -> int:
+        """Export what is queued now instead of at the next interval. Returns
+        the number of the cycle that exports it, for `wait_for_cycle`: the
+        next one, or the one after if the thread is in a cycle (which may have
+        drained the queue before these events came)."""
+        with self._cycle:
+            self._wake.set()
+            return self._cycles + (2 if self._in_cycle else 1)
+
+    def wait_for_cycle(self, cycle: int, timeout_s: float) -> bool:
+        """Block until the thread has finished cycle number `cycle` (see
+        `wake`). Returns False if it did not within the timeout."""
+        with self._cycle:
+            return self._cycle.wait_for(lambda: self._cycles >= cycle, timeout_s)
 
     # -- control (tests, shutdown) -----------------------------------------
 
@@ -198,12 +211,8 @@ class Exporter:
         dropped). Returns False if that did not happen within the timeout."""
         deadline = time.monotonic() + timeout_s
         while True:
-            with self._cycle:
-                target = self._cycles + 1
-                self._wake.set()
-                while self._cycles < target:
-                    if not self._cycle.wait(max(0.0, deadline - time.monotonic())):
-                        return False
+            if not self.wait_for_cycle(self.wake(), max(0.0, deadline - time.monotonic())):
+                return False
             if not self._queue:
                 return True
 
@@ -224,7 +233,9 @@ class Exporter:
     def _run(self) -> None:
         while True:
             self._wake.wait(self.flush_interval_s)
-            self._wake.clear()
+            with self._cycle:
+                self._wake.clear()
+                self._in_cycle = True
             stopping = self._stopping
             try:
                 self._export_queued()
@@ -235,6 +246,7 @@ class Exporter:
                 faults.record("the exporter thread", exc)
             with self._cycle:
                 self._cycles += 1
+                self._in_cycle = False
                 self._cycle.notify_all()
             if stopping and not self._queue:
                 for destination in list(self._destinations.values()):
