@@ -124,7 +124,8 @@ class RouterTracer:
         # completes: how a fulfilment, which names only the metadata, finds
         # the decision that supplied its replica.
         self._trace_by_metadata: Dict[int, RequestTrace] = {}
-        self.fulfilling: Optional[Tuple[Any, Optional[list]]] = None  # (replica, decision)
+        # (replica, the decision that ranked it or None, its rank there) during a fulfilment.
+        self.fulfilling: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
         # internal_request_id -> the request's accepted attempts awaiting their
         # completion, oldest first (more than one only for retries and fan-out
         # calls). Keyed by the id alone: a str hashes from its cache, a
@@ -264,14 +265,16 @@ class RouterTracer:
         # its last one, unless two routing tasks route the request at once (a
         # retried request can be queued twice), in which case it is the
         # latest one that ranked the replica.
-        self.fulfilling = (replica, None)
+        self.fulfilling = (replica, None, None)
         trace = self._trace_by_metadata.get(id(request_metadata))
         if trace is None or trace.metadata is not request_metadata:
             return
         decision = trace.last_decision
+        replica_id = replica.replica_id
         while decision is not None:
-            if rank_of(decision, replica.replica_id) is not None:
-                self.fulfilling = (replica, decision)
+            rank = rank_of(decision, replica_id)
+            if rank is not None:
+                self.fulfilling = (replica, decision, rank)  # on_routed takes the rank from here
                 return
             decision = decision[D_PREVIOUS]
 
@@ -288,22 +291,24 @@ class RouterTracer:
                 self._export_decision(decision)
 
     def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        self._ensure_configured()
+        if self.source is None:
+            self._ensure_configured()
         now = time.time()
-        trace = self.trace_of(pending_request)
+        trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
         handoff, trace.handoff = trace.handoff, None
         if handoff is not None and handoff[1] is not None and (
                 handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
-            decision, attribution = handoff[1], "exact"
+            decision, rank, attribution = handoff[1], handoff[2], "exact"
         else:
-            decision, attribution = trace.last_decision, "last_decision"
+            decision, rank, attribution = trace.last_decision, None, "last_decision"
         if not trace.sampled:
             self._forget_request(trace)
             self.source.count_unqueued("sampled_out")
             return
-        rank = own = None
+        own = None
         if decision is not None:  # exported already: by its own request, or by on_recipient
-            rank = rank_of(decision, replica_id)
+            if rank is None:
+                rank = rank_of(decision, replica_id)
             own = decision[D_TRACE] is trace
         seq = next_seq()
         self._submit((
@@ -378,8 +383,10 @@ class RouterTracer:
 
     def on_completed(self, replica_id: Any, internal_request_id: str, result: Any = NO_RESULT) -> None:
         """`result`: what the attempt's result completed with, when Ray's done-callback says."""
-        self._ensure_configured()
-        if not is_sampled(internal_request_id, self.config.sample_rate):
+        if self.source is None:
+            self._ensure_configured()
+        rate = self.config.sample_rate
+        if rate < 1.0 and not is_sampled(internal_request_id, rate):
             self.source.count_unqueued("sampled_out")
             return
         # Wall clock for the event, monotonic for latency and the grace period
