@@ -291,10 +291,9 @@ class RouterTracer:
                 self._export_decision(decision)
 
     def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        if self.source is None:
-            self._ensure_configured()
+        self._ensure_configured()
         now = time.time()
-        trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+        trace = self.trace_of(pending_request)
         handoff, trace.handoff = trace.handoff, None
         if handoff is not None and handoff[1] is not None and (
                 handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
@@ -383,10 +382,8 @@ class RouterTracer:
 
     def on_completed(self, replica_id: Any, internal_request_id: str, result: Any = NO_RESULT) -> None:
         """`result`: what the attempt's result completed with, when Ray's done-callback says."""
-        if self.source is None:
-            self._ensure_configured()
-        rate = self.config.sample_rate
-        if rate < 1.0 and not is_sampled(internal_request_id, rate):
+        self._ensure_configured()
+        if not is_sampled(internal_request_id, self.config.sample_rate):
             self.source.count_unqueued("sampled_out")
             return
         # Wall clock for the event, monotonic for latency and the grace period
