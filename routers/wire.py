@@ -258,7 +258,7 @@ def encode(item: tuple) -> str:
     if kind == STATS:
         _, _, ts, seq, replica_id, stats, stamp = item
         return (f'{{"type":"stats","id":"{event_id(ts, seq)}","ts":{ts!r},'
-                f'"replica_id":{_string(replica_id.unique_id)},"stats":{_object(plain_stats(stats))},'
+                f'"replica_id":{_quote(replica_id.unique_id)},"stats":{_object(plain_stats(stats))},'
                 f'"collected_at":{_number(stamp)}}}')
     raise ValueError(f"unknown event kind {kind!r}")
 
