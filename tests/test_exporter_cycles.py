@@ -4,20 +4,13 @@ waits for it (what export_now and the benchmark build on)."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 from routers.config import TracerConfig
 from routers.examples import TracedUniformRequestRouter
 from routers.exporter import Exporter
 from routers.offline import make_router, route_one
 from tests.event_sink_server import EventSinkServer
-
-
-def wait_until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
+from tests.trace_checks import wait_for
 
 
 def test_a_wake_during_a_cycle_names_the_next_cycle(tmp_path):
@@ -38,7 +31,7 @@ def test_a_wake_during_a_cycle_names_the_next_cycle(tmp_path):
             await route_one(router)
             first = exporter.wake()
             assert first == 1  # the thread was idle: its next cycle
-            await asyncio.to_thread(wait_until, lambda: server.posts_started >= 1)
+            await asyncio.to_thread(wait_for, lambda: server.posts_started >= 1, 10, "the first POST")
             await route_one(router)
             second = exporter.wake()
             assert second == 2  # cycle 1 is under way, past the queue
