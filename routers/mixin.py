@@ -51,16 +51,37 @@ RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in 
                     and "on_request_completed" in _FINISHED.co_names)
 
 
+# Sends that skip the rejection protocol never reach on_request_routed:
+# DeploymentHandle.choose_replica() reserves a slot on the replica it routed
+# to and dispatch() sends there, and broadcast() sends to every replica
+# without routing. The mixin learns of them from the hooks Ray calls on
+# those paths (on_new_queue_len_info after a reservation, on_send_request
+# after a broadcast send), by which of Ray's functions is the caller, and
+# reads the request from that caller's frame; Ray's usual sender, which
+# calls on_request_routed itself, is told apart by one comparison.
+_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
+_RESERVE = getattr(getattr(AsyncioRouter, "_pick_and_reserve_replica", None), "__code__", None)
+_BROADCAST = getattr(getattr(AsyncioRouter, "broadcast", None), "__code__", None)
+UNROUTED_SENDS = (RESULTS_FROM_RAY and _SEND is not None
+                  and _RESERVE is not None and {"pr", "queue_info"} <= set(_RESERVE.co_varnames)
+                  and _BROADCAST is not None and "replica_pr" in _BROADCAST.co_varnames)
+
+
+def _ray_frame(frame: Any, code: Any) -> Any:
+    """The frame running Ray's function `code` among the callers above a hook
+    (a subclass's override may sit between), else None."""
+    for _ in range(3):
+        if frame is None or frame.f_code is code:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def _ray_result(frame: Any) -> Any:
     """The result Ray's done-callback is completing, from the frames above
-    on_request_completed (a subclass's override may sit between), else NO_RESULT."""
-    for _ in range(3):
-        if frame is None:
-            break
-        if frame.f_code is _FINISHED:
-            return frame.f_locals.get("result", NO_RESULT)
-        frame = frame.f_back
-    return NO_RESULT
+    on_request_completed, else NO_RESULT."""
+    finishing = _ray_frame(frame, _FINISHED)
+    return NO_RESULT if finishing is None else finishing.f_locals.get("result", NO_RESULT)
 
 
 class TracingMixin:
@@ -119,6 +140,32 @@ class TracingMixin:
             except Exception as exc:
                 faults.record("recording a completed request", exc)
         return super().on_request_completed(replica_id, internal_request_id)
+
+    def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
+        tracer = self._routelens
+        if tracer is not None and UNROUTED_SENDS:
+            caller = sys._getframe(1)
+            if caller.f_code is not _SEND:  # Ray's usual sender calls on_request_routed itself
+                try:
+                    reserving = _ray_frame(caller, _RESERVE)
+                    if reserving is not None and reserving.f_locals["queue_info"].accepted:
+                        tracer.on_reserved(reserving.f_locals["pr"], replica_id)
+                except Exception as exc:
+                    faults.record("recording a reservation", exc)
+        return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+
+    def on_send_request(self, replica_id: Any):
+        tracer = self._routelens
+        if tracer is not None and UNROUTED_SENDS:
+            caller = sys._getframe(1)
+            if caller.f_code is not _SEND:
+                try:
+                    broadcasting = _ray_frame(caller, _BROADCAST)
+                    if broadcasting is not None:
+                        tracer.on_unrouted_send(replica_id, broadcasting.f_locals["replica_pr"])
+                except Exception as exc:
+                    faults.record("recording a broadcast", exc)
+        return super().on_send_request(replica_id)
 
     def update_replicas(self, replicas: List[Any]):
         result = super().update_replicas(replicas)

@@ -46,18 +46,21 @@ def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **k
 
 
 def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
-                router_kwargs: Optional[Dict[str, Any]] = None, exporter: Any = None, **replica_kwargs) -> Any:
+                router_kwargs: Optional[Dict[str, Any]] = None, exporter: Any = None,
+                use_replica_queue_len_cache: bool = True, **replica_kwargs) -> Any:
     """A router of `router_cls`, initialized as Ray would, with fake replicas.
 
     Call it from inside a running event loop, as Ray does. A traced router
     sends to `exporter` when given, else to the process-wide exporter.
+    Ray routes without the queue-length cache only inside Ray Client, where
+    it sends without the rejection protocol.
     """
     router = router_cls(
         deployment_id=DeploymentID(name=deployment, app_name=app),
         handle_source=DeploymentHandleSource.UNKNOWN,
         self_actor_id="OFFLINE",
         self_node_id="node-0",
-        use_replica_queue_len_cache=True,
+        use_replica_queue_len_cache=use_replica_queue_len_cache,
     )
     if exporter is not None:
         router._routelens.configure(router_kwargs or {}, exporter)

@@ -22,7 +22,12 @@ fan-out calls and retries share, and possibly before the accepted attempt's
 `on_request_routed`. A completion pairs with the key's open accepted attempt;
 one that comes first waits, and is claimed by the attempt routed next if it
 came after that attempt was handed its replica; one that no accepted attempt
-claims within REJECTION_GRACE_S is a rejection. Whether the request succeeded
+claims within REJECTION_GRACE_S is a rejection, where the replica could
+refuse it (not inside Ray Client, nor on a Java replica: there Ray sends
+without asking and never calls on_request_routed). Sends that bypass the
+usual path are recorded too: a request sent by DeploymentHandle.dispatch()
+is routed when its replica accepts the slot choose_replica() reserved, and
+a broadcast's sends are recorded only as completed. Whether the request succeeded
 comes from the result Ray's own done-callback completes (`results_from_ray`,
 see routers.mixin); where that cannot be read, the tracer watches each
 accepted attempt's result itself, which costs one more fetch of it.
@@ -92,6 +97,10 @@ class RouterTracer:
         done-callback, so no callback of the tracer's is needed."""
         self._router = router
         self._records_attributes = records_attributes
+        # Without the queue-length cache (inside Ray Client) Ray sends every
+        # request without the rejection protocol, as it does to Java replicas.
+        self._rejection_protocol = bool(init_kwargs.get("use_replica_queue_len_cache", False))
+        self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
         self.results_from_ray = results_from_ray
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
@@ -133,6 +142,9 @@ class RouterTracer:
         self._open: Dict[str, List[_Attempt]] = {}
         # Framework completions not yet claimed by an accepted attempt: (wall time, monotonic time, ok, cancelled).
         self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float, Optional[bool], bool]]] = {}
+        # internal_request_id -> (wall, monotonic) time of a send no routing
+        # chose (a broadcast), until its completion.
+        self._unrouted_sends: Dict[str, Tuple[float, float]] = {}
         # (attempt, ok, done time) appended by Ray's worker threads, drained on the loop.
         self._results_done: Deque[Tuple[_Attempt, bool, float]] = deque()
         self._drain_scheduled = False
@@ -343,6 +355,24 @@ class RouterTracer:
             self._drain_scheduled = True
             self._loop_or_bind().call_later(RESULTS_DRAIN_INTERVAL_S, self._drain_tick)
 
+    def on_reserved(self, pending_request: Any, replica_id: Any) -> None:
+        """DeploymentHandle.choose_replica(): the replica routed to holds a slot
+        for this request, and dispatch() sends it there without asking, so Ray
+        never calls on_request_routed for it: this is its routing."""
+        self.on_routed(pending_request, replica_id, None)
+
+    def on_unrouted_send(self, replica_id: Any, pending_request: Any) -> None:
+        """DeploymentHandle.broadcast() sent this request to the replica
+        without routing it: its completion is recorded, not as a rejection."""
+        self._ensure_configured()
+        internal_request_id = pending_request.metadata.internal_request_id
+        if is_sampled(internal_request_id, self.config.sample_rate):  # else on_completed counts it
+            sends = self._unrouted_sends
+            sends[internal_request_id] = (time.time(), time.monotonic())
+            if len(sends) > MAX_OPEN_ATTEMPTS:  # completions that never came
+                del sends[next(iter(sends))]
+                self.source.count_unqueued("untracked_completion")
+
     def _result_done_threadsafe(self, attempt: _Attempt, value: Any) -> None:
         # On a Ray core-worker thread: only note the outcome. Waking the loop
         # for it (call_soon_threadsafe) costs the process measurable
@@ -396,6 +426,11 @@ class RouterTracer:
                 attempt.done_ts, attempt.done_at, attempt.ok = ts, at, ok
                 self._close_attempt(attempt)
                 return
+            sent = self._unrouted_sends.pop(internal_request_id, None) if self._unrouted_sends else None
+            if sent is not None:
+                self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id,
+                            max(at - sent[1], 0.0) * 1000.0, ok, False, None))
+                return
             cancelled = isinstance(result, (TaskCancelledError, asyncio.CancelledError))
         else:
             self._drain_results()
@@ -431,7 +466,8 @@ class RouterTracer:
             unmatched = self._unmatched_completions.get(key)
             cutoff = time.monotonic() - REJECTION_GRACE_S
             while unmatched and unmatched[0][1] <= cutoff:
-                self._emit_rejection(key, unmatched.popleft()[0])
+                ts, _, ok, _ = unmatched.popleft()
+                self._emit_unclaimed(key, ts, ok)
             if unmatched:
                 self._settle_later(key)
             else:
@@ -456,9 +492,14 @@ class RouterTracer:
             (attempt.routed_ts, attempt.routed_seq),
         ))
 
-    def _emit_rejection(self, key: Tuple[Any, str], ts: float) -> None:
+    def _emit_unclaimed(self, key: Tuple[Any, str], ts: float, ok: Optional[bool]) -> None:
+        """A completion no accepted attempt claimed: a rejection, where the
+        replica could refuse; else a send Ray did not report as routed."""
         replica_id, internal_request_id = key
-        self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False, True, None))
+        if self._rejection_protocol and replica_id.unique_id not in self._cross_language:
+            self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False, True, None))
+        else:
+            self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, ok, False, None))
 
     def on_replicas(self, replicas: List[Any]) -> None:
         self._ensure_configured()
@@ -482,6 +523,7 @@ class RouterTracer:
                 "model_ids": sorted(replica.multiplexed_model_ids),
             })
         self._stats_seen = seen
+        self._cross_language = frozenset(r.replica_id.unique_id for r in replicas if r.is_cross_language)
         members.sort(key=lambda member: member["replica_id"])
         if members != self._membership:
             self._membership = members

@@ -105,3 +105,7 @@ class SlowApp:
         self.counter.count()
         await asyncio.sleep(0.05)
         return self.counter.replica_id.unique_id
+
+    async def replica_name(self) -> str:
+        """Not counted: what the broadcast test calls on every replica."""
+        return self.counter.replica_id.unique_id

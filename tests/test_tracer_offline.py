@@ -142,6 +142,35 @@ def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
     assert accepted["ok"] is True and accepted["routed_id"] is not None
 
 
+@pytest.mark.parametrize("sender", ["Ray Client", "Java replica"])
+def test_completions_of_sends_that_cannot_be_refused_are_not_rejections(tmp_path, monkeypatch, result_source, sender):
+    """Inside Ray Client, and to a Java replica, Ray sends without the
+    rejection protocol and calls no on_request_routed: an unclaimed
+    completion there is the request's own, not a refusal."""
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter,
+                             use_replica_queue_len_cache=sender != "Ray Client")
+        if sender == "Java replica":
+            for replica in router._replicas_list:
+                replica.is_cross_language = True
+            router.update_replicas(router._replicas_list)
+        pr = make_request()
+        replica = await router._choose_replica_for_request(pr)
+        FakeResult.sent(router, replica.replica_id, pr).finish("ok")
+        await wait_until(lambda: not router._routelens._unmatched_completions)  # one grace period later
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    completed = [e for e in events if e["type"] == "completed"]
+    assert len(completed) == 1 and completed[0]["rejected"] is False
+    assert completed[0]["ok"] is (True if result_source == "results from Ray" else None)
+
+
 def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_source):
     """A fast request can complete before Ray resumes to call on_request_routed:
     its completion is paired with it (not taken for a rejection), failure included."""
