@@ -55,15 +55,19 @@ RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in 
 # DeploymentHandle.choose_replica() reserves a slot on the replica it routed
 # to and dispatch() sends there, and broadcast() sends to every replica
 # without routing. The mixin learns of them from the hooks Ray calls on
-# those paths (on_new_queue_len_info after a reservation, on_send_request
-# after a broadcast send), by which of Ray's functions is the caller, and
-# reads the request from that caller's frame; Ray's usual sender, which
-# calls on_request_routed itself, is told apart by one comparison.
-_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
+# those paths (on_new_queue_len_info after a reservation and when an unused
+# one is released, on_send_request after a broadcast send), by which of
+# Ray's functions is the caller, and reads the request from that caller's
+# frame; Ray's usual sender, which calls on_request_routed itself, is told
+# apart by one comparison. Without these private functions (another Ray),
+# such completions are recorded as rejections.
+_ROUTE_AND_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
 _RESERVE = getattr(getattr(AsyncioRouter, "_pick_and_reserve_replica", None), "__code__", None)
+_RELEASE = getattr(getattr(AsyncioRouter, "_release_slot_and_refresh_cache", None), "__code__", None)
 _BROADCAST = getattr(getattr(AsyncioRouter, "broadcast", None), "__code__", None)
-UNROUTED_SENDS = (RESULTS_FROM_RAY and _SEND is not None
+UNROUTED_SENDS = (_ROUTE_AND_SEND is not None
                   and _RESERVE is not None and {"pr", "queue_info"} <= set(_RESERVE.co_varnames)
+                  and _RELEASE is not None and "selection" in _RELEASE.co_varnames
                   and _BROADCAST is not None and "replica_pr" in _BROADCAST.co_varnames)
 
 
@@ -142,30 +146,42 @@ class TracingMixin:
         return super().on_request_completed(replica_id, internal_request_id)
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
-        tracer = self._routelens
-        if tracer is not None and UNROUTED_SENDS:
-            caller = sys._getframe(1)
-            if caller.f_code is not _SEND:  # Ray's usual sender calls on_request_routed itself
-                try:
-                    reserving = _ray_frame(caller, _RESERVE)
-                    if reserving is not None and reserving.f_locals["queue_info"].accepted:
-                        tracer.on_reserved(reserving.f_locals["pr"], replica_id)
-                except Exception as exc:
-                    faults.record("recording a reservation", exc)
+        caller = self._routelens_unusual_caller()
+        if caller is not None:
+            try:
+                reserving, releasing = _ray_frame(caller, _RESERVE), _ray_frame(caller, _RELEASE)
+                if reserving is not None:
+                    found = reserving.f_locals
+                    if found["queue_info"].accepted:
+                        self._routelens.on_reserved(found["pr"], replica_id)
+                elif releasing is not None:
+                    selection = releasing.f_locals["selection"]
+                    if not selection._dispatched:
+                        self._routelens.on_reservation_unused(replica_id, selection._request_metadata)
+            except Exception as exc:
+                faults.record("recording a reservation", exc)
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
-        tracer = self._routelens
-        if tracer is not None and UNROUTED_SENDS:
-            caller = sys._getframe(1)
-            if caller.f_code is not _SEND:
-                try:
-                    broadcasting = _ray_frame(caller, _BROADCAST)
-                    if broadcasting is not None:
-                        tracer.on_unrouted_send(replica_id, broadcasting.f_locals["replica_pr"])
-                except Exception as exc:
-                    faults.record("recording a broadcast", exc)
+        caller = self._routelens_unusual_caller()
+        if caller is not None:
+            try:
+                broadcasting = _ray_frame(caller, _BROADCAST)
+                if broadcasting is not None:
+                    self._routelens.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
+            except Exception as exc:
+                faults.record("recording a broadcast", exc)
         return super().on_send_request(replica_id)
+
+    def _routelens_unusual_caller(self) -> Any:
+        """The frame that called the hook calling this, unless it is Ray's usual
+        sender (which calls on_request_routed itself) or the tracer cannot pair
+        such sends with their completions (it needs the results from Ray)."""
+        tracer = self._routelens
+        if tracer is None or not (UNROUTED_SENDS and tracer.results_from_ray):
+            return None
+        caller = sys._getframe(2)
+        return None if caller.f_code is _ROUTE_AND_SEND else caller
 
     def update_replicas(self, replicas: List[Any]):
         result = super().update_replicas(replicas)

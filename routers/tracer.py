@@ -140,8 +140,9 @@ class RouterTracer:
         # calls). Keyed by the id alone: a str hashes from its cache, a
         # (ReplicaID, id) tuple through ReplicaID's Python __hash__.
         self._open: Dict[str, List[_Attempt]] = {}
-        # Framework completions not yet claimed by an accepted attempt: (wall time, monotonic time, ok, cancelled).
-        self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float, Optional[bool], bool]]] = {}
+        # Framework completions not yet claimed by an accepted attempt: (wall time,
+        # monotonic time, ok, cancelled, whether the replica could have refused it).
+        self._unmatched_completions: Dict[Tuple[Any, str], Deque[Tuple[float, float, Optional[bool], bool, bool]]] = {}
         # internal_request_id -> (wall, monotonic) time of a send no routing
         # chose (a broadcast), until its completion.
         self._unrouted_sends: Dict[str, Tuple[float, float]] = {}
@@ -345,7 +346,7 @@ class RouterTracer:
             # is its own (it completed before Ray resumed to call this hook);
             # earlier ones are rejected attempts'. A cancelled result never is.
             if unmatched and handoff is not None and unmatched[-1][1] >= trace.handed_at and not unmatched[-1][3]:
-                attempt.done_ts, attempt.done_at, attempt.ok, _ = unmatched.pop()
+                attempt.done_ts, attempt.done_at, attempt.ok, _, _ = unmatched.pop()
                 if not unmatched:
                     del self._unmatched_completions[key]
                 self._close_attempt(attempt)
@@ -361,7 +362,15 @@ class RouterTracer:
         never calls on_request_routed for it: this is its routing."""
         self.on_routed(pending_request, replica_id, None)
 
-    def on_unrouted_send(self, replica_id: Any, pending_request: Any) -> None:
+    def on_reservation_unused(self, replica_id: Any, request_metadata: Any) -> None:
+        """choose_replica() was left without dispatch(): the request routed at
+        its reservation was never sent. Its attempt ends, unsuccessfully."""
+        attempt = self._open_attempt(replica_id, request_metadata.internal_request_id)
+        if attempt is not None:
+            attempt.done_ts, attempt.done_at, attempt.ok = time.time(), time.monotonic(), False
+            self._close_attempt(attempt)
+
+    def on_broadcast_send(self, pending_request: Any, replica_id: Any) -> None:
         """DeploymentHandle.broadcast() sent this request to the replica
         without routing it: its completion is recorded, not as a rejection."""
         self._ensure_configured()
@@ -443,7 +452,9 @@ class RouterTracer:
         # result has not come in yet (a fast request can finish before the
         # router resumes to call on_request_routed). Which, only time tells.
         key = (replica_id, internal_request_id)
-        self._unmatched_completions.setdefault(key, deque()).append((ts, at, ok, cancelled))
+        # Decided now: the replica may have left the membership by the time it is settled.
+        refusable = self._rejection_protocol and replica_id.unique_id not in self._cross_language
+        self._unmatched_completions.setdefault(key, deque()).append((ts, at, ok, cancelled, refusable))
         self._settle_later(key)
 
     def _open_attempt(self, replica_id: Any, internal_request_id: str) -> Optional[_Attempt]:
@@ -466,8 +477,8 @@ class RouterTracer:
             unmatched = self._unmatched_completions.get(key)
             cutoff = time.monotonic() - REJECTION_GRACE_S
             while unmatched and unmatched[0][1] <= cutoff:
-                ts, _, ok, _ = unmatched.popleft()
-                self._emit_unclaimed(key, ts, ok)
+                ts, _, ok, _, refusable = unmatched.popleft()
+                self._emit_unclaimed(key, ts, ok, refusable)
             if unmatched:
                 self._settle_later(key)
             else:
@@ -492,11 +503,11 @@ class RouterTracer:
             (attempt.routed_ts, attempt.routed_seq),
         ))
 
-    def _emit_unclaimed(self, key: Tuple[Any, str], ts: float, ok: Optional[bool]) -> None:
+    def _emit_unclaimed(self, key: Tuple[Any, str], ts: float, ok: Optional[bool], refusable: bool) -> None:
         """A completion no accepted attempt claimed: a rejection, where the
         replica could refuse; else a send Ray did not report as routed."""
         replica_id, internal_request_id = key
-        if self._rejection_protocol and replica_id.unique_id not in self._cross_language:
+        if refusable:
             self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False, True, None))
         else:
             self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, ok, False, None))

@@ -4,7 +4,8 @@ on_request_routed for them, and their completions are not rejections.
 - DeploymentHandle.choose_replica() + dispatch(): the router routes, the
   replica accepts a reservation, dispatch() sends there. Each request is
   routed (attributed to the decision that supplied the replica) and
-  completed; refused reservations are retried without a completion.
+  completed; refused reservations are retried without a completion, and an
+  unused one ends when Ray releases it.
 - DeploymentHandle.broadcast(): one send per replica, no routing. Each is
   recorded as completed, neither rejected nor routed.
 """
@@ -48,10 +49,30 @@ def test_choose_replica_and_dispatch_are_routed_and_completed(serve_instance, tm
         events = read_events(sink_dir, "SlowApp")
         figures = check_trace(events, n, serve_apps.read_counts(str(count_dir), "dispatch"))
         assert figures["rejections"] == 0  # a refused reservation sends nothing
-        decisions = sum(e["type"] == "decision" for e in events)
-        assert decisions >= n
+
+        # A reservation left unused: routed when the replica accepted it, and
+        # ended (not ok) when Ray releases it, so it is not in flight forever.
+        asyncio.run(reserve_without_dispatch())
+        seen = {e["id"] for e in events}
+
+        def new_events():
+            return [e for e in read_events(sink_dir, "SlowApp") if e["id"] not in seen]
+
+        wait_for(lambda: any(e["type"] == "completed" for e in new_events()), what="the unused reservation's end")
+        new = new_events()
+        routed = [e for e in new if e["type"] == "routed"]
+        completed = [e for e in new if e["type"] == "completed"]
+        assert len(routed) == 1 and len(completed) == 1, new
+        assert completed[0]["routed_id"] == routed[0]["id"]
+        assert completed[0]["ok"] is False and completed[0]["rejected"] is False
     finally:
         serve.delete("dispatch")
+
+
+async def reserve_without_dispatch():
+    handle = serve.get_deployment_handle("SlowApp", "dispatch")
+    async with handle.choose_replica():
+        pass
 
 
 def test_broadcast_sends_are_completed_not_rejected(serve_instance, tmp_path):
