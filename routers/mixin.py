@@ -53,19 +53,20 @@ RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in 
 
 # Sends that skip the rejection protocol never reach on_request_routed:
 # DeploymentHandle.choose_replica() reserves a slot on the replica it routed
-# to and dispatch() sends there, and broadcast() sends to every replica
-# without routing. The mixin learns of them from the hooks Ray calls on
-# those paths (on_new_queue_len_info after a reservation and when an unused
-# one is released, on_send_request after a broadcast send), by which of
-# Ray's functions is the caller, and reads the request from that caller's
-# frame; Ray's usual sender, which calls on_request_routed itself, is told
-# apart by one comparison. Without these private functions (another Ray),
-# such completions are recorded as rejections.
+# to and dispatch() sends there; broadcast() sends to every replica without
+# routing; inside Ray Client, and to Java replicas, Ray's usual sender sends
+# without asking. The mixin learns of them from the hooks Ray calls on those
+# paths (on_new_queue_len_info after a reservation and when an unused one is
+# released, on_send_request after every send), by which of Ray's functions
+# is the caller, and reads the request from that caller's frame; the common
+# case, Ray's usual sender with the rejection protocol, costs one comparison.
+# Without these private functions (another Ray), such completions are
+# recorded as rejections.
 _ROUTE_AND_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
 _RESERVE = getattr(getattr(AsyncioRouter, "_pick_and_reserve_replica", None), "__code__", None)
 _RELEASE = getattr(getattr(AsyncioRouter, "_release_slot_and_refresh_cache", None), "__code__", None)
 _BROADCAST = getattr(getattr(AsyncioRouter, "broadcast", None), "__code__", None)
-UNROUTED_SENDS = (_ROUTE_AND_SEND is not None
+UNROUTED_SENDS = (_ROUTE_AND_SEND is not None and {"pr", "result", "with_rejection"} <= set(_ROUTE_AND_SEND.co_varnames)
                   and _RESERVE is not None and {"pr", "queue_info"} <= set(_RESERVE.co_varnames)
                   and _RELEASE is not None and "selection" in _RELEASE.co_varnames
                   and _BROADCAST is not None and "replica_pr" in _BROADCAST.co_varnames)
@@ -146,8 +147,8 @@ class TracingMixin:
         return super().on_request_completed(replica_id, internal_request_id)
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
-        caller = self._routelens_unusual_caller()
-        if caller is not None:
+        caller = self._routelens_ray_caller()
+        if caller is not None and caller.f_code is not _ROUTE_AND_SEND:
             try:
                 reserving, releasing = _ray_frame(caller, _RESERVE), _ray_frame(caller, _RELEASE)
                 if reserving is not None:
@@ -163,25 +164,28 @@ class TracingMixin:
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
-        caller = self._routelens_unusual_caller()
-        if caller is not None:
+        caller = self._routelens_ray_caller()
+        if caller is not None and (caller.f_code is not _ROUTE_AND_SEND or self._routelens.sends_unasked):
             try:
-                broadcasting = _ray_frame(caller, _BROADCAST)
-                if broadcasting is not None:
+                sending, broadcasting = _ray_frame(caller, _ROUTE_AND_SEND), _ray_frame(caller, _BROADCAST)
+                if sending is not None:
+                    found = sending.f_locals
+                    if not found["with_rejection"]:  # so Ray will not call on_request_routed
+                        self._routelens.on_routed(found["pr"], replica_id, found["result"])
+                elif broadcasting is not None:
                     self._routelens.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
             except Exception as exc:
-                faults.record("recording a broadcast", exc)
+                faults.record("recording a send", exc)
         return super().on_send_request(replica_id)
 
-    def _routelens_unusual_caller(self) -> Any:
-        """The frame that called the hook calling this, unless it is Ray's usual
-        sender (which calls on_request_routed itself) or the tracer cannot pair
-        such sends with their completions (it needs the results from Ray)."""
+    def _routelens_ray_caller(self) -> Any:
+        """The frame that called the hook calling this, when the tracer records
+        sends that skip the rejection protocol: it pairs them with their
+        completions only with the results from Ray."""
         tracer = self._routelens
         if tracer is None or not (UNROUTED_SENDS and tracer.results_from_ray):
             return None
-        caller = sys._getframe(2)
-        return None if caller.f_code is _ROUTE_AND_SEND else caller
+        return sys._getframe(2)
 
     def update_replicas(self, replicas: List[Any]):
         result = super().update_replicas(replicas)

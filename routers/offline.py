@@ -10,10 +10,15 @@ replicas are stand-ins that answer the attributes routers read.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 from typing import Any, Dict, List, Optional, Set
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+from ray.exceptions import TaskCancelledError
+from ray.serve._private.common import (
+    DeploymentHandleSource, DeploymentID, ReplicaID, ReplicaQueueLengthInfo, RequestMetadata,
+)
 from ray.serve._private.router import AsyncioRouter
 from ray.serve.request_router import PendingRequest
 
@@ -34,6 +39,11 @@ class FakeReplica:
         self.routing_stats = routing_stats if routing_stats is not None else {}
         self.is_cross_language = False
         self.queue_len = queue_len
+        self.actor_id = None
+        self.refuses = False  # with the rejection protocol: whether it refuses what it is sent
+
+    def try_send_request(self, pr: PendingRequest, with_rejection: bool) -> "FakeResult":
+        return FakeResult(accepted=not (with_rejection and self.refuses), queue_len=self.queue_len)
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
         return self.queue_len
@@ -73,17 +83,46 @@ class _Metrics:
     def dec_num_running_requests_for_replica(self, replica_id: Any) -> None:
         pass
 
+    def inc_num_running_requests_for_replica(self, replica_id: Any) -> None:
+        pass
 
-class _RayRouter:
+    @contextlib.contextmanager
+    def wrap_queued_request(self, is_retry: bool, num_curr_replicas: int):
+        yield
+
+
+class RayRouter:
     """Ray's AsyncioRouter around a request router, reduced to what its
-    done-callback reads: the callback itself is Ray's own code."""
+    sending and done-callback code read: that code itself is Ray's own.
+
+        result = await RayRouter(router).send(make_request())
+
+    routes the request, sends it to a fake replica and calls the router's
+    hooks as Ray does (with the rejection protocol unless `strict` is False,
+    as inside Ray Client, or the replica is a Java one); `result.finish()`
+    then completes it through Ray's done-callback. Call it from inside a
+    running event loop.
+    """
 
     _process_finished_request = AsyncioRouter._process_finished_request
     _get_actor_died_error = AsyncioRouter._get_actor_died_error
+    _route_and_send_request_once = AsyncioRouter._route_and_send_request_once
+    _register_completion_callback = AsyncioRouter._register_completion_callback
+    _register_decrement_queue_len_cache_callback = AsyncioRouter._register_decrement_queue_len_cache_callback
 
-    def __init__(self, request_router: Any):
+    def __init__(self, request_router: Any, strict: bool = True):
         self.request_router = self._active_request_router = request_router
         self._metrics_manager = _Metrics()
+        self._enable_strict_max_ongoing_requests = strict
+        self._event_loop = None  # bound by send()
+
+    async def _resolve_args_with_metrics(self, pr: PendingRequest) -> None:
+        pass
+
+    async def send(self, pr: PendingRequest) -> Optional["FakeResult"]:
+        """One attempt, as Ray makes it: the result, or None if the replica refused."""
+        self._event_loop = asyncio.get_running_loop()
+        return await self._route_and_send_request_once(pr, "response", is_retry=False)
 
 
 class FakeResult:
@@ -96,14 +135,15 @@ class FakeResult:
 
     _UNSET = object()
 
-    def __init__(self):
+    def __init__(self, accepted: bool = True, queue_len: int = 0):
         self._callbacks = []
         self._value = self._UNSET
+        self._answer = ReplicaQueueLengthInfo(accepted=accepted, num_ongoing_requests=queue_len)
 
     @classmethod
     def sent(cls, router: Any, replica_id: ReplicaID, pending_request: PendingRequest) -> "FakeResult":
         result = cls()
-        ray_router = _RayRouter(router)
+        ray_router = RayRouter(router)
         internal_request_id = pending_request.metadata.internal_request_id
         result.add_done_callback(
             lambda value: ray_router._process_finished_request(replica_id, internal_request_id, None, value))
@@ -121,6 +161,13 @@ class FakeResult:
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(value)
+
+    async def get_rejection_response(self) -> ReplicaQueueLengthInfo:
+        return self._answer
+
+    def cancel(self) -> None:
+        if self._value is self._UNSET:
+            self.finish(TaskCancelledError())
 
 
 def make_request(model_id: str = "") -> PendingRequest:

@@ -24,10 +24,11 @@ one that comes first waits, and is claimed by the attempt routed next if it
 came after that attempt was handed its replica; one that no accepted attempt
 claims within REJECTION_GRACE_S is a rejection, where the replica could
 refuse it (not inside Ray Client, nor on a Java replica: there Ray sends
-without asking and never calls on_request_routed). Sends that bypass the
-usual path are recorded too: a request sent by DeploymentHandle.dispatch()
-is routed when its replica accepts the slot choose_replica() reserved, and
-a broadcast's sends are recorded only as completed. Whether the request succeeded
+without asking and never calls on_request_routed). Such sends are routed
+when Ray sends them; a request sent by DeploymentHandle.dispatch() is
+routed when its replica accepts the slot choose_replica() reserved, and a
+broadcast's sends are recorded only as completed (routers.mixin tells
+these paths apart). Whether the request succeeded
 comes from the result Ray's own done-callback completes (`results_from_ray`,
 see routers.mixin); where that cannot be read, the tracer watches each
 accepted attempt's result itself, which costs one more fetch of it.
@@ -101,6 +102,7 @@ class RouterTracer:
         # request without the rejection protocol, as it does to Java replicas.
         self._rejection_protocol = bool(init_kwargs.get("use_replica_queue_len_cache", False))
         self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
+        self.sends_unasked = not self._rejection_protocol  # whether Ray may send without the protocol
         self.results_from_ray = results_from_ray
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
@@ -535,6 +537,7 @@ class RouterTracer:
             })
         self._stats_seen = seen
         self._cross_language = frozenset(r.replica_id.unique_id for r in replicas if r.is_cross_language)
+        self.sends_unasked = not self._rejection_protocol or bool(self._cross_language)
         members.sort(key=lambda member: member["replica_id"])
         if members != self._membership:
             self._membership = members

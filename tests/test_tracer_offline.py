@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 
 import pytest
@@ -18,7 +18,7 @@ from routers import TracingMixin
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter, UniformRequestRouter
 from routers.exporter import Exporter
 from routers.faults import faults
-from routers.offline import FakeResult, make_request, make_router
+from routers.offline import FakeResult, RayRouter, make_request, make_router
 
 
 @pytest.fixture(autouse=True, params=["results from Ray", "own done-callbacks"])
@@ -142,14 +142,29 @@ def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
     assert accepted["ok"] is True and accepted["routed_id"] is not None
 
 
-@pytest.mark.parametrize("sender", ["Ray Client", "Java replica"])
-def test_completions_of_sends_that_cannot_be_refused_are_not_rejections(tmp_path, monkeypatch, result_source, sender):
-    """Inside Ray Client, and to a Java replica, Ray sends without the
-    rejection protocol and calls no on_request_routed: an unclaimed
-    completion there is the request's own, not a refusal."""
-    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+def sink_and_exporter(tmp_path):
+    """A JSON Lines sink, and an exporter writing to it every 0.1 s."""
     sink = str(tmp_path / "events.jsonl")
-    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+    return sink, Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+
+
+async def until_settled(tracer):
+    """Until the tracer holds no attempt or completion unrecorded. Ray's
+    done-callback reaches the loop through call_soon_threadsafe: let it."""
+    await asyncio.sleep(0.01)
+    await wait_until(lambda: not tracer._open and not tracer._unmatched_completions)
+
+
+@pytest.mark.parametrize("sender", ["usual", "Ray Client", "Java replica"])
+def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_source, sender):
+    """Ray's sender asks the replica first (the rejection protocol) and then
+    calls on_request_routed; inside Ray Client, and to a Java replica, it
+    sends without asking and calls no on_request_routed. Either way the
+    request is routed once, with exact attribution, and completed, never
+    rejected. (Without the results from Ray, the tracer cannot pair an
+    unasked send: it is recorded only as completed.)"""
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    sink, exporter = sink_and_exporter(tmp_path)
 
     async def main():
         router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter,
@@ -158,17 +173,64 @@ def test_completions_of_sends_that_cannot_be_refused_are_not_rejections(tmp_path
             for replica in router._replicas_list:
                 replica.is_cross_language = True
             router.update_replicas(router._replicas_list)
-        pr = make_request()
-        replica = await router._choose_replica_for_request(pr)
-        FakeResult.sent(router, replica.replica_id, pr).finish("ok")
-        await wait_until(lambda: not router._routelens._unmatched_completions)  # one grace period later
+        result = await RayRouter(router, strict=sender != "Ray Client").send(make_request())
+        result.finish("ok")
+        await until_settled(router._routelens)
 
     asyncio.run(main())
     assert exporter.flush(10)
     events, _ = exported_events(sink)
+    routed = [e for e in events if e["type"] == "routed"]
     completed = [e for e in events if e["type"] == "completed"]
     assert len(completed) == 1 and completed[0]["rejected"] is False
-    assert completed[0]["ok"] is (True if result_source == "results from Ray" else None)
+    if sender == "usual" or result_source == "results from Ray":
+        assert len(routed) == 1 and routed[0]["attribution"] == "exact" and routed[0]["rank"] == 0
+        assert completed[0]["routed_id"] == routed[0]["id"] and completed[0]["ok"] is True
+    else:
+        assert routed == [] and completed[0]["ok"] is None
+
+
+def test_each_send_is_routed_once_beside_a_java_replica(tmp_path, monkeypatch, result_source):
+    """With one Java replica in the deployment the tracer watches every send
+    for ones made without asking; those made with it stay Ray's to report."""
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    sink, exporter = sink_and_exporter(tmp_path)
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        router._replicas_list[1].is_cross_language = True
+        router.update_replicas(router._replicas_list)
+        ray_router = RayRouter(router)
+        for _ in range(20):
+            (await ray_router.send(make_request())).finish("ok")
+        await until_settled(router._routelens)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    routed = Counter(e["replica_id"] for e in events if e["type"] == "routed")
+    completed = Counter(e["replica_id"] for e in events if e["type"] == "completed")
+    python_replica, java_replica = "replica000", "replica001"
+    assert completed[python_replica] + completed[java_replica] == 20
+    assert routed[python_replica] == completed[python_replica] > 0
+    assert routed[java_replica] == (completed[java_replica] if result_source == "results from Ray" else 0)
+
+
+def test_a_refusal_through_rays_own_sending_code_is_a_rejection(tmp_path, monkeypatch):
+    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    sink, exporter = sink_and_exporter(tmp_path)
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 1, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        router._replicas_list[0].refuses = True
+        assert await RayRouter(router).send(make_request()) is None  # Ray cancels the refused attempt
+        await until_settled(router._routelens)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    assert [e["type"] for e in events if e["type"] in ("routed", "completed")] == ["completed"]
+    assert [e["rejected"] for e in events if e["type"] == "completed"] == [True]
 
 
 def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_source):
