@@ -59,7 +59,8 @@ RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in 
 # paths (on_new_queue_len_info after a reservation and when an unused one is
 # released, on_send_request after every send), by which of Ray's functions
 # is the caller, and reads the request from that caller's frame; the common
-# case, Ray's usual sender with the rejection protocol, costs one comparison.
+# case, Ray's usual sender with the rejection protocol, costs a call and one
+# comparison.
 # Without these private functions (another Ray), such completions are
 # recorded as rejections.
 _ROUTE_AND_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
@@ -73,8 +74,9 @@ UNROUTED_SENDS = (_ROUTE_AND_SEND is not None and {"pr", "result", "with_rejecti
 
 
 def _ray_frame(frame: Any, code: Any) -> Any:
-    """The frame running Ray's function `code` among the callers above a hook
-    (a subclass's override may sit between), else None."""
+    """The frame running Ray's function `code` among the callers above a hook,
+    else None. Three frames: subclasses' overrides of the hook (one or two)
+    may sit between Ray and the mixin."""
     for _ in range(3):
         if frame is None or frame.f_code is code:
             return frame
@@ -152,9 +154,9 @@ class TracingMixin:
             try:
                 reserving, releasing = _ray_frame(caller, _RESERVE), _ray_frame(caller, _RELEASE)
                 if reserving is not None:
-                    found = reserving.f_locals
-                    if found["queue_info"].accepted:
-                        self._routelens.on_reserved(found["pr"], replica_id)
+                    ray_locals = reserving.f_locals
+                    if ray_locals["queue_info"].accepted:
+                        self._routelens.on_reserved(ray_locals["pr"], replica_id)
                 elif releasing is not None:
                     selection = releasing.f_locals["selection"]
                     if not selection._dispatched:
@@ -168,10 +170,10 @@ class TracingMixin:
         if caller is not None and (caller.f_code is not _ROUTE_AND_SEND or self._routelens.sends_unasked):
             try:
                 sending, broadcasting = _ray_frame(caller, _ROUTE_AND_SEND), _ray_frame(caller, _BROADCAST)
-                if sending is not None:
-                    found = sending.f_locals
-                    if not found["with_rejection"]:  # so Ray will not call on_request_routed
-                        self._routelens.on_routed(found["pr"], replica_id, found["result"])
+                if sending is not None and self._routelens.sends_unasked_to(replica_id):
+                    ray_locals = sending.f_locals
+                    if not ray_locals["with_rejection"]:  # so Ray will not call on_request_routed
+                        self._routelens.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
                 elif broadcasting is not None:
                     self._routelens.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
             except Exception as exc:
@@ -179,9 +181,10 @@ class TracingMixin:
         return super().on_send_request(replica_id)
 
     def _routelens_ray_caller(self) -> Any:
-        """The frame that called the hook calling this, when the tracer records
-        sends that skip the rejection protocol: it pairs them with their
-        completions only with the results from Ray."""
+        """The frame of whoever called the hook that calls this (Ray, or a
+        subclass's override); None when the tracer does not record sends
+        that skip the rejection protocol, since it can pair them with their
+        completions only when it reads the results from Ray."""
         tracer = self._routelens
         if tracer is None or not (UNROUTED_SENDS and tracer.results_from_ray):
             return None

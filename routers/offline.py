@@ -98,10 +98,11 @@ class RayRouter:
         result = await RayRouter(router).send(make_request())
 
     routes the request, sends it to a fake replica and calls the router's
-    hooks as Ray does (with the rejection protocol unless `strict` is False,
-    as inside Ray Client, or the replica is a Java one); `result.finish()`
-    then completes it through Ray's done-callback. Call it from inside a
-    running event loop.
+    hooks as Ray does (with the rejection protocol if the router uses the
+    queue-length cache, as it does but inside Ray Client, and the replica is
+    not a Java one); `result.finish()` then completes it through Ray's
+    done-callback, which reaches the loop as in Ray, but from the loop's own
+    thread rather than a worker's. Call it from inside a running event loop.
     """
 
     _process_finished_request = AsyncioRouter._process_finished_request
@@ -110,10 +111,11 @@ class RayRouter:
     _register_completion_callback = AsyncioRouter._register_completion_callback
     _register_decrement_queue_len_cache_callback = AsyncioRouter._register_decrement_queue_len_cache_callback
 
-    def __init__(self, request_router: Any, strict: bool = True):
+    def __init__(self, request_router: Any):
         self.request_router = self._active_request_router = request_router
         self._metrics_manager = _Metrics()
-        self._enable_strict_max_ongoing_requests = strict
+        # One flag in Ray: the router's queue-length cache is on exactly when sends ask first.
+        self._enable_strict_max_ongoing_requests = request_router._use_replica_queue_len_cache
         self._event_loop = None  # bound by send()
 
     async def _resolve_args_with_metrics(self, pr: PendingRequest) -> None:

@@ -102,7 +102,7 @@ class RouterTracer:
         # request without the rejection protocol, as it does to Java replicas.
         self._rejection_protocol = bool(init_kwargs.get("use_replica_queue_len_cache", False))
         self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
-        self.sends_unasked = not self._rejection_protocol  # whether Ray may send without the protocol
+        self.sends_unasked = not self._rejection_protocol  # whether Ray may send without the protocol (cheap test)
         self.results_from_ray = results_from_ray
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
@@ -366,11 +366,20 @@ class RouterTracer:
 
     def on_reservation_unused(self, replica_id: Any, request_metadata: Any) -> None:
         """choose_replica() was left without dispatch(): the request routed at
-        its reservation was never sent. Its attempt ends, unsuccessfully."""
-        attempt = self._open_attempt(replica_id, request_metadata.internal_request_id)
-        if attempt is not None:
-            attempt.done_ts, attempt.done_at, attempt.ok = time.time(), time.monotonic(), False
-            self._close_attempt(attempt)
+        its reservation was never sent. Its attempt ends with neither an
+        outcome nor a latency. Matched by the request's own metadata: nested
+        calls share an internal_request_id, and may hold two slots on one
+        replica. (If Ray cannot release the slot, say the replica died, it
+        calls no hook, and the attempt stays open until forgotten.)"""
+        for attempt in self._open.get(request_metadata.internal_request_id, ()):
+            if attempt.trace.metadata is request_metadata and attempt.replica_id == replica_id:
+                attempt.done_ts, attempt.ok = time.time(), None  # done_at stays None: no latency
+                self._close_attempt(attempt)
+                return
+
+    def sends_unasked_to(self, replica_id: Any) -> bool:
+        """Whether Ray sends to this replica without the rejection protocol."""
+        return not self._rejection_protocol or replica_id.unique_id in self._cross_language
 
     def on_broadcast_send(self, pending_request: Any, replica_id: Any) -> None:
         """DeploymentHandle.broadcast() sent this request to the replica
@@ -501,7 +510,8 @@ class RouterTracer:
         # The latency is not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         self._submit((
             self.source, COMPLETED, attempt.done_ts, next_seq(), internal_request_id, attempt.replica_id,
-            max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0, attempt.ok, False,
+            None if attempt.done_at is None else max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0,
+            attempt.ok, False,
             (attempt.routed_ts, attempt.routed_seq),
         ))
 

@@ -153,6 +153,7 @@ async def until_settled(tracer):
     done-callback reaches the loop through call_soon_threadsafe: let it."""
     await asyncio.sleep(0.01)
     await wait_until(lambda: not tracer._open and not tracer._unmatched_completions)
+    assert not tracer._open and not tracer._unmatched_completions, "the tracer did not settle"
 
 
 @pytest.mark.parametrize("sender", ["usual", "Ray Client", "Java replica"])
@@ -173,7 +174,7 @@ def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_so
             for replica in router._replicas_list:
                 replica.is_cross_language = True
             router.update_replicas(router._replicas_list)
-        result = await RayRouter(router, strict=sender != "Ray Client").send(make_request())
+        result = await RayRouter(router).send(make_request())
         result.finish("ok")
         await until_settled(router._routelens)
 
@@ -214,6 +215,34 @@ def test_each_send_is_routed_once_beside_a_java_replica(tmp_path, monkeypatch, r
     assert completed[python_replica] + completed[java_replica] == 20
     assert routed[python_replica] == completed[python_replica] > 0
     assert routed[java_replica] == (completed[java_replica] if result_source == "results from Ray" else 0)
+
+
+@pytest.mark.parametrize("result_source", ["results from Ray"], indirect=True)  # reservations need them
+def test_an_unused_reservation_ends_its_own_attempt(tmp_path, result_source):
+    """Nested calls share an internal_request_id: two reservations of one
+    request on one replica, one dispatched and one left unused. The unused
+    one ends without outcome or latency; the dispatched one keeps its own."""
+    sink, exporter = sink_and_exporter(tmp_path)
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 1, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        replica_id = router._replicas_list[0].replica_id
+        dispatched, unused = make_request(), make_request()
+        unused.metadata.internal_request_id = dispatched.metadata.internal_request_id
+        tracer = router._routelens
+        tracer.on_reserved(dispatched, replica_id)
+        tracer.on_reserved(unused, replica_id)
+        tracer.on_reservation_unused(replica_id, unused.metadata)
+        FakeResult.sent(router, replica_id, dispatched).finish("ok")
+        await until_settled(tracer)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    routed = {e["request_id"]: e["id"] for e in events if e["type"] == "routed"}
+    outcome = {c["routed_id"]: (c["ok"], c["latency_ms"] is None) for c in events if c["type"] == "completed"}
+    dispatched_id, unused_id = sorted(routed, key=lambda r: int(r.split("-")[1]))
+    assert outcome == {routed[dispatched_id]: (True, False), routed[unused_id]: (None, True)}
 
 
 def test_a_refusal_through_rays_own_sending_code_is_a_rejection(tmp_path, monkeypatch):
