@@ -464,7 +464,7 @@ class RouterTracer:
         # router resumes to call on_request_routed). Which, only time tells.
         key = (replica_id, internal_request_id)
         # Decided now: the replica may have left the membership by the time it is settled.
-        refusable = self._rejection_protocol and replica_id.unique_id not in self._cross_language
+        refusable = not self.sends_unasked_to(replica_id)
         self._unmatched_completions.setdefault(key, deque()).append((ts, at, ok, cancelled, refusable))
         self._settle_later(key)
 
