@@ -8,93 +8,95 @@ on_request_routed for them, and their completions are not rejections.
   unused one ends when Ray releases it.
 - DeploymentHandle.broadcast(): one send per replica, no routing. Each is
   recorded as completed, neither rejected nor routed.
+
+One deployment serves the three phases, each checked on the events it adds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from tests import serve_apps
-from tests.test_serve_routers import deploy
 from tests.trace_checks import check_trace, read_events, wait_for
 
 pytestmark = pytest.mark.ray
 
+APP = "unrouted"
 
-def test_choose_replica_and_dispatch_are_routed_and_completed(serve_instance, tmp_path):
+
+def test_dispatched_unused_and_broadcast_sends(serve_instance, tmp_path):
     sink_dir, count_dir = str(tmp_path / "sink"), tmp_path / "counts"
     count_dir.mkdir()
-    deploy(serve_apps.SlowApp, "dispatch", TracedPowerOfTwoChoicesRequestRouter, sink_dir, str(count_dir),
-           num_replicas=2)
-    n, concurrency = 40, 8  # twice the 4 slots of the two replicas: reservations may be refused
+    config = RequestRouterConfig(
+        request_router_class=TracedPowerOfTwoChoicesRequestRouter,
+        request_router_kwargs={"jsonl_path": os.path.join(sink_dir, "events-{pid}.jsonl"), "flush_interval_s": 0.2},
+    )
+    handle = serve.run(serve_apps.SlowApp.options(request_router_config=config, num_replicas=2).bind(str(count_dir)),
+                       name=APP, route_prefix=f"/{APP}")
+    seen = set()
 
-    async def send_all():
-        handle = serve.get_deployment_handle("SlowApp", "dispatch")
+    def new_events():
+        return [e for e in read_events(sink_dir, "SlowApp") if e["id"] not in seen]
 
-        async def one():
-            async with handle.choose_replica() as selection:
-                return await handle.dispatch(selection)
-
-        for _ in range(0, n, concurrency):
-            await asyncio.gather(*(one() for _ in range(concurrency)))
+    def wait_for_completions(n, what):
+        wait_for(lambda: sum(e["type"] == "completed" for e in new_events()) >= n, what=what)
+        events = new_events()
+        seen.update(e["id"] for e in events)
+        return events
 
     try:
-        asyncio.run(send_all())
-        wait_for(lambda: sum(e["type"] == "completed" for e in read_events(sink_dir, "SlowApp")) >= n,
-                 what=f"{n} completions")
-        events = read_events(sink_dir, "SlowApp")
-        figures = check_trace(events, n, serve_apps.read_counts(str(count_dir), "dispatch"))
+        # Dispatched: twice as many at once as the two replicas' 4 slots, so reservations may be refused.
+        n, concurrency = 40, 8
+        asyncio.run(dispatch_all(n, concurrency))
+        events = wait_for_completions(n, f"{n} completions")
+        figures = check_trace(events, n, serve_apps.read_counts(str(count_dir), APP))
         assert figures["rejections"] == 0  # a refused reservation sends nothing
 
-        # A reservation left unused: routed when the replica accepted it, and
-        # ended (no outcome, no latency) when Ray releases it, so it is not in
-        # flight forever.
+        # A reservation left unused: routed when the replica accepted it, and ended
+        # (no outcome, no latency) when Ray releases it, so it is not in flight forever.
         asyncio.run(reserve_without_dispatch())
-        seen = {e["id"] for e in events}
-
-        def new_events():
-            return [e for e in read_events(sink_dir, "SlowApp") if e["id"] not in seen]
-
-        wait_for(lambda: any(e["type"] == "completed" for e in new_events()), what="the unused reservation's end")
-        new = new_events()
-        routed = [e for e in new if e["type"] == "routed"]
-        completed = [e for e in new if e["type"] == "completed"]
-        assert len(routed) == 1 and len(completed) == 1, new
+        events = wait_for_completions(1, "the unused reservation's end")
+        routed = [e for e in events if e["type"] == "routed"]
+        completed = [e for e in events if e["type"] == "completed"]
+        assert len(routed) == 1 and len(completed) == 1, events
         assert completed[0]["routed_id"] == routed[0]["id"]
         assert completed[0]["ok"] is None and completed[0]["latency_ms"] is None and completed[0]["rejected"] is False
-    finally:
-        serve.delete("dispatch")
 
-
-async def reserve_without_dispatch():
-    handle = serve.get_deployment_handle("SlowApp", "dispatch")
-    async with handle.choose_replica():
-        pass
-
-
-def test_broadcast_sends_are_completed_not_rejected(serve_instance, tmp_path):
-    sink_dir, count_dir = str(tmp_path / "sink"), tmp_path / "counts"
-    count_dir.mkdir()
-    handle = deploy(serve_apps.SlowApp, "broadcast", TracedPowerOfTwoChoicesRequestRouter, sink_dir,
-                    str(count_dir), num_replicas=3)
-    calls = 3
-    try:
+        # Broadcast: every replica, no routing.
+        calls = 3
         names = [handle.broadcast("replica_name").results() for _ in range(calls)]
         replicas = set(names[0])
-        assert len(replicas) == 3 and all(set(n) == replicas for n in names)
-        wait_for(lambda: sum(e["type"] == "completed" for e in read_events(sink_dir, "SlowApp")) >= 3 * calls,
-                 what="the broadcast's completions")
-        events = read_events(sink_dir, "SlowApp")
+        assert len(replicas) == 2 and all(set(n) == replicas for n in names)
+        events = wait_for_completions(2 * calls, "the broadcasts' completions")
         completed = [e for e in events if e["type"] == "completed"]
-        assert len(completed) == 3 * calls
+        assert len(completed) == 2 * calls
         assert all(c["rejected"] is False and c["routed_id"] is None and c["ok"] is True and c["latency_ms"] >= 0
                    for c in completed), completed
         assert {c["replica_id"] for c in completed} == replicas
-        assert len({c["internal_request_id"] for c in completed}) == 3 * calls  # one id per replica per call
+        assert len({c["internal_request_id"] for c in completed}) == 2 * calls  # one id per replica per call
         assert not [e for e in events if e["type"] in ("routed", "decision")]
     finally:
-        serve.delete("broadcast")
+        serve.delete(APP)
+
+
+async def dispatch_all(n, concurrency):
+    handle = serve.get_deployment_handle("SlowApp", APP)
+
+    async def one():
+        async with handle.choose_replica() as selection:
+            return await handle.dispatch(selection)
+
+    for _ in range(0, n, concurrency):
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+
+
+async def reserve_without_dispatch():
+    handle = serve.get_deployment_handle("SlowApp", APP)
+    async with handle.choose_replica():
+        pass
