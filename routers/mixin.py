@@ -152,12 +152,12 @@ class TracingMixin:
         caller = self._routelens_ray_caller()
         if caller is not None and caller.f_code is not _ROUTE_AND_SEND:
             try:
-                reserving, releasing = _ray_frame(caller, _RESERVE), _ray_frame(caller, _RELEASE)
+                reserving = _ray_frame(caller, _RESERVE)
                 if reserving is not None:
                     ray_locals = reserving.f_locals
                     if ray_locals["queue_info"].accepted:
                         self._routelens.on_reserved(ray_locals["pr"], replica_id)
-                elif releasing is not None:
+                elif (releasing := _ray_frame(caller, _RELEASE)) is not None:
                     selection = releasing.f_locals["selection"]
                     if not selection._dispatched:
                         self._routelens.on_reservation_unused(replica_id, selection._request_metadata)
@@ -169,12 +169,13 @@ class TracingMixin:
         caller = self._routelens_ray_caller()
         if caller is not None and (caller.f_code is not _ROUTE_AND_SEND or self._routelens.sends_unasked):
             try:
-                sending, broadcasting = _ray_frame(caller, _ROUTE_AND_SEND), _ray_frame(caller, _BROADCAST)
-                if sending is not None and self._routelens.sends_unasked_to(replica_id):
-                    ray_locals = sending.f_locals
-                    if not ray_locals["with_rejection"]:  # so Ray will not call on_request_routed
-                        self._routelens.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
-                elif broadcasting is not None:
+                sending = _ray_frame(caller, _ROUTE_AND_SEND)
+                if sending is not None:
+                    if self._routelens.sends_unasked_to(replica_id):
+                        ray_locals = sending.f_locals
+                        if not ray_locals["with_rejection"]:  # so Ray will not call on_request_routed
+                            self._routelens.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
+                elif (broadcasting := _ray_frame(caller, _BROADCAST)) is not None:
                     self._routelens.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
             except Exception as exc:
                 faults.record("recording a send", exc)

@@ -519,10 +519,8 @@ class RouterTracer:
         """A completion no accepted attempt claimed: a rejection, where the
         replica could refuse; else a send Ray did not report as routed."""
         replica_id, internal_request_id = key
-        if refusable:
-            self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False, True, None))
-        else:
-            self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, ok, False, None))
+        self._emit((COMPLETED, ts, next_seq(), internal_request_id, replica_id, None, False if refusable else ok,
+                    refusable, None))
 
     def on_replicas(self, replicas: List[Any]) -> None:
         self._ensure_configured()
