@@ -5,10 +5,11 @@ the same run (the machines are shared and noisy: only the ratios mean much).
    replicas, plain and traced, calls interleaved; the median added cost of
    a `choose_replicas` call (target <= 2 us), and of a whole request's hooks
    (decision + routed + completed), for information. The median over a few
-   rounds of each round's median difference. Then each hook's added cost
-   with the CPU caches evicted before it, as Ray's own work evicts them in
-   a driver: which hooks cost what there, in seconds rather than the
-   minutes of part 2.
+   rounds of each round's median difference. Then a whole request's added
+   cost through Ray's own sending and done-callback code, with the CPU
+   caches evicted before its routing and its completion, as Ray's own work
+   evicts them in a driver: close to what part 2 reads from the router
+   loop's CPU clock, in seconds rather than minutes.
 2. End to end on Ray Serve: in each round, 2,000 requests through a handle
    to a deployment routed by the plain pow-2 router and 2,000 to one routed
    by the traced one, in chunks of 100 that alternate between the two; the
@@ -38,7 +39,7 @@ from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequ
 from routers.config import TracerConfig
 from routers.examples import TracedPowerOfTwoChoicesRequestRouter
 from routers.exporter import Exporter
-from routers.offline import FakeResult, make_request, make_router
+from routers.offline import FakeResult, RayRouter, make_request, make_router
 
 
 async def hot_path(calls: int, rounds: int):
@@ -94,50 +95,45 @@ async def hot_path(calls: int, rounds: int):
     return added, export_s / exported * 1e6
 
 
-async def cold_hooks(requests: int) -> Dict[str, float]:
-    """The median added cost of each hook of a request (decision, routed,
-    completed), traced minus plain, with the CPU caches evicted before each
-    hook as Ray's own work evicts them in a driver (~0.5 ms of it between a
-    request's hooks): warm, the hooks cost a few microseconds; in a Ray
-    driver, several times that (see CacheEvictor). Timed by the thread's
-    CPU clock."""
+async def cold_request(requests: int) -> Dict[str, float]:
+    """The median added cost of a request's two halves, traced minus plain,
+    with the CPU caches evicted before each, as Ray's own work evicts them in
+    a driver (~0.5 ms of it between a request's hooks): warm, the hooks cost
+    a few microseconds; in a Ray driver, several times that (see
+    CacheEvictor). Each request goes through Ray's own sending and
+    done-callback code (routers.offline.RayRouter), so every hook Ray calls
+    is counted: routing (choose_replicas, the FIFO fulfilment, the send and
+    queue-length hooks, on_request_routed) and completion (Ray's callback,
+    on_request_completed). Timed by the thread's CPU clock."""
     sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events.jsonl")
     config = TracerConfig(jsonl_path=sink, flush_interval_s=3600, batch_max_events=10**9, queue_max_events=10**9)
     exporter = Exporter(config)
-    routers = {  # two replicas, as the end-to-end deployment has
-        "plain": make_router(PowerOfTwoChoicesRequestRouter, 2),
-        "traced": make_router(TracedPowerOfTwoChoicesRequestRouter, 2, router_kwargs={"jsonl_path": sink},
-                              exporter=exporter),
+    senders = {  # two replicas, as the end-to-end deployment has
+        "plain": RayRouter(make_router(PowerOfTwoChoicesRequestRouter, 2)),
+        "traced": RayRouter(make_router(TracedPowerOfTwoChoicesRequestRouter, 2, router_kwargs={"jsonl_path": sink},
+                                        exporter=exporter)),
     }
     evict = CacheEvictor()
     clock = time.thread_time_ns
-    times = {(label, hook): [] for label in routers for hook in ("decision", "routed", "completed")}
+    times = {(label, half): [] for label in senders for half in ("routing", "completion")}
     for call in range(requests):
         for label in (("plain", "traced") if call % 2 == 0 else ("traced", "plain")):
-            router = routers[label]
-            pr = make_request()
             evict()
             t0 = clock()
-            ranks = await router.choose_replicas(router._replicas_list, pr)
+            result = await senders[label].send(make_request())
             t1 = clock()
-            replica_id = ranks[0][0].replica_id
-            result = FakeResult.sent(router, replica_id, pr)
             evict()
             t2 = clock()
-            router.on_request_routed(pr, replica_id, result)
+            result.finish(None)
+            await asyncio.sleep(0)  # Ray's done-callback reaches the loop: on_request_completed
             t3 = clock()
-            evict()
-            t4 = clock()
-            result.finish(None)  # Ray's done-callback: on_request_completed
-            t5 = clock()
-            times[label, "decision"].append(t1 - t0)
-            times[label, "routed"].append(t3 - t2)
-            times[label, "completed"].append(t5 - t4)
+            times[label, "routing"].append(t1 - t0)
+            times[label, "completion"].append(t3 - t2)
         if call % 500 == 0:
             exporter._queue.clear()  # the exporter's work is not what this measures
     exporter.close()
-    return {hook: (statistics.median(times["traced", hook]) - statistics.median(times["plain", hook])) / 1000
-            for hook in ("decision", "routed", "completed")}
+    return {half: (statistics.median(times["traced", half]) - statistics.median(times["plain", half])) / 1000
+            for half in ("routing", "completion")}
 
 
 class CacheEvictor:
@@ -295,10 +291,10 @@ def main() -> None:
           f" to {max(added['choose']):.2f})  (target <= 2.00) {'OK' if choose <= 2.0 else 'MISSED'}")
     print(f"  whole request (decision + routed + completed hooks)  added {statistics.median(added['cycle']):.2f} us")
     print(f"  exporter thread, off the router loop: {export_us:.1f} us per event (encode, JSON, write)")
-    cold = asyncio.run(cold_hooks(args.cold_requests))
-    print(f"  with the CPU caches evicted before each hook, as in a Ray driver ({args.cold_requests} requests,"
-          f" 2 replicas): added {sum(cold.values()):.1f} us per request ("
-          + ", ".join(f"{hook} {us:.1f}" for hook, us in cold.items()) + ")")
+    cold = asyncio.run(cold_request(args.cold_requests))
+    print(f"  through Ray's own sending and done-callback code, with the CPU caches evicted before each half,"
+          f" as in a Ray driver ({args.cold_requests} requests, 2 replicas): added {sum(cold.values()):.1f} us"
+          " per request (" + ", ".join(f"{half} {us:.1f}" for half, us in cold.items()) + ")")
     if args.skip_serve:
         return
     rps, ratios, exporting_s, cpu_us = end_to_end(args.requests, args.rounds)
