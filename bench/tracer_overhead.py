@@ -32,7 +32,7 @@ import statistics
 import tempfile
 import threading
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
@@ -95,8 +95,9 @@ async def hot_path(calls: int, rounds: int):
     return added, export_s / exported * 1e6
 
 
-async def cold_request(requests: int) -> Dict[str, float]:
-    """The median added cost of a request's two halves, traced minus plain,
+async def cold_request(requests: int, traced: Optional[Dict[str, type]] = None) -> Dict[str, Dict[str, float]]:
+    """Per traced router class (default: the traced pow-2 router), the
+    median added cost of a request's two halves over the plain pow-2 router,
     with the CPU caches evicted before each, as Ray's own work evicts them in
     a driver (~0.5 ms of it between a request's hooks): warm, the hooks cost
     a few microseconds; in a Ray driver, several times that (see
@@ -104,20 +105,22 @@ async def cold_request(requests: int) -> Dict[str, float]:
     done-callback code (routers.offline.RayRouter), so every hook Ray calls
     is counted: routing (choose_replicas, the FIFO fulfilment, the send and
     queue-length hooks, on_request_routed) and completion (Ray's callback,
-    on_request_completed). Timed by the thread's CPU clock."""
+    on_request_completed). The routers take turns request by request, the
+    first of each turn rotating. Timed by the thread's CPU clock."""
+    traced = traced or {"traced": TracedPowerOfTwoChoicesRequestRouter}
     sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events.jsonl")
     config = TracerConfig(jsonl_path=sink, flush_interval_s=3600, batch_max_events=10**9, queue_max_events=10**9)
     exporter = Exporter(config)
-    senders = {  # two replicas, as the end-to-end deployment has
-        "plain": RayRouter(make_router(PowerOfTwoChoicesRequestRouter, 2)),
-        "traced": RayRouter(make_router(TracedPowerOfTwoChoicesRequestRouter, 2, router_kwargs={"jsonl_path": sink},
-                                        exporter=exporter)),
-    }
+    senders = {"plain": RayRouter(make_router(PowerOfTwoChoicesRequestRouter, 2))}  # two replicas, as end to end
+    for label, router_class in traced.items():
+        senders[label] = RayRouter(make_router(router_class, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter))
+    labels = list(senders)
     evict = CacheEvictor()
     clock = time.thread_time_ns
     times = {(label, half): [] for label in senders for half in ("routing", "completion")}
     for call in range(requests):
-        for label in (("plain", "traced") if call % 2 == 0 else ("traced", "plain")):
+        first = call % len(labels)
+        for label in labels[first:] + labels[:first]:
             evict()
             t0 = clock()
             result = await senders[label].send(make_request())
@@ -132,8 +135,9 @@ async def cold_request(requests: int) -> Dict[str, float]:
         if call % 500 == 0:
             exporter._queue.clear()  # the exporter's work is not what this measures
     exporter.close()
-    return {half: (statistics.median(times["traced", half]) - statistics.median(times["plain", half])) / 1000
-            for half in ("routing", "completion")}
+    return {label: {half: (statistics.median(times[label, half]) - statistics.median(times["plain", half])) / 1000
+                    for half in ("routing", "completion")}
+            for label in traced}
 
 
 class CacheEvictor:
@@ -291,7 +295,7 @@ def main() -> None:
           f" to {max(added['choose']):.2f})  (target <= 2.00) {'OK' if choose <= 2.0 else 'MISSED'}")
     print(f"  whole request (decision + routed + completed hooks)  added {statistics.median(added['cycle']):.2f} us")
     print(f"  exporter thread, off the router loop: {export_us:.1f} us per event (encode, JSON, write)")
-    cold = asyncio.run(cold_request(args.cold_requests))
+    cold = asyncio.run(cold_request(args.cold_requests))["traced"]
     print(f"  through Ray's own sending and done-callback code, with the CPU caches evicted before each half,"
           f" as in a Ray driver ({args.cold_requests} requests, 2 replicas): added {sum(cold.values()):.1f} us"
           " per request (" + ", ".join(f"{half} {us:.1f}" for half, us in cold.items()) + ")")
