@@ -84,14 +84,11 @@ def _ray_frame(frame: Any, code: Any) -> Any:
     return None
 
 
-def _ray_result(frame: Any) -> Any:
-    """The result Ray's done-callback is completing, from the frames above
-    on_request_completed, else NO_RESULT."""
-    finishing = _ray_frame(frame, _FINISHED)
-    return NO_RESULT if finishing is None else finishing.f_locals.get("result", NO_RESULT)
-
-
 class TracingMixin:
+    # Each hook fences its call into the tracer itself (a try around it,
+    # failures to `faults`) rather than through one shared helper: Ray calls
+    # seven of these per request on its router loop, and the helper's extra
+    # calls cost the loop about 3 us per request (bench/tracer_ab.py).
     _routelens: Optional[RouterTracer] = None
 
     def __init__(self, *args, **kwargs):
@@ -101,8 +98,11 @@ class TracingMixin:
         self._routelens_choose = super().choose_replicas
         try:
             overridden = type(self).routelens_request_attributes is not TracingMixin.routelens_request_attributes
+            # Sends that skip the rejection protocol pair with their
+            # completions only when the tracer reads the results from Ray.
             self._routelens = RouterTracer(self, kwargs, records_attributes=overridden,
-                                           results_from_ray=RESULTS_FROM_RAY)
+                                           results_from_ray=RESULTS_FROM_RAY,
+                                           records_unrouted_sends=UNROUTED_SENDS and RESULTS_FROM_RAY)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
 
@@ -135,71 +135,84 @@ class TracingMixin:
         return ranks
 
     def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any):
-        self._routelens_hook("recording a routed request", "on_routed", pending_request, replica_id, result)
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_routed(pending_request, replica_id, result)
+            except Exception as exc:
+                faults.record("recording a routed request", exc)
         return super().on_request_routed(pending_request, replica_id, result)
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str):
         tracer = self._routelens
         if tracer is not None:
             try:
-                result = _ray_result(sys._getframe(1)) if tracer.results_from_ray else NO_RESULT
+                result = NO_RESULT
+                if tracer.results_from_ray:
+                    caller = sys._getframe(1)
+                    if caller.f_code is not _FINISHED:  # a subclass's override sits between
+                        caller = _ray_frame(caller, _FINISHED)
+                    if caller is not None:
+                        result = caller.f_locals.get("result", NO_RESULT)
                 tracer.on_completed(replica_id, internal_request_id, result)
             except Exception as exc:
                 faults.record("recording a completed request", exc)
         return super().on_request_completed(replica_id, internal_request_id)
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
-        caller = self._routelens_ray_caller()
-        if caller is not None and caller.f_code is not _ROUTE_AND_SEND:
+        tracer = self._routelens
+        if tracer is not None and tracer.records_unrouted_sends and (
+                (caller := sys._getframe(1)).f_code is not _ROUTE_AND_SEND):
             try:
                 reserving = _ray_frame(caller, _RESERVE)
                 if reserving is not None:
                     ray_locals = reserving.f_locals
                     if ray_locals["queue_info"].accepted:
-                        self._routelens.on_reserved(ray_locals["pr"], replica_id)
+                        tracer.on_reserved(ray_locals["pr"], replica_id)
                 elif (releasing := _ray_frame(caller, _RELEASE)) is not None:
                     selection = releasing.f_locals["selection"]
                     if not selection._dispatched:
-                        self._routelens.on_reservation_unused(replica_id, selection._request_metadata)
+                        tracer.on_reservation_unused(replica_id, selection._request_metadata)
             except Exception as exc:
                 faults.record("recording a reservation", exc)
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
-        caller = self._routelens_ray_caller()
-        if caller is not None and (caller.f_code is not _ROUTE_AND_SEND or self._routelens.sends_unasked):
+        tracer = self._routelens
+        if tracer is not None and tracer.records_unrouted_sends and (
+                (caller := sys._getframe(1)).f_code is not _ROUTE_AND_SEND or tracer.sends_unasked):
             try:
                 sending = _ray_frame(caller, _ROUTE_AND_SEND)
                 if sending is not None:
-                    if self._routelens.sends_unasked_to(replica_id):
+                    if tracer.sends_unasked_to(replica_id):
                         ray_locals = sending.f_locals
                         if not ray_locals["with_rejection"]:  # so Ray will not call on_request_routed
-                            self._routelens.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
+                            tracer.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
                 elif (broadcasting := _ray_frame(caller, _BROADCAST)) is not None:
-                    self._routelens.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
+                    tracer.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
             except Exception as exc:
                 faults.record("recording a send", exc)
         return super().on_send_request(replica_id)
 
-    def _routelens_ray_caller(self) -> Any:
-        """The frame of whoever called the hook that calls this (Ray, or a
-        subclass's override); None when the tracer does not record sends
-        that skip the rejection protocol, since it can pair them with their
-        completions only when it reads the results from Ray."""
-        tracer = self._routelens
-        if tracer is None or not (UNROUTED_SENDS and tracer.results_from_ray):
-            return None
-        return sys._getframe(2)
-
     def update_replicas(self, replicas: List[Any]):
         result = super().update_replicas(replicas)
-        self._routelens_hook("recording replica membership", "on_replicas", replicas)
+        tracer = self._routelens
+        if tracer is not None:
+            try:
+                tracer.on_replicas(replicas)
+            except Exception as exc:
+                faults.record("recording replica membership", exc)
         return result
 
     if EXACT_ATTRIBUTION:
 
         def _fulfill_next_pending_request(self, replica: Any, request_metadata: Any = None):
-            self._routelens_hook("attributing a fulfilment", "on_fulfil_start", replica, request_metadata)
+            tracer = self._routelens
+            if tracer is not None:
+                try:
+                    tracer.on_fulfil_start(replica, request_metadata)
+                except Exception as exc:
+                    faults.record("attributing a fulfilment", exc)
             try:
                 return super()._fulfill_next_pending_request(replica, request_metadata)
             finally:
@@ -208,15 +221,10 @@ class TracingMixin:
 
         def _record_queue_wait_time(self, pending_request: Any):
             result = super()._record_queue_wait_time(pending_request)
-            self._routelens_hook("attributing a fulfilment", "on_recipient", pending_request)
+            tracer = self._routelens
+            if tracer is not None:
+                try:
+                    tracer.on_recipient(pending_request)
+                except Exception as exc:
+                    faults.record("attributing a fulfilment", exc)
             return result
-
-    def _routelens_hook(self, what: str, hook: str, *args: Any) -> None:
-        """Call the tracer's `hook`; its failures are logged, never raised.
-        (choose_replicas inlines this: it is the one hook on the hot path.)"""
-        tracer = self._routelens
-        if tracer is not None:
-            try:
-                getattr(tracer, hook)(*args)
-            except Exception as exc:
-                faults.record(what, exc)

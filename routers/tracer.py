@@ -91,11 +91,13 @@ class _Attempt:
 
 class RouterTracer:
     def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False,
-                 results_from_ray: bool = False):
+                 results_from_ray: bool = False, records_unrouted_sends: bool = False):
         """`records_attributes`: call the router's `routelens_request_attributes`
         for each request (only worth it when a subclass overrides it).
         `results_from_ray`: on_completed is given each result by Ray's own
-        done-callback, so no callback of the tracer's is needed."""
+        done-callback, so no callback of the tracer's is needed.
+        `records_unrouted_sends`: the mixin reports sends that skip the
+        rejection protocol (on_reserved, on_broadcast_send, ...)."""
         self._router = router
         self._records_attributes = records_attributes
         # Without the queue-length cache (inside Ray Client) Ray sends every
@@ -104,6 +106,7 @@ class RouterTracer:
         self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
         self.sends_unasked = not self._rejection_protocol  # whether Ray may send without the protocol (cheap test)
         self.results_from_ray = results_from_ray
+        self.records_unrouted_sends = records_unrouted_sends
         deployment_id = init_kwargs.get("deployment_id")
         handle_source = init_kwargs.get("handle_source")
         cls = type(router)
@@ -172,19 +175,16 @@ class RouterTracer:
             self._submit = self.exporter.submit
         return passthrough
 
-    def _ensure_configured(self) -> None:
+    def _configure_from_env(self) -> None:
         # Ray always calls initialize_state first; a subclass that overrides it
         # without calling super() still gets a tracer configured from the env.
-        if self.source is None:
-            self.configure({})
+        # (Hooks call this when self.source is None: a test cheaper than a call.)
+        self.configure({})
 
     def _emit(self, item_tail: tuple) -> None:
         self._submit((self.source,) + item_tail)
 
     # -- hooks ---------------------------------------------------------------
-
-    def trace_of(self, pending_request: Any) -> RequestTrace:
-        return getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
 
     def _new_trace(self, pending_request: Any) -> RequestTrace:
         metadata = pending_request.metadata
@@ -215,7 +215,7 @@ class RouterTracer:
         # is also the queued item) so it costs about a microsecond.
         source = self.source
         if source is None:
-            self._ensure_configured()
+            self._configure_from_env()
             source = self.source
         if pending_request is None:  # not called by Ray's routing loop: nothing to sample by
             trace, attempt, previous, sampled = None, 0, None, True
@@ -295,7 +295,7 @@ class RouterTracer:
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
-            trace = self.trace_of(pending_request)
+            trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
             trace.handoff = self.fulfilling
             trace.handed_at = time.monotonic()  # see on_routed
             decision = self.fulfilling[1]
@@ -306,9 +306,10 @@ class RouterTracer:
                 self._export_decision(decision)
 
     def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-        self._ensure_configured()
+        if self.source is None:
+            self._configure_from_env()
         now = time.time()
-        trace = self.trace_of(pending_request)
+        trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
         handoff, trace.handoff = trace.handoff, None
         if handoff is not None and handoff[1] is not None and (
                 handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
@@ -384,7 +385,8 @@ class RouterTracer:
     def on_broadcast_send(self, pending_request: Any, replica_id: Any) -> None:
         """DeploymentHandle.broadcast() sent this request to the replica
         without routing it: its completion is recorded, not as a rejection."""
-        self._ensure_configured()
+        if self.source is None:
+            self._configure_from_env()
         internal_request_id = pending_request.metadata.internal_request_id
         if is_sampled(internal_request_id, self.config.sample_rate):  # else on_completed counts it
             sends = self._unrouted_sends
@@ -432,8 +434,10 @@ class RouterTracer:
 
     def on_completed(self, replica_id: Any, internal_request_id: str, result: Any = NO_RESULT) -> None:
         """`result`: what the attempt's result completed with, when Ray's done-callback says."""
-        self._ensure_configured()
-        if not is_sampled(internal_request_id, self.config.sample_rate):
+        if self.source is None:
+            self._configure_from_env()
+        rate = self.config.sample_rate
+        if rate < 1.0 and not is_sampled(internal_request_id, rate):
             self.source.count_unqueued("sampled_out")
             return
         # Wall clock for the event, monotonic for latency and the grace period
@@ -523,7 +527,8 @@ class RouterTracer:
                     refusable, None))
 
     def on_replicas(self, replicas: List[Any]) -> None:
-        self._ensure_configured()
+        if self.source is None:
+            self._configure_from_env()
         now = time.time()
         previous_seen = self._stats_seen
         seen = {}
