@@ -14,12 +14,14 @@ the same run (the machines are shared and noisy: only the ratios mean much).
    to a deployment routed by the plain pow-2 router and 2,000 to one routed
    by the traced one, in chunks of 100 that alternate between the two; the
    exporter thread's work is charged to the traced one. The median of the
-   rounds' throughput ratios, traced / untraced (target >= 0.97), and their
-   spread; and, for information, where the tracer's cost goes: the CPU time
-   per request of the router's event-loop thread (traced minus plain) and of
-   the exporter thread, read from each thread's own clock.
+   rounds' throughput ratios, traced / untraced (target >= 0.97), their
+   spread and a 95% interval for the median (resampling the rounds); and,
+   for information, where the tracer's cost goes: the CPU time per request
+   of the router's event-loop thread (traced minus plain) and of the
+   exporter thread, read from each thread's own clock. `--control` runs
+   this part alone with both deployments routed by the plain router.
 
-    .venv/bin/python bench/tracer_overhead.py [--requests 2000] [--rounds 25]
+    .venv/bin/python bench/tracer_overhead.py [--requests 2000] [--rounds 25] [--control]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import argparse
 import asyncio
 import gc
 import os
+import random
 import statistics
 import tempfile
 import threading
@@ -158,8 +161,11 @@ class CacheEvictor:
         return sum(o["n"] for o in self._objects[::3])
 
 
-def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
+def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = False):
     """Per round: each deployment's throughput over `n_requests` requests.
+    With `control`, the second deployment is routed by the plain router too:
+    what the ratio reads when the tracer costs nothing (the setup's own bias
+    and noise).
 
     Requests go in chunks of `chunk` (sent together, then all awaited), the
     two deployments' chunks alternating (and which goes first alternating
@@ -210,6 +216,8 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
         "plain": serve.run(Echo.options(request_router_config=RequestRouterConfig(
             request_router_class=PowerOfTwoChoicesRequestRouter)).bind(), name="plain", route_prefix="/plain"),
         "traced": serve.run(Echo.options(request_router_config=RequestRouterConfig(
+            request_router_class=PowerOfTwoChoicesRequestRouter,
+        ) if control else RequestRouterConfig(
             request_router_class=TracedPowerOfTwoChoicesRequestRouter,
             request_router_kwargs={"jsonl_path": sink, "flush_interval_s": 3600, "batch_max_events": 10**9},
         )).bind(), name="traced", route_prefix="/traced"),
@@ -226,13 +234,14 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
     gc.collect()
     gc.freeze()
     exporter = routers.exporter._exporter  # the driver's, created by the traced router
-    assert exporter is not None, "the traced router did not start an exporter in this process"
+    assert control or exporter is not None, "the traced router did not start an exporter in this process"
     loop_clock = router_loop_clock()
-    exporter_clock = time.pthread_getcpuclockid(exporter._thread.ident)
+    exporter_clock = None if control else time.pthread_getcpuclockid(exporter._thread.ident)
     batch = TracerConfig().batch_max_events
     ratios, rates, exporting_s = [], {"plain": [], "traced": []}, 0.0
     loop_cpu_s, exporter_cpu_s = {"plain": 0.0, "traced": 0.0}, {"plain": 0.0, "traced": 0.0}
-    exporter.export_now(30)  # the warm-up's events, outside the timing
+    if not control:
+        exporter.export_now(30)  # the warm-up's events, outside the timing
     for _ in range(rounds):
         seconds = {"plain": 0.0, "traced": 0.0}
         for number, start in enumerate(range(0, n_requests, chunk)):
@@ -240,7 +249,8 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
                 t0, loop0 = time.perf_counter(), thread_cpu_s(loop_clock)
                 exporter0 = thread_cpu_s(exporter_clock)
                 # A batch is waiting: the exporter works while this chunk is in flight.
-                cycle = exporter.wake() if label == "traced" and len(exporter._queue) >= batch else None
+                cycle = exporter.wake() if label == "traced" and not control and len(exporter._queue) >= batch \
+                    else None
                 send(handles[label], min(chunk, n_requests - start))
                 loop_cpu_s[label] += thread_cpu_s(loop_clock) - loop0
                 if cycle is not None:
@@ -253,7 +263,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
         for label, s in seconds.items():
             rates[label].append(n_requests / s)
         ratios.append(seconds["plain"] / seconds["traced"])
-    if not exporter.export_now(30):  # what the last round left queued, untimed: less than a batch
+    if not control and not exporter.export_now(30):  # what the last round left queued, untimed: less than a batch
         raise RuntimeError("the exporter did not export the traced events within 30 s")
     serve.shutdown()
     ray.shutdown()
@@ -262,6 +272,17 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100):
     if loop_clock is not None:
         cpu_us.update({f"loop {label}": s * per_request_us for label, s in loop_cpu_s.items()})
     return {label: statistics.median(r) for label, r in rates.items()}, ratios, exporting_s / rounds, cpu_us
+
+
+def median_interval(values, confidence: float = 0.95, resamples: int = 10_000):
+    """A `confidence` interval for the median of `values`, by resampling them
+    (the bootstrap's percentile interval): where the median of a far longer
+    run on this machine, as loaded as it was, would likely fall. Seeded, so
+    the same rounds always give the same interval."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = int(resamples * (1 - confidence) / 2)
+    return medians[tail], medians[-1 - tail]
 
 
 def router_loop_clock():
@@ -277,6 +298,31 @@ def thread_cpu_s(clock) -> float:
     return 0.0 if clock is None else time.clock_gettime(clock)
 
 
+def report_end_to_end(requests: int, rounds: int, control: bool = False) -> None:
+    rps, ratios, exporting_s, cpu_us = end_to_end(requests, rounds, control=control)
+    ratio = statistics.median(ratios)
+    print(f"end to end, Ray Serve, {requests} requests per deployment through a handle in each of"
+          f" {rounds} rounds, chunks of both deployments interleaved"
+          + (" (control: both routed by the plain router, under the names plain and traced):" if control else ":"))
+    print(f"  plain {rps['plain']:.0f} req/s  traced {rps['traced']:.0f} req/s (medians)")
+    low, high = median_interval(ratios)
+    verdict = "" if control else f"  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}"
+    print(f"  throughput traced/untraced: median {ratio:.3f} (rounds from {min(ratios):.3f} to {max(ratios):.3f})"
+          + verdict)
+    undecided = not control and low < 0.97 <= high
+    print(f"  95% interval of that median, by resampling the rounds: {low:.3f} to {high:.3f}"
+          + ("  (it holds 0.97: this run alone cannot tell its median from the target)" if undecided else ""))
+    print("  rounds: " + " ".join(f"{r:.3f}" for r in ratios))
+    if control:
+        return
+    print(f"  of the traced time, waiting for the exporter thread: {exporting_s * 1000:.1f} ms per round")
+    if "loop plain" in cpu_us:
+        print(f"  CPU per request: router loop thread plain {cpu_us['loop plain']:.1f} us, traced"
+              f" {cpu_us['loop traced']:.1f} us (+{cpu_us['loop traced'] - cpu_us['loop plain']:.1f})")
+    print(f"  CPU per request: exporter thread {cpu_us['exporter traced']:.1f} us"
+          f" (in the plain deployment's chunks: {cpu_us['exporter plain']:.1f} us)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=20_000, help="hot-path calls per router")
@@ -285,7 +331,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2_000, help="end-to-end requests per round")
     parser.add_argument("--rounds", type=int, default=25, help="end-to-end rounds, each timing both routers")
     parser.add_argument("--skip-serve", action="store_true", help="measure the hot path only")
+    parser.add_argument("--control", action="store_true",
+                        help="end to end only, with both deployments routed by the plain router: the ratio when"
+                             " the tracer costs nothing, so the setup's own bias and noise (expect 1.000)")
     args = parser.parse_args()
+    if args.control:
+        report_end_to_end(args.requests, args.rounds, control=True)
+        return
 
     added, export_us = asyncio.run(hot_path(args.calls, args.hot_rounds))
     choose = statistics.median(added["choose"])
@@ -299,22 +351,8 @@ def main() -> None:
     print(f"  through Ray's own sending and done-callback code, with the CPU caches evicted before each half,"
           f" as in a Ray driver ({args.cold_requests} requests, 2 replicas): added {sum(cold.values()):.1f} us"
           " per request (" + ", ".join(f"{half} {us:.1f}" for half, us in cold.items()) + ")")
-    if args.skip_serve:
-        return
-    rps, ratios, exporting_s, cpu_us = end_to_end(args.requests, args.rounds)
-    ratio = statistics.median(ratios)
-    print(f"end to end, Ray Serve, {args.requests} requests per deployment through a handle in each of"
-          f" {args.rounds} rounds, chunks of both deployments interleaved:")
-    print(f"  plain {rps['plain']:.0f} req/s  traced {rps['traced']:.0f} req/s (medians)")
-    print(f"  throughput traced/untraced: median {ratio:.3f} (rounds from {min(ratios):.3f} to {max(ratios):.3f})"
-          f"  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}")
-    print("  rounds: " + " ".join(f"{r:.3f}" for r in ratios))
-    print(f"  of the traced time, waiting for the exporter thread: {exporting_s * 1000:.1f} ms per round")
-    if "loop plain" in cpu_us:
-        print(f"  CPU per request: router loop thread plain {cpu_us['loop plain']:.1f} us, traced"
-              f" {cpu_us['loop traced']:.1f} us (+{cpu_us['loop traced'] - cpu_us['loop plain']:.1f})")
-    print(f"  CPU per request: exporter thread {cpu_us['exporter traced']:.1f} us"
-          f" (in the plain deployment's chunks: {cpu_us['exporter plain']:.1f} us)")
+    if not args.skip_serve:
+        report_end_to_end(args.requests, args.rounds)
 
 
 if __name__ == "__main__":
