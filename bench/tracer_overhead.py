@@ -10,10 +10,10 @@ the same run (the machines are shared and noisy: only the ratios mean much).
    caches evicted before its routing and its completion, as Ray's own work
    evicts them in a driver: close to what part 2 reads from the router
    loop's CPU clock, in seconds rather than minutes.
-2. End to end on Ray Serve: in each round, 2,000 requests through a handle
-   to a deployment routed by the plain pow-2 router and 2,000 to one routed
+2. End to end on Ray Serve: in each round, 2,000 requests through handles
+   to deployments routed by the plain pow-2 router and 2,000 to ones routed
    by the traced one, in chunks of 100 that alternate between the two; the
-   exporter thread's work is charged to the traced one. The median of the
+   exporter thread's work is charged to the traced ones. The median of the
    rounds' throughput ratios, traced / untraced (target >= 0.97), their
    spread and a 95% interval for the median (resampling the rounds); and,
    for information, where the tracer's cost goes: the CPU time per request
@@ -161,17 +161,20 @@ class CacheEvictor:
         return sum(o["n"] for o in self._objects[::3])
 
 
+DEPLOYMENTS = (("plain", 0), ("traced", 0), ("traced", 1), ("plain", 1))  # (router, copy), in the order made
+
+
 def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = False):
-    """Per round: each deployment's throughput over `n_requests` requests.
-    With `control`, the second deployment is routed by the plain router too:
-    what the ratio reads when the tracer costs nothing (the setup's own bias
-    and noise).
+    """Per round: each router's throughput over `n_requests` requests, over
+    two deployments each (DEPLOYMENTS). With `control`, the traced router's
+    deployments are routed by the plain router too: what the ratio reads
+    when the tracer costs nothing (the setup's own bias and noise).
 
     Requests go in chunks of `chunk` (sent together, then all awaited), the
-    two deployments' chunks alternating (and which goes first alternating
-    too), so that each round's pair of figures is taken over the same
-    seconds: the machine is shared, and its load changes within seconds by
-    far more than the tracer costs.
+    two routers' chunks alternating (and which goes first alternating too),
+    so that each round's pair of figures is taken over the same seconds:
+    the machine is shared, and its load changes within seconds by far more
+    than the tracer costs.
 
     The exporter thread's work is charged to the traced deployment, in full:
     its interval and batch size are set out of reach, so it exports only
@@ -212,16 +215,23 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events-{pid}.jsonl")
-    handles = {
-        "plain": serve.run(Echo.options(request_router_config=RequestRouterConfig(
-            request_router_class=PowerOfTwoChoicesRequestRouter)).bind(), name="plain", route_prefix="/plain"),
-        "traced": serve.run(Echo.options(request_router_config=RequestRouterConfig(
-            request_router_class=PowerOfTwoChoicesRequestRouter,
-        ) if control else RequestRouterConfig(
+    configs = {
+        "plain": RequestRouterConfig(request_router_class=PowerOfTwoChoicesRequestRouter),
+        "traced": RequestRouterConfig(request_router_class=PowerOfTwoChoicesRequestRouter) if control else
+        RequestRouterConfig(
             request_router_class=TracedPowerOfTwoChoicesRequestRouter,
-            request_router_kwargs={"jsonl_path": sink, "flush_interval_s": 3600, "batch_max_events": 10**9},
-        )).bind(), name="traced", route_prefix="/traced"),
+            request_router_kwargs={"jsonl_path": sink, "flush_interval_s": 3600, "batch_max_events": 10**9}),
     }
+    # Two deployments per router, made and warmed up in the order plain,
+    # traced, traced, plain, and used in pairs (the first two, the last two)
+    # in turn: in control runs with two deployments, the one warmed up first
+    # ran about 1% slower, whatever its name or the order the deployments
+    # were made in, and this order cancels such a drift.
+    handles = {}
+    for label, copy in DEPLOYMENTS:
+        name = f"{label}-{copy}"
+        handles[label, copy] = serve.run(Echo.options(request_router_config=configs[label]).bind(), name=name,
+                                         route_prefix=f"/{name}")
 
     def send(handle, n):
         responses = [handle.remote() for _ in range(n)]
@@ -240,18 +250,20 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     batch = TracerConfig().batch_max_events
     ratios, rates, exporting_s = [], {"plain": [], "traced": []}, 0.0
     loop_cpu_s, exporter_cpu_s = {"plain": 0.0, "traced": 0.0}, {"plain": 0.0, "traced": 0.0}
+    deployment_s = {key: 0.0 for key in handles}
     if not control:
         exporter.export_now(30)  # the warm-up's events, outside the timing
     for _ in range(rounds):
         seconds = {"plain": 0.0, "traced": 0.0}
         for number, start in enumerate(range(0, n_requests, chunk)):
+            copy = number // 2 % 2  # each pair of deployments sees either one first equally often
             for label in (("plain", "traced") if number % 2 == 0 else ("traced", "plain")):
                 t0, loop0 = time.perf_counter(), thread_cpu_s(loop_clock)
                 exporter0 = thread_cpu_s(exporter_clock)
                 # A batch is waiting: the exporter works while this chunk is in flight.
                 cycle = exporter.wake() if label == "traced" and not control and len(exporter._queue) >= batch \
                     else None
-                send(handles[label], min(chunk, n_requests - start))
+                send(handles[label, copy], min(chunk, n_requests - start))
                 loop_cpu_s[label] += thread_cpu_s(loop_clock) - loop0
                 if cycle is not None:
                     t1 = time.perf_counter()
@@ -259,7 +271,9 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
                         raise RuntimeError("the exporter did not export a batch within 30 s")
                     exporting_s += time.perf_counter() - t1
                 exporter_cpu_s[label] += thread_cpu_s(exporter_clock) - exporter0
-                seconds[label] += time.perf_counter() - t0
+                elapsed = time.perf_counter() - t0
+                seconds[label] += elapsed
+                deployment_s[label, copy] += elapsed
         for label, s in seconds.items():
             rates[label].append(n_requests / s)
         ratios.append(seconds["plain"] / seconds["traced"])
@@ -271,7 +285,10 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     cpu_us = {f"exporter {label}": s * per_request_us for label, s in exporter_cpu_s.items()}
     if loop_clock is not None:
         cpu_us.update({f"loop {label}": s * per_request_us for label, s in loop_cpu_s.items()})
-    return {label: statistics.median(r) for label, r in rates.items()}, ratios, exporting_s / rounds, cpu_us
+    # Each deployment serves half of its router's requests.
+    per_deployment = {f"{label}-{copy}": n_requests * rounds / 2 / s for (label, copy), s in deployment_s.items()}
+    return ({label: statistics.median(r) for label, r in rates.items()}, per_deployment, ratios,
+            exporting_s / rounds, cpu_us)
 
 
 def median_interval(values, confidence: float = 0.95, resamples: int = 10_000):
@@ -299,12 +316,14 @@ def thread_cpu_s(clock) -> float:
 
 
 def report_end_to_end(requests: int, rounds: int, control: bool = False) -> None:
-    rps, ratios, exporting_s, cpu_us = end_to_end(requests, rounds, control=control)
+    rps, per_deployment, ratios, exporting_s, cpu_us = end_to_end(requests, rounds, control=control)
     ratio = statistics.median(ratios)
-    print(f"end to end, Ray Serve, {requests} requests per deployment through a handle in each of"
-          f" {rounds} rounds, chunks of both deployments interleaved"
-          + (" (control: both routed by the plain router, under the names plain and traced):" if control else ":"))
+    print(f"end to end, Ray Serve, {requests} requests per router through handles in each of {rounds} rounds,"
+          f" chunks of both routers interleaved, two deployments each"
+          + (" (control: all routed by the plain router):" if control else ":"))
     print(f"  plain {rps['plain']:.0f} req/s  traced {rps['traced']:.0f} req/s (medians)")
+    print("  each deployment, in the order made: "
+          + ", ".join(f"{name} {rate:.0f}" for name, rate in per_deployment.items()) + " req/s")
     low, high = median_interval(ratios)
     verdict = "" if control else f"  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}"
     print(f"  throughput traced/untraced: median {ratio:.3f} (rounds from {min(ratios):.3f} to {max(ratios):.3f})"
