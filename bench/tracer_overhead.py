@@ -351,7 +351,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25, help="end-to-end rounds, each timing both routers")
     parser.add_argument("--skip-serve", action="store_true", help="measure the hot path only")
     parser.add_argument("--control", action="store_true",
-                        help="end to end only, with both deployments routed by the plain router: the ratio when"
+                        help="end to end only, with every deployment routed by the plain router: the ratio when"
                              " the tracer costs nothing, so the setup's own bias and noise (expect 1.000)")
     args = parser.parse_args()
     if args.control:
