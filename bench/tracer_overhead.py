@@ -19,7 +19,7 @@ the same run (the machines are shared and noisy: only the ratios mean much).
    for information, where the tracer's cost goes: the CPU time per request
    of the router's event-loop thread (traced minus plain) and of the
    exporter thread, read from each thread's own clock. `--control` runs
-   this part alone with both deployments routed by the plain router.
+   this part alone with every deployment routed by the plain router.
 
     .venv/bin/python bench/tracer_overhead.py [--requests 2000] [--rounds 25] [--control]
 """
@@ -176,7 +176,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     the machine is shared, and its load changes within seconds by far more
     than the tracer costs.
 
-    The exporter thread's work is charged to the traced deployment, in full:
+    The exporter thread's work is charged to the traced deployments, in full:
     its interval and batch size are set out of reach, so it exports only
     when told to, and it is told to when a traced chunk starts with a
     batch's worth of events (the default `batch_max_events`, the size at
@@ -187,7 +187,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     the end of a round (less than a batch) are exported in the next one's
     first traced chunk, as in steady traffic, rather than with every other
     thread idle; only the last round's go out untimed. Its CPU time during
-    the plain deployment's chunks is printed too: it should be nil. The tracer's
+    the plain router's chunks is printed too: it should be nil. The tracer's
     other deferred work (completions drained on a timer, the grace period
     of an unclaimed completion) falls where it falls; it is microseconds
     per request.
@@ -196,7 +196,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     collector (gc.freeze), as Ray Serve freezes its proxies' and replicas'
     after start-up, the processes where routers run in production: full
     collections of the driver's ~170,000 start-up objects (about 100 ms
-    each) otherwise land in either deployment's chunks at random, and are
+    each) otherwise land in either router's chunks at random, and are
     most of the spread between rounds. The tracer's own allocations are
     still collected, and charged to it.
     """
@@ -215,13 +215,10 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     sink = os.path.join(tempfile.mkdtemp(prefix="routelens-bench-"), "events-{pid}.jsonl")
-    configs = {
-        "plain": RequestRouterConfig(request_router_class=PowerOfTwoChoicesRequestRouter),
-        "traced": RequestRouterConfig(request_router_class=PowerOfTwoChoicesRequestRouter) if control else
-        RequestRouterConfig(
-            request_router_class=TracedPowerOfTwoChoicesRequestRouter,
-            request_router_kwargs={"jsonl_path": sink, "flush_interval_s": 3600, "batch_max_events": 10**9}),
-    }
+    plain = RequestRouterConfig(request_router_class=PowerOfTwoChoicesRequestRouter)
+    configs = {"plain": plain, "traced": plain if control else RequestRouterConfig(
+        request_router_class=TracedPowerOfTwoChoicesRequestRouter,
+        request_router_kwargs={"jsonl_path": sink, "flush_interval_s": 3600, "batch_max_events": 10**9})}
     # Two deployments per router, made and warmed up in the order plain,
     # traced, traced, plain, and used in pairs (the first two, the last two)
     # in turn: in control runs with two deployments, the one warmed up first
@@ -251,6 +248,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     ratios, rates, exporting_s = [], {"plain": [], "traced": []}, 0.0
     loop_cpu_s, exporter_cpu_s = {"plain": 0.0, "traced": 0.0}, {"plain": 0.0, "traced": 0.0}
     deployment_s = {key: 0.0 for key in handles}
+    deployment_requests = {key: 0 for key in handles}
     if not control:
         exporter.export_now(30)  # the warm-up's events, outside the timing
     for _ in range(rounds):
@@ -263,7 +261,8 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
                 # A batch is waiting: the exporter works while this chunk is in flight.
                 cycle = exporter.wake() if label == "traced" and not control and len(exporter._queue) >= batch \
                     else None
-                send(handles[label, copy], min(chunk, n_requests - start))
+                size = min(chunk, n_requests - start)
+                send(handles[label, copy], size)
                 loop_cpu_s[label] += thread_cpu_s(loop_clock) - loop0
                 if cycle is not None:
                     t1 = time.perf_counter()
@@ -274,6 +273,7 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
                 elapsed = time.perf_counter() - t0
                 seconds[label] += elapsed
                 deployment_s[label, copy] += elapsed
+                deployment_requests[label, copy] += size
         for label, s in seconds.items():
             rates[label].append(n_requests / s)
         ratios.append(seconds["plain"] / seconds["traced"])
@@ -285,8 +285,8 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
     cpu_us = {f"exporter {label}": s * per_request_us for label, s in exporter_cpu_s.items()}
     if loop_clock is not None:
         cpu_us.update({f"loop {label}": s * per_request_us for label, s in loop_cpu_s.items()})
-    # Each deployment serves half of its router's requests.
-    per_deployment = {f"{label}-{copy}": n_requests * rounds / 2 / s for (label, copy), s in deployment_s.items()}
+    per_deployment = {f"{label}-{copy}": deployment_requests[label, copy] / s
+                      for (label, copy), s in deployment_s.items()}
     return ({label: statistics.median(r) for label, r in rates.items()}, per_deployment, ratios,
             exporting_s / rounds, cpu_us)
 
@@ -339,7 +339,7 @@ def report_end_to_end(requests: int, rounds: int, control: bool = False) -> None
         print(f"  CPU per request: router loop thread plain {cpu_us['loop plain']:.1f} us, traced"
               f" {cpu_us['loop traced']:.1f} us (+{cpu_us['loop traced'] - cpu_us['loop plain']:.1f})")
     print(f"  CPU per request: exporter thread {cpu_us['exporter traced']:.1f} us"
-          f" (in the plain deployment's chunks: {cpu_us['exporter plain']:.1f} us)")
+          f" (in the plain router's chunks: {cpu_us['exporter plain']:.1f} us)")
 
 
 def main() -> None:
