@@ -29,10 +29,10 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
-
 from queries import FULL, database  # noqa: E402
 from servers import Server  # noqa: E402
-from tests.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
+
+from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
 
 TARGET_S = 1.5
 DAY = 86400.0

@@ -32,7 +32,6 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import pyarrow.parquet as pq  # noqa: E402
-
 from queries import FULL, database  # noqa: E402
 
 TARGET_ROWS_S = 200_000
@@ -123,7 +122,7 @@ def main() -> int:
     path, info = database(args.decisions)
     out = args.keep or os.path.join(tempfile.mkdtemp(prefix="routelens-bench-export-"), "export.parquet")
 
-    seconds, rss_mb, pss_mb, _ = run_child([sys.executable, "-m", "collector.cli", "export", "--db", f"sqlite:///{path}",
+    seconds, rss_mb, pss_mb, _ = run_child([sys.executable, "-m", "routelens.collector.cli", "export", "--db", f"sqlite:///{path}",
                                     "--what", args.what, "--format", "parquet", "-o", out])
     rows = pq.read_metadata(out).num_rows
     size_mb = os.path.getsize(out) / 1e6

@@ -6,7 +6,7 @@ HTTP / raw is the figure that travels.
 What is measured, per round and backend:
 
 - raw: the decision rows exactly as the collector stores them (built by
-  `collector.ingest` from the same batches, before timing), inserted with
+  `collector.ingest.writer` from the same batches, before timing), inserted with
   the driver's `executemany`, one transaction per 1000 rows, into a fresh
   database migrated to the collector's schema (so the same table, keys and
   pragmas). No validation, no rollups, no HTTP: the bound.
@@ -49,14 +49,14 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import psycopg  # noqa: E402
-
 import workload  # noqa: E402
-from collector import db  # noqa: E402
-from collector.ingest import _Rows  # noqa: E402  (the rows exactly as ingest builds them)
-from collector.models import decisions  # noqa: E402
-from collector.schema import parse  # noqa: E402
 from servers import Server  # noqa: E402
-from tests.workers import children, connection_to_each, worker_pids  # noqa: E402
+
+from routelens.collector.ingest.schema import parse  # noqa: E402
+from routelens.collector.ingest.writer import _Rows  # noqa: E402  (the rows exactly as ingest builds them)
+from routelens.collector.store import db  # noqa: E402
+from routelens.collector.store.models import decisions  # noqa: E402
+from tests.support.workers import children, connection_to_each, worker_pids  # noqa: E402
 
 TARGET = 50_000
 PER_BATCH = 1000
@@ -252,7 +252,7 @@ def main() -> int:
     results: Dict[str, Dict[str, list]] = {b: {"raw": [], "http": [], "ratio": []} for b in backends}
     cluster = None
     if "postgres" in backends:
-        from tests.postgres import PostgresCluster
+        from tests.support.postgres import PostgresCluster
 
         cluster = PostgresCluster(fsync=args.pg_fsync == "on").start()
         print(f"postgres: throwaway cluster on port {cluster.port}, fsync={args.pg_fsync}, "

@@ -3,7 +3,7 @@
 Loads `--decisions` (default 10,000,000) decisions over 50 replicas and 7
 days, with everything a traced router sends alongside them (see below),
 through the collector's real write path: wire-format batches validated by
-`collector.schema.parse` and stored by `collector.ingest.Ingestor` (in
+`collector.ingest.schema.parse` and stored by `collector.ingest.writer.Ingestor` (in
 process, one transaction per batch, rollups maintained on the way). The
 loaded database is kept (`--db`, by default under /tmp, named after the
 number of decisions) with a description next to it, so that reruns skip
@@ -11,8 +11,8 @@ loading; `--reload` loads again.
 
 Then prints, for windows of 15 min, 24 h and 7 d ending where the data ends,
 the median time of `--runs` runs of each panel query (the query layer the
-API and the dashboard call: `collector.queries` summary, distribution,
-staleness, rank_hits, timeseries, and `collector.explore.decisions_page`),
+API and the dashboard call: `collector.query.figures` summary, distribution,
+staleness, rank_hits, timeseries, and `collector.query.explore.decisions_page`),
 target <= 100 ms; and the bytes on disk per decision: the `decisions` table
 with its indexes (SQLite's dbstat), and the whole file, target <= 150.
 
@@ -44,11 +44,13 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import workload  # noqa: E402
-from collector import explore, queries  # noqa: E402
-from collector.db import make_engine, upgrade  # noqa: E402
-from collector.ingest import Ingestor  # noqa: E402
-from collector.schema import parse  # noqa: E402
-from collector.serve import tune_gc_for_bulk_work  # noqa: E402
+
+from routelens.collector.cli.server import tune_gc_for_bulk_work  # noqa: E402
+from routelens.collector.ingest.schema import parse  # noqa: E402
+from routelens.collector.ingest.writer import Ingestor  # noqa: E402
+from routelens.collector.query import explore, figures  # noqa: E402
+from routelens.collector.query.filters import Filters  # noqa: E402
+from routelens.collector.store.db import make_engine, upgrade  # noqa: E402
 
 DAY = 86400.0
 WINDOWS = (("15 min", 900.0), ("24 h", DAY), ("7 d", 7 * DAY))
@@ -243,12 +245,12 @@ def main() -> int:
         print(f"baseline (SQLite counting to 100,000): {baseline:.1f} ms; the rollups hold {rollup_rows:,} rows")
         print()
         panels = [
-            ("summary", queries.summary),
-            ("distribution", queries.distribution),
-            ("staleness", queries.staleness),
-            ("rank_hits", queries.rank_hits),
-            ("timeseries", queries.timeseries),
-            ("timeseries per replica", lambda c, f: queries.timeseries(c, f, per_replica=True)),
+            ("summary", figures.summary),
+            ("distribution", figures.distribution),
+            ("staleness", figures.staleness),
+            ("rank_hits", figures.rank_hits),
+            ("timeseries", figures.timeseries),
+            ("timeseries per replica", lambda c, f: figures.timeseries(c, f, per_replica=True)),
             ("decisions_page", explore.decisions_page),
         ]
         header = "".join(f"{label:>22s}" for label, _ in WINDOWS)
@@ -257,7 +259,7 @@ def main() -> int:
         for name, panel in panels:
             cells = []
             for _label, seconds in WINDOWS:
-                f = queries.Filters(since=end - seconds, until=end)
+                f = Filters(since=end - seconds, until=end)
                 ms = timed(lambda: panel(connection, f), args.runs)
                 if name != "timeseries per replica":  # not a panel of the brief: shown for information
                     worst = max(worst, ms)

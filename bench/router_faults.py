@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 
 from servers import Server  # noqa: E402
 
-from tests.ports import free_port  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 TARGET = 1.05
 # The failing collectors: (HTTP status, seconds each request is held first).
@@ -122,7 +122,7 @@ def main() -> None:
     try:
         for name, server in servers.items():
             config = RequestRouterConfig(
-                request_router_class="routers.examples:TracedPowerOfTwoChoicesRequestRouter",
+                request_router_class="routelens.routers.examples:TracedPowerOfTwoChoicesRequestRouter",
                 request_router_kwargs={"collector_url": server.url, "spool_dir": os.path.join(scratch, name)})
             handles[name] = serve.run(Echo.options(request_router_config=config).bind(), name=name,
                                       route_prefix=f"/{name}")

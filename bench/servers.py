@@ -12,7 +12,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.ports import free_port  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 
 class Server:
@@ -24,7 +24,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "collector.cli", command, "--db", db_url, "--port", str(self.port),
+            [sys.executable, "-m", "routelens.collector.cli", command, "--db", db_url, "--port", str(self.port),
              "--retention", "never", "--workers", str(workers)],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

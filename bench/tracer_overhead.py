@@ -39,10 +39,10 @@ from typing import Dict, Optional
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
-from routers.config import TracerConfig
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter
-from routers.exporter import Exporter
-from routers.offline import FakeResult, RayRouter, make_request, make_router
+from routelens.routers.config import TracerConfig
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from routelens.routers.exporter import Exporter
+from routelens.routers.testing import FakeResult, RayRouter, make_request, make_router
 
 
 async def hot_path(calls: int, rounds: int):
@@ -105,7 +105,7 @@ async def cold_request(requests: int, traced: Optional[Dict[str, type]] = None) 
     a driver (~0.5 ms of it between a request's hooks): warm, the hooks cost
     a few microseconds; in a Ray driver, several times that (see
     CacheEvictor). Each request goes through Ray's own sending and
-    done-callback code (routers.offline.RayRouter), so every hook Ray calls
+    done-callback code (routers.testing.RayRouter), so every hook Ray calls
     is counted: routing (choose_replicas, the FIFO fulfilment, the send and
     queue-length hooks, on_request_routed) and completion (Ray's callback,
     on_request_completed). The routers take turns request by request, the

@@ -21,9 +21,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import msgspec
 
-from routers.ids import event_id
+from routelens.routers.ids import event_id
 
-ROUTER_CLASS = "routers.examples.TracedPowerOfTwoChoicesRequestRouter"
+ROUTER_CLASS = "routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter"
 APP, DEPLOYMENT = "bench", "LLMServer"
 STATS_PERIOD_S = 10.0  # the deployment's request_routing_stats_period_s
 

@@ -1,1 +1,6 @@
-"""routelens collector: ingest, storage, queries and export (issue #3)."""
+"""routelens collector: ingest, storage, queries and export. Never imports Ray:
+a collector host needs only `pip install "routelens[server]"`."""
+
+from importlib.metadata import version
+
+__version__ = version("routelens")

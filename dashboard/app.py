@@ -1,7 +1,7 @@
 """The dashboard: a Dash app on the collector's query layer.
 
 `create_dashboard(engine, prefix)` builds it; `routelens up` serves it at
-`/` beside the collector's API (see `dashboard.serve`). The page's URL
+`/` beside the collector's API (see `dashboard.up`). The page's URL
 carries the view and the filters (`dashboard.state`): one callback keeps the
 controls and the URL in step, both ways, and another renders the view from
 them, again on every auto-refresh tick.
@@ -15,13 +15,12 @@ from typing import Callable, Dict
 from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 from sqlalchemy.engine import Connection, Engine
 
-from collector import queries
-from collector.explore import iso
-from collector.filtering import FilterError
-from collector.queries import Filters
-from dashboard import compare, distribution, explorer, overview, rank_hits, staleness
-from dashboard.state import DEFAULT_WINDOW, REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
+from routelens.collector.query import figures
+from routelens.collector.query.explore import iso
+from routelens.collector.query.filters import FilterError, Filters
 
+from .state import DEFAULT_WINDOW, REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
+from .views import compare, distribution, explorer, overview, rank_hits, staleness
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2430; }
@@ -45,7 +44,7 @@ table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, 
 """
 
 _EMPTY_HELP = '''from ray.serve.config import RequestRouterConfig
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter   # or: class Traced(TracingMixin, YourRouter): pass
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter   # or: class Traced(TracingMixin, YourRouter): pass
 
 @serve.deployment(request_router_config=RequestRouterConfig(
     request_router_class=TracedPowerOfTwoChoicesRequestRouter,
@@ -124,7 +123,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
             return html.Div(str(exc), className="empty"), nav, ""
         custom = f"custom window: {iso(f.since)} to {iso(f.until)}" if state.since or state.until else ""
         with engine.connect() as conn:
-            if not queries.any_router(conn):
+            if not figures.any_router(conn):
                 return _empty(), nav, custom
             return renderers[state.view](conn, f, state), nav, custom
 
@@ -134,7 +133,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
 def _choices(engine: Engine, state: ViewState) -> tuple:
     """Options of the app, deployment, router and label filters."""
     with engine.connect() as conn:
-        catalogue = queries.deployments(conn)
+        catalogue = figures.deployments(conn)
     routers = [r for d in catalogue["deployments"] for r in d["routers"]]
     known = (catalogue["apps"], [d["deployment"] for d in catalogue["deployments"]],
              [r["router_class"] for r in routers],

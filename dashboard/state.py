@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, urlencode
 
-from collector.filtering import build_filters
-from collector.queries import Filters
+from routelens.collector.query.filters import Filters, build_filters
 
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 DEFAULT_WINDOW = "1h"

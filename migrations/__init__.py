@@ -1,5 +1,5 @@
 """Alembic migrations for the routelens database (SQLite and PostgreSQL).
 
-Run them with `routelens db upgrade --db URL`; `collector.db` builds the
+Run them with `routelens db upgrade --db URL`; `collector.store.db` builds the
 Alembic configuration, so no alembic.ini is needed.
 """

@@ -1,9 +1,9 @@
-"""Alembic environment: the URL comes from `collector.db.alembic_config`."""
+"""Alembic environment: the URL comes from `collector.store.db.alembic_config`."""
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from collector.models import Base
+from routelens.collector.store.models import Base
 
 config = context.config
 url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")

@@ -16,8 +16,8 @@ import time
 import urllib.parse
 from typing import Callable, Dict, Optional
 
-from routers.faults import faults
-from routers.spool import Spool, SpoolFull
+from .faults import faults
+from .spool import Spool, SpoolFull
 
 # Counts `n` events of the batch being delivered as dropped, under a reason.
 DropCounter = Callable[[str, int], None]

@@ -29,7 +29,7 @@ from ray.serve.request_router import (
     RunningReplica,
 )
 
-from routers.mixin import TracingMixin
+from .mixin import TracingMixin
 
 logger = logging.getLogger("ray.serve")
 

@@ -28,11 +28,11 @@ import weakref
 from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Tuple, Union
 
-from routers.config import TracerConfig
-from routers.delivery import CollectorClient, JsonlSink
-from routers.faults import faults
-from routers.spool import Spool
-from routers.wire import batch_json, encode
+from .config import TracerConfig
+from .delivery import CollectorClient, JsonlSink
+from .faults import faults
+from .spool import Spool
+from .wire import batch_json, encode
 
 logger = logging.getLogger("routelens")
 

@@ -13,7 +13,7 @@ replica updates for the whole process) and never blocks the router loop.
 Hooks for subclasses:
 - `routelens_request_attributes(pending_request)`: return a small dict of
   request fields worth recording with each decision (say, a prompt length).
-  The default records nothing from the payload (DESIGN.md, hard rule 4).
+  The default records nothing from the payload (docs/design.md, rule 4).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any, Dict, List, Optional
 
 from ray.serve.request_router import RequestRouter
 
-from routers.faults import faults
-from routers.config import passthrough_kwargs
-from routers.tracer import NO_RESULT, RouterTracer
+from .config import passthrough_kwargs
+from .faults import faults
+from .tracer import NO_RESULT, RouterTracer
 
 # Exact attribution of FIFO hand-offs needs two private RequestRouter methods
 # (present in Ray 2.60). Without them the hooks below are not defined and

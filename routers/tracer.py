@@ -43,19 +43,30 @@ import socket
 import time
 import uuid
 from collections import deque
+from importlib.metadata import version
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from ray.exceptions import TaskCancelledError
 
-import routers
-from routers.config import TracerConfig, load_config
-from routers.exporter import Exporter, Source, get_exporter
-from routers.faults import faults
-from routers.ids import is_sampled, next_seq
-from routers.stats import collected_at
-from routers.wire import (
-    COMPLETED, D_EXPORTED, D_PREVIOUS, D_TRACE, DECISION, REPLICAS, ROUTED, STATS, RequestTrace, rank_of,
+from .config import TracerConfig, load_config
+from .exporter import Exporter, Source, get_exporter
+from .faults import faults
+from .ids import is_sampled, next_seq
+from .stats import collected_at
+from .wire import (
+    COMPLETED,
+    D_EXPORTED,
+    D_PREVIOUS,
+    D_TRACE,
+    DECISION,
+    REPLICAS,
+    ROUTED,
+    STATS,
+    RequestTrace,
+    rank_of,
 )
+
+TRACER_VERSION = version("routelens")
 
 # Accepted attempts whose completion has not been seen, and requests not yet
 # routed, per router. Beyond these the oldest are forgotten (attempts are
@@ -120,13 +131,13 @@ class RouterTracer:
             "actor_id": init_kwargs.get("self_actor_id"),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
-            "tracer_version": routers.__version__,
+            "tracer_version": TRACER_VERSION,
             "labels": {},
         }
         self.config: Optional[TracerConfig] = None
         self.source: Optional[Source] = None
         self.exporter: Optional[Exporter] = None
-        # Private in Ray 2.60 (see DESIGN.md rule 7): without it, queue_len is unknown.
+        # Private in Ray 2.60 (see docs/design.md, rule 7): without it, queue_len is unknown.
         cache = getattr(getattr(router, "replica_queue_len_cache", None), "_cache", None)
         self._queue_len_get = cache.get if isinstance(cache, dict) else None  # the dict is never replaced
         # The replica's unique_id -> (routing_stats, first seen). Replaced, never

@@ -14,10 +14,10 @@ import json
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-from routers.ids import event_id, next_seq
-from routers.stats import STATS_TIMESTAMP_KEY, collected_at
+from .ids import event_id, next_seq
+from .stats import STATS_TIMESTAMP_KEY, collected_at
 
-SCHEMA_VERSION = 1
+WIRE_SCHEMA_VERSION = 1
 
 DECISION = "decision"
 ROUTED = "routed"
@@ -283,7 +283,7 @@ def batch_json(source: Dict[str, Any], seq: int, dropped: Dict[str, int], produc
     produced == stored + dropped checkable.
     """
     head = json.dumps(
-        {"schema_version": SCHEMA_VERSION, "source": source, "seq": seq, "dropped": dropped, "produced": produced},
+        {"schema_version": WIRE_SCHEMA_VERSION, "source": source, "seq": seq, "dropped": dropped, "produced": produced},
         default=str, separators=(",", ":"),
     )
     return (head[:-1] + ',"events":[' + ",".join(event_parts) + "]}").encode()

@@ -23,10 +23,10 @@ sys.path.insert(0, ROOT)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from collector.settings import Settings, parse_duration  # noqa: E402
-from dashboard.serve import create_up_app  # noqa: E402
-from tests.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from tests.collector_server import CollectorServer  # noqa: E402
+from routelens.collector.settings import Settings, parse_duration  # noqa: E402
+from routelens.dashboard.up import create_up_app  # noqa: E402
+from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
+from tests.support.collector_server import CollectorServer  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "screenshots")
 # View, the extra query, and the element that shows it is drawn.

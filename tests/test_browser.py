@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.browser import ChromiumUnavailable, check_available
-from tests.ports import free_port
+from tests.support.browser import ChromiumUnavailable, check_available
+from tests.support.ports import free_port
 
 PAGES = {
     "/button": """<!doctype html><html><head><title>button</title></head><body>

@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-from collector.cli import build_parser
+from routelens.collector.cli.commands import build_parser
 
 COMMANDS = ["demo", "collector", "up", "db", "db upgrade", "db current", "export", "import"]
 
 
 def routelens(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "routelens.collector.cli", *args], capture_output=True, text=True,
                           timeout=120, cwd=cwd)
 
 

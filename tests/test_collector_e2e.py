@@ -20,20 +20,20 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from sqlalchemy import select
 
-from collector.bins import STALENESS
-from collector.importer import import_files
-from collector.ingest import Ingestor
-from collector.models import Deployment, Replica, Router, completed, decisions, routed
-from collector.settings import Settings
-from dashboard.components import number, percent, seconds
-from dashboard.serve import create_up_app
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
-from tests import serve_apps
-from tests.browser import shown_rows, shown_text
-from tests.collector_server import CollectorServer
-from tests.conftest import Collector
-from tests.serve_traffic import send_handle, send_http
-from tests.trace_checks import wait_for
+from routelens.collector.ingest.importer import import_files
+from routelens.collector.ingest.writer import Ingestor
+from routelens.collector.settings import Settings
+from routelens.collector.store.bins import STALENESS
+from routelens.collector.store.models import Deployment, Replica, Router, completed, decisions, routed
+from routelens.dashboard.components import number, percent, seconds
+from routelens.dashboard.up import create_up_app
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
+from tests.support import serve_apps
+from tests.support.browser import shown_rows, shown_text
+from tests.support.collector_app import Collector
+from tests.support.collector_server import CollectorServer
+from tests.support.serve_traffic import send_handle, send_http
+from tests.support.trace_checks import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -41,7 +41,7 @@ STATS_PERIOD_S = 1.0
 SOURCE_FIGURES = ("active_routers", "dropped_events", "batch_gaps")
 # app name -> (deployment class, router class, options, HTTP requests, handle requests, concurrency)
 APPS = {
-    "uniform": (serve_apps.UniformRequestRouterApp, "routers.examples:TracedUniformRequestRouter",
+    "uniform": (serve_apps.UniformRequestRouterApp, "routelens.routers.examples:TracedUniformRequestRouter",
                 {"num_replicas": 10}, 100, 100, 10),
     "throughput": (serve_apps.ThroughputAwareRequestRouterApp, TracedThroughputAwareRequestRouter,
                    {"num_replicas": 3, "router_config": {"request_routing_stats_period_s": STATS_PERIOD_S,

@@ -17,7 +17,7 @@ import zlib
 import pytest
 from sqlalchemy import select
 
-from collector.models import Replica, completed, decisions, memberships, routed, stats_changes
+from routelens.collector.store.models import Replica, completed, decisions, memberships, routed, stats_changes
 
 WINDOW = {"window": "1h"}  # the read API's window: events here are stamped "now"
 

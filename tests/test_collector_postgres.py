@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from collector.db import make_engine
+from routelens.collector.store.db import make_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 A_POSTGRES_TEST = "tests/test_migrations.py::test_models_and_migrations_agree[postgres]"

@@ -18,11 +18,12 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from collector.bins import CHOOSE_US, LATENCY_MS, STALENESS
-from tests.conftest import Collector, WireSource
+from routelens.collector.store.bins import CHOOSE_US, LATENCY_MS, STALENESS
+from tests.support.collector_app import Collector
+from tests.support.wire_source import WireSource
 
-POW2 = "routers.examples.TracedPowerOfTwoChoicesRequestRouter"
-UNIFORM = "routers.examples.TracedUniformRequestRouter"
+POW2 = "routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter"
+UNIFORM = "routelens.routers.examples.TracedUniformRequestRouter"
 MINUTE, HOUR = 60, 3600
 # Five whole hours ago: the scenario's data lies in the past, in several hours.
 BASE = (int(time.time()) // HOUR - 5) * HOUR

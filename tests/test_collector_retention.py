@@ -8,9 +8,9 @@ import time
 import pytest
 from sqlalchemy import select
 
-from collector import retention as retention_module
-from collector.models import RAW_TABLES, rollups
-from collector.retention import Retention
+from routelens.collector.store import retention as retention_module
+from routelens.collector.store.models import RAW_TABLES, rollups
+from routelens.collector.store.retention import Retention
 
 DAY, HOUR = 86400, 3600
 NOW = (int(time.time()) // HOUR) * HOUR  # the injected clock; events are older

@@ -1,6 +1,6 @@
 """`routelens collector --workers N` and `routelens up --workers N`: real
 processes on a real SQLite file and the session's PostgreSQL. Requests go to
-chosen workers (tests.workers finds which process holds a connection), so
+chosen workers (tests.support.workers finds which process holds a connection), so
 that each test knows which worker did what, whatever the kernel would pick."""
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from typing import Dict, List
 import pytest
 from sqlalchemy import func, select
 
-from collector.db import make_engine
-from collector.models import Deployment, Replica, Source, SourceBatch, decisions
-from tests.collector_process import ROOT, CollectorProcess
-from tests.conftest import Collector
-from tests.ports import free_port
+from routelens.collector.store.db import make_engine
+from routelens.collector.store.models import Deployment, Replica, Source, SourceBatch, decisions
+from tests.support.collector_app import Collector
+from tests.support.collector_process import ROOT, CollectorProcess
+from tests.support.ports import free_port
+from tests.support.worker_apps import FAILURE
+from tests.support.workers import children, connection_to_each, worker_pids
 from tests.test_cli import routelens
-from tests.worker_apps import FAILURE
-from tests.workers import children, connection_to_each, worker_pids
 
 WORKERS = 2
 
@@ -292,17 +292,17 @@ def test_a_worker_that_cannot_start_fails_the_command_in_one_line(tmp_path):
     says why in one line and exits 1, and no worker is left, none restarted."""
     pids_file = tmp_path / "pids"
     script = ("import sys\n"
-              "from collector.serve import ServeError, serve_workers\n"
-              "from collector.settings import Settings\n"
+              "from routelens.collector.cli.server import ServeError, serve_workers\n"
+              "from routelens.collector.settings import Settings\n"
               "try:\n"
-              "    serve_workers(Settings(db_url=sys.argv[1]), 'tests.worker_apps:failing_app',\n"
+              "    serve_workers(Settings(db_url=sys.argv[1]), 'tests.support.worker_apps:failing_app',\n"
               "                  '127.0.0.1', int(sys.argv[2]), 2, 'serving')\n"
               "except ServeError as exc:\n"
               "    print(f'routelens collector: {exc}', file=sys.stderr)\n"
               "    sys.exit(1)\n")
     result = subprocess.run([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'fail.db'}", str(free_port())],
                             cwd=ROOT, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "ROUTELENS_TEST_PIDS": str(pids_file)})
+                            env={**os.environ, "ROUTELENS_TEST_PIDS": str(pids_file), "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1, result.stderr
     assert result.stderr == f"serving\nroutelens collector: {FAILURE}\n"
     started = [int(line) for line in pids_file.read_text().split()]

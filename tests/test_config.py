@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from routers.config import TracerConfig, load_config
+from routelens.routers.config import TracerConfig, load_config
 
 DEFAULTS = TracerConfig()
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from collector.settings import Settings
-from dashboard.components import number, percent, seconds
-from dashboard.serve import create_up_app
-from tests.browser import shown_rows, shown_text
-from tests.collector_server import CollectorServer
-from tests.conftest import WireSource
+from routelens.collector.settings import Settings
+from routelens.dashboard.components import number, percent, seconds
+from routelens.dashboard.up import create_up_app
+from tests.support.browser import shown_rows, shown_text
+from tests.support.collector_server import CollectorServer
+from tests.support.wire_source import WireSource
 
 pytestmark = pytest.mark.browser
 

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from routers.delivery import CollectorClient, JsonlSink
-from routers.spool import Spool
+from routelens.routers.delivery import CollectorClient, JsonlSink
+from routelens.routers.spool import Spool
 
 
 class Drops:

@@ -20,9 +20,10 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from collector.demo_apps import APPS, STATS_PERIOD_S
-from tests.conftest import Collector
-from tests.ports import free_port
+from routelens.collector.demo.apps import APPS, STATS_PERIOD_S
+from tests.support.collector_app import Collector
+from tests.support.decoys import make_decoys
+from tests.support.ports import free_port
 
 DURATION_S = 45  # of traffic: two pow-2 bursts and 25 s of a stale replica, as much as the checks need
 WINDOW = "2h"
@@ -73,6 +74,10 @@ class DemoRun:
 
     def __init__(self, directory):
         self.db = directory / "demo.db"
+        # Run where a user's own `collector`, `routers`, ... packages are first on
+        # the path (Ray's workers get the demo's current directory too): they must
+        # change nothing.
+        self.cwd = make_decoys(directory / "project")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.lines: List[str] = []
@@ -80,10 +85,10 @@ class DemoRun:
         self.first_data_after_url_s = None
 
     def run(self, *flags: str, interrupt_once_sending: bool = False) -> int:
-        command = [sys.executable, "-m", "collector.cli", "demo", *flags, "--db", str(self.db),
+        command = [sys.executable, "-m", "routelens.collector.cli", "demo", *flags, "--db", str(self.db),
                    "--port", str(self.port), "--serve-port", str(free_port())]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "COLUMNS": "160"})
+                                   cwd=self.cwd, env={**os.environ, "COLUMNS": "160", "PYTHONPATH": str(self.cwd)})
         reader = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
         reader.start()
         url_shown_at = None
@@ -237,7 +242,7 @@ def _busy_port() -> Tuple[socket.socket, int]:
 def test_a_busy_port_is_one_line_and_starts_nothing(flag, tmp_path):
     listener, port = _busy_port()
     with listener:
-        result = subprocess.run([sys.executable, "-m", "collector.cli", "demo", flag, str(port), "--duration", "5"],
+        result = subprocess.run([sys.executable, "-m", "routelens.collector.cli", "demo", flag, str(port), "--duration", "5"],
                                 capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

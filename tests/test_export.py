@@ -20,16 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from collector import queries
-from collector.app import _export_stream
-from collector.cli import main as routelens
-from collector.db import make_engine
-from collector.export import COLUMNS, SCHEMA_VERSION
-from collector.export import export as export_log
-from collector.export_command import _output
-from collector.importer import import_files
-from collector.ingest import Ingestor
-from tests.conftest import Collector
+from routelens.collector.api.app import _export_stream
+from routelens.collector.cli import main as routelens
+from routelens.collector.cli.files import _output
+from routelens.collector.export.tables import COLUMNS, EXPORT_SCHEMA_VERSION
+from routelens.collector.export.tables import export as export_log
+from routelens.collector.ingest.importer import import_files
+from routelens.collector.ingest.writer import Ingestor
+from routelens.collector.query.filters import Filters
+from routelens.collector.store.db import make_engine
+from tests.support.collector_app import Collector
 
 PANELS = ("/v1/summary", "/v1/distribution", "/v1/staleness", "/v1/rank-hits", "/v1/timeseries")
 
@@ -312,7 +312,7 @@ def test_events_export_then_import_gives_the_same_panels(collector, log, tmp_pat
 def test_docs_describe_every_column():
     """docs/export.md is the schema users read: it must be the one written."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "export.md").read_text()
-    assert f"# Export schema, version {SCHEMA_VERSION}" in text
+    assert f"# Export schema, version {EXPORT_SCHEMA_VERSION}" in text
     for what, columns in COLUMNS.items():
         section = text.split(f"### `{what}`")[1].split("###")[0]
         documented = re.findall(r"^\| `([a-z_]+)` \| `([^`]+)` \|", section, re.M)
@@ -324,8 +324,8 @@ def test_docs_describe_every_column():
 def test_a_consumer_that_stops_early_stops_the_reader(collector, log, monkeypatch):
     """The reader thread runs ahead; closing the export must not wait on it forever,
     and must hand the connection back."""
-    monkeypatch.setattr("collector.export.CHUNK_ROWS", 2)
-    window = queries.Filters(since=log.window["since"], until=log.window["until"])
+    monkeypatch.setattr("routelens.collector.export.tables.CHUNK_ROWS", 2)
+    window = Filters(since=log.window["since"], until=log.window["until"])
     for _ in range(3):
         with collector.engine.connect() as connection:
             chunks = export_log(connection, window, "decisions", "csv")
@@ -337,7 +337,7 @@ def test_a_consumer_that_stops_early_stops_the_reader(collector, log, monkeypatc
 
 
 def test_the_http_stream_closes_the_export_when_the_client_leaves(collector, log):
-    window = queries.Filters(since=log.window["since"], until=log.window["until"])
+    window = Filters(since=log.window["since"], until=log.window["until"])
     pool = collector.engine.pool
 
     async def first_chunk_then_leave():
@@ -352,7 +352,7 @@ def test_the_http_stream_closes_the_export_when_the_client_leaves(collector, log
 def test_a_chunk_of_only_a_repeated_row(collector, make_source, monkeypatch):
     """A routing with two completions repeats its row in the join; at a chunk's
     edge that chunk may hold nothing new."""
-    monkeypatch.setattr("collector.export.CHUNK_ROWS", 1)
+    monkeypatch.setattr("routelens.collector.export.tables.CHUNK_ROWS", 1)
     src = make_source("s1")
     t = time.time() - 30
     d = src.decision(t, [["r1"]], request_id="q", internal_request_id="iq")

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pytest
 from sqlalchemy import func, literal, select
 
-from collector.db import DatabaseError, check_schema, make_engine
-from collector.export_read import ArrowReader
+from routelens.collector.export.arrow_reader import ArrowReader
+from routelens.collector.store.db import DatabaseError, check_schema, make_engine
 
 NUMBER = pa.schema([("n", pa.int64())])
 BLOB = pa.schema([("b", pa.binary())])
@@ -86,6 +86,6 @@ def test_parameters_of_every_kind_are_bound_as_they_are(connection):
 
 def test_the_reader_process_imports_no_pyarrow_nor_numpy():
     """Its memory counts in the export's: pyarrow's libraries are some 40 MB resident."""
-    check = "import sys, collector.sqlite_reader; print(sorted({'pyarrow', 'numpy', 'pandas'} & set(sys.modules)))"
+    check = "import sys, routelens.collector.export.sqlite_reader; print(sorted({'pyarrow', 'numpy', 'pandas'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
                           check=True).stdout.strip() == "[]"

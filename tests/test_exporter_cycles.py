@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from routers.config import TracerConfig
-from routers.examples import TracedUniformRequestRouter
-from routers.exporter import Exporter
-from routers.offline import make_router, route_one
-from tests.event_sink_server import EventSinkServer
-from tests.trace_checks import wait_for
+from routelens.routers.config import TracerConfig
+from routelens.routers.examples import TracedUniformRequestRouter
+from routelens.routers.exporter import Exporter
+from routelens.routers.testing import make_router, route_one
+from tests.support.event_sink_server import EventSinkServer
+from tests.support.trace_checks import wait_for
 
 
 def test_a_wake_during_a_cycle_names_the_next_cycle(tmp_path):

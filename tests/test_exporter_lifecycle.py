@@ -23,8 +23,8 @@ def test_events_are_flushed_at_interpreter_exit(tmp_path):
     sink = tmp_path / "events.jsonl"
     done = run_script(f"""
         import asyncio
-        from routers.examples import TracedUniformRequestRouter
-        from routers.offline import make_request, make_router
+        from routelens.routers.examples import TracedUniformRequestRouter
+        from routelens.routers.testing import make_request, make_router
 
         async def main():
             router = make_router(TracedUniformRequestRouter, 4,
@@ -45,8 +45,8 @@ def test_a_forked_child_exports_its_own_events_only(tmp_path):
     sink = tmp_path / "events-{pid}.jsonl"
     done = run_script(f"""
         import asyncio, os
-        from routers.offline import make_request, make_router
-        from routers.examples import TracedUniformRequestRouter
+        from routelens.routers.testing import make_request, make_router
+        from routelens.routers.examples import TracedUniformRequestRouter
 
         kwargs = {{"jsonl_path": {str(sink)!r}, "flush_interval_s": 3600}}
 
@@ -85,14 +85,14 @@ def test_a_forked_child_exports_its_own_events_only(tmp_path):
 def test_a_spool_left_at_exit_is_replayed_by_the_next_process(tmp_path):
     """Collector down at exit: the batches wait on disk; the next process on
     this host adopts that spool and delivers them, oldest first."""
-    from tests.ports import free_port
-    from tests.event_sink_server import EventSinkServer
+    from tests.support.event_sink_server import EventSinkServer
+    from tests.support.ports import free_port
 
     port = free_port()
     script = """
         import asyncio
-        from routers.examples import TracedUniformRequestRouter
-        from routers.offline import make_request, make_router
+        from routelens.routers.examples import TracedUniformRequestRouter
+        from routelens.routers.testing import make_request, make_router
 
         async def main():
             router = make_router(TracedUniformRequestRouter, 4, app={app!r}, router_kwargs={{
@@ -122,13 +122,13 @@ def test_a_spool_left_at_exit_is_replayed_by_the_next_process(tmp_path):
 
 def test_a_spool_for_another_collector_is_left_alone(tmp_path):
     """Batches spooled for one collector never go to another one."""
-    from tests.event_sink_server import EventSinkServer
-    from tests.ports import free_port
+    from tests.support.event_sink_server import EventSinkServer
+    from tests.support.ports import free_port
 
     script = """
         import asyncio
-        from routers.examples import TracedUniformRequestRouter
-        from routers.offline import make_request, make_router
+        from routelens.routers.examples import TracedUniformRequestRouter
+        from routelens.routers.testing import make_request, make_router
 
         async def main():
             router = make_router(TracedUniformRequestRouter, 4, app={app!r}, router_kwargs={{

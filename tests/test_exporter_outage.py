@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from routers.config import TracerConfig
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter
-from routers.exporter import Exporter
-from routers.offline import make_router, route_one
-from tests.event_sink_server import EventSinkServer
+from routelens.routers.config import TracerConfig
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from routelens.routers.exporter import Exporter
+from routelens.routers.testing import make_router, route_one
+from tests.support.event_sink_server import EventSinkServer
 
 RATE = 1000  # decisions per second
 

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from routers.ids import event_id, is_sampled, next_seq
+from routelens.routers.ids import event_id, is_sampled, next_seq
 
 TS = 1_700_000_000.123  # a fixed wall-clock time, in seconds
 UUID_TEXT = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

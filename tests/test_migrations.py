@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,12 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from collector.app import create_app
-from collector.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
-from collector.models import Base
-from collector.settings import Settings
-from tests.conftest import Collector, WireSource
+from routelens.collector.api.app import create_app
+from routelens.collector.settings import Settings
+from routelens.collector.store.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
+from routelens.collector.store.models import Base
+from tests.support.collector_app import Collector
+from tests.support.wire_source import WireSource
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_TABLES = set(Base.metadata.tables)
@@ -59,10 +59,10 @@ def test_empty_to_head_to_base_to_head(empty_db_url):
 
 
 def test_the_expected_head_is_alembics_head():
-    """`collector.db` reads the scripts' revisions without Alembic: they, and the head it finds, must be Alembic's."""
+    """`collector.store.db` reads the scripts' revisions without Alembic: they, and the head it finds, must be Alembic's."""
     from alembic.script import ScriptDirectory
 
-    from collector.db import alembic_config, script_revisions
+    from routelens.collector.store.db import alembic_config, script_revisions
 
     scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
     assert head_revision() == scripts.get_current_head()
@@ -85,7 +85,7 @@ def test_checking_a_version_imports_no_alembic(db_url):
     """An export's memory: checking the schema leaves Alembic (some 11 MB) unimported."""
     script = textwrap.dedent(f"""
         import sys
-        from collector.db import check_schema, make_engine
+        from routelens.collector.store.db import check_schema, make_engine
         check_schema(make_engine({db_url!r}), {db_url!r})
         print("alembic" in sys.modules)
     """)
@@ -147,47 +147,50 @@ def _python(code: str, cwd, pythonpath=None, check=True) -> subprocess.Completed
 
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "collector.cli", *args], cwd=cwd or ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "routelens.collector.cli", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
-NEXT_MIGRATION = '''
-"""A later version's migration (test).
+def _next_migration(down_revision: str) -> str:
+    """A later version's migration, following this version's head."""
+    return textwrap.dedent(f'''
+        """A later version's migration (test).
 
-Revision ID: 0002
-Revises: 0001
-"""
-from alembic import op
-import sqlalchemy as sa
+        Revision ID: 9999
+        Revises: {down_revision}
+        """
+        from alembic import op
+        import sqlalchemy as sa
 
-revision = "0002"
-down_revision = "0001"
-branch_labels = None
-depends_on = None
-
-
-def upgrade():
-    op.create_table("later_feature", sa.Column("pk", sa.Integer(), primary_key=True))
+        revision = "9999"
+        down_revision = "{down_revision}"
+        branch_labels = None
+        depends_on = None
 
 
-def downgrade():
-    op.drop_table("later_feature")
-'''
+        def upgrade():
+            op.create_table("later_feature", sa.Column("pk", sa.Integer(), primary_key=True))
+
+
+        def downgrade():
+            op.drop_table("later_feature")
+    ''')
 
 
 def test_a_database_behind_head_is_refused_until_upgraded(db_url, tmp_path):
     """A later routelens (this code plus a migration) on this version's database."""
-    later = tmp_path / "later"
+    head = head_revision()
+    later = tmp_path / "later" / "routelens"
     for package in ("collector", "migrations", "routers"):
         shutil.copytree(ROOT / package, later / package, ignore=shutil.ignore_patterns("__pycache__"))
-    (later / "migrations" / "versions" / "0002_later_feature.py").write_text(NEXT_MIGRATION)
+    (later / "migrations" / "versions" / "9999_later_feature.py").write_text(_next_migration(head))
     result = _python(f"""
-        import migrations
+        from routelens import migrations
         assert migrations.__file__.startswith({str(later)!r}), migrations.__file__
-        from collector.app import create_app
-        from collector.cli import main
-        from collector.db import DatabaseError
-        from collector.settings import Settings
+        from routelens.collector.api.app import create_app
+        from routelens.collector.cli import main
+        from routelens.collector.store.db import DatabaseError
+        from routelens.collector.settings import Settings
         try:
             create_app(Settings(db_url={db_url!r}))
         except DatabaseError as exc:
@@ -195,15 +198,50 @@ def test_a_database_behind_head_is_refused_until_upgraded(db_url, tmp_path):
         main(["db", "upgrade", "--db", {db_url!r}])
         create_app(Settings(db_url={db_url!r}))
         print("started")
-    """, cwd=later, pythonpath=later)
+    """, cwd=later.parent, pythonpath=later.parent)
     refused, upgraded, started = result.stdout.splitlines()
-    assert refused == (f"refused: the database schema (0001) is behind this routelens (0002): "
+    assert refused == (f"refused: the database schema ({head}) is behind this routelens (9999): "
                        f"run `routelens db upgrade --db {db_url}`")
-    assert upgraded == "database at 0002 (head: 0002)"
+    assert upgraded == "database at 9999 (head: 9999)"
     assert started == "started"
     # This version now finds the database ahead of it.
-    with pytest.raises(DatabaseError, match=r"\(0002\) is newer than this routelens \(0001\): upgrade routelens"):
+    with pytest.raises(DatabaseError, match=rf"\(9999\) is newer than this routelens \({head}\): upgrade routelens"):
         create_app(Settings(db_url=db_url))
+
+
+def test_example_routers_stored_under_their_old_module_take_the_new_one(empty_db_url):
+    """Databases written before routelens had one namespace name its example routers
+    `routers.examples.X`; after the upgrade they are the routers today's tracer sends."""
+    upgrade(empty_db_url, "0001")
+    engine = make_engine(empty_db_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("INSERT INTO deployments (pk, app, deployment) VALUES (1, 'shop', 'Checkout')")
+        for pk, router_class in ((1, "routers.examples.TracedPowerOfTwoChoicesRequestRouter"),
+                                 (2, "routers.examples_of_mine.TracedPowerOfTwoChoicesRequestRouter")):
+            connection.exec_driver_sql(
+                "INSERT INTO routers (pk, deployment_pk, router_class, labels, labels_key) "
+                f"VALUES ({pk}, 1, '{router_class}', '{{}}', '{{}}')")
+    engine.dispose()
+    upgrade(empty_db_url)
+    collector = Collector(empty_db_url)
+    try:
+        source = WireSource("s1", router_class="routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter")
+        decision = source.decision(1.8e9, [["r1"]])
+        collector.store(source.batch([decision]))
+        with collector.engine.connect() as connection:
+            stored = connection.exec_driver_sql("SELECT pk, router_class FROM routers ORDER BY pk").all()
+    finally:
+        collector.close()
+    # The batch joined the renamed router; a user's own module of a similar name kept its name.
+    assert [tuple(row) for row in stored] == [
+        (1, "routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter"),
+        (2, "routers.examples_of_mine.TracedPowerOfTwoChoicesRequestRouter")]
+    downgrade(empty_db_url, "0001")
+    engine = make_engine(empty_db_url)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT router_class FROM routers WHERE pk = 1").scalar() == (
+            "routers.examples.TracedPowerOfTwoChoicesRequestRouter")
+    engine.dispose()
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):
@@ -225,44 +263,3 @@ def test_cli_db_reports_an_unreachable_database():
     assert result.returncode == 1
     assert result.stderr.startswith("routelens db: cannot open the database")
     assert "Traceback" not in result.stderr
-
-
-# --- the wheel ---
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
-    """The project's wheel, built from a copy of the source tree, and unpacked."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp / "dist"),
-                             str(source)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    (path,) = (tmp / "dist").glob("routelens-*.whl")
-    unpacked = tmp / "unpacked"
-    with zipfile.ZipFile(path) as archive:
-        names = set(archive.namelist())
-        archive.extractall(unpacked)
-    return names, unpacked
-
-
-def test_the_wheel_ships_the_migrations(wheel):
-    names, _ = wheel
-    assert {"migrations/__init__.py", "migrations/env.py", "migrations/script.py.mako"} <= names
-    assert [n for n in names if n.startswith("migrations/versions/0001_") and n.endswith(".py")]
-
-
-def test_the_installed_wheel_can_create_a_database(wheel, empty_db_url, tmp_path):
-    """Only the unpacked wheel on the path, in another directory: no source tree to lean on."""
-    _, unpacked = wheel
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    result = _python(f"""
-        import collector.db, migrations
-        assert migrations.__file__.startswith({str(unpacked)!r}), migrations.__file__
-        collector.db.upgrade({empty_db_url!r})
-        print(collector.db.current_revision(collector.db.make_engine({empty_db_url!r})))
-    """, cwd=elsewhere, pythonpath=unpacked)
-    assert result.stdout.strip() == head_revision()
-    assert _state(empty_db_url) == (head_revision(), MODEL_TABLES | {"alembic_version"})

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from collector.ranking_columns import RankingColumns, Unreadable, _decoded, ranking_columns, walked
+from routelens.collector.export.rankings import RankingColumns, Unreadable, _decoded, ranking_columns, walked
 
 _encode = msgspec.msgpack.Encoder().encode
 

@@ -12,11 +12,11 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter
-from tests import misbehaving_routers, serve_apps
-from tests.event_sink_server import EventSinkServer
-from tests.serve_traffic import send_handle, send_http
-from tests.trace_checks import read_events, wait_for
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from tests.support import misbehaving_routers, serve_apps
+from tests.support.event_sink_server import EventSinkServer
+from tests.support.serve_traffic import send_handle, send_http
+from tests.support.trace_checks import read_events, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -42,7 +42,7 @@ def test_router_from_a_module_the_proxy_cannot_import(serve_instance, tmp_path, 
     (module_dir / "faraway_router.py").write_text(textwrap.dedent("""
         import random
         from ray.serve.request_router import RequestRouter
-        from routers import TracingMixin
+        from routelens.routers import TracingMixin
 
         class FarawayRouter(TracingMixin, RequestRouter):
             async def choose_replicas(self, candidate_replicas, pending_request=None):

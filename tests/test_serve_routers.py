@@ -14,10 +14,10 @@ import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
-from tests import serve_apps
-from tests.serve_traffic import send_handle, send_http
-from tests.trace_checks import check_trace, read_events, routed_count, wait_for
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedThroughputAwareRequestRouter
+from tests.support import serve_apps
+from tests.support.serve_traffic import send_handle, send_http
+from tests.support.trace_checks import check_trace, read_events, routed_count, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -58,7 +58,7 @@ def test_uniform_router_ten_replicas(serve_instance, tmp_path):
     # The seed deploys with an import-path string; so does this test.
     events, figures = traced_run(
         serve_instance, tmp_path, serve_apps.UniformRequestRouterApp, "uniform",
-        "routers.examples:TracedUniformRequestRouter", n_http=150, n_handle=150, concurrency=10,
+        "routelens.routers.examples:TracedUniformRequestRouter", n_http=150, n_handle=150, concurrency=10,
         num_replicas=10,
     )
     routed = [e for e in events if e["type"] == "routed"]

@@ -21,9 +21,9 @@ import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter
-from tests import serve_apps
-from tests.trace_checks import check_trace, read_events, wait_for
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from tests.support import serve_apps
+from tests.support.trace_checks import check_trace, read_events, wait_for
 
 pytestmark = pytest.mark.ray
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from routers.spool import Spool, SpoolFull
+from routelens.routers.spool import Spool, SpoolFull
 
 
 def _lines(n: int, width: int = 20):

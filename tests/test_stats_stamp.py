@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from routers.stats import STATS_TIMESTAMP_KEY, collected_at, stamp_routing_stats
+from routelens.routers.stats import STATS_TIMESTAMP_KEY, collected_at, stamp_routing_stats
 
 
 class App:

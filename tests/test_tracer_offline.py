@@ -1,4 +1,4 @@
-"""The tracer on real router classes without a cluster (routers.offline):
+"""The tracer on real router classes without a cluster (routers.testing):
 sampling, accounting, rejections and the tracer's own failures."""
 
 from __future__ import annotations
@@ -8,17 +8,20 @@ import json
 import time
 from collections import Counter, defaultdict
 
-
 import pytest
 
-from routers import mixin as mixin_module
-from routers import tracer as tracer_module
-from routers.config import TracerConfig
-from routers import TracingMixin
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter, UniformRequestRouter
-from routers.exporter import Exporter
-from routers.faults import faults
-from routers.offline import FakeResult, RayRouter, make_request, make_router
+from routelens.routers import TracingMixin
+from routelens.routers import mixin as mixin_module
+from routelens.routers import tracer as tracer_module
+from routelens.routers.config import TracerConfig
+from routelens.routers.examples import (
+    TracedPowerOfTwoChoicesRequestRouter,
+    TracedUniformRequestRouter,
+    UniformRequestRouter,
+)
+from routelens.routers.exporter import Exporter
+from routelens.routers.faults import faults
+from routelens.routers.testing import FakeResult, RayRouter, make_request, make_router
 
 
 @pytest.fixture(autouse=True, params=["results from Ray", "own done-callbacks"])

@@ -20,10 +20,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from collector.auth import COOKIE, cookie_value
-from collector.settings import Settings
-from dashboard.serve import create_up_app
-from tests.ports import free_port
+from routelens.collector.api.auth import COOKIE, cookie_value
+from routelens.collector.settings import Settings
+from routelens.dashboard.up import create_up_app
+from tests.support.ports import free_port
 
 TOKEN = "s3cret-token-0123456789"
 WRONG = "s3cret-token-0123456780"  # same length, last character differs
@@ -157,7 +157,7 @@ def _run_up(tmp_path, *args) -> tuple:
     """`routelens up` until it answers /healthz; its listening addresses and its stderr."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "ROUTELENS_TOKEN"}
-    server = subprocess.Popen([sys.executable, "-m", "collector.cli", "up", "--db", str(tmp_path / "cli.db"),
+    server = subprocess.Popen([sys.executable, "-m", "routelens.collector.cli", "up", "--db", str(tmp_path / "cli.db"),
                                "--port", str(port), *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               env=env, text=True)
     try:

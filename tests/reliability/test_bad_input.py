@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select
 
-from collector.models import Base, decisions
-from tests.ports import free_port
+from routelens.collector.store.models import Base, decisions
+from tests.support.ports import free_port
 
 # Every example runs against the test's one database (a function-scoped
 # fixture): each asserts on what it changed, not on absolute contents.
@@ -77,7 +77,7 @@ odd_values = st.sampled_from([
 @st.composite
 def valid_batches(draw) -> dict:
     """A batch the wire format allows: unicode ids, unknown stats shapes, edge-case numbers."""
-    from tests.conftest import WireSource
+    from tests.support.wire_source import WireSource
 
     labels = draw(st.dictionaries(st.text(max_size=10).filter(lambda s: "\x00" not in s), storable_text,
                                   max_size=3))
@@ -87,7 +87,7 @@ def valid_batches(draw) -> dict:
     replicas = draw(st.lists(storable_text, min_size=1, max_size=4, unique=True))
     stats = st.dictionaries(st.text(max_size=8), json_values, max_size=3)
     non_negative = st.floats(min_value=0, max_value=1e308)
-    ages = st.floats(min_value=-1e9, max_value=1e9)  # stored in microseconds: see collector.schema.Age
+    ages = st.floats(min_value=-1e9, max_value=1e9)  # stored in microseconds: see collector.ingest.schema.Age
     events, ts = [], _now()
     for i in range(draw(st.integers(1, 4))):
         t = ts + i * 0.01
@@ -335,7 +335,7 @@ def real_collector(tmp_path_factory):
     port = free_port()
     db = tmp_path_factory.mktemp("big") / "routelens.db"
     env = {k: v for k, v in os.environ.items() if k != "ROUTELENS_TOKEN"}
-    command = [sys.executable, "-m", "collector.cli", "collector", "--db", str(db), "--port", str(port)]
+    command = [sys.executable, "-m", "routelens.collector.cli", "collector", "--db", str(db), "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -3,7 +3,7 @@
 The collector is `routelens collector` in a child process (SIGKILL is the
 fault). The load comes from other processes (niced, the machine is shared):
 
-- `exporter_load`: real traced routers (`routers.offline`, no Ray cluster)
+- `exporter_load`: real traced routers (`routers.testing`, no Ray cluster)
   and the real exporter, 5,000 events/s per process, 4 processes: 20,000
   events/s, batched, gzipped, spooled while the collector is away. Each
   process reports its sources' counters (produced, dropped by reason);
@@ -42,12 +42,13 @@ from typing import Dict, List
 import pytest
 from sqlalchemy import func, select
 
-from collector.db import make_engine, upgrade
-from collector.models import RAW_TABLES, Source, decisions, rollups
-from tests.collector_process import ROOT, CollectorProcess
-from tests.conftest import Collector, WireSource
-from tests.postgres import PostgresCluster, PostgresUnavailable, check_available
-from tests.system_deps import require
+from routelens.collector.store.db import make_engine, upgrade
+from routelens.collector.store.models import RAW_TABLES, Source, decisions, rollups
+from tests.support.collector_app import Collector
+from tests.support.collector_process import ROOT, CollectorProcess
+from tests.support.postgres import PostgresCluster, PostgresUnavailable, check_available
+from tests.support.system_deps import require
+from tests.support.wire_source import WireSource
 
 LOADERS = 4  # exporter processes
 RATE_PER_LOADER = 5000  # events/s each: 20,000 events/s in all
@@ -85,7 +86,7 @@ class Loaders:
         self.outs = [tmp_path / f"loader{i}.json" for i in range(LOADERS)]
         self.logs = [open(tmp_path / f"loader{i}.log", "w") for i in range(LOADERS)]
         self.processes = [subprocess.Popen(python(
-            "-m", "tests.reliability.exporter_load", "--collector", url, "--spool", str(tmp_path / "spool"),
+            "-m", "tests.support.exporter_load", "--collector", url, "--spool", str(tmp_path / "spool"),
             "--rate", str(RATE_PER_LOADER), "--seconds", str(seconds), "--start-at", str(self.start_at),
             "--spool-max-bytes", str(spool_max_bytes), "--queue-max-events", str(QUEUE_MAX_EVENTS),
             "--out", str(out)), cwd=ROOT, stdout=log,
@@ -359,10 +360,10 @@ def test_dashboard_reads_during_full_rate_ingest_never_hit_a_locked_sqlite(tmp_p
     dashboard = CollectorProcess(url, command="up").start()
     try:
         post_out, read_out = tmp_path / "post.json", tmp_path / "read.json"
-        poster = subprocess.Popen(python("-m", "tests.reliability.http_load", "post", "--url", ingest.url,
+        poster = subprocess.Popen(python("-m", "tests.support.http_load", "post", "--url", ingest.url,
                                          "--seconds", str(seconds), "--threads", "3", "--out", str(post_out)),
                                   cwd=ROOT)
-        reader = subprocess.Popen(python("-m", "tests.reliability.http_load", "read", "--url", ingest.url,
+        reader = subprocess.Popen(python("-m", "tests.support.http_load", "read", "--url", ingest.url,
                                          "--url", dashboard.url, "--dashboard", "--seconds", str(seconds),
                                          "--threads", "2", "--out", str(read_out)), cwd=ROOT)
         assert poster.wait(seconds + 120) == 0 and reader.wait(seconds + 120) == 0
@@ -437,7 +438,7 @@ def test_a_collector_killed_mid_batch_stores_each_batch_whole_or_not_at_all(tmp_
     # Large batches (6,000 events: a write transaction of a few hundred ms),
     # three at a time, so that a kill at a random moment finds some being written.
     poster = subprocess.Popen(python(
-        "-m", "tests.reliability.http_load", "post", "--url", collector.url, "--seconds", "600", "--threads", "3",
+        "-m", "tests.support.http_load", "post", "--url", collector.url, "--seconds", "600", "--threads", "3",
         "--events-per-batch", "6000", "--ids", str(ids_file), "--stop-file", str(stop_file),
         "--out", str(post_out)), cwd=ROOT)
     try:

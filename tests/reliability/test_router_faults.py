@@ -13,14 +13,14 @@ import time
 
 import pytest
 
-from routers import tracer as tracer_module
-from routers.config import TracerConfig
-from routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
-from routers.exporter import Exporter
-from routers.faults import FaultLog
-from routers.offline import FakeResult, make_request, make_router
-from tests.event_sink_server import EventSinkServer
-from tests.system_deps import require
+from routelens.routers import tracer as tracer_module
+from routelens.routers.config import TracerConfig
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
+from routelens.routers.exporter import Exporter
+from routelens.routers.faults import FaultLog
+from routelens.routers.testing import FakeResult, make_request, make_router
+from tests.support.event_sink_server import EventSinkServer
+from tests.support.system_deps import require
 from tests.test_exporter_outage import drive
 
 JUMP_S = 3600.0

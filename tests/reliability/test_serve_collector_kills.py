@@ -25,8 +25,8 @@ import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from collector.models import RAW_TABLES
-from tests.collector_process import CollectorProcess
+from routelens.collector.store.models import RAW_TABLES
+from tests.support.collector_process import CollectorProcess
 
 pytestmark = pytest.mark.ray
 
@@ -89,7 +89,7 @@ def test_a_killed_collector_loses_no_event_of_traced_serve_traffic(serve_instanc
     collector = CollectorProcess(f"sqlite:///{db_path}").start()
     name = f"kills-{seconds}"
     config = RequestRouterConfig(
-        request_router_class="routers.examples:TracedPowerOfTwoChoicesRequestRouter",
+        request_router_class="routelens.routers.examples:TracedPowerOfTwoChoicesRequestRouter",
         request_router_kwargs={"collector_url": collector.url, "spool_dir": str(tmp_path / "spool")})
     handle = serve.run(Echo.options(request_router_config=config).bind(), name=name, route_prefix=f"/{name}")
     stop, sent = threading.Event(), Counter()

@@ -1,0 +1,317 @@
+"""The collector's HTTP service: `create_app(settings)`.
+
+- `POST /v1/events`: wire format v1 batches (see `collector.ingest.schema`),
+  stored by `collector.ingest.writer`, all or nothing;
+- read endpoints over `collector.query.figures` and `collector.query.explore`, all with
+  the same window and filters (`collector.api.params`);
+- `/healthz`, `/metrics` (Prometheus), OpenAPI at `/docs`.
+
+Client input never causes a 500: bad batches get 400/401/413/415/422 naming
+the problem, and a database that cannot be reached gets 503 (the tracer's
+exporter retries those).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterator, Literal, Optional
+
+import anyio
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..export import tables
+from ..export.formats import FORMATS, MEDIA_TYPES
+from ..ingest.schema import Invalid, TooMany, parse
+from ..ingest.writer import Ingestor, SourceConflict
+from ..query import explore, figures
+from ..query.filters import Filters
+from ..settings import Settings, parse_duration
+from ..store.db import check_schema, current_revision, make_engine
+from ..store.ids import to_bytes
+from ..store.retention import Retention
+from .auth import is_authorized
+from .metrics import Metrics
+from .params import filters
+
+JSON_TYPES = ("application/json",)
+
+
+class Rejected(Exception):
+    """A batch refused before storage: HTTP status and reason."""
+
+    def __init__(self, status: int, reason: str, detail: str):
+        super().__init__(detail)
+        self.status, self.reason, self.detail = status, reason, detail
+
+
+# For FastAPI to validate the parameters (and document their values).
+ExportFormat = Literal[FORMATS]  # type: ignore[valid-type]
+ExportTable = Literal[tables.TABLES]  # type: ignore[valid-type]
+
+
+def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
+    """The collector app. Checks the database schema now, so that a server
+    never starts on a database it cannot use (raises `db.DatabaseError`)."""
+    engine = engine or make_engine(settings.db_url)
+    check_schema(engine, settings.db_url)
+    ingestor = Ingestor(engine)
+    metrics = Metrics(engine, settings.metrics_dir)
+    retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
+                          settings.retention_interval_s, running=metrics.pruners)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        retention.start()
+        yield
+        retention.stop()
+
+    app = FastAPI(title="routelens collector", version=__version__, lifespan=lifespan,
+                  description="Ingest of routelens wire format v1, and the read API behind the dashboard.")
+    app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
+    app.state.retention = retention
+
+    def authorized(request: Request) -> None:
+        if settings.token is None:
+            return
+        if not is_authorized(request.headers.get("authorization"), request.headers.get("cookie"), settings.token):
+            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def database_unavailable(_request: Request, exc: Exception):
+        cause = getattr(exc, "orig", None) or exc
+        return JSONResponse({"detail": f"database unavailable ({type(cause).__name__}); retry later"},
+                            status_code=503, headers={"Retry-After": "1"})
+
+    @app.post("/v1/events", dependencies=[Depends(authorized)], tags=["ingest"],
+              summary="Store one batch of wire format v1 (plain or gzip JSON)")
+    async def ingest(request: Request):
+        started = time.perf_counter()
+        try:
+            body = await _read_body(request, settings.max_body_bytes)
+            valid = parse(body, settings.max_events_per_batch)
+        except Rejected as exc:
+            metrics.rejected(exc.reason)
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+        except TooMany as exc:
+            metrics.rejected("too_many_events")
+            return JSONResponse({"detail": str(exc)}, status_code=413)
+        except Invalid as exc:
+            status = 400 if str(exc).startswith("malformed JSON") else 422
+            metrics.rejected("malformed" if status == 400 else "invalid")
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+        try:
+            result = await run_in_threadpool(ingestor.ingest, valid)
+        except SourceConflict as exc:
+            metrics.rejected("source_conflict")
+            return JSONResponse({"detail": str(exc)}, status_code=409)
+        metrics.ingested(result, time.perf_counter() - started)
+        return {"stored": result.stored, "duplicates": result.duplicates}
+
+    read = [Depends(authorized)]
+
+    def with_connection(function, *args, **kwargs):
+        with engine.connect() as connection:
+            return function(connection, *args, **kwargs)
+
+    @app.get("/v1/deployments", dependencies=read, tags=["read"],
+             summary="Apps, deployments, routers (class, labels) and their sources")
+    def deployments(f: Filters = Depends(filters)):
+        return with_connection(figures.deployments, f)
+
+    @app.get("/v1/sources", dependencies=read, tags=["read"],
+             summary="Traced router instances with events produced, dropped by reason, and lost batches")
+    def sources(f: Filters = Depends(filters)):
+        with engine.connect() as connection:
+            return {"sources": figures.sources_in(connection, f, figures.scope(connection, f))}
+
+    @app.get("/v1/summary", dependencies=read, tags=["read"], summary="The overview's figures")
+    def summary(f: Filters = Depends(filters)):
+        return with_connection(figures.summary, f)
+
+    @app.get("/v1/distribution", dependencies=read, tags=["read"],
+             summary="Routed requests per replica, idle members included; imbalance")
+    def distribution(f: Filters = Depends(filters)):
+        return with_connection(figures.distribution, f)
+
+    @app.get("/v1/staleness", dependencies=read, tags=["read"],
+             summary="Age of the routing_stats decisions ranked on, per replica")
+    def staleness(f: Filters = Depends(filters)):
+        return with_connection(figures.staleness, f)
+
+    @app.get("/v1/rank-hits", dependencies=read, tags=["read"],
+             summary="Share of routed requests by rank; hand-offs, rejections, decisions per request")
+    def rank_hits(f: Filters = Depends(filters)):
+        return with_connection(figures.rank_hits, f)
+
+    @app.get("/v1/timeseries", dependencies=read, tags=["read"],
+             summary="Counters per time step (whole minutes or hours), in total or per replica")
+    def timeseries(f: Filters = Depends(filters),
+                   step: Optional[str] = Query(None, description="step, e.g. 1m, 15m, 1h (default: ~100 points)"),
+                   per_replica: bool = Query(False)):
+        step_s = _duration_param("step", step) if step else None
+        return with_connection(figures.timeseries, f, step=step_s, per_replica=per_replica)
+
+    @app.get("/v1/decisions", dependencies=read, tags=["read"],
+             summary="Decisions of the window, newest first, with their outcome")
+    def decision_list(f: Filters = Depends(filters), cursor: Optional[str] = None,
+                      limit: int = Query(50, ge=1, le=explore.MAX_PAGE)):
+        if cursor is not None:
+            _uuid_param("cursor", cursor)
+        return with_connection(explore.decisions_page, f, cursor=cursor, limit=limit)
+
+    @app.get("/v1/decisions/{decision_id}", dependencies=read, tags=["read"],
+             summary="One decision: its ranking with each candidate's inputs, its routed and completed events")
+    def decision(decision_id: str):
+        _uuid_param("decision_id", decision_id)
+        found = with_connection(explore.decision_detail, decision_id)
+        if found is None:
+            raise HTTPException(404, f"no decision {decision_id}")
+        return found
+
+    @app.get("/v1/export", dependencies=read, tags=["export"],
+             summary="The window's decision log as CSV, JSON Lines or Parquet, streamed (schema: docs/export.md)")
+    def export_log(f: Filters = Depends(filters),
+                   format: ExportFormat = Query("parquet", description="file format"),
+                   what: ExportTable = Query(
+                       "decisions", description="decisions (outcome joined), candidates, routed, completed, or "
+                                                "events (wire-format batches for `routelens import`; jsonl)")):
+        try:
+            tables.check(f, what, format)
+        except tables.ExportError as exc:
+            raise HTTPException(422, str(exc)) from None
+        # Reach the database before the 200 goes out: a database that is away
+        # must be a 503 (retry later), not a 200 whose body breaks off at once.
+        # (PostgreSQL's pool pings the connection it hands out.)
+        with engine.connect():
+            pass
+        filename = f"routelens-{what}-{int(f.since)}-{int(f.until)}.{format}"
+        return StreamingResponse(_export_stream(engine, f, what, format), media_type=MEDIA_TYPES[format], headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Routelens-Export-Schema": str(tables.EXPORT_SCHEMA_VERSION)})
+
+    @app.get("/healthz", tags=["operations"], summary="Whether the collector can reach its database")
+    def healthz():
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            revision = current_revision(engine)
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+        return {"status": "ok", "database": engine.dialect.name, "schema": revision, "version": __version__}
+
+    @app.get("/metrics", dependencies=read, tags=["operations"], summary="Prometheus metrics")
+    def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+async def _export_stream(engine: Engine, f: Filters, what: str, fmt: str) -> AsyncIterator[bytes]:
+    """The export's bytes, each chunk made in a worker thread. When the client
+    goes away the export is closed at once (its reader thread stopped, its
+    connection returned): Starlette would leave a plain generator to the
+    garbage collector, holding a connection and, on SQLite, a read snapshot."""
+    chunks = _export_chunks(engine, f, what, fmt)
+    try:
+        while True:
+            data = await run_in_threadpool(next, chunks, None)
+            if data is None:
+                return
+            yield data
+    finally:
+        with anyio.CancelScope(shield=True):  # the request may be cancelled: close anyway
+            await run_in_threadpool(chunks.close)
+
+
+def _export_chunks(engine: Engine, f: Filters, what: str, fmt: str) -> Iterator[bytes]:
+    with engine.connect() as connection:
+        yield from tables.export(connection, f, what, fmt)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, inflated when gzip; refused past `limit` bytes, on the
+    wire or inflated, without ever holding more than that."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in JSON_TYPES:
+        raise Rejected(415, "content_type", f"Content-Type must be application/json, not {content_type or 'missing'!r}")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip"):
+        raise Rejected(415, "content_encoding", f"Content-Encoding {encoding!r} is not supported (use gzip)")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Rejected(413, "too_large", f"body of {declared} bytes is over the limit of {limit}")
+    inflater = _Gunzip(limit) if encoding == "gzip" else None
+    parts, size = [], 0
+    try:
+        async for chunk in request.stream():
+            if inflater is not None:
+                chunk = inflater.feed(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise Rejected(413, "too_large", f"body is over the limit of {limit} bytes")
+            parts.append(chunk)
+        if inflater is not None and not inflater.complete:
+            raise Rejected(400, "malformed", "gzip body is truncated")
+    except zlib.error as exc:
+        raise Rejected(400, "malformed", f"body is not valid gzip: {exc}") from None
+    return b"".join(parts)
+
+
+class _Gunzip:
+    """Inflates a gzip body as it arrives, never to more than `limit` bytes.
+
+    A gzip stream may hold several members one after another (RFC 1952;
+    gunzip reads them all): each is inflated in turn. Anything after a member
+    that does not begin another one is an error, not ignored.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._size = 0
+        self._member = zlib.decompressobj(wbits=31)
+
+    def feed(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._member.eof:
+                self._member = zlib.decompressobj(wbits=31)
+            piece = self._member.decompress(data, self._limit + 1 - self._size)
+            self._size += len(piece)
+            if self._member.unconsumed_tail or self._size > self._limit:  # more output than the limit allows
+                raise Rejected(413, "too_large", f"gzip body inflates to more than {self._limit} bytes")
+            out.append(piece)
+            data = self._member.unused_data
+        return b"".join(out)
+
+    @property
+    def complete(self) -> bool:
+        return self._member.eof
+
+
+def _uuid_param(name: str, value: str) -> None:
+    try:
+        to_bytes(value)
+    except ValueError:
+        raise HTTPException(422, f"{name}: not a decision id (a UUID): {value[:80]!r}") from None
+
+
+def _duration_param(name: str, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
+    if not math.isfinite(seconds):  # enough digits make a float infinite, and no step can be
+        raise HTTPException(422, f"{name}: {value[:80]!r} is too long")
+    return seconds

@@ -1,0 +1,7 @@
+"""`python -m routelens.collector.cli`: the `routelens` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

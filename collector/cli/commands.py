@@ -1,0 +1,276 @@
+"""The `routelens` command's subcommands: their options, and what each runs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from ..demo.run import DemoError
+from ..export.formats import FORMATS
+from ..export.tables import TABLES
+from ..settings import DEFAULT_DB, Settings, parse_duration
+from ..store.db import DatabaseError
+from .errors import UsageError
+from .server import ServeError
+
+
+def run(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    try:
+        return args.run(args)
+    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
+        print(f"routelens {args.command}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="routelens", description="Make Ray Serve request routing observable.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_collector(commands)
+    _add_db(commands)
+    _add_export(commands)
+    _add_import(commands)
+    return parser
+
+
+def _add_demo(commands) -> None:
+    demo = commands.add_parser(
+        "demo", help="see routelens at work: traced routers, live traffic and the dashboard, on this machine",
+        description="Start `routelens up` on a SQLite file and a local Ray Serve; deploy the Ray custom-routing "
+                    "guide's two apps (uniform router, 10 replicas; throughput-aware router, 3 replicas, stamped "
+                    "stats every second), a deployment on Ray's default power-of-two router (one slow replica, "
+                    "bursts that cause rejections) and a multiplexed-model deployment on a model-then-locality "
+                    "router (one replica's stats go stale), all traced; drive mixed HTTP and handle traffic; "
+                    "print the dashboard's URL. Ctrl-C, or the end of --duration, shuts everything down.",
+    )
+    demo.add_argument("--duration", type=_positive_duration,
+                      help="stop after this long, e.g. 60, 90s, 10m (default: run until Ctrl-C)")
+    demo.add_argument("--rate", type=_positive_float, default=40.0,
+                      help="requests per second over all apps, bursts aside (default: %(default)s)")
+    demo.add_argument("--db", help="SQLite file to keep the demo's data in (default: a temporary file, "
+                                   "removed at the end)")
+    demo.add_argument("--port", type=int, default=8321, help="the dashboard's port (default: %(default)s)")
+    demo.add_argument("--serve-port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
+    demo.add_argument("--no-traffic", dest="traffic", action="store_false",
+                      help="deploy and serve the dashboard, but send nothing (send your own)")
+    demo.set_defaults(run=_run_demo)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_duration(text: str) -> float:
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        return float(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_demo(args) -> int:
+    from ..demo.run import DemoOptions, run
+
+    if args.db and os.path.isdir(args.db):
+        raise UsageError(f"--db {args.db} is a directory: name the SQLite file to keep the data in")
+    return run(DemoOptions(duration=args.duration, rate=args.rate, db=args.db, port=args.port,
+                           serve_port=args.serve_port, traffic=args.traffic))
+
+
+def _add_collector(commands) -> None:
+    collector = commands.add_parser(
+        "collector", help="run the collector: ingest (POST /v1/events) and the read API",
+        description="Serve ingest and the read API alone: the unit that scales out (several collectors on "
+                    "one PostgreSQL). `routelens up` serves the dashboard as well.",
+    )
+    _add_server_options(collector)
+    collector.set_defaults(run=_run_collector, with_dashboard=False)
+    up = commands.add_parser(
+        "up", help="run the collector and the dashboard in one process, on one port",
+        description="Serve ingest, the read API (/v1) and the dashboard (/) in one process.",
+    )
+    _add_server_options(up)
+    up.set_defaults(run=_run_collector, with_dashboard=True)
+
+
+def _add_server_options(parser) -> None:
+    _add_db_option(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8321, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
+                        help="require 'Authorization: Bearer TOKEN' (default: $ROUTELENS_TOKEN, else none)")
+    parser.add_argument("--retention", default="7d", type=_duration_or_never,
+                        help="keep raw events this long, e.g. 24h, 7d, or 'never' (default: %(default)s); "
+                             "rollups stay longer")
+    parser.add_argument("--max-body-mb", type=float, default=32.0,
+                        help="largest batch body accepted, inflated (default: %(default)s)")
+    parser.add_argument("--max-events", type=int, default=20_000,
+                        help="most events accepted in one batch (default: %(default)s)")
+    parser.add_argument("--workers", type=_worker_count, default=1,
+                        help="processes serving on the port (default: %(default)s, which handles tens of thousands "
+                             "of events/s; give one per core for more: each costs memory and database connections)")
+
+
+def _worker_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _add_db(commands) -> None:
+    db_parser = commands.add_parser("db", help="database schema: upgrade, current",
+                                    description="Manage the routelens database schema (Alembic migrations).")
+    actions = db_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    upgrade = actions.add_parser(
+        "upgrade", help="migrate the database to this version's schema (creates it)",
+        description="Create the database's tables, or migrate them to this version's schema (Alembic). The "
+                    "collector refuses to start on a database behind it. SQLite and PostgreSQL alike.",
+    )
+    _add_db_option(upgrade)
+    upgrade.add_argument("--revision", default="head", help="target revision (default: %(default)s)")
+    upgrade.set_defaults(run=_run_db_upgrade)
+    current = actions.add_parser(
+        "current", help="print the database's schema revision and this version's",
+        description="Print the database's schema revision next to the one this routelens expects. "
+                    "Asking creates nothing: a missing SQLite file stays missing.",
+    )
+    _add_db_option(current)
+    current.set_defaults(run=_run_db_current)
+
+
+def _add_export(commands) -> None:
+    export = commands.add_parser(
+        "export", help="write decision logs as CSV, JSON Lines or Parquet",
+        description="Stream rows out of the database in constant memory, with a progress bar on a terminal. "
+                    "The file appears under its name only once complete. Schema: docs/export.md.",
+    )
+    _add_db_option(export)
+    export.add_argument("-o", "--output", required=True, help="the file to write, or - for standard output")
+    export.add_argument("--format", choices=FORMATS,
+                        help="default: from the output's extension (.csv, .jsonl, .parquet)")
+    export.add_argument("--what", choices=TABLES, default="decisions",
+                        help="decisions (one row each, outcome joined; the default), candidates (one row per "
+                             "ranked replica), routed, completed, or events (wire-format batches that "
+                             "`routelens import` loads; jsonl only)")
+    export.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
+    export.add_argument("--since", help="window start: epoch seconds or ISO-8601")
+    export.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
+    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
+                       ("replica", "replica id"), ("label", "router label key=value (all must hold)")):
+        export.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    export.add_argument("--request-id", help="request id or internal request id")
+    export.add_argument("--model-id", help="multiplexed model id")
+    export.set_defaults(run=_run_export)
+
+
+def _add_import(commands) -> None:
+    importer = commands.add_parser(
+        "import", help="load the tracer's JSON Lines files (wire-format batches) into a database",
+        description="Load files the tracer's local sink wrote (jsonl_path), or `routelens export --what events` "
+                    "files, through the same validation and idempotent write path as POST /v1/events. Bad lines "
+                    "are reported with file and line number and store nothing. Files ending in .gz are read "
+                    "as gzip.",
+    )
+    importer.add_argument("files", nargs="+", metavar="FILE")
+    _add_db_option(importer)
+    importer.add_argument("--max-events", type=int, default=20_000,
+                          help="most events accepted in one batch (default: %(default)s)")
+    importer.set_defaults(run=_run_import)
+
+
+def _add_db_option(parser) -> None:
+    parser.add_argument("--db", default=os.environ.get("ROUTELENS_DB", DEFAULT_DB),
+                        help="database URL: sqlite:///FILE, a file path, or postgresql://USER@HOST/DB "
+                             "(default: $ROUTELENS_DB, else %(default)s)")
+
+
+def _duration_or_never(text: str):
+    if text.strip().lower() == "never":
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _run_collector(args) -> int:
+    from .server import check_port_free, load_factory, serve, serve_workers
+
+    check_port_free(args.host, args.port)  # before anything is said about listening there
+    settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
+                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)
+    if args.with_dashboard:
+        factory = "routelens.dashboard.up:create_up_app"
+        what = f"dashboard at http://{args.host}:{args.port}/, API at /v1 (docs at /docs)"
+    else:
+        factory = "routelens.collector.api.app:create_app"
+        what = f"listening on http://{args.host}:{args.port} (API docs at /docs)"
+    if args.workers > 1:
+        serve_workers(settings, factory, args.host, args.port, args.workers,
+                      banner=f"routelens {args.command}: {what}, {args.workers} worker processes")
+        return 0
+    app = load_factory(factory)(settings)
+    print(f"routelens {args.command}: {what}", file=sys.stderr)
+    serve(app, args.host, args.port, settings.token)
+    return 0
+
+
+def _run_db_upgrade(args) -> int:
+    from ..store import db
+
+    db.upgrade(args.db, args.revision)
+    print(f"database at {db.current_revision(db.make_engine(args.db))} (head: {db.head_revision()})")
+    return 0
+
+
+def _run_db_current(args) -> int:
+    from ..store import db
+
+    if db.missing_sqlite_file(args.db):
+        current = None
+    else:
+        engine = db.make_engine(args.db)
+        try:
+            current = db.current_revision(engine)
+        except Exception as exc:
+            raise DatabaseError(f"cannot open the database: {db.first_line(exc)}") from None
+        finally:
+            engine.dispose()
+    head = db.head_revision()
+    state = "at head" if current == head else ("empty" if current is None else "behind or ahead of head")
+    print(f"current: {current or '(none)'}  head: {head}  ({state})")
+    return 0
+
+
+def _run_export(args) -> int:
+    from ..store.db import missing_sqlite_file
+    from .files import run_export
+
+    missing = missing_sqlite_file(args.db)
+    if missing:
+        raise UsageError(f"no database at {missing} (name the file with --db)")
+    return run_export(args)
+
+
+def _run_import(args) -> int:
+    from .files import run_import
+
+    return run_import(args)
+

@@ -1,0 +1,151 @@
+"""`routelens export` and `routelens import`: files in and out, with progress on a terminal."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from typing import BinaryIO, Callable, Iterator, Optional
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+from rich.text import Text
+
+from ..export.formats import FORMATS
+from ..export.tables import ExportError, check, export
+from ..query import figures
+from ..query.filters import FilterError, build_filters
+from ..store.db import check_schema, make_engine
+from .errors import UsageError
+from .server import tune_gc_for_bulk_work
+
+# The rollup counter that counts a table's rows, for the progress bar's total.
+_COUNTED_BY = {"decisions": "decisions", "routed": "routed", "completed": "completions"}
+
+
+def run_export(args) -> int:
+    fmt = args.format or _format_of(args.output)
+    try:
+        # No window: everything recorded (the API's endpoints default to the last hour).
+        since = args.since or (None if args.window else "0")
+        f = build_filters(args.window, since, args.until, args.app, args.deployment, args.router_class, args.label,
+                          args.replica, args.request_id, args.model_id)
+        check(f, args.what, fmt)
+    except (FilterError, ExportError) as exc:
+        raise UsageError(str(exc)) from None
+    engine = make_engine(args.db, sqlite_cache_mb=8)
+    tune_gc_for_bulk_work()
+    try:
+        check_schema(engine, args.db)
+        with engine.connect() as connection, _output(args.output) as out, \
+                _progress(f"exporting {args.what}", lambda: _expected_rows(connection, f, args.what)) as advance:
+            for data in export(connection, f, args.what, fmt, on_rows=advance):
+                out.write(data)
+    finally:
+        engine.dispose()
+    if args.output != "-":
+        print(f"routelens export: wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def _format_of(output: str) -> str:
+    extension = os.path.splitext(output)[1].lstrip(".").lower()
+    if extension in FORMATS:
+        return extension
+    raise UsageError(f"cannot tell the format from {output!r}: give --format {'|'.join(FORMATS)}")
+
+
+def _expected_rows(connection, f, what: str) -> Optional[int]:
+    """About the rows the export will hold, from the rollups (whole minutes), when they can tell."""
+    if what not in _COUNTED_BY or f.request_id or f.model_id or f.replicas:
+        return None
+    return figures.summary(connection, f)[_COUNTED_BY[what]]
+
+
+@contextmanager
+def _output(path: str) -> Iterator[BinaryIO]:
+    """The output file, which appears under its name only when complete: an
+    interrupted export leaves nothing behind (or the previous file intact)."""
+    if path == "-":
+        yield sys.stdout.buffer
+        sys.stdout.flush()
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"no such directory: {directory}")
+    handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            yield out
+        os.chmod(partial, 0o666 & ~_umask())  # as open() would have made it; mkstemp makes it private
+        os.replace(partial, path)
+    except BaseException:
+        os.unlink(partial)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def _progress(description: str, total: Optional[Callable[[], Optional[int]]] = None, unit: str = "rows"):
+    """A progress bar (count and rate) on standard error when it is a
+    terminal; yields the function to call with each step's count. `total`
+    is asked only then."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda n: None
+        return
+    if unit == "bytes":
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TransferSpeedColumn(), TimeElapsedColumn()]
+    else:
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("rows"), _RowRate(), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(description, total=total() if total else None)
+        yield lambda n: progress.advance(task, n)
+
+
+class _RowRate(ProgressColumn):
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
+
+
+def run_import(args) -> int:
+    # Imported here: `routelens export` needs none of the ingest path (some 8 MB resident).
+    from ..ingest.importer import import_files
+    from ..ingest.writer import Ingestor
+
+    missing = [path for path in args.files if not os.path.isfile(path)]
+    if missing:
+        raise UsageError(f"no such file: {', '.join(missing)}")
+    engine = make_engine(args.db)
+    tune_gc_for_bulk_work()
+    try:
+        check_schema(engine, args.db)
+        # Bytes read are inflated bytes: for gzip files, the total is unknown.
+        total = None if any(p.endswith(".gz") for p in args.files) else sum(map(os.path.getsize, args.files))
+        with _progress("importing", lambda: total, unit="bytes") as advance:
+            report = import_files(Ingestor(engine), args.files, args.max_events, on_line=advance)
+    finally:
+        engine.dispose()
+    for problem in report.problems:
+        print(f"routelens import: {problem}", file=sys.stderr)
+    print(f"routelens import: {report.batches} batches, {report.stored} events stored, "
+          f"{report.duplicates} already there, {len(report.problems)} bad lines", file=sys.stderr)
+    return 1 if report.problems else 0

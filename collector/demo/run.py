@@ -1,0 +1,256 @@
+"""`routelens demo`: everything on one machine, so that a newcomer sees every
+view of the dashboard show something true within a minute.
+
+In order: `routelens up` on a SQLite file (a child process, so that the
+dashboard never competes with the traffic for this process's GIL); a local
+Ray and Serve; the apps of `collector.demo.apps`, their traced routers
+pointed at that collector; traffic (`collector.demo.traffic`) until
+`--duration` ends or Ctrl-C. Then, in the order that loses nothing: the
+traffic stops, Serve shuts down (the routers flush their last events), the
+final figures are read from the collector, Ray stops, the server stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from ..cli.server import ServeError, check_port_free
+
+HOST = "127.0.0.1"
+STATUS_EVERY_S = 2.0
+LINE_EVERY_S = 10.0  # when the output is not a terminal: a plain line this often
+
+
+class DemoError(RuntimeError):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    duration: Optional[float]  # seconds of traffic; None: until Ctrl-C
+    rate: float  # requests/s, all apps together, bursts not counted
+    db: Optional[str]  # SQLite file to keep; None: a temporary one
+    port: int  # the dashboard's
+    serve_port: int  # Serve's HTTP proxy
+    traffic: bool
+
+
+def run(options: DemoOptions) -> int:
+    for port, flag in ((options.port, "--port"), (options.serve_port, "--serve-port")):
+        try:
+            check_port_free(HOST, port)
+        except ServeError as exc:
+            raise DemoError(f"{exc} ({flag})") from None
+    _interrupt_on_signals()
+    console = Console(stderr=True, highlight=False)
+    workdir = tempfile.mkdtemp(prefix="routelens-demo-")
+    db = os.path.abspath(options.db) if options.db else os.path.join(workdir, "routelens.db")
+    try:
+        with DashboardServer(db, options.port, os.path.join(workdir, "up.log")) as server:
+            console.print(f"[bold]routelens up[/] on {db}")
+            try:
+                _run_serve(options, server, os.path.join(workdir, "spool"), console)
+            except KeyboardInterrupt:
+                console.print("interrupted: shutting down")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not options.db:
+        console.print("the demo's database was temporary; keep one with --db FILE, "
+                      "then browse it with `routelens up --db FILE`")
+    return 0
+
+
+def _interrupt_on_signals() -> None:
+    """SIGTERM (kill, a CI timeout, a service manager) and SIGINT stop the demo
+    as Ctrl-C does, through the orderly shutdown; also when a shell started it
+    in the background, which makes it ignore SIGINT."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _run_serve(options: DemoOptions, server: "DashboardServer", spool_dir: str, console: Console) -> None:
+    import ray
+    from ray import serve
+
+    from .apps import APPS
+
+    started_at = time.time()
+    # Ray's notes about a local cluster, and Serve's warnings about `backend`, which the demo overloads on
+    # purpose, would bury the demo's own lines; errors still show.
+    with console.status("starting Ray and Serve"):
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        logging.getLogger("ray.serve").setLevel(logging.ERROR)
+        serve.start(http_options={"host": HOST, "port": options.serve_port})
+        router_kwargs = {"collector_url": server.url, "spool_dir": spool_dir}
+        handles = {}
+        for app in APPS:
+            began = time.monotonic()
+            with console.status(f"deploying {app.name}: {app.replicas} replicas, {app.router.split(':')[1]}"):
+                handles[app.name] = serve.run(app.bind(router_kwargs), name=app.name, route_prefix=f"/{app.name}")
+            console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
+                          f"({time.monotonic() - began:.0f} s)")
+        serve_url = f"http://{HOST}:{options.serve_port}"
+        console.print(f"\n[bold]dashboard: {server.url}/[/]   (API: {server.url}/docs)")
+        console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS)}}}")
+        if options.traffic:
+            tally = _drive(handles, serve_url, options, server, started_at, console)
+        else:
+            console.print("no traffic (--no-traffic): send your own; Ctrl-C stops the demo")
+            _wait(options.duration)
+            tally = None
+        with console.status("shutting down Serve (the routers flush their last events)"):
+            serve.shutdown()
+        if tally is not None:
+            console.print(_final_table(server, started_at, tally))
+    finally:
+        with console.status("stopping Ray"):
+            serve.shutdown()  # a no-op unless interrupted before the shutdown above
+            ray.shutdown()
+
+
+def _wait(duration: Optional[float]) -> None:
+    deadline = None if duration is None else time.monotonic() + duration
+    while deadline is None or time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _drive(handles, serve_url: str, options: DemoOptions, server: "DashboardServer", started_at: float,
+           console: Console):
+    from .traffic import Traffic
+
+    traffic = Traffic(handles, serve_url, options.rate)
+
+    async def drive() -> None:
+        sending = asyncio.create_task(traffic.run())
+        status = asyncio.create_task(_show_status(traffic, server, started_at, options.duration, console))
+        try:
+            await asyncio.wait_for(asyncio.shield(sending), options.duration)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            status.cancel()
+
+    try:
+        asyncio.run(drive())
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping the traffic")
+    return traffic.tally
+
+
+async def _show_status(traffic, server: "DashboardServer", started_at: float, duration: Optional[float],
+                       console: Console) -> None:
+    last_line = 0.0
+    traffic_began = time.monotonic()
+    with console.status("") as status:
+        while True:
+            total = traffic.total
+            figures = await asyncio.to_thread(server.get, "/v1/summary", since=started_at)
+            clock = f"{time.monotonic() - traffic_began:.0f}" + (f"/{duration:.0f}" if duration else "")
+            stored = (f"stored {figures['decisions']} decisions, {figures['routed']} routed, "
+                      f"{figures['rejections']} rejections" if figures else "the collector does not answer")
+            text = f"{clock} s: sent {total.sent}, {total.ok} ok, {total.failed} failed; {stored}"
+            if console.is_terminal:
+                status.update(text)
+            elif time.monotonic() - last_line >= LINE_EVERY_S:
+                console.print(text)
+                last_line = time.monotonic()
+            await asyncio.sleep(STATUS_EVERY_S)
+
+
+def _final_table(server: "DashboardServer", started_at: float, tally) -> Table:
+    from .apps import APPS
+
+    table = Table(title="what the routers decided, as the collector stored it")
+    for column in ("app", "sent", "routed", "Jain", "rank 0", "handoffs", "rejected", "stats p95"):
+        table.add_column(column, justify="left" if column == "app" else "right", no_wrap=column == "app")
+    for app in APPS:
+        s = server.get("/v1/summary", since=started_at, app=app.name) or {}
+        table.add_row(app.name, str(tally[app.name].sent), str(s.get("routed", "")),
+                      _fixed(s.get("imbalance", {}).get("jain"), "{:.3f}"), _fixed(s.get("rank0_rate"), "{:.0%}"),
+                      str(s.get("handoffs", "")), str(s.get("rejections", "")),
+                      _fixed(s.get("staleness_p95_s"), "{:.2f} s"))
+    return table
+
+
+def _fixed(value, pattern: str) -> str:
+    return "" if value is None else pattern.format(value)
+
+
+class DashboardServer:
+    """`routelens up` in a child process that dies with this one."""
+
+    def __init__(self, db: str, port: int, log_path: str):
+        self.url = f"http://{HOST}:{port}"
+        self._command = [sys.executable, "-m", "routelens.collector.cli", "up", "--db", db, "--host", HOST,
+                         "--port", str(port), "--retention", "never"]
+        self._log_path = log_path
+        self._process: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "DashboardServer":
+        with open(self._log_path, "wb") as log:
+            # Its own session: Ctrl-C reaches the demo, which stops the server last, after the final flush.
+            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 60
+        while self.get("/healthz") is None:
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise DemoError(f"routelens up did not start: {self._last_log_line()}")
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._process is None or self._process.poll() is not None:
+            return
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+
+    def get(self, path: str, **params) -> Optional[Dict]:
+        """The answer as JSON, or None when the server does not answer."""
+        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                return json.load(response)
+        except (OSError, ValueError):
+            return None
+
+    def _last_log_line(self) -> str:
+        with contextlib.suppress(OSError), open(self._log_path, errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+            if lines:
+                return lines[-1]
+        return "no output"
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the demo dies, even by SIGKILL (Linux; elsewhere a no-op)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -1,0 +1,496 @@
+"""The query layer: every figure the read API, the dashboard and export show.
+
+Every function takes a `Filters` (time window and what to look at) and a
+SQLAlchemy connection, and returns plain dicts and lists, ready for JSON.
+Figures follow the definitions in docs/design.md:
+
+- distribution: routed requests per replica in the window, replicas that
+  were members but got nothing included; imbalance as max/mean, coefficient
+  of variation and Jain's fairness index;
+- staleness: per replica, p50/p95/max age of the routing_stats each
+  decision ranked it on, stamped and observed counted apart;
+- rank hits: share of routed requests by the rank their replica came from,
+  FIFO hand-off rate, rejections per replica, decisions per request.
+
+Panels read the rollups only (`rollups` table): a window is covered by whole
+hours where it can and by minutes at its edges, so it is resolved to whole
+minutes (`Window.rollup_bounds`). Percentiles come from the rollups' fixed
+bins (`collector.store.bins`). Drill-down (`decisions`, `decision`) reads raw rows
+within the window's id range (ids are UUIDv7, see `collector.store.ids`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from sqlalchemy import and_, func, or_, select, type_coerce
+from sqlalchemy.engine import Connection
+from sqlalchemy.types import LargeBinary
+
+from ..ingest.rollups import ROUTER_LEVEL
+from ..store import ids
+from ..store.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
+from ..store.models import (
+    Deployment,
+    Replica,
+    Router,
+    Source,
+    SourceBatch,
+    rollups,
+    stats_changes,
+)
+from .filters import MINUTE, Filters
+
+HOUR = 3600
+AGE_SOURCES = {"s": "stamped", "o": "observed", None: None}
+
+
+@dataclass
+class Scope:
+    """Filters resolved to keys: the routers and replicas a query covers."""
+
+    routers: Dict[int, dict]  # router_pk -> {app, deployment, router_class, labels, deployment_pk}
+    replica_pks: Optional[List[int]] = None  # None: every replica
+    replicas: Dict[int, dict] = field(default_factory=dict)  # replica_pk -> attributes
+
+
+def scope(conn: Connection, f: Filters) -> Scope:
+    query = select(Router.pk, Router.router_class, Router.labels, Router.deployment_pk, Deployment.app,
+                   Deployment.deployment).join(Deployment, Deployment.pk == Router.deployment_pk)
+    if f.apps:
+        query = query.where(Deployment.app.in_(f.apps))
+    if f.deployments:
+        query = query.where(Deployment.deployment.in_(f.deployments))
+    if f.router_classes:
+        query = query.where(Router.router_class.in_(f.router_classes))
+    routers = {}
+    for pk, router_class, labels, deployment_pk, app, deployment in conn.execute(query):
+        labels = json.loads(labels)
+        if all(labels.get(k) == v for k, v in f.labels):
+            routers[pk] = {"app": app, "deployment": deployment, "router_class": router_class, "labels": labels,
+                           "deployment_pk": deployment_pk}
+    deployment_pks = sorted({r["deployment_pk"] for r in routers.values()})
+    replica_query = select(Replica).where(Replica.deployment_pk.in_(deployment_pks))
+    if f.replicas:
+        replica_query = replica_query.where(Replica.replica_id.in_(f.replicas))
+    replicas = {row.pk: _replica_dict(row) for row in conn.execute(replica_query)}
+    return Scope(routers=routers, replica_pks=sorted(replicas) if f.replicas else None, replicas=replicas)
+
+
+def _replica_dict(row) -> dict:
+    return {
+        "replica_id": row.replica_id, "deployment_pk": row.deployment_pk, "node_id": row.node_id,
+        "availability_zone": row.availability_zone, "max_ongoing_requests": row.max_ongoing_requests,
+        "model_ids": json.loads(row.model_ids) if row.model_ids else [], "added_at": row.added_at,
+        "removed_at": row.removed_at,
+    }
+
+
+# --- rollup reads ---
+
+def _window_condition(f: Filters):
+    """Rows of the rollups that cover the window: whole hours, minutes at the edges."""
+    m0, m1 = f.rollup_bounds()
+    h0, h1 = -(-m0 // HOUR) * HOUR, m1 // HOUR * HOUR
+    if h0 >= h1:
+        return and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
+    return or_(
+        and_(rollups.c.grain == HOUR, rollups.c.start >= h0, rollups.c.start < h1),
+        and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < h0),
+        and_(rollups.c.grain == MINUTE, rollups.c.start >= h1, rollups.c.start < m1),
+    )
+
+
+def _sum_columns(names: Iterable[str]):
+    out = []
+    for name in names:
+        column = rollups.c[name]
+        out.append((func.max(column) if name.endswith("_max") else func.sum(column)).label(name))
+    return out
+
+
+def rollup_totals(conn: Connection, f: Filters, sc: Scope, names: Sequence[str],
+                  per_replica: bool = False, condition=None) -> List[dict]:
+    """Sums (and maxima) of rollup columns over the window: one row in all, or
+    one per replica. Empty scope: no rows."""
+    if not sc.routers:
+        return []
+    where = [condition if condition is not None else _window_condition(f),
+             rollups.c.router_pk.in_(sorted(sc.routers))]
+    if per_replica:
+        where.append(rollups.c.replica_pk != ROUTER_LEVEL)
+        if sc.replica_pks is not None:
+            where.append(rollups.c.replica_pk.in_(sc.replica_pks))
+        query = select(rollups.c.replica_pk, *_sum_columns(names)).where(*where).group_by(rollups.c.replica_pk)
+    elif sc.replica_pks is not None:
+        # Filtered to some replicas: their rows are the totals.
+        where.append(rollups.c.replica_pk.in_(sc.replica_pks))
+        query = select(*_sum_columns(names)).where(*where)
+    else:
+        where.append(rollups.c.replica_pk == ROUTER_LEVEL)
+        query = select(*_sum_columns(names)).where(*where)
+    return [{k: (v if v is not None else (None if k.endswith("_max") else 0)) for k, v in row._mapping.items()}
+            for row in conn.execute(query)]
+
+
+def _one(rows: List[dict], names: Sequence[str]) -> dict:
+    return rows[0] if rows else {name: (None if name.endswith("_max") else 0) for name in names}
+
+
+def _rate(part: float, whole: float) -> Optional[float]:
+    return part / whole if whole else None
+
+
+# --- panels ---
+
+def imbalance(counts: Sequence[float]) -> Dict[str, Optional[float]]:
+    """max/mean, coefficient of variation and Jain's fairness index of per-replica counts."""
+    n = len(counts)
+    total = float(sum(counts))
+    if n == 0 or total == 0:
+        return {"max_over_mean": None, "cv": None, "jain": None}
+    mean = total / n
+    squares = sum(c * c for c in counts)
+    return {
+        "max_over_mean": max(counts) / mean,
+        "cv": statistics.pstdev(counts) / mean,
+        "jain": total * total / (n * squares),
+    }
+
+
+def distribution(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
+    sc = sc or scope(conn, f)
+    names = ("routed", "candidates", "rejections", "completions", "failures", "handoffs")
+    per_replica = {row["replica_pk"]: row for row in rollup_totals(conn, f, sc, names, per_replica=True)}
+    members = _members(sc, f)
+    pks = sorted(set(per_replica) | members)
+    total = sum(row["routed"] for row in per_replica.values())
+    fair = total / len(pks) if pks else None
+    replicas = []
+    for pk in pks:
+        row = per_replica.get(pk) or {name: 0 for name in names}
+        info = sc.replicas.get(pk, {})
+        replicas.append({
+            "replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
+            "node_id": info.get("node_id"), "availability_zone": info.get("availability_zone"),
+            "model_ids": info.get("model_ids", []),  # as last reported: what the replica holds now
+            **{name: row[name] for name in names},
+            "share": _rate(row["routed"], total), "member": pk in members,
+        })
+    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
+    return {
+        "window": _window(f), "routed": total, "fair_share": fair,
+        "imbalance": imbalance([r["routed"] for r in replicas]),
+        "replicas": replicas,
+        "by_node": _group(replicas, "node_id"), "by_availability_zone": _group(replicas, "availability_zone"),
+    }
+
+
+def _deployment_of(sc: Scope, info: dict) -> Optional[str]:
+    for router in sc.routers.values():
+        if router["deployment_pk"] == info.get("deployment_pk"):
+            return f'{router["app"]}/{router["deployment"]}'
+    return None
+
+
+def _members(sc: Scope, f: Filters) -> set:
+    """Replicas that were members at some point of the window (from `replicas` events)."""
+    out = set()
+    for pk, info in sc.replicas.items():
+        if sc.replica_pks is not None and pk not in sc.replica_pks:
+            continue
+        added, removed = info["added_at"], info["removed_at"]
+        if added is not None and added < f.until and (removed is None or removed >= f.since):
+            out.add(pk)
+    return out
+
+
+def _group(replicas: List[dict], key: str) -> List[dict]:
+    groups: Dict[Any, dict] = {}
+    for replica in replicas:
+        group = groups.setdefault(replica[key], {key: replica[key], "replicas": 0, "routed": 0})
+        group["replicas"] += 1
+        group["routed"] += replica["routed"]
+    total = sum(g["routed"] for g in groups.values())
+    for group in groups.values():
+        group["share"] = _rate(group["routed"], total)
+    return sorted(groups.values(), key=lambda g: str(g[key]))
+
+
+def _staleness_figures(row: dict) -> dict:
+    counts = [row[c] for c in STALENESS.columns]
+    return {
+        "samples": sum(counts),
+        "p50_s": STALENESS.percentile(counts, 0.50, row["stale_max"]),
+        "p95_s": STALENESS.percentile(counts, 0.95, row["stale_max"]),
+        "max_s": row["stale_max"],
+        "stamped": row["stale_stamped"], "observed": row["stale_observed"],
+        "histogram": counts,
+    }
+
+
+STALENESS_COLUMNS = (*STALENESS.columns, "stale_max", "stale_stamped", "stale_observed")
+
+
+def staleness(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
+    sc = sc or scope(conn, f)
+    rows = rollup_totals(conn, f, sc, STALENESS_COLUMNS, per_replica=True)
+    replicas = []
+    for row in rows:
+        info = sc.replicas.get(row["replica_pk"], {})
+        replicas.append({"replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
+                         **_staleness_figures(row)})
+    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
+    overall = _staleness_figures(_one(rollup_totals(conn, f, sc, STALENESS_COLUMNS), STALENESS_COLUMNS))
+    return {
+        "window": _window(f), "bin_bounds_s": list(STALENESS.bounds), "overall": overall, "replicas": replicas,
+        "stats_period_s": stats_period(conn, f, sc),
+    }
+
+
+def stats_period(conn: Connection, f: Filters, sc: Scope, sample: int = 400) -> Optional[float]:
+    """The routing-stats period, seen in the newest stats changes of the window:
+    the median interval between two collections of one replica's stats."""
+    if not sc.routers:
+        return None
+    low, high = ids.window_bounds(f.since, f.until)
+    rows = conn.execute(
+        select(stats_changes.c.replica_pk, stats_changes.c.collected_at, stats_changes.c.ts,
+               stats_changes.c.source_pk)
+        .where(type_coerce(stats_changes.c.id, LargeBinary) >= low,
+               type_coerce(stats_changes.c.id, LargeBinary) < high,
+               stats_changes.c.ts >= f.since, stats_changes.c.ts < f.until,
+               stats_changes.c.router_pk.in_(sorted(sc.routers)))
+        .order_by(stats_changes.c.id.desc()).limit(sample)
+    ).all()
+    last: Dict[Tuple[int, int], float] = {}
+    intervals = []
+    for replica_pk, collected_at, ts, source_pk in reversed(rows):
+        at = collected_at if collected_at is not None else ts
+        key = (source_pk, replica_pk)
+        if key in last and at > last[key]:
+            intervals.append(at - last[key])
+        last[key] = at
+    return statistics.median(intervals) if intervals else None
+
+
+RANK_HIT_COLUMNS = ("routed", "handoffs", "rejections", "decisions", "choose_us_sum", "choose_us_max",
+                    *RANK_COLUMNS, *ATTEMPTS.columns, *CHOOSE_US.columns)
+
+
+def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
+    sc = sc or scope(conn, f)
+    row = _one(rollup_totals(conn, f, sc, RANK_HIT_COLUMNS), RANK_HIT_COLUMNS)
+    routed_total = row["routed"]
+    ranks = [{"rank": name[len("rank_"):] if name != "rank_5" else "5+", "routed": row[name],
+              "share": _rate(row[name], routed_total)} for name in RANK_COLUMNS]
+    attempts = [row[c] for c in ATTEMPTS.columns]
+    choose = [row[c] for c in CHOOSE_US.columns]
+    per_replica = rollup_totals(conn, f, sc, ("routed", "rejections", "handoffs", "rank_0"), per_replica=True)
+    replicas = []
+    for r in per_replica:
+        info = sc.replicas.get(r["replica_pk"], {})
+        replicas.append({"replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
+                         "routed": r["routed"], "rejections": r["rejections"], "handoffs": r["handoffs"],
+                         "rank0_rate": _rate(r["rank_0"], r["routed"])})
+    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
+    return {
+        "window": _window(f),
+        "routed": routed_total,
+        "ranks": ranks,
+        "rank0_rate": _rate(row["rank_0"], routed_total),
+        "handoffs": row["handoffs"], "handoff_rate": _rate(row["handoffs"], routed_total),
+        "rejections": row["rejections"],
+        "decisions": row["decisions"],
+        "decisions_per_request": {
+            "mean": _rate(sum(n * c for n, c in zip(_attempt_values(), attempts)), sum(attempts)),
+            "bins": [{"attempts": label, "routed": count} for label, count in zip(_attempt_labels(), attempts)],
+        },
+        "choose_us": {
+            "p50": CHOOSE_US.percentile(choose, 0.50, row["choose_us_max"]),
+            "p99": CHOOSE_US.percentile(choose, 0.99, row["choose_us_max"]),
+            "max": row["choose_us_max"],
+            "mean": _rate(row["choose_us_sum"], row["decisions"]),
+        },
+        "replicas": replicas,
+    }
+
+
+def _attempt_labels() -> List[str]:
+    labels, low = [], 0
+    for bound in ATTEMPTS.bounds:
+        labels.append(str(int(bound)) if bound - low <= 1 else f"{int(low) + 1}-{int(bound)}")
+        low = bound
+    return labels + [f"{int(low) + 1}+"]
+
+
+def _attempt_values() -> List[float]:
+    """A representative count per attempts bin, for the mean (exact for 1-4)."""
+    values, low = [], 0
+    for bound in ATTEMPTS.bounds:
+        values.append((low + 1 + bound) / 2 if bound - low > 1 else bound)
+        low = bound
+    return values + [low + 1]
+
+
+SUMMARY_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", "rank_0",
+                   "latency_ms_sum", "latency_ms_max", *LATENCY_MS.columns, *STALENESS_COLUMNS)
+
+
+def summary(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
+    sc = sc or scope(conn, f)
+    row = _one(rollup_totals(conn, f, sc, SUMMARY_COLUMNS), SUMMARY_COLUMNS)
+    m0, m1 = f.rollup_bounds()
+    seconds = max(m1 - m0, 1)
+    dist = distribution(conn, f, sc)
+    sources = sources_in(conn, f, sc)
+    latency = [row[c] for c in LATENCY_MS.columns]
+    return {
+        "window": _window(f),
+        "decisions": row["decisions"], "decisions_per_s": row["decisions"] / seconds,
+        "routed": row["routed"], "routed_per_s": row["routed"] / seconds,
+        "completions": row["completions"], "failures": row["failures"],
+        "rejections": row["rejections"], "handoffs": row["handoffs"],
+        "rank0_rate": _rate(row["rank_0"], row["routed"]),
+        "handoff_rate": _rate(row["handoffs"], row["routed"]),
+        "staleness_p95_s": STALENESS.percentile([row[c] for c in STALENESS.columns], 0.95, row["stale_max"]),
+        "latency_ms_p50": LATENCY_MS.percentile(latency, 0.50, row["latency_ms_max"]),
+        "latency_ms_p99": LATENCY_MS.percentile(latency, 0.99, row["latency_ms_max"]),
+        "imbalance": dist["imbalance"],
+        "replicas": len(dist["replicas"]),
+        "active_routers": sum(1 for s in sources if s["last_seen"] >= f.since),
+        "dropped_events": sum(sum(s["dropped"].values()) for s in sources),
+        "batch_gaps": sum(s["batch_gaps"] for s in sources),
+    }
+
+
+def sources_in(conn: Connection, f: Optional[Filters] = None, sc: Optional[Scope] = None) -> List[dict]:
+    """Traced router instances (of the scope, seen during the window) with their
+    counters: events produced and dropped by reason, and lost batches."""
+    batches = (select(SourceBatch.source_pk, func.max(SourceBatch.seq).label("max_seq"),
+                      func.count().label("received"))
+               .group_by(SourceBatch.source_pk).subquery())
+    query = (select(Source.__table__, batches.c.max_seq, batches.c.received)
+             .outerjoin(batches, batches.c.source_pk == Source.pk).order_by(Source.pk))
+    if sc is not None:
+        query = query.where(Source.router_pk.in_(sorted(sc.routers)))
+    if f is not None:
+        query = query.where(Source.last_seen >= f.since, Source.first_seen < f.until)
+    out = []
+    for source in conn.execute(query):
+        max_seq, received = source.max_seq, source.received
+        out.append({
+            "source_id": source.source_id, "router_pk": source.router_pk, "handle_source": source.handle_source,
+            "node_id": source.node_id, "actor_id": source.actor_id, "hostname": source.hostname,
+            "pid": source.pid, "tracer_version": source.tracer_version,
+            "first_seen": source.first_seen, "last_seen": source.last_seen,
+            "batches": received or 0,
+            # Batch numbers start at 1 at each source: every missing number is a lost batch.
+            "batch_gaps": (max_seq or 0) - (received or 0),
+            "produced": source.produced, "dropped": json.loads(source.dropped or "{}"),
+        })
+    return out
+
+
+TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", *RANK_COLUMNS,
+                      *STALENESS_COLUMNS)
+PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS)
+
+
+def default_step(seconds: float, points: int = 120) -> int:
+    """At most `points` steps (about half as many at least), in whole minutes or hours."""
+    for step in (60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400):
+        if seconds / step <= points:
+            return step
+    return 86400
+
+
+def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_replica: bool = False,
+               sc: Optional[Scope] = None) -> dict:
+    """Counters per time step. Steps are whole minutes, or whole hours when the
+    step allows it, so that long windows read hourly rows. Per replica, the
+    default step gives a quarter of the points (a series per replica: a 24 h
+    window reads hourly rows, not 1,440 minutes x replicas). Points start at
+    multiples of the step; they count the window's rows only, so that they
+    add up to the panels' totals even where the window does not begin or end
+    on a step."""
+    sc = sc or scope(conn, f)
+    step = max(MINUTE, int(step or default_step(f.seconds, 30 if per_replica else 120)) // MINUTE * MINUTE)
+    m0, m1 = f.rollup_bounds()
+    if step % HOUR == 0:
+        # Every row of the window, hourly or at its edges per minute, lies in one step.
+        condition = _window_condition(f)
+    else:
+        condition = and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
+    names = PER_REPLICA_TIMESERIES_COLUMNS if per_replica else TIMESERIES_COLUMNS
+    if not sc.routers:
+        return {"window": _window(f), "step_s": step, "points": []}
+    where = [condition, rollups.c.router_pk.in_(sorted(sc.routers))]
+    if per_replica:
+        where.append(rollups.c.replica_pk != ROUTER_LEVEL)
+    if sc.replica_pks is not None:
+        where.append(rollups.c.replica_pk.in_(sc.replica_pks))
+    elif not per_replica:
+        where.append(rollups.c.replica_pk == ROUTER_LEVEL)
+    t = (rollups.c.start // step * step).label("t")
+    keys = (t, rollups.c.replica_pk) if per_replica else (t,)
+    query = select(*keys, *_sum_columns(names)).where(*where).group_by(*keys).order_by(*keys)
+    out = []
+    for row in conn.execute(query):
+        point = dict(row._mapping)
+        for name in names:
+            if not name.endswith("_max"):
+                point[name] = point[name] or 0
+        if per_replica:
+            point["replica_id"] = sc.replicas.get(point.pop("replica_pk"), {}).get("replica_id")
+        else:
+            point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
+        point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
+                                                       point["stale_max"])
+        out.append(point)
+    if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
+        out.sort(key=lambda point: (point["t"], point["replica_id"] or ""))
+    return {"window": _window(f), "step_s": step, "points": out}
+
+
+def _window(f: Filters) -> dict:
+    m0, m1 = f.rollup_bounds()
+    return {"since": f.since, "until": f.until, "rollup_since": m0, "rollup_until": m1}
+
+
+# --- catalogue ---
+
+def any_router(conn: Connection) -> bool:
+    """Whether any traced router has reported at all."""
+    return conn.scalar(select(Router.pk).limit(1)) is not None
+
+
+def deployments(conn: Connection, f: Optional[Filters] = None) -> dict:
+    """Apps, deployments, routers (class and labels) and sources known."""
+    routers = conn.execute(
+        select(Router.pk, Router.router_class, Router.labels, Deployment.app, Deployment.deployment)
+        .join(Deployment, Deployment.pk == Router.deployment_pk).order_by(Deployment.app, Deployment.deployment)
+    ).all()
+    sources = sources_in(conn, f)
+    by_router: Dict[int, List[dict]] = {}
+    for source in sources:
+        by_router.setdefault(source["router_pk"], []).append(source)
+    out: Dict[Tuple[str, str], dict] = {}
+    labels: Dict[str, set] = {}
+    for pk, router_class, router_labels, app, deployment in routers:
+        router_labels = json.loads(router_labels)
+        for k, v in router_labels.items():
+            labels.setdefault(k, set()).add(v)
+        entry = out.setdefault((app, deployment), {"app": app, "deployment": deployment, "routers": []})
+        entry["routers"].append({
+            "router_class": router_class, "labels": router_labels,
+            "sources": [{k: v for k, v in s.items() if k != "router_pk"} for s in by_router.get(pk, [])],
+        })
+    return {
+        "apps": sorted({app for app, _ in out}),
+        "deployments": list(out.values()),
+        "labels": {k: sorted(v) for k, v in sorted(labels.items())},
+    }

@@ -1,0 +1,199 @@
+"""Opening a database: engines tuned per backend, and the schema version check.
+
+SQLite runs in WAL mode, so readers never block the writer; the writer takes
+the lock when its transaction begins (BEGIN IMMEDIATE), not halfway through
+it, and waits up to `busy_timeout` for another process. Postgres is reached
+through psycopg 3 whatever driver the URL names.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from routelens import migrations
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be used as it is; the message says what to do."""
+
+
+def normalize_url(url: str) -> str:
+    """A URL SQLAlchemy opens with our drivers; a bare path means a SQLite file."""
+    if "://" not in url:
+        return f"sqlite:///{os.path.abspath(url)}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"not a database URL: {url!r} (try sqlite:///routelens.db or "
+                            "postgresql://user@host/dbname)") from None
+    if parsed.get_backend_name() == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    elif parsed.get_backend_name() != "sqlite":
+        raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    return parsed.render_as_string(hide_password=False)
+
+
+def missing_sqlite_file(url: str) -> Optional[str]:
+    """The path of a SQLite database that does not exist yet, else None.
+    Opening it would create it: commands that only read must not."""
+    parsed = make_url(normalize_url(url))
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not os.path.exists(parsed.database):
+        return parsed.database
+    return None
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def make_engine(url: str, sqlite_cache_mb: int = 64) -> Engine:
+    """`sqlite_cache_mb`: SQLite's page cache per connection. A server reads
+    the same pages again and again; a one-off scan (export) needs little."""
+    url = normalize_url(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        return _sqlite_engine(url, sqlite_cache_mb)
+    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+
+
+def _sqlite_engine(url: str, cache_mb: int) -> Engine:
+    # isolation_level=None hands transaction control to us, so that BEGIN can
+    # be IMMEDIATE for writers (see the "begin" listener below).
+    engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None},
+                           pool_size=8, max_overflow=8)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection, _record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps the file consistent
+        cursor.execute(f"PRAGMA cache_size={-1024 * cache_mb}")  # negative: in KiB
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection):
+        immediate = connection.get_execution_options().get("sqlite_begin_immediate")
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def writer(connection):
+    """The connection, set to take SQLite's write lock when its transaction begins."""
+    return connection.execution_options(sqlite_begin_immediate=True)
+
+
+# --- schema version (Alembic) ---
+#
+# Alembic is imported only to migrate. Checking a database's version (every
+# command that opens one: an export, the collector) reads Alembic's version
+# table and the revision identifiers of the scripts in migrations/versions,
+# without importing them: importing Alembic costs some 11 MB resident, a
+# twentieth of an export's memory.
+
+def alembic_config(url: str) -> Config:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.attributes["url"] = normalize_url(url)
+    return config
+
+
+def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
+    """Every migration script's revision, and the revisions it follows (its down_revision)."""
+    revisions = {}
+    for script in (Path(migrations.__file__).parent / "versions").glob("*.py"):
+        identifiers = _script_identifiers(script)
+        if "revision" in identifiers:
+            down = identifiers.get("down_revision")
+            revisions[identifiers["revision"]] = tuple(down) if isinstance(down, (tuple, list)) else (down,)
+    return revisions
+
+
+def head_revision() -> str:
+    """The newest migration's revision: the one no other script names as its down_revision."""
+    revisions = script_revisions()
+    heads = set(revisions) - {down for downs in revisions.values() for down in downs}
+    if len(heads) != 1:
+        raise DatabaseError(f"migrations/versions has {len(heads)} heads: {', '.join(sorted(heads))}")
+    return heads.pop()
+
+
+def _script_identifiers(path: Path) -> dict:
+    """A migration script's `revision` and `down_revision`, as the literals it assigns them."""
+    identifiers = {}
+    for statement in ast.parse(path.read_text()).body:
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
+            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+            for target in targets:
+                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
+                    identifiers[target.id] = ast.literal_eval(statement.value)
+    return identifiers
+
+
+def current_revision(engine: Engine) -> Optional[str]:
+    """The revision in Alembic's version table; None without one (or with no row)."""
+    with engine.connect() as connection:
+        if not inspect(connection).has_table("alembic_version"):
+            return None
+        versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    if len(versions) > 1:  # branches: never made by routelens's linear history
+        raise DatabaseError(f"the database's alembic_version holds several revisions: {', '.join(versions)}")
+    return versions[0] if versions else None
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except OperationalError as exc:
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def check_schema(engine: Engine, url: str) -> None:
+    """Refuse a database whose schema is not this version's; create a new SQLite one."""
+    try:
+        current = current_revision(engine)
+    except Exception as exc:  # unreachable server, bad credentials, not a database file
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+    head = head_revision()
+    if current == head:
+        return
+    if current is None and is_sqlite(engine) and not inspect(engine).get_table_names():
+        upgrade(url)
+        return
+    # The URL as the user wrote it (password hidden), so that the command below can be
+    # pasted as it is: the normalized one names our driver (postgresql+psycopg://).
+    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    if current is None:
+        raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
+    if current not in script_revisions():
+        raise DatabaseError(f"the database schema ({current}) is newer than this routelens ({head}): "
+                            "upgrade routelens")
+    raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "
+                        f"run `routelens db upgrade --db {shown}`")
+
+
+def first_line(exc: Exception) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

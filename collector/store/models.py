@@ -1,0 +1,232 @@
+"""The database schema, as SQLAlchemy 2 models. Alembic's migrations in
+`migrations/` create exactly this (a test runs autogenerate against it).
+
+Three kinds of table:
+
+- dimensions: `deployments`, `routers` (a deployment x router class x label
+  set: what the dashboard filters and compares), `sources` (one traced
+  router instance in one process), `replicas`, `source_batches`;
+- raw events, one table per type, keyed by the event's UUIDv7 as 16 bytes.
+  The key is time-ordered, so inserts append and a time window is a key
+  range (see `collector.store.ids`): no separate time index is needed;
+- `rollups`: counters and fixed histograms per minute and per hour, per
+  router and replica, updated in the ingest transaction. Panels read these
+  only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .bins import HISTOGRAMS, RANK_COLUMNS
+from .columns import EventId, Ranking, RequestId
+
+# Stable constraint names, so that migrations can name what they alter on both backends.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+    __table_args__ = (UniqueConstraint("app", "deployment"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    app: Mapped[str] = mapped_column(String(256))
+    deployment: Mapped[str] = mapped_column(String(256))
+    # Time of the newest `replicas` event applied to its replicas' membership.
+    membership_at: Mapped[Optional[float]] = mapped_column(Float)
+
+
+class Router(Base):
+    """Traced routers that share a deployment, a class and labels: the unit
+    of every panel and of comparisons (say `router_version=a` vs `b`)."""
+
+    __tablename__ = "routers"
+    __table_args__ = (UniqueConstraint("deployment_pk", "router_class", "labels_key"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment_pk: Mapped[int] = mapped_column(ForeignKey("deployments.pk"))
+    router_class: Mapped[str] = mapped_column(String(512))
+    labels: Mapped[str] = mapped_column(Text)  # JSON object
+    labels_key: Mapped[str] = mapped_column(String(1024))  # canonical JSON of labels, for uniqueness
+
+
+class Source(Base):
+    """One traced router instance in one process (proxy, driver or replica)."""
+
+    __tablename__ = "sources"
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source_id: Mapped[str] = mapped_column(String(128), unique=True)
+    router_pk: Mapped[int] = mapped_column(ForeignKey("routers.pk"))
+    handle_source: Mapped[Optional[str]] = mapped_column(String(128))
+    node_id: Mapped[Optional[str]] = mapped_column(String(128))
+    actor_id: Mapped[Optional[str]] = mapped_column(String(128))
+    hostname: Mapped[Optional[str]] = mapped_column(String(256))
+    pid: Mapped[Optional[int]] = mapped_column(Integer)
+    tracer_version: Mapped[Optional[str]] = mapped_column(String(64))
+    first_seen: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    # Highest batch number received, and the counters that batch carried
+    # (cumulative at the source, so the newest batch has the newest values).
+    last_seq: Mapped[int] = mapped_column(Integer)
+    produced: Mapped[Optional[int]] = mapped_column(BigInteger)
+    dropped: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
+
+
+class SourceBatch(Base):
+    """Batch numbers received per source: a missing number is a lost batch."""
+
+    __tablename__ = "source_batches"
+
+    source_pk: Mapped[int] = mapped_column(ForeignKey("sources.pk"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    received_at: Mapped[float] = mapped_column(Float)
+
+
+class Replica(Base):
+    __tablename__ = "replicas"
+    __table_args__ = (UniqueConstraint("deployment_pk", "replica_id"),)
+
+    pk: Mapped[int] = mapped_column(Integer, primary_key=True)
+    deployment_pk: Mapped[int] = mapped_column(ForeignKey("deployments.pk"))
+    replica_id: Mapped[str] = mapped_column(String(256))
+    node_id: Mapped[Optional[str]] = mapped_column(String(128))
+    availability_zone: Mapped[Optional[str]] = mapped_column(String(128))
+    max_ongoing_requests: Mapped[Optional[int]] = mapped_column(Integer)
+    model_ids: Mapped[Optional[str]] = mapped_column(Text)  # JSON list
+    first_seen: Mapped[float] = mapped_column(Float)
+    # Membership, from `replicas` events: null removed_at means a member now.
+    added_at: Mapped[Optional[float]] = mapped_column(Float)
+    removed_at: Mapped[Optional[float]] = mapped_column(Float)
+
+
+def _event_columns():
+    """Columns every raw event table starts with."""
+    return [
+        Column("id", EventId, primary_key=True),
+        Column("ts", Float, nullable=False),
+        Column("router_pk", Integer, nullable=False),
+        Column("source_pk", Integer, nullable=False),
+    ]
+
+
+# Raw events are Core tables: ingest writes them in bulk, never through the ORM.
+# On SQLite they are WITHOUT ROWID tables clustered on the time-ordered id.
+_clustered = {"sqlite_with_rowid": False}
+
+decisions = Table(
+    "decisions", Base.metadata,
+    *_event_columns(),
+    Column("request_id", RequestId),
+    Column("internal_request_id", RequestId),
+    Column("model_id", String(256)),
+    Column("attempt", Integer, nullable=False),
+    Column("duration_us", Integer, nullable=False),
+    Column("n_candidates", Integer, nullable=False),
+    Column("ranking", Ranking, nullable=False),  # see `Ranking`
+    Column("extra", Text),  # JSON: attributes and fields this version does not know
+    **_clustered,
+)
+
+routed = Table(
+    "routed", Base.metadata,
+    *_event_columns(),
+    Column("replica_pk", Integer, nullable=False),
+    Column("decision_id", EventId),
+    Column("rank", SmallInteger),
+    Column("own_ranking", Boolean),
+    Column("attempts", Integer),
+    Column("queue_wait_ms", Float),
+    Column("request_id", RequestId),
+    Column("internal_request_id", RequestId),
+    Column("model_id", String(256)),
+    Column("extra", Text),
+    Index(None, "decision_id"),
+    **_clustered,
+)
+
+completed = Table(
+    "completed", Base.metadata,
+    *_event_columns(),
+    Column("replica_pk", Integer, nullable=False),
+    Column("internal_request_id", RequestId),
+    Column("routed_id", EventId),
+    Column("latency_ms", Float),
+    Column("ok", Boolean),
+    Column("rejected", Boolean, nullable=False),
+    Column("extra", Text),
+    Index(None, "routed_id"),
+    **_clustered,
+)
+
+stats_changes = Table(
+    "stats_changes", Base.metadata,
+    *_event_columns(),
+    Column("replica_pk", Integer, nullable=False),
+    Column("stats", Text, nullable=False),  # JSON object
+    Column("collected_at", Float),
+    Column("extra", Text),
+    **_clustered,
+)
+
+memberships = Table(
+    "memberships", Base.metadata,
+    *_event_columns(),
+    Column("replicas", Text, nullable=False),  # JSON, as received
+    Column("extra", Text),
+    **_clustered,
+)
+
+RAW_TABLES = (decisions, routed, completed, stats_changes, memberships)
+
+# Rollup counters. Rows with replica_pk = 0 hold a router's totals (see
+# collector.ingest.rollups); the others, one replica's share.
+ROLLUP_KEY = ("grain", "start", "router_pk", "replica_pk")
+ROLLUP_COUNTS = (
+    "decisions",  # choose_replicas calls
+    "candidates",  # times the replica was ranked
+    "routed", "handoffs", "rejections", "completions", "failures",
+    "stale_stamped", "stale_observed",  # ranked with stamped / observed stats age
+    *RANK_COLUMNS,
+    *(column for bins in HISTOGRAMS for column in bins.columns),
+)
+ROLLUP_SUMS = ("latency_ms_sum", "choose_us_sum")
+ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max")
+
+rollups = Table(
+    "rollups", Base.metadata,
+    Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600
+    Column("start", Integer, primary_key=True),  # epoch seconds, a multiple of grain
+    Column("router_pk", Integer, primary_key=True),
+    Column("replica_pk", Integer, primary_key=True),
+    *(Column(name, Integer, nullable=False, server_default="0") for name in ROLLUP_COUNTS),
+    *(Column(name, Float, nullable=False, server_default="0") for name in ROLLUP_SUMS),
+    *(Column(name, Float) for name in ROLLUP_MAXIMA),
+    **_clustered,
+)

@@ -1,0 +1,101 @@
+"""Decision explorer: the window's decisions, newest first, and one decision in full.
+
+The page (the API's cursor) and the open decision are in the URL, like the
+filters, so that a link shows the same decision to a colleague.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dash import dcc, html
+from sqlalchemy.engine import Connection
+
+from routelens.collector.query import explore
+from routelens.collector.query.filters import Filters
+
+from ..components import downloads, number, section, table
+from ..state import ViewState
+
+PAGE_SIZE = 50
+
+
+def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") -> html.Div:
+    page = explore.decisions_page(conn, f, cursor=state.cursor, limit=PAGE_SIZE)
+    rows = [html.Tr([
+        html.Td(dcc.Link(d["time"][11:23], href=state.with_(decision=d["id"]).href(prefix))),
+        html.Td(f'{d["app"]}/{d["deployment"]}'), html.Td(d["request_id"] or "–"), html.Td(d["model_id"] or "–"),
+        html.Td(d["routed"]["replica_id"] if d["routed"] else "–"),
+        html.Td("–" if not d["routed"] or d["routed"]["rank"] is None else str(d["routed"]["rank"])),
+        html.Td(number(d["attempt"])),
+    ]) for d in page["decisions"]]
+    listing = html.Table(id="explorer-table", className="figures", children=[
+        html.Thead(html.Tr([html.Th(c) for c in ("time (UTC)", "deployment", "request id", "model id",
+                                                  "chosen replica", "rank", "attempt")])),
+        html.Tbody(rows),
+    ])
+    pager = [dcc.Link("newest", href=state.with_(cursor=None, decision=None).href(prefix), id="explorer-newest")]
+    if page["next_cursor"]:
+        pager.append(dcc.Link("older →", href=state.with_(cursor=page["next_cursor"], decision=None).href(prefix),
+                              id="explorer-older", style={"marginLeft": "16px"}))
+    children = [section(f"Decisions ({len(rows)} shown)", [
+        downloads("explorer-download", prefix, state.export_query(f), "decisions"),
+        listing, html.Div(pager, className="pager")])]
+    if state.decision:
+        children.insert(0, _detail(conn, state.decision))
+    return html.Div(children)
+
+
+def _detail(conn: Connection, decision_id: str) -> html.Section:
+    try:
+        d = explore.decision_detail(conn, decision_id)
+    except ValueError:  # not a UUID
+        d = None
+    if d is None:
+        return section("Decision", [html.P(f"No decision {decision_id} here.", id="decision-missing")])
+    candidates = [c for rank in d["candidates"] for c in rank]
+    chosen = d["routed"]["replica_id"] if d["routed"] else None
+    ranking = table("decision-candidates", ("rank", "replica", "node", "queue length", "queue length age",
+                                            "stats", "stats age", "age source", "chosen"),
+                    [(str(c["rank"]), c["replica_id"], c["node_id"] or "–", _or_dash(c["queue_len"]),
+                      _age(c["queue_len_age_s"]), json.dumps(c["stats"]) if c["stats"] else "–",
+                      _age(c["stats_age_s"]), c["stats_age_source"] or "–",
+                      "✓" if c["replica_id"] == chosen else "") for c in candidates])
+    facts = [("decision", d["id"]), ("time", d["time"]), ("router", d["router_class"]),
+             ("labels", json.dumps(d["labels"])), ("request id", d["request_id"]),
+             ("internal request id", d["internal_request_id"]), ("model id", d["model_id"]),
+             ("attempt", d["attempt"]), ("choose_replicas", f'{d["duration_us"]} µs'),
+             ("candidates given", d["n_candidates"])]
+    outcome = []
+    if d["routed"]:
+        r = d["routed"]
+        outcome.append(html.P(id="decision-routed", children=(
+            f'routed to {r["replica_id"]} (rank {r["rank"]}) at {r["time"]}, queue wait {r["queue_wait_ms"]} ms'
+            + ("" if r["own_ranking"] is not False else f', a FIFO hand-off to request {r["request_id"]}'))))
+    if d["completed"]:
+        c = d["completed"]
+        outcome.append(html.P(id="decision-completed", children=(
+            f'completed at {c["time"]}: {"ok" if c["ok"] else "failed"}, {c["latency_ms"]} ms')))
+    if not outcome:
+        outcome.append(html.P("No routed event names this decision (yet).", id="decision-unrouted"))
+    events = d["request_events"]
+    history = table("decision-request-events", ("event", "time", "replica", "detail"), sorted(
+        [("decision", e["time"], "–", f'attempt {e["attempt"]}') for e in events["decisions"]]
+        + [("routed", e["time"], e["replica_id"], f'rank {e["rank"]}') for e in events["routed"]]
+        + [("rejected" if e["rejected"] else "completed", e["time"], e["replica_id"],
+            "" if e["latency_ms"] is None else f'{e["latency_ms"]:.1f} ms') for e in events["completed"]],
+        key=lambda row: row[1]))
+    return section("Decision", [
+        table("decision-facts", ("", ""), [(k, "–" if v is None else str(v)) for k, v in facts]),
+        html.H4("Ranking, with each candidate's inputs"), ranking,
+        html.H4("Outcome"), *outcome,
+        html.H4("Its request's events"), history,
+    ])
+
+
+def _or_dash(value) -> str:
+    return "–" if value is None else str(value)
+
+
+def _age(seconds) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.1f} ms"
