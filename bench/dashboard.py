@@ -30,9 +30,10 @@ sys.path.insert(0, ROOT)
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
 from queries import FULL, database  # noqa: E402
-from servers import Server  # noqa: E402
 
+from routelens.collector.cli.server_process import ServerProcess  # noqa: E402
 from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 TARGET_S = 1.5
 DAY = 86400.0
@@ -57,9 +58,9 @@ def main() -> int:
     args = parser.parse_args()
     path, info = database(args.decisions)
     window = f"since={info['end'] - DAY}&until={info['end']}"
-    full = Server(f"sqlite:///{path}", command="up")
-    empty = Server(f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='routelens-bench-dash-'), 'empty.db')}",
-                   command="up")
+    full = ServerProcess(f"sqlite:///{path}", free_port(), command="up").start()
+    empty = ServerProcess(f"sqlite:///{os.path.join(tempfile.mkdtemp(prefix='routelens-bench-dash-'), 'empty.db')}",
+                          free_port(), command="up").start()
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)

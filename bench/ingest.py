@@ -10,8 +10,8 @@ What is measured, per round and backend:
   the driver's `executemany`, one transaction per 1000 rows, into a fresh
   database migrated to the collector's schema (so the same table, keys and
   pragmas). No validation, no rollups, no HTTP: the bound.
-- http: the real collector (`python -m collector.cli collector --db URL
-  --workers N`, uvicorn; N worker processes, by default one per core) in a
+- http: the real collector (`routelens collector --db URL --workers N`, a
+  `ServerProcess`, uvicorn; N worker processes, by default one per core) in a
   subprocess on a fresh database; pre-built gzip'd wire-format batches of
   1000 decision events each (pow-2 shape: 2 candidates out of 50 replicas,
   uuid4 request ids, stats dicts; see bench/workload.py) POSTed by
@@ -50,12 +50,13 @@ sys.path.insert(0, ROOT)
 
 import psycopg  # noqa: E402
 import workload  # noqa: E402
-from servers import Server  # noqa: E402
 
+from routelens.collector.cli.server_process import ServerProcess  # noqa: E402
 from routelens.collector.ingest.schema import parse  # noqa: E402
 from routelens.collector.ingest.writer import _Rows  # noqa: E402  (the rows exactly as ingest builds them)
 from routelens.collector.store import db  # noqa: E402
 from routelens.collector.store.models import decisions  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from tests.support.workers import children, connection_to_each, worker_pids  # noqa: E402
 
 TARGET = 50_000
@@ -131,7 +132,7 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def open_connections(collector: Server, count: int) -> List[http.client.HTTPConnection]:
+def open_connections(collector: ServerProcess, count: int) -> List[http.client.HTTPConnection]:
     """`count` keep-alive connections to the collector, spread evenly over its workers."""
     pids = worker_pids(collector.process.pid)
     if not pids:  # one process
@@ -147,7 +148,7 @@ def open_connections(collector: Server, count: int) -> List[http.client.HTTPConn
     return connections[:count]
 
 
-def post_all(collector: Server, streams: List[List[bytes]]) -> float:
+def post_all(collector: ServerProcess, streams: List[List[bytes]]) -> float:
     """POST each stream's bodies in order, the streams concurrently (one
     connection each); seconds from the first request to the last answer."""
     failures: List[str] = []
@@ -182,7 +183,7 @@ def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[Li
              count: Callable[[], int], postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
     """Seconds to ingest the streams over HTTP (after their warm-up batches),
     and the CPU seconds the collector, PostgreSQL and this load generator spent meanwhile."""
-    collector = Server(url, workers=workers)
+    collector = ServerProcess(url, free_port(), args=("--workers", str(workers))).start()
 
     def cpu_now() -> Dict[str, float]:
         now = {"collector": tree_cpu_seconds(collector.process.pid)}

@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 
 import workload  # noqa: E402
 
-from routelens.collector.cli.server import tune_gc_for_bulk_work  # noqa: E402
+from routelens.collector.cli.gc_tuning import tune_gc_for_bulk_work  # noqa: E402
 from routelens.collector.ingest.schema import parse  # noqa: E402
 from routelens.collector.ingest.writer import Ingestor  # noqa: E402
 from routelens.collector.query import explore, figures  # noqa: E402

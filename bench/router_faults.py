@@ -33,10 +33,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
-from servers import Server  # noqa: E402
-
+from routelens.collector.cli.server_process import ServerProcess  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 TARGET = 1.05
@@ -115,7 +114,7 @@ def main() -> None:
             return 1
 
     scratch = tempfile.mkdtemp(prefix="routelens-bench-faults-")
-    servers = {"healthy": Server(f"sqlite:///{scratch}/healthy.db")}
+    servers = {"healthy": ServerProcess(f"sqlite:///{scratch}/healthy.db", free_port()).start()}
     servers.update({name: StandIn(status, hold_s) for name, (status, hold_s) in FAILURES.items()})
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     handles = {}

@@ -1,1 +1,3 @@
-"""routelens dashboard (issue #5)."""
+"""routelens dashboard: a Dash app over the collector's queries (`app`),
+served beside the collector's API by `routelens up` (`up`); its views in
+`views/`, the view's state as the URL carries it in `state`."""

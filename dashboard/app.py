@@ -17,9 +17,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from routelens.collector.query import figures
 from routelens.collector.query.explore import iso
-from routelens.collector.query.filters import FilterError, Filters
+from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filters
 
-from .state import DEFAULT_WINDOW, REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
+from .state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 from .views import compare, distribution, explorer, overview, rank_hits, staleness
 
 _CSS = """

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, urlencode
 
-from routelens.collector.query.filters import Filters, build_filters
+from routelens.collector.query.filters import DEFAULT_WINDOW, Filters, build_filters
 
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
-DEFAULT_WINDOW = "1h"
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
 VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
          "rank-hits": "Rank hits", "explorer": "Decisions", "compare": "Compare"}

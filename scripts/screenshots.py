@@ -3,8 +3,8 @@
     .venv/bin/python scripts/screenshots.py                  # a small synthetic week (bench/queries.py's load)
     .venv/bin/python scripts/screenshots.py --db sqlite:///routelens-demo/routelens.db --window 15m
 
-Serves `routelens up` on the database (real uvicorn, in this process) and
-drives Debian's Chromium as the browser tests do. Without --db, it builds
+Serves `routelens up` on the database (the real command, in a child
+process) and drives Debian's Chromium as the browser tests do. Without --db, it builds
 (once, cached in /tmp) the benchmarks' synthetic database with 200,000
 decisions and shows the last 24 h of it.
 """
@@ -23,10 +23,10 @@ sys.path.insert(0, ROOT)
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from routelens.collector.settings import Settings, parse_duration  # noqa: E402
-from routelens.dashboard.up import create_up_app  # noqa: E402
+from routelens.collector.cli.server_process import ServerProcess  # noqa: E402
+from routelens.collector.settings import parse_duration  # noqa: E402
 from tests.support.browser import CHROMIUM_ARGS, chromium_path  # noqa: E402
-from tests.support.collector_server import CollectorServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "screenshots")
 # View, the extra query, and the element that shows it is drawn.
@@ -53,7 +53,7 @@ def main() -> int:
         path, info = database(200_000)
         db_url, end = f"sqlite:///{path}", info["end"]
     os.makedirs(OUT, exist_ok=True)
-    with CollectorServer(Settings(db_url=db_url, retention_s=None), app_factory=create_up_app) as up:
+    with ServerProcess(db_url, free_port(), command="up") as up:
         # The synthetic data ended before now: a window that ends with it.
         window = f"since={end - parse_duration(args.window)}&until={end}" if end else f"window={args.window}"
         params = dict(pair.split("=") for pair in window.split("&"))

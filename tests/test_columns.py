@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from routelens.collector.store.columns import request_id_bytes, request_id_text, request_ids_bytes
+from routelens.collector.store.types import request_id_bytes, request_id_text, request_ids_bytes
 
 CANONICAL = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f0"
 

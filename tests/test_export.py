@@ -23,8 +23,8 @@ import pytest
 from routelens.collector.api.app import _export_stream
 from routelens.collector.cli import main as routelens
 from routelens.collector.cli.files import _output
-from routelens.collector.export.tables import COLUMNS, EXPORT_SCHEMA_VERSION
-from routelens.collector.export.tables import export as export_log
+from routelens.collector.export.schema import COLUMNS, EXPORT_SCHEMA_VERSION
+from routelens.collector.export.stream import export as export_log
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
@@ -324,7 +324,7 @@ def test_docs_describe_every_column():
 def test_a_consumer_that_stops_early_stops_the_reader(collector, log, monkeypatch):
     """The reader thread runs ahead; closing the export must not wait on it forever,
     and must hand the connection back."""
-    monkeypatch.setattr("routelens.collector.export.tables.CHUNK_ROWS", 2)
+    monkeypatch.setattr("routelens.collector.export.chunks.CHUNK_ROWS", 2)
     window = Filters(since=log.window["since"], until=log.window["until"])
     for _ in range(3):
         with collector.engine.connect() as connection:
@@ -352,7 +352,7 @@ def test_the_http_stream_closes_the_export_when_the_client_leaves(collector, log
 def test_a_chunk_of_only_a_repeated_row(collector, make_source, monkeypatch):
     """A routing with two completions repeats its row in the join; at a chunk's
     edge that chunk may hold nothing new."""
-    monkeypatch.setattr("routelens.collector.export.tables.CHUNK_ROWS", 1)
+    monkeypatch.setattr("routelens.collector.export.chunks.CHUNK_ROWS", 1)
     src = make_source("s1")
     t = time.time() - 30
     d = src.decision(t, [["r1"]], request_id="q", internal_request_id="iq")

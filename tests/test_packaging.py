@@ -231,8 +231,9 @@ def _imports(module: str, known: set) -> set:
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)
+            for alias in node.names:
+                # `from package import module` imports the module; `from module import name`, the module.
+                found.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
     return {name for name in found if name in known and name != module}
 
 

@@ -28,8 +28,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..export import tables
 from ..export.formats import FORMATS, MEDIA_TYPES
+from ..export.schema import EXPORT_SCHEMA_VERSION, TABLES
+from ..export.stream import ExportError, export
+from ..export.stream import check as check_export
 from ..ingest.schema import Invalid, TooMany, parse
 from ..ingest.writer import Ingestor, SourceConflict
 from ..query import explore, figures
@@ -55,7 +57,7 @@ class Rejected(Exception):
 
 # For FastAPI to validate the parameters (and document their values).
 ExportFormat = Literal[FORMATS]  # type: ignore[valid-type]
-ExportTable = Literal[tables.TABLES]  # type: ignore[valid-type]
+ExportTable = Literal[TABLES]  # type: ignore[valid-type]
 
 
 def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
@@ -187,8 +189,8 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                        "decisions", description="decisions (outcome joined), candidates, routed, completed, or "
                                                 "events (wire-format batches for `routelens import`; jsonl)")):
         try:
-            tables.check(f, what, format)
-        except tables.ExportError as exc:
+            check_export(f, what, format)
+        except ExportError as exc:
             raise HTTPException(422, str(exc)) from None
         # Reach the database before the 200 goes out: a database that is away
         # must be a 503 (retry later), not a 200 whose body breaks off at once.
@@ -198,7 +200,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         filename = f"routelens-{what}-{int(f.since)}-{int(f.until)}.{format}"
         return StreamingResponse(_export_stream(engine, f, what, format), media_type=MEDIA_TYPES[format], headers={
             "Content-Disposition": f'attachment; filename="{filename}"',
-            "X-Routelens-Export-Schema": str(tables.EXPORT_SCHEMA_VERSION)})
+            "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
 
     @app.get("/healthz", tags=["operations"], summary="Whether the collector can reach its database")
     def healthz():
@@ -237,7 +239,7 @@ async def _export_stream(engine: Engine, f: Filters, what: str, fmt: str) -> Asy
 
 def _export_chunks(engine: Engine, f: Filters, what: str, fmt: str) -> Iterator[bytes]:
     with engine.connect() as connection:
-        yield from tables.export(connection, f, what, fmt)
+        yield from export(connection, f, what, fmt)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from ..demo.run import DemoError
 from ..export.formats import FORMATS
-from ..export.tables import TABLES
+from ..export.schema import TABLES
 from ..settings import DEFAULT_DB, Settings, parse_duration
 from ..store.db import DatabaseError
 from .errors import UsageError
@@ -212,7 +212,9 @@ def _duration_or_never(text: str):
 
 def _run_collector(args) -> int:
     from .server import check_port_free, load_factory, serve, serve_workers
+    from .server_process import die_with_parent_if_asked
 
+    die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
     check_port_free(args.host, args.port)  # before anything is said about listening there
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)

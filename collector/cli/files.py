@@ -23,12 +23,12 @@ from rich.progress import (
 from rich.text import Text
 
 from ..export.formats import FORMATS
-from ..export.tables import ExportError, check, export
+from ..export.stream import ExportError, check, export
 from ..query import figures
 from ..query.filters import FilterError, build_filters
 from ..store.db import check_schema, make_engine
 from .errors import UsageError
-from .server import tune_gc_for_bulk_work
+from .gc_tuning import tune_gc_for_bulk_work
 
 # The rollup counter that counts a table's rows, for the progress bar's total.
 _COUNTED_BY = {"decisions": "decisions", "routed": "routed", "completed": "completions"}

@@ -3,23 +3,21 @@ in this process (`serve`), or in N worker processes (`serve_workers`)."""
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import importlib
 import ipaddress
 import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 from dataclasses import replace
 from typing import Callable
 
 from ..settings import Settings
+from .gc_tuning import tune_gc_for_bulk_work
+from .server_process import die_with
 
 LOOPBACK_HOSTS = {"localhost"}
 WORKER_ENV = "ROUTELENS_WORKER"  # what a worker process serves (JSON, see `serve_workers`)
@@ -51,15 +49,6 @@ def check_port_free(host: str, port: int) -> None:
                              "(choose another --port, or stop what uses it)") from None
 
 
-def tune_gc_for_bulk_work() -> None:
-    """Ingest and export allocate many short-lived containers; with Python's
-    default thresholds the cyclic GC costs more than the work itself (export:
-    half its time). What exists at start is frozen out of collections and
-    young collections run less often."""
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-
-
 def load_factory(name: str) -> Callable[[Settings], object]:
     """"module:function" -> the function (an app factory taking `Settings`)."""
     module, _, function = name.partition(":")
@@ -73,7 +62,7 @@ def _warn_without_token(host: str, token: str | None) -> None:
 
 
 def serve(app, host: str, port: int, token: str | None) -> None:
-    import uvicorn  # here, not above: the commands that only need this module's errors and GC tuning skip it
+    import uvicorn  # here, not above: the commands that only need this module's errors skip it
 
     _warn_without_token(host, token)
     tune_gc_for_bulk_work()
@@ -145,7 +134,7 @@ def worker_app():
     from uvicorn.config import STARTUP_FAILURE
 
     spec = json.loads(os.environ[WORKER_ENV])
-    _die_with(spec["supervisor"])
+    die_with(spec["supervisor"])
     try:
         app = load_factory(spec["factory"])(Settings.from_json(spec["settings"]))
     except Exception as exc:
@@ -165,20 +154,3 @@ def worker_app():
         os._exit(STARTUP_FAILURE)
     tune_gc_for_bulk_work()
     return app
-
-
-def _die_with(supervisor: int) -> None:
-    """SIGTERM (uvicorn's graceful stop) to this worker when the supervisor
-    exits, even SIGKILLed: Linux's parent-death signal, else a watcher thread."""
-    try:
-        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM) != 0:  # PR_SET_PDEATHSIG
-            raise OSError(ctypes.get_errno(), "prctl")
-    except (OSError, AttributeError):
-        def watch() -> None:
-            while os.getppid() == supervisor:
-                threading.Event().wait(1.0)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-        threading.Thread(target=watch, name="routelens-supervisor-watch", daemon=True).start()
-    if os.getppid() != supervisor:  # gone before the signal was asked for
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -14,25 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import json
 import logging
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Iterator, Optional
 
 from rich.console import Console
 from rich.table import Table
 
 from ..cli.server import ServeError, check_port_free
+from ..cli.server_process import ServerNotStarted, ServerProcess
 
 HOST = "127.0.0.1"
 STATUS_EVERY_S = 2.0
@@ -64,7 +59,7 @@ def run(options: DemoOptions) -> int:
     workdir = tempfile.mkdtemp(prefix="routelens-demo-")
     db = os.path.abspath(options.db) if options.db else os.path.join(workdir, "routelens.db")
     try:
-        with DashboardServer(db, options.port, os.path.join(workdir, "up.log")) as server:
+        with _dashboard(db, options.port) as server:
             console.print(f"[bold]routelens up[/] on {db}")
             try:
                 _run_serve(options, server, os.path.join(workdir, "spool"), console)
@@ -78,6 +73,22 @@ def run(options: DemoOptions) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _dashboard(db: str, port: int) -> Iterator[ServerProcess]:
+    """`routelens up` in a child process that dies with this one, and in a
+    session of its own: Ctrl-C reaches the demo, which stops the server last,
+    after the routers' final flush."""
+    server = ServerProcess(db, port, command="up", host=HOST)
+    try:
+        server.start()
+    except ServerNotStarted as exc:
+        raise DemoError(f"routelens up did not start: {exc.last_line}") from None
+    try:
+        yield server
+    finally:
+        server.stop(timeout_s=15)
+
+
 def _interrupt_on_signals() -> None:
     """SIGTERM (kill, a CI timeout, a service manager) and SIGINT stop the demo
     as Ctrl-C does, through the orderly shutdown; also when a shell started it
@@ -89,7 +100,7 @@ def _interrupt_on_signals() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _run_serve(options: DemoOptions, server: "DashboardServer", spool_dir: str, console: Console) -> None:
+def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, console: Console) -> None:
     import ray
     from ray import serve
 
@@ -136,7 +147,7 @@ def _wait(duration: Optional[float]) -> None:
         time.sleep(0.5)
 
 
-def _drive(handles, serve_url: str, options: DemoOptions, server: "DashboardServer", started_at: float,
+def _drive(handles, serve_url: str, options: DemoOptions, server: ServerProcess, started_at: float,
            console: Console):
     from .traffic import Traffic
 
@@ -161,7 +172,7 @@ def _drive(handles, serve_url: str, options: DemoOptions, server: "DashboardServ
     return traffic.tally
 
 
-async def _show_status(traffic, server: "DashboardServer", started_at: float, duration: Optional[float],
+async def _show_status(traffic, server: ServerProcess, started_at: float, duration: Optional[float],
                        console: Console) -> None:
     last_line = 0.0
     traffic_began = time.monotonic()
@@ -181,7 +192,7 @@ async def _show_status(traffic, server: "DashboardServer", started_at: float, du
             await asyncio.sleep(STATUS_EVERY_S)
 
 
-def _final_table(server: "DashboardServer", started_at: float, tally) -> Table:
+def _final_table(server: ServerProcess, started_at: float, tally) -> Table:
     from .apps import APPS
 
     table = Table(title="what the routers decided, as the collector stored it")
@@ -198,59 +209,3 @@ def _final_table(server: "DashboardServer", started_at: float, tally) -> Table:
 
 def _fixed(value, pattern: str) -> str:
     return "" if value is None else pattern.format(value)
-
-
-class DashboardServer:
-    """`routelens up` in a child process that dies with this one."""
-
-    def __init__(self, db: str, port: int, log_path: str):
-        self.url = f"http://{HOST}:{port}"
-        self._command = [sys.executable, "-m", "routelens.collector.cli", "up", "--db", db, "--host", HOST,
-                         "--port", str(port), "--retention", "never"]
-        self._log_path = log_path
-        self._process: Optional[subprocess.Popen] = None
-
-    def __enter__(self) -> "DashboardServer":
-        with open(self._log_path, "wb") as log:
-            # Its own session: Ctrl-C reaches the demo, which stops the server last, after the final flush.
-            self._process = subprocess.Popen(self._command, stdout=log, stderr=subprocess.STDOUT,
-                                             start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + 60
-        while self.get("/healthz") is None:
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise DemoError(f"routelens up did not start: {self._last_log_line()}")
-            time.sleep(0.2)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGINT)
-        try:
-            self._process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-    def get(self, path: str, **params) -> Optional[Dict]:
-        """The answer as JSON, or None when the server does not answer."""
-        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        try:
-            with urllib.request.urlopen(url, timeout=10) as response:
-                return json.load(response)
-        except (OSError, ValueError):
-            return None
-
-    def _last_log_line(self) -> str:
-        with contextlib.suppress(OSError), open(self._log_path, errors="replace") as log:
-            lines = [line.strip() for line in log if line.strip()]
-            if lines:
-                return lines[-1]
-        return "no output"
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the demo dies, even by SIGKILL (Linux; elsewhere a no-op)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

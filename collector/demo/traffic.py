@@ -33,7 +33,6 @@ class Tally:
     sent: int = 0
     ok: int = 0
     failed: int = 0
-    turned_away: int = 0  # over MAX_IN_FLIGHT
 
 
 class Traffic:
@@ -79,8 +78,7 @@ class Traffic:
                 self._start(app, "handle", capped=False)
 
     def _start(self, app: str, path: str, capped: bool = True) -> None:
-        if capped and self._in_flight[app] >= MAX_IN_FLIGHT:
-            self.tally[app].turned_away += 1
+        if capped and self._in_flight[app] >= MAX_IN_FLIGHT:  # not sent, not counted
             return
         model = self._random.choices(MODELS, MODEL_WEIGHTS)[0] if app == "models" else None
         task = asyncio.create_task(self._request(app, path, model))

@@ -4,7 +4,7 @@ The export turns about 15,000 rankings at a time into Arrow columns.
 Decoding each with msgspec and transposing the Python lists that come out
 cost about 2.5 us per decision, the largest part of the export's CPU time.
 Every ranking the ingest stores in MessagePack has one shape (see
-`collector.store.columns`): an array of ranks, each an array of entries, each
+`collector.store.types`): an array of ranks, each an array of entries, each
 [pk] or [pk, queue_len, queue_len_age_us, stats_age_us, age_source, stats].
 MessagePack says each value's kind and size in its first byte, so all the
 chunk's rankings can be walked at once: one cursor per ranking, advanced by
@@ -14,7 +14,7 @@ a replica's stats change once per collection period).
 
 A chunk this walk cannot read exactly (the JSON form, a value of another
 kind than the shape's) is decoded by msgspec instead
-(`collector.store.columns.ranking_layouts`), which also says what is wrong, if
+(`collector.store.types.ranking_layouts`), which also says what is wrong, if
 anything.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..store.columns import ranking_layouts
+from ..store.types import ranking_layouts
 
 _decode = msgspec.msgpack.Decoder().decode
 _encode = msgspec.json.Encoder().encode

@@ -15,16 +15,15 @@ from dataclasses import replace
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import msgspec
-from sqlalchemy import func, select, type_coerce
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import LargeBinary
 
 from ..ingest.schema import WIRE_SCHEMA_VERSION
 from ..query.explore import id_bytes, in_window
 from ..query.figures import Scope
 from ..query.filters import Filters
-from ..store.columns import AGE_SOURCE_NAMES, ranking_layout
 from ..store.models import Replica, Source, SourceBatch, completed, decisions, memberships, routed, stats_changes
+from ..store.types import AGE_SOURCE_NAMES, ranking_layout, stored_bytes
 
 EVENTS_PER_BATCH = 1_000
 
@@ -89,7 +88,7 @@ def _source_events(conn: Connection, f: Filters, source_pk: int,
         yield [_replicas_event(before._mapping, replica_ids)]
     for table, to_event in ((memberships, _replicas_event), (stats_changes, _stats_event),
                             (decisions, _decision_event), (routed, _routed_event), (completed, _completed_event)):
-        columns = [type_coerce(column, LargeBinary) if column.name == "ranking" else column for column in table.c]
+        columns = [stored_bytes(column) if column.name == "ranking" else column for column in table.c]
         query = (select(*columns).where(*in_window(table, f.since, f.until), table.c.source_pk == source_pk)
                  .order_by(id_bytes(table)))
         result = conn.execution_options(yield_per=EVENTS_PER_BATCH).execute(query)

@@ -10,7 +10,7 @@ counts of its own (decisions, choose_replicas time, attempts) and the sum of
 every per-replica counter, so that totals never have to add up replicas.
 
 This runs for every event ingested (tens of thousands a second), so it is
-written for speed: a row is a list of values in `COLUMNS` order, addressed
+written for speed: a row is a list of values in `ROLLUP_VALUES` order, addressed
 by precomputed positions, and an event only touches its replica's row; the
 router totals are added up once per batch, in `tuples()`.
 """
@@ -22,17 +22,16 @@ from operator import add
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from ..store.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, STALENESS, rank_column
-from ..store.models import ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS
+from ..store.models import ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS, ROUTER_LEVEL
 from .schema import CompletedEvent, DecisionEvent, Event, RoutedEvent
 
 GRAINS = (60, 3600)
-ROUTER_LEVEL = 0  # replica_pk of the rows that hold a router's own counters
 
 # A row's values, in this order: counters and sums (added), then maxima (max-ed, None when unknown).
-COLUMNS = (*ROLLUP_COUNTS, *ROLLUP_SUMS, *ROLLUP_MAXIMA)
-_ADDED = len(ROLLUP_COUNTS) + len(ROLLUP_SUMS)  # COLUMNS[:_ADDED] are added, the rest max-ed
+ROLLUP_VALUES = (*ROLLUP_COUNTS, *ROLLUP_SUMS, *ROLLUP_MAXIMA)
+_ADDED = len(ROLLUP_COUNTS) + len(ROLLUP_SUMS)  # ROLLUP_VALUES[:_ADDED] are added, the rest max-ed
 _EMPTY = [0] * len(ROLLUP_COUNTS) + [0.0] * len(ROLLUP_SUMS) + [None] * len(ROLLUP_MAXIMA)
-_AT = {name: i for i, name in enumerate(COLUMNS)}
+_AT = {name: i for i, name in enumerate(ROLLUP_VALUES)}
 
 DECISIONS, CANDIDATES, ROUTED, HANDOFFS = _AT["decisions"], _AT["candidates"], _AT["routed"], _AT["handoffs"]
 REJECTIONS, COMPLETIONS, FAILURES = _AT["rejections"], _AT["completions"], _AT["failures"]
@@ -138,7 +137,7 @@ class RollupDelta:
                 row[LATENCY_MAX] = latency_ms
 
     def tuples(self) -> List[tuple]:
-        """Full rows for both grains, (*ROLLUP_KEY, *COLUMNS), sorted by key (a
+        """Full rows for both grains, (*ROLLUP_KEY, *ROLLUP_VALUES), sorted by key (a
         fixed lock order on Postgres). Router totals are the router's own
         counters plus the sum of its replicas' rows (a replica row holds none
         of the router's own counters, so adding whole rows is exact)."""
@@ -155,7 +154,7 @@ class RollupDelta:
 
     def rows(self) -> List[Dict[str, float]]:
         """`tuples()` as dicts, column name -> value."""
-        names = (*ROLLUP_KEY, *COLUMNS)
+        names = (*ROLLUP_KEY, *ROLLUP_VALUES)
         return [dict(zip(names, row)) for row in self.tuples()]
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 import msgspec
 from msgspec import Meta, Struct
 
+from ..store.ids import ID_TS_TOLERANCE_S, MAX_TIMESTAMP
 from ..store.models import Deployment, Replica, Router, Source
 
 WIRE_SCHEMA_VERSION = 1
@@ -24,8 +25,6 @@ WIRE_SCHEMA_VERSION = 1
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-Seconds = Annotated[float, Meta(ge=0)]
-MAX_TIMESTAMP = 2**48 / 1000  # what fits a UUIDv7's 48 bits of ms
 Timestamp = Annotated[float, Meta(ge=0, le=MAX_TIMESTAMP)]
 
 # Cumulative counters of a source (events dropped): a busy process passes 2**31
@@ -55,9 +54,6 @@ ReplicaNode = _fits(Replica.__table__.c.node_id)
 Zone = _fits(Replica.__table__.c.availability_zone)
 LABELS_KEY_LENGTH = Router.__table__.c.labels_key.type.length
 
-# How far an id's embedded time may be from the event's ts.
-ID_TS_TOLERANCE_S = 60.0
-
 
 class Invalid(ValueError):
     """A batch that breaks the wire format; the message names where."""
@@ -79,7 +75,7 @@ class SourceInfo(Struct, gc=False):
 
 
 # A candidate's ages are stored in whole microseconds as 64-bit integers
-# (`collector.store.columns.Ranking`), which the export turns into doubles: exact
+# (`collector.store.types.Ranking`), which the export turns into doubles: exact
 # only up to 2**53 us (285 years). Beyond 10**9 s (31 years) an age is no
 # age, and converting it would fail (a 500 at ingest, or an export cut
 # short): it is a 422 naming the field. Negative ages stay allowed: clocks

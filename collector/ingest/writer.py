@@ -43,12 +43,10 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
 import psycopg
-from sqlalchemy import bindparam, case, func, select, type_coerce, update
+from sqlalchemy import bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.types import LargeBinary
 
-from ..store.columns import ranking_bytes, request_ids_bytes
 from ..store.db import is_sqlite, writer
 from ..store.models import (
     RAW_TABLES,
@@ -65,8 +63,8 @@ from ..store.models import (
     routed,
     stats_changes,
 )
-from .rollups import COLUMNS as ROLLUP_COLUMNS
-from .rollups import RollupDelta
+from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
+from .rollups import ROLLUP_VALUES, RollupDelta
 from .schema import (
     CompletedEvent,
     DecisionEvent,
@@ -182,14 +180,14 @@ class _MultiRowInsert:
         return inserted
 
 
-_ADDED_AT = len(ROLLUP_KEY) + len(ROLLUP_COLUMNS) - len(ROLLUP_MAXIMA)  # where a rollup row's maxima begin
+_ADDED_AT = len(ROLLUP_KEY) + len(ROLLUP_VALUES) - len(ROLLUP_MAXIMA)  # where a rollup row's maxima begin
 
 
 def _sparse(row: tuple) -> Dict[str, float]:
     """A rollup row (`RollupDelta.tuples()`) as PostgreSQL's upsert takes it:
     its key, its counters that are not 0 and its maxima that are known."""
     out = dict(zip(ROLLUP_KEY, row))
-    for name, value in zip(ROLLUP_COLUMNS, row[len(ROLLUP_KEY):_ADDED_AT]):
+    for name, value in zip(ROLLUP_VALUES, row[len(ROLLUP_KEY):_ADDED_AT]):
         if value:
             out[name] = value
     for name, value in zip(ROLLUP_MAXIMA, row[_ADDED_AT:]):
@@ -404,7 +402,7 @@ class Ingestor:
 
     def _insert_new(self, connection: Connection, table, table_rows: List[tuple]) -> List[bytes]:
         """Insert the rows whose id is not stored yet; return their ids."""
-        key = type_coerce(table.c.id, LargeBinary)
+        key = stored_bytes(table.c.id)
         existing = {bytes(found) for found in connection.scalars(
             select(key).where(key.in_([row[0] for row in table_rows])))}
         new_rows = [row for row in table_rows if row[0] not in existing] if existing else table_rows
@@ -424,10 +422,10 @@ class Ingestor:
         holding each row's key and non-zero values (most of a row's counters
         are 0 in any one batch): executemany's 8,000 parameters a batch cost
         the collector 3 ms of CPU and the server 5, this 0.8 and 1.5."""
-        quoted = [f'"{name}"' for name in (*ROLLUP_KEY, *ROLLUP_COLUMNS)]
+        quoted = [f'"{name}"' for name in (*ROLLUP_KEY, *ROLLUP_VALUES)]
         greatest = "max" if self._sqlite else "greatest"
         assignments = []
-        for name in ROLLUP_COLUMNS:
+        for name in ROLLUP_VALUES:
             if name in ROLLUP_MAXIMA:
                 # max() of SQLite is NULL if an argument is; coalesce keeps the known one.
                 assignments.append(f'"{name}" = {greatest}(coalesce(rollups."{name}", excluded."{name}"), '
@@ -436,10 +434,10 @@ class Ingestor:
                 assignments.append(f'"{name}" = rollups."{name}" + excluded."{name}"')
         on_conflict = f"ON CONFLICT ({', '.join(ROLLUP_KEY)}) DO UPDATE SET {', '.join(assignments)}"
         if self._sqlite:
-            return _MultiRowInsert("rollups", (*ROLLUP_KEY, *ROLLUP_COLUMNS), on_conflict)
+            return _MultiRowInsert("rollups", (*ROLLUP_KEY, *ROLLUP_VALUES), on_conflict)
         # Counters left out of a row's JSON are 0; maxima left out are unknown (NULL).
         values = [f'x."{name}"' if name in ROLLUP_KEY or name in ROLLUP_MAXIMA else f'coalesce(x."{name}", 0)'
-                  for name in (*ROLLUP_KEY, *ROLLUP_COLUMNS)]
+                  for name in (*ROLLUP_KEY, *ROLLUP_VALUES)]
         return (f"INSERT INTO rollups ({', '.join(quoted)}) SELECT {', '.join(values)} "
                 f"FROM jsonb_populate_recordset(NULL::rollups, %s::jsonb) AS x "
                 f"ORDER BY {', '.join(f'x.{name}' for name in ROLLUP_KEY)} {on_conflict}")

@@ -12,13 +12,12 @@ import json
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
-from sqlalchemy import or_, select, type_coerce
+from sqlalchemy import or_, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import LargeBinary
 
 from ..store import ids
-from ..store.columns import request_id_bytes
 from ..store.models import completed, decisions, routed
+from ..store.types import request_id_bytes, stored_bytes
 from .figures import AGE_SOURCES, Scope, scope
 from .filters import Filters
 
@@ -29,7 +28,7 @@ REQUEST_HORIZON_S = 600.0
 
 def id_bytes(table):
     """A raw table's id as the bytes it is stored as (the comparisons and ordering of a key range)."""
-    return type_coerce(table.c.id, LargeBinary)
+    return stored_bytes(table.c.id)
 
 
 def iso(ts: float) -> str:
@@ -48,14 +47,14 @@ def decision_conditions(f: Filters, sc: Scope) -> list:
     if f.request_id:
         # Compared as stored (the export binds parameters without the column types' conversions).
         stored = request_id_bytes(f.request_id)
-        where.append(or_(type_coerce(decisions.c.request_id, LargeBinary) == stored,
-                         type_coerce(decisions.c.internal_request_id, LargeBinary) == stored))
+        where.append(or_(stored_bytes(decisions.c.request_id) == stored,
+                         stored_bytes(decisions.c.internal_request_id) == stored))
     if f.model_id:
         where.append(decisions.c.model_id == f.model_id)
     if sc.replica_pks is not None:
         # Decisions whose ranking sent a request to one of these replicas.
         where.append(id_bytes(decisions).in_(
-            select(type_coerce(routed.c.decision_id, LargeBinary)).where(
+            select(stored_bytes(routed.c.decision_id)).where(
                 *in_window(routed, f.since, f.until), routed.c.replica_pk.in_(sc.replica_pks))))
     return where
 
@@ -142,7 +141,7 @@ def _attach_outcomes(conn: Connection, out: List[dict], keys: List[bytes], sc: S
     if not keys:
         return
     routed_rows = conn.execute(select(routed).where(
-        type_coerce(routed.c.decision_id, LargeBinary).in_(keys))).all()
+        stored_bytes(routed.c.decision_id).in_(keys))).all()
     by_decision: Dict[str, dict] = {}
     for row in routed_rows:
         by_decision.setdefault(row.decision_id, _routed(row._mapping, sc))
@@ -150,7 +149,7 @@ def _attach_outcomes(conn: Connection, out: List[dict], keys: List[bytes], sc: S
     by_routed: Dict[str, dict] = {}
     if routed_keys:
         for row in conn.execute(select(completed).where(
-                type_coerce(completed.c.routed_id, LargeBinary).in_(routed_keys))):
+                stored_bytes(completed.c.routed_id).in_(routed_keys))):
             by_routed.setdefault(row.routed_id, _completed(row._mapping, sc))
     for decision in out:
         decision["routed"] = by_decision.get(decision["id"])

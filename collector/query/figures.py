@@ -26,14 +26,13 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from sqlalchemy import and_, func, or_, select, type_coerce
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
-from sqlalchemy.types import LargeBinary
 
-from ..ingest.rollups import ROUTER_LEVEL
 from ..store import ids
 from ..store.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
 from ..store.models import (
+    ROUTER_LEVEL,
     Deployment,
     Replica,
     Router,
@@ -42,6 +41,7 @@ from ..store.models import (
     rollups,
     stats_changes,
 )
+from ..store.types import stored_bytes
 from .filters import MINUTE, Filters
 
 HOUR = 3600
@@ -260,8 +260,8 @@ def stats_period(conn: Connection, f: Filters, sc: Scope, sample: int = 400) -> 
     rows = conn.execute(
         select(stats_changes.c.replica_pk, stats_changes.c.collected_at, stats_changes.c.ts,
                stats_changes.c.source_pk)
-        .where(type_coerce(stats_changes.c.id, LargeBinary) >= low,
-               type_coerce(stats_changes.c.id, LargeBinary) < high,
+        .where(stored_bytes(stats_changes.c.id) >= low,
+               stored_bytes(stats_changes.c.id) < high,
                stats_changes.c.ts >= f.since, stats_changes.c.ts < f.until,
                stats_changes.c.router_pk.in_(sorted(sc.routers)))
         .order_by(stats_changes.c.id.desc()).limit(sample)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import List, Optional, Tuple
 
-from ..ingest.schema import MAX_TIMESTAMP
 from ..settings import parse_duration
+from ..store.ids import MAX_TIMESTAMP
 
 DEFAULT_WINDOW = "1h"
 MINUTE = 60

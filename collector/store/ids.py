@@ -2,7 +2,7 @@
 
 A UUIDv7 begins with its 48-bit Unix time in milliseconds, so the ids of a
 time window form one key range, and raw tables need no index on time.
-Ingest checks that an id's time is within `schema.ID_TS_TOLERANCE_S` of its
+Ingest checks that an id's time is within `ID_TS_TOLERANCE_S` of its
 event's `ts`; widening a window's key range by that much finds every event
 of the window (the exact `ts` filter then trims the edges).
 """
@@ -12,8 +12,9 @@ from __future__ import annotations
 import uuid
 from typing import Tuple
 
-from ..ingest.schema import ID_TS_TOLERANCE_S
-from .columns import uuid_text
+MAX_TIMESTAMP = 2**48 / 1000  # what fits a UUIDv7's 48 bits of ms
+# How far an id's embedded time may be from the event's ts.
+ID_TS_TOLERANCE_S = 60.0
 
 
 def lowest_id(ts: float) -> bytes:
@@ -25,10 +26,6 @@ def lowest_id(ts: float) -> bytes:
 def window_bounds(since: float, until: float) -> Tuple[bytes, bytes]:
     """Key range [low, high) holding every event with since <= ts < until."""
     return lowest_id(since - ID_TS_TOLERANCE_S), lowest_id(until + ID_TS_TOLERANCE_S + 0.001)
-
-
-def to_text(value: bytes) -> str:
-    return uuid_text(bytes(value))
 
 
 def to_bytes(text: str) -> bytes:

@@ -36,7 +36,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from .bins import HISTOGRAMS, RANK_COLUMNS
-from .columns import EventId, Ranking, RequestId
+from .types import EventId, Ranking, RequestId
 
 # Stable constraint names, so that migrations can name what they alter on both backends.
 NAMING = {
@@ -205,8 +205,9 @@ memberships = Table(
 
 RAW_TABLES = (decisions, routed, completed, stats_changes, memberships)
 
-# Rollup counters. Rows with replica_pk = 0 hold a router's totals (see
+# Rollup counters. Rows with replica_pk = ROUTER_LEVEL hold a router's totals (see
 # collector.ingest.rollups); the others, one replica's share.
+ROUTER_LEVEL = 0
 ROLLUP_KEY = ("grain", "start", "router_pk", "replica_pk")
 ROLLUP_COUNTS = (
     "decisions",  # choose_replicas calls

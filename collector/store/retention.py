@@ -14,13 +14,13 @@ import threading
 import time
 from typing import Callable, Optional
 
-from sqlalchemy import delete, func, select, type_coerce
+from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
-from sqlalchemy.types import LargeBinary
 
 from . import ids
 from .db import writer
 from .models import RAW_TABLES, Source, SourceBatch, rollups
+from .types import stored_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Retention:
         if self.raw_s is not None:
             cutoff = ids.lowest_id(now - self.raw_s)
             for table in RAW_TABLES:
-                key = type_coerce(table.c.id, LargeBinary)
+                key = stored_bytes(table.c.id)
                 deleted += self._in_chunks(
                     lambda: delete(table).where(key.in_(
                         select(key).where(key < cutoff).order_by(key).limit(CHUNK_ROWS))))

@@ -1,4 +1,5 @@
-"""Column types that store the raw events' biggest fields compactly.
+"""SQLAlchemy column types that store the raw events' biggest fields compactly,
+and the stored forms they read and write.
 
 Raw events are most of the database (10 million decisions a week is a
 modest cluster): event ids, request ids and a decision's ranking are stored
@@ -15,11 +16,19 @@ import uuid
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import msgspec
-from sqlalchemy import LargeBinary
+from sqlalchemy import LargeBinary, type_coerce
+from sqlalchemy.sql import ColumnElement
 from sqlalchemy.types import TypeDecorator
 
 if TYPE_CHECKING:  # collector.ingest.schema reads column sizes from the models, which use these types
     from ..ingest.schema import DecisionEvent
+
+
+def stored_bytes(column: ColumnElement) -> ColumnElement:
+    """A column of these types as the bytes it is stored as, without the
+    type's conversion: comparisons, order and bound values are the bytes'
+    (a window's key range, a key bound for a chunk, a request id as stored)."""
+    return type_coerce(column, LargeBinary)
 
 
 class EventId(TypeDecorator):
