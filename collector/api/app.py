@@ -126,35 +126,23 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         with engine.connect() as connection:
             return function(connection, *args, **kwargs)
 
-    @app.get("/v1/deployments", dependencies=read, tags=["read"],
-             summary="Apps, deployments, routers (class, labels) and their sources")
-    def deployments(f: Filters = Depends(filters)):
-        return with_connection(figures.deployments, f)
+    # The panels' figures: one endpoint each, over the same window and filters.
+    for path, figure, summary in (
+        ("/v1/deployments", figures.deployments, "Apps, deployments, routers (class, labels) and their sources"),
+        ("/v1/summary", figures.summary, "The overview's figures"),
+        ("/v1/distribution", figures.distribution, "Routed requests per replica, idle members included; imbalance"),
+        ("/v1/staleness", figures.staleness, "Age of the routing_stats decisions ranked on, per replica"),
+        ("/v1/rank-hits", figures.rank_hits,
+         "Share of routed requests by rank; hand-offs, rejections, decisions per request"),
+    ):
+        app.add_api_route(path, _figure_endpoint(engine, figure), methods=["GET"], name=figure.__name__,
+                          dependencies=read, tags=["read"], summary=summary)
 
     @app.get("/v1/sources", dependencies=read, tags=["read"],
              summary="Traced router instances with events produced, dropped by reason, and lost batches")
     def sources(f: Filters = Depends(filters)):
         with engine.connect() as connection:
             return {"sources": figures.sources_in(connection, f, figures.scope(connection, f))}
-
-    @app.get("/v1/summary", dependencies=read, tags=["read"], summary="The overview's figures")
-    def summary(f: Filters = Depends(filters)):
-        return with_connection(figures.summary, f)
-
-    @app.get("/v1/distribution", dependencies=read, tags=["read"],
-             summary="Routed requests per replica, idle members included; imbalance")
-    def distribution(f: Filters = Depends(filters)):
-        return with_connection(figures.distribution, f)
-
-    @app.get("/v1/staleness", dependencies=read, tags=["read"],
-             summary="Age of the routing_stats decisions ranked on, per replica")
-    def staleness(f: Filters = Depends(filters)):
-        return with_connection(figures.staleness, f)
-
-    @app.get("/v1/rank-hits", dependencies=read, tags=["read"],
-             summary="Share of routed requests by rank; hand-offs, rejections, decisions per request")
-    def rank_hits(f: Filters = Depends(filters)):
-        return with_connection(figures.rank_hits, f)
 
     @app.get("/v1/timeseries", dependencies=read, tags=["read"],
              summary="Counters per time step (whole minutes or hours), in total or per replica")
@@ -218,6 +206,14 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
+
+
+def _figure_endpoint(engine: Engine, figure):
+    """A read endpoint answering `figure(connection, filters)`."""
+    def endpoint(f: Filters = Depends(filters)):
+        with engine.connect() as connection:
+            return figure(connection, f)
+    return endpoint
 
 
 async def _export_stream(engine: Engine, f: Filters, what: str, fmt: str) -> AsyncIterator[bytes]:

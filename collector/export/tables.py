@@ -8,14 +8,13 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import or_
 from sqlalchemy.engine import Connection
 
-from ..query.explore import in_window
+from ..query.explore import outcome_conditions
 from ..query.figures import Scope
 from ..query.filters import Filters
 from ..store.models import completed, routed
-from ..store.types import request_id_bytes, stored_bytes
+from ..store.types import stored_bytes
 from .arrow_reader import ArrowReader
 from .chunks import BLOB, Reading, chunks, in_background
 from .convert import FALSE, TRUE, UNKNOWN, Names, Rankings, request_ids, times, uuids
@@ -99,15 +98,7 @@ def routed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
                    names: Names) -> Iterator[pa.RecordBatch]:
     if not sc.routers:
         return
-    r = routed.c
-    where = in_window(routed, f.since, f.until) + [r.router_pk.in_(sorted(sc.routers))]
-    if sc.replica_pks is not None:
-        where.append(r.replica_pk.in_(sc.replica_pks))
-    if f.request_id:
-        stored = request_id_bytes(f.request_id)
-        where.append(or_(stored_bytes(r.request_id) == stored, stored_bytes(r.internal_request_id) == stored))
-    if f.model_id:
-        where.append(r.model_id == f.model_id)
+    where = outcome_conditions(routed, f, sc)
     for rows, completion in in_background(_routed_chunks(reader, where)):
         column = rows.column
         yield record_batch("routed", {
@@ -125,12 +116,7 @@ def completed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Sco
                       names: Names) -> Iterator[pa.RecordBatch]:
     if not sc.routers:
         return
-    c = completed.c
-    where = in_window(completed, f.since, f.until) + [c.router_pk.in_(sorted(sc.routers))]
-    if sc.replica_pks is not None:
-        where.append(c.replica_pk.in_(sc.replica_pks))
-    if f.request_id:
-        where.append(stored_bytes(c.internal_request_id) == request_id_bytes(f.request_id))
+    where = outcome_conditions(completed, f, sc)
     for rows in in_background(chunks(reader, _COMPLETED, where)):
         column = rows.column
         yield record_batch("completed", {

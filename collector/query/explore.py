@@ -41,6 +41,22 @@ def in_window(table, since: float, until: float) -> list:
     return [id_bytes(table) >= low, id_bytes(table) < high, table.c.ts >= since, table.c.ts < until]
 
 
+def outcome_conditions(table, f: Filters, sc: Scope) -> list:
+    """Conditions for the routed or completed rows of the window that match the
+    filters (export): by their own replica, request ids and model id, where the
+    table has them (a completion carries only the internal request id)."""
+    where = in_window(table, f.since, f.until) + [table.c.router_pk.in_(sorted(sc.routers))]
+    if sc.replica_pks is not None:
+        where.append(table.c.replica_pk.in_(sc.replica_pks))
+    if f.request_id:
+        stored = request_id_bytes(f.request_id)
+        where.append(or_(*(stored_bytes(table.c[name]) == stored
+                           for name in ("request_id", "internal_request_id") if name in table.c)))
+    if f.model_id and "model_id" in table.c:
+        where.append(table.c.model_id == f.model_id)
+    return where
+
+
 def decision_conditions(f: Filters, sc: Scope) -> list:
     """Conditions for the decisions of the window that match the filters (drill-down and export)."""
     where = in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]

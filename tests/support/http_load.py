@@ -43,6 +43,17 @@ READ_PATHS = ["/v1/summary", "/v1/distribution", "/v1/staleness", "/v1/rank-hits
 VIEWS = ["/", "/distribution", "/staleness", "/rank-hits", "/explorer"]
 
 
+def _run_threads(worker, count: int) -> float:
+    """Runs `worker(n)` in `count` threads until all return; the seconds it took."""
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.monotonic() - started
+
+
 def connection(url: str, timeout_s: float) -> http.client.HTTPConnection:
     parsed = urllib.parse.urlsplit(url)
     return http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout_s)
@@ -109,15 +120,9 @@ def post(args) -> dict:
             if status is None:
                 time.sleep(0.05)  # the collector is away: do not spin on refused connections
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(args.threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    tally["seconds"] = _run_threads(worker, args.threads)
     if ids_out is not None:
         ids_out.close()
-    tally["seconds"] = time.monotonic() - started
     return tally
 
 
@@ -168,13 +173,7 @@ def read(args) -> dict:
                 if status >= 500 and len(tally["bodies_5xx"]) < 20:
                     tally["bodies_5xx"].append(f"{path}: {text.decode('utf-8', 'replace')[:300]}")
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(args.threads)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    tally["seconds"] = time.monotonic() - started
+    tally["seconds"] = _run_threads(worker, args.threads)
     return tally
 
 
