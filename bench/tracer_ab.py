@@ -10,9 +10,11 @@ requests interleaved with the plain router's, and prints what each adds
 per request and the difference, run by run: a change is real when the
 difference keeps its sign over the runs and stands clear of their spread.
 
-The base revision's `routers` package is extracted with `git archive` and
-imported under the name `routers_base`, so both versions live in one
-process and see the same machine, request by request.
+The base revision's routers/ (installed as `routelens.routers`) is
+extracted with `git archive` and imported under the name `routers_base`, so
+both versions live in one process and see the same machine, request by
+request. Revisions from before the `routelens` namespace, whose routers/
+imported itself as the top-level package `routers`, work too.
 
     .venv/bin/python bench/tracer_ab.py [--base HEAD] [--runs 5] [--requests 3000]
 """
@@ -33,12 +35,13 @@ import tempfile
 
 import tracer_overhead  # this directory is on sys.path when run as a script
 
-import routers.examples
+from routelens.routers import examples
 
 BASE_PACKAGE = "routers_base"
-# `from routers.x import`, `from routers import`, `import routers.x`, `import routers`:
-# every way routers/ imports itself.
-_SELF_IMPORT = re.compile(r"^(\s*)(from|import) routers\b", re.MULTILINE)
+# Relative imports (`from .mixin import`) need no change. Absolute ones name the
+# package as `routelens.routers` or, before the namespace, `routers`:
+# `from routers.x import`, `from routers import`, `import routers.x`, `import routers`.
+_SELF_IMPORT = re.compile(r"^(\s*)(from|import) (?:routelens\.)?routers\b", re.MULTILINE)
 
 
 def extract_base(revision: str, into: str) -> None:
@@ -70,7 +73,7 @@ def main() -> None:
         sys.path.insert(0, directory)
         base = importlib.import_module(f"{BASE_PACKAGE}.examples")  # imports all it needs before the files go
     traced = {"base": base.TracedPowerOfTwoChoicesRequestRouter,
-              "working tree": routers.examples.TracedPowerOfTwoChoicesRequestRouter}
+              "working tree": examples.TracedPowerOfTwoChoicesRequestRouter}
     print(f"cold request, added over the plain pow-2 router, us per request ({args.requests} requests each run):")
     print(f"  {'base ' + args.base:>24} {'working tree':>14} {'difference':>12}")
     differences = []

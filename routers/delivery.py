@@ -1,8 +1,8 @@
 """Where encoded batches go: a collector over HTTP, or a JSON Lines file.
 
-Both run on the exporter thread only. A destination never raises: what it
-cannot deliver it stores (the spool) or counts as dropped on the batch's
-source.
+Both are a `Destination`, and run on the exporter thread only. A destination
+never raises: what it cannot deliver it stores (the spool) or counts as
+dropped on the batch's source.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import random
 import socket
 import time
 import urllib.parse
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Protocol
 
 from .faults import faults
 from .spool import Spool, SpoolFull
@@ -23,6 +23,23 @@ from .spool import Spool, SpoolFull
 DropCounter = Callable[[str, int], None]
 # Counts every event of a spooled batch (its JSON given) as dropped, under a reason.
 SpooledDropCounter = Callable[[bytes, str], None]
+
+
+class Destination(Protocol):
+    """What the exporter hands a source's encoded batches to."""
+
+    @property
+    def backlog(self) -> int:
+        """Batches stored for later delivery (the exporter's flush waits for none)."""
+
+    def deliver(self, body: bytes, n_events: int, count_drop: DropCounter) -> bool:
+        """Deliver or store one batch; False if it was dropped (and counted with `count_drop`)."""
+
+    def replay(self, budget_s: float, count_drop: SpooledDropCounter) -> None:
+        """Deliver stored batches, oldest first, for at most about `budget_s`."""
+
+    def close(self) -> None:
+        """Release connections and files; called on the exporter thread's exit and after a fork."""
 
 
 class JsonlSink:

@@ -8,35 +8,31 @@ queued into one batch per source, and hands each batch to the source's
 destination: the collector over HTTP (spooling to disk while it is away) or
 a JSON Lines file.
 
-This module is imported by reference from the installed `routers` package,
-never pickled by value with a router class: that is what makes the exporter
-one per process even though Ray ships router classes by value.
+This module is imported by reference from the installed `routelens.routers`
+package, never pickled by value with a router class: that is what makes the
+exporter one per process even though Ray ships router classes by value.
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
 import weakref
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .config import TracerConfig
-from .delivery import CollectorClient, JsonlSink
+from .delivery import CollectorClient, Destination, JsonlSink
 from .faults import faults
-from .spool import Spool
+from .spool import open_collector_spool
 from .wire import batch_json, encode
 
 logger = logging.getLogger("routelens")
-
-Destination = Union[CollectorClient, JsonlSink]
 
 # Each cycle the thread may spend this long replaying a spool before it goes
 # back to draining the queue, so a long replay never lets the queue overflow.
@@ -118,8 +114,7 @@ class Exporter:
         self._destinations: Dict[Tuple[str, ...], Destination] = {}
         self._thread: Optional[threading.Thread] = None
         self._init_runtime_state()
-        this = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: this() is not None and this()._restart_after_fork())
+        _live_exporters.add(self)  # restarted in a forked child (_after_fork_in_child)
 
     def _init_runtime_state(self) -> None:
         self._queue: Deque[tuple] = deque()
@@ -175,28 +170,33 @@ class Exporter:
             self._wake.set()
 
     def wake(self) -> int:
-        """Export what is queued now instead of at the next interval. Returns
-        the number of the cycle that exports it, for `wait_for_cycle`: the
-        next one, or the one after if the thread is in a cycle (which may have
-        drained the queue before these events came)."""
+        """Export what is queued now instead of at the next interval, without
+        waiting. Returns the number of the cycle that exports it, for
+        `wait_for_cycle`: the next one, or the one after if the thread is in
+        a cycle (which may have drained the queue before these events came)."""
         with self._cycle:
             self._wake.set()
             return self._cycles + (2 if self._in_cycle else 1)
 
     def wait_for_cycle(self, cycle: int, timeout_s: float) -> bool:
         """Block until the thread has finished cycle number `cycle` (see
-        `wake`). Returns False if it did not within the timeout."""
+        `wake`). Returns False if it did not within the timeout. For work
+        overlapped with an export (bench/tracer_overhead.py); to wait until
+        everything is delivered, `flush`."""
         with self._cycle:
             return self._cycle.wait_for(lambda: self._cycles >= cycle, timeout_s)
 
-    # -- control (tests, shutdown) -----------------------------------------
+    # -- control (tests, benches, shutdown) ---------------------------------
+    # As OpenTelemetry's BatchSpanProcessor: flush (its force_flush) is the
+    # one way to wait for delivery, close (its shutdown) the way to stop.
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Block until everything queued so far is delivered (or spooled and
-        replayed). Returns False if that did not happen within the timeout."""
+        replayed), counters included. Returns False if that did not happen
+        within the timeout."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.export_now(deadline - time.monotonic()):
+            if not self._export_queued_now(deadline - time.monotonic()):
                 return False
             if (not self._queue and not any(d.backlog for d in list(self._destinations.values()))
                     and not any(s.counters_unsent() for s in list(self._sources.values()))):
@@ -204,7 +204,7 @@ class Exporter:
             time.sleep(0.05)
         return False
 
-    def export_now(self, timeout_s: float = 10.0) -> bool:
+    def _export_queued_now(self, timeout_s: float) -> bool:
         """Wake the thread and block until it has run whole cycles until the
         queue was empty at the end of one: everything queued so far has then
         been handed to its destination (delivered, spooled or counted as
@@ -317,41 +317,8 @@ class Exporter:
     def _make_destination(self, config: TracerConfig) -> Destination:
         if not config.collector_url:
             return JsonlSink(config.jsonl_path)
-        host = socket.gethostname()
-        spool_root = collector_spool_root(config.spool_dir, config.collector_url)
-        spool = Spool(os.path.join(spool_root, f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"),
-                      self.spool_max_bytes)
-        for orphan in orphaned_spools(spool_root, host):
-            if spool.adopt(orphan):
-                logger.info("routelens: replaying the spool a dead process left in %s", orphan)
+        spool = open_collector_spool(config.spool_dir, config.collector_url, self.spool_max_bytes)
         return CollectorClient(config.collector_url, config.token, spool, self.http_timeout_s)
-
-
-def collector_spool_root(spool_dir: str, collector_url: str) -> str:
-    """Where the spools of one collector's batches live: a later process
-    adopts only spools meant for the collector it sends to."""
-    return os.path.join(spool_dir, "collector-" + hashlib.sha256(collector_url.encode()).hexdigest()[:16])
-
-
-def orphaned_spools(spool_root: str, host: str) -> List[str]:
-    """Spool directories left on this host by processes that no longer run."""
-    try:
-        names = os.listdir(spool_root)
-    except OSError:
-        return []
-    orphans = []
-    for name in sorted(names):
-        owner, _, rest = name.rpartition("-")[0].rpartition("-")
-        pid = rest if owner == host else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            orphans.append(os.path.join(spool_root, name))
-        except OSError:
-            pass  # alive, under another user
-    return orphans
 
 
 _exporter: Optional[Exporter] = None
@@ -368,10 +335,18 @@ def get_exporter(config: TracerConfig) -> Exporter:
         return _exporter
 
 
-def _unlock_after_fork() -> None:
-    # Another thread may have held it at the fork; the exporter restarts itself.
+# Every exporter of the process (tests and benches make their own beside the
+# process-wide one), for the fork hook.
+_live_exporters: "weakref.WeakSet[Exporter]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The module's one fork hook. Another thread may have held the lock at the
+    # fork, and no exporter's thread survives it: each restarts afresh.
     global _exporter_lock
     _exporter_lock = threading.Lock()
+    for exporter in list(_live_exporters):
+        exporter._restart_after_fork()
 
 
-os.register_at_fork(after_in_child=_unlock_after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -22,66 +22,20 @@ import sys
 from time import time
 from typing import Any, Dict, List, Optional
 
-from ray.serve.request_router import RequestRouter
-
+from . import ray_contract
+from .completions import NO_RESULT
 from .config import passthrough_kwargs
 from .faults import faults
-from .tracer import NO_RESULT, RouterTracer
-
-# Exact attribution of FIFO hand-offs needs two private RequestRouter methods
-# (present in Ray 2.60). Without them the hooks below are not defined and
-# routed events fall back to the request's own last decision.
-EXACT_ATTRIBUTION = hasattr(RequestRouter, "_fulfill_next_pending_request") and hasattr(
-    RequestRouter, "_record_queue_wait_time"
+from .ray_contract import (
+    BROADCAST_CODE,
+    FINISHED_CODE,
+    RELEASE_CODE,
+    RESERVE_CODE,
+    RESULT_LOCAL,
+    ROUTE_AND_SEND_CODE,
+    ray_frame,
 )
-
-# Ray hands a result's value to the request router nowhere: only its own
-# done-callback sees it (AsyncioRouter._process_finished_request, which then
-# calls on_request_completed). Reading it from that caller's frame spares the
-# tracer a done-callback of its own per request, which costs the process one
-# more fetch and deserialization of every result: measured, most of the
-# tracer's end-to-end cost through a handle. Feature-detected like the above;
-# without it the tracer registers its own callbacks (routers.tracer).
-try:
-    from ray.serve._private.router import AsyncioRouter
-except ImportError:  # private: another Ray may not have it
-    AsyncioRouter = None
-_FINISHED = getattr(getattr(AsyncioRouter, "_process_finished_request", None), "__code__", None)
-RESULTS_FROM_RAY = (EXACT_ATTRIBUTION and _FINISHED is not None and "result" in _FINISHED.co_varnames
-                    and "on_request_completed" in _FINISHED.co_names)
-
-
-# Sends that skip the rejection protocol never reach on_request_routed:
-# DeploymentHandle.choose_replica() reserves a slot on the replica it routed
-# to and dispatch() sends there; broadcast() sends to every replica without
-# routing; inside Ray Client, and to Java replicas, Ray's usual sender sends
-# without asking. The mixin learns of them from the hooks Ray calls on those
-# paths (on_new_queue_len_info after a reservation and when an unused one is
-# released, on_send_request after every send), by which of Ray's functions
-# is the caller, and reads the request from that caller's frame; the common
-# case, Ray's usual sender with the rejection protocol, costs a call and one
-# comparison.
-# Without these private functions (another Ray), such completions are
-# recorded as rejections.
-_ROUTE_AND_SEND = getattr(getattr(AsyncioRouter, "_route_and_send_request_once", None), "__code__", None)
-_RESERVE = getattr(getattr(AsyncioRouter, "_pick_and_reserve_replica", None), "__code__", None)
-_RELEASE = getattr(getattr(AsyncioRouter, "_release_slot_and_refresh_cache", None), "__code__", None)
-_BROADCAST = getattr(getattr(AsyncioRouter, "broadcast", None), "__code__", None)
-UNROUTED_SENDS = (_ROUTE_AND_SEND is not None and {"pr", "result", "with_rejection"} <= set(_ROUTE_AND_SEND.co_varnames)
-                  and _RESERVE is not None and {"pr", "queue_info"} <= set(_RESERVE.co_varnames)
-                  and _RELEASE is not None and "selection" in _RELEASE.co_varnames
-                  and _BROADCAST is not None and "replica_pr" in _BROADCAST.co_varnames)
-
-
-def _ray_frame(frame: Any, code: Any) -> Any:
-    """The frame running Ray's function `code` among the callers above a hook,
-    else None. Three frames: subclasses' overrides of the hook (one or two)
-    may sit between Ray and the mixin."""
-    for _ in range(3):
-        if frame is None or frame.f_code is code:
-            return frame
-        frame = frame.f_back
-    return None
+from .tracer import RouterTracer
 
 
 class TracingMixin:
@@ -98,11 +52,13 @@ class TracingMixin:
         self._routelens_choose = super().choose_replicas
         try:
             overridden = type(self).routelens_request_attributes is not TracingMixin.routelens_request_attributes
+            # Read at each router's construction, so a test can switch them off.
+            results_from_ray = ray_contract.RESULTS_FROM_RAY
             # Sends that skip the rejection protocol pair with their
             # completions only when the tracer reads the results from Ray.
             self._routelens = RouterTracer(self, kwargs, records_attributes=overridden,
-                                           results_from_ray=RESULTS_FROM_RAY,
-                                           records_unrouted_sends=UNROUTED_SENDS and RESULTS_FROM_RAY)
+                                           results_from_ray=results_from_ray,
+                                           records_unrouted_sends=ray_contract.UNROUTED_SENDS and results_from_ray)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
 
@@ -149,47 +105,52 @@ class TracingMixin:
             try:
                 result = NO_RESULT
                 if tracer.results_from_ray:
+                    # Ray's done-callback called this hook with the result in a local.
                     caller = sys._getframe(1)
-                    if caller.f_code is not _FINISHED:  # a subclass's override sits between
-                        caller = _ray_frame(caller, _FINISHED)
+                    if caller.f_code is not FINISHED_CODE:  # a subclass's override sits between
+                        caller = ray_frame(caller, FINISHED_CODE)
                     if caller is not None:
-                        result = caller.f_locals.get("result", NO_RESULT)
+                        result = caller.f_locals.get(RESULT_LOCAL, NO_RESULT)
                 tracer.on_completed(replica_id, internal_request_id, result)
             except Exception as exc:
                 faults.record("recording a completed request", exc)
         return super().on_request_completed(replica_id, internal_request_id)
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
+        # Called by Ray's usual sender (the common case: one comparison), and
+        # on the paths of DeploymentHandle.choose_replica(): after a
+        # reservation, and when a reservation is released.
         tracer = self._routelens
         if tracer is not None and tracer.records_unrouted_sends and (
-                (caller := sys._getframe(1)).f_code is not _ROUTE_AND_SEND):
+                (caller := sys._getframe(1)).f_code is not ROUTE_AND_SEND_CODE):
             try:
-                reserving = _ray_frame(caller, _RESERVE)
-                if reserving is not None:
-                    ray_locals = reserving.f_locals
-                    if ray_locals["queue_info"].accepted:
-                        tracer.on_reserved(ray_locals["pr"], replica_id)
-                elif (releasing := _ray_frame(caller, _RELEASE)) is not None:
-                    selection = releasing.f_locals["selection"]
-                    if not selection._dispatched:
-                        tracer.on_reservation_unused(replica_id, selection._request_metadata)
+                if (reserving := ray_frame(caller, RESERVE_CODE)) is not None:
+                    pending_request, accepted = ray_contract.reservation(reserving)
+                    if accepted:
+                        tracer.on_reserved(pending_request, replica_id)
+                elif (releasing := ray_frame(caller, RELEASE_CODE)) is not None:
+                    request_metadata, dispatched = ray_contract.released_reservation(releasing)
+                    if not dispatched:
+                        tracer.on_reservation_unused(replica_id, request_metadata)
             except Exception as exc:
                 faults.record("recording a reservation", exc)
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
+        # Called after every send: by Ray's usual sender (which asks the
+        # replica first, but inside Ray Client and to Java replicas), and by
+        # broadcast(). The common case costs a comparison or two.
         tracer = self._routelens
         if tracer is not None and tracer.records_unrouted_sends and (
-                (caller := sys._getframe(1)).f_code is not _ROUTE_AND_SEND or tracer.sends_unasked):
+                (caller := sys._getframe(1)).f_code is not ROUTE_AND_SEND_CODE or tracer.sends_unasked):
             try:
-                sending = _ray_frame(caller, _ROUTE_AND_SEND)
-                if sending is not None:
+                if (sending := ray_frame(caller, ROUTE_AND_SEND_CODE)) is not None:
                     if tracer.sends_unasked_to(replica_id):
-                        ray_locals = sending.f_locals
-                        if not ray_locals["with_rejection"]:  # so Ray will not call on_request_routed
-                            tracer.on_routed(ray_locals["pr"], replica_id, ray_locals["result"])
-                elif (broadcasting := _ray_frame(caller, _BROADCAST)) is not None:
-                    tracer.on_broadcast_send(broadcasting.f_locals["replica_pr"], replica_id)
+                        pending_request, result, with_rejection = ray_contract.send(sending)
+                        if not with_rejection:  # so Ray will not call on_request_routed
+                            tracer.on_routed(pending_request, replica_id, result)
+                elif (broadcasting := ray_frame(caller, BROADCAST_CODE)) is not None:
+                    tracer.on_broadcast_send(ray_contract.broadcast_request(broadcasting), replica_id)
             except Exception as exc:
                 faults.record("recording a send", exc)
         return super().on_send_request(replica_id)
@@ -204,7 +165,10 @@ class TracingMixin:
                 faults.record("recording replica membership", exc)
         return result
 
-    if EXACT_ATTRIBUTION:
+    # Exact attribution of FIFO hand-offs (routers.attribution) overrides two
+    # private RequestRouter methods. Without them (another Ray) these are not
+    # defined and routed records fall back to the request's last decision.
+    if ray_contract.EXACT_ATTRIBUTION:
 
         def _fulfill_next_pending_request(self, replica: Any, request_metadata: Any = None):
             tracer = self._routelens

@@ -5,13 +5,24 @@ Lines are appended to segment files of at most `segment_bytes`; the oldest
 segment is read back whole (so memory is bounded by one segment), its lines
 handed out oldest first, and the file deleted once every line was delivered.
 Nothing here retries or sleeps: the exporter decides when to replay.
+
+Spools live under one directory per collector (`collector_spool_root`),
+one spool per process, named `<host>-<pid>-<random>`: a process that finds
+the spool of a process of its host that no longer runs adopts it
+(`open_collector_spool`), so batches a killed process left are replayed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import socket
+import uuid
 from collections import deque
 from typing import Deque, List, Optional
+
+logger = logging.getLogger("routelens")
 
 
 class SpoolFull(Exception):
@@ -137,3 +148,42 @@ class Spool:
 
     def close(self) -> None:
         self._close_writer()
+
+
+def collector_spool_root(spool_dir: str, collector_url: str) -> str:
+    """Where the spools of one collector's batches live: a later process
+    adopts only spools meant for the collector it sends to."""
+    return os.path.join(spool_dir, "collector-" + hashlib.sha256(collector_url.encode()).hexdigest()[:16])
+
+
+def orphaned_spools(spool_root: str, host: str) -> List[str]:
+    """Spool directories left on this host by processes that no longer run."""
+    try:
+        names = os.listdir(spool_root)
+    except OSError:
+        return []
+    orphans = []
+    for name in sorted(names):
+        owner, _, rest = name.rpartition("-")[0].rpartition("-")
+        pid = rest if owner == host else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            orphans.append(os.path.join(spool_root, name))
+        except OSError:
+            pass  # alive, under another user
+    return orphans
+
+
+def open_collector_spool(spool_dir: str, collector_url: str, max_bytes: int) -> Spool:
+    """This process's new spool for batches to `collector_url`, holding
+    first whatever dead processes of this host left for that collector."""
+    host = socket.gethostname()
+    spool_root = collector_spool_root(spool_dir, collector_url)
+    spool = Spool(os.path.join(spool_root, f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"), max_bytes)
+    for orphan in orphaned_spools(spool_root, host):
+        if spool.adopt(orphan):
+            logger.info("routelens: replaying the spool a dead process left in %s", orphan)
+    return spool

@@ -1,11 +1,23 @@
-"""Run a RequestRouter without a Ray cluster: fake replicas, a real event loop.
+"""Unit-test a Ray Serve request router, traced or not, without a cluster.
 
-Useful to unit-test a router (traced or not) and to measure the tracer's own
-cost with no Ray I/O in the way. The router is the real class; only the
-replicas are stand-ins that answer the attributes routers read.
+The router is your real class, built and initialized as Ray builds it, on
+a real event loop; only the replicas are stand-ins (`FakeReplica`) that
+answer the attributes routers read, and can be given routing stats, queue
+lengths, models and a will to refuse. Requests are real `PendingRequest`s.
 
-    router = make_router(TracedPowerOfTwoChoicesRequestRouter, n_replicas=16)
-    ranks = await router.choose_replicas(router._replicas_list, make_request())
+    router = make_router(MyRouter, n_replicas=3)          # inside a running event loop
+    replicas = replicas_of(router)
+    ranks = await router.choose_replicas(replicas, make_request())
+
+To go through every hook Ray calls, in Ray's order and through Ray's own
+sending and completion code, send with `RayRouter(router).send(request)`
+and finish the result with `result.finish(value)`. A traced router given
+`record_to=path` writes what it records to that JSON Lines file, which
+`recorded_events(router)` reads back, event by event as on the wire.
+
+docs/testing-routers.md has a worked example. Ray's private functions this
+module borrows are listed in routers.ray_contract, and checked against the
+installed Ray by the project's tests.
 """
 
 from __future__ import annotations
@@ -13,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import os
+import socket
 from typing import Any, Dict, List, Optional, Set
 
 from ray.exceptions import TaskCancelledError
@@ -26,11 +41,31 @@ from ray.serve._private.common import (
 from ray.serve._private.router import AsyncioRouter
 from ray.serve.request_router import PendingRequest
 
+from .config import TracerConfig
+from .exporter import Exporter
+
+__all__ = [
+    "FakeReplica",
+    "FakeResult",
+    "RayRouter",
+    "make_replicas",
+    "make_request",
+    "make_router",
+    "recorded_events",
+    "replicas_of",
+    "route_one",
+]
+
 _request_numbers = itertools.count()
 
 
 class FakeReplica:
-    """Stands in for `RunningReplica`: the attributes routers read, no actor."""
+    """Stands in for Ray's `RunningReplica`: the attributes routers read, no actor.
+
+    Change them at will (`routing_stats`, `queue_len`, `is_cross_language`,
+    `refuses`, ...), then call `router.update_replicas(replicas_of(router))`
+    as Ray does when a replica's state changes.
+    """
 
     def __init__(self, replica_id: ReplicaID, *, node_id: str = "node-0", availability_zone: Optional[str] = None,
                  max_ongoing_requests: int = 5, model_ids: Set[str] = frozenset(),
@@ -41,8 +76,8 @@ class FakeReplica:
         self.max_ongoing_requests = max_ongoing_requests
         self.multiplexed_model_ids = set(model_ids)
         self.routing_stats = routing_stats if routing_stats is not None else {}
-        self.is_cross_language = False
-        self.queue_len = queue_len
+        self.is_cross_language = False  # a Java replica: Ray sends to it without asking first
+        self.queue_len = queue_len  # what it answers when probed or sent a request
         self.actor_id = None
         self.refuses = False  # with the rejection protocol: whether it refuses what it is sent
 
@@ -53,22 +88,42 @@ class FakeReplica:
         return self.queue_len
 
 
-def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **kwargs) -> List[FakeReplica]:
+def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **replica_kwargs) -> List[FakeReplica]:
+    """`n` fake replicas of one deployment, ids "replica000", "replica001", ...
+
+    `replica_kwargs` (node_id, availability_zone, max_ongoing_requests,
+    model_ids, routing_stats, queue_len) apply to every one of them.
+    """
     deployment_id = DeploymentID(name=deployment, app_name=app)
-    return [FakeReplica(ReplicaID(unique_id=f"replica{i:03d}", deployment_id=deployment_id), **kwargs)
+    return [FakeReplica(ReplicaID(unique_id=f"replica{i:03d}", deployment_id=deployment_id), **replica_kwargs)
             for i in range(n)]
 
 
-def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
-                router_kwargs: Optional[Dict[str, Any]] = None, exporter: Any = None,
-                use_replica_queue_len_cache: bool = True, **replica_kwargs) -> Any:
-    """A router of `router_cls`, initialized as Ray would, with fake replicas.
+_recording_exporters: Dict[str, Exporter] = {}  # JSON Lines path -> the exporter writing it
 
-    Call it from inside a running event loop, as Ray does. A traced router
-    sends to `exporter` when given, else to the process-wide exporter.
-    Ray routes without the queue-length cache only inside Ray Client, where
-    it sends without the rejection protocol.
+
+def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
+                router_kwargs: Optional[Dict[str, Any]] = None, record_to: Optional[str] = None,
+                exporter: Optional[Exporter] = None, use_replica_queue_len_cache: bool = True,
+                **replica_kwargs) -> Any:
+    """A router of `router_cls`, built and initialized as Ray would, with
+    `n_replicas` fake replicas (`replica_kwargs` as for `make_replicas`).
+
+    Call it from inside a running event loop (an `async def` test, or one
+    run by `asyncio.run`), as Ray does. `router_kwargs` are the deployment's
+    `request_router_kwargs`, given to `initialize_state`.
+
+    Traced routers only:
+    - `record_to`: a JSON Lines file the router's records are written to,
+      for `recorded_events`. Routers given one path share one exporter.
+    - `exporter`: the exporter to send to instead (by default, the
+      process-wide one, configured by `router_kwargs` or ROUTELENS_*
+      environment variables as in a Ray process).
+
+    `use_replica_queue_len_cache=False` builds the router as Ray does inside
+    Ray Client, where requests are sent without asking the replica first.
     """
+    router_kwargs = dict(router_kwargs or {})
     router = router_cls(
         deployment_id=DeploymentID(name=deployment, app_name=app),
         handle_source=DeploymentHandleSource.UNKNOWN,
@@ -76,11 +131,64 @@ def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "of
         self_node_id="node-0",
         use_replica_queue_len_cache=use_replica_queue_len_cache,
     )
-    if exporter is not None:
-        router._routelens.configure(router_kwargs or {}, exporter)
-    router.initialize_state(**(router_kwargs or {}))
+    if record_to is not None or exporter is not None:
+        tracer = getattr(router, "_routelens", None)
+        if tracer is None:
+            raise ValueError(f"record_to and exporter are for traced routers; {router_cls.__name__} is not traced"
+                             " (class Traced(TracingMixin, YourRouter): pass)")
+        if record_to is not None:
+            router_kwargs["jsonl_path"] = record_to
+            exporter = exporter or _recording_exporter(record_to)
+        tracer.configure(router_kwargs, exporter)
+    router.initialize_state(**router_kwargs)
     router.update_replicas(make_replicas(n_replicas, deployment, app, **replica_kwargs))
     return router
+
+
+def _recording_exporter(path: str) -> Exporter:
+    exporter = _recording_exporters.get(path)
+    if exporter is None:
+        exporter = _recording_exporters[path] = Exporter(TracerConfig(jsonl_path=path, flush_interval_s=0.1))
+    return exporter
+
+
+def replicas_of(router: Any) -> List[FakeReplica]:
+    """The router's current replicas, in the order they were last given."""
+    return list(router.curr_replicas.values())
+
+
+def make_request(model_id: str = "", request_id: Optional[str] = None,
+                 internal_request_id: Optional[str] = None) -> PendingRequest:
+    """A request as Ray queues it for routing: no arguments, fresh ids
+    ("request-N", "internal-N") unless given, the multiplexed model `model_id`."""
+    number = next(_request_numbers)
+    return PendingRequest(
+        args=[],
+        kwargs={},
+        metadata=RequestMetadata(
+            request_id=request_id if request_id is not None else f"request-{number}",
+            internal_request_id=internal_request_id if internal_request_id is not None else f"internal-{number}",
+            multiplexed_model_id=model_id,
+        ),
+    )
+
+
+def recorded_events(router: Any, timeout_s: float = 10.0) -> List[Dict[str, Any]]:
+    """What a traced router made with `record_to` recorded so far: its wire
+    events (docs/design.md, "Wire format v1"), oldest first. Waits until
+    everything queued is written. Call it outside the event loop (after
+    `asyncio.run`), or between requests: it blocks."""
+    tracer = router._routelens
+    if not tracer.exporter.flush(timeout_s):
+        raise TimeoutError(f"the router's events were not written within {timeout_s} s")
+    path = tracer.config.jsonl_path.format(pid=os.getpid(), hostname=socket.gethostname())
+    events = []
+    with open(path) as f:
+        for line in f:
+            batch = json.loads(line)
+            if batch["source"]["source_id"] == tracer.source.id:
+                events.extend(batch["events"])
+    return events
 
 
 class _Metrics:
@@ -101,12 +209,14 @@ class RayRouter:
 
         result = await RayRouter(router).send(make_request())
 
-    routes the request, sends it to a fake replica and calls the router's
-    hooks as Ray does (with the rejection protocol if the router uses the
-    queue-length cache, as it does but inside Ray Client, and the replica is
-    not a Java one); `result.finish()` then completes it through Ray's
-    done-callback, which reaches the loop as in Ray, but from the loop's own
-    thread rather than a worker's. Call it from inside a running event loop.
+    routes the request (Ray's routing queue, `choose_replicas`, the FIFO
+    hand-off), sends it to a fake replica and calls the router's hooks as
+    Ray does: with the rejection protocol if the router uses the
+    queue-length cache (it does, but inside Ray Client) and the replica is
+    not a Java one. `result.finish(value)` then completes it through Ray's
+    done-callback (`on_request_completed`), which reaches the loop as in
+    Ray, but from the loop's own thread rather than a worker's. Call it from
+    inside a running event loop.
     """
 
     _process_finished_request = AsyncioRouter._process_finished_request
@@ -114,6 +224,9 @@ class RayRouter:
     _route_and_send_request_once = AsyncioRouter._route_and_send_request_once
     _register_completion_callback = AsyncioRouter._register_completion_callback
     _register_decrement_queue_len_cache_callback = AsyncioRouter._register_decrement_queue_len_cache_callback
+    # Read by the functions above only when a replica died, which a fake
+    # replica never does (routers.ray_contract checks the rest is provided).
+    LEFT_OUT = frozenset({"_handle_actor_died_error", "_make_upstream_crash_error"})
 
     def __init__(self, request_router: Any):
         self.request_router = self._active_request_router = request_router
@@ -134,9 +247,11 @@ class RayRouter:
 class FakeResult:
     """Stands in for the `ReplicaResult` of one send attempt: completes when the test says so.
 
-    Made by `sent`, which registers Ray's own done-callback first, as Ray
-    does when it sends (it calls the router's on_request_completed with the
-    result); callbacks registered later (a tracer's) run after it.
+    `RayRouter.send` returns one. To drive the hooks by hand instead, make
+    one with `FakeResult.sent(router, replica_id, request)`, which registers
+    Ray's own done-callback first, as Ray does when it sends (it calls the
+    router's on_request_completed with the result); callbacks registered
+    later (a tracer's) run after it.
     """
 
     _UNSET = object()
@@ -148,6 +263,7 @@ class FakeResult:
 
     @classmethod
     def sent(cls, router: Any, replica_id: ReplicaID, pending_request: PendingRequest) -> "FakeResult":
+        """The result of sending `pending_request` to the replica, with Ray's done-callback registered."""
         result = cls()
         ray_router = RayRouter(router)
         internal_request_id = pending_request.metadata.internal_request_id
@@ -176,24 +292,13 @@ class FakeResult:
             self.finish(TaskCancelledError())
 
 
-def make_request(model_id: str = "") -> PendingRequest:
-    number = next(_request_numbers)
-    return PendingRequest(
-        args=[],
-        kwargs={},
-        metadata=RequestMetadata(
-            request_id=f"request-{number}",
-            internal_request_id=f"internal-{number}",
-            multiplexed_model_id=model_id,
-        ),
-    )
-
-
 async def route_one(router: Any) -> None:
-    """One request through every hook, in Ray's order for an accepted request
-    that completes at once: choose_replicas, routed, completed."""
+    """One request through the three hooks a traced router records, in
+    Ray's order for an accepted request that completes at once:
+    choose_replicas (called directly, without Ray's routing queue),
+    on_request_routed, then on_request_completed through Ray's done-callback."""
     pr = make_request()
-    ranks = await router.choose_replicas(router._replicas_list, pr)
+    ranks = await router.choose_replicas(router._replicas_list, pr)  # the list Ray itself passes
     replica_id = ranks[0][0].replica_id
     result = FakeResult.sent(router, replica_id, pr)
     router.on_request_routed(pr, replica_id, result)

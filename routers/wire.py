@@ -1,11 +1,8 @@
-"""Wire format v1: what the hot path queues, and how it becomes JSON.
+"""Wire format v1 (docs/design.md): how a queued record becomes JSON.
 
-The hot path queues tuples of references (replica ids, cache entries, stats
-dicts, request metadata): no formatting, no copying. `encode` runs on the
-exporter thread and turns one queued item into the JSON text of one event. Every item
-starts with `(source, kind, ts, seq, ...)`, except decisions: a decision is a
-list `[source, kind, ts, ...]` (slots D_*) shared with the attribution logic,
-whose id is drawn when it is first encoded.
+`encode` runs on the exporter thread and turns one record (routers.records:
+tuples of plain references the hooks queued) into the JSON text of one
+event; `batch_json` wraps a source's encoded events into one batch.
 """
 
 from __future__ import annotations
@@ -14,72 +11,47 @@ import json
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
-from .ids import event_id, next_seq
+from .ids import event_id
+from .records import (
+    C_INTERNAL_REQUEST_ID,
+    C_LATENCY_MS,
+    C_OK,
+    C_REJECTED,
+    C_REPLICA_ID,
+    C_ROUTED,
+    COMPLETED,
+    D_ATTEMPT,
+    D_DURATION_S,
+    D_N_CANDIDATES,
+    D_QUEUE_LENS,
+    D_RANKS,
+    D_STATS_SEEN,
+    D_TRACE,
+    DECISION,
+    KIND,
+    M_MEMBERS,
+    R_ATTEMPTS,
+    R_ATTRIBUTION,
+    R_DECISION,
+    R_OWN_RANKING,
+    R_QUEUE_WAIT_MS,
+    R_RANK,
+    R_REPLICA_ID,
+    R_TRACE,
+    REPLICAS,
+    ROUTED,
+    S_COLLECTED_AT,
+    S_REPLICA_ID,
+    S_STATS,
+    SEQ,
+    STATS,
+    TS,
+    RequestTrace,
+    decision_id,
+)
 from .stats import STATS_TIMESTAMP_KEY, collected_at
 
 WIRE_SCHEMA_VERSION = 1
-
-DECISION = "decision"
-ROUTED = "routed"
-COMPLETED = "completed"
-REPLICAS = "replicas"
-STATS = "stats"
-
-
-class RequestTrace:
-    """What the tracer keeps on a PendingRequest (as `pr._routelens`)."""
-
-    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes",
-                 "wire_ids")
-
-    def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
-        self.metadata = metadata
-        self.sampled = sampled
-        self.decisions = 0  # choose_replicas calls made for this request
-        self.last_decision: Optional[list] = None  # see D_* below
-        # (replica, decision) set when a fulfilment hands this request a replica.
-        self.handoff: Optional[tuple] = None
-        self.handed_at = 0.0  # monotonic time of the last hand-off
-        self.attributes = attributes
-        self.wire_ids: Optional[str] = None  # see request_ids_json; written by the exporter thread only
-
-
-# A decision (one `choose_replicas` call: its ranking and the inputs it ranked
-# on) is a plain list, which is both the record the attribution logic keeps
-# and the item queued for export: a list is the cheapest object CPython
-# builds, and the hot path builds one per decision. Its slots:
-D_SOURCE = 0  # the Source that produced it (item[0] of every queued item)
-D_KIND = 1  # DECISION
-D_TS = 2
-D_TRACE = 3  # the request's RequestTrace (None when choose_replicas got no request)
-D_ATTEMPT = 4
-D_DURATION_S = 5
-D_N_CANDIDATES = 6
-D_RANKS = 7  # the list of lists of RunningReplica returned by the router
-D_QUEUE_LENS = 8  # queue-length cache entries of the ranked replicas, in rank order (None: unknown)
-D_STATS_SEEN = 9  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
-D_PREVIOUS = 10  # the same request's decision before this one, until the request completes
-D_EXPORTED = 11  # queued for export (or counted as sampled out, once settled)
-D_ID = 12  # drawn by decision_id() on the exporter thread
-
-
-def decision_id(decision: list) -> str:
-    # Drawn on the exporter thread, the first time the decision or a routed
-    # event naming it is encoded: the hot path never pays for an id.
-    if decision[D_ID] is None:
-        decision[D_ID] = event_id(decision[D_TS], next_seq())
-    return decision[D_ID]
-
-
-def rank_of(decision: list, replica_id: Any) -> Optional[int]:
-    for index, rank in enumerate(decision[D_RANKS]):
-        for replica in rank:
-            other = replica.replica_id
-            # Ray passes the replica's own ReplicaID object: `is` spares the
-            # dataclass's __eq__, a Python call, in the common case.
-            if other is replica_id or other == replica_id:
-                return index
-    return None
 
 
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -159,7 +131,7 @@ _stats_text = _StatsText()
 
 
 def _encode_decision(d: list) -> str:
-    ts = d[D_TS]
+    ts = d[TS]
     stats_seen = d[D_STATS_SEEN]
     queue_lens = d[D_QUEUE_LENS]
     candidates = []
@@ -224,42 +196,42 @@ def request_ids_json(trace: RequestTrace) -> str:
 
 
 def encode(item: tuple) -> str:
-    """One queued item -> one wire-format event, as JSON text."""
-    kind = item[1]
+    """One queued record -> one wire-format event, as JSON text."""
+    kind = item[KIND]
     if kind == DECISION:
         return _encode_decision(item)
     # Times, latencies and waits come from our clocks (finite floats), ints
     # from our counters, attribution from our constants and replica ids are
     # ReplicaID.unique_id (a str): written as they are, without the checks
     # that values from Ray or a replica go through.
+    ts = item[TS]
+    head = f'"id":"{event_id(ts, item[SEQ])}","ts":{ts!r}'
     if kind == ROUTED:
-        _, _, ts, seq, trace, replica_id, decision, rank, own, attempts, wait_ms, attribution = item
+        trace, decision, rank = item[R_TRACE], item[R_DECISION], item[R_RANK]
         decision_ref = "null" if decision is None else f'"{decision_id(decision)}"'
         return (
-            f'{{"type":"routed","id":"{event_id(ts, seq)}","ts":{ts!r},'
-            f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_quote(replica_id.unique_id)},'
+            f'{{"type":"routed",{head},'
+            f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_quote(item[R_REPLICA_ID].unique_id)},'
             f'"decision_id":{decision_ref},"rank":{"null" if rank is None else rank},'
-            f'"own_ranking":{_flag(own)},"attempts":{attempts},"queue_wait_ms":{_number(wait_ms)},'
-            f'"attribution":"{attribution}"}}'
+            f'"own_ranking":{_flag(item[R_OWN_RANKING])},"attempts":{item[R_ATTEMPTS]},'
+            f'"queue_wait_ms":{_number(item[R_QUEUE_WAIT_MS])},"attribution":"{item[R_ATTRIBUTION]}"}}'
         )
     if kind == COMPLETED:
-        _, _, ts, seq, internal_request_id, replica_id, latency_ms, ok, rejected, routed = item
+        latency_ms, routed = item[C_LATENCY_MS], item[C_ROUTED]
         routed_ref = "null" if routed is None else f'"{event_id(*routed)}"'
         return (
-            f'{{"type":"completed","id":"{event_id(ts, seq)}","ts":{ts!r},'
-            f'"internal_request_id":{_string(internal_request_id)},"replica_id":{_quote(replica_id.unique_id)},'
-            f'"latency_ms":{"null" if latency_ms is None else _FIXED % latency_ms},"ok":{_flag(ok)},'
-            f'"rejected":{_flag(rejected)},"routed_id":{routed_ref}}}'
+            f'{{"type":"completed",{head},'
+            f'"internal_request_id":{_string(item[C_INTERNAL_REQUEST_ID])},'
+            f'"replica_id":{_quote(item[C_REPLICA_ID].unique_id)},'
+            f'"latency_ms":{"null" if latency_ms is None else _FIXED % latency_ms},"ok":{_flag(item[C_OK])},'
+            f'"rejected":{_flag(item[C_REJECTED])},"routed_id":{routed_ref}}}'
         )
     if kind == REPLICAS:
-        _, _, ts, seq, members = item
-        return (f'{{"type":"replicas","id":"{event_id(ts, seq)}","ts":{ts!r},'
-                f'"replicas":{_object(members)}}}')
+        return f'{{"type":"replicas",{head},"replicas":{_object(item[M_MEMBERS])}}}'
     if kind == STATS:
-        _, _, ts, seq, replica_id, stats, stamp = item
-        return (f'{{"type":"stats","id":"{event_id(ts, seq)}","ts":{ts!r},'
-                f'"replica_id":{_quote(replica_id.unique_id)},"stats":{_object(plain_stats(stats))},'
-                f'"collected_at":{_number(stamp)}}}')
+        return (f'{{"type":"stats",{head},'
+                f'"replica_id":{_quote(item[S_REPLICA_ID].unique_id)},"stats":{_object(plain_stats(item[S_STATS]))},'
+                f'"collected_at":{_number(item[S_COLLECTED_AT])}}}')
     raise ValueError(f"unknown event kind {kind!r}")
 
 

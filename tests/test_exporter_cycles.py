@@ -1,5 +1,5 @@
 """Exporter.wake names the cycle that exports what is queued; wait_for_cycle
-waits for it (what export_now and the benchmark build on)."""
+waits for it (what flush and the benchmark build on)."""
 
 from __future__ import annotations
 

@@ -10,9 +10,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from routelens.routers import TracingMixin
-from routelens.routers import mixin as mixin_module
-from routelens.routers import tracer as tracer_module
+from routelens.routers import TracingMixin, ray_contract
+from routelens.routers import completions as completions_module
 from routelens.routers.config import TracerConfig
 from routelens.routers.examples import (
     TracedPowerOfTwoChoicesRequestRouter,
@@ -29,7 +28,7 @@ def result_source(request, monkeypatch):
     """Each test both ways the tracer learns a request's result: from Ray's own
     done-callback (Ray 2.60), and from callbacks of its own (the fallback)."""
     if request.param == "own done-callbacks":
-        monkeypatch.setattr(mixin_module, "RESULTS_FROM_RAY", False)
+        monkeypatch.setattr(ray_contract, "RESULTS_FROM_RAY", False)
     return request.param
 
 
@@ -63,10 +62,10 @@ def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
         router = make_router(router_cls, 8, router_kwargs=kwargs, exporter=exporter)
         for start in range(0, n, concurrency):
             await asyncio.gather(*(route(router, make_request()) for _ in range(min(concurrency, n - start))))
-        await asyncio.sleep(tracer_module.RESULTS_DRAIN_INTERVAL_S * 2)  # the last results drain
+        await asyncio.sleep(completions_module.RESULTS_DRAIN_INTERVAL_S * 2)  # the last results drain
         tracer = router._routelens
         # Nothing is left behind once every request completed.
-        assert not tracer._open and not tracer._unmatched_completions and not tracer._trace_by_metadata
+        assert not tracer._open_attempts and not tracer._unmatched_completions and not tracer._trace_by_metadata
         return tracer.source
 
     source = asyncio.run(main())
@@ -121,7 +120,7 @@ def test_fifo_handoffs_are_attributed_exactly(tmp_path):
 
 
 def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
-    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
     sink = str(tmp_path / "events.jsonl")
     exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
 
@@ -155,8 +154,8 @@ async def until_settled(tracer):
     """Until the tracer holds no attempt or completion unrecorded. Ray's
     done-callback reaches the loop through call_soon_threadsafe: let it."""
     await asyncio.sleep(0.01)
-    await wait_until(lambda: not tracer._open and not tracer._unmatched_completions)
-    assert not tracer._open and not tracer._unmatched_completions, "the tracer did not settle"
+    await wait_until(lambda: not tracer._open_attempts and not tracer._unmatched_completions)
+    assert not tracer._open_attempts and not tracer._unmatched_completions, "the tracer did not settle"
 
 
 @pytest.mark.parametrize("sender", ["usual", "Ray Client", "Java replica"])
@@ -167,7 +166,7 @@ def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_so
     request is routed once, with exact attribution, and completed, never
     rejected. (Without the results from Ray, the tracer cannot pair an
     unasked send: it is recorded only as completed.)"""
-    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
     sink, exporter = sink_and_exporter(tmp_path)
 
     async def main():
@@ -197,7 +196,7 @@ def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_so
 def test_each_send_is_routed_once_beside_a_java_replica(tmp_path, monkeypatch, result_source):
     """With one Java replica in the deployment the tracer watches every send
     for ones made without asking; those made with it stay Ray's to report."""
-    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
     sink, exporter = sink_and_exporter(tmp_path)
 
     async def main():
@@ -249,7 +248,7 @@ def test_an_unused_reservation_ends_its_own_attempt(tmp_path, result_source):
 
 
 def test_a_refusal_through_rays_own_sending_code_is_a_rejection(tmp_path, monkeypatch):
-    monkeypatch.setattr(tracer_module, "REJECTION_GRACE_S", 0.05)
+    monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
     sink, exporter = sink_and_exporter(tmp_path)
 
     async def main():
@@ -279,7 +278,7 @@ def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_
         result = FakeResult.sent(router, replica.replica_id, pr)
         result.finish(RuntimeError("the replica raised"))
         router.on_request_routed(pr, replica.replica_id, result)
-        await wait_until(lambda: not router._routelens._open)
+        await wait_until(lambda: not router._routelens._open_attempts)
 
     asyncio.run(main())
     assert exporter.flush(10)
@@ -314,7 +313,7 @@ def test_results_reach_the_tracer_through_a_subclass_override(tmp_path):
             result = FakeResult.sent(router, replica.replica_id, pr)
             router.on_request_routed(pr, replica.replica_id, result)
             result.finish(RuntimeError("failed") if fails else "done")
-        await wait_until(lambda: not router._routelens._open)
+        await wait_until(lambda: not router._routelens._open_attempts)
 
     CompletionCountingRouter.completions = 0
     asyncio.run(main())
@@ -414,3 +413,38 @@ def test_replicas_without_routing_stats_have_no_staleness(tmp_path):
     assert candidates
     assert all(c["stats"] == {} and c["stats_age_s"] is None and c["stats_age_source"] is None
                for c in candidates)
+
+
+def test_records_built_in_place_follow_their_layouts(tmp_path):
+    """The decision and routed records are built inline on the hot path
+    (routers.records says why): their slots are where the names say."""
+    from routelens.routers import records
+
+    exporter = Exporter(TracerConfig(jsonl_path=str(tmp_path / "events.jsonl"), flush_interval_s=3600))
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": str(tmp_path / "x")},
+                             exporter=exporter)
+        pr = make_request()
+        result = await RayRouter(router).send(pr)
+        result.finish("ok")
+        await asyncio.sleep(0.01)
+        return router, pr
+
+    router, pr = asyncio.run(main())
+    by_kind = {item[records.KIND]: item for item in list(exporter._queue)}
+    exporter._queue.clear()
+    exporter.close()
+    source, trace = router._routelens.source, pr._routelens
+    decision, routed, completed = by_kind[records.DECISION], by_kind[records.ROUTED], by_kind[records.COMPLETED]
+    assert len(decision) == records.D_ID + 1 and decision[records.SOURCE] is source
+    assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
+    assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
+    assert decision[records.D_ID] is None and decision[records.D_PREVIOUS] is None
+    assert len(routed) == records.R_ATTRIBUTION + 1 and routed[records.SOURCE] is source
+    assert routed[records.R_TRACE] is trace and routed[records.R_DECISION] is decision
+    assert routed[records.R_RANK] == 0 and routed[records.R_OWN_RANKING] is True
+    assert routed[records.R_ATTEMPTS] == 1 and routed[records.R_ATTRIBUTION] == "exact"
+    assert routed[records.R_REPLICA_ID] is decision[records.D_RANKS][0][0].replica_id
+    assert completed[records.C_ROUTED] == (routed[records.TS], routed[records.SEQ])
+    assert completed[records.C_OK] is True and completed[records.C_REJECTED] is False

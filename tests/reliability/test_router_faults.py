@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from routelens.routers import tracer as tracer_module
+from routelens.routers import completions as tracer_module
 from routelens.routers.config import TracerConfig
 from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
 from routelens.routers.exporter import Exporter

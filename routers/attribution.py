@@ -1,0 +1,100 @@
+"""FIFO attribution: which decision supplied a routed request's replica.
+
+With FIFOMixin (which Ray's default pow-2 router uses) a replica found by
+request A's routing task is often given to request B, the head of the
+queue. `TracingMixin` hooks the fulfilment (`on_fulfil_start`, then
+`on_recipient` for whichever request receives the replica; both private
+RequestRouter methods, routers.ray_contract), so each `routed` record
+names the decision that really supplied its replica (A's latest decision
+that ranked it), its rank in that decision, and whether that decision was
+made for this request (`own_ranking`): attribution "exact". When Ray lacks
+those methods, or a request was routed without a fulfilment the tracer
+saw, the routed record names the request's own last decision
+("last_decision").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from .exporter import Source
+from .ids import next_seq
+from .records import D_EXPORTED, D_PREVIOUS, D_TRACE, ROUTED, RequestTrace, rank_of
+
+
+class FifoAttribution:
+    # Provided by the composed RouterTracer.
+    source: Optional[Source]
+    _submit: Callable[[Any], None]
+    _configure_from_env: Callable[[], None]
+    _trace_by_metadata: Dict[int, RequestTrace]  # routers.decisions
+    _new_trace: Callable[[Any], RequestTrace]  # routers.decisions
+    _export_decision: Callable[[list], None]  # routers.decisions
+    _forget_request: Callable[[RequestTrace], None]  # routers.decisions
+    _track_attempt: Callable[..., None]  # routers.completions
+
+    def __init__(self, router: Any, init_kwargs: Any, **options: Any):
+        super().__init__(router, init_kwargs, **options)
+        # (replica, the decision that ranked it or None, its rank there) during a fulfilment.
+        self.fulfilling: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
+
+    def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
+        # Ray fulfils with the metadata of the request the routing task was
+        # routing, so the replica came from one of that request's decisions:
+        # its last one, unless two routing tasks route the request at once (a
+        # retried request can be queued twice), in which case it is the
+        # latest one that ranked the replica.
+        self.fulfilling = (replica, None, None)
+        trace = self._trace_by_metadata.get(id(request_metadata))
+        if trace is None or trace.metadata is not request_metadata:
+            return
+        decision = trace.last_decision
+        replica_id = replica.replica_id
+        while decision is not None:
+            rank = rank_of(decision, replica_id)
+            if rank is not None:
+                self.fulfilling = (replica, decision, rank)  # on_routed takes the rank from here
+                return
+            decision = decision[D_PREVIOUS]
+
+    def on_recipient(self, pending_request: Any) -> None:
+        if self.fulfilling is not None:
+            trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+            trace.handoff = self.fulfilling
+            trace.handed_at = time.monotonic()  # see CompletionPairing._track_attempt
+            decision = self.fulfilling[1]
+            if trace.sampled and decision is not None and not decision[D_EXPORTED]:
+                # A sampled request got a replica from a sampled-out request's
+                # decision: export it now, before that request decides again
+                # and settles it as sampled out.
+                self._export_decision(decision)
+
+    def on_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
+        """The replica accepted the request (or Ray sent it without asking):
+        record it, naming the decision that supplied the replica, and wait
+        for its completion."""
+        if self.source is None:
+            self._configure_from_env()
+        now = time.time()
+        trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+        handoff, trace.handoff = trace.handoff, None
+        if handoff is not None and handoff[1] is not None and (
+                handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
+            decision, rank, attribution = handoff[1], handoff[2], "exact"
+        else:
+            decision, rank, attribution = trace.last_decision, None, "last_decision"
+        if not trace.sampled:
+            self._forget_request(trace)
+            self.source.count_unqueued("sampled_out")
+            return
+        own = None
+        if decision is not None:  # exported already: by its own request, or by on_recipient
+            if rank is None:
+                rank = rank_of(decision, replica_id)
+            own = decision[D_TRACE] is trace
+        seq = next_seq()
+        # The routed record (routers.records, slots R_*), built here only.
+        self._submit((self.source, ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
+                      (now - pending_request.created_at) * 1000.0, attribution))
+        self._track_attempt(trace, replica_id, now, seq, handoff is not None, result)
