@@ -25,6 +25,15 @@ def pytest_addoption(parser):
                      help="run the long reliability tests (marked reliability_long); also ROUTELENS_LONG=1")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The Ray-backed tests (marker `ray`) run last, each module's in its own
+    order: the session's Ray instance starts for the first of them, so that
+    it never sits idle on these 2 cores under the rest of the suite, nor
+    beside the Ray instances that `routelens demo` starts."""
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)  # stable
+
+
 @pytest.fixture(scope="session")
 def serve_instance(tmp_path_factory):
     """Ray (2 CPUs, replicas use num_cpus=0) and Serve with HTTP on a free port.

@@ -1,11 +1,20 @@
 """End to end: traced routers on real Ray Serve -> a real collector -> the read API.
 
-The API's figures are checked against what the replicas counted themselves
-and against figures computed here from the raw events the collector stored.
+One set of traced apps (the seed's routers and Ray's pow-2 router) gets its
+traffic both through Serve's HTTP proxy and through a DeploymentHandle, so
+that the proxy's and the driver's routers are both traced. Their batches go
+to a tee that passes each on to a collector on each backend (SQLite,
+PostgreSQL) and keeps it as the JSON Lines sink would.
+
+The trace itself (the raw batches) is checked against the invariants of
+`trace_checks.check_trace` and the counts the replicas kept themselves. On
+each backend, the API's figures are checked against those counts and
+against figures computed here from the raw events the collector stored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,7 +42,8 @@ from tests.support.browser import shown_rows, shown_text
 from tests.support.collector_app import Collector
 from tests.support.collector_server import CollectorServer
 from tests.support.serve_traffic import send_handle, send_http
-from tests.support.trace_checks import wait_for
+from tests.support.tee_server import TeeServer
+from tests.support.trace_checks import check_trace, read_events, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -50,64 +60,91 @@ APPS = {
 }
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def traced(request, serve_instance, tmp_path_factory):
-    """Deploys the apps traced to one collector (on each backend), sends their
-    traffic, and waits until the collector has every request's routed and
-    completed events."""
+BACKENDS = ("sqlite", "postgres")
+
+
+@pytest.fixture(scope="module")
+def traced_apps(request, serve_instance, tmp_path_factory):
+    """Deploys the apps traced to the tee, in front of `routelens up` (the
+    collector and the dashboard, which browser tests read) on each backend,
+    sends their traffic, and waits until every collector has every request's
+    routed and completed events and its totals hold still."""
     tmp = tmp_path_factory.mktemp("e2e")
-    count_dir = str(tmp / "counts")
+    count_dir, sink_dir = str(tmp / "counts"), str(tmp / "sink")
     os.makedirs(count_dir)
-    if request.param == "sqlite":
-        db_url = f"sqlite:///{tmp / 'routelens.db'}"
-    else:
-        db_url = request.getfixturevalue("postgres").new_database()
-    # Each backend's apps get their own names: a proxy keeps the router of an
-    # app deleted and deployed again under the same name, with its old
-    # request_router_kwargs (the collector's URL among them).
-    deployed = {name: f"{request.param}-{name}" for name in APPS}
-    # `routelens up`: the collector and the dashboard, which a browser test reads.
-    with CollectorServer(Settings(db_url=db_url), app_factory=create_up_app) as collector:
+    db_urls = {"sqlite": f"sqlite:///{tmp / 'routelens.db'}"}
+    try:
+        db_urls["postgres"] = request.getfixturevalue("postgres").new_database()
+    except pytest.skip.Exception:
+        pass  # no PostgreSQL on this laptop: `traced` skips its tests, the rest run
+    # Names no other test deploys: a proxy keeps the router of an app deleted
+    # and deployed again under the same name, with its old request_router_kwargs
+    # (the collector's URL among them).
+    deployed = {name: f"e2e-{name}" for name in APPS}
+    with contextlib.ExitStack() as stack:
+        servers = {backend: stack.enter_context(CollectorServer(Settings(db_url=url), app_factory=create_up_app))
+                   for backend, url in db_urls.items()}
+        tee = stack.enter_context(TeeServer([server.url for server in servers.values()], sink_dir))
         started = time.time()
         handles = {}
+        stack.callback(serve_apps.delete_apps, deployed.values())  # before the tee and the collectors stop
         for name, (app_cls, router_class, options, *_traffic) in APPS.items():
             options = dict(options)
             config = RequestRouterConfig(request_router_class=router_class,
-                                         request_router_kwargs={"collector_url": collector.url},
+                                         request_router_kwargs={"collector_url": tee.url},
                                          **options.pop("router_config", {}))
             handles[name] = serve.run(app_cls.options(request_router_config=config, **options).bind(count_dir),
                                       name=deployed[name], route_prefix=f"/{deployed[name]}")
-        try:
-            for name, (*_deploy, n_http, n_handle, concurrency) in APPS.items():
-                send_http(f"{serve_instance}/{deployed[name]}", n_http, concurrency)
-                send_handle(handles[name], n_handle, concurrency)
-            api = httpx.Client(base_url=collector.url, timeout=30)
-            window = {"since": started - 5}
+        for name, (*_deploy, n_http, n_handle, concurrency) in APPS.items():
+            send_http(f"{serve_instance}/{deployed[name]}", n_http, concurrency)
+            send_handle(handles[name], n_handle, concurrency)
+        apis = {backend: stack.enter_context(httpx.Client(base_url=server.url, timeout=30))
+                for backend, server in servers.items()}
+        window = {"since": started - 5}
+        for backend, api in apis.items():
             for name, (*_deploy, n_http, n_handle, _c) in APPS.items():
                 wanted = n_http + n_handle
 
-                def arrived(name=name, wanted=wanted):
+                def arrived(api=api, name=name, wanted=wanted):
                     figures = api.get("/v1/summary", params={**window, "app": deployed[name]}).json()
                     return figures["routed"] >= wanted and figures["completions"] >= wanted
 
-                wait_for(arrived, timeout_s=60, what=f"{name}: routed and completed events at the collector")
-            # Rejections settle after the tracer's grace period, and late batches follow: tests compare
-            # the API with raw rows read a moment later, so wait until the totals hold still.
-            totals = []
+                wait_for(arrived, timeout_s=60, what=f"{name}: routed and completed events at the {backend} collector")
+        # The trace: every request's routed event, and the completions of those the replicas accepted.
+        for name, (app_cls, _router, _options, n_http, n_handle, _c) in APPS.items():
+            wanted = n_http + n_handle
 
-            def settled() -> bool:
-                time.sleep(3)  # longer than REJECTION_GRACE_S and the exporter's flush interval
-                totals.append(api.get("/v1/summary", params=window).json())
-                return len(totals) > 1 and totals[-1]["decisions"] == totals[-2]["decisions"] and \
-                    totals[-1]["completions"] == totals[-2]["completions"]
+            def traced_whole(deployment=app_cls.name, wanted=wanted) -> bool:
+                events = read_events(sink_dir, deployment)
+                return sum(e["type"] == "routed" for e in events) >= wanted and \
+                    sum(e["type"] == "completed" and not e["rejected"] for e in events) >= wanted
 
-            wait_for(settled, timeout_s=60, what="the collector's totals to settle")
-            yield {"api": api, "window": window, "engine": collector.app.state.engine, "apps": deployed,
-                   "url": collector.url, "handles": handles,
-                   "counts": {name: serve_apps.read_counts(count_dir, deployed[name]) for name in APPS}}
-        finally:
-            for name in APPS:
-                serve.delete(deployed[name])
+            wait_for(traced_whole, what=f"{name}: routed and completed events in the tee's batches")
+        # Rejections settle after the tracer's grace period, and late batches follow: tests compare
+        # the API with raw rows read a moment later, so wait until the totals hold still.
+        totals = []
+
+        def settled() -> bool:
+            time.sleep(3)  # longer than REJECTION_GRACE_S and the exporter's flush interval
+            totals.append([api.get("/v1/summary", params=window).json() for api in apis.values()])
+            return len(totals) > 1 and all(
+                now["decisions"] == before["decisions"] and now["completions"] == before["completions"]
+                for now, before in zip(totals[-1], totals[-2]))
+
+        wait_for(settled, timeout_s=60, what="the collectors' totals to settle")
+        yield {"apps": deployed, "handles": handles, "window": window, "settled_at": time.time(),
+               "counts": {name: serve_apps.read_counts(count_dir, deployed[name]) for name in APPS},
+               "events": {name: read_events(sink_dir, APPS[name][0].name) for name in APPS},
+               "backends": {backend: {"api": apis[backend], "engine": servers[backend].app.state.engine,
+                                      "url": servers[backend].url} for backend in servers}}
+
+
+@pytest.fixture(params=BACKENDS)
+def traced(request, traced_apps):
+    """The traced apps as one backend's collector has them: its API, engine and URL."""
+    if request.param not in traced_apps["backends"]:
+        pytest.skip("PostgreSQL unavailable")
+    return {**traced_apps, **traced_apps["backends"][request.param]}
 
 
 def read(traced, path, app, **params):
@@ -127,6 +164,63 @@ def replica_ids(engine):
     with engine.connect() as connection:
         return dict(connection.execute(select(Replica.pk, Replica.replica_id)).all())
 
+
+# --- the trace itself: the raw batches, checked against the replicas' own counts ---
+
+def trace_of(traced_apps, app):
+    """One app's raw events, and the figures `check_trace` returns once they hold its invariants."""
+    events = traced_apps["events"][app]
+    return events, check_trace(events, APPS[app][3] + APPS[app][4], traced_apps["counts"][app])
+
+
+def test_uniform_router_ten_replicas(traced_apps):
+    # The seed deploys with an import-path string; so does APPS.
+    events, figures = trace_of(traced_apps, "uniform")
+    routed = [e for e in events if e["type"] == "routed"]
+    # Uniform ranks a single replica: every request is placed from rank 0.
+    assert {r["rank"] for r in routed} == {0}
+    assert len({r["replica_id"] for r in routed}) == 10
+    handle_sources = {e["source"]["handle_source"] for e in routed}
+    assert handle_sources == {"PROXY", "UNKNOWN"}  # the proxy's router and the driver's
+    decisions = [e for e in events if e["type"] == "decision"]
+    assert all(d["n_candidates"] == 10 and len(d["ranks"]) == 1 for d in decisions)
+
+
+def test_throughput_aware_router_stamped_stats(traced_apps):
+    events, figures = trace_of(traced_apps, "throughput")
+    decisions = [e for e in events if e["type"] == "decision"]
+    ages = [
+        inputs["stats_age_s"]
+        for d in decisions
+        for inputs in d["replicas"].values()
+        if inputs["stats_age_source"] == "stamped"
+    ]
+    # Stats arrive stamped once the first collection reached the router; before
+    # that a replica's stats are {}, which have no age.
+    assert len(ages) >= 0.8 * len(decisions), (len(ages), len(decisions))
+    assert max(ages) <= STATS_PERIOD_S + 1.0, sorted(ages)[-5:]
+    assert min(ages) >= 0
+    stats_events = [e for e in events if e["type"] == "stats" and e["collected_at"] is not None]
+    assert stats_events and all("throughput" in e["stats"] for e in stats_events)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "issue 23, point 2: a replica's refusal can be paired with the same request's later accepted attempt "
+    "on that replica (routed ok=false, latency 0); seen in about one run in two under load. Rejections and "
+    "hand-offs of this app are also checked by test_rank_hits_equal_the_raw_events[pow2]."))
+def test_pow2_router_under_rejections(traced_apps):
+    events, figures = trace_of(traced_apps, "pow2")
+    # 40 concurrent requests on 3 replicas x 2 slots: replicas refuse some, and
+    # FIFO hands replicas found for one request to another.
+    assert figures["rejections"] > 0
+    assert figures["handoffs"] > 0
+    rejected = [e for e in events if e["type"] == "completed" and e["rejected"]]
+    assert all(e["latency_ms"] is None and e["routed_id"] is None for e in rejected)
+    retried = [e for e in events if e["type"] == "routed" and e["attempts"] > 1]
+    assert retried, "some request must have needed more than one decision"
+
+
+# --- on each backend: the collector's figures ---
 
 @pytest.mark.parametrize("app", list(APPS))
 def test_per_replica_counts_equal_the_replicas_own(traced, app):
@@ -220,9 +314,9 @@ def test_export_then_import_gives_the_same_numbers_in_every_panel(traced, tmp_pa
     """Traced traffic -> export (JSON Lines, wire-format events) -> import into
     an empty database -> every panel query answers the same."""
     # Rejections settle after a grace period (REJECTION_GRACE_S) and stats changes keep coming
-    # while the apps run: compare a window that ended before the export.
-    time.sleep(3)
-    window = {**traced["window"], "until": time.time() - 1}
+    # while the apps run: compare a window that ended 4 s before the totals were seen settled,
+    # every event of it long arrived.
+    window = {**traced["window"], "until": traced["settled_at"] - 4}
     exported = traced["api"].get("/v1/export", params={**window, "what": "events", "format": "jsonl"})
     assert exported.status_code == 200, exported.text
     path = tmp_path / "events.jsonl"
@@ -252,19 +346,20 @@ def test_export_then_import_gives_the_same_numbers_in_every_panel(traced, tmp_pa
         copy.close()
 
 
+def open_view(page, traced, path, app, **extra):
+    """One of the dashboard's views of an app, over the traffic's window."""
+    query = {"app": traced["apps"][app], "since": traced["window"]["since"], **extra}
+    page.goto(f'{traced["url"]}/{path}?' + "&".join(f"{k}={v}" for k, v in query.items()))
+
+
 @pytest.mark.browser
 def test_every_view_shows_what_the_api_says(traced, page):
     """The dashboard in Chromium on real traced traffic: each view's figures
     (overview, distribution, staleness, rank hits, decisions, compare) are the
-    API's, filters change them, a decision opens, a download holds the rows
-    counted, and auto-refresh shows new traffic under the same filters.
-    (Last in the module: it sends more traffic.)"""
-    url, since = traced["url"], traced["window"]["since"]
-    apps = traced["apps"]
-
+    API's, filters change them, a decision opens, and a download holds the rows
+    counted."""
     def view(path, app, **extra):
-        query = "&".join(f"{k}={v}" for k, v in {"app": apps[app], "since": since, **extra}.items())
-        page.goto(f"{url}/{path}?{query}")
+        open_view(page, traced, path, app, **extra)
 
     routed = {}
     for app in ("uniform", "pow2"):
@@ -305,8 +400,15 @@ def test_every_view_shows_what_the_api_says(traced, page):
         page.click("#distribution-download-csv")
     routed_rows = pd.read_csv(download.value.path())
     assert routed_rows["replica_id"].value_counts().to_dict() == traced["counts"]["uniform"]
+    assert not page.console_errors
 
-    view("distribution", "uniform", refresh="5s")
+
+@pytest.mark.browser
+def test_auto_refresh_shows_new_traffic_under_the_same_filters(traced, page):
+    """Last in the module, on each backend after every other test: it sends
+    more traffic, which reaches both backends."""
+    apps = traced["apps"]
+    open_view(page, traced, "distribution", "uniform", refresh="5s")
     before = shown_text(page, "#distribution-routed")
     # From another thread: in this one, Playwright's event loop counts as running, and a handle's
     # result() refuses to block inside a running loop.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -98,14 +99,17 @@ def test_buggy_routers_behave_the_same_traced(serve_instance, tmp_path, plain, t
     count_dir = tmp_path / "counts"
     count_dir.mkdir()
     sink = str(tmp_path / "sink" / "events-{pid}.jsonl")
-    seen = {}
-    for label, router in (("plain", plain), ("traced", traced)):
-        name = f"{plain.__name__.lower()}-{label}"
-        handle = deploy(name, router, str(count_dir), {"jsonl_path": sink})
-        try:
-            seen[label] = outcomes(handle)
-        finally:
-            serve.delete(name)
+    names = {label: f"{plain.__name__.lower()}-{label}" for label in ("plain", "traced")}
+    handles = {}
+    try:
+        for label, router in (("plain", plain), ("traced", traced)):
+            handles[label] = deploy(names[label], router, str(count_dir), {"jsonl_path": sink})
+        # Each router's requests one after another (one its bug loses holds up none of the next),
+        # the two routers' side by side: their timeouts run out together.
+        with ThreadPoolExecutor(len(handles)) as pool:
+            seen = dict(zip(handles, pool.map(outcomes, handles.values())))
+    finally:
+        serve_apps.delete_apps(names[label] for label in handles)
     assert seen["plain"] == expected
     assert seen["traced"] == expected
     # And the traced one was traced: its decisions were recorded.
@@ -118,35 +122,47 @@ def driver_events(server: EventSinkServer, name: str, kind: str):
     return [e for e in server.events(app=name, handle_source="UNKNOWN").values() if e["type"] == kind]
 
 
-@pytest.mark.parametrize("failure", ["down", "error", "stall"])
-def test_failing_collector_never_blocks_routing(serve_instance, tmp_path, failure):
-    server = EventSinkServer()
-    if failure == "down":
-        server.stop()
-    else:
-        server.mode = failure
-    name = f"collector-{failure}"
+def test_failing_collectors_never_block_routing(serve_instance, tmp_path):
+    """A collector that is down, one that answers 500 and one that holds every
+    POST, each behind a deployment of its own, side by side (their exporters'
+    backoffs run out together): routing goes on, and once each collector
+    recovers, what was spooled meanwhile arrives, once per id."""
+    servers = {failure: EventSinkServer() for failure in ("down", "error", "stall")}
+    servers["down"].stop()
+    servers["error"].mode = "error"
+    servers["stall"].mode = "stall"
+    servers["stall"].stall_s = 60.0  # longer than the traffic takes, however busy the cores
+    names = {failure: f"collector-{failure}" for failure in servers}
     count_dir = tmp_path / "counts"
     count_dir.mkdir()
-    handle = deploy(name, TracedPowerOfTwoChoicesRequestRouter, str(count_dir),
-                    {"collector_url": server.url, "spool_dir": str(tmp_path / "spool")})
+    handles = {}
     try:
-        # Traffic through the driver's router (in this process) and the proxy's,
-        # long enough for the exporter to hit the failing collector meanwhile.
-        for _ in range(3):
-            send_handle(handle, 40, concurrency=10)
-            send_http(f"{serve_instance}/{name}", 20, concurrency=5)
-            time.sleep(0.5)
-        if failure == "stall":
-            # Every request completed while the collector held the exporter's first POST.
-            assert server.posts_started >= 1 and server.posts_finished == 0
-        assert sum(serve_apps.read_counts(str(count_dir), name).values()) == 180
-        # The collector recovers: what was spooled meanwhile arrives, once per id.
-        if failure == "down":
-            server.start()
-        server.mode = "ok"
-        wait_for(lambda: len(driver_events(server, name, "routed")) == 120, timeout_s=90,
-                 what="every routed event of the driver's router after recovery")
+        for failure, server in servers.items():
+            handles[failure] = deploy(names[failure], TracedPowerOfTwoChoicesRequestRouter, str(count_dir),
+                                      {"collector_url": server.url, "spool_dir": str(tmp_path / failure / "spool")})
+
+        def traffic(failure):
+            # Through the driver's router (in this process) and the proxy's, long
+            # enough for the exporter to hit the failing collector meanwhile.
+            for _ in range(3):
+                send_handle(handles[failure], 40, concurrency=10)
+                send_http(f"{serve_instance}/{names[failure]}", 20, concurrency=5)
+                time.sleep(0.5)
+
+        with ThreadPoolExecutor(len(servers)) as pool:
+            list(pool.map(traffic, servers))
+        # Every request completed while the collector held the exporter's first POST.
+        assert servers["stall"].posts_started >= 1 and servers["stall"].posts_finished == 0
+        for failure in servers:
+            assert sum(serve_apps.read_counts(str(count_dir), names[failure]).values()) == 180, failure
+        # The collectors recover: what was spooled meanwhile arrives, once per id.
+        servers["down"].start()
+        for server in servers.values():
+            server.mode = "ok"
+        for failure, server in servers.items():
+            wait_for(lambda server=server, name=names[failure]: len(driver_events(server, name, "routed")) == 120,
+                     timeout_s=90, what=f"every routed event of the driver's router after recovery ({failure})")
     finally:
-        serve.delete(name)
-        server.stop()
+        serve_apps.delete_apps(names[failure] for failure in handles)
+        for server in servers.values():
+            server.stop()

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections import defaultdict
-from typing import Any, Dict
+from typing import Any, Dict, Iterable
 
 from ray import serve
 from ray.serve.context import _get_internal_replica_context
@@ -109,3 +109,16 @@ class SlowApp:
     async def replica_name(self) -> str:
         """Not counted: what the broadcast test calls on every replica."""
         return self.counter.replica_id.unique_id
+
+
+def delete_apps(names: Iterable[str], timeout_s: float = 120.0) -> None:
+    """Deletes Serve applications side by side, rather than one after another
+    (each waits for its replicas' graceful shutdown); returns once all are gone."""
+    names = set(names)
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while remaining := names & set(serve.status().applications):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"applications still deployed after {timeout_s} s: {sorted(remaining)}")
+        time.sleep(0.2)
