@@ -21,6 +21,7 @@ from routelens.collector.settings import Settings
 from routelens.collector.store.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
 from routelens.collector.store.models import Base
 from tests.support.collector_app import Collector
+from tests.support.python_child import run_python
 from tests.support.wire_source import WireSource
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,17 +136,6 @@ def test_the_app_refuses_a_database_it_cannot_open(tmp_path):
         create_app(Settings(db_url="postgresql://nobody@127.0.0.1:1/routelens"))
 
 
-def _python(code: str, cwd, pythonpath=None, check=True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=120)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
-
-
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "routelens.collector.cli", *args], cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -184,7 +174,7 @@ def test_a_database_behind_head_is_refused_until_upgraded(db_url, tmp_path):
     for package in ("collector", "migrations", "routers"):
         shutil.copytree(ROOT / package, later / package, ignore=shutil.ignore_patterns("__pycache__"))
     (later / "migrations" / "versions" / "9999_later_feature.py").write_text(_next_migration(head))
-    result = _python(f"""
+    result = run_python(f"""
         from routelens import migrations
         assert migrations.__file__.startswith({str(later)!r}), migrations.__file__
         from routelens.collector.api.app import create_app
@@ -199,6 +189,7 @@ def test_a_database_behind_head_is_refused_until_upgraded(db_url, tmp_path):
         create_app(Settings(db_url={db_url!r}))
         print("started")
     """, cwd=later.parent, pythonpath=later.parent)
+    assert result.returncode == 0, result.stderr
     refused, upgraded, started = result.stdout.splitlines()
     assert refused == (f"refused: the database schema ({head}) is behind this routelens (9999): "
                        f"run `routelens db upgrade --db {db_url}`")

@@ -23,17 +23,10 @@ from packaging.utils import canonicalize_name
 from routelens.collector.cli import SERVER_MODULES
 from routelens.collector.store.db import head_revision
 from tests.support.decoys import make_decoys
+from tests.support.python_child import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("routers", "collector", "dashboard", "migrations")
-
-
-def _python(code: str, cwd, pythonpath=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if pythonpath is not None:
-        env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def _source_packages():
@@ -82,7 +75,7 @@ def test_the_installed_wheel_can_create_a_database(wheel, empty_db_url, tmp_path
     _, unpacked = wheel
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = _python(f"""
+    result = run_python(f"""
         from routelens import migrations
         from routelens.collector.store import db
         assert migrations.__file__.startswith({str(unpacked)!r}), migrations.__file__
@@ -140,7 +133,7 @@ _REFUSE_SERVER_MODULES = textwrap.dedent(f"""
 
 
 def test_the_tracer_imports_without_the_server_extra(tmp_path):
-    result = _python(_REFUSE_SERVER_MODULES + textwrap.dedent("""
+    result = run_python(_REFUSE_SERVER_MODULES + textwrap.dedent("""
         from routelens.routers import TracingMixin, stamp_routing_stats
         from routelens.routers.examples import TracedUniformRequestRouter
         from routelens.routers.testing import make_router
@@ -151,7 +144,7 @@ def test_the_tracer_imports_without_the_server_extra(tmp_path):
 
 
 def test_the_command_says_which_extra_to_install(tmp_path):
-    result = _python(_REFUSE_SERVER_MODULES + textwrap.dedent("""
+    result = run_python(_REFUSE_SERVER_MODULES + textwrap.dedent("""
         from routelens.collector.cli import main
         sys.exit(main(["db", "current", "--db", "x.db"]))
     """), cwd=tmp_path)
@@ -166,7 +159,7 @@ def test_the_collector_and_dashboard_never_import_ray(tmp_path):
     modules = [m for m in _all_modules() if m.startswith(("routelens.collector", "routelens.dashboard"))
                and not m.startswith(("routelens.collector.demo.apps", "routelens.collector.demo.traffic"))
                and not m.endswith("__main__")]
-    result = _python(f"""
+    result = run_python(f"""
         import importlib, sys
         for name in {modules!r}:
             importlib.import_module(name)
@@ -191,7 +184,7 @@ def test_a_users_packages_named_like_our_folders_change_nothing(tmp_path, db_url
                             cwd=decoys, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert [line.count(decision["id"]) for line in result.stdout.splitlines()] == [1]
-    imported = _python("""
+    imported = run_python("""
         import routelens.routers, routelens.collector.api.app, routelens.dashboard.up
         print(routelens.routers.__file__)
     """, cwd=decoys, pythonpath=decoys)
