@@ -126,6 +126,12 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         with engine.connect() as connection:
             return function(connection, *args, **kwargs)
 
+    def figure_endpoint(figure):
+        """A read endpoint answering `figure(connection, filters)`."""
+        def endpoint(f: Filters = Depends(filters)):
+            return with_connection(figure, f)
+        return endpoint
+
     # The panels' figures: one endpoint each, over the same window and filters.
     for path, figure, summary in (
         ("/v1/deployments", figures.deployments, "Apps, deployments, routers (class, labels) and their sources"),
@@ -135,7 +141,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         ("/v1/rank-hits", figures.rank_hits,
          "Share of routed requests by rank; hand-offs, rejections, decisions per request"),
     ):
-        app.add_api_route(path, _figure_endpoint(engine, figure), methods=["GET"], name=figure.__name__,
+        app.add_api_route(path, figure_endpoint(figure), methods=["GET"], name=figure.__name__,
                           dependencies=read, tags=["read"], summary=summary)
 
     @app.get("/v1/sources", dependencies=read, tags=["read"],
@@ -206,14 +212,6 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
-
-
-def _figure_endpoint(engine: Engine, figure):
-    """A read endpoint answering `figure(connection, filters)`."""
-    def endpoint(f: Filters = Depends(filters)):
-        with engine.connect() as connection:
-            return figure(connection, f)
-    return endpoint
 
 
 async def _export_stream(engine: Engine, f: Filters, what: str, fmt: str) -> AsyncIterator[bytes]:
