@@ -19,19 +19,66 @@ from tests.support.wire_source import WireSource
 
 
 def pytest_addoption(parser):
-    # Here, in the initial conftest, so that `pytest --run-long` works from the
-    # root too; tests/reliability/conftest.py applies it.
     parser.addoption("--run-long", action="store_true", default=False,
                      help="run the long reliability tests (marked reliability_long); also ROUTELENS_LONG=1")
 
 
+def _run_long(config) -> bool:
+    return bool(config.getoption("--run-long")) or os.environ.get("ROUTELENS_LONG") == "1"
+
+
+# The modules whose tests start Ray: those of the session's instance (marker
+# `ray`, which every test of these modules has), and the demo's, which runs
+# `routelens demo` with an instance of its own.
+RAY_MODULES = ("tests/test_collector_e2e.py", "tests/test_ground_truth.py", "tests/test_serve_robustness.py",
+               "tests/test_serve_unrouted_sends.py", "tests/reliability/test_serve_collector_kills.py")
+DEMO_MODULE = "tests/test_demo.py"
+STARTS_RAY = (DEMO_MODULE, *RAY_MODULES)
+
+
+def _module_path(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The Ray-backed tests (marker `ray`) run last, each module's in its own
-    order: the session's Ray instance starts for the first of them, so that
-    it never sits idle on these 2 cores under the rest of the suite, nor
-    beside the Ray instances that `routelens demo` starts."""
-    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)  # stable
+    """The tests that start Ray run one at a time, the demo's before the
+    Ray-backed ones: the session's Ray instance starts after the demo's has
+    stopped, and the two never share these 2 cores.
+
+    With pytest-xdist (scripts/test: `-n 2 --no-loadscope-reorder`) they are
+    one unit of work (pytest_xdist_make_scheduler, below), which one worker
+    runs first while the other works through the rest module by module. Run
+    in one process, they come last, so that the session's Ray instance
+    never sits idle under the rest of the suite."""
+    misplaced = sorted({_module_path(item) for item in items
+                        if (item.get_closest_marker("ray") is not None) != (_module_path(item) in RAY_MODULES)})
+    if misplaced:
+        raise pytest.UsageError(f"tests/conftest.py: RAY_MODULES must list exactly the modules of the tests marked "
+                                f"`ray` (all of each module's tests); these are not: {', '.join(misplaced)}")
+    # The long reliability runs (minutes of load, several faults) stay out of the default run;
+    # each has a short version that always runs. docs/reliability.md has their figures.
+    if not _run_long(config):
+        skip = pytest.mark.skip(reason="long reliability run: use --run-long or ROUTELENS_LONG=1")
+        for item in items:
+            if "reliability_long" in item.keywords:
+                item.add_marker(skip)
+    under_xdist = hasattr(config, "workerinput")
+    items.sort(key=lambda item: ((_module_path(item) in STARTS_RAY) != under_xdist,
+                                 item.get_closest_marker("ray") is not None))  # stable
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Modules as units of work (a module's fixtures are set up once), the
+    modules that start Ray together as one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayModulesTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "the modules that start Ray" if module in STARTS_RAY else module
+
+    return RayModulesTogether(config, log)
 
 
 @pytest.fixture(scope="session")
