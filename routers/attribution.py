@@ -5,22 +5,30 @@ request A's routing task is often given to request B, the head of the
 queue. `TracingMixin` hooks the fulfilment (`on_fulfil_start`, then
 `on_recipient` for whichever request receives the replica; both private
 RequestRouter methods, routers.ray_contract), so each `routed` record
-names the decision that really supplied its replica (A's latest decision
-that ranked it), its rank in that decision, and whether that decision was
-made for this request (`own_ranking`): attribution "exact". When Ray lacks
-those methods, or a request was routed without a fulfilment the tracer
-saw, the routed record names the request's own last decision
-("last_decision").
+names the decision that really supplied its replica, its rank in that
+decision, and whether that decision was made for this request
+(`own_ranking`): attribution "exact".
+
+The fulfilment runs in the routing task that found the replica, in the
+step after it selected it from the ranking of the task's latest decision
+(routers.decisions keeps it per task). A's latest decision would not do: a
+retried request can be routed by two tasks at once, and one of them may
+still fulfil after A was routed and completed.
+
+When Ray lacks those methods, or a request was routed without a
+fulfilment the tracer could place, the routed record names the request's
+own last decision ("last_decision").
 """
 
 from __future__ import annotations
 
 import time
+from asyncio import current_task
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from .exporter import Source
 from .ids import next_seq
-from .records import D_EXPORTED, D_PREVIOUS, D_TRACE, ROUTED, RequestTrace, rank_of
+from .records import D_EXPORTED, D_TRACE, ROUTED, RequestTrace, rank_of
 
 
 class FifoAttribution:
@@ -28,10 +36,11 @@ class FifoAttribution:
     source: Optional[Source]
     _submit: Callable[[Any], None]
     _configure_from_env: Callable[[], None]
-    _trace_by_metadata: Dict[int, RequestTrace]  # routers.decisions
+    _loop: Any  # routers.tracer
+    _loop_or_bind: Callable[[], Any]  # routers.tracer
+    _decision_by_task: Dict[Any, list]  # routers.decisions
     _new_trace: Callable[[Any], RequestTrace]  # routers.decisions
     _export_decision: Callable[[list], None]  # routers.decisions
-    _forget_request: Callable[[RequestTrace], None]  # routers.decisions
     _track_attempt: Callable[..., None]  # routers.completions
 
     def __init__(self, router: Any, init_kwargs: Any, **options: Any):
@@ -40,23 +49,18 @@ class FifoAttribution:
         self.fulfilling: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
 
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
-        # Ray fulfils with the metadata of the request the routing task was
-        # routing, so the replica came from one of that request's decisions:
-        # its last one, unless two routing tasks route the request at once (a
-        # retried request can be queued twice), in which case it is the
-        # latest one that ranked the replica.
-        self.fulfilling = (replica, None, None)
-        trace = self._trace_by_metadata.get(id(request_metadata))
-        if trace is None or trace.metadata is not request_metadata:
-            return
-        decision = trace.last_decision
-        replica_id = replica.replica_id
-        while decision is not None:
-            rank = rank_of(decision, replica_id)
-            if rank is not None:
-                self.fulfilling = (replica, decision, rank)  # on_routed takes the rank from here
-                return
-            decision = decision[D_PREVIOUS]
+        # Ray fulfils from the routing task that found the replica, with the
+        # metadata of the request that task was routing.
+        try:
+            decision = self._decision_by_task.get(current_task())
+        except RuntimeError:  # a loop asyncio no longer knows as running (a forked child's)
+            decision = None
+        rank = None
+        if decision is not None and decision[D_TRACE] is not None and (
+                decision[D_TRACE].metadata is request_metadata):
+            rank = rank_of(decision, replica.replica_id)
+        # on_routed takes the rank from here; without one, the fulfilment could not be placed.
+        self.fulfilling = (replica, decision, rank) if rank is not None else (replica, None, None)
 
     def on_recipient(self, pending_request: Any) -> None:
         if self.fulfilling is not None:
@@ -74,8 +78,10 @@ class FifoAttribution:
         """The replica accepted the request (or Ray sent it without asking):
         record it, naming the decision that supplied the replica, and wait
         for its completion."""
-        if self.source is None:
-            self._configure_from_env()
+        if self._loop is None:
+            if self.source is None:
+                self._configure_from_env()
+            self._loop_or_bind()
         now = time.time()
         trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
         handoff, trace.handoff = trace.handoff, None
@@ -85,7 +91,6 @@ class FifoAttribution:
         else:
             decision, rank, attribution = trace.last_decision, None, "last_decision"
         if not trace.sampled:
-            self._forget_request(trace)
             self.source.count_unqueued("sampled_out")
             return
         own = None

@@ -9,11 +9,19 @@ call it). So:
 - a routed request opens an attempt (`_track_attempt`); a completion closes
   the key's oldest open attempt, and the `completed` record names its
   `routed` event;
+- a refusal is recorded when Ray's sender reads the replica's answer
+  (`on_refused`, routers.ray_contract REFUSALS), and its attempt's
+  completion, which may come before or after, is then only consumed: a
+  refused attempt's completion is never taken for an accepted one's on
+  the same replica, and nothing waits on a timer for it;
 - a completion no open attempt claims waits (`_unmatched_completions`): the
-  attempt routed next claims it if it came after that attempt was handed
-  its replica; one still unclaimed after REJECTION_GRACE_S is settled as a
-  refusal where the replica could refuse it, else as a send Ray did not
-  report as routed (routers.unrouted_sends).
+  attempt routed next claims it; one still unclaimed after
+  REJECTION_GRACE_S is an attempt that failed before the replica
+  answered, or, where the answers cannot be read, is taken for a refusal
+  where the replica could refuse it; else it is a send Ray did not report
+  as routed (routers.unrouted_sends). Such a completion is held back until
+  then: if the process ends first, it is counted as dropped
+  ("unsettled_at_exit") by the exporter's shutdown.
 
 Whether an attempt succeeded comes from the result Ray's own done-callback
 completes, read from its frame by the mixin (`results_from_ray`,
@@ -93,14 +101,17 @@ class CompletionPairing:
     _submit: Callable[[Any], None]
     _configure_from_env: Callable[[], None]
     _loop_or_bind: Callable[[], asyncio.AbstractEventLoop]
-    _forget_request: Callable[[RequestTrace], None]  # routers.decisions
     sends_unasked_to: Callable[[Any], bool]  # routers.unrouted_sends
     _unrouted_sends: Dict[str, Tuple[float, float]]  # routers.unrouted_sends
     _complete_unrouted_send: Callable[..., None]  # routers.unrouted_sends
 
-    def __init__(self, router: Any, init_kwargs: Any, *, results_from_ray: bool = False, **options: Any):
+    def __init__(self, router: Any, init_kwargs: Any, *, results_from_ray: bool = False,
+                 records_refusals: bool = False, **options: Any):
         super().__init__(router, init_kwargs, **options)
         self.results_from_ray = results_from_ray
+        self.records_refusals = records_refusals
+        # (replica_id, internal_request_id) -> refusals recorded whose attempt's completion has not come yet.
+        self._refusals_unclaimed: Dict[Tuple[Any, str], int] = {}
         # internal_request_id -> the request's accepted attempts awaiting their
         # completion, oldest first (more than one only for retries and fan-out
         # calls). Keyed by the id alone: a str hashes from its cache, a
@@ -133,14 +144,15 @@ class CompletionPairing:
                 return
             key = (replica_id, internal_request_id)
             unmatched = self._unmatched_completions.get(key)
-            # A completion that came after this attempt was handed its replica
-            # is its own (it completed before Ray resumed to call on_request_routed);
-            # earlier ones are rejected attempts'. A cancelled result never is.
-            if unmatched and handed_over and unmatched[-1].at >= trace.handed_at and not unmatched[-1].cancelled:
-                completion = unmatched.pop()
+            # A completion waiting here is this attempt's own (it completed
+            # before Ray resumed to call on_request_routed) if no refusal can
+            # be among those waiting: refusals claim theirs as the replica
+            # answers; else if it came after this attempt was handed its
+            # replica. A cancelled result never is.
+            if unmatched and not unmatched[-1].cancelled and (
+                    self.records_refusals or (handed_over and unmatched[-1].at >= trace.handed_at)):
+                completion = self._claim_unmatched(key, unmatched, newest=True)
                 attempt.done_ts, attempt.done_at, attempt.ok = completion.ts, completion.at, completion.ok
-                if not unmatched:
-                    del self._unmatched_completions[key]
                 self._close_attempt(attempt)
             return
         result.add_done_callback(functools.partial(self._result_done_threadsafe, attempt))
@@ -156,6 +168,8 @@ class CompletionPairing:
         if rate < 1.0 and not is_sampled(internal_request_id, rate):
             self.source.count_unqueued("sampled_out")
             return
+        if self._refusals_unclaimed and self._refusal_claims(replica_id, internal_request_id):
+            return  # a refused attempt's completion: recorded as the replica refused
         # Wall clock for the event, monotonic for latency and the grace period.
         ts, at = time.time(), time.monotonic()
         if self.results_from_ray:
@@ -181,7 +195,49 @@ class CompletionPairing:
         # Decided now: the replica may have left the membership by the time it is settled.
         refusable = not self.sends_unasked_to(replica_id)
         self._unmatched_completions.setdefault(key, deque()).append(_Completion(ts, at, ok, cancelled, refusable))
+        self.source.held_events += 1
         self._settle_later(key)
+
+    def on_refused(self, pending_request: Any, replica_id: Any) -> None:
+        """The replica refused the request: Ray's sender read its answer. The
+        refusal is recorded now; its attempt's completion is consumed when it comes."""
+        if self.source is None:
+            self._configure_from_env()
+        internal_request_id = pending_request.metadata.internal_request_id
+        rate = self.config.sample_rate
+        if rate < 1.0 and not is_sampled(internal_request_id, rate):
+            return  # its completion is counted as sampled out
+        key = (replica_id, internal_request_id)
+        unmatched = self._unmatched_completions.get(key)
+        if unmatched:  # the refused attempt's completion came first
+            self._claim_unmatched(key, unmatched, newest=False)
+        else:
+            refusals = self._refusals_unclaimed
+            refusals[key] = refusals.get(key, 0) + 1
+            if len(refusals) > MAX_OPEN_ATTEMPTS:  # completions that never came: nothing left to record
+                del refusals[next(iter(refusals))]
+        self._submit(completed_record(self.source, time.time(), internal_request_id, replica_id, None, False, True,
+                                      None))
+
+    def _refusal_claims(self, replica_id: Any, internal_request_id: str) -> bool:
+        """Whether a completion is a recorded refusal's: consume it if so."""
+        key = (replica_id, internal_request_id)
+        waiting = self._refusals_unclaimed.get(key)
+        if not waiting:
+            return False
+        if waiting == 1:
+            del self._refusals_unclaimed[key]
+        else:
+            self._refusals_unclaimed[key] = waiting - 1
+        return True
+
+    def _claim_unmatched(self, key: Tuple[Any, str], unmatched: Deque[_Completion], newest: bool) -> _Completion:
+        """Take a waiting completion (the newest or the oldest) off the key's queue."""
+        completion = unmatched.pop() if newest else unmatched.popleft()
+        if not unmatched:
+            del self._unmatched_completions[key]
+        self.source.held_events -= 1
+        return completion
 
     def _oldest_open_attempt(self, replica_id: Any, internal_request_id: str) -> Optional[_Attempt]:
         """The oldest accepted attempt of this request on this replica awaiting its completion."""
@@ -199,9 +255,6 @@ class CompletionPairing:
             del self._open_attempts[internal_request_id]
         else:
             attempts.remove(attempt)
-        # A second routing task of a retried request may still hand out a
-        # replica from its decisions until about now; after this, forget them.
-        self._forget_request(attempt.trace)
         # The latency is not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
         self._submit(completed_record(
             self.source, attempt.done_ts, internal_request_id, attempt.replica_id,
@@ -214,8 +267,9 @@ class CompletionPairing:
             self._loop_or_bind().call_later(REJECTION_GRACE_S, self._settle, key)
 
     def _settle(self, key: Tuple[Any, str]) -> None:
-        """Completions no accepted attempt claimed within the grace period: a
-        refusal, where the replica could refuse; else a send Ray did not
+        """Completions no attempt claimed within the grace period: where the
+        replica could refuse, an attempt that failed before it answered (or,
+        where answers cannot be read, a refusal); else a send Ray did not
         report as routed."""
         try:
             if self._oldest_open_attempt(*key) is not None:
@@ -224,16 +278,14 @@ class CompletionPairing:
             cutoff = time.monotonic() - REJECTION_GRACE_S
             replica_id, internal_request_id = key
             while unmatched and unmatched[0].at <= cutoff:
-                completion = unmatched.popleft()
-                refusable = completion.refusable
+                completion = self._claim_unmatched(key, unmatched, newest=False)
+                refusal = completion.refusable and not self.records_refusals
                 self._submit(completed_record(self.source, completion.ts, internal_request_id, replica_id, None,
-                                              False if refusable else completion.ok, refusable, None))
-            if unmatched:
+                                              False if refusal else completion.ok, refusal, None))
+            if key in self._unmatched_completions:
                 self._settle_later(key)
-            else:
-                self._unmatched_completions.pop(key, None)
         except Exception as exc:
-            faults.record("recording a rejection", exc)
+            faults.record("recording a completion no attempt claimed", exc)
 
     # -- without results from Ray: the tracer's own done-callbacks ------------
 
@@ -266,9 +318,7 @@ class CompletionPairing:
             if unmatched:
                 # Ray's own completion callback was registered first, so its
                 # on_request_completed usually arrives before this: claim it.
-                unmatched.popleft()
-                if not unmatched:
-                    del self._unmatched_completions[key]
+                self._claim_unmatched(key, unmatched, newest=False)
                 self._close_attempt(attempt)
             self._settle_later(key)
         except Exception as exc:

@@ -1,29 +1,37 @@
 """Recording decisions: each `choose_replicas` ranking and what it ranked on.
 
 A request's first decision gives it a RequestTrace (kept on the
-PendingRequest, which Ray reuses across retries), and with it its sampling,
-decided from its internal request id so that every process keeps or drops
-the request whole. A request's decisions are linked newest first
-(D_PREVIOUS) until it completes, because FIFO attribution
-(routers.attribution) may still find its replica in an older one. A
-sampled-out decision is not queued, but stays linked: it is exported after
-all if it supplies a replica to a sampled request, and counted as sampled
-out once its request is done.
+PendingRequest, which Ray reuses across retries, and gone with it), and
+with it its sampling, decided from its internal request id so that every
+process keeps or drops the request whole.
+
+Each routing task's latest decision is kept (`_decision_by_task`): Ray
+fulfils from the task that found a replica, in the step after it chose it
+from that decision's ranking, so that is where FIFO attribution
+(routers.attribution) finds the decision that supplied a replica, even
+when two tasks route one retried request at once. Nothing else is kept per
+decision: a request backing off for minutes, or cancelled, holds no chain
+of them.
+
+A sampled-out decision is counted as sampled out when it is made; if it
+then supplies a replica to a sampled request, it is exported after all and
+taken off that count.
 """
 
 from __future__ import annotations
 
+from asyncio import current_task
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .exporter import Source
 from .faults import faults
 from .ids import is_sampled
 from .ray_contract import queue_len_lookup
-from .records import D_EXPORTED, D_PREVIOUS, DECISION, RequestTrace
+from .records import D_EXPORTED, DECISION, RequestTrace
 
-# Requests not yet routed, per router. Beyond this the oldest are forgotten,
-# so requests that never complete (cancelled) cannot grow memory.
-MAX_OPEN_REQUESTS = 100_000
+# Routing tasks whose latest decision is kept before those of finished
+# tasks are let go (Ray runs at most 50 routing tasks per router).
+MAX_KEPT_TASKS = 64
 
 
 class DecisionRecording:
@@ -40,10 +48,8 @@ class DecisionRecording:
         self._records_attributes = records_attributes
         # Private in Ray 2.60 (routers.ray_contract): without it, queue_len is unknown.
         self._queue_len_get = queue_len_lookup(router)
-        # id(RequestMetadata) -> the request's trace, until its accepted attempt
-        # completes: how a fulfilment, which names only the metadata, finds
-        # the decisions that may have supplied its replica.
-        self._trace_by_metadata: Dict[int, RequestTrace] = {}
+        # The routing task -> the decision it made last (a decision record).
+        self._decision_by_task: Dict[Any, list] = {}
 
     def on_decision(self, candidates: List[Any], pending_request: Any, ranks: List[List[Any]],
                     started: float, now: float) -> None:
@@ -55,12 +61,12 @@ class DecisionRecording:
             self._configure_from_env()
             source = self.source
         if pending_request is None:  # not called by Ray's routing loop: nothing to sample by
-            trace, attempt, previous, sampled = None, 0, None, True
+            trace, attempt, sampled = None, 0, True
         else:
             trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
             attempt = trace.decisions
             trace.decisions = attempt + 1
-            previous, sampled = trace.last_decision, trace.sampled
+            sampled = trace.sampled
         get = self._queue_len_get
         queue_lens = None
         if get is not None:
@@ -76,11 +82,22 @@ class DecisionRecording:
         # The decision record (routers.records, slots D_*), built here only; D_EXPORTED is
         # whether it is queued now, D_ID is drawn by the exporter thread.
         decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
-                    self._stats_seen, previous, sampled, None]
+                    self._stats_seen, sampled, None]
         if trace is not None:
             trace.last_decision = decision
+        tasks = self._decision_by_task
+        try:
+            task = current_task()
+        except RuntimeError:  # a loop asyncio no longer knows as running (a forked child's)
+            task = None
+        if task not in tasks and len(tasks) >= MAX_KEPT_TASKS:
+            for finished in [t for t in tasks if t.done()]:
+                del tasks[finished]
+        tasks[task] = decision
         if sampled:
             self._submit(decision)
+        else:
+            source.count_unqueued("sampled_out")
 
     def _new_trace(self, pending_request: Any) -> RequestTrace:
         metadata = pending_request.metadata
@@ -91,10 +108,6 @@ class DecisionRecording:
             self._request_attributes(pending_request) if self._records_attributes else None,
         )
         pending_request._routelens = trace
-        traces = self._trace_by_metadata
-        traces[id(metadata)] = trace
-        if len(traces) > MAX_OPEN_REQUESTS:  # requests that never completed (cancelled)
-            self._forget_request(traces[next(iter(traces))])
         return trace
 
     def _request_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
@@ -107,20 +120,5 @@ class DecisionRecording:
     def _export_decision(self, decision: list) -> None:
         """Queue a sampled-out decision after all: it supplied a sampled request's replica."""
         decision[D_EXPORTED] = True
+        decision[0].uncount_unqueued("sampled_out")
         self._submit(decision)
-
-    def _forget_request(self, trace: RequestTrace) -> None:
-        """The request decides no more: drop it from the index, settle its decisions."""
-        key = id(trace.metadata)
-        if self._trace_by_metadata.get(key) is trace:
-            del self._trace_by_metadata[key]
-        # Once its request was routed (or forgotten), none of its decisions can
-        # supply a replica: those never exported are counted as sampled out.
-        last = trace.last_decision
-        trace.last_decision = None
-        while last is not None:
-            if not last[D_EXPORTED]:
-                self.source.count_unqueued("sampled_out")
-            previous = last[D_PREVIOUS]
-            last[D_PREVIOUS] = None  # unlink: the chain lives only until its request completes
-            last = previous

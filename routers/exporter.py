@@ -15,7 +15,9 @@ exporter one per process even though Ray ships router classes by value.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import json
 import logging
 import os
@@ -38,6 +40,8 @@ logger = logging.getLogger("routelens")
 # back to draining the queue, so a long replay never lets the queue overflow.
 REPLAY_BUDGET_S = 0.5
 SHUTDOWN_TIMEOUT_S = 3.0
+# At shutdown, how long the router loops may take to run what Ray handed them.
+LOOP_BARRIER_S = 0.5
 # The exporter thread encodes in chunks of this many events (about 0.1 ms of
 # work), and after a chunk releases the GIL if it has held it this long: a
 # router loop waiting for the GIL waits about a millisecond at most, rather
@@ -60,6 +64,10 @@ class Source:
         self.produced = 0
         self._dropped: Dict[str, int] = {}
         self._lock = threading.Lock()
+        # Events its tracer holds back, not yet produced: completions waiting
+        # for their attempt (routers.completions). Written on the router loop.
+        self.held_events = 0
+        self.loop: Optional[asyncio.AbstractEventLoop] = None  # the router's, once it routed a request
 
     def count_produced(self, n: int) -> None:
         with self._lock:
@@ -77,6 +85,22 @@ class Source:
         with self._lock:
             self.produced += 1
             self._dropped[reason] = self._dropped.get(reason, 0) + 1
+
+    def uncount_unqueued(self, reason: str) -> None:
+        """Take back one `count_unqueued`: the event is queued after all."""
+        with self._lock:
+            self.produced -= 1
+            self._dropped[reason] -= 1
+            if not self._dropped[reason]:
+                del self._dropped[reason]
+
+    def drop_held(self, reason: str) -> None:
+        """The process is ending: count the events still held back as produced and dropped."""
+        with self._lock:
+            held, self.held_events = self.held_events, 0
+            if held > 0:
+                self.produced += held
+                self._dropped[reason] = self._dropped.get(reason, 0) + held
 
     def dropped(self) -> Dict[str, int]:
         with self._lock:
@@ -100,6 +124,8 @@ class Source:
         self.produced = 0
         self._dropped = {}
         self._lock = threading.Lock()
+        self.held_events = 0
+        self.loop = None  # the parent's router loop thread is not the child's
 
 
 class Exporter:
@@ -222,8 +248,19 @@ class Exporter:
         if thread is None or self._stopping:
             return
         self._stopping = True
+        deadline = time.monotonic() + timeout_s
+        sources = list(self._sources.values())
+        # At exit the router loops still run: let each run what Ray already
+        # handed it (completions of requests whose results were returned),
+        # so that their events are in the last batch, not lost after it.
+        _run_pending_callbacks({source.loop for source in sources if source.loop is not None},
+                               min(LOOP_BARRIER_S, timeout_s / 2))
+        # What the tracers still hold will never be produced: count it, so
+        # that the last batch's counters say so.
+        for source in sources:
+            source.drop_held("unsettled_at_exit")
         self._wake.set()
-        thread.join(timeout_s)
+        thread.join(max(0.0, deadline - time.monotonic()))
         left = len(self._queue)
         if left:
             logger.warning("routelens: %d events not exported before shutdown", left)
@@ -323,6 +360,25 @@ class Exporter:
 
 _exporter: Optional[Exporter] = None
 _exporter_lock = threading.Lock()
+
+
+def _run_pending_callbacks(loops, timeout_s: float) -> None:
+    """Wait (at most `timeout_s` in all) until each running loop, other than
+    this thread's, has run the callbacks scheduled on it so far."""
+    try:
+        own = asyncio.get_running_loop()
+    except RuntimeError:
+        own = None
+    barriers = []
+    for loop in loops:
+        if loop is not own and loop.is_running() and not loop.is_closed():
+            barrier = concurrent.futures.Future()
+            try:
+                loop.call_soon_threadsafe(barrier.set_result, None)
+            except RuntimeError:  # closed meanwhile
+                continue
+            barriers.append(barrier)
+    concurrent.futures.wait(barriers, timeout=timeout_s)
 
 
 def get_exporter(config: TracerConfig) -> Exporter:

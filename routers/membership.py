@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from .exporter import Exporter, Source
+from .faults import faults
 from .records import replicas_record, stats_record
 from .stats import collected_at
 
@@ -42,23 +43,33 @@ class MembershipRecording:
         previous_seen = self._stats_seen
         seen = {}
         members = []
+        readable = []
         for replica in replicas:
-            replica_id = replica.replica_id
-            stats = replica.routing_stats
-            previous = previous_seen.get(replica_id.unique_id)
-            if previous is None or previous[0] != stats:
-                self._submit(stats_record(self.source, now, replica_id, stats, collected_at(stats)))
+            # One replica whose attributes cannot be read (a fault, counted)
+            # leaves it out of this update; the others are recorded.
+            try:
+                member = {
+                    "replica_id": replica.replica_id.unique_id,
+                    "node_id": replica.node_id,
+                    "availability_zone": replica.availability_zone,
+                    "max_ongoing_requests": replica.max_ongoing_requests,
+                    "model_ids": sorted(replica.multiplexed_model_ids),
+                }
+                stats = replica.routing_stats
+                previous = previous_seen.get(member["replica_id"])
+                changed = previous is None or previous[0] != stats
+                stamp = collected_at(stats) if changed else None
+            except Exception as exc:
+                faults.record("reading a replica's attributes", exc)
+                continue
+            if changed:
+                self._submit(stats_record(self.source, now, replica.replica_id, stats, stamp))
                 previous = (stats, now)
-            seen[replica_id.unique_id] = previous
-            members.append({
-                "replica_id": replica_id.unique_id,
-                "node_id": replica.node_id,
-                "availability_zone": replica.availability_zone,
-                "max_ongoing_requests": replica.max_ongoing_requests,
-                "model_ids": sorted(replica.multiplexed_model_ids),
-            })
+            seen[member["replica_id"]] = previous
+            members.append(member)
+            readable.append(replica)
         self._stats_seen = seen
-        self._note_cross_language(replicas)
+        self._note_cross_language(readable)
         members.sort(key=lambda member: member["replica_id"])
         if members != self._membership:
             self._membership = members

@@ -58,6 +58,7 @@ class TracingMixin:
             # completions only when the tracer reads the results from Ray.
             self._routelens = RouterTracer(self, kwargs, records_attributes=overridden,
                                            results_from_ray=results_from_ray,
+                                           records_refusals=ray_contract.REFUSALS,
                                            records_unrouted_sends=ray_contract.UNROUTED_SENDS and results_from_ray)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
@@ -117,23 +118,23 @@ class TracingMixin:
         return super().on_request_completed(replica_id, internal_request_id)
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
-        # Called by Ray's usual sender (the common case: one comparison), and
-        # on the paths of DeploymentHandle.choose_replica(): after a
+        # Called by Ray's usual sender with the replica's answer (the common
+        # case: its frame is the caller, and an accepted answer ends here),
+        # and on the paths of DeploymentHandle.choose_replica(): after a
         # reservation, and when a reservation is released.
         tracer = self._routelens
-        if tracer is not None and tracer.records_unrouted_sends and (
-                (caller := sys._getframe(1)).f_code is not ROUTE_AND_SEND_CODE):
+        if tracer is not None and tracer.records_refusals:
             try:
-                if (reserving := ray_frame(caller, RESERVE_CODE)) is not None:
-                    pending_request, accepted = ray_contract.reservation(reserving)
-                    if accepted:
-                        tracer.on_reserved(pending_request, replica_id)
-                elif (releasing := ray_frame(caller, RELEASE_CODE)) is not None:
-                    request_metadata, dispatched = ray_contract.released_reservation(releasing)
-                    if not dispatched:
-                        tracer.on_reservation_unused(replica_id, request_metadata)
+                caller = sys._getframe(1)
+                sending = caller if caller.f_code is ROUTE_AND_SEND_CODE else ray_frame(caller, ROUTE_AND_SEND_CODE)
+                if sending is not None:
+                    pending_request, accepted = ray_contract.answer(sending)
+                    if not accepted:
+                        tracer.on_refused(pending_request, replica_id)
+                elif tracer.records_unrouted_sends:
+                    _record_reservation_answer(tracer, caller, replica_id)
             except Exception as exc:
-                faults.record("recording a reservation", exc)
+                faults.record("recording a replica's answer", exc)
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
@@ -192,3 +193,16 @@ class TracingMixin:
                 except Exception as exc:
                     faults.record("attributing a fulfilment", exc)
             return result
+
+
+def _record_reservation_answer(tracer: RouterTracer, caller: Any, replica_id: Any) -> None:
+    """On DeploymentHandle.choose_replica()'s paths: a reservation accepted,
+    or one released without being used."""
+    if (reserving := ray_frame(caller, RESERVE_CODE)) is not None:
+        pending_request, accepted = ray_contract.reservation(reserving)
+        if accepted:
+            tracer.on_reserved(pending_request, replica_id)
+    elif (releasing := ray_frame(caller, RELEASE_CODE)) is not None:
+        request_metadata, dispatched = ray_contract.released_reservation(releasing)
+        if not dispatched:
+            tracer.on_reservation_unused(replica_id, request_metadata)

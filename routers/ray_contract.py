@@ -181,6 +181,13 @@ RECORD_QUEUE_WAIT = PrivateFunction(RequestRouter, "RequestRouter._record_queue_
 PROCESS_FINISHED = PrivateFunction(AsyncioRouter, "AsyncioRouter._process_finished_request",
                                    frame_locals=("result",), uses=("on_request_completed",))
 
+# -- refusals, as the replica answers (routers.completions) -----------------
+# Ray's usual sender calls on_new_queue_len_info with each replica's answer
+# to the rejection protocol, accepted or not, before it retries: the mixin
+# reads the answer (`queue_info`) and the request (`pr`) from its frame, so a
+# refusal is recorded when it happens, not guessed later from a completion
+# that no accepted attempt claimed. ROUTE_AND_SEND and QUEUE_INFO, below.
+
 # -- sends that skip the rejection protocol (routers.unrouted_sends) ---------
 # They never reach on_request_routed: DeploymentHandle.choose_replica()
 # reserves a slot on the replica it routed to and dispatch() sends there;
@@ -190,7 +197,7 @@ PROCESS_FINISHED = PrivateFunction(AsyncioRouter, "AsyncioRouter._process_finish
 # after a reservation and when an unused one is released, on_send_request
 # after every send), by which of these functions is the caller.
 ROUTE_AND_SEND = PrivateFunction(AsyncioRouter, "AsyncioRouter._route_and_send_request_once",
-                                 frame_locals=("pr", "result", "with_rejection"),
+                                 frame_locals=("pr", "result", "with_rejection", "queue_info"),
                                  uses=("on_send_request", "on_new_queue_len_info"))
 RESERVE = PrivateFunction(AsyncioRouter, "AsyncioRouter._pick_and_reserve_replica",
                           frame_locals=("pr", "queue_info"), uses=("on_new_queue_len_info",))
@@ -245,6 +252,7 @@ TRACER_CONTRACT = (FULFIL, FIFO_FULFIL, RECORD_QUEUE_WAIT, PROCESS_FINISHED, ROU
 # -- feature detection, once, at import ---------------------------------------
 EXACT_ATTRIBUTION = FULFIL.holds() and FIFO_FULFIL.holds() and RECORD_QUEUE_WAIT.holds()
 RESULTS_FROM_RAY = EXACT_ATTRIBUTION and PROCESS_FINISHED.holds()
+REFUSALS = ROUTE_AND_SEND.holds() and QUEUE_INFO.holds()
 UNROUTED_SENDS = all(item.holds() for item in (ROUTE_AND_SEND, RESERVE, RELEASE, BROADCAST, QUEUE_INFO, SELECTION))
 
 # The callers' code objects, for the hooks' `is` tests (None when missing).
@@ -267,7 +275,7 @@ def ray_frame(frame: Any, code: Any) -> Any:
     return None
 
 
-# -- readers of Ray's frames and objects (cold paths: unusual sends, set-up) --
+# -- readers of Ray's frames and objects --
 
 def reservation(frame: Any) -> Tuple[Any, bool]:
     """In RESERVE's frame: (the request, whether the replica accepted the slot)."""
@@ -279,6 +287,13 @@ def released_reservation(frame: Any) -> Tuple[Any, bool]:
     """In RELEASE's frame: (the reserved request's metadata, whether it was dispatched)."""
     selection = frame.f_locals["selection"]
     return selection._request_metadata, selection._dispatched
+
+
+def answer(frame: Any) -> Tuple[Any, bool]:
+    """In ROUTE_AND_SEND's frame, as it calls on_new_queue_len_info: (the
+    request, whether the replica accepted it). The hot path: once per attempt."""
+    ray_locals = frame.f_locals
+    return ray_locals["pr"], ray_locals["queue_info"].accepted
 
 
 def send(frame: Any) -> Tuple[Any, Any, bool]:

@@ -54,7 +54,7 @@ class RequestTrace:
         self.metadata = metadata
         self.sampled = sampled
         self.decisions = 0  # choose_replicas calls made for this request
-        self.last_decision: Optional[list] = None  # a decision record (D_* slots)
+        self.last_decision: Optional[list] = None  # its latest decision record (D_* slots)
         # (replica, the decision that ranked it or None, its rank there), set
         # when a fulfilment hands this request a replica (routers.attribution).
         self.handoff: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
@@ -64,9 +64,9 @@ class RequestTrace:
 
 
 # -- decision: one choose_replicas call, its ranking and the inputs it ranked on.
-# A list, not a tuple: attribution links a request's decisions (D_PREVIOUS)
-# and marks them exported, and the exporter thread writes the id. The same
-# list is the record attribution keeps and the item queued for export.
+# A list, not a tuple: attribution marks it exported, and the exporter thread
+# writes the id. The same list is the record attribution keeps and the item
+# queued for export.
 # Built in DecisionRecording.on_decision only: [SOURCE, KIND (DECISION), TS, D_TRACE ... D_ID].
 D_TRACE = 3  # the request's RequestTrace (None when choose_replicas got no request)
 D_ATTEMPT = 4  # 0-based choose_replicas call for this request
@@ -75,9 +75,8 @@ D_N_CANDIDATES = 6
 D_RANKS = 7  # the list of lists of RunningReplica returned by the router
 D_QUEUE_LENS = 8  # queue-length cache entries of the ranked replicas, in rank order (None: unknown)
 D_STATS_SEEN = 9  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
-D_PREVIOUS = 10  # the same request's decision before this one, until the request completes
-D_EXPORTED = 11  # queued for export (or counted as sampled out, once settled)
-D_ID = 12  # drawn by decision_id() on the exporter thread
+D_EXPORTED = 10  # queued for export (a sampled-out decision is not, unless it supplies a sampled request)
+D_ID = 11  # drawn by decision_id() on the exporter thread
 
 
 def decision_id(decision: list) -> str:

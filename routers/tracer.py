@@ -6,14 +6,14 @@ routers are, of small mixins with one concern each, every one declaring
 what it needs from the class it is mixed into:
 
 - DecisionRecording (routers.decisions): each `choose_replicas` ranking and
-  its inputs; the request's sampling; sampled-out decisions accounted.
+  its inputs; the request's sampling; sampled-out decisions accounted; each
+  routing task's latest decision.
 - FifoAttribution (routers.attribution): with FIFOMixin a replica found by
   one request's routing task is often handed to another; which decision
   supplied each routed request's replica, and the `routed` record.
-- CompletionPairing (routers.completions): Ray's completions, one per send
-  attempt and keyed only by (replica, internal request id), paired with the
-  accepted attempt they finish; the rest settled as refusals after a grace
-  period.
+- CompletionPairing (routers.completions): refusals as the replica
+  answers; Ray's completions, one per send attempt and keyed only by
+  (replica, internal request id), paired with the attempt they finish.
 - UnroutedSends (routers.unrouted_sends): the sends that skip the rejection
   protocol, so never reach `on_request_routed` (choose_replica/dispatch,
   broadcast, Ray Client, Java replicas).
@@ -104,22 +104,27 @@ class TracerCore:
 
     def _loop_or_bind(self) -> asyncio.AbstractEventLoop:
         # Every hook of a router runs on one loop: Ray's router loop, or the
-        # caller's in same-loop mode.
+        # caller's in same-loop mode. The exporter's shutdown lets it run what
+        # Ray already handed it (Exporter.close).
         if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+            self._loop = self.source.loop = asyncio.get_running_loop()
         return self._loop
 
 
 class RouterTracer(FifoAttribution, DecisionRecording, CompletionPairing, UnroutedSends, MembershipRecording,
                    TracerCore):
     def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False,
-                 results_from_ray: bool = False, records_unrouted_sends: bool = False):
+                 results_from_ray: bool = False, records_refusals: bool = False,
+                 records_unrouted_sends: bool = False):
         """`init_kwargs`: what Ray passed the router's constructor.
         `records_attributes`: call the router's `routelens_request_attributes`
         for each request (only worth it when a subclass overrides it).
         `results_from_ray`: on_completed is given each result by Ray's own
         done-callback, so no callback of the tracer's is needed.
+        `records_refusals`: the mixin reports each refusal as the replica
+        answers (on_refused).
         `records_unrouted_sends`: the mixin reports sends that skip the
         rejection protocol (on_reserved, on_broadcast_send, ...)."""
         super().__init__(router, init_kwargs, records_attributes=records_attributes,
-                         results_from_ray=results_from_ray, records_unrouted_sends=records_unrouted_sends)
+                         results_from_ray=results_from_ray, records_refusals=records_refusals,
+                         records_unrouted_sends=records_unrouted_sends)

@@ -60,7 +60,8 @@ class UnroutedSends:
 
     def _note_cross_language(self, replicas: List[Any]) -> None:
         """The membership changed (routers.membership): which replicas are Java ones."""
-        self._cross_language = frozenset(r.replica_id.unique_id for r in replicas if r.is_cross_language)
+        self._cross_language = frozenset(r.replica_id.unique_id for r in replicas
+                                         if getattr(r, "is_cross_language", False))
         self.sends_unasked = not self._rejection_protocol or bool(self._cross_language)
 
     def on_reserved(self, pending_request: Any, replica_id: Any) -> None:

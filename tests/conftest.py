@@ -99,10 +99,11 @@ def serve_instance(tmp_path_factory):
     import ray
     from ray import cloudpickle, serve
 
-    from tests.support import serve_apps
+    from tests.support import ground_truth, serve_apps
 
-    # The test apps are shipped by value, so Ray workers need not import `tests`.
+    # The test apps and routers are shipped by value, so Ray workers need not import `tests`.
     cloudpickle.register_pickle_by_value(serve_apps)
+    cloudpickle.register_pickle_by_value(ground_truth)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -65,7 +65,7 @@ def run_traffic(tmp_path, router_cls, n, concurrency, **router_kwargs):
         await asyncio.sleep(completions_module.RESULTS_DRAIN_INTERVAL_S * 2)  # the last results drain
         tracer = router._routelens
         # Nothing is left behind once every request completed.
-        assert not tracer._open_attempts and not tracer._unmatched_completions and not tracer._trace_by_metadata
+        assert not tracer._open_attempts and not tracer._unmatched_completions and not tracer._refusals_unclaimed
         return tracer.source
 
     source = asyncio.run(main())
@@ -119,8 +119,11 @@ def test_fifo_handoffs_are_attributed_exactly(tmp_path):
         assert r["own_ranking"] == (d["internal_request_id"] == r["internal_request_id"])
 
 
-def test_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
+def test_without_the_replicas_answers_unclaimed_completions_become_rejections(tmp_path, monkeypatch):
+    """Where the replicas' answers cannot be read (another Ray), a completion
+    no accepted attempt claims within the grace period is taken for a refusal."""
     monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
+    monkeypatch.setattr(ray_contract, "REFUSALS", False)
     sink = str(tmp_path / "events.jsonl")
     exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
 
@@ -440,7 +443,7 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     assert len(decision) == records.D_ID + 1 and decision[records.SOURCE] is source
     assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
     assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
-    assert decision[records.D_ID] is None and decision[records.D_PREVIOUS] is None
+    assert decision[records.D_ID] is None
     assert len(routed) == records.R_ATTRIBUTION + 1 and routed[records.SOURCE] is source
     assert routed[records.R_TRACE] is trace and routed[records.R_DECISION] is decision
     assert routed[records.R_RANK] == 0 and routed[records.R_OWN_RANKING] is True

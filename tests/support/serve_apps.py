@@ -122,3 +122,17 @@ def delete_apps(names: Iterable[str], timeout_s: float = 120.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"applications still deployed after {timeout_s} s: {sorted(remaining)}")
         time.sleep(0.2)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class BriefApp:
+    """Takes `work_s` a request: with one or two slots a replica, concurrent
+    load gets refusals, retries and FIFO hand-offs."""
+
+    def __init__(self, work_s: float):
+        self.work_s = work_s
+
+    async def __call__(self, *args: Any) -> float:
+        started = time.monotonic()
+        await asyncio.sleep(self.work_s)
+        return time.monotonic() - started
