@@ -204,10 +204,6 @@ def test_throughput_aware_router_stamped_stats(traced_apps):
     assert stats_events and all("throughput" in e["stats"] for e in stats_events)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "issue 23, point 2: a replica's refusal can be paired with the same request's later accepted attempt "
-    "on that replica (routed ok=false, latency 0); seen in about one run in two under load. Rejections and "
-    "hand-offs of this app are also checked by test_rank_hits_equal_the_raw_events[pow2]."))
 def test_pow2_router_under_rejections(traced_apps):
     events, figures = trace_of(traced_apps, "pow2")
     # 40 concurrent requests on 3 replicas x 2 slots: replicas refuse some, and
