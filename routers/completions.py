@@ -19,9 +19,10 @@ call it). So:
   REJECTION_GRACE_S is an attempt that failed before the replica
   answered, or, where the answers cannot be read, is taken for a refusal
   where the replica could refuse it; else it is a send Ray did not report
-  as routed (routers.unrouted_sends). Such a completion is held back until
-  then: if the process ends first, it is counted as dropped
-  ("unsettled_at_exit") by the exporter's shutdown.
+  as routed (routers.unrouted_sends).
+- the completions still awaited (attempts in flight) or held back (waiting
+  for their attempt) when the process ends are counted as dropped
+  ("unsettled_at_exit") by the exporter's shutdown (Source.pending_completions).
 
 Whether an attempt succeeded comes from the result Ray's own done-callback
 completes, read from its frame by the mixin (`results_from_ray`,
@@ -131,12 +132,15 @@ class CompletionPairing:
         internal_request_id = trace.metadata.internal_request_id
         attempt = _Attempt(replica_id, internal_request_id, trace, routed_ts, routed_seq)
         open_attempts = self._open_attempts
+        source = self.source
+        source.pending_completions += 1
         attempts = open_attempts.get(internal_request_id)
         if attempts is None:
             open_attempts[internal_request_id] = [attempt]
             if len(open_attempts) > MAX_OPEN_ATTEMPTS:
                 for _ in open_attempts.pop(next(iter(open_attempts))):
-                    self.source.count_unqueued("untracked_completion")
+                    source.pending_completions -= 1
+                    source.count_unqueued("untracked_completion")
         else:
             attempts.append(attempt)
         if self.results_from_ray:
@@ -195,7 +199,7 @@ class CompletionPairing:
         # Decided now: the replica may have left the membership by the time it is settled.
         refusable = not self.sends_unasked_to(replica_id)
         self._unmatched_completions.setdefault(key, deque()).append(_Completion(ts, at, ok, cancelled, refusable))
-        self.source.held_events += 1
+        self.source.pending_completions += 1
         self._settle_later(key)
 
     def on_refused(self, pending_request: Any, replica_id: Any) -> None:
@@ -236,7 +240,7 @@ class CompletionPairing:
         completion = unmatched.pop() if newest else unmatched.popleft()
         if not unmatched:
             del self._unmatched_completions[key]
-        self.source.held_events -= 1
+        self.source.pending_completions -= 1
         return completion
 
     def _oldest_open_attempt(self, replica_id: Any, internal_request_id: str) -> Optional[_Attempt]:
@@ -250,6 +254,7 @@ class CompletionPairing:
     def _close_attempt(self, attempt: _Attempt) -> None:
         """The attempt is done (done_ts, done_at and ok set): record its completion."""
         internal_request_id = attempt.internal_request_id
+        self.source.pending_completions -= 1
         attempts = self._open_attempts[internal_request_id]
         if len(attempts) == 1:
             del self._open_attempts[internal_request_id]

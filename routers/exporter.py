@@ -64,9 +64,10 @@ class Source:
         self.produced = 0
         self._dropped: Dict[str, int] = {}
         self._lock = threading.Lock()
-        # Events its tracer holds back, not yet produced: completions waiting
-        # for their attempt (routers.completions). Written on the router loop.
-        self.held_events = 0
+        # `completed` events its tracer awaits or holds back, not yet produced
+        # (routers.completions): those of accepted attempts in flight, and
+        # completions waiting for their attempt. Written on the router loop.
+        self.pending_completions = 0
         self.loop: Optional[asyncio.AbstractEventLoop] = None  # the router's, once it routed a request
 
     def count_produced(self, n: int) -> None:
@@ -94,13 +95,13 @@ class Source:
             if not self._dropped[reason]:
                 del self._dropped[reason]
 
-    def drop_held(self, reason: str) -> None:
-        """The process is ending: count the events still held back as produced and dropped."""
+    def drop_pending(self, reason: str) -> None:
+        """The process is ending: count the completions still pending as produced and dropped."""
         with self._lock:
-            held, self.held_events = self.held_events, 0
-            if held > 0:
-                self.produced += held
-                self._dropped[reason] = self._dropped.get(reason, 0) + held
+            pending, self.pending_completions = self.pending_completions, 0
+            if pending > 0:
+                self.produced += pending
+                self._dropped[reason] = self._dropped.get(reason, 0) + pending
 
     def dropped(self) -> Dict[str, int]:
         with self._lock:
@@ -124,7 +125,7 @@ class Source:
         self.produced = 0
         self._dropped = {}
         self._lock = threading.Lock()
-        self.held_events = 0
+        self.pending_completions = 0
         self.loop = None  # the parent's router loop thread is not the child's
 
 
@@ -255,10 +256,10 @@ class Exporter:
         # so that their events are in the last batch, not lost after it.
         _run_pending_callbacks({source.loop for source in sources if source.loop is not None},
                                min(LOOP_BARRIER_S, timeout_s / 2))
-        # What the tracers still hold will never be produced: count it, so
-        # that the last batch's counters say so.
+        # The completions the tracers still await or hold will never be
+        # produced: count them, so that the last batch's counters say so.
         for source in sources:
-            source.drop_held("unsettled_at_exit")
+            source.drop_pending("unsettled_at_exit")
         self._wake.set()
         thread.join(max(0.0, deadline - time.monotonic()))
         left = len(self._queue)

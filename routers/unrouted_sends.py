@@ -91,9 +91,12 @@ class UnroutedSends:
         internal_request_id = pending_request.metadata.internal_request_id
         if is_sampled(internal_request_id, self.config.sample_rate):  # else on_completed counts it
             sends = self._unrouted_sends
+            if internal_request_id not in sends:
+                self.source.pending_completions += 1
             sends[internal_request_id] = (time.time(), time.monotonic())
             if len(sends) > MAX_OPEN_SENDS:  # completions that never came
                 del sends[next(iter(sends))]
+                self.source.pending_completions -= 1
                 self.source.count_unqueued("untracked_completion")
 
     def _complete_unrouted_send(self, replica_id: Any, internal_request_id: str, ts: float, at: float,
@@ -102,6 +105,7 @@ class UnroutedSends:
         sent = self._unrouted_sends.pop(internal_request_id, None)
         if sent is None:
             return False
+        self.source.pending_completions -= 1
         self._submit(completed_record(self.source, ts, internal_request_id, replica_id,
                                       max(at - sent[1], 0.0) * 1000.0, ok, False, None))
         return True

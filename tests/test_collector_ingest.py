@@ -17,7 +17,10 @@ import zlib
 import pytest
 from sqlalchemy import select
 
+from routelens.collector.ingest.importer import import_files
+from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.store.models import Replica, completed, decisions, memberships, routed, stats_changes
+from tests.support.collector_app import Collector
 
 WINDOW = {"window": "1h"}  # the read API's window: events here are stamped "now"
 
@@ -77,6 +80,66 @@ def test_resent_batch_stores_nothing_twice(collector, make_source):
     assert collector.rollup_rows() == rollup_rows
     assert {path: collector.get(path, **window) for path in paths} == panels
     assert panels["/v1/summary"]["routed"] == 9
+
+
+@pytest.fixture
+def reference_collector(request, tmp_path):
+    """A second collector, on a fresh database of the same backend: what storing each event once gives."""
+    if "postgres" in request.node.callspec.id:
+        server = request.getfixturevalue("postgres")
+        url = server.new_database()
+    else:
+        url = f"sqlite:///{tmp_path / 'reference.db'}"
+    made = Collector(url)
+    yield made
+    made.close()
+    if url.startswith("postgresql"):
+        server.drop(url)
+
+
+def _hostile_batches(src):
+    """One source's traffic, sent as batches that repeat events within
+    themselves and across batches; and the events, each once."""
+    ts = _now()
+    events = [src.replicas(ts, ["r1", "r2", "r3"]), *_traffic(src, ts, 12)]
+    repeated = [events[0], *events[1:19], *events[10:19], events[5], *events[19:], *events[19:25], events[-1]]
+    return [src.batch(repeated[:30]), src.batch(repeated[20:]), src.batch(events[30:])], events
+
+
+@pytest.mark.parametrize("through", ["POST /v1/events", "routelens import"])
+def test_repeated_events_are_stored_and_counted_once(collector, reference_collector, make_source, tmp_path, through):
+    """Rollups equal what the raw rows say, whatever a client repeats: the
+    answer's counts are the rows written, and every rollup row, field by
+    field, is what storing each event once gives."""
+    src = make_source("s1")
+    batches, events = _hostile_batches(src)
+    if through == "POST /v1/events":
+        answers = [collector.store(batch) for batch in batches]
+        assert sum(a["stored"] for a in answers) == len(events)
+        assert [a["stored"] + a["duplicates"] for a in answers] == [len(b["events"]) for b in batches]
+    else:
+        path = tmp_path / "batches.jsonl"
+        path.write_text("".join(json.dumps(batch) + "\n" for batch in batches))
+        report = import_files(Ingestor(collector.engine), [str(path)], 20_000)
+        assert (report.stored, report.duplicates) == (len(events), sum(len(b["events"]) for b in batches) - len(events))
+    reference_collector.store(src.batch(events))
+    assert collector.table_counts()["decisions"] == sum(e["type"] == "decision" for e in events)
+    assert collector.rollup_rows() == reference_collector.rollup_rows()
+    summary = collector.get("/v1/summary", **WINDOW)
+    assert (summary["decisions"], summary["routed"], summary["completions"]) == (12, 12, 12)
+
+
+def test_concurrent_resends_of_a_repeating_batch_count_it_once(collector, reference_collector, make_source):
+    src = make_source("s1")
+    batches, events = _hostile_batches(src)
+    threads = [threading.Thread(target=collector.store, args=(batch,)) for batch in batches * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reference_collector.store(src.batch(events))
+    assert collector.rollup_rows() == reference_collector.rollup_rows()
+    assert collector.table_counts()["routed"] == 12
 
 
 def test_overlapping_batch_stores_only_new_events(collector, make_source):

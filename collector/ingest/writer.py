@@ -322,6 +322,8 @@ class Ingestor:
     # --- step 2: the batch transaction ---
 
     def ingest(self, valid: ValidBatch) -> IngestResult:
+        received = len(valid.batch.events)
+        valid = _first_of_each_id(valid)
         source_pk, router_pk, deployment_pk, replica_pks = self._keys(valid)
         rows = _Rows(valid, source_pk, router_pk, replica_pks)
         if self._write_lock is not None:
@@ -330,7 +332,7 @@ class Ingestor:
         else:
             stored_by_type = self._write_once(valid, rows, source_pk, deployment_pk)
         stored = sum(stored_by_type.values())
-        return IngestResult(stored=stored, duplicates=len(valid.batch.events) - stored, stored_by_type=stored_by_type)
+        return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=stored_by_type)
 
     def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int) -> Dict[str, int]:
         # Almost every batch is new: the first attempt inserts all its events
@@ -504,6 +506,22 @@ class Ingestor:
                   "dropped": _text(batch.dropped)}
         for statement in self._record_batch_statements:
             connection.execute(statement, values)
+
+
+def _first_of_each_id(valid: ValidBatch) -> ValidBatch:
+    """The batch with each event id once (its first event): a batch that
+    repeats an event stores it, and counts it in the rollups, once."""
+    if len(set(valid.ids)) == len(valid.ids):
+        return valid
+    seen, keep = set(), []
+    for index, event_id in enumerate(valid.ids):
+        if event_id not in seen:
+            seen.add(event_id)
+            keep.append(index)
+    events = valid.batch.events
+    return ValidBatch(msgspec.structs.replace(valid.batch, events=[events[i] for i in keep]),
+                      [valid.ids[i] for i in keep],
+                      None if valid.extras is None else [valid.extras[i] for i in keep])
 
 
 def _extra(event, unknown: Optional[dict]) -> Optional[str]:
