@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter, defaultdict
 from typing import Any, Dict, List
 
