@@ -23,9 +23,9 @@ own last decision ("last_decision").
 from __future__ import annotations
 
 import time
-from asyncio import current_task
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from .decisions import routing_task
 from .exporter import Source
 from .ids import next_seq
 from .records import D_EXPORTED, D_TRACE, ROUTED, RequestTrace, rank_of
@@ -51,10 +51,7 @@ class FifoAttribution:
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
         # Ray fulfils from the routing task that found the replica, with the
         # metadata of the request that task was routing.
-        try:
-            decision = self._decision_by_task.get(current_task())
-        except RuntimeError:  # a loop asyncio no longer knows as running (a forked child's)
-            decision = None
+        decision = self._decision_by_task.get(routing_task())
         rank = None
         if decision is not None and decision[D_TRACE] is not None and (
                 decision[D_TRACE].metadata is request_metadata):

@@ -102,6 +102,7 @@ class CompletionPairing:
     _submit: Callable[[Any], None]
     _configure_from_env: Callable[[], None]
     _loop_or_bind: Callable[[], asyncio.AbstractEventLoop]
+    _new_trace: Callable[[Any], RequestTrace]  # routers.decisions
     sends_unasked_to: Callable[[Any], bool]  # routers.unrouted_sends
     _unrouted_sends: Dict[str, Tuple[float, float]]  # routers.unrouted_sends
     _complete_unrouted_send: Callable[..., None]  # routers.unrouted_sends
@@ -207,10 +208,10 @@ class CompletionPairing:
         refusal is recorded now; its attempt's completion is consumed when it comes."""
         if self.source is None:
             self._configure_from_env()
-        internal_request_id = pending_request.metadata.internal_request_id
-        rate = self.config.sample_rate
-        if rate < 1.0 and not is_sampled(internal_request_id, rate):
+        trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+        if not trace.sampled:
             return  # its completion is counted as sampled out
+        internal_request_id = trace.metadata.internal_request_id
         key = (replica_id, internal_request_id)
         unmatched = self._unmatched_completions.get(key)
         if unmatched:  # the refused attempt's completion came first

@@ -34,6 +34,15 @@ from .records import D_EXPORTED, DECISION, RequestTrace
 MAX_KEPT_TASKS = 64
 
 
+def routing_task() -> Any:
+    """The asyncio task running now: on Ray's router loop, a routing task.
+    None on a loop asyncio no longer knows as running (a forked child's)."""
+    try:
+        return current_task()
+    except RuntimeError:
+        return None
+
+
 class DecisionRecording:
     # Provided by the composed RouterTracer.
     _router: Any
@@ -86,10 +95,7 @@ class DecisionRecording:
         if trace is not None:
             trace.last_decision = decision
         tasks = self._decision_by_task
-        try:
-            task = current_task()
-        except RuntimeError:  # a loop asyncio no longer knows as running (a forked child's)
-            task = None
+        task = routing_task()
         if task not in tasks and len(tasks) >= MAX_KEPT_TASKS:
             for finished in [t for t in tasks if t.done()]:
                 del tasks[finished]
