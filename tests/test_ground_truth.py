@@ -13,6 +13,8 @@ Each run must hold:
 - every routed request has exactly one accepted completion, which is its
   own (a request that returned completes ok, where a refused attempt's
   completion is an exception), and every refusal is recorded as one;
+- a send that ended before its replica answered (a cancelled request's) is
+  recorded as a failed attempt, naming no routed event;
 - `produced == stored + dropped` for every source, the exiting driver's
   included.
 
@@ -144,7 +146,7 @@ def check_run(app: dict, outcomes: Dict[str, str], label: str) -> Dict[str, int]
     def complete() -> bool:
         events = events_of(app["sink"], outcomes)
         routed = {e["request_id"] for e in events.get("routed", ())}
-        accepted = sum(not c["rejected"] for c in events.get("completed", ()))
+        accepted = sum(not c["rejected"] and c["routed_id"] is not None for c in events.get("completed", ()))
         return routed >= ok and accepted >= len(routed) and accounting_holds(app["sink"])
 
     wait_for(complete, timeout_s=60, what=f"{label}: every routed event, its completion and the counters")
@@ -161,17 +163,25 @@ def check_run(app: dict, outcomes: Dict[str, str], label: str) -> Dict[str, int]
             named["id"], fulfilment["rank"], fulfilment["replica_id"], "exact"), (label, r, fulfilment)
         matched += 1
     completions = events["completed"]
-    accepted = Counter(c["routed_id"] for c in completions if not c["rejected"])
+    accepted = Counter(c["routed_id"] for c in completions if not c["rejected"] and c["routed_id"] is not None)
     assert all(accepted[r["id"]] == 1 for r in routed) and sum(accepted.values()) == len(routed), label
+    # An attempt that ended before its replica answered (neither accepted nor
+    # refused: no routed event names it) is recorded as a failure. Only a
+    # cancelled request's send can end so here.
+    request_of = {e["internal_request_id"]: e["request_id"] for e in events["decision"]}
+    failed_sends = [c for c in completions if not c["rejected"] and c["routed_id"] is None]
+    for c in failed_sends:
+        assert c["ok"] is False and outcomes[request_of[c["internal_request_id"]]] == "cancelled", (label, c)
     outcome_of = {r["id"]: outcomes[r["request_id"]] for r in routed}
     for c in completions:
         if c["rejected"]:
             assert (c["ok"], c["routed_id"], c["latency_ms"]) == (False, None, None), c
-        elif outcome_of[c["routed_id"]] == "ok":  # not a refusal's completion: that one is an exception
+        elif c["routed_id"] is not None and outcome_of[c["routed_id"]] == "ok":  # not a refusal's completion: that one is an exception
             assert c["ok"] is True and c["latency_ms"] is not None, (label, c)
     figures = {"requests": len(outcomes), "cancelled": len(outcomes) - len(ok), "routed": len(routed),
                "refusals": sum(c["rejected"] for c in completions),
-               "handoffs": sum(e["own_ranking"] is False for e in routed), "matched": matched}
+               "handoffs": sum(e["own_ranking"] is False for e in routed), "failed_sends": len(failed_sends),
+               "matched": matched}
     print(f"\nFIGURES ground truth {label}: {json.dumps(figures)}", flush=True)
     return figures
 
