@@ -34,6 +34,7 @@ main { padding: 0 20px 20px; }
 .card { background: white; border-radius: 6px; padding: 10px 14px; min-width: 150px; box-shadow: 0 1px 2px #0002; }
 .card.alert { background: #fff0ee; border: 1px solid #e2574c; }
 .card-label { font-size: 12px; color: #5b6578; } .card-value { font-size: 22px; font-weight: 600; }
+.card-note { font-size: 11px; color: #5b6578; max-width: 220px; }
 .panel { background: white; border-radius: 6px; padding: 10px 14px; margin: 10px 0; box-shadow: 0 1px 2px #0002; }
 .panel h3 { margin: 0 0 6px; font-size: 14px; }
 table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, table.figures th { padding: 3px 10px;

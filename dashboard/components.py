@@ -11,6 +11,14 @@ from typing import Iterable, List, Optional, Sequence
 
 from dash import html
 
+# p95 stats staleness beyond this many of its deployment's stats periods is highlighted.
+STALE_ALERT_PERIODS = 2
+
+
+def too_stale(staleness: dict) -> bool:
+    """Whether a deployment's p95 staleness (`p95_over_period`) is to be highlighted."""
+    return staleness["p95_over_period"] is not None and staleness["p95_over_period"] > STALE_ALERT_PERIODS
+
 
 def number(value: Optional[float], digits: int = 0) -> str:
     if value is None:
@@ -33,12 +41,36 @@ def dates(epoch_seconds: Iterable[float]) -> List[datetime]:
     return [datetime.fromtimestamp(t, timezone.utc) for t in epoch_seconds]
 
 
-def card(card_id: str, label: str, value: str, alert: bool = False, hint: str = "") -> html.Div:
-    """A figure with its label; `alert` highlights it (dropped events, lost batches)."""
+def card(card_id: str, label: str, value: str, alert: bool = False, hint: str = "", note: str = "") -> html.Div:
+    """A figure with its label; `alert` highlights it (dropped events, lost
+    batches); `note`, under the value (id `<card_id>-note`), says whose it is."""
     return html.Div(className="card alert" if alert else "card", title=hint, children=[
         html.Div(label, className="card-label"),
         html.Div(value, id=card_id, className="card-value"),
+        *([html.Div(note, id=f"{card_id}-note", className="card-note")] if note else []),
     ])
+
+
+def deployment_name(row: dict) -> str:
+    """`app/deployment` of a row of the API (a replica, a deployment's figures)."""
+    return "–" if row.get("deployment") is None else f'{row["app"]}/{row["deployment"]}'
+
+
+def replica_name(row: dict) -> str:
+    """A replica with its deployment, for charts that show several deployments' replicas."""
+    return f'{deployment_name(row)} · {row["replica_id"]}'
+
+
+def replica_axis(rows: Sequence[dict]) -> List[List[str]]:
+    """A chart's x values for replicas: a two-level axis, each replica under its deployment."""
+    return [[deployment_name(r) for r in rows], [r["replica_id"] for r in rows]]
+
+
+def worst_note(row: dict, count: int) -> str:
+    """Whose figure a card shows when it shows one deployment's of several."""
+    if row.get("deployment") is None:
+        return ""
+    return deployment_name(row) + (f" (worst of {count} deployments)" if count > 1 else "")
 
 
 def table(table_id: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> html.Table:

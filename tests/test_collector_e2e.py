@@ -278,8 +278,9 @@ def test_staleness_percentiles_equal_the_raw_events(traced):
     assert sum(r["stamped"] for r in figures["replicas"]) == sources["s"]
     # Stamped stats are at most one period old, plus the time to reach the router.
     assert sources["s"] > 0
-    assert figures["overall"]["max_s"] <= STATS_PERIOD_S + 1.0
-    assert figures["stats_period_s"] == pytest.approx(STATS_PERIOD_S, rel=0.5)
+    (deployment,) = figures["deployments"]
+    assert deployment["max_s"] <= STATS_PERIOD_S + 1.0
+    assert deployment["stats_period_s"] == pytest.approx(STATS_PERIOD_S, rel=0.5)
 
 
 def test_decision_drill_down_links_routed_and_completed(traced):
@@ -370,8 +371,9 @@ def test_every_view_shows_what_the_api_says(traced, page):
 
     view("staleness", "throughput")
     staleness = read(traced, "/v1/staleness", "throughput")
-    assert shown_text(page, "#staleness-p95") == seconds(staleness["overall"]["p95_s"])
-    assert shown_text(page, "#staleness-stamped").startswith(number(staleness["overall"]["stamped"]))
+    (deployment,) = staleness["deployments"]
+    assert shown_text(page, "#staleness-p95") == seconds(deployment["p95_s"])
+    assert shown_text(page, "#staleness-stamped").startswith(number(deployment["stamped"]))
 
     view("rank-hits", "pow2")
     hits = read(traced, "/v1/rank-hits", "pow2")

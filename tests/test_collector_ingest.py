@@ -531,9 +531,10 @@ def test_replicas_events_add_and_remove_members(collector, make_source):
     assert {k: (v["routed"], v["member"]) for k, v in by_id.items()} == {
         "r1": (0, True), "r2": (4, True), "r3": (0, True), "r4": (0, True)}
     assert by_id["r3"]["node_id"] == "node-r3"
-    assert dist["fair_share"] == 1.0
-    assert dist["imbalance"]["max_over_mean"] == pytest.approx(4.0)
-    assert dist["imbalance"]["jain"] == pytest.approx(0.25)
+    (deployment,) = dist["deployments"]
+    assert deployment["fair_share"] == 1.0
+    assert deployment["imbalance"]["max_over_mean"] == pytest.approx(4.0)
+    assert deployment["imbalance"]["jain"] == pytest.approx(0.25)
     # A window after r1 left: r1 is no longer a member, so no longer listed.
     after = {"since": t0 + 6, "until": time.time() + 60}
     assert "r1" not in {r["replica_id"] for r in collector.get("/v1/distribution", **after)["replicas"]}

@@ -30,6 +30,12 @@ BASE = (int(time.time()) // HOUR - 5) * HOUR
 START, END = BASE + 7 * MINUTE + 13, BASE + 4 * HOUR + 3 * MINUTE
 C7_LEAVES = BASE + 2 * HOUR  # replica c7 of Checkout is removed then
 STATS_PERIOD_S = 5.0  # Ranker's replicas collect their routing stats this often
+CHECKOUT, RANKER = ("shop", "Checkout"), ("search", "Ranker")
+
+
+def deployment_of(replica_id: str):
+    """(app, deployment) of a replica of the scenario."""
+    return CHECKOUT if replica_id.startswith("c") else RANKER
 
 
 class Scenario:
@@ -182,10 +188,14 @@ def truth(since, until, where=lambda info: True, replicas=None):
     touched = set()  # replicas with a rollup row in the window
     ages = defaultdict(list)
     age_sources = defaultdict(Counter)
+    by_deployment = defaultdict(Counter)  # (app, deployment) -> rank-hit counts
+    attempts_by_deployment = defaultdict(list)
     for info, e in events:
         kind = e["type"]
+        deployment = by_deployment[(info["app"], info["deployment"])]
         if kind == "decision":
             decisions += 1
+            deployment["decisions"] += 1
             durations.append(e["duration_us"])
             for replica_id, candidate in e["replicas"].items():
                 if not keep(replica_id):
@@ -201,11 +211,16 @@ def truth(since, until, where=lambda info: True, replicas=None):
             rank_counts["unknown" if rank is None else ("5+" if rank >= 5 else str(rank))] += 1
             handoffs += e["own_ranking"] is False
             attempts.append(e["attempts"])
+            deployment["routed"] += 1
+            deployment["rank_0"] += rank == 0
+            deployment["handoffs"] += e["own_ranking"] is False
+            attempts_by_deployment[(info["app"], info["deployment"])].append(e["attempts"])
         elif kind == "completed" and keep(e["replica_id"]):
             touched.add(e["replica_id"])
             if e["rejected"]:
                 rejections += 1
                 rejections_by[e["replica_id"]] += 1
+                deployment["rejections"] += 1
             else:
                 completions += 1
                 failures += e["ok"] is False
@@ -224,6 +239,8 @@ def truth(since, until, where=lambda info: True, replicas=None):
         "ranks": rank_counts, "handoffs": handoffs, "decisions": decisions, "completions": completions,
         "failures": failures, "attempts_mean": statistics.mean(attempts) if attempts else None,
         "ages": ages, "age_sources": age_sources, "durations": durations, "latencies": latencies,
+        "by_deployment": {key: counts for key, counts in by_deployment.items() if counts},
+        "attempts_by_deployment": attempts_by_deployment,
     }
 
 
@@ -262,6 +279,20 @@ FILTERS = {
 WINDOWS = {"full": FULL, "odd": ODD, "late": LATE}
 
 
+def per_deployment(per_replica: dict) -> dict:
+    """{replica: value} -> {(app, deployment): {replica: value}}."""
+    out = defaultdict(dict)
+    for replica_id, value in per_replica.items():
+        out[deployment_of(replica_id)][replica_id] = value
+    return dict(out)
+
+
+def worst_first(values):
+    """Whether values run from the worst (lowest) to the best, those without one last."""
+    known = [v for v in values if v is not None]
+    return known == sorted(known) and values == known + [None] * (len(values) - len(known))
+
+
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("name", FILTERS)
 def test_distribution(api, name, window):
@@ -271,28 +302,41 @@ def test_distribution(api, name, window):
     got = api.get("/v1/distribution", **w, **params)
     assert {r["replica_id"]: r["routed"] for r in got["replicas"]} == expected["routed"]
     assert {r["replica_id"]: r["rejections"] for r in got["replicas"]} == expected["rejections"]
+    assert all((r["app"], r["deployment"]) == deployment_of(r["replica_id"]) for r in got["replicas"])
     assert got["routed"] == expected["routed_total"] > 0
-    counts = list(expected["routed"].values())
-    assert got["imbalance"] == pytest.approx(imbalance(counts))
-    assert got["fair_share"] == pytest.approx(expected["routed_total"] / len(counts))
+    # Figures that compare replicas, per deployment only: no index over all of them.
+    assert "imbalance" not in got and "fair_share" not in got
+    by_deployment = per_deployment(expected["routed"])
+    deployments = {(d["app"], d["deployment"]): d for d in got["deployments"]}
+    assert set(deployments) == set(by_deployment)
+    assert worst_first([d["imbalance"]["jain"] for d in got["deployments"]])
+    for key, counts in by_deployment.items():
+        d, total = deployments[key], sum(counts.values())
+        assert (d["routed"], d["replicas"]) == (total, len(counts)), key
+        assert d["fair_share"] == pytest.approx(total / len(counts)), key
+        assert d["imbalance"] == (pytest.approx(imbalance(list(counts.values()))) if total else
+                                  {"max_over_mean": None, "cv": None, "jain": None}), key
+        # Every member is in zone az-1 (see WireSource.replicas), each on a node of its own.
+        assert d["by_availability_zone"] == [{"availability_zone": "az-1", "replicas": len(counts), "routed": total,
+                                              "share": 1.0 if total else None}], key
+        assert {g["node_id"]: g["routed"] for g in d["by_node"]} == {f"node-{r}": n for r, n in counts.items()}
     for replica in got["replicas"]:
-        assert replica["share"] == pytest.approx(replica["routed"] / expected["routed_total"])
-    # Every member is in zone az-1 (see WireSource.replicas), each on a node of its own.
-    assert got["by_availability_zone"] == [{"availability_zone": "az-1", "replicas": len(counts),
-                                            "routed": expected["routed_total"], "share": 1.0}]
-    assert {g["node_id"]: g["routed"] for g in got["by_node"]} == \
-        {f"node-{r}": n for r, n in expected["routed"].items()}
+        total = sum(by_deployment[deployment_of(replica["replica_id"])].values())
+        assert replica["share"] == (pytest.approx(replica["routed"] / total) if total else None)
 
 
 @pytest.mark.parametrize("params", [{"replica": "no-such-replica"}, {"app": "no-such-app"},
                                     {"label": "router_version=z"}])
 def test_filters_matching_nothing(api, params):
     dist = api.get("/v1/distribution", **FULL, **params)
-    assert (dist["routed"], dist["replicas"]) == (0, [])
-    assert dist["imbalance"] == {"max_over_mean": None, "cv": None, "jain": None}
+    assert (dist["routed"], dist["replicas"], dist["deployments"]) == (0, [], [])
     summary = api.get("/v1/summary", **FULL, **params)
-    assert (summary["decisions"], summary["routed"], summary["rank0_rate"]) == (0, 0, None)
-    assert api.get("/v1/staleness", **FULL, **params)["overall"]["samples"] == 0
+    assert (summary["decisions"], summary["routed"], summary["rank0_rate"], summary["deployments"]) == (0, 0, None, [])
+    assert summary["imbalance"] == {"app": None, "deployment": None, "max_over_mean": None, "cv": None, "jain": None}
+    assert summary["staleness"] == {"app": None, "deployment": None, "p95_s": None, "stats_period_s": None,
+                                    "p95_over_period": None}
+    staleness = api.get("/v1/staleness", **FULL, **params)
+    assert (staleness["deployments"], staleness["replicas"]) == ([], [])
     assert api.get("/v1/decisions", **FULL, **params)["decisions"] == []
     assert api.get("/v1/timeseries", **FULL, **params)["points"] == []
 
@@ -326,6 +370,21 @@ def test_rank_hits(api, name, window):
     # Per replica: those with any traffic in the window (ranked, routed or refusing).
     assert {r["replica_id"]: (r["routed"], r["rejections"]) for r in got["replicas"]} == \
         {r: (expected["routed"][r], expected["rejections"][r]) for r in expected["touched"]}
+    deployments = {(d["app"], d["deployment"]): d for d in got["deployments"]}
+    assert worst_first([d["rank0_rate"] for d in got["deployments"]])
+    # Filtered to replicas: the deployments they belong to.
+    expected_deployments = {key: counts for key, counts in expected["by_deployment"].items()
+                            if replicas is None or key in {deployment_of(r) for r in replicas}}
+    assert set(deployments) == set(expected_deployments)
+    for key, counts in expected_deployments.items():
+        d = deployments[key]
+        assert (d["routed"], d["handoffs"], d["rejections"]) == \
+            (counts["routed"], counts["handoffs"], counts["rejections"]), key
+        assert d["rank0_rate"] == pytest.approx(counts["rank_0"] / counts["routed"]), key
+        if replicas is None:
+            assert d["decisions"] == counts["decisions"], key
+            assert d["decisions_per_request_mean"] == \
+                pytest.approx(statistics.mean(expected["attempts_by_deployment"][key])), key
     if replicas is None:  # decisions are a router's, not a replica's
         assert got["decisions"] == expected["decisions"]
         assert got["decisions_per_request"]["mean"] == pytest.approx(expected["attempts_mean"])
@@ -336,10 +395,15 @@ def test_rank_hits(api, name, window):
             assert CHOOSE_US.column(got["choose_us"][key]) == CHOOSE_US.column(nearest_rank(durations, q))
 
 
-@pytest.mark.parametrize("params, period", [({}, STATS_PERIOD_S), ({"app": "search"}, STATS_PERIOD_S),
-                                            ({"app": "shop"}, None)])
-def test_stats_period_is_seen_in_stats_changes(api, params, period):
-    assert api.get("/v1/staleness", **FULL, **params)["stats_period_s"] == period
+@pytest.mark.parametrize("params, periods", [({}, {RANKER: STATS_PERIOD_S, CHECKOUT: None}),
+                                             ({"app": "search"}, {RANKER: STATS_PERIOD_S}),
+                                             ({"app": "shop"}, {CHECKOUT: None})])
+def test_stats_period_is_each_deployments_own(api, params, periods):
+    """Ranker's replicas report stats every STATS_PERIOD_S; Checkout's none."""
+    got = api.get("/v1/staleness", **FULL, **params)["deployments"]
+    assert {(d["app"], d["deployment"]): d["stats_period_s"] for d in got} == periods
+    for d in got:
+        assert d["p95_over_period"] == (d["p95_s"] / d["stats_period_s"] if d["stats_period_s"] else None)
 
 
 def test_rank_5_and_deeper_are_counted_together(api):
@@ -376,12 +440,17 @@ def test_staleness(api, name, window):
         for q, key in ((0.5, "p50_s"), (0.95, "p95_s")):
             assert same_bin(row[key], nearest_rank(ages, q)), (replica_id, key, row[key], nearest_rank(ages, q))
             assert row[key] <= row["max_s"]
-    every = [age for ages in expected["ages"].values() for age in ages]
-    overall = got["overall"]
-    assert overall["samples"] == len(every)
-    assert overall["max_s"] == in_us(max(every))
-    assert same_bin(overall["p50_s"], nearest_rank(every, 0.5))
-    assert same_bin(overall["p95_s"], nearest_rank(every, 0.95))
+    assert all((r["app"], r["deployment"]) == deployment_of(r["replica_id"]) for r in got["replicas"])
+    # Per deployment, and no figure over all of them.
+    assert "overall" not in got and "stats_period_s" not in got
+    deployments = {(d["app"], d["deployment"]): d for d in got["deployments"]}
+    for key, ages_by_replica in per_deployment(expected["ages"]).items():
+        every = [age for ages in ages_by_replica.values() for age in ages]
+        d = deployments[key]
+        assert d["samples"] == len(every), key
+        assert d["max_s"] == in_us(max(every)), key
+        assert same_bin(d["p50_s"], nearest_rank(every, 0.5)), key
+        assert same_bin(d["p95_s"], nearest_rank(every, 0.95)), key
 
 
 @pytest.mark.parametrize("window", WINDOWS)
@@ -395,11 +464,24 @@ def test_summary(api, name, window):
     assert (got["completions"], got["failures"], got["rejections"], got["handoffs"]) == \
         (expected["completions"], expected["failures"], expected["rejections_total"], expected["handoffs"])
     assert got["replicas"] == len(expected["routed"])
-    assert got["imbalance"] == pytest.approx(imbalance(list(expected["routed"].values())))
     if replicas is None:
         assert got["decisions"] == expected["decisions"]
-    every = [age for ages in expected["ages"].values() for age in ages]
-    assert same_bin(got["staleness_p95_s"], nearest_rank(every, 0.95))
+    # Per deployment, least balanced first; the overview's imbalance and staleness are the worst deployment's.
+    routed, ages = per_deployment(expected["routed"]), per_deployment(expected["ages"])
+    deployments = {(d["app"], d["deployment"]): d for d in got["deployments"]}
+    assert set(deployments) == set(routed)
+    assert worst_first([d["imbalance"]["jain"] for d in got["deployments"]])
+    for key, counts in routed.items():
+        d = deployments[key]
+        assert (d["routed"], d["replicas"]) == (sum(counts.values()), len(counts)), key
+        assert d["imbalance"] == pytest.approx(imbalance(list(counts.values()))), key
+        every = [age for replica_ages in ages.get(key, {}).values() for age in replica_ages]
+        assert same_bin(d["staleness"]["p95_s"], nearest_rank(every, 0.95)), key
+    worst = got["deployments"][0]
+    assert got["imbalance"] == {"app": worst["app"], "deployment": worst["deployment"], **worst["imbalance"]}
+    stalest = max(got["deployments"], key=lambda d: (d["staleness"]["p95_over_period"] is not None,
+                                                       d["staleness"]["p95_over_period"] or d["staleness"]["p95_s"]))
+    assert got["staleness"] == {"app": stalest["app"], "deployment": stalest["deployment"], **stalest["staleness"]}
     for q, key in ((0.5, "latency_ms_p50"), (0.99, "latency_ms_p99")):
         assert LATENCY_MS.column(got[key]) == LATENCY_MS.column(nearest_rank(expected["latencies"], q))
 

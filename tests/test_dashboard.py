@@ -63,7 +63,13 @@ def test_overview_shows_the_api_figures(server, page):
     assert shown_text(page, "#overview-routed-per-s") == number(summary["routed_per_s"], 2)
     assert shown_text(page, "#overview-decisions-per-s") == number(summary["decisions_per_s"], 2)
     assert shown_text(page, "#overview-rank0-rate") == percent(summary["rank0_rate"])
-    assert shown_text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3)
+    # Two deployments in view: the card is the least balanced one's, named; the table has both.
+    worst = summary["deployments"][0]
+    assert shown_text(page, "#overview-jain") == number(summary["imbalance"]["jain"], 3) == \
+        number(worst["imbalance"]["jain"], 3)
+    assert shown_text(page, "#overview-jain-note") == f'{worst["app"]}/{worst["deployment"]} (worst of 2 deployments)'
+    assert [row[0] for row in shown_rows(page, "#overview-deployments")] == \
+        [f'{d["app"]}/{d["deployment"]}' for d in summary["deployments"]]
     assert shown_text(page, "#overview-dropped-events") == "3"
     assert "alert" in page.get_attribute("#overview-dropped-events >> xpath=..", "class")
     assert not page.console_errors
@@ -93,7 +99,8 @@ def test_distribution_lists_every_replica_with_its_count(server, page):
     rows = shown_rows(page, "#distribution-table")
     assert [(row[0], row[5]) for row in rows] == [(r["replica_id"], number(r["routed"])) for r in dist["replicas"]]
     assert ("r3", "0") in [(row[0], row[5]) for row in rows]  # a member that got nothing is listed
-    assert shown_text(page, "#distribution-max-over-mean") == number(dist["imbalance"]["max_over_mean"], 2)
+    assert shown_text(page, "#distribution-max-over-mean") == \
+        number(dist["deployments"][0]["imbalance"]["max_over_mean"], 2)
     assert not page.console_errors
 
 
@@ -108,9 +115,9 @@ def test_with_no_data_the_page_says_how_to_start(tmp_path, page):
 def test_staleness_shows_the_api_figures(server, page):
     page.goto(server.url + "/staleness?app=shop")
     s = api(server, "/v1/staleness", app="shop")
-    assert shown_text(page, "#staleness-p95") == seconds(s["overall"]["p95_s"])
-    assert shown_text(page, "#staleness-stamped") == \
-        f'{number(s["overall"]["stamped"])} / {number(s["overall"]["observed"])}'
+    (shop,) = s["deployments"]
+    assert shown_text(page, "#staleness-p95") == seconds(shop["p95_s"])
+    assert shown_text(page, "#staleness-stamped") == f'{number(shop["stamped"])} / {number(shop["observed"])}'
     shown = [row[0] for row in shown_rows(page, "#staleness-table")]
     assert shown == [r["replica_id"] for r in s["replicas"]]
     page.wait_for_selector("#staleness-heatmap .main-svg")
@@ -133,7 +140,7 @@ def test_the_navigation_keeps_the_filters(server, page):
     page.wait_for_url("**/staleness?**")
     assert "app=shop" in page.url and "window=24h" in page.url
     assert shown_text(page, "#staleness-p95") == seconds(api(server, "/v1/staleness", app="shop", window="24h")
-                                                   ["overall"]["p95_s"])
+                                                   ["deployments"][0]["p95_s"])
     assert not page.console_errors
 
 
@@ -201,7 +208,13 @@ def test_compare_puts_two_label_values_side_by_side(server, page):
     a = api(server, "/v1/distribution", label="router_version=a")
     b = api(server, "/v1/distribution", label="router_version=b")
     assert rows["routed requests"] == (number(a["routed"]), number(b["routed"]))
-    assert rows["Jain's fairness index"] == (number(a["imbalance"]["jain"], 3), number(b["imbalance"]["jain"], 3))
+    # Label a holds one deployment, b another: each side's Jain on its deployment's row, none across them.
+    (shop,), (search,) = a["deployments"], b["deployments"]
+    assert rows[f'Jain\'s fairness index · {shop["app"]}/{shop["deployment"]}'] == \
+        (number(shop["imbalance"]["jain"], 3), "–")
+    assert rows[f'Jain\'s fairness index · {search["app"]}/{search["deployment"]}'] == \
+        ("–", number(search["imbalance"]["jain"], 3))
+    assert "Jain's fairness index" not in rows
     hits = [api(server, "/v1/rank-hits", label=f"router_version={v}") for v in "ab"]
     assert rows["rank-0 hit rate"] == tuple(percent(h["rank0_rate"]) for h in hits)
     assert not page.console_errors

@@ -165,22 +165,27 @@ def test_every_view_has_data_and_the_views_agree(demo):
         routed += summary["routed"]
     assert routed == total["routed"]
     for app in ("throughput", "models"):
-        assert api.get("/v1/staleness", window=WINDOW, app=app)["overall"]["samples"] > 0, app
+        (deployment,) = api.get("/v1/staleness", window=WINDOW, app=app)["deployments"]
+        assert deployment["samples"] > 0, app
 
 
 def test_the_uniform_router_spreads_requests_evenly(demo):
     distribution = demo.api.get("/v1/distribution", window=WINDOW, app="uniform")
     assert len(distribution["replicas"]) == 10
-    assert distribution["imbalance"]["jain"] >= 0.9, distribution["imbalance"]
+    (deployment,) = distribution["deployments"]
+    assert deployment["imbalance"]["jain"] >= 0.9, deployment["imbalance"]
 
 
 def test_the_throughput_aware_routers_stamped_stats_stay_within_two_periods(demo):
+    """Within two of the periods the stats were really collected at: on a
+    loaded machine the replicas collect them later than every STATS_PERIOD_S."""
     staleness = demo.api.get("/v1/staleness", window=WINDOW, app="throughput")
-    overall = staleness["overall"]
-    assert overall["stamped"] == overall["samples"] > 0 and overall["observed"] == 0
+    (deployment,) = staleness["deployments"]
+    assert deployment["stamped"] == deployment["samples"] > 0 and deployment["observed"] == 0
+    assert deployment["stats_period_s"] >= STATS_PERIOD_S * 0.9, deployment
     assert len(staleness["replicas"]) == 3
     for replica in staleness["replicas"]:
-        assert replica["p95_s"] <= 2 * STATS_PERIOD_S, replica
+        assert replica["p95_s"] <= 2 * deployment["stats_period_s"], (replica, deployment)
 
 
 def test_the_pow2_bursts_show_rejections_and_fifo_hand_offs(demo):
@@ -208,10 +213,12 @@ def test_the_multiplexed_deployment_ranks_by_model(demo):
 
 def test_the_stale_replica_stands_out(demo):
     staleness = demo.api.get("/v1/staleness", window=WINDOW, app="models")
+    (deployment,) = staleness["deployments"]
+    period = deployment["stats_period_s"]  # as collected: see the test above
     ages = sorted((r["max_s"], r["p95_s"]) for r in staleness["replicas"])
     assert len(ages) == 4
-    assert ages[-1][0] > 10  # the replica whose stats stopped arriving
-    assert all(p95 <= 2 * STATS_PERIOD_S for _, p95 in ages[:-1]), ages
+    assert ages[-1][0] > 10 * period  # the replica whose stats stopped arriving
+    assert all(p95 <= 2 * period for _, p95 in ages[:-1]), (ages, period)
 
 
 def _all_decisions(api: Collector, **filters) -> List[dict]:

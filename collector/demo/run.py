@@ -20,9 +20,11 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -193,17 +195,20 @@ async def _show_status(traffic, server: ServerProcess, started_at: float, durati
 
 
 def _final_table(server: ServerProcess, started_at: float, tally) -> Table:
-    from .apps import APPS
-
-    table = Table(title="what the routers decided, as the collector stored it")
-    for column in ("app", "sent", "routed", "Jain", "rank 0", "handoffs", "rejected", "stats p95"):
-        table.add_column(column, justify="left" if column == "app" else "right", no_wrap=column == "app")
-    for app in APPS:
-        s = server.get("/v1/summary", since=started_at, app=app.name) or {}
-        table.add_row(app.name, str(tally[app.name].sent), str(s.get("routed", "")),
-                      _fixed(s.get("imbalance", {}).get("jain"), "{:.3f}"), _fixed(s.get("rank0_rate"), "{:.0%}"),
-                      str(s.get("handoffs", "")), str(s.get("rejections", "")),
-                      _fixed(s.get("staleness_p95_s"), "{:.2f} s"))
+    """One row per deployment: imbalance and staleness are a deployment's own.
+    A row is named by its app where the app has one deployment (the demo's do)."""
+    table = Table(title="what the routers decided, as the collector stored it", box=box.SIMPLE_HEAD,
+                  collapse_padding=True, pad_edge=False)
+    for column in ("deployment", "sent", "routed", "Jain", "rank 0", "handoffs", "refused", "stats p95"):
+        table.add_column(column, justify="left" if column == "deployment" else "right",
+                         overflow="fold" if column == "deployment" else "ellipsis", no_wrap=column != "deployment")
+    summary = server.get("/v1/summary", since=started_at) or {"deployments": []}
+    per_app = Counter(d["app"] for d in summary["deployments"])
+    for d in sorted(summary["deployments"], key=lambda d: (d["app"], d["deployment"])):
+        name = d["app"] if per_app[d["app"]] == 1 else f'{d["app"]}/{d["deployment"]}'
+        table.add_row(name, str(tally[d["app"]].sent if d["app"] in tally else ""), str(d["routed"]),
+                      _fixed(d["imbalance"]["jain"], "{:.3f}"), _fixed(d["rank0_rate"], "{:.0%}"),
+                      str(d["handoffs"]), str(d["rejections"]), _fixed(d["staleness"]["p95_s"], "{:.2f} s"))
     return table
 
 

@@ -5,12 +5,20 @@ SQLAlchemy connection, and returns plain dicts and lists, ready for JSON.
 Figures follow the definitions in docs/design.md:
 
 - distribution: routed requests per replica in the window, replicas that
-  were members but got nothing included; imbalance as max/mean, coefficient
-  of variation and Jain's fairness index;
+  were members but got nothing included; per deployment, each replica's
+  share, the fair share and imbalance as max/mean, coefficient of
+  variation and Jain's fairness index;
 - staleness: per replica, p50/p95/max age of the routing_stats each
-  decision ranked it on, stamped and observed counted apart;
-- rank hits: share of routed requests by the rank their replica came from,
-  FIFO hand-off rate, rejections per replica, decisions per request.
+  decision ranked it on, stamped and observed counted apart; per
+  deployment, against that deployment's stats period;
+- rank hits: share of routed requests by rank, FIFO hand-off rate,
+  rejections per replica, decisions per request; per deployment too.
+
+Figures that compare replicas only mean something among replicas of one
+deployment (their traffic, capacity and stats period differ from one
+deployment to the next): they are computed per deployment, and a window
+holding several deployments lists them worst first, never one index over
+all of them.
 
 Panels read the rollups only (`rollups` table): a window is covered by whole
 hours where it can and by minutes at its edges, so it is resolved to whole
@@ -45,6 +53,7 @@ from ..store.types import stored_bytes
 from .filters import MINUTE, Filters
 
 HOUR = 3600
+NO_DEPLOYMENT = {"app": None, "deployment": None}
 AGE_SOURCES = {"s": "stamped", "o": "observed", None: None}
 
 
@@ -55,6 +64,16 @@ class Scope:
     routers: Dict[int, dict]  # router_pk -> {app, deployment, router_class, labels, deployment_pk}
     replica_pks: Optional[List[int]] = None  # None: every replica
     replicas: Dict[int, dict] = field(default_factory=dict)  # replica_pk -> attributes
+    deployments: Dict[int, dict] = field(default_factory=dict)  # deployment_pk -> {app, deployment}
+
+    def deployment_of(self, replica_pk: int) -> dict:
+        """{app, deployment} of a replica (None for both if it is unknown)."""
+        info = self.replicas.get(replica_pk, {})
+        return self.deployments.get(info.get("deployment_pk"), NO_DEPLOYMENT)
+
+    def routers_of(self, deployment_pk: int) -> List[int]:
+        """The routers (router_pks) of a deployment in scope."""
+        return [pk for pk, router in self.routers.items() if router["deployment_pk"] == deployment_pk]
 
 
 def scope(conn: Connection, f: Filters) -> Scope:
@@ -77,7 +96,9 @@ def scope(conn: Connection, f: Filters) -> Scope:
     if f.replicas:
         replica_query = replica_query.where(Replica.replica_id.in_(f.replicas))
     replicas = {row.pk: _replica_dict(row) for row in conn.execute(replica_query)}
-    return Scope(routers=routers, replica_pks=sorted(replicas) if f.replicas else None, replicas=replicas)
+    deployments = {r["deployment_pk"]: {"app": r["app"], "deployment": r["deployment"]} for r in routers.values()}
+    return Scope(routers=routers, replica_pks=sorted(replicas) if f.replicas else None, replicas=replicas,
+                 deployments=deployments)
 
 
 def _replica_dict(row) -> dict:
@@ -112,32 +133,49 @@ def _sum_columns(names: Iterable[str]):
     return out
 
 
-def rollup_totals(conn: Connection, f: Filters, sc: Scope, names: Sequence[str],
-                  per_replica: bool = False, condition=None) -> List[dict]:
-    """Sums (and maxima) of rollup columns over the window: one row in all, or
-    one per replica. Empty scope: no rows."""
+def rollup_totals(conn: Connection, f: Filters, sc: Scope, names: Sequence[str], by: Optional[str] = None,
+                  condition=None) -> List[dict]:
+    """Sums (and maxima) of rollup columns over the window: one row in all,
+    or one per replica (`by="replica"`, with its replica_pk) or per router
+    (`by="router"`, with its router_pk). Empty scope: no rows."""
     if not sc.routers:
         return []
     where = [condition if condition is not None else _window_condition(f),
              rollups.c.router_pk.in_(sorted(sc.routers))]
-    if per_replica:
-        where.append(rollups.c.replica_pk != ROUTER_LEVEL)
-        if sc.replica_pks is not None:
-            where.append(rollups.c.replica_pk.in_(sc.replica_pks))
-        query = select(rollups.c.replica_pk, *_sum_columns(names)).where(*where).group_by(rollups.c.replica_pk)
-    elif sc.replica_pks is not None:
+    if sc.replica_pks is not None:
         # Filtered to some replicas: their rows are the totals.
         where.append(rollups.c.replica_pk.in_(sc.replica_pks))
-        query = select(*_sum_columns(names)).where(*where)
+    elif by == "replica":
+        where.append(rollups.c.replica_pk != ROUTER_LEVEL)
     else:
         where.append(rollups.c.replica_pk == ROUTER_LEVEL)
-        query = select(*_sum_columns(names)).where(*where)
+    keys = {"replica": (rollups.c.replica_pk,), "router": (rollups.c.router_pk,), None: ()}[by]
+    query = select(*keys, *_sum_columns(names)).where(*where)
+    if keys:
+        query = query.group_by(*keys)
     return [{k: (v if v is not None else (None if k.endswith("_max") else 0)) for k, v in row._mapping.items()}
             for row in conn.execute(query)]
 
 
-def _one(rows: List[dict], names: Sequence[str]) -> dict:
-    return rows[0] if rows else {name: (None if name.endswith("_max") else 0) for name in names}
+def per_deployment(sc: Scope, rows_by_router: List[dict], names: Sequence[str]) -> Dict[int, dict]:
+    """Rows of `rollup_totals(by="router")` summed per deployment (several
+    routers, a class or label set each, serve one deployment): deployment_pk -> sums."""
+    groups: Dict[int, List[dict]] = {}
+    for row in rows_by_router:
+        groups.setdefault(sc.routers[row["router_pk"]]["deployment_pk"], []).append(row)
+    return {deployment_pk: _fold(rows, names) for deployment_pk, rows in groups.items()}
+
+
+def _fold(rows: List[dict], names: Sequence[str]) -> dict:
+    """Rows of rollup sums added up (the largest of the maxima); no rows: zeros."""
+    out = {name: (None if name.endswith("_max") else 0) for name in names}
+    for row in rows:
+        for name in names:
+            if not name.endswith("_max"):
+                out[name] += row[name]
+            elif row[name] is not None and (out[name] is None or row[name] > out[name]):
+                out[name] = row[name]
+    return out
 
 
 def _rate(part: float, whole: float) -> Optional[float]:
@@ -161,39 +199,57 @@ def imbalance(counts: Sequence[float]) -> Dict[str, Optional[float]]:
     }
 
 
+DISTRIBUTION_COLUMNS = ("routed", "candidates", "rejections", "completions", "failures", "handoffs")
+
+
 def distribution(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
     sc = sc or scope(conn, f)
-    names = ("routed", "candidates", "rejections", "completions", "failures", "handoffs")
-    per_replica = {row["replica_pk"]: row for row in rollup_totals(conn, f, sc, names, per_replica=True)}
+    names = DISTRIBUTION_COLUMNS
+    per_replica = {row["replica_pk"]: row for row in rollup_totals(conn, f, sc, names, by="replica")}
     members = _members(sc, f)
-    pks = sorted(set(per_replica) | members)
-    total = sum(row["routed"] for row in per_replica.values())
-    fair = total / len(pks) if pks else None
     replicas = []
-    for pk in pks:
+    for pk in sorted(set(per_replica) | members):
         row = per_replica.get(pk) or {name: 0 for name in names}
         info = sc.replicas.get(pk, {})
         replicas.append({
-            "replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
+            "replica_id": info.get("replica_id"), **sc.deployment_of(pk),
             "node_id": info.get("node_id"), "availability_zone": info.get("availability_zone"),
             "model_ids": info.get("model_ids", []),  # as last reported: what the replica holds now
             **{name: row[name] for name in names},
-            "share": _rate(row["routed"], total), "member": pk in members,
+            "member": pk in members,
         })
-    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
-    return {
-        "window": _window(f), "routed": total, "fair_share": fair,
-        "imbalance": imbalance([r["routed"] for r in replicas]),
-        "replicas": replicas,
-        "by_node": _group(replicas, "node_id"), "by_availability_zone": _group(replicas, "availability_zone"),
-    }
+    deployments = []
+    for (app, deployment), group in _by_deployment(replicas).items():
+        routed = sum(r["routed"] for r in group)
+        for replica in group:
+            replica["share"] = _rate(replica["routed"], routed)
+        deployments.append({
+            "app": app, "deployment": deployment, "routed": routed, "replicas": len(group),
+            "fair_share": routed / len(group), "imbalance": imbalance([r["routed"] for r in group]),
+            "by_node": _group(group, "node_id"), "by_availability_zone": _group(group, "availability_zone"),
+        })
+    replicas.sort(key=_deployment_then_replica)
+    deployments.sort(key=lambda d: (_worst_first(d["imbalance"]["jain"]), d["app"] or "", d["deployment"] or ""))
+    return {"window": _window(f), "routed": sum(d["routed"] for d in deployments), "deployments": deployments,
+            "replicas": replicas}
 
 
-def _deployment_of(sc: Scope, info: dict) -> Optional[str]:
-    for router in sc.routers.values():
-        if router["deployment_pk"] == info.get("deployment_pk"):
-            return f'{router["app"]}/{router["deployment"]}'
-    return None
+def _by_deployment(rows: List[dict]) -> Dict[Tuple[Optional[str], Optional[str]], List[dict]]:
+    """Rows (with app and deployment) grouped by deployment."""
+    groups: Dict[Tuple[Optional[str], Optional[str]], List[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["app"], row["deployment"]), []).append(row)
+    return groups
+
+
+def _deployment_then_replica(row: dict) -> tuple:
+    return row["app"] or "", row["deployment"] or "", row["replica_id"] or ""
+
+
+def _worst_first(value: Optional[float]) -> tuple:
+    """A sort key putting the lowest value (the worst Jain's index or hit
+    rate) first, and deployments without one last."""
+    return (1, 0.0) if value is None else (0, value)
 
 
 def _members(sc: Scope, f: Filters) -> set:
@@ -237,24 +293,37 @@ STALENESS_COLUMNS = (*STALENESS.columns, "stale_max", "stale_stamped", "stale_ob
 
 def staleness(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
     sc = sc or scope(conn, f)
-    rows = rollup_totals(conn, f, sc, STALENESS_COLUMNS, per_replica=True)
-    replicas = []
-    for row in rows:
-        info = sc.replicas.get(row["replica_pk"], {})
-        replicas.append({"replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
-                         **_staleness_figures(row)})
-    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
-    overall = _staleness_figures(_one(rollup_totals(conn, f, sc, STALENESS_COLUMNS), STALENESS_COLUMNS))
-    return {
-        "window": _window(f), "bin_bounds_s": list(STALENESS.bounds), "overall": overall, "replicas": replicas,
-        "stats_period_s": stats_period(conn, f, sc),
-    }
+    replicas = [{"replica_id": sc.replicas.get(row["replica_pk"], {}).get("replica_id"),
+                 **sc.deployment_of(row["replica_pk"]), **_staleness_figures(row)}
+                for row in rollup_totals(conn, f, sc, STALENESS_COLUMNS, by="replica")]
+    replicas.sort(key=_deployment_then_replica)
+    by_router = rollup_totals(conn, f, sc, STALENESS_COLUMNS, by="router")
+    deployments = []
+    for deployment_pk, row in per_deployment(sc, by_router, STALENESS_COLUMNS).items():
+        figures = _staleness_figures(row)
+        period = stats_period(conn, f, sc.routers_of(deployment_pk))
+        deployments.append({**sc.deployments[deployment_pk], **figures,
+                            **_against_period(figures["p95_s"], period)})
+    deployments.sort(key=lambda d: (_stalest_first(d), d["app"], d["deployment"]))
+    return {"window": _window(f), "bin_bounds_s": list(STALENESS.bounds), "deployments": deployments,
+            "replicas": replicas}
 
 
-def stats_period(conn: Connection, f: Filters, sc: Scope, sample: int = 400) -> Optional[float]:
-    """The routing-stats period, seen in the newest stats changes of the window:
-    the median interval between two collections of one replica's stats."""
-    if not sc.routers:
+def _stalest_first(staleness: dict) -> tuple:
+    """A sort key: p95 staleness against the deployment's own stats period
+    where it is seen, else in seconds; without samples last."""
+    if staleness["p95_over_period"] is not None:
+        return (0, -staleness["p95_over_period"])
+    if staleness["p95_s"] is not None:
+        return (1, -staleness["p95_s"])
+    return (2, 0.0)
+
+
+def stats_period(conn: Connection, f: Filters, router_pks: Sequence[int], sample: int = 400) -> Optional[float]:
+    """The routing-stats period of one deployment's replicas (`router_pks`: its
+    routers), seen in the newest stats changes of the window: the median
+    interval between two collections of one replica's stats."""
+    if not router_pks:
         return None
     low, high = ids.window_bounds(f.since, f.until)
     rows = conn.execute(
@@ -263,7 +332,7 @@ def stats_period(conn: Connection, f: Filters, sc: Scope, sample: int = 400) -> 
         .where(stored_bytes(stats_changes.c.id) >= low,
                stored_bytes(stats_changes.c.id) < high,
                stats_changes.c.ts >= f.since, stats_changes.c.ts < f.until,
-               stats_changes.c.router_pk.in_(sorted(sc.routers)))
+               stats_changes.c.router_pk.in_(sorted(router_pks)))
         .order_by(stats_changes.c.id.desc()).limit(sample)
     ).all()
     last: Dict[Tuple[int, int], float] = {}
@@ -283,31 +352,29 @@ RANK_HIT_COLUMNS = ("routed", "handoffs", "rejections", "decisions", "choose_us_
 
 def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
     sc = sc or scope(conn, f)
-    row = _one(rollup_totals(conn, f, sc, RANK_HIT_COLUMNS), RANK_HIT_COLUMNS)
+    by_router = rollup_totals(conn, f, sc, RANK_HIT_COLUMNS, by="router")
+    row = _fold(by_router, RANK_HIT_COLUMNS)
     routed_total = row["routed"]
     ranks = [{"rank": name[len("rank_"):] if name != "rank_5" else "5+", "routed": row[name],
               "share": _rate(row[name], routed_total)} for name in RANK_COLUMNS]
-    attempts = [row[c] for c in ATTEMPTS.columns]
     choose = [row[c] for c in CHOOSE_US.columns]
-    per_replica = rollup_totals(conn, f, sc, ("routed", "rejections", "handoffs", "rank_0"), per_replica=True)
-    replicas = []
-    for r in per_replica:
-        info = sc.replicas.get(r["replica_pk"], {})
-        replicas.append({"replica_id": info.get("replica_id"), "deployment": _deployment_of(sc, info),
-                         "routed": r["routed"], "rejections": r["rejections"], "handoffs": r["handoffs"],
-                         "rank0_rate": _rate(r["rank_0"], r["routed"])})
-    replicas.sort(key=lambda r: (r["deployment"] or "", r["replica_id"] or ""))
+    replicas = [{"replica_id": sc.replicas.get(r["replica_pk"], {}).get("replica_id"),
+                 **sc.deployment_of(r["replica_pk"]),
+                 "routed": r["routed"], "rejections": r["rejections"], "handoffs": r["handoffs"],
+                 "rank0_rate": _rate(r["rank_0"], r["routed"])}
+                for r in rollup_totals(conn, f, sc, ("routed", "rejections", "handoffs", "rank_0"), by="replica")]
+    replicas.sort(key=_deployment_then_replica)
+    deployments = [{**sc.deployments[pk], **_rank_figures(d), "decisions_per_request_mean": _decisions_per_request(d)}
+                   for pk, d in per_deployment(sc, by_router, RANK_HIT_COLUMNS).items()]
+    deployments.sort(key=lambda d: (_worst_first(d["rank0_rate"]), d["app"], d["deployment"]))
     return {
         "window": _window(f),
-        "routed": routed_total,
+        **_rank_figures(row),
         "ranks": ranks,
-        "rank0_rate": _rate(row["rank_0"], routed_total),
-        "handoffs": row["handoffs"], "handoff_rate": _rate(row["handoffs"], routed_total),
-        "rejections": row["rejections"],
-        "decisions": row["decisions"],
         "decisions_per_request": {
-            "mean": _rate(sum(n * c for n, c in zip(_attempt_values(), attempts)), sum(attempts)),
-            "bins": [{"attempts": label, "routed": count} for label, count in zip(_attempt_labels(), attempts)],
+            "mean": _decisions_per_request(row),
+            "bins": [{"attempts": label, "routed": row[column]}
+                     for label, column in zip(_attempt_labels(), ATTEMPTS.columns)],
         },
         "choose_us": {
             "p50": CHOOSE_US.percentile(choose, 0.50, row["choose_us_max"]),
@@ -315,8 +382,22 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
             "max": row["choose_us_max"],
             "mean": _rate(row["choose_us_sum"], row["decisions"]),
         },
+        "deployments": deployments,
         "replicas": replicas,
     }
+
+
+def _rank_figures(row: dict) -> dict:
+    """The rank-hit figures of a row of sums (a window's, or one deployment's)."""
+    routed = row["routed"]
+    return {"routed": routed, "rank0_rate": _rate(row["rank_0"], routed), "handoffs": row["handoffs"],
+            "handoff_rate": _rate(row["handoffs"], routed), "rejections": row["rejections"],
+            "decisions": row["decisions"]}
+
+
+def _decisions_per_request(row: dict) -> Optional[float]:
+    attempts = [row[c] for c in ATTEMPTS.columns]
+    return _rate(sum(n * c for n, c in zip(_attempt_values(), attempts)), sum(attempts))
 
 
 def _attempt_labels() -> List[str]:
@@ -341,13 +422,19 @@ SUMMARY_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs
 
 
 def summary(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
+    """The window at a glance: request-weighted totals over everything in
+    view; the figures that compare replicas per deployment, and the worst
+    deployment's named."""
     sc = sc or scope(conn, f)
-    row = _one(rollup_totals(conn, f, sc, SUMMARY_COLUMNS), SUMMARY_COLUMNS)
+    by_router = rollup_totals(conn, f, sc, SUMMARY_COLUMNS, by="router")
+    row = _fold(by_router, SUMMARY_COLUMNS)
     m0, m1 = f.rollup_bounds()
     seconds = max(m1 - m0, 1)
-    dist = distribution(conn, f, sc)
     sources = sources_in(conn, f, sc)
     latency = [row[c] for c in LATENCY_MS.columns]
+    deployments = _deployment_summaries(conn, f, sc, by_router)
+    unbalanced = deployments[0] if deployments else None  # they come least balanced first
+    stalest = min(deployments, key=lambda d: _stalest_first(d["staleness"]), default=None)
     return {
         "window": _window(f),
         "decisions": row["decisions"], "decisions_per_s": row["decisions"] / seconds,
@@ -356,15 +443,49 @@ def summary(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
         "rejections": row["rejections"], "handoffs": row["handoffs"],
         "rank0_rate": _rate(row["rank_0"], row["routed"]),
         "handoff_rate": _rate(row["handoffs"], row["routed"]),
-        "staleness_p95_s": STALENESS.percentile([row[c] for c in STALENESS.columns], 0.95, row["stale_max"]),
         "latency_ms_p50": LATENCY_MS.percentile(latency, 0.50, row["latency_ms_max"]),
         "latency_ms_p99": LATENCY_MS.percentile(latency, 0.99, row["latency_ms_max"]),
-        "imbalance": dist["imbalance"],
-        "replicas": len(dist["replicas"]),
+        "replicas": sum(d["replicas"] for d in deployments),
+        # The worst deployment's, named; the others' are in `deployments`.
+        "imbalance": {**_name(unbalanced), **(unbalanced["imbalance"] if unbalanced else imbalance([]))},
+        "staleness": {**_name(stalest), **(stalest["staleness"] if stalest else _against_period(None, None))},
+        "deployments": deployments,
         "active_routers": sum(1 for s in sources if s["last_seen"] >= f.since),
         "dropped_events": sum(sum(s["dropped"].values()) for s in sources),
         "batch_gaps": sum(s["batch_gaps"] for s in sources),
     }
+
+
+def _deployment_summaries(conn: Connection, f: Filters, sc: Scope, by_router: List[dict]) -> List[dict]:
+    """Per deployment of the window, least balanced first: routed requests,
+    replicas, rank-0 hit rate, hand-offs, rejections, imbalance and p95
+    staleness against its stats period."""
+    sums = per_deployment(sc, by_router, SUMMARY_COLUMNS)
+    balance = {(d["app"], d["deployment"]): d for d in distribution(conn, f, sc)["deployments"]}
+    out = []
+    for pk, info in sc.deployments.items():
+        dist = balance.get((info["app"], info["deployment"]))
+        if pk not in sums and dist is None:
+            continue  # nothing of it in the window
+        row = sums.get(pk) or _fold([], SUMMARY_COLUMNS)
+        p95 = STALENESS.percentile([row[c] for c in STALENESS.columns], 0.95, row["stale_max"])
+        out.append({
+            **info, "routed": row["routed"], "replicas": dist["replicas"] if dist else 0,
+            "rank0_rate": _rate(row["rank_0"], row["routed"]), "handoffs": row["handoffs"],
+            "rejections": row["rejections"], "imbalance": dist["imbalance"] if dist else imbalance([]),
+            "staleness": _against_period(p95, stats_period(conn, f, sc.routers_of(pk)) if p95 is not None else None),
+        })
+    out.sort(key=lambda d: (_worst_first(d["imbalance"]["jain"]), d["app"], d["deployment"]))
+    return out
+
+
+def _against_period(p95_s: Optional[float], period_s: Optional[float]) -> dict:
+    return {"p95_s": p95_s, "stats_period_s": period_s,
+            "p95_over_period": p95_s / period_s if p95_s is not None and period_s else None}
+
+
+def _name(deployment: Optional[dict]) -> dict:
+    return {"app": deployment["app"], "deployment": deployment["deployment"]} if deployment else NO_DEPLOYMENT
 
 
 def sources_in(conn: Connection, f: Optional[Filters] = None, sc: Optional[Scope] = None) -> List[dict]:
@@ -445,14 +566,15 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
             if not name.endswith("_max"):
                 point[name] = point[name] or 0
         if per_replica:
-            point["replica_id"] = sc.replicas.get(point.pop("replica_pk"), {}).get("replica_id")
+            replica_pk = point.pop("replica_pk")
+            point.update(replica_id=sc.replicas.get(replica_pk, {}).get("replica_id"), **sc.deployment_of(replica_pk))
         else:
             point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
         point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
                                                        point["stale_max"])
         out.append(point)
     if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
-        out.sort(key=lambda point: (point["t"], point["replica_id"] or ""))
+        out.sort(key=lambda point: (point["t"], *_deployment_then_replica(point)))
     return {"window": _window(f), "step_s": step, "points": out}
 
 

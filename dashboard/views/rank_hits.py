@@ -10,7 +10,7 @@ from routelens.collector.query import figures
 from routelens.collector.query.filters import Filters
 from routelens.collector.store.bins import RANK_COLUMNS
 
-from ..components import card, dates, number, percent, section, table
+from ..components import card, dates, deployment_name, number, percent, section, table
 
 
 def render(conn: Connection, f: Filters, _state=None) -> html.Div:
@@ -40,15 +40,21 @@ def render(conn: Connection, f: Filters, _state=None) -> html.Div:
     handoffs.update_layout(margin=dict(l=40, r=10, t=10, b=40), height=220, yaxis_tickformat=".0%")
     ranks = table("rank-hits-ranks", ("rank", "routed", "share"),
                   [(entry["rank"], number(entry["routed"]), percent(entry["share"])) for entry in r["ranks"]])
+    deployments = table("rank-hits-deployments", ("deployment", "routed", "rank-0 rate", "FIFO hand-off rate",
+                                                  "rejections", "decisions per request"),
+                        [(deployment_name(x), number(x["routed"]), percent(x["rank0_rate"]),
+                          percent(x["handoff_rate"]), number(x["rejections"]),
+                          number(x["decisions_per_request_mean"], 2)) for x in r["deployments"]])
     replicas = table("rank-hits-replicas", ("replica", "deployment", "routed", "rank-0 rate", "hand-offs",
                                             "rejections"),
-                     [(x["replica_id"], x["deployment"], number(x["routed"]), percent(x["rank0_rate"]),
+                     [(x["replica_id"], deployment_name(x), number(x["routed"]), percent(x["rank0_rate"]),
                        number(x["handoffs"]), number(x["rejections"])) for x in r["replicas"]])
     attempts = table("rank-hits-attempts", ("decisions for the request", "routed requests"),
                      [(b["attempts"], number(b["routed"])) for b in r["decisions_per_request"]["bins"]])
     return html.Div([
         cards,
         section("Routed requests by rank", [ranks]),
+        section("Deployments, lowest rank-0 hit rate first", [deployments]),
         section("Share by rank over time", [dcc.Graph(id="rank-hits-shares", figure=shares)]),
         section("FIFO hand-off rate over time", [dcc.Graph(id="rank-hits-handoffs", figure=handoffs)]),
         section("Per replica", [replicas]),
