@@ -38,7 +38,8 @@ main { padding: 0 20px 20px; }
 .panel { background: white; border-radius: 6px; padding: 10px 14px; margin: 10px 0; box-shadow: 0 1px 2px #0002; }
 .panel h3 { margin: 0 0 6px; font-size: 14px; }
 table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, table.figures th { padding: 3px 10px;
-  border-bottom: 1px solid #e6e8ec; text-align: right; } table.figures td:first-child { text-align: left; }
+  border-bottom: 1px solid #e6e8ec; text-align: right; }
+table.figures td:first-child, table.figures th:first-child { text-align: left; }
 .panel a.active { font-weight: 700; text-decoration: underline; }
 .empty { background: white; padding: 20px; border-radius: 6px; max-width: 820px; }
 .empty pre { background: #f0f2f5; padding: 10px; }
