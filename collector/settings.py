@@ -1,15 +1,18 @@
-"""Collector settings, and the duration syntax the command line and the API share."""
+"""Collector settings, the duration syntax the command line and the API share, and the Host names
+the command line takes."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 DEFAULT_DB = "sqlite:///routelens.db"
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 
 
 def parse_duration(text: str) -> float:
@@ -23,10 +26,31 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_allowed_host(text: str) -> str:
+    """A Host name to serve without a token: a name, an IP address, or
+    `*.example.com` (any name under it); lowercased. Raises ValueError."""
+    host = text.strip().lower()
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        pass
+    name = host[2:] if host.startswith("*.") else host
+    if not _HOST_NAME.match(name):
+        raise ValueError(f"not a host name: {text!r} (a name or address without port, or *.example.com)")
+    return host
+
+
 @dataclass(frozen=True)
 class Settings:
     db_url: str = DEFAULT_DB
     token: Optional[str] = None  # required as "Authorization: Bearer <token>" when set
+    # The dashboard's sign-in (with a token): how long a session cookie is good for.
+    session_lifetime_s: int = 12 * 3600
+    # Without a token, only requests naming this machine in their Host header
+    # are served (against DNS rebinding): localhost, 127.0.0.1, ::1, the
+    # address listened on, and these names.
+    listen_host: str = "127.0.0.1"
+    allowed_hosts: Tuple[str, ...] = ()
     # Ingest limits. The body limit holds for the body as sent and, for gzip,
     # for the JSON it inflates to (checked while inflating).
     max_body_bytes: int = 32 * 1024 * 1024
@@ -45,4 +69,6 @@ class Settings:
 
     @classmethod
     def from_json(cls, text: str) -> "Settings":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        fields["allowed_hosts"] = tuple(fields.get("allowed_hosts", ()))  # JSON has lists, not tuples
+        return cls(**fields)

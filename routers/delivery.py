@@ -14,7 +14,7 @@ import random
 import socket
 import time
 import urllib.parse
-from typing import Callable, Dict, Optional, Protocol
+from typing import Callable, Dict, Optional, Protocol, Union
 
 from .faults import faults
 from .spool import Spool, SpoolFull
@@ -106,12 +106,13 @@ class CollectorClient:
         self._port = parsed.port
         path = parsed.path.rstrip("/")
         self._path = path if path.endswith("/v1/events") else path + "/v1/events"
-        self._headers: Dict[str, str] = {
+        self._headers: Dict[str, Union[str, bytes]] = {
             "Content-Type": "application/json",
             "Content-Encoding": "gzip",
         }
         if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+            # As bytes: http.client would encode a str as latin-1; the collector reads UTF-8.
+            self._headers["Authorization"] = b"Bearer " + token.encode()
         self._timeout_s = timeout_s
         self._spool = spool
         self._conn: Optional[http.client.HTTPConnection] = None

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
 from ..export.formats import FORMATS, MEDIA_TYPES
@@ -40,7 +41,7 @@ from ..settings import Settings, parse_duration
 from ..store.db import check_schema, current_revision, make_engine
 from ..store.ids import to_bytes
 from ..store.retention import Retention
-from .auth import is_authorized
+from .auth import TokenAuth, allowed_hosts
 from .metrics import Metrics
 from .params import filters
 
@@ -81,12 +82,23 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
     app.state.retention = retention
 
+    auth = app.state.auth = TokenAuth(settings.token, settings.session_lifetime_s) if settings.token else None
+    if auth is None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings))
+
+    def unauthorized() -> HTTPException:
+        return HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
+                             headers={"WWW-Authenticate": "Bearer"})
+
     def authorized(request: Request) -> None:
-        if settings.token is None:
-            return
-        if not is_authorized(request.headers.get("authorization"), request.headers.get("cookie"), settings.token):
-            raise HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",
-                                headers={"WWW-Authenticate": "Bearer"})
+        """Reading: the bearer token, or the dashboard's sign-in session."""
+        if auth is not None and not auth.is_authorized(request.headers, request.cookies):
+            raise unauthorized()
+
+    def bearer_authorized(request: Request) -> None:
+        """Ingest: the bearer token only (a browser's session cannot write)."""
+        if auth is not None and not auth.has_bearer_token(request.headers.get("authorization")):
+            raise unauthorized()
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
@@ -95,7 +107,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         return JSONResponse({"detail": f"database unavailable ({type(cause).__name__}); retry later"},
                             status_code=503, headers={"Retry-After": "1"})
 
-    @app.post("/v1/events", dependencies=[Depends(authorized)], tags=["ingest"],
+    @app.post("/v1/events", dependencies=[Depends(bearer_authorized)], tags=["ingest"],
               summary="Store one batch of wire format v1 (plain or gzip JSON)")
     async def ingest(request: Request):
         started = time.perf_counter()

@@ -10,7 +10,7 @@ from typing import List, Optional
 from ..demo.run import DemoError
 from ..export.formats import FORMATS
 from ..export.schema import TABLES
-from ..settings import DEFAULT_DB, Settings, parse_duration
+from ..settings import DEFAULT_DB, Settings, parse_allowed_host, parse_duration
 from ..store.db import DatabaseError
 from .errors import UsageError
 from .server import ServeError
@@ -112,6 +112,11 @@ def _add_server_options(parser) -> None:
     parser.add_argument("--port", type=int, default=8321, help="port to listen on (default: %(default)s)")
     parser.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' (default: $ROUTELENS_TOKEN, else none)")
+    parser.add_argument("--session-lifetime", default="12h", type=_positive_duration,
+                        help="with --token: how long the dashboard's sign-in lasts (default: %(default)s)")
+    parser.add_argument("--allow-host", action="append", default=[], type=_allowed_host, metavar="HOST",
+                        help="without --token: serve requests naming HOST in their Host header, besides "
+                             "localhost, 127.0.0.1, ::1 and --host (repeatable; *.example.com for a domain)")
     parser.add_argument("--retention", default="7d", type=_duration_or_never,
                         help="keep raw events this long, e.g. 24h, 7d, or 'never' (default: %(default)s); "
                              "rollups stay longer")
@@ -201,6 +206,13 @@ def _add_db_option(parser) -> None:
                              "(default: $ROUTELENS_DB, else %(default)s)")
 
 
+def _allowed_host(text: str) -> str:
+    try:
+        return parse_allowed_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _duration_or_never(text: str):
     if text.strip().lower() == "never":
         return None
@@ -217,7 +229,9 @@ def _run_collector(args) -> int:
     die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
     check_port_free(args.host, args.port)  # before anything is said about listening there
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
-                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events)
+                        max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
+                        session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
+                        allowed_hosts=tuple(args.allow_host))
     if args.with_dashboard:
         factory = "routelens.dashboard.up:create_up_app"
         what = f"dashboard at http://{args.host}:{args.port}/, API at /v1 (docs at /docs)"

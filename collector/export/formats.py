@@ -6,6 +6,13 @@ response. Parquet keeps Arrow's types (times as timestamp[us, UTC], nested
 lists and structs, labels as a map). The text formats write times as
 ISO-8601 UTC; CSV writes nested values (lists, structs, maps) as JSON text
 and booleans as true/false, which pandas and DuckDB read as booleans.
+
+CSV is the format spreadsheets open, and a spreadsheet takes a cell that
+begins with `=`, `+`, `-`, `@`, a tab or a carriage return for a formula
+(CSV injection): a text value beginning so (an app name or a replica id
+like `=HYPERLINK(...)`) is written with a `'` before it, OWASP's rule.
+Numbers (`-1.5`) are never changed, nor JSON text (it begins with `[` or
+`{`); Parquet and JSON Lines keep every value as recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any, Dict, Iterator, List
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -47,15 +55,27 @@ class _TextWriter:
         return b""
 
 
+# What a spreadsheet takes for the start of a formula, and its neutralized form.
+_FORMULA_START = r"^([=+\-@\t\r])"
+_AS_TEXT = r"'\1"
+
+
 class CsvWriter(_TextWriter):
     def __init__(self, schema: pa.Schema):
         super().__init__(schema)
         self._nested = [name for name in schema.names if pa.types.is_nested(schema.field(name).type)]
+        self._texts = [name for name in schema.names if pa.types.is_string(schema.field(name).type)]
         self._buffer = io.StringIO()
-        self._csv = csv.writer(self._buffer, lineterminator="\n")
+        # CR LF, as RFC 4180 has it: then a value with a lone CR is quoted too
+        # (before Python 3.12, the csv module quotes only the line end's characters).
+        self._csv = csv.writer(self._buffer, lineterminator="\r\n")
         self._csv.writerow(schema.names)
 
     def write(self, batch: pa.RecordBatch) -> bytes:
+        for name in self._texts:
+            column = batch.schema.get_field_index(name)
+            batch = batch.set_column(column, name, pc.replace_substring_regex(
+                batch.column(column), pattern=_FORMULA_START, replacement=_AS_TEXT))
         for row in self._rows(batch):
             for name in self._nested:
                 if row[name] is not None:

@@ -360,7 +360,8 @@ def _post_streamed(port: int, chunks, headers: dict) -> bytes:
     before the body ends, which a client sending it all would see as an error."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        sock.sendall(f"POST /v1/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}\r\n".encode())
+        request = f"POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n{head}\r\n"
+        sock.sendall(request.encode())
         for chunk in chunks:
             if io_select.select([sock], [], [], 0)[0]:
                 break  # answered already

@@ -18,7 +18,9 @@ class Collector:
 
     def __init__(self, db_url: str, **settings):
         # No background pruning: tests prune explicitly (collector.store.retention).
-        settings = {"retention_s": None, "minute_rollup_retention_s": None, **settings}
+        # "testserver": the Host that TestClient (and schemathesis, in process) send.
+        settings = {"retention_s": None, "minute_rollup_retention_s": None, "allowed_hosts": ("testserver",),
+                    **settings}
         self.app = create_app(Settings(db_url=db_url, **settings))
         self.engine = self.app.state.engine
         # Server errors come back as 500 responses, so that tests can assert there are none.
