@@ -83,8 +83,9 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     app.state.retention = retention
 
     auth = app.state.auth = TokenAuth(settings.token, settings.session_lifetime_s) if settings.token else None
-    if auth is None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(settings))
+    hosts = allowed_hosts(settings)
+    if hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts)
 
     def unauthorized() -> HTTPException:
         return HTTPException(401, "missing or wrong token: send 'Authorization: Bearer <token>'",

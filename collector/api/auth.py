@@ -77,10 +77,26 @@ class TokenAuth:
         return f"{self.cookie_name}={value}; Max-Age={self.session_lifetime_s}; Path=/; HttpOnly; SameSite=Strict"
 
 
-def allowed_hosts(settings: Settings) -> list:
-    """The Host names served without a token, as Starlette's TrustedHostMiddleware
-    takes them (IPv6 addresses in brackets, as in a Host header)."""
+def allowed_hosts(settings: Settings) -> Optional[list]:
+    """The Host names served, as Starlette's TrustedHostMiddleware takes them
+    (IPv6 addresses in brackets, as in a Host header); None: any.
+
+    The list guards a collector without a token that listens on loopback
+    only, which DNS rebinding targets: a page of another site, renamed to
+    127.0.0.1, read from this machine's browser. One that listens on another
+    interface without a token is open to its network by the operator's
+    choice (the command warns): refusing the names its tracers address it
+    by would lose their batches, so it serves any, unless names are given."""
+    if settings.token or not (_is_loopback(settings.listen_host) or settings.allowed_hosts):
+        return None
     return [_as_host_header(host) for host in (*LOCAL_HOSTS, settings.listen_host, *settings.allowed_hosts)]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
 
 
 def _as_host_header(host: str) -> str:

@@ -373,6 +373,15 @@ def test_without_a_token_the_address_listened_on_and_configured_names_are_served
             assert refused.status_code == 400 and "host" in refused.text.lower(), host
 
 
+def test_listening_on_the_network_without_a_token_any_host_name_is_served(tmp_path):
+    """Open to its network by choice (the command warns): its tracers address
+    it by whatever name, and a 400 would lose their batches."""
+    with CollectorServer(_up_settings(tmp_path, listen_host="0.0.0.0"), app_factory=create_up_app) as server, \
+            httpx.Client(base_url=server.url) as client:
+        for host in ("collector.svc.example", "10.1.2.3:8321", "127.0.0.1"):
+            assert client.get("/v1/summary", headers={"host": host}).status_code == 200, host
+
+
 def test_with_a_token_any_host_name_is_served_with_the_token(served):
     """The token is the guard then (a rebound page has no token, and no cookie
     of this host): behind a proxy or on a cluster's DNS name, no list is needed."""
