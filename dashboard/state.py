@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, urlencode
 
-from routelens.collector.query.filters import DEFAULT_WINDOW, Filters, build_filters
+from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filters, build_filters, parse_label
+from routelens.collector.store.ids import to_bytes
 
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
@@ -83,11 +84,15 @@ class ViewState:
 
 
 def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> ViewState:
-    """The state a URL describes; what it gets wrong falls back to the defaults."""
+    """The state a URL describes; what it gets wrong falls back to the defaults.
+    (The window and filters are checked when the view is drawn, which then
+    says what is wrong with them.)"""
     query = parse_qs((search or "").lstrip("?"))
     view = (pathname or prefix)[len(prefix):].strip("/") if (pathname or "").startswith(prefix) else ""
     window = query.get("window", [DEFAULT_WINDOW])[-1]
     refresh = query.get("refresh", ["off"])[-1]
+    cursor = query.get("cursor", [None])[-1]
+    compare_a, compare_b = query.get("compare_a", [None])[-1], query.get("compare_b", [None])[-1]
     return ViewState(
         view=view if view in VIEWS else DEFAULT_VIEW,
         window=window if window in WINDOWS else DEFAULT_WINDOW,
@@ -95,8 +100,26 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         apps=query.get("app", []), deployments=query.get("deployment", []),
         router_classes=query.get("router_class", []), labels=query.get("label", []),
         refresh=refresh if refresh in REFRESH_S else "off",
-        cursor=query.get("cursor", [None])[-1], decision=query.get("decision", [None])[-1],
-        compare_a=query.get("compare_a", [None])[-1], compare_b=query.get("compare_b", [None])[-1],
+        # A page that is no decision id is the newest; compare's sides must be labels (key=value).
+        cursor=cursor if cursor and _is_decision_id(cursor) else None, decision=query.get("decision", [None])[-1],
+        compare_a=compare_a if compare_a and _is_label(compare_a) else None,
+        compare_b=compare_b if compare_b and _is_label(compare_b) else None,
         compare_shift=query.get("compare_shift", [None])[-1] if query.get("compare_shift", [None])[-1] in SHIFTS
         else None,
     )
+
+
+def _is_decision_id(value: str) -> bool:
+    try:
+        to_bytes(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_label(value: str) -> bool:
+    try:
+        parse_label(value)
+    except FilterError:
+        return False
+    return True

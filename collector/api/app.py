@@ -13,7 +13,6 @@ exporter retries those).
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from contextlib import asynccontextmanager
@@ -38,6 +37,7 @@ from ..ingest.writer import Ingestor, SourceConflict
 from ..query import explore, figures
 from ..query.filters import Filters
 from ..settings import Settings, parse_duration
+from ..store import times
 from ..store.db import check_schema, current_revision, make_engine
 from ..store.ids import to_bytes
 from ..store.retention import Retention
@@ -321,6 +321,6 @@ def _duration_param(name: str, value: str) -> float:
         seconds = parse_duration(value)
     except ValueError as exc:
         raise HTTPException(422, f"{name}: {exc}") from None
-    if not math.isfinite(seconds):  # enough digits make a float infinite, and no step can be
-        raise HTTPException(422, f"{name}: {value[:80]!r} is too long")
+    if seconds > times.END:  # (infinite, too) the database could not compute with it
+        raise HTTPException(422, f"{name}: {value[:80]!r} is longer than any window ({times.END:.0f} s at most)")
     return seconds

@@ -17,15 +17,17 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 import msgspec
 from msgspec import Meta, Struct
 
-from ..store.ids import ID_TS_TOLERANCE_S, MAX_TIMESTAMP
+from ..store import times
+from ..store.ids import ID_TS_TOLERANCE_S
 from ..store.models import Deployment, Replica, Router, Source
+from .nesting import too_deep, too_deep_to_decode
 
 WIRE_SCHEMA_VERSION = 1
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
 Count = Annotated[int, Meta(ge=0, le=2**31 - 1)]
-Timestamp = Annotated[float, Meta(ge=0, le=MAX_TIMESTAMP)]
+Timestamp = Annotated[float, Meta(ge=0, lt=times.END)]  # see store.times
 
 # Cumulative counters of a source (events dropped): a busy process passes 2**31
 # in days, and they are stored as JSON, so they may be as large as SQL's BIGINT.
@@ -194,24 +196,36 @@ def parse(body: bytes, max_events: int) -> ValidBatch:
     the slower path that sets those fields aside.
     """
     try:
-        batch = _decode_batch.decode(body)
-        extras = None
-    except msgspec.DecodeError as exc:
-        if not isinstance(exc, msgspec.ValidationError):
-            raise Invalid(f"malformed JSON: {exc}") from None
-        if "unknown field" not in str(exc):
-            raise _invalid(exc, body) from None
-        batch, extras = _parse_with_unknown_fields(body)
+        batch, extras = _decode(body)
+    except RecursionError:  # nested a thousand levels or so: msgspec recurses once per level
+        raise Invalid(too_deep_to_decode(body)) from None
     if batch.schema_version != WIRE_SCHEMA_VERSION:
         raise Invalid(f"$.schema_version: expected {WIRE_SCHEMA_VERSION}, got {batch.schema_version!r}")
     if len(batch.events) > max_events:
         raise TooMany(f"$.events: {len(batch.events)} events, over the limit of {max_events} per batch")
     _check_labels(batch.source.labels)
+    _refuse_deep(batch.events, extras)
     if b"\\u0000" in body:  # JSON can only carry a NUL character escaped
         _refuse_nul(batch, "$")
     # Every float is finite already: msgspec's JSON decoder refuses NaN,
     # Infinity and numbers out of a double's range, naming where they are.
     return ValidBatch(batch, _uuid7_bytes(batch.events), extras)
+
+
+def _decode(body: bytes):
+    """The batch, and its events' unknown fields (None when no event has any)."""
+    try:
+        return _decode_batch.decode(body), None
+    except msgspec.DecodeError as exc:
+        if not isinstance(exc, msgspec.ValidationError):
+            raise _malformed(exc) from None
+        if "unknown field" not in str(exc):
+            raise _invalid(exc, body) from None
+    return _parse_with_unknown_fields(body)
+
+
+def _malformed(exc: msgspec.DecodeError) -> Invalid:
+    return Invalid(f"malformed JSON: {exc}")
 
 
 def _invalid(exc: msgspec.ValidationError, body: bytes) -> Invalid:
@@ -226,7 +240,11 @@ def _invalid(exc: msgspec.ValidationError, body: bytes) -> Invalid:
 
 
 def _parse_with_unknown_fields(body: bytes):
-    raw = _decode_plain.decode(body)
+    # The fast path stopped at the first unknown field: what follows it may still be malformed.
+    try:
+        raw = _decode_plain.decode(body)
+    except msgspec.DecodeError as exc:
+        raise _malformed(exc) from None
     extras: List[Optional[Dict[str, Any]]] = []
     events = raw.get("events") if isinstance(raw, dict) else None
     for event in events if isinstance(events, list) else ():
@@ -241,6 +259,25 @@ def _parse_with_unknown_fields(body: bytes):
         return msgspec.convert(raw, Batch, strict=True), extras
     except msgspec.ValidationError as exc:
         raise _invalid(exc, body) from None
+
+
+def _refuse_deep(events: List[Event], extras) -> None:
+    """Free-form values nested deeper than `nesting.MAX_NESTING` are refused, naming where."""
+    for index, event in enumerate(events):
+        where = f"$.events[{index}]"
+        free_form = []
+        if isinstance(event, DecisionEvent):
+            # A mapping's key is `[...]`, as msgspec names it in its own errors.
+            free_form += [(f"{where}.replicas[...].stats", c.stats) for c in event.replicas.values() if c.stats]
+            free_form.append((f"{where}.attributes", event.attributes))
+        elif isinstance(event, StatsEvent):
+            free_form.append((f"{where}.stats", event.stats))
+        if extras is not None and extras[index]:
+            free_form += [(f"{where}.{name}", value) for name, value in extras[index].items()]
+        for place, value in free_form:
+            problem = too_deep(value, place)
+            if problem:
+                raise Invalid(problem)
 
 
 def labels_key(labels: Dict[str, str]) -> str:

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from typing import List, Optional, Tuple
 
 from ..settings import parse_duration
-from ..store.ids import MAX_TIMESTAMP
+from ..store import times
 
 DEFAULT_WINDOW = "1h"
 MINUTE = 60
@@ -48,9 +48,9 @@ class FilterError(ValueError):
 
 
 def parse_time(name: str, value: str) -> float:
-    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise), between 1970
-    and the latest time an event may carry. Beyond (or NaN), a window could
-    not be turned into rollup bounds or key ranges the database can compare."""
+    """Epoch seconds, or ISO-8601 (UTC unless it says otherwise), in the range
+    of times routelens accepts (`store.times`). Beyond it (or NaN), a window
+    could not be shown as dates, nor turned into bounds the database can compare."""
     try:
         seconds = float(value)
     except ValueError:
@@ -61,8 +61,9 @@ def parse_time(name: str, value: str) -> float:
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=timezone.utc)
         seconds = parsed.timestamp()
-    if not 0 <= seconds <= MAX_TIMESTAMP:
-        raise FilterError(f"{name}: {value!r} is out of range (1970 to epoch second {MAX_TIMESTAMP:.0f})")
+    if not 0 <= seconds <= times.END:
+        raise FilterError(f"{name}: {value!r} is out of range (1970 to 9999-12-31T23:59:59Z, "
+                          f"epoch second {times.END:.0f})")
     return seconds
 
 

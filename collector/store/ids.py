@@ -12,7 +12,6 @@ from __future__ import annotations
 import uuid
 from typing import Tuple
 
-MAX_TIMESTAMP = 2**48 / 1000  # what fits a UUIDv7's 48 bits of ms
 # How far an id's embedded time may be from the event's ts.
 ID_TS_TOLERANCE_S = 60.0
 

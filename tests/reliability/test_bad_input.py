@@ -23,7 +23,7 @@ import sys
 import time
 import uuid
 import zlib
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 import pytest
@@ -498,3 +498,298 @@ def test_injected_filters_match_nothing_and_change_nothing(collector, make_sourc
                     assert rows == 0, (path, name, value[:40], response.text[:300])
     assert tried > 300
     assert collector.table_counts() == counts and _checksum(collector) == checksum
+
+
+# --- found by trying the product (issue 24): each a 500 before ---
+
+def _with_unknown_field(source) -> bytes:
+    """A batch from a newer tracer: an event field this version does not know."""
+    decision = source.decision(_now(), [["r1"]])
+    decision["from_a_newer_tracer"] = 1
+    return json.dumps(source.batch([decision])).encode()
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("spoil", [lambda body: body[:-5], lambda body: body + b"}garbage",
+                                   lambda body: body.replace(b'"from_a_newer_tracer": 1',
+                                                             b'"from_a_newer_tracer": NaN')],
+                         ids=["truncated", "trailing-garbage", "nan"])
+def test_malformed_json_after_an_unknown_field_is_400(collector, make_source, spoil, compress):
+    """The unknown field sends the batch down the path that sets such fields
+    aside, which decoded the body again unguarded: a 500."""
+    counts = collector.table_counts()
+    response = collector.send(spoil(_with_unknown_field(make_source("s1"))), compress=compress)
+    assert _assert_refused_cleanly(response, counts, collector).startswith("malformed JSON")
+    assert response.status_code == 400
+
+
+def test_import_reports_a_malformed_line_after_an_unknown_field_and_goes_on(db_url, make_source, tmp_path, capsys):
+    from routelens.collector.cli import main as routelens
+
+    source = make_source("s1")
+    good = [json.dumps(source.batch([source.decision(_now() + i, [["r1"]])])) for i in range(2)]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join([good[0].encode(), _with_unknown_field(source)[:-5], good[1].encode()]) + b"\n")
+    assert routelens(["import", str(path), "--db", db_url]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}:2: malformed JSON" in err and "Traceback" not in err, err
+    assert "2 batches, 2 events stored, 0 already there, 1 bad lines" in err
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            assert connection.scalar(select(func.count()).select_from(decisions)) == 2
+    finally:
+        engine.dispose()
+
+
+def _nested(levels: int) -> str:
+    """JSON text of `levels` levels of objects and arrays in turn, the outermost an object, itself
+    included (as text: json.dumps itself recurses once per level)."""
+    opening = "".join("[" if level % 2 else '{"k":' for level in range(levels))
+    closing = "".join("]" if level % 2 else "}" for level in reversed(range(levels)))
+    return opening + "1" + closing
+
+
+def _nested_in(where: str, source, levels: int) -> tuple:
+    """(a batch holding a value nested `levels` deep in `where` (JSON bytes), its event's path and field)."""
+    decision = source.decision(_now(), [["r1"]], candidates={"r1": {"queue_len": 1}})
+    events = [decision]
+    if where == "candidate stats":
+        decision["replicas"]["r1"]["stats"] = "NESTED"
+        place = "$.events[0]", "stats"
+    elif where == "attributes":
+        decision["attributes"] = "NESTED"
+        place = "$.events[0]", "attributes"
+    elif where == "stats event":
+        events.append(source.stats(_now(), "r1", "NESTED"))
+        place = "$.events[1]", "stats"
+    else:
+        decision["from_a_newer_tracer"] = "NESTED"
+        place = "$.events[0]", "from_a_newer_tracer"
+    return json.dumps(source.batch(events)).replace('"NESTED"', _nested(levels)).encode(), place
+
+
+NESTED_PLACES = ["candidate stats", "attributes", "stats event", "unknown field"]
+
+
+@pytest.mark.parametrize("levels", [33, 980, 100_000])
+@pytest.mark.parametrize("where", NESTED_PLACES)
+def test_values_nested_deeper_than_the_limit_are_422_naming_the_place(collector, make_source, where, levels):
+    """980 levels made decoding or storing recurse past Python's limit: a 500,
+    which the tracer retries forever, blocking its spool."""
+    batch, (event, field) = _nested_in(where, make_source("s1"), levels)
+    counts = collector.table_counts()
+    for compress in (False, True):
+        response = collector.send(batch, compress=compress)
+        detail = _assert_refused_cleanly(response, counts, collector)
+        assert response.status_code == 422 and "more than 32 levels" in detail, detail
+        assert detail.startswith(event) and f".{field}" in detail.split(":")[0], detail
+    if levels == 33:  # the place exactly, as other refusals name it
+        place = {"candidate stats": "$.events[0].replicas[...].stats"}.get(where, f"{event}.{field}")
+        assert detail == f"{place}: nested more than 32 levels deep (arrays and objects)"
+
+
+@pytest.mark.parametrize("where", NESTED_PLACES)
+def test_values_nested_to_the_limit_are_stored(collector, make_source, where):
+    body, _ = _nested_in(where, make_source("s1"), 32)
+    batch = json.loads(body)
+    assert collector.store(body)["stored"] == len(batch["events"])
+    decision = collector.get("/v1/decisions/" + batch["events"][0]["id"])
+    assert decision["attributes" if where == "attributes" else "id"] == json.loads(body)["events"][0][
+        "attributes" if where == "attributes" else "id"]
+
+
+# Where the times routelens accepts end: 9999-12-31T23:59:59Z, about the last that Python's datetime holds.
+# Events are before it; a window [since, until) ends there at the latest.
+END = 253402300799.0
+
+
+@pytest.mark.parametrize("field", ["ts", "collected_at"])
+def test_times_after_year_9999_are_422_at_ingest(collector, make_source, field):
+    source = make_source("s1")
+    event = (source.stats(END - 1, "r1", {"load": 1}, collected_at=END) if field == "collected_at"
+             else source.decision(END, [["r1"]]))
+    counts = collector.table_counts()
+    response = collector.send(source.batch([event]))
+    assert response.status_code == 422 and f"$.events[0].{field}" in response.json()["detail"]
+    assert collector.table_counts() == counts
+
+
+READ_PATHS = ("/v1/summary", "/v1/distribution", "/v1/staleness", "/v1/rank-hits", "/v1/timeseries",
+              "/v1/decisions", "/v1/deployments", "/v1/sources", "/v1/export")
+
+
+@pytest.mark.parametrize("name", ["since", "until"])
+@pytest.mark.parametrize("value", ["253402300800", "281474976710.656", "10000-01-01T00:00:00Z"])
+def test_read_windows_after_year_9999_are_422_naming_the_parameter(collector, name, value):
+    params = {name: value, **({"since": "0"} if name == "until" else {"until": "253402300799"})}
+    for path in READ_PATHS:
+        response = collector.http.get(path, params=params)
+        assert response.status_code == 422 and response.json()["detail"].startswith(f"{name}:"), \
+            (path, response.text[:300])
+
+
+def test_the_latest_times_accepted_are_stored_and_every_read_and_export_holds_them(collector, make_source):
+    if collector.engine.dialect.name == "postgresql":
+        pytest.xfail("rollups.start is an INTEGER, 32 bits on PostgreSQL: any event after 2038-01-19 is a 503 "
+                     "(NumericValueOutOfRange), retried forever; needs a migration to BIGINT")
+    source = make_source("s1")
+    last = END - 0.001
+    decision = source.decision(last, [["r1"]], candidates={"r1": {"queue_len": 1}})
+    routed = source.routed(last, "r1", decision)
+    events = [decision, routed, source.completed(last, "r1", routed),
+              source.stats(last, "r1", {"load": 1}, collected_at=last)]
+    collector.store(source.batch(events))
+    window = {"since": str(END - 3600), "until": str(END)}
+    for path in READ_PATHS[:-1]:
+        collector.get(path, **window)
+    assert collector.get("/v1/summary", **window)["decisions"] == 1
+    assert collector.get("/v1/decisions/" + decision["id"])["time"].startswith("9999-12-31T23:59:58.99")
+    for what in ("decisions", "candidates", "routed", "completed"):
+        for fmt in ("csv", "jsonl", "parquet"):
+            exported = collector.http.get("/v1/export", params={**window, "what": what, "format": fmt})
+            assert exported.status_code == 200 and exported.content, (what, fmt)
+            if fmt == "jsonl":
+                assert exported.text.count("\n") == 1, (what, exported.text[:300])
+
+
+@pytest.mark.parametrize("option", [["--until", "281474976710.656"], ["--since", "253402300800"],
+                                    ["--until", "10000-01-01"]])
+def test_the_cli_refuses_times_after_year_9999_in_one_line(db_url, tmp_path, capsys, option):
+    from routelens.collector.cli import main as routelens
+
+    out = tmp_path / "out.csv"
+    assert routelens(["export", "--db", db_url, "-o", str(out), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and f"{option[0].lstrip('-')}: " in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("step", ["99999999999999999999w", "1e300w", str(10**400) + "s"])
+def test_a_timeseries_step_longer_than_any_window_is_422(collector, make_source, step):
+    source = make_source("s1")
+    collector.store(source.batch([source.decision(_now(), [["r1"]])]))
+    for per_replica in ("false", "true"):
+        response = collector.http.get("/v1/timeseries", params={"step": step, "per_replica": per_replica})
+        assert response.status_code == 422 and response.json()["detail"].startswith("step:"), response.text[:300]
+
+
+# --- the dashboard's callbacks (served by `routelens up`) ---
+
+@pytest.fixture
+def up(db_url, make_source):
+    """`routelens up`'s app, in process, on a database with one router's traffic (labels to compare)."""
+    from fastapi.testclient import TestClient
+
+    from routelens.collector.settings import Settings
+    from routelens.dashboard.up import create_up_app
+
+    app = create_up_app(Settings(db_url=db_url, retention_s=None))
+    source = make_source("s1", labels={"router_version": "a"})
+    decision = source.decision(_now(), [["r1"], ["r2"]], request_id="req-1")
+    routed = source.routed(_now(), "r1", decision)
+    batch = source.batch([decision, routed, source.completed(_now(), "r1", routed),
+                          source.replicas(_now(), ["r1", "r2"])])
+    with TestClient(app, raise_server_exceptions=False) as client:
+        assert client.post("/v1/events", json=batch).status_code == 200
+        yield client
+    app.state.engine.dispose()
+
+
+def _render(client, pathname: str, search: str):
+    """The dashboard's render callback, as the page posts it for a URL."""
+    body = {"output": "..view.children...nav.children...custom-window.children..",
+            "outputs": [{"id": "view", "property": "children"}, {"id": "nav", "property": "children"},
+                        {"id": "custom-window", "property": "children"}],
+            "inputs": [{"id": "url", "property": "pathname", "value": pathname},
+                       {"id": "url", "property": "search", "value": search},
+                       {"id": "tick", "property": "n_intervals", "value": None}],
+            "changedPropIds": ["url.pathname"]}
+    return client.post("/_dash-update-component", json=body)
+
+
+def _shown(response) -> str:
+    assert response.status_code == 200, response.text[:500]
+    return response.text
+
+
+@pytest.mark.parametrize("until", ["253402300799.5", "253402300800", "281474976710.656"])
+def test_a_dashboard_window_after_year_9999_shows_the_bad_filter_message(up, until):
+    for view in ("/", "/explorer", "/compare", "/distribution"):
+        shown = _shown(_render(up, view, f"?since=0&until={until}"))
+        assert "until: " in shown and "out of range" in shown, shown[:500]
+
+
+def test_a_dashboard_url_with_a_cursor_that_is_no_decision_id_shows_the_newest_page(up):
+    shown = _shown(_render(up, "/explorer", "?cursor=garbage"))
+    assert "explorer-table" in shown and "req-1" in shown
+
+
+def test_a_dashboard_compare_url_without_key_value_labels_asks_for_a_choice(up):
+    shown = _shown(_render(up, "/compare", "?compare_a=foo&compare_b=bar"))
+    assert "compare-hint" in shown
+
+
+# Values for the dashboard URL's parameters: the odd values above, injections, times and durations past any range.
+url_values = (st.sampled_from(INJECTIONS + ["253402300800", "281474976710.656", "nan", "-1", "1e400", "10000-01-01",
+                                            "99999999999999999999w", "0196b8a2-7c4e-7000-8000-000000000000", "a=",
+                                            "=b", "router_version=a", "router_version=\x00"])
+              | odd_values.map(lambda value: value if isinstance(value, str) else json.dumps(value, allow_nan=True))
+              | st.text(max_size=30))
+url_names = st.sampled_from(["window", "since", "until", "app", "deployment", "router_class", "label", "refresh",
+                             "cursor", "decision", "compare_a", "compare_b", "compare_shift", "replica"])
+hostile_searches = (st.lists(st.tuples(url_names, url_values), max_size=5).map(lambda pairs: "?" + urlencode(pairs))
+                    | st.text(max_size=60))
+hostile_paths = st.sampled_from(["/", "/explorer", "/compare", "/distribution", "/staleness", "/rank-hits",
+                                 "/nowhere", "", "//", "/explorer/x"]) | st.text(max_size=20)
+
+
+def _table_counts(engine) -> dict:
+    with engine.connect() as connection:
+        return {name: connection.scalar(select(func.count()).select_from(table))
+                for name, table in Base.metadata.tables.items()}
+
+
+def _no_server_error(response):
+    assert response.status_code < 500 and "Traceback" not in response.text, (response.status_code,
+                                                                              response.text[:500])
+
+
+def test_the_dashboard_callbacks_never_answer_5xx_to_hostile_urls(up):
+    """`POST /_dash-update-component`, as `routelens up` serves it: the render
+    callback and the controls' callback, with hostile URLs. Reading stores nothing."""
+    counts = _table_counts(up.app.state.engine)
+
+    def sync_controls(pathname, search) -> dict:
+        controls = ["window", "app", "deployment", "router_class", "label", "refresh"]
+        outputs = [f"{c}.value" for c in controls] + ["url.search"] + [f"{c}.options" for c in controls[1:5]]
+        return {"output": ".." + "...".join(outputs) + "..",
+                "outputs": [{"id": c, "property": "value"} for c in controls] + [{"id": "url", "property": "search"}]
+                + [{"id": c, "property": "options"} for c in controls[1:5]],
+                "inputs": [{"id": "url", "property": "search", "value": search}]
+                + [{"id": c, "property": "value", "value": None} for c in controls]
+                + [{"id": "tick", "property": "n_intervals", "value": None}],
+                "state": [{"id": "url", "property": "pathname", "value": pathname}], "changedPropIds": ["url.search"]}
+
+    @settings(FUZZ, max_examples=60)
+    @given(pathname=hostile_paths, search=hostile_searches)
+    def check(pathname, search):
+        note(f"{pathname}{search}")
+        _no_server_error(_render(up, pathname, search))
+        _no_server_error(up.post("/_dash-update-component", json=sync_controls(pathname, search)))
+
+    check()
+    assert _table_counts(up.app.state.engine) == counts
+
+
+@pytest.mark.xfail(strict=True, reason="Dash answers a callback request it cannot parse (no `output`, an unknown "
+                                       "one, not an object) with a 500: not fixed yet (issue 24)")
+def test_the_dashboard_callback_route_never_answers_5xx_to_hostile_bodies(up):
+    @settings(FUZZ, max_examples=20)
+    @given(body=json_values.map(_body) | odd_values.map(_body) | st.binary(max_size=200))
+    def check(body):
+        note(body[:500])
+        _no_server_error(up.post("/_dash-update-component", content=body,
+                                 headers={"content-type": "application/json"}))
+
+    check()
