@@ -223,7 +223,8 @@ ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max")
 rollups = Table(
     "rollups", Base.metadata,
     Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600
-    Column("start", Integer, primary_key=True),  # epoch seconds, a multiple of grain
+    # Epoch seconds, a multiple of grain: past 2038, so 64 bits (migration 0003); SQLite's INTEGER already is.
+    Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
     Column("router_pk", Integer, primary_key=True),
     Column("replica_pk", Integer, primary_key=True),
     *(Column(name, Integer, nullable=False, server_default="0") for name in ROLLUP_COUNTS),

@@ -630,9 +630,6 @@ def test_read_windows_after_year_9999_are_422_naming_the_parameter(collector, na
 
 
 def test_the_latest_times_accepted_are_stored_and_every_read_and_export_holds_them(collector, make_source):
-    if collector.engine.dialect.name == "postgresql":
-        pytest.xfail("rollups.start is an INTEGER, 32 bits on PostgreSQL: any event after 2038-01-19 is a 503 "
-                     "(NumericValueOutOfRange), retried forever; needs a migration to BIGINT")
     source = make_source("s1")
     last = END - 0.001
     decision = source.decision(last, [["r1"]], candidates={"r1": {"queue_len": 1}})
