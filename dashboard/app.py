@@ -19,6 +19,7 @@ from routelens.collector.query import figures
 from routelens.collector.query.explore import iso
 from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filters
 
+from .callback_requests import refuse_malformed_callbacks
 from .state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
 from .views import compare, distribution, explorer, overview, rank_hits, staleness
 
@@ -60,6 +61,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
                update_title=None, suppress_callback_exceptions=True)
     app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>")
     app.layout = _layout(prefix)
+    refuse_malformed_callbacks(app, prefix)
     # Each view: (connection, filters, the whole state) -> its content.
     renderers: Dict[str, Callable[[Connection, Filters, ViewState], html.Div]] = {
         "overview": overview.render,

@@ -780,8 +780,6 @@ def test_the_dashboard_callbacks_never_answer_5xx_to_hostile_urls(up):
     assert _table_counts(up.app.state.engine) == counts
 
 
-@pytest.mark.xfail(strict=True, reason="Dash answers a callback request it cannot parse (no `output`, an unknown "
-                                       "one, not an object) with a 500: not fixed yet (issue 24)")
 def test_the_dashboard_callback_route_never_answers_5xx_to_hostile_bodies(up):
     @settings(FUZZ, max_examples=20)
     @given(body=json_values.map(_body) | odd_values.map(_body) | st.binary(max_size=200))
