@@ -12,7 +12,7 @@ from ..export.formats import FORMATS
 from ..export.schema import TABLES
 from ..settings import DEFAULT_DB, Settings, parse_duration
 from ..store.db import DatabaseError
-from .errors import UsageError
+from .errors import FileError, UsageError
 from .server import ServeError
 
 
@@ -21,7 +21,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.run(args)
-    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
+    except (DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
         print(f"routelens {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
@@ -159,7 +159,8 @@ def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="write decision logs as CSV, JSON Lines or Parquet",
         description="Stream rows out of the database in constant memory, with a progress bar on a terminal. "
-                    "The file appears under its name only once complete. Schema: docs/export.md.",
+                    "A file appears under its name only once complete; a FIFO, a device or a pipe (/dev/fd/N) "
+                    "is written to as it is. Schema: docs/export.md.",
     )
     _add_db_option(export)
     export.add_argument("-o", "--output", required=True, help="the file to write, or - for standard output")
