@@ -42,6 +42,8 @@ def normalize_url(url: str) -> str:
         parsed = parsed.set(drivername="postgresql+psycopg")
     elif parsed.get_backend_name() != "sqlite":
         raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    elif parsed.database in (None, "", ":memory:"):  # an in-memory database: each connection its own, all lost
+        raise DatabaseError(f"{url!r} names no file: use sqlite:///PATH (or just PATH)")
     return parsed.render_as_string(hide_password=False)
 
 
@@ -156,8 +158,17 @@ def current_revision(engine: Engine) -> Optional[str]:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate to `revision` (one of `script_revisions()`, or "head"). Refuses,
+    changing nothing, a database it cannot open or one a later routelens wrote."""
     from alembic import command
 
+    engine = make_engine(url)
+    try:
+        current = _opened_revision(engine)
+    finally:
+        engine.dispose()
+    if current is not None and current not in script_revisions():
+        raise DatabaseError(_newer_message(current))
     try:
         command.upgrade(alembic_config(url), revision)
     except OperationalError as exc:
@@ -172,10 +183,7 @@ def downgrade(url: str, revision: str) -> None:
 
 def check_schema(engine: Engine, url: str) -> None:
     """Refuse a database whose schema is not this version's; create a new SQLite one."""
-    try:
-        current = current_revision(engine)
-    except Exception as exc:  # unreachable server, bad credentials, not a database file
-        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+    current = _opened_revision(engine)
     head = head_revision()
     if current == head:
         return
@@ -188,10 +196,23 @@ def check_schema(engine: Engine, url: str) -> None:
     if current is None:
         raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
     if current not in script_revisions():
-        raise DatabaseError(f"the database schema ({current}) is newer than this routelens ({head}): "
-                            "upgrade routelens")
+        raise DatabaseError(_newer_message(current))
     raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "
                         f"run `routelens db upgrade --db {shown}`")
+
+
+def _opened_revision(engine: Engine) -> Optional[str]:
+    """`current_revision`, with a database that cannot be opened a `DatabaseError`."""
+    try:
+        return current_revision(engine)
+    except DatabaseError:
+        raise
+    except Exception as exc:  # unreachable server, bad credentials, not a database file
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+
+
+def _newer_message(current: str) -> str:
+    return f"the database schema ({current}) is newer than this routelens ({head_revision()}): upgrade routelens"
 
 
 def first_line(exc: Exception) -> str:
