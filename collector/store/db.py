@@ -165,10 +165,12 @@ def upgrade(url: str, revision: str = "head") -> None:
     engine = make_engine(url)
     try:
         current = _opened_revision(engine)
+        if current is not None and current not in script_revisions():
+            raise DatabaseError(_newer_message(current))
+        if current is not None:
+            _refuse_if_not_ours(engine, current, url)
     finally:
         engine.dispose()
-    if current is not None and current not in script_revisions():
-        raise DatabaseError(_newer_message(current))
     try:
         command.upgrade(alembic_config(url), revision)
     except OperationalError as exc:
@@ -185,20 +187,69 @@ def check_schema(engine: Engine, url: str) -> None:
     """Refuse a database whose schema is not this version's; create a new SQLite one."""
     current = _opened_revision(engine)
     head = head_revision()
+    if current in script_revisions():
+        _refuse_if_not_ours(engine, current, url)
     if current == head:
         return
     if current is None and is_sqlite(engine) and not inspect(engine).get_table_names():
         upgrade(url)
         return
-    # The URL as the user wrote it (password hidden), so that the command below can be
-    # pasted as it is: the normalized one names our driver (postgresql+psycopg://).
-    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    shown = _shown(url)
     if current is None:
         raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
     if current not in script_revisions():
         raise DatabaseError(_newer_message(current))
     raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "
                         f"run `routelens db upgrade --db {shown}`")
+
+
+def schema_problem(connection, revision: str) -> Optional[str]:
+    """Why the tables of a database whose alembic_version says `revision` (one
+    of ours) are not routelens', or None. Another application's database can
+    hold an alembic_version row that names one of our revisions; its tables
+    cannot be ours. At head, every table and column of the models must be
+    there (the migrations make exactly those: a test compares them); behind
+    head, every table, whose columns the migrations still have to change."""
+    from .models import Base  # here: the version check of a command that exits at once needs no models
+
+    present = inspect(connection).get_multi_columns()
+    columns = {table: {column["name"] for column in found} for (_schema, table), found in present.items()}
+    for table in Base.metadata.sorted_tables:
+        if table.name not in columns:
+            return f"it has no table {table.name}"
+        missing = [column.name for column in table.columns if column.name not in columns[table.name]]
+        if revision == head_revision() and missing:
+            return f"its table {table.name} has no column {missing[0]}"
+    return None
+
+
+def _refuse_if_not_ours(engine: Engine, revision: str, url: str) -> None:
+    with engine.connect() as connection:
+        problem = schema_problem(connection, revision)
+    if problem:
+        raise DatabaseError(f"the database at {_shown(url)} is not routelens' (its alembic_version says {revision}, "
+                            f"but {problem}): give another --db")
+
+
+def write_problem(connection) -> Optional[str]:
+    """Why nothing can be stored in the database now, or None: a SQLite file
+    this process may not write (SQLite then opens it read-only, and every
+    write fails), a PostgreSQL database or server in read-only mode. Asked
+    without writing, so without waiting for the write lock."""
+    if connection.dialect.name == "sqlite":
+        path = connection.engine.url.database
+        if not os.access(path, os.W_OK):
+            return f"the database file is read-only for this process: {path}"
+        return None
+    if connection.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
+        return "the database is read-only (transaction_read_only is on)"
+    return None
+
+
+def _shown(url: str) -> str:
+    """The URL as the user wrote it (password hidden), so that a command
+    naming it can be pasted as it is: the normalized one names our driver."""
+    return make_url(url).render_as_string(hide_password=True) if "://" in url else url
 
 
 def _opened_revision(engine: Engine) -> Optional[str]:
