@@ -65,7 +65,7 @@ def test_the_expected_head_is_alembics_head():
 
     from routelens.collector.store.db import alembic_config, script_revisions
 
-    scripts = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    scripts = ScriptDirectory.from_config(alembic_config("sqlite:///unused.db"))
     assert head_revision() == scripts.get_current_head()
     assert script_revisions() == {
         script.revision: tuple(down) if isinstance(down := script.down_revision, (tuple, list)) else (down,)

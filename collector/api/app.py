@@ -38,7 +38,7 @@ from ..query import explore, figures
 from ..query.filters import Filters
 from ..settings import Settings, parse_duration
 from ..store import times
-from ..store.db import check_schema, current_revision, make_engine
+from ..store.db import check_schema, current_revision, head_revision, make_engine, schema_problem, write_problem
 from ..store.ids import to_bytes
 from ..store.retention import Retention
 from .auth import TokenAuth, allowed_hosts
@@ -66,6 +66,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     never starts on a database it cannot use (raises `db.DatabaseError`)."""
     engine = engine or make_engine(settings.db_url)
     check_schema(engine, settings.db_url)
+    head = head_revision()
     ingestor = Ingestor(engine)
     metrics = Metrics(engine, settings.metrics_dir)
     retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
@@ -209,14 +210,20 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             "Content-Disposition": f'attachment; filename="{filename}"',
             "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
 
-    @app.get("/healthz", tags=["operations"], summary="Whether the collector can reach its database")
+    @app.get("/healthz", tags=["operations"], summary="Whether ingest can succeed: the database reachable, "
+                                                     "routelens', at this version's schema, writable")
     def healthz():
         try:
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
-            revision = current_revision(engine)
+                revision = current_revision(engine)
+                problem = schema_problem(connection, revision) if revision == head else \
+                    f"the database schema is {revision}, not this routelens' {head}"
+                problem = problem or write_problem(connection)
         except Exception as exc:
-            return JSONResponse({"status": "unavailable", "detail": type(exc).__name__}, status_code=503)
+            problem = type(exc).__name__
+        if problem:
+            return JSONResponse({"status": "unavailable", "detail": problem}, status_code=503)
         return {"status": "ok", "database": engine.dialect.name, "schema": revision, "version": __version__}
 
     @app.get("/metrics", dependencies=read, tags=["operations"], summary="Prometheus metrics")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional
@@ -12,7 +13,7 @@ from ..export.formats import FORMATS
 from ..export.schema import TABLES
 from ..settings import DEFAULT_DB, Settings, parse_allowed_host, parse_duration
 from ..store.db import DatabaseError
-from .errors import UsageError
+from .errors import FileError, UsageError
 from .server import ServeError
 
 
@@ -21,7 +22,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.run(args)
-    except (DatabaseError, DemoError, ServeError, UsageError) as exc:
+    except (DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
         print(f"routelens {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
@@ -53,8 +54,8 @@ def _add_demo(commands) -> None:
                       help="requests per second over all apps, bursts aside (default: %(default)s)")
     demo.add_argument("--db", help="SQLite file to keep the demo's data in (default: a temporary file, "
                                    "removed at the end)")
-    demo.add_argument("--port", type=int, default=8321, help="the dashboard's port (default: %(default)s)")
-    demo.add_argument("--serve-port", type=int, default=8000, help="Serve's HTTP port (default: %(default)s)")
+    demo.add_argument("--port", type=_fixed_port, default=8321, help="the dashboard's port (default: %(default)s)")
+    demo.add_argument("--serve-port", type=_fixed_port, default=8000, help="Serve's HTTP port (default: %(default)s)")
     demo.add_argument("--no-traffic", dest="traffic", action="store_false",
                       help="deploy and serve the dashboard, but send nothing (send your own)")
     demo.set_defaults(run=_run_demo)
@@ -65,20 +66,57 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    """'90s', '15m', ... -> seconds; finite (enough digits make a float infinite, and no duration can be)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not math.isfinite(seconds):
+        raise argparse.ArgumentTypeError(f"too long: {text[:80]!r}")
+    return seconds
+
+
 def _positive_duration(text: str) -> float:
+    """Seconds, plain (60) or with a unit (90s, 10m)."""
     try:
         return _positive_float(text)
     except argparse.ArgumentTypeError:
-        pass
+        return _duration(text)
+
+
+def _port(text: str) -> int:
+    """A TCP port; 0 asks the system for a free one."""
     try:
-        return float(parse_duration(text))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {value}")
+    return value
+
+
+def _fixed_port(text: str) -> int:
+    """A TCP port, 1 to 65535: one that others are told in advance."""
+    value = _port(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("a port is 1 to 65535 here (the demo opens the dashboard at it)")
+    return value
 
 
 def _run_demo(args) -> int:
@@ -109,7 +147,8 @@ def _add_collector(commands) -> None:
 def _add_server_options(parser) -> None:
     _add_db_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8321, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=_port, default=8321,
+                        help="port to listen on, 0 for any free one (default: %(default)s)")
     parser.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
                         help="require 'Authorization: Bearer TOKEN' (default: $ROUTELENS_TOKEN, else none)")
     parser.add_argument("--session-lifetime", default="12h", type=_positive_duration,
@@ -120,23 +159,13 @@ def _add_server_options(parser) -> None:
     parser.add_argument("--retention", default="7d", type=_duration_or_never,
                         help="keep raw events this long, e.g. 24h, 7d, or 'never' (default: %(default)s); "
                              "rollups stay longer")
-    parser.add_argument("--max-body-mb", type=float, default=32.0,
+    parser.add_argument("--max-body-mb", type=_positive_float, default=32.0,
                         help="largest batch body accepted, inflated (default: %(default)s)")
-    parser.add_argument("--max-events", type=int, default=20_000,
+    parser.add_argument("--max-events", type=_positive_int, default=20_000,
                         help="most events accepted in one batch (default: %(default)s)")
-    parser.add_argument("--workers", type=_worker_count, default=1,
+    parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes serving on the port (default: %(default)s, which handles tens of thousands "
                              "of events/s; give one per core for more: each costs memory and database connections)")
-
-
-def _worker_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more: {text!r}")
-    return value
 
 
 def _add_db(commands) -> None:
@@ -149,7 +178,8 @@ def _add_db(commands) -> None:
                     "collector refuses to start on a database behind it. SQLite and PostgreSQL alike.",
     )
     _add_db_option(upgrade)
-    upgrade.add_argument("--revision", default="head", help="target revision (default: %(default)s)")
+    upgrade.add_argument("--revision", default="head",
+                         help="target revision: head, or a revision id as `db current` prints (default: %(default)s)")
     upgrade.set_defaults(run=_run_db_upgrade)
     current = actions.add_parser(
         "current", help="print the database's schema revision and this version's",
@@ -164,7 +194,8 @@ def _add_export(commands) -> None:
     export = commands.add_parser(
         "export", help="write decision logs as CSV, JSON Lines or Parquet",
         description="Stream rows out of the database in constant memory, with a progress bar on a terminal. "
-                    "The file appears under its name only once complete. Schema: docs/export.md.",
+                    "A file appears under its name only once complete; a FIFO, a device or a pipe (/dev/fd/N) "
+                    "is written to as it is. Schema: docs/export.md.",
     )
     _add_db_option(export)
     export.add_argument("-o", "--output", required=True, help="the file to write, or - for standard output")
@@ -195,7 +226,7 @@ def _add_import(commands) -> None:
     )
     importer.add_argument("files", nargs="+", metavar="FILE")
     _add_db_option(importer)
-    importer.add_argument("--max-events", type=int, default=20_000,
+    importer.add_argument("--max-events", type=_positive_int, default=20_000,
                           help="most events accepted in one batch (default: %(default)s)")
     importer.set_defaults(run=_run_import)
 
@@ -216,41 +247,43 @@ def _allowed_host(text: str) -> str:
 def _duration_or_never(text: str):
     if text.strip().lower() == "never":
         return None
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    return _duration(text)
 
 
 def _run_collector(args) -> int:
-    from .server import check_port_free, load_factory, serve, serve_workers
+    from .server import bind, load_factory, serve, serve_workers
     from .server_process import die_with_parent_if_asked
 
     die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
-    check_port_free(args.host, args.port)  # before anything is said about listening there
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
                         session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
                         allowed_hosts=tuple(args.allow_host))
-    if args.with_dashboard:
-        factory = "routelens.dashboard.up:create_up_app"
-        what = f"dashboard at http://{args.host}:{args.port}/, API at /v1 (docs at /docs)"
-    else:
-        factory = "routelens.collector.api.app:create_app"
-        what = f"listening on http://{args.host}:{args.port} (API docs at /docs)"
-    if args.workers > 1:
-        serve_workers(settings, factory, args.host, args.port, args.workers,
-                      banner=f"routelens {args.command}: {what}, {args.workers} worker processes")
-        return 0
-    app = load_factory(factory)(settings)
-    print(f"routelens {args.command}: {what}", file=sys.stderr)
-    serve(app, args.host, args.port, settings.token)
+    # Bound before anything is said about listening there; with --port 0, the port it got is the one to announce.
+    with bind(args.host, args.port) as sock:
+        port = sock.getsockname()[1]
+        if args.with_dashboard:
+            factory = "routelens.dashboard.up:create_up_app"
+            what = f"dashboard at http://{args.host}:{port}/, API at /v1 (docs at /docs)"
+        else:
+            factory = "routelens.collector.api.app:create_app"
+            what = f"listening on http://{args.host}:{port} (API docs at /docs)"
+        if args.workers > 1:
+            serve_workers(settings, factory, sock, args.workers,
+                          banner=f"routelens {args.command}: {what}, {args.workers} worker processes")
+            return 0
+        app = load_factory(factory)(settings)
+        print(f"routelens {args.command}: {what}", file=sys.stderr)
+        serve(app, sock, settings.token)
     return 0
 
 
 def _run_db_upgrade(args) -> int:
     from ..store import db
 
+    known = db.script_revisions()
+    if args.revision != "head" and args.revision not in known:
+        raise UsageError(f"no revision {args.revision!r}: give head or one of {', '.join(sorted(known))}")
     db.upgrade(args.db, args.revision)
     print(f"database at {db.current_revision(db.make_engine(args.db))} (head: {db.head_revision()})")
     return 0

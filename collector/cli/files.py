@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from ..export.stream import ExportError, check, export
 from ..query import figures
 from ..query.filters import FilterError, build_filters
 from ..store.db import check_schema, make_engine
-from .errors import UsageError
+from .errors import FileError, UsageError
 from .gc_tuning import tune_gc_for_bulk_work
 
 # The rollup counter that counts a table's rows, for the progress bar's total.
@@ -74,25 +75,84 @@ def _expected_rows(connection, f, what: str) -> Optional[int]:
 
 
 @contextmanager
-def _output(path: str) -> Iterator[BinaryIO]:
-    """The output file, which appears under its name only when complete: an
-    interrupted export leaves nothing behind (or the previous file intact)."""
+def _output(path: str) -> Iterator["_Output"]:
+    """Where the export goes. A regular file, new or not (or the file a
+    symlink points to, the link kept), appears under its name only when
+    complete: an interrupted export leaves nothing behind (or the previous
+    file intact). A special file (a FIFO, a device, the pipe a shell passes as
+    /dev/fd/N) is written to as it is: renaming over it would replace it.
+    A place that cannot be written is a `UsageError`; a write that fails
+    (a full disk, a reader gone) a `FileError`."""
     if path == "-":
-        yield sys.stdout.buffer
-        sys.stdout.flush()
+        out = _Output(sys.stdout.buffer, "standard output")
+        yield out
+        out.flush()
         return
-    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory: name the file to write")
+    if path.endswith(os.sep):
+        raise UsageError(f"no such directory: {path}")
+    try:
+        special = not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        special = False
+    except OSError as exc:  # a path under a file, a directory it may not search
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    if special:
+        try:
+            file = open(path, "wb")
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+        with _Output(file, path) as out:
+            yield out
+        return
+    target = os.path.realpath(path)  # a symlink's target: the link stays as it is
+    directory = os.path.dirname(target)
     if not os.path.isdir(directory):
         raise UsageError(f"no such directory: {directory}")
-    handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=directory)
     try:
-        with os.fdopen(handle, "wb") as out:
+        handle, partial = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".partial", dir=directory)
+    except OSError as exc:  # read-only, or not ours to write in
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with _Output(os.fdopen(handle, "wb"), path) as out:
             yield out
         os.chmod(partial, 0o666 & ~_umask())  # as open() would have made it; mkstemp makes it private
-        os.replace(partial, path)
+        os.replace(partial, target)
     except BaseException:
         os.unlink(partial)
         raise
+
+
+class _Output:
+    """A binary file whose write errors (a full disk, a reader gone) are a
+    `FileError` naming it, which the command reports in one line."""
+
+    def __init__(self, file: BinaryIO, name: str):
+        self._file = file
+        self._name = name
+
+    def write(self, data: bytes) -> None:
+        with self._reported():
+            self._file.write(data)
+
+    def flush(self) -> None:
+        with self._reported():
+            self._file.flush()
+
+    def __enter__(self) -> "_Output":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._reported():
+            self._file.close()  # flushes: the last write's error may show only here
+
+    @contextmanager
+    def _reported(self):
+        try:
+            yield
+        except OSError as exc:
+            raise FileError(f"cannot write {self._name}: {exc.strerror or exc}") from None
 
 
 def _umask() -> int:

@@ -38,15 +38,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_port_free(host: str, port: int) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, bound as uvicorn would bind it, for it
+    to serve on (port 0: one the system picks, which `getsockname()` tells).
+    Listening at once, a connection made as soon as the port is announced
+    waits for the server rather than being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
-                             "(choose another --port, or stop what uses it)") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's backlog
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc} "
+                         "(choose another --port, or stop what uses it)") from None
+    return sock
+
+
+def check_port_free(host: str, port: int) -> None:
+    bind(host, port).close()
 
 
 def load_factory(name: str) -> Callable[[Settings], object]:
@@ -61,15 +72,23 @@ def _warn_without_token(host: str, token: str | None) -> None:
               "write your routing data (set --token)", file=sys.stderr)
 
 
-def serve(app, host: str, port: int, token: str | None) -> None:
+def serve(app, sock: socket.socket, token: str | None) -> None:
+    """Serve `app` on `sock` (from `bind`) until Ctrl-C or SIGTERM, as `uvicorn.run` would."""
     import uvicorn  # here, not above: the commands that only need this module's errors skip it
+    from uvicorn.config import STARTUP_FAILURE
 
-    _warn_without_token(host, token)
+    _warn_without_token(sock.getsockname()[0], token)
     tune_gc_for_bulk_work()
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
-def serve_workers(settings: Settings, factory: str, host: str, port: int, workers: int, banner: str) -> None:
+def serve_workers(settings: Settings, factory: str, sock: socket.socket, workers: int, banner: str) -> None:
     """Serve `factory(settings)` ("module:function") from `workers` processes
     that accept on one listening socket: uvicorn's supervisor starts them,
     restarts one that dies, and stops them all on Ctrl-C or SIGTERM; a worker
@@ -82,6 +101,7 @@ def serve_workers(settings: Settings, factory: str, host: str, port: int, worker
     database that cannot be used (before `banner` is printed), `ServeError`
     when a worker cannot start (its reason, in one line)."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     runtime = tempfile.mkdtemp(prefix="routelens-")
     metrics_dir = os.path.join(runtime, "metrics")
@@ -103,16 +123,19 @@ def serve_workers(settings: Settings, factory: str, host: str, port: int, worker
             "factory": factory, "runtime": runtime, "supervisor": os.getpid()})
         # uvicorn says "Child process [pid] failed to start"; the worker's own reason replaces it (below).
         logging.getLogger("uvicorn.error").addFilter(lambda record: "failed to start" not in record.getMessage())
-        _warn_without_token(host, settings.token)
+        _warn_without_token(sock.getsockname()[0], settings.token)
         print(banner, file=sys.stderr)
         retention.start()
+        # A worker starting on a busy machine can take longer than uvicorn's
+        # 5 s to answer its first health check, and would be killed as hung
+        # (and again, and again). Longer is not better either: a worker that
+        # exits just after a check was sent holds the supervisor that long.
+        config = uvicorn.Config("routelens.collector.cli.server:worker_app", factory=True, workers=workers,
+                                log_level="warning", access_log=False, timeout_worker_healthcheck=20)
         try:
-            # A worker starting on a busy machine can take longer than uvicorn's
-            # 5 s to answer its first health check, and would be killed as hung
-            # (and again, and again). Longer is not better either: a worker that
-            # exits just after a check was sent holds the supervisor that long.
-            uvicorn.run("routelens.collector.cli.server:worker_app", factory=True, host=host, port=port, workers=workers,
-                        log_level="warning", access_log=False, timeout_worker_healthcheck=20)
+            Multiprocess(config, sockets=[sock]).run()  # what `uvicorn.run` does with workers, on our socket
+        except KeyboardInterrupt:
+            pass
         finally:
             retention.stop()
         failure = os.path.join(runtime, _FAILURE)

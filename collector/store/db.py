@@ -42,6 +42,8 @@ def normalize_url(url: str) -> str:
         parsed = parsed.set(drivername="postgresql+psycopg")
     elif parsed.get_backend_name() != "sqlite":
         raise DatabaseError(f"unsupported database {parsed.get_backend_name()!r}: use SQLite or PostgreSQL")
+    elif parsed.database in (None, "", ":memory:"):  # an in-memory database: each connection its own, all lost
+        raise DatabaseError(f"{url!r} names no file: use sqlite:///PATH (or just PATH)")
     return parsed.render_as_string(hide_password=False)
 
 
@@ -156,8 +158,19 @@ def current_revision(engine: Engine) -> Optional[str]:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    """Migrate to `revision` (one of `script_revisions()`, or "head"). Refuses,
+    changing nothing, a database it cannot open or one a later routelens wrote."""
     from alembic import command
 
+    engine = make_engine(url)
+    try:
+        current = _opened_revision(engine)
+        if current is not None and current not in script_revisions():
+            raise DatabaseError(_newer_message(current))
+        if current is not None:
+            _refuse_if_not_ours(engine, current, url)
+    finally:
+        engine.dispose()
     try:
         command.upgrade(alembic_config(url), revision)
     except OperationalError as exc:
@@ -172,26 +185,85 @@ def downgrade(url: str, revision: str) -> None:
 
 def check_schema(engine: Engine, url: str) -> None:
     """Refuse a database whose schema is not this version's; create a new SQLite one."""
-    try:
-        current = current_revision(engine)
-    except Exception as exc:  # unreachable server, bad credentials, not a database file
-        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+    current = _opened_revision(engine)
     head = head_revision()
+    if current in script_revisions():
+        _refuse_if_not_ours(engine, current, url)
     if current == head:
         return
     if current is None and is_sqlite(engine) and not inspect(engine).get_table_names():
         upgrade(url)
         return
-    # The URL as the user wrote it (password hidden), so that the command below can be
-    # pasted as it is: the normalized one names our driver (postgresql+psycopg://).
-    shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+    shown = _shown(url)
     if current is None:
         raise DatabaseError(f"the database has no routelens schema: run `routelens db upgrade --db {shown}`")
     if current not in script_revisions():
-        raise DatabaseError(f"the database schema ({current}) is newer than this routelens ({head}): "
-                            "upgrade routelens")
+        raise DatabaseError(_newer_message(current))
     raise DatabaseError(f"the database schema ({current}) is behind this routelens ({head}): "
                         f"run `routelens db upgrade --db {shown}`")
+
+
+def schema_problem(connection, revision: str) -> Optional[str]:
+    """Why the tables of a database whose alembic_version says `revision` (one
+    of ours) are not routelens', or None. Another application's database can
+    hold an alembic_version row that names one of our revisions; its tables
+    cannot be ours. At head, every table and column of the models must be
+    there (the migrations make exactly those: a test compares them); behind
+    head, every table, whose columns the migrations still have to change."""
+    from .models import Base  # here: the version check of a command that exits at once needs no models
+
+    present = inspect(connection).get_multi_columns()
+    columns = {table: {column["name"] for column in found} for (_schema, table), found in present.items()}
+    for table in Base.metadata.sorted_tables:
+        if table.name not in columns:
+            return f"it has no table {table.name}"
+        missing = [column.name for column in table.columns if column.name not in columns[table.name]]
+        if revision == head_revision() and missing:
+            return f"its table {table.name} has no column {missing[0]}"
+    return None
+
+
+def _refuse_if_not_ours(engine: Engine, revision: str, url: str) -> None:
+    with engine.connect() as connection:
+        problem = schema_problem(connection, revision)
+    if problem:
+        raise DatabaseError(f"the database at {_shown(url)} is not routelens' (its alembic_version says {revision}, "
+                            f"but {problem}): give another --db")
+
+
+def write_problem(connection) -> Optional[str]:
+    """Why nothing can be stored in the database now, or None: a SQLite file
+    this process may not write (SQLite then opens it read-only, and every
+    write fails), a PostgreSQL database or server in read-only mode. Asked
+    without writing, so without waiting for the write lock."""
+    if connection.dialect.name == "sqlite":
+        path = connection.engine.url.database
+        if not os.access(path, os.W_OK):
+            return f"the database file is read-only for this process: {path}"
+        return None
+    if connection.exec_driver_sql("SHOW transaction_read_only").scalar() == "on":
+        return "the database is read-only (transaction_read_only is on)"
+    return None
+
+
+def _shown(url: str) -> str:
+    """The URL as the user wrote it (password hidden), so that a command
+    naming it can be pasted as it is: the normalized one names our driver."""
+    return make_url(url).render_as_string(hide_password=True) if "://" in url else url
+
+
+def _opened_revision(engine: Engine) -> Optional[str]:
+    """`current_revision`, with a database that cannot be opened a `DatabaseError`."""
+    try:
+        return current_revision(engine)
+    except DatabaseError:
+        raise
+    except Exception as exc:  # unreachable server, bad credentials, not a database file
+        raise DatabaseError(f"cannot open the database: {first_line(exc)}") from None
+
+
+def _newer_message(current: str) -> str:
+    return f"the database schema ({current}) is newer than this routelens ({head_revision()}): upgrade routelens"
 
 
 def first_line(exc: Exception) -> str:

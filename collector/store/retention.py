@@ -16,9 +16,10 @@ from typing import Callable, Optional
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import ids
-from .db import writer
+from .db import first_line, writer
 from .models import RAW_TABLES, Source, SourceBatch, rollups
 from .types import stored_bytes
 
@@ -40,6 +41,7 @@ class Retention:
         self._clock = clock
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._failing: Optional[str] = None  # the kind of failure last logged, while pruning fails
 
     def start(self) -> None:
         if self.raw_s is None and self.minute_rollups_s is None:
@@ -58,11 +60,30 @@ class Retention:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self.prune_once()
-            except Exception:  # a busy or unreachable database: try again next round
-                logger.exception("retention: pruning failed; retrying in %.0f s", self.interval_s)
+            self.prune_round()
             self._stop.wait(self.interval_s)
+
+    def prune_round(self) -> None:
+        """`prune_once`, logging a failure: a database that refuses (busy,
+        unreachable, read-only) in one line, a bug with its traceback; each
+        kind of failure once, until pruning works again (it is tried again
+        every round, and would otherwise log the same thing every round)."""
+        try:
+            self.prune_once()
+        except SQLAlchemyError as exc:
+            self._failed(f"{type(getattr(exc, 'orig', None) or exc).__name__}: {first_line(exc)}", traceback=False)
+        except Exception as exc:
+            self._failed(f"{type(exc).__name__}: {exc}", traceback=True)
+        else:
+            if self._failing is not None:
+                logger.warning("retention: pruning works again")
+                self._failing = None
+
+    def _failed(self, kind: str, traceback: bool) -> None:
+        if kind != self._failing:
+            logger.warning("retention: pruning failed (%s); retrying every %.0f s, logging again only if this "
+                           "changes", kind, self.interval_s, exc_info=traceback)
+            self._failing = kind
 
     def prune_once(self) -> int:
         """Delete everything past retention now; returns rows deleted."""
