@@ -15,9 +15,9 @@ machine's drift falls on both alike):
 - stalled: the same, while `--stalled` clients hold `GET /v1/export?since=0&format=csv`
   open, having read their first 100 bytes (those beyond the collector's
   export limit are answered 503 at once; they are counted). Timing starts
-  once the collector's processes are idle: the exports have filled the
-  sockets and wait (their work until then is an export's cost, not a
-  stall's).
+  once the collector's processes and PostgreSQL's have been idle for a
+  second: the exports have filled the sockets and wait (their work until
+  then is an export's cost, not a stall's).
 
 Every answer must be 200 with every event stored. Printed: each phase's
 p50/p99, and the p99 ratio stalled / without over all rounds' samples.
@@ -89,17 +89,17 @@ def stall_exports(port: int, count: int) -> Tuple[List[socket.socket], Dict[str,
     return sockets, statuses
 
 
-def settle(pid: int, limit_s: float = 60) -> float:
+def settle(pids: List[int], limit_s: float = 60) -> float:
     """Wait until the collector's processes (its exports' SQLite readers
-    among them) are nearly idle: the exports have filled the sockets and
-    stalled. Seconds waited."""
+    among them) and PostgreSQL's are nearly idle for a second: the exports
+    have filled the sockets and stalled. Seconds waited."""
     started = time.monotonic()
-    before = tree_cpu_seconds(pid)
-    while time.monotonic() - started < limit_s:
+    quiet = 0
+    before = sum(map(tree_cpu_seconds, pids))
+    while quiet < 2 and time.monotonic() - started < limit_s:
         time.sleep(0.5)
-        now = tree_cpu_seconds(pid)
-        if now - before < 0.05:  # under a tenth of a core over the half second
-            break
+        now = sum(map(tree_cpu_seconds, pids))
+        quiet = quiet + 1 if now - before < 0.05 else 0  # under a tenth of a core over the half second
         before = now
     return time.monotonic() - started
 
@@ -109,7 +109,8 @@ def p(latencies: List[float], q: int) -> float:
     return statistics.quantiles(latencies, n=100, method="inclusive")[q - 1] * 1000
 
 
-def run_backend(url: str, args, log_bodies: List[bytes], phases: List[List[bytes]]) -> Tuple[float, float]:
+def run_backend(url: str, args, log_bodies: List[bytes], phases: List[List[bytes]],
+                database_pids: List[int]) -> Tuple[float, float]:
     port = free_port()
     with ServerProcess(url, port) as collector:
         post_timed(port, log_bodies, 1000)
@@ -126,7 +127,7 @@ def run_backend(url: str, args, log_bodies: List[bytes], phases: List[List[bytes
                     continue
                 sockets, statuses = stall_exports(port, args.stalled)
                 try:
-                    settled.append(settle(collector.process.pid))
+                    settled.append(settle([collector.process.pid, *database_pids]))
                     samples[phase] += post_timed(port, bodies, PER_BATCH)
                 finally:
                     for sock in sockets:
@@ -173,7 +174,8 @@ def main() -> int:
                 db.upgrade(url)
             else:
                 raise SystemExit(f"unknown backend {backend!r}")
-            results[backend] = run_backend(url, args, log_bodies, phases)
+            results[backend] = run_backend(url, args, log_bodies, phases,
+                                           [cluster.postmaster_pid()] if backend == "postgres" else [])
     finally:
         if cluster is not None:
             cluster.stop()
