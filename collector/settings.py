@@ -55,6 +55,10 @@ class Settings:
     # for the JSON it inflates to (checked while inflating).
     max_body_bytes: int = 32 * 1024 * 1024
     max_events_per_batch: int = 20_000
+    # Exports streaming at once (GET /v1/export), per process; more get 503 at once. Each holds a database
+    # connection of its own, outside the pool that ingest and the read API use, for as long as its client
+    # takes to read it (and, on SQLite, a read snapshot: docs/collector.md, "Limits").
+    max_exports: int = 4
     # Retention: raw events, then the per-minute rollups. Hourly rollups are kept.
     retention_s: Optional[float] = 7 * 86400
     minute_rollup_retention_s: Optional[float] = 90 * 86400

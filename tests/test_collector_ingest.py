@@ -551,6 +551,45 @@ def test_membership_follows_event_time_when_batches_arrive_out_of_order(collecto
     assert _members(collector) == {"r1": (t0, t0 + 5), "r2": (t0, None), "r3": (t0, None), "r4": (t0 + 5, None)}
 
 
+def _described(collector):
+    with collector.engine.connect() as connection:
+        return {row.replica_id: row.node_id for row in connection.execute(select(Replica))}
+
+
+def test_membership_of_big_events_in_and_out_of_order(collector, make_source):
+    """Events of thousands of members (more than one statement binds ids at
+    once), late ones among them, give each replica exactly the membership
+    and description the rules above give it one at a time."""
+    src = make_source("s1")
+    ids = [f"replica-{i:05d}" for i in range(13_500)]
+    t0 = _now() - 60
+    collector.store(src.batch([src.replicas(t0, ids[:12_000])]))
+    collector.store(src.batch([src.replicas(t0 + 5, ids[1_000:13_000])]))
+    # Late: a spooled batch from before both, naming replicas never seen since, described otherwise.
+    late = src.replicas(t0 - 5, ids[:500] + ids[13_000:])
+    for member in late["replicas"]:
+        member["node_id"] = "late-node"
+    collector.store(src.batch([late]))
+    collector.store(src.batch([src.replicas(t0 + 10, ["new-one", ids[1_000]])]))
+    expected = {}
+    for replica_id in ids[:500]:
+        expected[replica_id] = (t0 - 5, t0 + 5)
+    for replica_id in ids[500:1_000]:
+        expected[replica_id] = (t0, t0 + 5)
+    expected[ids[1_000]] = (t0, None)
+    for replica_id in ids[1_001:12_000]:
+        expected[replica_id] = (t0, t0 + 10)
+    for replica_id in ids[12_000:13_000]:
+        expected[replica_id] = (t0 + 5, t0 + 10)
+    for replica_id in ids[13_000:]:
+        expected[replica_id] = (t0 - 5, t0 + 5)
+    expected["new-one"] = (t0 + 10, None)
+    assert _members(collector) == expected
+    nodes = _described(collector)
+    assert all(nodes[r] == f"node-{r}" for r in ids[:500])  # newer events described them: kept
+    assert {nodes[r] for r in ids[13_000:]} == {"late-node"}  # known from the late event only
+
+
 def test_two_collectors_storing_the_same_batches_at_once(make_collector, make_source):
     """The scale-out path: collectors on one database, each batch sent to both."""
     collectors = [make_collector(), make_collector()]

@@ -13,10 +13,11 @@ exporter retries those).
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Iterator, Literal, Optional
+from typing import AsyncIterator, Callable, Iterator, Literal, Optional
 
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -24,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -46,6 +48,7 @@ from .metrics import Metrics
 from .params import filters
 
 JSON_TYPES = ("application/json",)
+EXPORT_RETRY_AFTER_S = 5  # an export refused because the others are still streaming
 
 
 class Rejected(Exception):
@@ -82,6 +85,11 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                   description="Ingest of routelens wire format v1, and the read API behind the dashboard.")
     app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
     app.state.retention = retention
+    # Exports stream for as long as their clients take to read: each takes a slot and a connection of
+    # its own (opened for it, closed after it), never one of the pool that ingest and the read API use,
+    # so that exports whose clients stall cannot make those wait.
+    export_engine = make_engine(settings.db_url, sqlite_cache_mb=8, pooled=False)
+    export_slots = threading.BoundedSemaphore(settings.max_exports)
 
     auth = app.state.auth = TokenAuth(settings.token, settings.session_lifetime_s) if settings.token else None
     hosts = allowed_hosts(settings)
@@ -104,6 +112,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeout)  # every pooled connection busy for the pool's whole timeout
     async def database_unavailable(_request: Request, exc: Exception):
         cause = getattr(exc, "orig", None) or exc
         return JSONResponse({"detail": f"database unavailable ({type(cause).__name__}); retry later"},
@@ -200,15 +209,22 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             check_export(f, what, format)
         except ExportError as exc:
             raise HTTPException(422, str(exc)) from None
-        # Reach the database before the 200 goes out: a database that is away
-        # must be a 503 (retry later), not a 200 whose body breaks off at once.
-        # (PostgreSQL's pool pings the connection it hands out.)
-        with engine.connect():
-            pass
+        if not export_slots.acquire(blocking=False):
+            raise HTTPException(503, f"{settings.max_exports} exports are streaming, the most at once; retry later",
+                                headers={"Retry-After": str(EXPORT_RETRY_AFTER_S)})
+        try:
+            # Reach the database before the 200 goes out: a database that is away
+            # must be a 503 (retry later), not a 200 whose body breaks off at once.
+            with export_engine.connect():
+                pass
+        except BaseException:
+            export_slots.release()
+            raise
         filename = f"routelens-{what}-{int(f.since)}-{int(f.until)}.{format}"
-        return StreamingResponse(_export_stream(engine, f, what, format), media_type=MEDIA_TYPES[format], headers={
-            "Content-Disposition": f'attachment; filename="{filename}"',
-            "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
+        return _ExportResponse(_export_stream(export_engine, f, what, format), export_slots.release,
+                               media_type=MEDIA_TYPES[format], headers={
+                                   "Content-Disposition": f'attachment; filename="{filename}"',
+                                   "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
 
     @app.get("/healthz", tags=["operations"], summary="Whether ingest can succeed: the database reachable, "
                                                      "routelens', at this version's schema, writable")
@@ -232,6 +248,24 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         return Response(body, media_type=content_type)
 
     return app
+
+
+class _ExportResponse(StreamingResponse):
+    """An export's streamed response, which gives its slot back when it ends,
+    however it ends: its body is closed first (the export's connection given
+    back), even if the client left before the body was begun."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+            self._release()
 
 
 async def _export_stream(engine: Engine, f: Filters, what: str, fmt: str) -> AsyncIterator[bytes]:

@@ -78,6 +78,14 @@ from .schema import (
 
 _json = msgspec.json.Encoder()
 
+# Ids bound in one IN (...): within SQLite's 32,766 parameters and PostgreSQL's 65,535.
+IDS_PER_STATEMENT = 10_000
+
+# A replica's membership as a `replicas` event sets it, in this order (see `Ingestor._apply_membership`).
+_MEMBERSHIP_COLUMNS = (Replica.node_id, Replica.availability_zone, Replica.max_ongoing_requests, Replica.model_ids,
+                       Replica.added_at, Replica.removed_at)
+_MEMBERSHIP_KEYS = tuple(f"new_{column.key}" for column in _MEMBERSHIP_COLUMNS)  # their bound parameters
+
 
 # Column types as PostgreSQL names them (SQLAlchemy's DDL name -> psycopg's), for a binary COPY.
 _PG_COPY_TYPES = {"BYTEA": "bytea", "FLOAT": "float8", "INTEGER": "int4", "SMALLINT": "int2", "BOOLEAN": "bool",
@@ -230,6 +238,9 @@ class Ingestor:
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
         self._record_batch_statements = self._make_record_batch()
+        # One replica's membership, executed for many at once (executemany).
+        self._set_membership = update(Replica).where(Replica.pk == bindparam("member_pk")).values(
+            dict(zip(_MEMBERSHIP_COLUMNS, map(bindparam, _MEMBERSHIP_KEYS))))
         # Raw rows: on SQLite, multi-row INSERTs; on PostgreSQL, COPY, and
         # executemany's INSERTs when some ids may be stored already.
         self._sqlite_insert = {
@@ -313,8 +324,10 @@ class Ingestor:
                 [{"deployment_pk": deployment_pk, "replica_id": replica_id, "first_seen": first_seen}
                  for replica_id in sorted(replica_ids)],
             )
-            rows = connection.execute(select(Replica.replica_id, Replica.pk).where(
-                Replica.deployment_pk == deployment_pk, Replica.replica_id.in_(replica_ids))).all()
+            rows = [row for start in range(0, len(replica_ids), IDS_PER_STATEMENT)
+                    for row in connection.execute(select(Replica.replica_id, Replica.pk).where(
+                        Replica.deployment_pk == deployment_pk,
+                        Replica.replica_id.in_(replica_ids[start:start + IDS_PER_STATEMENT])))]
         with self._cache_lock:
             for replica_id, pk in rows:
                 self._replicas[(deployment_pk, replica_id)] = pk
@@ -455,30 +468,41 @@ class Ingestor:
         """Apply one `replicas` event (the members a router saw at event.ts)
         to the replicas' membership. Events may arrive late (a spooled batch
         replayed): the newest event applied decides who is a member now, and
-        an older one only adds what it knows of the past."""
+        an older one only adds what it knows of the past.
+
+        Set-based, as an event may list 100,000 members (one UPDATE per
+        member took minutes): the deployment's replicas are read once, the
+        event's effect on each is worked out here, and only the rows it
+        changes are written, in bulk."""
         newest = connection.scalar(select(Deployment.membership_at).where(Deployment.pk == deployment_pk)
                                    .with_for_update())
-        members = {replica_pks[member.replica_id]: member for member in event.replicas}
         is_newest = newest is None or event.ts >= newest
-        for pk, member in sorted(members.items()):
-            described = dict(node_id=member.node_id, availability_zone=member.availability_zone,
-                             max_ongoing_requests=member.max_ongoing_requests,
-                             model_ids=_text(sorted(member.model_ids)))
+        members = {replica_pks[member.replica_id]: member for member in event.replicas}
+        stored = {row[0]: tuple(row[1:]) for row in connection.execute(
+            select(Replica.pk, *_MEMBERSHIP_COLUMNS).where(Replica.deployment_pk == deployment_pk))}
+        changed = []
+        for pk, member in members.items():
+            before = stored[pk]
+            described = (member.node_id, member.availability_zone, member.max_ongoing_requests,
+                         _text(sorted(member.model_ids)))
             if not is_newest:  # newer events described it already, if they knew it
-                described = {name: func.coalesce(getattr(Replica, name), value) for name, value in described.items()}
-            connection.execute(update(Replica).where(Replica.pk == pk).values(
-                **described,
-                added_at=self._least(func.coalesce(Replica.added_at, event.ts), event.ts),
-                # A member now; or, seen only in an older event, gone by the newest one.
-                removed_at=None if is_newest else case((Replica.added_at.is_(None), newest),
-                                                       else_=Replica.removed_at),
-            ))
+                described = tuple(new if old is None else old for old, new in zip(before, described))
+            added_at, removed_at = before[-2:]
+            after = (*described,
+                     event.ts if added_at is None else min(added_at, event.ts),
+                     # A member now; or, seen only in an older event, gone by the newest one.
+                     None if is_newest else (newest if added_at is None else removed_at))
+            if after != before:
+                changed.append(dict(zip(_MEMBERSHIP_KEYS, after), member_pk=pk))
+        if changed:
+            connection.execute(self._set_membership, changed)
         if not is_newest:
             return
-        connection.execute(update(Replica).where(
-            Replica.deployment_pk == deployment_pk, Replica.removed_at.is_(None), Replica.added_at.is_not(None),
-            Replica.pk.not_in(list(members) or [-1]),
-        ).values(removed_at=event.ts))
+        gone = [{"member_pk": pk} for pk, (*_, added_at, removed_at) in stored.items()
+                if pk not in members and added_at is not None and removed_at is None]
+        if gone:
+            connection.execute(update(Replica).where(Replica.pk == bindparam("member_pk"))
+                               .values(removed_at=event.ts), gone)
         connection.execute(update(Deployment).where(Deployment.pk == deployment_pk)
                            .values(membership_at=event.ts))
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Dict, Optional, Tuple
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.pool import NullPool
 
 from routelens import migrations
 
@@ -60,20 +61,23 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def make_engine(url: str, sqlite_cache_mb: int = 64) -> Engine:
+def make_engine(url: str, sqlite_cache_mb: int = 64, pooled: bool = True) -> Engine:
     """`sqlite_cache_mb`: SQLite's page cache per connection. A server reads
-    the same pages again and again; a one-off scan (export) needs little."""
+    the same pages again and again; a one-off scan (export) needs little.
+    `pooled=False`: each connection is opened when taken and closed when
+    given back (the collector's exports: few, long, and never waiting on the
+    pool of the requests that must stay fast)."""
     url = normalize_url(url)
+    pool = {"pool_size": 8, "max_overflow": 8} if pooled else {"poolclass": NullPool}
     if make_url(url).get_backend_name() == "sqlite":
-        return _sqlite_engine(url, sqlite_cache_mb)
-    return create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=True)
+        return _sqlite_engine(url, sqlite_cache_mb, pool)
+    return create_engine(url, pool_pre_ping=True, **pool)
 
 
-def _sqlite_engine(url: str, cache_mb: int) -> Engine:
+def _sqlite_engine(url: str, cache_mb: int, pool: dict) -> Engine:
     # isolation_level=None hands transaction control to us, so that BEGIN can
     # be IMMEDIATE for writers (see the "begin" listener below).
-    engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None},
-                           pool_size=8, max_overflow=8)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "isolation_level": None}, **pool)
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection, _record):
