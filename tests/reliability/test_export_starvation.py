@@ -57,7 +57,7 @@ def _stalled_export(port: int) -> tuple:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's sends fill it soon
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /v1/export?since=0&format=csv HTTP/1.1\r\nHost: collector\r\n\r\n")
+    sock.sendall(b"GET /v1/export?since=0&format=csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     head = b""
     while len(head) < 100 and b"\r\n" not in head:
         piece = sock.recv(100 - len(head))
@@ -139,7 +139,8 @@ def test_a_full_pool_is_a_503_with_retry_after_never_a_500(db_url):
     src = WireSource("full-pool-test")
     body = gzip.compress(json.dumps(src.batch([src.replicas(time.time() - 60, ["r1"])])).encode())
     try:
-        with TestClient(app, raise_server_exceptions=False) as client, engine.connect():  # the pool's one connection
+        with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client, \
+                engine.connect():  # the pool's one connection
             answers = [client.post("/v1/events", content=body, headers={"content-type": "application/json",
                                                                           "content-encoding": "gzip"}),
                        client.get("/v1/summary", params={"window": "1h"}),
@@ -147,7 +148,8 @@ def test_a_full_pool_is_a_503_with_retry_after_never_a_500(db_url):
                        client.get("/metrics")]
             for answer in answers:
                 assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), answer.text
-        with TestClient(app, raise_server_exceptions=False) as client:  # the connection given back: served again
+        # The connection given back: served again.
+        with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
             assert client.get("/v1/summary", params={"window": "1h"}).status_code == 200
     finally:
         engine.dispose()
