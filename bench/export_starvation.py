@@ -32,6 +32,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -179,9 +180,7 @@ def main() -> int:
     finally:
         if cluster is not None:
             cluster.stop()
-        for name in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, name))
-        os.rmdir(workdir)
+        shutil.rmtree(workdir)
     print()
     for backend, (ratio, baseline) in results.items():
         print(f"  {backend:8s}: ingest p99 with {args.stalled} stalled exports / without: {ratio:.2f} "

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -178,9 +179,7 @@ def main() -> int:
     finally:
         if cluster is not None:
             cluster.stop()
-        for name in os.listdir(workdir):
-            os.unlink(os.path.join(workdir, name))
-        os.rmdir(workdir)
+        shutil.rmtree(workdir)
     print()
     for backend in backends:
         print(f"  {backend:8s}: writer / bulk insert of the same {total:,} rows, median of rounds: "
