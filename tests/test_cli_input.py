@@ -7,6 +7,7 @@ checked by its parser alone: running it would start Ray."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -54,9 +55,13 @@ def db(tmp_path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:"])
-@pytest.mark.parametrize("command", [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"],
-                                     ["db", "current"], ["export", "-o", "out.csv"], ["import", "events.jsonl"]])
+IN_MEMORY_URLS = ["sqlite://", "sqlite:///", "sqlite:///:memory:"]
+DATABASE_COMMANDS = [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"], ["db", "current"],
+                     ["export", "-o", "out.csv"], ["import", "events.jsonl"]]
+
+
+# Every command, and every URL twice: one check refuses them all (each run starts a Python, about 2 s).
+@pytest.mark.parametrize("command, url", list(zip(DATABASE_COMMANDS, itertools.cycle(IN_MEMORY_URLS))))
 def test_a_sqlite_url_without_a_file_is_one_line(command, url, tmp_path):
     (tmp_path / "events.jsonl").write_text("")
     result = routelens(*command, "--db", url, cwd=tmp_path)
