@@ -66,10 +66,13 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         z=[[counts_at.get((name, t), 0) / routed_at[deployment_name(r), t] if routed_at[deployment_name(r), t]
             else None for t in times] for name, r in zip(rows, replicas)]))
     shares.update_layout(margin=dict(l=200, r=10, t=10, b=40), height=max(200, 18 * len(rows) + 80))
+    members = defaultdict(list)  # deployment -> its replicas' names
+    for name, r in zip(rows, replicas):
+        members[deployment_name(r)].append(name)
     balance = go.Figure([
         go.Scatter(x=dates(times), name=deployment_name(x), y=[
-            figures.imbalance([counts_at.get((replica_name(r), t), 0) for r in replicas
-                               if deployment_name(r) == deployment_name(x)])["jain"] for t in times])
+            figures.imbalance([counts_at.get((name, t), 0) for name in members[deployment_name(x)]])["jain"]
+            for t in times])
         for x in deployments])
     balance.update_layout(margin=dict(l=40, r=10, t=10, b=40), height=260, legend=dict(orientation="h", y=-0.3),
                           yaxis=dict(title="Jain's index", range=[0, 1.05]))
