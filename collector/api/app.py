@@ -22,7 +22,6 @@ from typing import AsyncIterator, Callable, Iterator, Literal, Optional
 import anyio
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -40,7 +39,7 @@ from ..query import explore, figures
 from ..query.filters import Filters
 from ..settings import Settings, parse_duration
 from ..store import times
-from ..store.db import check_schema, current_revision, head_revision, make_engine, schema_problem, write_problem
+from ..store.db import check_schema, head_revision, make_engine, revision_of, schema_problem, write_problem
 from ..store.ids import to_bytes
 from ..store.retention import Retention
 from .auth import TokenAuth, allowed_hosts
@@ -230,9 +229,8 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                                                      "routelens', at this version's schema, writable")
     def healthz():
         try:
-            with engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-                revision = current_revision(engine)
+            with engine.connect() as connection:  # one connection: reading the revision reaches the database
+                revision = revision_of(connection)
                 problem = schema_problem(connection, revision) if revision == head else \
                     f"the database schema is {revision}, not this routelens' {head}"
                 problem = problem or write_problem(connection)

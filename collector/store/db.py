@@ -153,9 +153,14 @@ def _script_identifiers(path: Path) -> dict:
 def current_revision(engine: Engine) -> Optional[str]:
     """The revision in Alembic's version table; None without one (or with no row)."""
     with engine.connect() as connection:
-        if not inspect(connection).has_table("alembic_version"):
-            return None
-        versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        return revision_of(connection)
+
+
+def revision_of(connection) -> Optional[str]:
+    """`current_revision`, read on a connection already open."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    versions = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
     if len(versions) > 1:  # branches: never made by routelens's linear history
         raise DatabaseError(f"the database's alembic_version holds several revisions: {', '.join(versions)}")
     return versions[0] if versions else None
