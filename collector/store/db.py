@@ -9,6 +9,7 @@ through psycopg 3 whatever driver the URL names.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
@@ -118,6 +119,7 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+@functools.cache  # the scripts are the installed package's: read once, not at every schema check
 def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
     """Every migration script's revision, and the revisions it follows (its down_revision)."""
     revisions = {}
