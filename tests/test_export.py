@@ -286,8 +286,12 @@ def test_import_loads_sink_files_and_reports_bad_lines(db_url, make_source, tmp_
         engine.dispose()
 
 
-def test_events_export_then_import_gives_the_same_panels(collector, log, tmp_path, make_collector):
-    """The lossless path: events out of one database, into an empty one."""
+@pytest.mark.parametrize("events_per_batch", [1000, 2], ids=["one-page", "pages-of-2"])
+def test_events_export_then_import_gives_the_same_panels(collector, log, tmp_path, make_collector, monkeypatch,
+                                                         events_per_batch):
+    """The lossless path: events out of one database, into an empty one; each
+    table read a page of `events_per_batch` at a time (a key range each)."""
+    monkeypatch.setattr("routelens.collector.export.wire_batches.EVENTS_PER_BATCH", events_per_batch)
     path = tmp_path / "events.jsonl"
     path.write_bytes(export(collector, what="events", format="jsonl", **log.window))
     target = Collector(f"sqlite:///{tmp_path / 'copy.db'}")

@@ -163,6 +163,10 @@ def _add_server_options(parser) -> None:
                         help="largest batch body accepted, inflated (default: %(default)s)")
     parser.add_argument("--max-events", type=_positive_int, default=20_000,
                         help="most events accepted in one batch (default: %(default)s)")
+    parser.add_argument("--max-exports", type=_positive_int, default=Settings.max_exports,
+                        help="exports streaming at once, per worker process; more are answered 503 with "
+                             "Retry-After (default: %(default)s; each holds a database connection while its "
+                             "client reads)")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes serving on the port (default: %(default)s, which handles tens of thousands "
                              "of events/s; give one per core for more: each costs memory and database connections)")
@@ -257,6 +261,7 @@ def _run_collector(args) -> int:
     die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
+                        max_exports=args.max_exports,
                         session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
                         allowed_hosts=tuple(args.allow_host))
     # Bound before anything is said about listening there; with --port 0, the port it got is the one to announce.

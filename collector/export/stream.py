@@ -2,8 +2,8 @@
 
 One code path serves `routelens export`, `GET /v1/export` and the
 dashboard's download buttons: `export()` yields the file's bytes chunk by
-chunk, reading the database through a streaming cursor, so that memory
-stays flat however many rows go out. The tables and their columns:
+chunk, reading the database a key range at a time, so that memory stays
+flat however many rows go out. The tables and their columns:
 `collector.export.schema` (docs/export.md).
 
 Rows are read CHUNK_ROWS at a time as Arrow columns (`collector.export.chunks`,

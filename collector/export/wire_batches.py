@@ -88,12 +88,20 @@ def _source_events(conn: Connection, f: Filters, source_pk: int,
         yield [_replicas_event(before._mapping, replica_ids)]
     for table, to_event in ((memberships, _replicas_event), (stats_changes, _stats_event),
                             (decisions, _decision_event), (routed, _routed_event), (completed, _completed_event)):
+        key = id_bytes(table)
         columns = [stored_bytes(column) if column.name == "ranking" else column for column in table.c]
-        query = (select(*columns).where(*in_window(table, f.since, f.until), table.c.source_pk == source_pk)
-                 .order_by(id_bytes(table)))
-        result = conn.execution_options(yield_per=EVENTS_PER_BATCH).execute(query)
-        for rows in result.partitions():
-            yield [to_event(row._mapping, replica_ids) for row in rows]
+        where = [*in_window(table, f.since, f.until), table.c.source_pk == source_pk]
+        # A query per batch, for the rows after the last one's key (as `chunks` reads): no cursor stays
+        # open while the client reads, so a stalled one holds no snapshot (the API's exports autocommit).
+        after: list = []
+        while True:
+            rows = conn.execute(select(*columns, key.label("id_key")).where(*after, *where)
+                                .order_by(key).limit(EVENTS_PER_BATCH)).all()
+            if rows:
+                yield [to_event(row._mapping, replica_ids) for row in rows]
+            if len(rows) < EVENTS_PER_BATCH:
+                break
+            after = [key > rows[-1].id_key]
 
 
 def _with_extra(event: dict, extra: Optional[str]) -> dict:

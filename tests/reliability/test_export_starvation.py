@@ -19,13 +19,15 @@ import time
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import create_engine, func, select, text
 
 from routelens.collector.api.app import create_app
+from routelens.collector.cli.server_process import ServerProcess
 from routelens.collector.settings import Settings
 from routelens.collector.store.db import normalize_url
 from routelens.collector.store.models import decisions
 from tests.support.collector_server import CollectorServer
+from tests.support.ports import free_port
 from tests.support.wire_source import WireSource
 
 STALLED = 20  # more than the database pool's 16 connections (8 + 8 overflow)
@@ -51,13 +53,13 @@ def _post(client: httpx.Client, body: bytes) -> httpx.Response:
                        headers={"content-type": "application/json", "content-encoding": "gzip"})
 
 
-def _stalled_export(port: int) -> tuple:
+def _stalled_export(port: int, what: str = "decisions", fmt: str = "csv") -> tuple:
     """An export whose client reads its first 100 bytes, then stops reading
     (and keeps the connection open). Its socket, and the answer's status."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's sends fill it soon
     sock.connect(("127.0.0.1", port))
-    sock.sendall(b"GET /v1/export?since=0&format=csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    sock.sendall(f"GET /v1/export?since=0&what={what}&format={fmt} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
     head = b""
     while len(head) < 100 and b"\r\n" not in head:
         piece = sock.recv(100 - len(head))
@@ -153,3 +155,54 @@ def test_a_full_pool_is_a_503_with_retry_after_never_a_500(db_url):
             assert client.get("/v1/summary", params={"window": "1h"}).status_code == 200
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("what,fmt", [("decisions", "csv"), ("events", "jsonl")])
+def test_a_stalled_postgresql_export_holds_no_snapshot(postgres, what, fmt):
+    """A snapshot held by a stalled export keeps PostgreSQL from reclaiming
+    the row versions ingest's rollup upserts leave, and slows every upsert
+    after it (bench/export_starvation.py). Each of an export's reads is a
+    transaction of its own: while its client stalls, its session holds none."""
+    url = postgres.new_database()
+    settings = Settings(db_url=url, retention_s=None, minute_rollup_retention_s=None)
+    src = WireSource("snapshot-test")
+    try:
+        with CollectorServer(settings) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+            for n in range(LOG_DECISIONS // 2000):
+                assert _post(client, _traffic_batch(src, time.time() - 600 + n * 5, 2000)).status_code == 200
+            before = {session.pid for session in _sessions(server)}
+            sock, head = _stalled_export(server.port, what=what, fmt=fmt)
+            try:
+                assert b" 200 " in head, head
+                time.sleep(1)  # the export has filled the socket and waits
+                exports = [session for session in _sessions(server) if session.pid not in before]
+                assert len(exports) == 1, exports  # the export's own connection
+                assert (exports[0].state, exports[0].backend_xmin) == ("idle", None), exports
+            finally:
+                sock.close()
+    finally:
+        postgres.drop(url)
+
+
+def _sessions(server: CollectorServer) -> list:
+    """The other sessions on the server's PostgreSQL database: pid, state, backend_xmin."""
+    with server.app.state.engine.connect() as connection:
+        return connection.execute(text("SELECT pid, state, backend_xmin::text FROM pg_stat_activity "
+                                       "WHERE datname = current_database() AND pid <> pg_backend_pid()")).all()
+
+
+def test_the_export_limit_is_an_option_of_the_command(tmp_path):
+    """`--max-exports N`: the (N+1)th export streaming at once is a 503 with Retry-After."""
+    db = f"sqlite:///{tmp_path / 'routelens.db'}"
+    src = WireSource("max-exports-test")
+    with ServerProcess(db, free_port(), args=["--max-exports", "1"]) as server, \
+            httpx.Client(base_url=server.url, timeout=120) as client:
+        for n in range(LOG_DECISIONS // 2000):
+            assert _post(client, _traffic_batch(src, time.time() - 600 + n * 5, 2000)).status_code == 200
+        stalled = [_stalled_export(server.port) for _ in range(2)]
+        try:
+            assert [head.split(b" ", 2)[1] for _, head in stalled] == [b"200", b"503"], stalled
+            assert b"retry-after:" in stalled[1][1].lower()
+        finally:
+            for sock, _ in stalled:
+                sock.close()
