@@ -8,9 +8,9 @@ through psycopg 3 whatever driver the URL names.
 
 from __future__ import annotations
 
-import ast
 import functools
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -140,15 +140,28 @@ def head_revision() -> str:
     return heads.pop()
 
 
+# `revision: str = '0003'`, `down_revision: Union[...] = '0002'` (or None, or a tuple of revisions) at the
+# start of a line, as Alembic's script template writes them. Read as text, not with `ast.parse`: CPython
+# 3.11 keeps the AST constructor's recursion count in state shared by threads, and a parse racing another
+# thread's fails now and then with "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905; seen in CI while a collector's thread checked the schema).
+_IDENTIFIER = re.compile(r"^(revision|down_revision)(?:\s*:[^=\n]*)?\s*=\s*(.+?)\s*$", re.MULTILINE)
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+
+
 def _script_identifiers(path: Path) -> dict:
     """A migration script's `revision` and `down_revision`, as the literals it assigns them."""
     identifiers = {}
-    for statement in ast.parse(path.read_text()).body:
-        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
-            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
-            for target in targets:
-                if isinstance(target, ast.Name) and target.id in ("revision", "down_revision"):
-                    identifiers[target.id] = ast.literal_eval(statement.value)
+    for name, value in _IDENTIFIER.findall(path.read_text()):
+        revisions = [single or double for single, double in _QUOTED.findall(value)]
+        if value == "None":
+            identifiers[name] = None
+        elif value[0] in "([":
+            identifiers[name] = tuple(revisions)
+        elif len(revisions) == 1:
+            identifiers[name] = revisions[0]
+        else:
+            raise DatabaseError(f"{path.name}: {name} = {value}: not a revision, None or a tuple of revisions")
     return identifiers
 
 
