@@ -345,10 +345,52 @@ def test_schema_violation_next_to_unknown_fields_is_named_too(refusing, make_sou
 
 def test_wrong_schema_version_is_422(refusing, make_source):
     src = make_source("s2")
-    for version in (2, 0, "1"):
+    for version in (3, 0, "1", 1.5):
         batch = src.batch(_traffic(src, _now(), 1))
         batch["schema_version"] = version
-        _refused(refusing, refusing.send(batch), 422, "$.schema_version", "expected 1")
+        detail = _refused(refusing, refusing.send(batch), 422, "$.schema_version", "expected 1 or 2")
+        assert ("upgrade the collector first" in detail) == (version == 3), detail
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("reported_queue_len", -1, "$.events[1].reported_queue_len"),
+    ("believed_queue_len", 2 ** 31, "$.events[1].believed_queue_len"),  # beyond the 32-bit column
+    ("shortest_queue_len", 5, "$.events[1].shortest_queue_len: 5 is above believed_queue_len 4"),
+])
+def test_answer_queue_lengths_out_of_range_are_422(refusing, make_source, field, value, expected):
+    src = make_source("s2")
+    d = src.decision(_now(), [["r1"]])
+    batch = src.batch([d, src.routed(_now(), "r1", d, quality=(4, 1, 3))])
+    batch["events"][1][field] = value
+    _refused(refusing, refusing.send(batch), 422, expected)
+
+
+def test_answers_keep_their_queue_lengths_and_v1_ones_have_none(collector, make_source):
+    """v2 answers (routed, refusals) store the three queue lengths; a batch of
+    v1, whose answers have none, is stored as before, its figures unknown."""
+    ts = _now()
+    old, new = make_source("v1"), make_source("v2")
+    collector.store(old.batch(_traffic(old, ts, 3), schema_version=1))
+    assert collector.get("/v1/rank-hits", **WINDOW)["decision_quality"] == {
+        "regret": {"samples": 0, "mean": None, "p95": None, "max": None, "positive_share": None},
+        "belief_error": {"samples": 0, "mean": None, "mean_abs": None, "p95_abs": None, "max_abs": None}}
+    d = new.decision(ts, [["r1"]])
+    routed_event = new.routed(ts + 0.001, "r1", d, quality=(2, 0, 3))
+    refusal = new.completed(ts + 0.002, "r2", rejected=True, internal_request_id="int-x", quality=(3, 1, 5))
+    collector.store(new.batch([d, routed_event, refusal]))
+    with collector.engine.connect() as connection:
+        columns = ("believed_queue_len", "shortest_queue_len", "reported_queue_len")
+        stored = {row.id: tuple(row[1:]) for row in connection.execute(
+            select(routed.c.id, *(routed.c[c] for c in columns)))}
+        stored.update({row.id: tuple(row[1:]) for row in connection.execute(
+            select(completed.c.id, *(completed.c[c] for c in columns)).where(completed.c.rejected.is_(True)))})
+    assert stored[routed_event["id"]] == (2, 0, 3) and stored[refusal["id"]] == (3, 1, 5)
+    assert {v for k, v in stored.items() if k not in (routed_event["id"], refusal["id"])} == {(None, None, None)}
+    # By hand: regrets 2 - 0 and 3 - 1; belief errors 2 - (3 - 1) (it accepted, counting this request) and 3 - 5.
+    quality = collector.get("/v1/rank-hits", **WINDOW)["decision_quality"]
+    assert quality == {
+        "regret": {"samples": 2, "mean": 2.0, "p95": 2.0, "max": 2.0, "positive_share": 1.0},
+        "belief_error": {"samples": 2, "mean": -1.0, "mean_abs": 1.0, "p95_abs": 2.0, "max_abs": 2.0}}
 
 
 def test_event_id_must_be_a_uuid7_of_its_time(refusing, make_source):

@@ -9,17 +9,19 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
 from routelens.collector.api.app import create_app
 from routelens.collector.settings import Settings
 from routelens.collector.store.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
-from routelens.collector.store.models import Base
+from routelens.collector.store.models import Base, routed
 from tests.support.collector_app import Collector
 from tests.support.python_child import run_python
 from tests.support.wire_source import WireSource
@@ -233,6 +235,56 @@ def test_example_routers_stored_under_their_old_module_take_the_new_one(empty_db
         assert connection.exec_driver_sql("SELECT router_class FROM routers WHERE pk = 1").scalar() == (
             "routers.examples.TracedPowerOfTwoChoicesRequestRouter")
     engine.dispose()
+
+
+def test_0004_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
+    """Rows written at 0003 (answers without queue lengths, rollups without
+    their figures) stay as they were, their decision quality unknown; answers
+    stored after it have theirs; the downgrade takes the new columns away and
+    keeps every row."""
+    upgrade(empty_db_url, "0003")
+    minute = (int(time.time()) - 600) // 60 * 60
+    engine = make_engine(empty_db_url)
+    with engine.begin() as connection:
+        for statement in (
+                "INSERT INTO deployments (pk, app, deployment) VALUES (1, 'shop', 'Checkout')",
+                "INSERT INTO routers (pk, deployment_pk, router_class, labels, labels_key) "
+                "VALUES (1, 1, 'R', '{}', '{}')",
+                "INSERT INTO replicas (pk, deployment_pk, replica_id, first_seen) VALUES (1, 1, 'r1', 0)",
+                f"INSERT INTO rollups (grain, start, router_pk, replica_pk, routed) VALUES (60, {minute}, 1, 0, 7), "
+                f"(60, {minute}, 1, 1, 7), (3600, {minute // 3600 * 3600}, 1, 0, 7), "
+                f"(3600, {minute // 3600 * 3600}, 1, 1, 7)"):
+            connection.exec_driver_sql(statement)
+        connection.execute(routed.insert().values(id=uuid.uuid4().bytes, ts=minute, router_pk=1, source_pk=1,
+                                                  replica_pk=1))
+    engine.dispose()
+    upgrade(empty_db_url)
+    window = {"since": minute - 60, "until": minute + 120}
+    collector = Collector(empty_db_url)
+    try:
+        with collector.engine.connect() as connection:
+            assert connection.execute(select(routed.c.believed_queue_len, routed.c.shortest_queue_len,
+                                             routed.c.reported_queue_len)).all() == [(None, None, None)]
+        before = collector.get("/v1/rank-hits", **window)
+        assert before["routed"] == 7 and before["decision_quality"]["regret"]["samples"] == 0
+        assert before["decision_quality"]["regret"]["mean"] is None
+        source = WireSource("s1", router_class="R", app="shop", deployment="Checkout")
+        d = source.decision(minute + 1, [["r1"]])
+        collector.store(source.batch([d, source.routed(minute + 2, "r1", d, quality=(3, 1, 2))]))
+        after = collector.get("/v1/rank-hits", **window)["decision_quality"]
+        assert (after["regret"]["samples"], after["regret"]["mean"], after["belief_error"]["mean"]) == (1, 2.0, 2.0)
+    finally:
+        collector.close()
+    downgrade(empty_db_url, "0003")
+    engine = make_engine(empty_db_url)
+    try:
+        columns = {column["name"] for column in inspect(engine).get_columns("routed")}
+        assert "reported_queue_len" not in columns and "believed_queue_len" not in columns
+        assert not {column["name"] for column in inspect(engine).get_columns("rollups")} & {"regret_0", "regret_sum"}
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM routed").scalar() == 2
+    finally:
+        engine.dispose()
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):

@@ -1,6 +1,6 @@
 """The collector's HTTP service: `create_app(settings)`.
 
-- `POST /v1/events`: wire format v1 batches (see `collector.ingest.schema`),
+- `POST /v1/events`: wire format v2 (or v1) batches (see `collector.ingest.schema`),
   stored by `collector.ingest.writer`, all or nothing;
 - read endpoints over `collector.query.figures` and `collector.query.explore`, all with
   the same window and filters (`collector.api.params`);
@@ -81,7 +81,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         retention.stop()
 
     app = FastAPI(title="routelens collector", version=__version__, lifespan=lifespan,
-                  description="Ingest of routelens wire format v1, and the read API behind the dashboard.")
+                  description="Ingest of routelens wire format v2 (and v1), and the read API behind the dashboard.")
     app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
     app.state.retention = retention
     # Exports stream for as long as their clients take to read: each takes a slot and a connection of
@@ -124,7 +124,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                             status_code=503, headers={"Retry-After": "1"})
 
     @app.post("/v1/events", dependencies=[Depends(bearer_authorized)], tags=["ingest"],
-              summary="Store one batch of wire format v1 (plain or gzip JSON)")
+              summary="Store one batch of wire format v2 or v1 (plain or gzip JSON)")
     async def ingest(request: Request):
         started = time.perf_counter()
         try:

@@ -21,7 +21,7 @@ from bisect import bisect_left
 from operator import add
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
-from ..store.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, STALENESS, rank_column
+from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS, rank_column
 from ..store.models import ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS, ROUTER_LEVEL
 from .schema import CompletedEvent, DecisionEvent, Event, RoutedEvent
 
@@ -43,6 +43,11 @@ STALE_FIRST, STALE_BOUNDS = _AT[STALENESS.columns[0]], tuple(STALENESS.bounds)
 CHOOSE_FIRST, CHOOSE_BOUNDS = _AT[CHOOSE_US.columns[0]], tuple(CHOOSE_US.bounds)
 LATENCY_FIRST, LATENCY_BOUNDS = _AT[LATENCY_MS.columns[0]], tuple(LATENCY_MS.bounds)
 ATTEMPTS_FIRST, ATTEMPTS_BOUNDS = _AT[ATTEMPTS.columns[0]], tuple(ATTEMPTS.bounds)
+REGRET_FIRST, REGRET_BOUNDS = _AT[REGRET.columns[0]], tuple(REGRET.bounds)
+REGRET_SUM, REGRET_MAX = _AT["regret_sum"], _AT["regret_max"]
+BELIEF_FIRST, BELIEF_BOUNDS = _AT[BELIEF_ERROR.columns[0]], tuple(BELIEF_ERROR.bounds)
+BELIEF_SUM, BELIEF_ABS_SUM, BELIEF_ABS_MAX = _AT["belief_error_sum"], _AT["belief_error_abs_sum"], \
+    _AT["belief_error_abs_max"]
 
 Key = Tuple[int, int, int]  # minute start, router_pk, replica_pk
 
@@ -73,9 +78,18 @@ class RollupDelta:
                 if isinstance(event, RoutedEvent):
                     self.routed(event.ts, router_pk, replica_pks[event.replica_id], event.rank, event.own_ranking,
                                 event.attempts)
+                    refused = False
                 elif isinstance(event, CompletedEvent):
                     self.completed(event.ts, router_pk, replica_pks[event.replica_id], event.rejected, event.ok,
                                    event.latency_ms)
+                    refused = event.rejected  # a refusal is an answer; other completions are not
+                    if not refused:
+                        continue
+                else:
+                    continue
+                if event.believed_queue_len is not None:  # else (v1, no cache) neither figure is known
+                    self.answer(event.ts, router_pk, replica_pks[event.replica_id], event.believed_queue_len,
+                                event.shortest_queue_len, event.reported_queue_len, refused)
                 continue
             event_minute = int(event.ts // 60) * 60
             if event_minute != minute:
@@ -136,6 +150,27 @@ class RollupDelta:
             if row[LATENCY_MAX] is None or latency_ms > row[LATENCY_MAX]:
                 row[LATENCY_MAX] = latency_ms
 
+    def answer(self, ts: float, router_pk: int, replica_pk: int, believed: int, shortest: Optional[int],
+               reported: Optional[int], refused: bool) -> None:
+        """A replica's answer (routed, or a refusal): the regret of the
+        decision that chose it and the router's belief error, counted on the
+        replica (docs/design.md, Definitions)."""
+        row = self._row(ts, router_pk, replica_pk)
+        if shortest is not None:
+            regret = believed - shortest
+            row[REGRET_FIRST + bisect_left(REGRET_BOUNDS, regret)] += 1
+            row[REGRET_SUM] += regret
+            if row[REGRET_MAX] is None or regret > row[REGRET_MAX]:
+                row[REGRET_MAX] = regret
+        error = belief_error(believed, reported, refused)
+        if error is not None:
+            size = abs(error)
+            row[BELIEF_FIRST + bisect_left(BELIEF_BOUNDS, size)] += 1
+            row[BELIEF_SUM] += error
+            row[BELIEF_ABS_SUM] += size
+            if row[BELIEF_ABS_MAX] is None or size > row[BELIEF_ABS_MAX]:
+                row[BELIEF_ABS_MAX] = size
+
     def tuples(self) -> List[tuple]:
         """Full rows for both grains, (*ROLLUP_KEY, *ROLLUP_VALUES), sorted by key (a
         fixed lock order on Postgres). Router totals are the router's own
@@ -156,6 +191,15 @@ class RollupDelta:
         """`tuples()` as dicts, column name -> value."""
         names = (*ROLLUP_KEY, *ROLLUP_VALUES)
         return [dict(zip(names, row)) for row in self.tuples()]
+
+
+def belief_error(believed: Optional[int], reported: Optional[int], refused: bool) -> Optional[int]:
+    """The queue length the router believed minus the replica's count before
+    this request: a replica that accepts counts the request it accepted in
+    what it reports, one that refuses does not (docs/design.md, Definitions)."""
+    if believed is None or reported is None:
+        return None
+    return believed - (reported if refused else max(reported - 1, 0))
 
 
 def _merge(rows: Dict[tuple, list], key: tuple, values: list) -> None:

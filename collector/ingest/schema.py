@@ -1,4 +1,4 @@
-"""Wire format v1, as the collector validates it (see docs/design.md).
+"""Wire format v2, and v1 before it, as the collector validates them (see docs/design.md).
 
 msgspec checks a whole batch in one pass, fast enough for ingest at tens of
 thousands of events per second, and its errors carry the path of the bad
@@ -6,6 +6,10 @@ value (`$.events[3].attempt`). On top of types, `validate` checks what types
 cannot say: ids are UUIDv7s of their own timestamp, a routed event's rank
 is sane, and so on. Fields this version does not know are kept, per event,
 in `extra`.
+
+A version adds optional fields only: a batch of an earlier version is read
+as one of this version without them (v1's answers have no queue lengths:
+their decision-quality figures are unknown).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from ..store.ids import ID_TS_TOLERANCE_S
 from ..store.models import Deployment, Replica, Router, Source
 from .nesting import too_deep, too_deep_to_decode
 
-WIRE_SCHEMA_VERSION = 1
+WIRE_SCHEMA_VERSION = 2
+SCHEMA_VERSIONS = (1, 2)  # accepted: this one and every earlier one
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
@@ -111,6 +116,10 @@ class DecisionEvent(Struct, tag="decision", tag_field="type", forbid_unknown_fie
     attributes: Optional[Dict[str, Any]] = None
 
 
+# The queue lengths behind a replica's answer (v2): counts of requests, stored in 32-bit columns.
+QueueCount = Optional[Count]
+
+
 class RoutedEvent(Struct, tag="routed", tag_field="type", forbid_unknown_fields=True, gc=False):
     id: uuid.UUID
     ts: Timestamp
@@ -124,6 +133,9 @@ class RoutedEvent(Struct, tag="routed", tag_field="type", forbid_unknown_fields=
     attempts: Optional[Count] = None
     queue_wait_ms: Optional[Annotated[float, Meta(ge=0)]] = None
     attribution: Optional[Name] = None
+    believed_queue_len: QueueCount = None
+    shortest_queue_len: QueueCount = None
+    reported_queue_len: QueueCount = None
 
 
 class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_fields=True, gc=False):
@@ -135,6 +147,9 @@ class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_f
     latency_ms: Optional[Annotated[float, Meta(ge=0)]] = None
     ok: Optional[bool] = None
     routed_id: Optional[uuid.UUID] = None
+    believed_queue_len: QueueCount = None  # these three: a refusal's
+    shortest_queue_len: QueueCount = None
+    reported_queue_len: QueueCount = None
 
 
 class Member(Struct, gc=False):
@@ -199,11 +214,12 @@ def parse(body: bytes, max_events: int) -> ValidBatch:
         batch, extras = _decode(body)
     except RecursionError:  # nested a thousand levels or so: msgspec recurses once per level
         raise Invalid(too_deep_to_decode(body)) from None
-    if batch.schema_version != WIRE_SCHEMA_VERSION:
-        raise Invalid(f"$.schema_version: expected {WIRE_SCHEMA_VERSION}, got {batch.schema_version!r}")
+    if batch.schema_version not in SCHEMA_VERSIONS:
+        raise _wrong_version(batch.schema_version)
     if len(batch.events) > max_events:
         raise TooMany(f"$.events: {len(batch.events)} events, over the limit of {max_events} per batch")
     _check_labels(batch.source.labels)
+    _refuse_shortest_above_chosen(batch.events)
     _refuse_deep(batch.events, extras)
     if b"\\u0000" in body:  # JSON can only carry a NUL character escaped
         _refuse_nul(batch, "$")
@@ -234,9 +250,26 @@ def _invalid(exc: msgspec.ValidationError, body: bytes) -> Invalid:
         version = _decode_plain.decode(body).get("schema_version")
     except Exception:
         version = WIRE_SCHEMA_VERSION
-    if version != WIRE_SCHEMA_VERSION:
-        return Invalid(f"$.schema_version: expected {WIRE_SCHEMA_VERSION}, got {version!r}")
+    if version not in SCHEMA_VERSIONS or type(version) is not int:
+        return _wrong_version(version)
     return Invalid(str(exc))
+
+
+def _wrong_version(version: Any) -> Invalid:
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > WIRE_SCHEMA_VERSION
+    return Invalid(f"$.schema_version: expected {' or '.join(map(str, SCHEMA_VERSIONS))}, got {version!r}"
+                   + (" (a newer tracer: upgrade the collector first)" if newer else ""))
+
+
+def _refuse_shortest_above_chosen(events: List[Event]) -> None:
+    """An answer's shortest queue length is the shortest among candidates
+    that include the chosen replica: above the chosen one's, it is no
+    shortest (and the regret would be negative)."""
+    for index, event in enumerate(events):
+        shortest = getattr(event, "shortest_queue_len", None)
+        if shortest is not None and event.believed_queue_len is not None and shortest > event.believed_queue_len:
+            raise Invalid(f"$.events[{index}].shortest_queue_len: {shortest} is above believed_queue_len "
+                          f"{event.believed_queue_len}, the chosen replica's, one of the candidates")
 
 
 def _parse_with_unknown_fields(body: bytes):

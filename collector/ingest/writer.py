@@ -153,7 +153,7 @@ class _MultiRowInsert:
       the sqlite3 module binds a None through its adapter look-up, about
       0.5 us each, as long as inserting the rest of a decision's row."""
 
-    MAX_ROWS = 128  # x 88 columns of a rollup row: well within SQLite's 32766 parameters
+    MAX_ROWS = 128  # x 111 columns of a rollup row: within SQLite's 32766 parameters
 
     def __init__(self, table: str, columns: Sequence[str], tail: str = ""):
         self._table, self._columns, self._tail = table, tuple(columns), tail
@@ -588,12 +588,14 @@ class _Rows:
                     event.decision_id.bytes if event.decision_id else None, event.rank, event.own_ranking,
                     event.attempts, event.queue_wait_ms, request_ids[event.request_id],
                     request_ids[event.internal_request_id], event.model_id,
-                    _extra(event, extra) if extra or event.attribution is not None else None))
+                    _extra(event, extra) if extra or event.attribution is not None else None,
+                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len))
             elif isinstance(event, CompletedEvent):
                 completed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
                     request_ids[event.internal_request_id], event.routed_id.bytes if event.routed_id else None,
-                    event.latency_ms, event.ok, event.rejected, _extra(event, extra) if extra else None))
+                    event.latency_ms, event.ok, event.rejected, _extra(event, extra) if extra else None,
+                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len))
             elif isinstance(event, StatsEvent):
                 self._tables[stats_changes].append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id], _text(event.stats),

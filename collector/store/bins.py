@@ -25,6 +25,8 @@ class Bins:
 
     name: str
     bounds: Sequence[float]
+    # Values are whole numbers (queue lengths): a percentile is rounded up to one, which stays in its bin.
+    whole: bool = False
 
     @cached_property
     def columns(self) -> List[str]:
@@ -54,7 +56,8 @@ class Bins:
                 if math.isinf(high):
                     return low
                 fraction = (target - seen) / count
-                return low + (high - low) * fraction
+                value = low + (high - low) * fraction
+                return float(math.ceil(value)) if self.whole else value
             seen += count
         return maximum
 
@@ -69,6 +72,12 @@ CHOOSE_US = Bins("choose_us", (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 1
 LATENCY_MS = Bins("latency_ms", (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000))
 # Decisions made for a request by the time it was routed.
 ATTEMPTS = Bins("attempts", (1, 2, 3, 4, 6, 10))
+# Decision quality (docs/design.md, Definitions), in requests: one bin per whole number up to 4, then wider.
+_QUEUE_GAPS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# Regret: the chosen replica's queue length minus the shortest among the candidates, as the router saw them.
+REGRET = Bins("regret", _QUEUE_GAPS, whole=True)
+# Belief error, absolute: the queue length the router believed against the one the replica reported.
+BELIEF_ERROR = Bins("belief_error", _QUEUE_GAPS, whole=True)
 
 # Rank a routed replica came from: rank_0 .. rank_4, rank_5 (5 and deeper), and unknown.
 RANK_COLUMNS = [f"rank_{i}" for i in range(6)] + ["rank_unknown"]
@@ -80,4 +89,4 @@ def rank_column(rank: Optional[int]) -> str:
     return RANK_COLUMNS[min(rank, 5)]
 
 
-HISTOGRAMS = (STALENESS, CHOOSE_US, LATENCY_MS, ATTEMPTS)
+HISTOGRAMS = (STALENESS, CHOOSE_US, LATENCY_MS, ATTEMPTS, REGRET, BELIEF_ERROR)

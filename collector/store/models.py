@@ -136,6 +136,17 @@ def _event_columns():
     ]
 
 
+# The queue lengths behind a replica's answer (wire format v2; null in events
+# of v1): as the decision that supplied the replica saw it, the shortest that
+# decision saw, and as the replica reported. Its decision-quality figures come from them.
+ANSWER_QUEUE_LENS = ("believed_queue_len", "shortest_queue_len", "reported_queue_len")
+
+
+def _answer_columns():
+    """ANSWER_QUEUE_LENS, last in their tables, where migration 0004 added them."""
+    return [Column(name, Integer) for name in ANSWER_QUEUE_LENS]
+
+
 # Raw events are Core tables: ingest writes them in bulk, never through the ORM.
 # On SQLite they are WITHOUT ROWID tables clustered on the time-ordered id.
 _clustered = {"sqlite_with_rowid": False}
@@ -167,6 +178,7 @@ routed = Table(
     Column("internal_request_id", RequestId),
     Column("model_id", String(256)),
     Column("extra", Text),
+    *_answer_columns(),
     Index(None, "decision_id"),
     **_clustered,
 )
@@ -181,6 +193,7 @@ completed = Table(
     Column("ok", Boolean),
     Column("rejected", Boolean, nullable=False),
     Column("extra", Text),
+    *_answer_columns(),  # a refusal's; null for the other completions
     Index(None, "routed_id"),
     **_clustered,
 )
@@ -217,8 +230,9 @@ ROLLUP_COUNTS = (
     *RANK_COLUMNS,
     *(column for bins in HISTOGRAMS for column in bins.columns),
 )
-ROLLUP_SUMS = ("latency_ms_sum", "choose_us_sum")
-ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max")
+ROLLUP_SUMS = ("latency_ms_sum", "choose_us_sum",
+               "regret_sum", "belief_error_sum", "belief_error_abs_sum")  # belief_error_sum: signed
+ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max", "regret_max", "belief_error_abs_max")
 
 rollups = Table(
     "rollups", Base.metadata,

@@ -1,4 +1,8 @@
-"""Wire-format v1 batches as the tracer builds them, for tests that drive the collector."""
+"""Wire-format batches as the tracer builds them, for tests that drive the collector.
+
+Batches are of the current version (2) unless told otherwise; events carry
+the fields of v1, and the decision-quality fields of v2 only when given, so
+that a batch of version 1 is one with `schema_version=1` and none of them."""
 
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ class WireSource:
                      "tracer_version": "0.1.0", "labels": dict(labels or {}), **info}
         self.seq = 0
 
-    def batch(self, events, seq: int = None, dropped: dict = None, produced: int = None) -> dict:
+    def batch(self, events, seq: int = None, dropped: dict = None, produced: int = None,
+              schema_version: int = 2) -> dict:
         if seq is None:
             self.seq += 1
             seq = self.seq
-        body = {"schema_version": 1, "source": dict(self.info), "seq": seq, "dropped": dropped or {},
+        body = {"schema_version": schema_version, "source": dict(self.info), "seq": seq, "dropped": dropped or {},
                 "events": list(events)}
         if produced is not None:
             body["produced"] = produced
@@ -53,7 +58,8 @@ class WireSource:
 
     def routed(self, ts: float, replica_id: str, decision: dict = None, rank=0, own_ranking: bool = True,
                attempts: int = 1, request_id: str = None, internal_request_id: str = None,
-               queue_wait_ms: float = 0.5) -> dict:
+               queue_wait_ms: float = 0.5, quality: tuple = None) -> dict:
+        """`quality`: (believed, shortest, reported) queue lengths of the answer (v2)."""
         if decision is not None:
             request_id = request_id or decision["request_id"]
             internal_request_id = internal_request_id or decision["internal_request_id"]
@@ -61,16 +67,18 @@ class WireSource:
                 "internal_request_id": internal_request_id, "model_id": None, "replica_id": replica_id,
                 "decision_id": decision["id"] if decision is not None else None, "rank": rank,
                 "own_ranking": own_ranking, "attempts": attempts, "queue_wait_ms": queue_wait_ms,
-                "attribution": "exact"}
+                "attribution": "exact", **_quality(quality)}
 
     def completed(self, ts: float, replica_id: str, routed: dict = None, latency_ms: float = 12.5,
-                  ok: bool = True, rejected: bool = False, internal_request_id: str = None) -> dict:
+                  ok: bool = True, rejected: bool = False, internal_request_id: str = None,
+                  quality: tuple = None) -> dict:
+        """`quality`: a refusal's (believed, shortest, reported) queue lengths (v2)."""
         if routed is not None:
             internal_request_id = internal_request_id or routed["internal_request_id"]
         return {"type": "completed", "id": self._id(ts), "ts": ts, "internal_request_id": internal_request_id,
                 "replica_id": replica_id, "latency_ms": None if rejected else latency_ms,
                 "ok": None if rejected else ok, "rejected": rejected,
-                "routed_id": routed["id"] if routed is not None else None}
+                "routed_id": routed["id"] if routed is not None else None, **_quality(quality)}
 
     def replicas(self, ts: float, replica_ids) -> dict:
         members = [{"replica_id": r, "node_id": f"node-{r}", "availability_zone": "az-1",
@@ -80,3 +88,10 @@ class WireSource:
     def stats(self, ts: float, replica_id: str, stats: dict, collected_at: float = None) -> dict:
         return {"type": "stats", "id": self._id(ts), "ts": ts, "replica_id": replica_id, "stats": stats,
                 "collected_at": collected_at}
+
+
+def _quality(quality: tuple = None) -> dict:
+    """An answer's decision-quality fields (wire format v2), when given."""
+    if quality is None:
+        return {}
+    return dict(zip(("believed_queue_len", "shortest_queue_len", "reported_queue_len"), quality))
