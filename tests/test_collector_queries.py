@@ -1,8 +1,9 @@
 """The read API against truth computed here from the raw events sent.
 
 One scenario (four traced routers of two deployments, five hours of traffic
-with skew, retries, hand-offs, rejections, unknown ranks, stale stats and a
-replica leaving) is stored once per backend through the real app; every
+with skew, retries, hand-offs, rejections, unknown ranks, stale stats, a
+replica leaving, and one router on wire format v1, whose answers carry no
+queue lengths) is stored once per backend through the real app; every
 test reads it through the HTTP API and compares with figures computed from
 the events as sent.
 """
@@ -18,7 +19,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from routelens.collector.store.bins import CHOOSE_US, LATENCY_MS, STALENESS
+from routelens.collector.store.bins import BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS
 from tests.support.collector_app import Collector
 from tests.support.wire_source import WireSource
 
@@ -30,6 +31,7 @@ BASE = (int(time.time()) // HOUR - 5) * HOUR
 START, END = BASE + 7 * MINUTE + 13, BASE + 4 * HOUR + 3 * MINUTE
 C7_LEAVES = BASE + 2 * HOUR  # replica c7 of Checkout is removed then
 STATS_PERIOD_S = 5.0  # Ranker's replicas collect their routing stats this often
+V1_SOURCE = "b1"  # an older tracer: wire format v1
 CHECKOUT, RANKER = ("shop", "Checkout"), ("search", "Ranker")
 
 
@@ -109,7 +111,8 @@ class Scenario:
                 attempt=attempt, duration_us=rng.randint(20, 3000)))
         t = ts + attempts * 0.05
         if rng.random() < 0.1:  # a replica refuses the request first
-            self._add(source, source.completed(t, rng.choice(pool), rejected=True, internal_request_id=internal))
+            self._add(source, source.completed(t, rng.choice(pool), rejected=True, internal_request_id=internal,
+                                               quality=self._quality(source, rng.randint(0, 9))))
         if rng.random() < 0.05:  # never routed (cancelled)
             return
         ranks = decision["ranks"]
@@ -119,9 +122,18 @@ class Scenario:
         replica = rng.choice(ranks[index])
         routed = self._add(source, source.routed(
             t + 0.001, replica, decision, rank=None if rng.random() < 0.05 else index,
-            own_ranking=rng.random() >= 0.1, attempts=attempts))
+            own_ranking=rng.random() >= 0.1, attempts=attempts,
+            quality=self._quality(source, decision["replicas"][replica]["queue_len"])))
         self._add(source, source.completed(t + 0.002, replica, routed, latency_ms=rng.lognormvariate(2, 1),
                                            ok=rng.random() >= 0.05))
+
+    def _quality(self, source, believed):
+        """An answer's (believed, shortest, reported) queue lengths; None where
+        the tracer sends none (v1, or a router without a queue-length cache)."""
+        rng = self.rng
+        if source.info["source_id"] == V1_SOURCE or rng.random() < 0.1:
+            return None
+        return believed, rng.randint(0, believed), None if rng.random() < 0.1 else rng.randint(0, 12)
 
     def batches(self):
         """Each source's events in time order, 150 to a batch; the sources'
@@ -130,7 +142,8 @@ class Scenario:
         per_source = defaultdict(list)
         for info, event in sorted(self.sent, key=lambda pair: pair[1]["ts"]):
             per_source[info["source_id"]].append(event)
-        queues = [[self.sources[name].batch(events[i:i + 150]) for i in range(0, len(events), 150)]
+        queues = [[self.sources[name].batch(events[i:i + 150], schema_version=1 if name == V1_SOURCE else 2)
+                   for i in range(0, len(events), 150)]
                   for name, events in per_source.items()]
         out = []
         while queues:
@@ -190,9 +203,18 @@ def truth(since, until, where=lambda info: True, replicas=None):
     age_sources = defaultdict(Counter)
     by_deployment = defaultdict(Counter)  # (app, deployment) -> rank-hit counts
     attempts_by_deployment = defaultdict(list)
+    # Decision quality: each answer's regret and belief error, per replica (design.md, Definitions).
+    regrets, belief_errors = defaultdict(list), defaultdict(list)
     for info, e in events:
         kind = e["type"]
         deployment = by_deployment[(info["app"], info["deployment"])]
+        answer = kind == "routed" or (kind == "completed" and e["rejected"])
+        if answer and keep(e["replica_id"]) and e.get("believed_queue_len") is not None:
+            believed, reported = e["believed_queue_len"], e["reported_queue_len"]
+            regrets[e["replica_id"]].append(believed - e["shortest_queue_len"])
+            if reported is not None:  # an accepting replica counts the request it accepted (and so is at 1 or more)
+                before = reported if kind == "completed" else max(reported - 1, 0)
+                belief_errors[e["replica_id"]].append(believed - before)
         if kind == "decision":
             decisions += 1
             deployment["decisions"] += 1
@@ -241,7 +263,30 @@ def truth(since, until, where=lambda info: True, replicas=None):
         "ages": ages, "age_sources": age_sources, "durations": durations, "latencies": latencies,
         "by_deployment": {key: counts for key, counts in by_deployment.items() if counts},
         "attempts_by_deployment": attempts_by_deployment,
+        "regrets": regrets, "belief_errors": belief_errors,
     }
+
+
+def check_quality(got: dict, regrets: list, belief_errors: list, where: str) -> None:
+    """Decision-quality figures (the API's) against the answers' values."""
+    regret, belief = got["regret"], got["belief_error"]
+    assert regret["samples"] == len(regrets) and belief["samples"] == len(belief_errors), where
+    if not regrets:
+        assert regret["mean"] is regret["p95"] is regret["positive_share"] is None, where
+    else:
+        assert regret["mean"] == pytest.approx(statistics.mean(regrets)), where
+        assert regret["max"] == max(regrets), where
+        assert regret["positive_share"] == pytest.approx(sum(r > 0 for r in regrets) / len(regrets)), where
+        # Whole numbers, in bins of one request up to 4: exact there, else exact to the bin.
+        assert REGRET.column(regret["p95"]) == REGRET.column(nearest_rank(regrets, 0.95)), where
+    if not belief_errors:
+        assert belief["mean"] is belief["mean_abs"] is belief["p95_abs"] is None, where
+    else:
+        sizes = [abs(e) for e in belief_errors]
+        assert belief["mean"] == pytest.approx(statistics.mean(belief_errors)), where
+        assert belief["mean_abs"] == pytest.approx(statistics.mean(sizes)), where
+        assert belief["max_abs"] == max(sizes), where
+        assert BELIEF_ERROR.column(belief["p95_abs"]) == BELIEF_ERROR.column(nearest_rank(sizes, 0.95)), where
 
 
 def imbalance(counts):
@@ -385,6 +430,18 @@ def test_rank_hits(api, name, window):
             assert d["decisions"] == counts["decisions"], key
             assert d["decisions_per_request_mean"] == \
                 pytest.approx(statistics.mean(expected["attempts_by_deployment"][key])), key
+    # Decision quality: over everything in view, per deployment, per replica.
+    regrets, belief_errors = expected["regrets"], expected["belief_errors"]
+    check_quality(got["decision_quality"], sum(regrets.values(), []), sum(belief_errors.values(), []), "all")
+    for key in expected_deployments:
+        of = [r for r in set(regrets) | set(belief_errors) if deployment_of(r) == key]
+        check_quality(deployments[key]["decision_quality"], sum((regrets[r] for r in of), []),
+                      sum((belief_errors[r] for r in of), []), str(key))
+    for replica in got["replicas"]:
+        check_quality(replica["decision_quality"], regrets.get(replica["replica_id"], []),
+                      belief_errors.get(replica["replica_id"], []), replica["replica_id"])
+    if name == "all" and window == "full":
+        assert sum(map(len, regrets.values())) > 100 and any(e < 0 for v in belief_errors.values() for e in v)
     if replicas is None:  # decisions are a router's, not a replica's
         assert got["decisions"] == expected["decisions"]
         assert got["decisions_per_request"]["mean"] == pytest.approx(expected["attempts_mean"])
@@ -504,6 +561,15 @@ def test_timeseries_sums_equal_window_totals(api, window, step):
                       "completions": summary["completions"], "rejections": summary["rejections"],
                       "handoffs": summary["handoffs"], "failures": summary["failures"],
                       "rank_0": {r["rank"]: r["routed"] for r in rank_hits["ranks"]}["0"]}
+    # Decision quality per step: its answers add up to the window's, in total and per deployment.
+    quality = rank_hits["decision_quality"]
+    for figure in ("regret", "belief_error"):
+        assert sum(p["decision_quality"][figure]["samples"] for p in points) == quality[figure]["samples"] > 0
+        over_time = {(d["app"], d["deployment"]): d["points"]
+                     for d in rank_hits["decision_quality_over_time"]["deployments"]}
+        for deployment in rank_hits["deployments"]:
+            assert sum(p[figure]["samples"] for p in over_time.get((deployment["app"], deployment["deployment"]), [])) \
+                == deployment["decision_quality"][figure]["samples"]
     step_s = api.get("/v1/timeseries", **params)["step_s"]
     assert all(p["t"] % step_s == 0 for p in points)
     m0, m1 = math.floor(w["since"] / MINUTE) * MINUTE, math.ceil(w["until"] / MINUTE) * MINUTE

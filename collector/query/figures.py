@@ -12,7 +12,9 @@ Figures follow the definitions in docs/design.md:
   decision ranked it on, stamped and observed counted apart; per
   deployment, against that deployment's stats period;
 - rank hits: share of routed requests by rank, FIFO hand-off rate,
-  rejections per replica, decisions per request; per deployment too.
+  rejections per replica, decisions per request; per deployment too; and
+  decision quality (regret, belief error) per replica, per deployment and
+  over time.
 
 Figures that compare replicas only mean something among replicas of one
 deployment (their traffic, capacity and stats period differ from one
@@ -38,7 +40,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
 from ..store import ids
-from ..store.bins import ATTEMPTS, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
+from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, REGRET, STALENESS
 from ..store.models import (
     ROUTER_LEVEL,
     Deployment,
@@ -134,14 +136,16 @@ def _sum_columns(names: Iterable[str]):
 
 
 def rollup_totals(conn: Connection, f: Filters, sc: Scope, names: Sequence[str], by: Optional[str] = None,
-                  condition=None) -> List[dict]:
+                  condition=None, step: Optional[int] = None) -> List[dict]:
     """Sums (and maxima) of rollup columns over the window: one row in all,
     or one per replica (`by="replica"`, with its replica_pk) or per router
-    (`by="router"`, with its router_pk). Empty scope: no rows."""
+    (`by="router"`, with its router_pk); with `step` (seconds, whole
+    minutes), one per step as well (with its start, `t`). Empty scope: no rows."""
     if not sc.routers:
         return []
-    where = [condition if condition is not None else _window_condition(f),
-             rollups.c.router_pk.in_(sorted(sc.routers))]
+    if condition is None:
+        condition = _window_condition(f) if step is None else _step_condition(f, step)
+    where = [condition, rollups.c.router_pk.in_(sorted(sc.routers))]
     if sc.replica_pks is not None:
         # Filtered to some replicas: their rows are the totals.
         where.append(rollups.c.replica_pk.in_(sc.replica_pks))
@@ -150,6 +154,8 @@ def rollup_totals(conn: Connection, f: Filters, sc: Scope, names: Sequence[str],
     else:
         where.append(rollups.c.replica_pk == ROUTER_LEVEL)
     keys = {"replica": (rollups.c.replica_pk,), "router": (rollups.c.router_pk,), None: ()}[by]
+    if step is not None:
+        keys = ((rollups.c.start // step * step).label("t"), *keys)
     query = select(*keys, *_sum_columns(names)).where(*where)
     if keys:
         query = query.group_by(*keys)
@@ -346,8 +352,13 @@ def stats_period(conn: Connection, f: Filters, router_pks: Sequence[int], sample
     return statistics.median(intervals) if intervals else None
 
 
+QUALITY_COLUMNS = (*REGRET.columns, "regret_sum", "regret_max",
+                   *BELIEF_ERROR.columns, "belief_error_sum", "belief_error_abs_sum", "belief_error_abs_max")
+
+
 RANK_HIT_COLUMNS = ("routed", "handoffs", "rejections", "decisions", "choose_us_sum", "choose_us_max",
-                    *RANK_COLUMNS, *ATTEMPTS.columns, *CHOOSE_US.columns)
+                    *RANK_COLUMNS, *ATTEMPTS.columns, *CHOOSE_US.columns, *QUALITY_COLUMNS)
+RANK_HIT_REPLICA_COLUMNS = ("routed", "rejections", "handoffs", "rank_0", *QUALITY_COLUMNS)
 
 
 def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
@@ -361,10 +372,11 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
     replicas = [{"replica_id": sc.replicas.get(r["replica_pk"], {}).get("replica_id"),
                  **sc.deployment_of(r["replica_pk"]),
                  "routed": r["routed"], "rejections": r["rejections"], "handoffs": r["handoffs"],
-                 "rank0_rate": _rate(r["rank_0"], r["routed"])}
-                for r in rollup_totals(conn, f, sc, ("routed", "rejections", "handoffs", "rank_0"), by="replica")]
+                 "rank0_rate": _rate(r["rank_0"], r["routed"]), "decision_quality": decision_quality(r)}
+                for r in rollup_totals(conn, f, sc, RANK_HIT_REPLICA_COLUMNS, by="replica")]
     replicas.sort(key=_deployment_then_replica)
-    deployments = [{**sc.deployments[pk], **_rank_figures(d), "decisions_per_request_mean": _decisions_per_request(d)}
+    deployments = [{**sc.deployments[pk], **_rank_figures(d), "decisions_per_request_mean": _decisions_per_request(d),
+                    "decision_quality": decision_quality(d)}
                    for pk, d in per_deployment(sc, by_router, RANK_HIT_COLUMNS).items()]
     deployments.sort(key=lambda d: (_worst_first(d["rank0_rate"]), d["app"], d["deployment"]))
     return {
@@ -382,9 +394,50 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
             "max": row["choose_us_max"],
             "mean": _rate(row["choose_us_sum"], row["decisions"]),
         },
+        "decision_quality": decision_quality(row),
+        "decision_quality_over_time": decision_quality_over_time(conn, f, sc),
         "deployments": deployments,
         "replicas": replicas,
     }
+
+
+def decision_quality(row: dict) -> dict:
+    """Regret and belief error (docs/design.md, Definitions) of a row of
+    sums of QUALITY_COLUMNS: each answer's, counted where the replica
+    answered. Means and percentiles are None without samples (v1 events,
+    routers without a queue-length cache)."""
+    regret = [row[c] for c in REGRET.columns]
+    regrets = sum(regret)
+    errors = [row[c] for c in BELIEF_ERROR.columns]
+    answers = sum(errors)
+    return {
+        "regret": {"samples": regrets, "mean": _rate(row["regret_sum"], regrets),
+                   "p95": REGRET.percentile(regret, 0.95, row["regret_max"]), "max": row["regret_max"],
+                   # bin 0 holds regret 0: the router chose one of the shortest queues
+                   "positive_share": _rate(regrets - regret[0], regrets)},
+        "belief_error": {"samples": answers, "mean": _rate(row["belief_error_sum"], answers),
+                         "mean_abs": _rate(row["belief_error_abs_sum"], answers),
+                         "p95_abs": BELIEF_ERROR.percentile(errors, 0.95, row["belief_error_abs_max"]),
+                         "max_abs": row["belief_error_abs_max"]},
+    }
+
+
+def decision_quality_over_time(conn: Connection, f: Filters, sc: Scope) -> dict:
+    """Per deployment, its decision quality per step (the timeseries' default
+    step), steps without an answer left out."""
+    step = _whole_minutes(default_step(f.seconds))
+    rows = rollup_totals(conn, f, sc, QUALITY_COLUMNS, by="router", step=step)
+    steps: Dict[int, Dict[int, List[dict]]] = {}
+    for row in rows:
+        steps.setdefault(sc.routers[row["router_pk"]]["deployment_pk"], {}).setdefault(row["t"], []).append(row)
+    deployments = []
+    for deployment_pk, by_step in steps.items():
+        points = [{"t": t, **decision_quality(_fold(group, QUALITY_COLUMNS))} for t, group in sorted(by_step.items())]
+        points = [p for p in points if p["regret"]["samples"] or p["belief_error"]["samples"]]
+        if points:
+            deployments.append({**sc.deployments[deployment_pk], "points": points})
+    deployments.sort(key=lambda d: (d["app"], d["deployment"]))
+    return {"step_s": step, "deployments": deployments}
 
 
 def _rank_figures(row: dict) -> dict:
@@ -517,8 +570,9 @@ def sources_in(conn: Connection, f: Optional[Filters] = None, sc: Optional[Scope
 
 
 TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", *RANK_COLUMNS,
-                      *STALENESS_COLUMNS)
-PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS)
+                      *STALENESS_COLUMNS, *QUALITY_COLUMNS)
+PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS,
+                                  *QUALITY_COLUMNS)
 
 
 def default_step(seconds: float, points: int = 120) -> int:
@@ -539,13 +593,8 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
     add up to the panels' totals even where the window does not begin or end
     on a step."""
     sc = sc or scope(conn, f)
-    step = max(MINUTE, int(step or default_step(f.seconds, 30 if per_replica else 120)) // MINUTE * MINUTE)
-    m0, m1 = f.rollup_bounds()
-    if step % HOUR == 0:
-        # Every row of the window, hourly or at its edges per minute, lies in one step.
-        condition = _window_condition(f)
-    else:
-        condition = and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
+    step = _whole_minutes(step or default_step(f.seconds, 30 if per_replica else 120))
+    condition = _step_condition(f, step)
     names = PER_REPLICA_TIMESERIES_COLUMNS if per_replica else TIMESERIES_COLUMNS
     if not sc.routers:
         return {"window": _window(f), "step_s": step, "points": []}
@@ -572,10 +621,26 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
             point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
         point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
                                                        point["stale_max"])
+        point["decision_quality"] = decision_quality(point)
+        for name in QUALITY_COLUMNS:  # the figures stand for them
+            del point[name]
         out.append(point)
     if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
         out.sort(key=lambda point: (point["t"], *_deployment_then_replica(point)))
     return {"window": _window(f), "step_s": step, "points": out}
+
+
+def _whole_minutes(step: float) -> int:
+    return max(MINUTE, int(step) // MINUTE * MINUTE)
+
+
+def _step_condition(f: Filters, step: int):
+    """Rows of the rollups that steps of `step` seconds read over the window."""
+    if step % HOUR == 0:
+        # Every row of the window, hourly or at its edges per minute, lies in one step.
+        return _window_condition(f)
+    m0, m1 = f.rollup_bounds()
+    return and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
 
 
 def _window(f: Filters) -> dict:

@@ -433,15 +433,17 @@ def _rows(path: str, response) -> int:
               "/v1/decisions": lambda: len(body["decisions"]),
               "/v1/deployments": lambda: len(body["deployments"]),
               "/v1/sources": lambda: len(body["sources"])}
-    # The others: every non-zero number counts or measures something filtered, but the window's
-    # and the histogram's fixed bounds.
-    fixed = {"window", "bin_bounds_s", "step_s"}
-    return counts[path]() if path in counts else _figures({k: v for k, v in body.items() if k not in fixed})
+    # The others: every non-zero number counts or measures something filtered, but the window's,
+    # the histogram's and the steps' fixed bounds (at any depth: rank-hits has figures over time).
+    return counts[path]() if path in counts else _figures(body)
+
+
+_FIXED = {"window", "bin_bounds_s", "step_s"}
 
 
 def _figures(value) -> int:
     if isinstance(value, dict):
-        return sum(_figures(item) for item in value.values())
+        return sum(_figures(item) for key, item in value.items() if key not in _FIXED)
     if isinstance(value, list):
         return sum(_figures(item) for item in value)
     return int(isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0)
