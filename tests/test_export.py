@@ -51,7 +51,9 @@ class Log:
                               request_id=f"req-{i}", internal_request_id=f"int-{i}", model_id=f"m{i % 2}",
                               candidates={replica: {"queue_len": i, "queue_len_age_s": 0.25, "stats": {"q": i},
                                                     "stats_age_s": 1.5, "stats_age_source": "stamped"}})
-            r = shop.routed(t + 0.01, replica, d, queue_wait_ms=2.0)
+            # Every other answer with its queue lengths (wire format v2): believed i, as the decision saw it.
+            r = shop.routed(t + 0.01, replica, d, queue_wait_ms=2.0,
+                            quality=(i, i % 4, i + 1 + i % 3) if i % 2 == 0 else None)
             c = shop.completed(t + 0.05, replica, r, latency_ms=40.0 + i)
             events += [d, r, c]
             self.decisions[d["id"]] = d
@@ -60,7 +62,7 @@ class Log:
         # A rejection: r1 refuses the first attempt, the second goes to r2.
         t = t0 + 20
         self.refused = shop.decision(t, [["r1"], ["r2"]], request_id="req-x", internal_request_id="int-x")
-        rejection = shop.completed(t + 0.01, "r1", rejected=True, internal_request_id="int-x")
+        rejection = shop.completed(t + 0.01, "r1", rejected=True, internal_request_id="int-x", quality=(3, 1, 5))
         self.retried = shop.decision(t + 0.02, [["r2"]], request_id="req-x", internal_request_id="int-x", attempt=1)
         retried_routed = shop.routed(t + 0.03, "r2", self.retried, attempts=2)
         # A FIFO hand-off: the ranking made for req-y served req-z.
@@ -125,6 +127,22 @@ def test_decisions_parquet_one_row_per_decision_with_its_outcome(collector, log)
     retried = rows[log.retried["id"]]
     assert (retried["chosen_replica"], retried["rejected"], retried["attempt"]) == ("r2", False, 1)
     assert rows[log.handed["id"]]["own_ranking"] is False
+
+
+def test_decisions_carry_their_answers_decision_quality(collector, log):
+    """Regret and belief error of each decision's answer, by the definitions
+    (design.md): the accepted ones' replica counted the request it accepted."""
+    rows = {row["decision_id"]: row for row in parquet(collector, log).to_pylist()}
+    quality = ("shortest_queue_len", "regret", "reported_queue_len", "belief_error")
+    for i in range(12):
+        row = next(r for r in rows.values() if r["request_id"] == f"req-{i}")
+        if i % 2:  # an answer without queue lengths (wire format v1): unknown
+            assert [row[name] for name in quality] == [None] * 4
+        else:
+            assert [row[name] for name in quality] == [i % 4, i - i % 4, i + 1 + i % 3, -(i % 3)], i
+    refused = rows[log.refused["id"]]  # refused: believed 3, shortest 1, the replica reported 5
+    assert [refused[name] for name in quality] == [1, 2, 5, -2]
+    assert [rows[log.retried["id"]][name] for name in quality] == [None] * 4
 
 
 def test_parquet_opens_in_duckdb_with_the_right_types(collector, log, tmp_path):

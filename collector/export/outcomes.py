@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection
 from ..query.explore import REQUEST_HORIZON_S, decision_conditions, id_bytes, in_window
 from ..query.figures import Scope
 from ..query.filters import Filters
-from ..store.models import completed, decisions, routed
+from ..store.models import ANSWER_QUEUE_LENS, completed, decisions, routed
 from ..store.types import stored_bytes
 from .arrow_reader import ArrowReader
 from .chunks import BLOB, Reading, chunks
@@ -40,12 +40,14 @@ _ROUTINGS = Reading({  # the outcome columns of a decision's routed event
     "decision_id": (stored_bytes(r.decision_id), BLOB), "routed_id": (stored_bytes(r.id), BLOB),
     "replica_pk": (r.replica_pk, pa.int64()), "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()),
     "queue_wait_ms": (r.queue_wait_ms, pa.float64()),
+    **{name: (r[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
 })
 _COMPLETIONS = Reading({  # those of a routing's completion
     "routed_id": (stored_bytes(c.routed_id), BLOB), "latency_ms": (c.latency_ms, pa.float64()), "ok": (c.ok, pa.bool_()),
 })
 del d, r, c
-_REFUSALS = pa.schema([("replica_pk", pa.int64()), ("latency_ms", pa.float64()), ("ok", pa.bool_())])
+_REFUSALS = pa.schema([("replica_pk", pa.int64()), ("latency_ms", pa.float64()), ("ok", pa.bool_()),
+                       *((name, pa.int64()) for name in ANSWER_QUEUE_LENS)])
 
 
 @dataclass
@@ -92,7 +94,7 @@ def _first_match(keys: pa.Array, rows: pa.RecordBatch, column: str) -> pa.Record
 
 
 def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -> pa.RecordBatch:
-    """Row by row, the rejection (replica_pk, latency_ms, ok) that followed
+    """Row by row, the rejection (_REFUSALS' columns) that followed
     an unrouted decision: the first rejected completion of its request after
     it, with no other decision of the request in between (Ray decides again
     after a rejection). Few decisions go unrouted: this reads little."""
@@ -104,19 +106,20 @@ def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -
         found = _rejections(conn, rows, requests, set(unrouted.column("id").to_pylist()), since,
                             until + REQUEST_HORIZON_S)
     refused = pa.RecordBatch.from_arrays([pa.array(column, field.type) for column, field in
-                                          zip(list(zip(*found.values())) or [()] * 3, _REFUSALS)], schema=_REFUSALS)
+                                          zip(list(zip(*found.values())) or [()] * len(_REFUSALS), _REFUSALS)],
+                                         schema=_REFUSALS)
     return refused.take(pc.index_in(rows.column("id"), value_set=pa.array(list(found), pa.binary())))
 
 
 def _rejections(conn: Connection, rows: pa.RecordBatch, requests: set, wanted: set, since: float,
                 until: float) -> Dict[bytes, tuple]:
-    """Decision id -> (replica_pk, latency_ms, ok), for the `wanted` decisions
+    """Decision id -> its row of _REFUSALS, for the `wanted` decisions
     of the chunk `rows` (of `requests`) that a rejection followed."""
     request_key = stored_bytes(completed.c.internal_request_id)
     # A rejection is a completion without a routing (docs/design.md): found through routed_id's index, whose
     # nulls come first in id order, rather than by scanning every completion of the window.
     rejections = conn.execute(
-        select(completed.c.ts, request_key, completed.c.replica_pk, completed.c.latency_ms, completed.c.ok)
+        select(completed.c.ts, request_key, *(completed.c[name] for name in _REFUSALS.names))
         .where(completed.c.routed_id.is_(None), *in_window(completed, since, until), completed.c.rejected.is_(True),
                request_key.in_(requests))
         .order_by(id_bytes(completed))).all()
@@ -138,8 +141,8 @@ def _rejections(conn: Connection, rows: pa.RecordBatch, requests: set, wanted: s
     for ts, request, decision_id in chain(decided, later):
         by_request.setdefault(request, []).append((ts, decision_id))
     found: Dict[bytes, tuple] = {}
-    for ts, request, replica_pk, latency_ms, ok in rejections:
+    for ts, request, *refusal in rejections:
         before = [decision_id for decision_ts, decision_id in by_request.get(request, ()) if decision_ts <= ts]
         if before and before[-1] in wanted and before[-1] not in found:
-            found[before[-1]] = (replica_pk, latency_ms, ok)
+            found[before[-1]] = tuple(refusal)
     return found

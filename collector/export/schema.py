@@ -12,9 +12,9 @@ documented in docs/export.md (a test holds the two together).
 - `routed`: one row per routed event, with its completion;
 - `completed`: one row per completion, rejections included;
 - `events` (JSON Lines only): the raw events of each source as wire-format
-  v1 batches, one per line, the form the tracer's local sink writes and
-  `routelens import` loads: a lossless copy from one database to another
-  (see `collector.export.wire_batches`). It has no columns of its own.
+  batches of this version, one per line, the form the tracer's local sink
+  writes and `routelens import` loads: a lossless copy from one database to
+  another (see `collector.export.wire_batches`). It has no columns of its own.
 """
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("latency_ms", pa.float64(), "time from routing to completion"),
         Column("ok", pa.bool_(), "the request completed without error"),
         Column("rejected", pa.bool_(), "the chosen replica refused the request"),
+        Column("shortest_queue_len", pa.int64(),
+               "the shortest queue length among all the candidates, as the router saw them (null: unknown)"),
+        Column("regret", pa.int64(), "the chosen replica's queue length, as the router saw it, minus the shortest"),
+        Column("reported_queue_len", pa.int64(),
+               "ongoing requests the chosen replica reported as it answered (accepting: this one included)"),
+        Column("belief_error", pa.int64(),
+               "the queue length the router saw minus the replica's before this request (positive: overestimated)"),
     ],
     "candidates": [
         *DECISION,

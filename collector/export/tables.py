@@ -13,7 +13,7 @@ from sqlalchemy.engine import Connection
 from ..query.explore import outcome_conditions
 from ..query.figures import Scope
 from ..query.filters import Filters
-from ..store.models import completed, routed
+from ..store.models import ANSWER_QUEUE_LENS, completed, routed
 from ..store.types import stored_bytes
 from .arrow_reader import ArrowReader
 from .chunks import BLOB, Reading, chunks, in_background
@@ -65,8 +65,21 @@ def decision_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scop
                        latency_ms=pc.coalesce(completion("latency_ms"), refusal("latency_ms")),
                        ok=pc.coalesce(completion("ok"), refusal("ok")),
                        rejected=pc.if_else(refusal("replica_pk").is_valid(), TRUE,
-                                           pc.if_else(accepted, FALSE, UNKNOWN)))
+                                           pc.if_else(accepted, FALSE, UNKNOWN)),
+                       **_decision_quality(accepted, *(pc.coalesce(routing(name), refusal(name))
+                                                       for name in ANSWER_QUEUE_LENS)))
         yield record_batch("decisions", columns)
+
+
+def _decision_quality(accepted: pa.Array, believed: pa.Array, shortest: pa.Array,
+                      reported: pa.Array) -> Dict[str, pa.Array]:
+    """The decision-quality columns of the answers (docs/design.md, Definitions;
+    the rollups count the same, `collector.ingest.rollups`). Null wherever an
+    input is: answers of wire format v1 have none."""
+    # The replica's count before this request: an accepting replica counts the one it accepted.
+    before = pc.if_else(accepted, pc.max_element_wise(pc.subtract(reported, 1), 0, skip_nulls=False), reported)
+    return {"shortest_queue_len": shortest, "regret": pc.subtract(believed, shortest),
+            "reported_queue_len": reported, "belief_error": pc.subtract(believed, before)}
 
 
 def candidate_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,

@@ -1,4 +1,4 @@
-"""A window's raw events as wire-format v1 batches: the `events` export.
+"""A window's raw events as wire-format batches (this version's): the `events` export.
 
 The form the tracer's local sink writes and `routelens import` loads, so
 that a log moves losslessly from one database to another: each source's
@@ -22,7 +22,17 @@ from ..ingest.schema import WIRE_SCHEMA_VERSION
 from ..query.explore import id_bytes, in_window
 from ..query.figures import Scope
 from ..query.filters import Filters
-from ..store.models import Replica, Source, SourceBatch, completed, decisions, memberships, routed, stats_changes
+from ..store.models import (
+    ANSWER_QUEUE_LENS,
+    Replica,
+    Source,
+    SourceBatch,
+    completed,
+    decisions,
+    memberships,
+    routed,
+    stats_changes,
+)
 from ..store.types import AGE_SOURCE_NAMES, ranking_layout, stored_bytes
 
 EVENTS_PER_BATCH = 1_000
@@ -139,6 +149,7 @@ def _routed_event(row, replica_ids: Dict[int, str]) -> dict:
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
         "replica_id": replica_ids[row["replica_pk"]], "decision_id": row["decision_id"], "rank": row["rank"],
         "own_ranking": row["own_ranking"], "attempts": row["attempts"], "queue_wait_ms": row["queue_wait_ms"],
+        **_answer_queue_lens(row),
     }, row["extra"])
 
 
@@ -146,8 +157,15 @@ def _completed_event(row, replica_ids: Dict[int, str]) -> dict:
     return _with_extra({
         "type": "completed", "id": row["id"], "ts": row["ts"], "internal_request_id": row["internal_request_id"],
         "replica_id": replica_ids[row["replica_pk"]], "latency_ms": row["latency_ms"], "ok": row["ok"],
-        "rejected": row["rejected"], "routed_id": row["routed_id"],
+        "rejected": row["rejected"], "routed_id": row["routed_id"], **_answer_queue_lens(row),
     }, row["extra"])
+
+
+def _answer_queue_lens(row) -> dict:
+    """An answer's queue lengths (wire format v2), as stored: left out when
+    none is known (events of v1, completions that are no answer)."""
+    values = {name: row[name] for name in ANSWER_QUEUE_LENS}
+    return values if any(value is not None for value in values.values()) else {}
 
 
 def _stats_event(row, replica_ids: Dict[int, str]) -> dict:
