@@ -67,7 +67,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         "overview": overview.render,
         "distribution": partial(distribution.render, prefix=prefix),
         "staleness": staleness.render,
-        "rank-hits": rank_hits.render,
+        "rank-hits": partial(rank_hits.render, prefix=prefix),
         "explorer": partial(explorer.render, prefix=prefix),
         "compare": partial(compare.render, prefix=prefix),
     }

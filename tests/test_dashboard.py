@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from routelens.collector.settings import Settings
-from routelens.dashboard.components import number, percent, seconds
+from routelens.dashboard.components import deployment_name, number, percent, seconds
 from routelens.dashboard.up import create_up_app
+from routelens.dashboard.views.rank_hits import quality_cells
 from tests.support.browser import shown_rows, shown_text
 from tests.support.collector_server import CollectorServer
 from tests.support.wire_source import WireSource
@@ -22,16 +23,20 @@ pytestmark = pytest.mark.browser
 
 
 def _traffic(src: WireSource, t0: float, replicas, counts) -> list:
-    """`counts[i]` requests to `replicas[i]`, each a decision, a routing and a completion."""
+    """`counts[i]` requests to `replicas[i]`, each a decision, a routing and a completion.
+    The router saw every chosen replica at 1 and the shortest queue at 1 when it chose
+    replicas[0] (regret 0, belief error 0: it reported 2, this request included), else
+    at 0 (regret 1, belief error -1: the replica reported 3)."""
     events = [src.replicas(t0, replicas)]
     t = t0
     for replica, n in zip(replicas, counts):
+        first = replica == replicas[0]
         for _ in range(n):
             t += 0.01
             others = [r for r in replicas if r != replica]
             d = src.decision(t, [[replica], others[:1]], candidates={replica: {
                 "queue_len": 1, "stats_age_s": 0.4, "stats_age_source": "stamped"}})
-            r = src.routed(t + 0.001, replica, d)
+            r = src.routed(t + 0.001, replica, d, quality=(1, 1 if first else 0, 2 if first else 3))
             events += [d, r, src.completed(t + 0.002, replica, r)]
     return events
 
@@ -131,6 +136,40 @@ def test_rank_hits_shows_the_api_figures(server, page):
     assert shown_text(page, "#rank-hits-handoff-rate") == percent(r["handoff_rate"])
     rows = shown_rows(page, "#rank-hits-ranks")
     assert [(x[0], x[1]) for x in rows] == [(e["rank"], number(e["routed"])) for e in r["ranks"]]
+    assert not page.console_errors
+
+
+def test_rank_hits_shows_decision_quality_per_replica_and_over_time(server, page):
+    page.goto(server.url + "/rank-hits?app=shop")
+    r = api(server, "/v1/rank-hits", app="shop")
+    regret, belief = r["decision_quality"]["regret"], r["decision_quality"]["belief_error"]
+    # By hand: 30 answers from r1 (regret 0, belief error 0), 10 from r2 (regret 1, belief error -1).
+    assert (regret["samples"], regret["mean"], regret["positive_share"], regret["p95"]) == (40, 0.25, 0.25, 1.0)
+    assert (belief["samples"], belief["mean"], belief["mean_abs"], belief["p95_abs"]) == (40, -0.25, 0.25, 1.0)
+    assert shown_text(page, "#rank-hits-regret-mean") == number(regret["mean"], 2) == "0.25"
+    assert shown_text(page, "#rank-hits-regret-positive") == percent(regret["positive_share"])
+    assert shown_text(page, "#rank-hits-regret-p95") == number(regret["p95"])
+    assert shown_text(page, "#rank-hits-belief-error-mean-abs") == number(belief["mean_abs"], 2)
+    assert shown_text(page, "#rank-hits-belief-error-p95") == number(belief["p95_abs"])
+    assert shown_rows(page, "#rank-hits-quality-replicas") == [
+        [x["replica_id"], deployment_name(x), *quality_cells(x["decision_quality"])] for x in r["replicas"]]
+    assert [row[:3] for row in shown_rows(page, "#rank-hits-quality-replicas")] == [
+        ["r1", "shop/Checkout", "30"], ["r2", "shop/Checkout", "10"]]
+    assert shown_rows(page, "#rank-hits-quality-deployments") == [
+        [deployment_name(x), *quality_cells(x["decision_quality"])] for x in r["deployments"]]
+    # Over time: one line per deployment, its points the API's.
+    page.wait_for_selector("#rank-hits-regret-over-time .main-svg")
+    lines = page.evaluate("document.querySelector('#rank-hits-regret-over-time .js-plotly-plot').data")
+    (shop,) = r["decision_quality_over_time"]["deployments"]
+    assert [(line["name"], line["y"]) for line in lines] == [
+        ("shop/Checkout", [p["regret"]["mean"] for p in shop["points"]])]
+    page.wait_for_selector("#rank-hits-belief-over-time .main-svg")
+    # Exportable: the decisions download holds each answer's figures, which give the view's.
+    with page.expect_download() as download:
+        page.click("#rank-hits-download-csv")
+    frame = pd.read_csv(download.value.path())
+    assert frame["regret"].count() == regret["samples"] and frame["regret"].mean() == regret["mean"]
+    assert frame["belief_error"].abs().mean() == belief["mean_abs"]
     assert not page.console_errors
 
 

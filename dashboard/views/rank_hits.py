@@ -1,4 +1,5 @@
-"""Rank hits: whether requests got the replica their router ranked first, and what got in the way."""
+"""Rank hits: whether requests got the replica their router ranked first, what got in the way,
+and how good the choices were (decision quality: regret and belief error)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,18 @@ from routelens.collector.query import figures
 from routelens.collector.query.filters import Filters
 from routelens.collector.store.bins import RANK_COLUMNS
 
-from ..components import card, dates, deployment_name, number, percent, section, table
+from ..components import card, dates, deployment_name, downloads, number, percent, section, table
+from ..state import ViewState
+
+QUALITY_HEADINGS = ("answers", "regret mean", "regret p95", "regret > 0", "belief error mean",
+                    "|belief error| mean", "|belief error| p95")
 
 
-def render(conn: Connection, f: Filters, _state=None) -> html.Div:
+def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") -> html.Div:
     sc = figures.scope(conn, f)
     r = figures.rank_hits(conn, f, sc)
     choose = r["choose_us"]
+    regret, belief = r["decision_quality"]["regret"], r["decision_quality"]["belief_error"]
     cards = html.Div(className="cards", children=[
         card("rank-hits-rank0-rate", "rank-0 hit rate", percent(r["rank0_rate"])),
         card("rank-hits-handoff-rate", "FIFO hand-off rate", percent(r["handoff_rate"]),
@@ -26,6 +32,14 @@ def render(conn: Connection, f: Filters, _state=None) -> html.Div:
              number(r["decisions_per_request"]["mean"], 2)),
         card("rank-hits-choose-p50", "choose_replicas p50", f'{number(choose["p50"])} µs'),
         card("rank-hits-choose-p99", "choose_replicas p99", f'{number(choose["p99"])} µs'),
+        card("rank-hits-regret-mean", "regret, mean", number(regret["mean"], 2),
+             hint="the chosen replica's queue length minus the shortest among the candidates, as the router saw them"),
+        card("rank-hits-regret-positive", "decisions with regret > 0", percent(regret["positive_share"]),
+             hint="answers whose replica's queue was longer than another candidate's"),
+        card("rank-hits-regret-p95", "regret p95", number(regret["p95"])),
+        card("rank-hits-belief-error-mean-abs", "|belief error|, mean", number(belief["mean_abs"], 2),
+             hint="the queue length the router believed against the one the replica reported as it answered"),
+        card("rank-hits-belief-error-p95", "|belief error| p95", number(belief["p95_abs"])),
     ])
     series = figures.timeseries(conn, f, sc=sc)["points"]
     times = dates(p["t"] for p in series)
@@ -51,15 +65,48 @@ def render(conn: Connection, f: Filters, _state=None) -> html.Div:
                        number(x["handoffs"]), number(x["rejections"])) for x in r["replicas"]])
     attempts = table("rank-hits-attempts", ("decisions for the request", "routed requests"),
                      [(b["attempts"], number(b["routed"])) for b in r["decisions_per_request"]["bins"]])
+    quality_deployments = table("rank-hits-quality-deployments", ("deployment", *QUALITY_HEADINGS),
+                                [(deployment_name(x), *quality_cells(x["decision_quality"])) for x in r["deployments"]])
+    quality_replicas = table("rank-hits-quality-replicas", ("replica", "deployment", *QUALITY_HEADINGS),
+                             [(x["replica_id"], deployment_name(x), *quality_cells(x["decision_quality"]))
+                              for x in r["replicas"]])
+    over_time = r["decision_quality_over_time"]["deployments"]
     return html.Div([
         cards,
+        # The decisions, each with its answer's regret and belief error (and everything else counted here).
+        downloads("rank-hits-download", prefix, state.export_query(f), "decisions"),
         section("Routed requests by rank", [ranks]),
         section("Deployments, lowest rank-0 hit rate first", [deployments]),
         section("Share by rank over time", [dcc.Graph(id="rank-hits-shares", figure=shares)]),
         section("FIFO hand-off rate over time", [dcc.Graph(id="rank-hits-handoffs", figure=handoffs)]),
         section("Per replica", [replicas]),
         section("Decisions per request", [attempts]),
+        section("Decision quality per deployment", [quality_deployments]),
+        section("Regret over time, per deployment (mean)", [dcc.Graph(
+            id="rank-hits-regret-over-time", figure=_over_time(over_time, "regret", "mean", "regret (requests)"))]),
+        section("Belief error over time, per deployment (mean absolute)", [dcc.Graph(
+            id="rank-hits-belief-over-time",
+            figure=_over_time(over_time, "belief_error", "mean_abs", "|belief error| (requests)"))]),
+        section("Decision quality per replica", [quality_replicas]),
     ])
+
+
+def quality_cells(quality: dict) -> tuple:
+    """A row's decision-quality cells, in QUALITY_HEADINGS' order."""
+    regret, belief = quality["regret"], quality["belief_error"]
+    return (number(regret["samples"]), number(regret["mean"], 2), number(regret["p95"]),
+            percent(regret["positive_share"]), number(belief["mean"], 2), number(belief["mean_abs"], 2),
+            number(belief["p95_abs"]))
+
+
+def _over_time(deployments: list, figure: str, statistic: str, title: str) -> go.Figure:
+    """One line per deployment: `statistic` of `figure` (regret or belief_error) per step."""
+    chart = go.Figure([go.Scatter(x=dates(p["t"] for p in d["points"]), y=[p[figure][statistic] for p in d["points"]],
+                                  name=deployment_name(d), mode="lines+markers")
+                       for d in deployments])
+    chart.update_layout(margin=dict(l=40, r=10, t=10, b=40), height=260, yaxis_title=title,
+                        legend=dict(orientation="h", y=-0.3))
+    return chart
 
 
 def _rank_name(column: str) -> str:
