@@ -47,6 +47,11 @@ class FifoAttribution:
         super().__init__(router, init_kwargs, **options)
         # (replica, the decision that ranked it or None, its rank there) during a fulfilment.
         self.fulfilling: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
+        # The request a replica just accepted and the count of ongoing requests it reported, set by the
+        # mixin as Ray's sender reads the answer (on_new_queue_len_info); on_routed, which Ray calls next
+        # in the same step, takes them. Two attributes rather than a tuple: nothing to build per request.
+        self.accepted_request: Any = None
+        self.accepted_queue_len: Optional[int] = None
 
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
         # Ray fulfils from the routing task that found the replica, with the
@@ -80,6 +85,9 @@ class FifoAttribution:
                 self._configure_from_env()
             self._loop_or_bind()
         now = time.time()
+        reported = None
+        if self.accepted_request is pending_request:  # else Ray sent it without asking the replica
+            reported, self.accepted_request = self.accepted_queue_len, None
         trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
         handoff, trace.handoff = trace.handoff, None
         if handoff is not None and handoff[1] is not None and (
@@ -98,5 +106,15 @@ class FifoAttribution:
         seq = next_seq()
         # The routed record (routers.records, slots R_*), built here only.
         self._submit((self.source, ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
-                      (now - pending_request.created_at) * 1000.0, attribution))
+                      (now - pending_request.created_at) * 1000.0, attribution, reported))
         self._track_attempt(trace, replica_id, now, seq, handoff is not None, result)
+
+    def answered_decision(self, trace: RequestTrace, replica_id: Any) -> Optional[list]:
+        """The decision that supplied the replica a request was sent to, as
+        on_routed finds it, for an answer other than an acceptance (a refusal):
+        the hand-off's, else the request's own last decision. Consumes the hand-off."""
+        handoff, trace.handoff = trace.handoff, None
+        if handoff is not None and handoff[1] is not None and (
+                handoff[0].replica_id is replica_id or handoff[0].replica_id == replica_id):
+            return handoff[1]
+        return trace.last_decision

@@ -103,6 +103,7 @@ class CompletionPairing:
     _configure_from_env: Callable[[], None]
     _loop_or_bind: Callable[[], asyncio.AbstractEventLoop]
     _new_trace: Callable[[Any], RequestTrace]  # routers.decisions
+    answered_decision: Callable[[RequestTrace, Any], Optional[list]]  # routers.attribution
     sends_unasked_to: Callable[[Any], bool]  # routers.unrouted_sends
     _unrouted_sends: Dict[str, Tuple[float, float]]  # routers.unrouted_sends
     _complete_unrouted_send: Callable[..., None]  # routers.unrouted_sends
@@ -203,12 +204,14 @@ class CompletionPairing:
         self.source.pending_completions += 1
         self._settle_later(key)
 
-    def on_refused(self, pending_request: Any, replica_id: Any) -> None:
-        """The replica refused the request: Ray's sender read its answer. The
-        refusal is recorded now; its attempt's completion is consumed when it comes."""
+    def on_refused(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
+        """The replica refused the request: Ray's sender read its answer (with
+        the count of ongoing requests the replica reported). The refusal is
+        recorded now; its attempt's completion is consumed when it comes."""
         if self.source is None:
             self._configure_from_env()
         trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
+        decision = self.answered_decision(trace, replica_id)
         if not trace.sampled:
             return  # its completion is counted as sampled out
         internal_request_id = trace.metadata.internal_request_id
@@ -222,7 +225,7 @@ class CompletionPairing:
             if len(refusals) > MAX_OPEN_ATTEMPTS:  # completions that never came: nothing left to record
                 del refusals[next(iter(refusals))]
         self._submit(completed_record(self.source, time.time(), internal_request_id, replica_id, None, False, True,
-                                      None))
+                                      None, decision, reported_queue_len))
 
     def _refusal_claims(self, replica_id: Any, internal_request_id: str) -> bool:
         """Whether a completion is a recorded refusal's: consume it if so."""

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from .exporter import Source
 from .faults import faults
 from .ids import is_sampled
-from .ray_contract import queue_len_lookup
+from .ray_contract import queue_len_cache
 from .records import D_EXPORTED, DECISION, RequestTrace
 
 # Routing tasks whose latest decision is kept before those of finished
@@ -55,8 +55,10 @@ class DecisionRecording:
     def __init__(self, router: Any, init_kwargs: Any, *, records_attributes: bool = False, **options: Any):
         super().__init__(router, init_kwargs, **options)
         self._records_attributes = records_attributes
-        # Private in Ray 2.60 (routers.ray_contract): without it, queue_len is unknown.
-        self._queue_len_get = queue_len_lookup(router)
+        # Private in Ray 2.60 (routers.ray_contract): without it, queue lengths are unknown.
+        cache = queue_len_cache(router)
+        self._queue_len_get = None if cache is None else cache.get
+        self._queue_len_entries = None if cache is None else cache.values
         # The routing task -> the decision it made last (a decision record).
         self._decision_by_task: Dict[Any, list] = {}
 
@@ -77,8 +79,9 @@ class DecisionRecording:
             trace.decisions = attempt + 1
             sampled = trace.sampled
         get = self._queue_len_get
-        queue_lens = None
+        queue_lens = cached = None
         if get is not None:
+            cached = tuple(self._queue_len_entries())  # every candidate's entry, for the shortest (regret)
             if len(ranks) == 1:
                 rank = ranks[0]
                 if len(rank) == 2:  # pow-2's shape: unpacking is cheaper than a comprehension
@@ -90,7 +93,7 @@ class DecisionRecording:
                 queue_lens = [get(replica.replica_id) for rank in ranks for replica in rank]
         # The decision record (routers.records, slots D_*), built here only; D_EXPORTED is
         # whether it is queued now, D_ID is drawn by the exporter thread.
-        decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks, queue_lens,
+        decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks, queue_lens, cached,
                     self._stats_seen, sampled, None]
         if trace is not None:
             trace.last_decision = decision

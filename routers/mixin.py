@@ -119,9 +119,10 @@ class TracingMixin:
 
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
         # Called by Ray's usual sender with the replica's answer (the common
-        # case: its frame is the caller, and an accepted answer ends here),
-        # and on the paths of DeploymentHandle.choose_replica(): after a
-        # reservation, and when a reservation is released.
+        # case: its frame is the caller, and an accepted answer only leaves
+        # its count for on_request_routed), and on the paths of
+        # DeploymentHandle.choose_replica(): after a reservation, and when a
+        # reservation is released.
         tracer = self._routelens
         if tracer is not None and tracer.records_refusals:
             try:
@@ -129,10 +130,12 @@ class TracingMixin:
                 sending = caller if caller.f_code is ROUTE_AND_SEND_CODE else ray_frame(caller, ROUTE_AND_SEND_CODE)
                 if sending is not None:
                     pending_request, accepted = ray_contract.answer(sending)
-                    if not accepted:
-                        tracer.on_refused(pending_request, replica_id)
+                    if accepted:  # Ray calls on_request_routed next: on_routed takes the count from here
+                        tracer.accepted_request, tracer.accepted_queue_len = pending_request, num_ongoing_requests
+                    else:
+                        tracer.on_refused(pending_request, replica_id, num_ongoing_requests)
                 elif tracer.records_unrouted_sends:
-                    _record_reservation_answer(tracer, caller, replica_id)
+                    _record_reservation_answer(tracer, caller, replica_id, num_ongoing_requests)
             except Exception as exc:
                 faults.record("recording a replica's answer", exc)
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
@@ -195,13 +198,13 @@ class TracingMixin:
             return result
 
 
-def _record_reservation_answer(tracer: RouterTracer, caller: Any, replica_id: Any) -> None:
+def _record_reservation_answer(tracer: RouterTracer, caller: Any, replica_id: Any, num_ongoing_requests: int) -> None:
     """On DeploymentHandle.choose_replica()'s paths: a reservation accepted,
     or one released without being used."""
     if (reserving := ray_frame(caller, RESERVE_CODE)) is not None:
         pending_request, accepted = ray_contract.reservation(reserving)
         if accepted:
-            tracer.on_reserved(pending_request, replica_id)
+            tracer.on_reserved(pending_request, replica_id, num_ongoing_requests)
     elif (releasing := ray_frame(caller, RELEASE_CODE)) is not None:
         request_metadata, dispatched = ray_contract.released_reservation(releasing)
         if not dispatched:

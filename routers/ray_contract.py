@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import dis
 import inspect
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
 from ray.serve.request_router import FIFOMixin, RequestRouter
 
@@ -307,12 +307,13 @@ def broadcast_request(frame: Any) -> Any:
     return frame.f_locals["replica_pr"]
 
 
-def queue_len_lookup(router: Any) -> Optional[Callable[[Any], Any]]:
-    """`get` of the router's queue-length cache (ReplicaID -> entry with
-    queue_len and timestamp), or None without one. Ray never replaces the
-    dict, so the bound method stays valid."""
+def queue_len_cache(router: Any) -> Optional[Dict[Any, Any]]:
+    """The dict of the router's queue-length cache (ReplicaID -> entry with
+    queue_len and timestamp; Ray replaces an entry, never changes it), or
+    None without one. Ray never replaces the dict, so methods bound to it
+    stay valid."""
     cache = getattr(getattr(router, "replica_queue_len_cache", None), "_cache", None)
-    return cache.get if isinstance(cache, dict) else None
+    return cache if isinstance(cache, dict) else None
 
 
 def contract_problems() -> Dict[str, List[str]]:

@@ -74,9 +74,13 @@ D_DURATION_S = 5  # time spent in the wrapped choose_replicas
 D_N_CANDIDATES = 6
 D_RANKS = 7  # the list of lists of RunningReplica returned by the router
 D_QUEUE_LENS = 8  # queue-length cache entries of the ranked replicas, in rank order (None: unknown)
-D_STATS_SEEN = 9  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
-D_EXPORTED = 10  # queued for export (a sampled-out decision is not, unless it supplies a sampled request)
-D_ID = 11  # drawn by decision_id() on the exporter thread
+# Every entry of the router's queue-length cache, in no order (None: no cache). Ray keeps one per
+# replica it routes to: the candidates it gives choose_replicas. Read by the exporter thread for the
+# shortest queue length the router saw (regret); a tuple of references, cheaper than finding the minimum here.
+D_CACHED = 9
+D_STATS_SEEN = 10  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
+D_EXPORTED = 11  # queued for export (a sampled-out decision is not, unless it supplies a sampled request)
+D_ID = 12  # drawn by decision_id() on the exporter thread
 
 
 def decision_id(decision: list) -> str:
@@ -85,6 +89,21 @@ def decision_id(decision: list) -> str:
     if decision[D_ID] is None:
         decision[D_ID] = event_id(decision[TS], next_seq())
     return decision[D_ID]
+
+
+def queue_len_entry(decision: list, replica_id: Any) -> Any:
+    """The queue-length cache entry `decision` ranked the replica on, or None."""
+    queue_lens = decision[D_QUEUE_LENS]
+    if queue_lens is None:
+        return None
+    position = 0  # queue_lens follows the ranked replicas in rank order
+    for rank in decision[D_RANKS]:
+        for replica in rank:
+            other = replica.replica_id
+            if other is replica_id or other == replica_id:
+                return queue_lens[position]
+            position += 1
+    return None
 
 
 def rank_of(decision: list, replica_id: Any) -> Optional[int]:
@@ -109,6 +128,7 @@ R_OWN_RANKING = 8  # whether that decision was made for this request (None: no d
 R_ATTEMPTS = 9  # decisions made for this request
 R_QUEUE_WAIT_MS = 10  # from the request's arrival to its routing
 R_ATTRIBUTION = 11  # "exact" or "last_decision"
+R_REPORTED_QUEUE_LEN = 12  # the replica's count of ongoing requests when it accepted, this one included (None: unknown)
 
 
 # -- completed: one send attempt finished (accepted, refused, or sent unrouted).
@@ -118,12 +138,18 @@ C_LATENCY_MS = 6  # None: unknown
 C_OK = 7  # None: unknown
 C_REJECTED = 8
 C_ROUTED = 9  # (ts, seq) of the routed event this completes, its id's parts; None for a refusal or a broadcast
+# A refusal's: the decision whose ranking supplied the replica, and the count of ongoing requests the replica
+# reported as it refused (None: unknown, and for every other completion).
+C_DECISION = 10
+C_REPORTED_QUEUE_LEN = 11
 
 
 def completed_record(source: Any, ts: float, internal_request_id: str, replica_id: Any,
                      latency_ms: Optional[float], ok: Optional[bool], rejected: bool,
-                     routed: Optional[Tuple[float, int]]) -> tuple:
-    return (source, COMPLETED, ts, next_seq(), internal_request_id, replica_id, latency_ms, ok, rejected, routed)
+                     routed: Optional[Tuple[float, int]], decision: Optional[list] = None,
+                     reported_queue_len: Optional[int] = None) -> tuple:
+    return (source, COMPLETED, ts, next_seq(), internal_request_id, replica_id, latency_ms, ok, rejected, routed,
+            decision, reported_queue_len)
 
 
 # -- replicas: the full membership, on each update_replicas that changed it.

@@ -39,6 +39,8 @@ class UnroutedSends:
     _submit: Callable[[Any], None]
     _configure_from_env: Callable[[], None]
     on_routed: Callable[[Any, Any, Any], None]  # routers.attribution
+    accepted_request: Any  # routers.attribution
+    accepted_queue_len: Optional[int]  # routers.attribution
     _open_attempts: Dict[str, List[Any]]  # routers.completions
     _close_attempt: Callable[[Any], None]  # routers.completions
 
@@ -64,10 +66,12 @@ class UnroutedSends:
                                          if getattr(r, "is_cross_language", False))
         self.sends_unasked = not self._rejection_protocol or bool(self._cross_language)
 
-    def on_reserved(self, pending_request: Any, replica_id: Any) -> None:
+    def on_reserved(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
         """DeploymentHandle.choose_replica(): the replica routed to holds a slot
         for this request, and dispatch() sends it there without asking, so Ray
-        never calls on_request_routed for it: this is its routing."""
+        never calls on_request_routed for it: this is its routing. The replica
+        reported its count of ongoing requests, the slot included, as it accepted."""
+        self.accepted_request, self.accepted_queue_len = pending_request, reported_queue_len
         self.on_routed(pending_request, replica_id, None)
 
     def on_reservation_unused(self, replica_id: Any, request_metadata: Any) -> None:

@@ -1,4 +1,4 @@
-"""Wire format v1 (docs/design.md): how a queued record becomes JSON.
+"""Wire format v2 (docs/design.md): how a queued record becomes JSON.
 
 `encode` runs on the exporter thread and turns one record (routers.records:
 tuples of plain references the hooks queued) into the JSON text of one
@@ -13,14 +13,17 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from .ids import event_id
 from .records import (
+    C_DECISION,
     C_INTERNAL_REQUEST_ID,
     C_LATENCY_MS,
     C_OK,
     C_REJECTED,
     C_REPLICA_ID,
+    C_REPORTED_QUEUE_LEN,
     C_ROUTED,
     COMPLETED,
     D_ATTEMPT,
+    D_CACHED,
     D_DURATION_S,
     D_N_CANDIDATES,
     D_QUEUE_LENS,
@@ -37,6 +40,7 @@ from .records import (
     R_QUEUE_WAIT_MS,
     R_RANK,
     R_REPLICA_ID,
+    R_REPORTED_QUEUE_LEN,
     R_TRACE,
     REPLICAS,
     ROUTED,
@@ -48,10 +52,11 @@ from .records import (
     TS,
     RequestTrace,
     decision_id,
+    queue_len_entry,
 )
 from .stats import STATS_TIMESTAMP_KEY, collected_at
 
-WIRE_SCHEMA_VERSION = 1
+WIRE_SCHEMA_VERSION = 2  # v1 and the answers' decision-quality fields (docs/design.md)
 
 
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -185,6 +190,22 @@ def _encode_decision(d: list) -> str:
     )
 
 
+def _decision_quality(decision: Optional[list], replica_id: Any, reported_queue_len: Any) -> str:
+    """An answer's decision-quality members (docs/design.md): the replica's
+    queue length as the decision that supplied it saw it, the shortest the
+    router saw at that decision, and the count the replica reported."""
+    believed = shortest = None
+    if decision is not None:
+        entry = queue_len_entry(decision, replica_id)
+        believed = None if entry is None else entry.queue_len
+        cached = decision[D_CACHED]
+        if cached:
+            shortest = min(other.queue_len for other in cached)
+    # Values from Ray and the replica: written through the checks numbers from outside go through.
+    return (f'"believed_queue_len":{_number(believed)},"shortest_queue_len":{_number(shortest)},'
+            f'"reported_queue_len":{_number(reported_queue_len)}')
+
+
 def request_ids_json(trace: RequestTrace) -> str:
     """The request's ids as JSON members, formatted once per request: its
     decisions and routed events all carry them."""
@@ -214,17 +235,21 @@ def encode(item: tuple) -> str:
             f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_quote(item[R_REPLICA_ID].unique_id)},'
             f'"decision_id":{decision_ref},"rank":{"null" if rank is None else rank},'
             f'"own_ranking":{_flag(item[R_OWN_RANKING])},"attempts":{item[R_ATTEMPTS]},'
-            f'"queue_wait_ms":{_number(item[R_QUEUE_WAIT_MS])},"attribution":"{item[R_ATTRIBUTION]}"}}'
+            f'"queue_wait_ms":{_number(item[R_QUEUE_WAIT_MS])},"attribution":"{item[R_ATTRIBUTION]}",'
+            f'{_decision_quality(decision, item[R_REPLICA_ID], item[R_REPORTED_QUEUE_LEN])}}}'
         )
     if kind == COMPLETED:
         latency_ms, routed = item[C_LATENCY_MS], item[C_ROUTED]
         routed_ref = "null" if routed is None else f'"{event_id(*routed)}"'
+        # A refusal is an answer: it carries the decision-quality members, as a routed event does.
+        quality = (f',{_decision_quality(item[C_DECISION], item[C_REPLICA_ID], item[C_REPORTED_QUEUE_LEN])}'
+                   if item[C_REJECTED] else "")
         return (
             f'{{"type":"completed",{head},'
             f'"internal_request_id":{_string(item[C_INTERNAL_REQUEST_ID])},'
             f'"replica_id":{_quote(item[C_REPLICA_ID].unique_id)},'
             f'"latency_ms":{"null" if latency_ms is None else _FIXED % latency_ms},"ok":{_flag(item[C_OK])},'
-            f'"rejected":{_flag(item[C_REJECTED])},"routed_id":{routed_ref}}}'
+            f'"rejected":{_flag(item[C_REJECTED])},"routed_id":{routed_ref}{quality}}}'
         )
     if kind == REPLICAS:
         return f'{{"type":"replicas",{head},"replicas":{_object(item[M_MEMBERS])}}}'

@@ -57,6 +57,8 @@ def test_dispatched_unused_and_broadcast_sends(serve_instance, tmp_path):
         events = wait_for_completions(n, f"{n} completions")
         figures = check_trace(events, n, serve_apps.read_counts(str(count_dir), APP))
         assert figures["rejections"] == 0  # a refused reservation sends nothing
+        # Each replica's answer to a reservation counts the slot it reserved.
+        assert all(e["reported_queue_len"] >= 1 for e in events if e["type"] == "routed"), events
 
         # A reservation left unused: routed when the replica accepted it, and ended
         # (no outcome, no latency) when Ray releases it, so it is not in flight forever.
@@ -65,7 +67,7 @@ def test_dispatched_unused_and_broadcast_sends(serve_instance, tmp_path):
         routed = [e for e in events if e["type"] == "routed"]
         completed = [e for e in events if e["type"] == "completed"]
         assert len(routed) == 1 and len(completed) == 1, events
-        assert completed[0]["routed_id"] == routed[0]["id"]
+        assert completed[0]["routed_id"] == routed[0]["id"] and routed[0]["reported_queue_len"] >= 1
         assert completed[0]["ok"] is None and completed[0]["latency_ms"] is None and completed[0]["rejected"] is False
 
         # Broadcast: every replica, no routing.

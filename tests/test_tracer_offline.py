@@ -192,6 +192,8 @@ def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_so
     if sender == "usual" or result_source == "results from Ray":
         assert len(routed) == 1 and routed[0]["attribution"] == "exact" and routed[0]["rank"] == 0
         assert completed[0]["routed_id"] == routed[0]["id"] and completed[0]["ok"] is True
+        # Only a replica that was asked reports its queue.
+        assert (routed[0]["reported_queue_len"] is None) == (sender != "usual")
     else:
         assert routed == [] and completed[0]["ok"] is None
 
@@ -235,8 +237,8 @@ def test_an_unused_reservation_ends_its_own_attempt(tmp_path, result_source):
         dispatched, unused = make_request(), make_request()
         unused.metadata.internal_request_id = dispatched.metadata.internal_request_id
         tracer = router._routelens
-        tracer.on_reserved(dispatched, replica_id)
-        tracer.on_reserved(unused, replica_id)
+        tracer.on_reserved(dispatched, replica_id, 1)  # the count each reservation's answer reported
+        tracer.on_reserved(unused, replica_id, 2)
         tracer.on_reservation_unused(replica_id, unused.metadata)
         FakeResult.sent(router, replica_id, dispatched).finish("ok")
         await until_settled(tracer)
@@ -248,6 +250,8 @@ def test_an_unused_reservation_ends_its_own_attempt(tmp_path, result_source):
     outcome = {c["routed_id"]: (c["ok"], c["latency_ms"] is None) for c in events if c["type"] == "completed"}
     dispatched_id, unused_id = sorted(routed, key=lambda r: int(r.split("-")[1]))
     assert outcome == {routed[dispatched_id]: (True, False), routed[unused_id]: (None, True)}
+    reported = {e["request_id"]: e["reported_queue_len"] for e in events if e["type"] == "routed"}
+    assert reported == {dispatched_id: 1, unused_id: 2}
 
 
 def test_a_refusal_through_rays_own_sending_code_is_a_rejection(tmp_path, monkeypatch):
@@ -265,6 +269,56 @@ def test_a_refusal_through_rays_own_sending_code_is_a_rejection(tmp_path, monkey
     events, _ = exported_events(sink)
     assert [e["type"] for e in events if e["type"] in ("routed", "completed")] == ["completed"]
     assert [e["rejected"] for e in events if e["type"] == "completed"] == [True]
+
+
+@pytest.mark.parametrize("router_cls", [TracedUniformRequestRouter, TracedPowerOfTwoChoicesRequestRouter])
+def test_each_answer_carries_what_the_router_believed_and_what_the_replica_reported(tmp_path, monkeypatch,
+                                                                                   router_cls):
+    """Through Ray's own sending code, replicas that accept and refuse: each
+    answer (routed event, or refusal) carries the chosen replica's queue
+    length as its decision saw it, the shortest the router saw among every
+    candidate, ranked or not (Uniform ranks one), and the count the replica
+    reported in its answer."""
+    monkeypatch.setattr(completions_module, "REJECTION_GRACE_S", 0.05)
+    sink, exporter = sink_and_exporter(tmp_path)
+    believed = {"replica000": 2, "replica001": 1, "replica002": 3, "replica003": 4}
+    reported = {"replica000": 4, "replica001": 0, "replica002": 3, "replica003": 2}
+
+    async def main():
+        router = make_router(router_cls, 4, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        cache = router.replica_queue_len_cache
+        for replica in router._replicas_list:
+            replica.queue_len = reported[replica.replica_id.unique_id]
+        for refusing in [False, True] * 10:
+            for replica in router._replicas_list:
+                replica.refuses = refusing
+                # What the router believes, set again before each send (a send and its answer change it).
+                cache.update(replica.replica_id, believed[replica.replica_id.unique_id])
+            result = await RayRouter(router).send(make_request())
+            assert (result is None) == refusing
+            if result is not None:
+                result.finish("ok")
+            await until_settled(router._routelens)  # and Ray's own callbacks (the cache's decrement) ran
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    decisions = [e for e in events if e["type"] == "decision"]
+    answers = [e for e in events if e["type"] == "routed" or (e["type"] == "completed" and e["rejected"])]
+    assert len(answers) == 20 and sum(e["type"] == "routed" for e in answers) == 10
+    for answer in answers:
+        replica = answer["replica_id"]
+        assert (answer["believed_queue_len"], answer["shortest_queue_len"], answer["reported_queue_len"]) == (
+            believed[replica], min(believed.values()), reported[replica]), answer
+    # The belief is the input the decision recorded for the replica (one decision per request here).
+    inputs = {d["internal_request_id"]: d["replicas"] for d in decisions}
+    assert all(a["believed_queue_len"] == inputs[a["internal_request_id"]][a["replica_id"]]["queue_len"]
+               for a in answers)
+    # The shortest is over every candidate, not over the ranked ones (Uniform ranks one, pow-2 two): some
+    # answers came from a replica longer than one the router did not rank.
+    assert any(a["believed_queue_len"] > a["shortest_queue_len"] for a in answers)
+    # Completions of accepted attempts are not answers: they carry none of it.
+    assert all("reported_queue_len" not in e for e in events if e["type"] == "completed" and not e["rejected"])
 
 
 def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_source):
@@ -441,10 +495,12 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     source, trace = router._routelens.source, pr._routelens
     decision, routed, completed = by_kind[records.DECISION], by_kind[records.ROUTED], by_kind[records.COMPLETED]
     assert len(decision) == records.D_ID + 1 and decision[records.SOURCE] is source
+    assert decision[records.D_CACHED] == ()  # the router's queue-length cache: empty before its first send
     assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
     assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
     assert decision[records.D_ID] is None
-    assert len(routed) == records.R_ATTRIBUTION + 1 and routed[records.SOURCE] is source
+    assert len(routed) == records.R_REPORTED_QUEUE_LEN + 1 and routed[records.SOURCE] is source
+    assert routed[records.R_REPORTED_QUEUE_LEN] == 0  # the fake replica's answer
     assert routed[records.R_TRACE] is trace and routed[records.R_DECISION] is decision
     assert routed[records.R_RANK] == 0 and routed[records.R_OWN_RANKING] is True
     assert routed[records.R_ATTEMPTS] == 1 and routed[records.R_ATTRIBUTION] == "exact"
