@@ -206,6 +206,10 @@ def _decision_quality(decision: Optional[list], replica_id: Any, reported_queue_
             f'"reported_queue_len":{_number(reported_queue_len)}')
 
 
+def _decision_ref(decision: Optional[list]) -> str:
+    return "null" if decision is None else f'"{decision_id(decision)}"'
+
+
 def request_ids_json(trace: RequestTrace) -> str:
     """The request's ids as JSON members, formatted once per request: its
     decisions and routed events all carry them."""
@@ -229,11 +233,10 @@ def encode(item: tuple) -> str:
     head = f'"id":"{event_id(ts, item[SEQ])}","ts":{ts!r}'
     if kind == ROUTED:
         trace, decision, rank = item[R_TRACE], item[R_DECISION], item[R_RANK]
-        decision_ref = "null" if decision is None else f'"{decision_id(decision)}"'
         return (
             f'{{"type":"routed",{head},'
             f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_quote(item[R_REPLICA_ID].unique_id)},'
-            f'"decision_id":{decision_ref},"rank":{"null" if rank is None else rank},'
+            f'"decision_id":{_decision_ref(decision)},"rank":{"null" if rank is None else rank},'
             f'"own_ranking":{_flag(item[R_OWN_RANKING])},"attempts":{item[R_ATTEMPTS]},'
             f'"queue_wait_ms":{_number(item[R_QUEUE_WAIT_MS])},"attribution":"{item[R_ATTRIBUTION]}",'
             f'{_decision_quality(decision, item[R_REPLICA_ID], item[R_REPORTED_QUEUE_LEN])}}}'
@@ -241,15 +244,19 @@ def encode(item: tuple) -> str:
     if kind == COMPLETED:
         latency_ms, routed = item[C_LATENCY_MS], item[C_ROUTED]
         routed_ref = "null" if routed is None else f'"{event_id(*routed)}"'
-        # A refusal is an answer: it carries the decision-quality members, as a routed event does.
-        quality = (f',{_decision_quality(item[C_DECISION], item[C_REPLICA_ID], item[C_REPORTED_QUEUE_LEN])}'
-                   if item[C_REJECTED] else "")
+        answer = ""
+        if item[C_REJECTED]:
+            # A refusal is an answer: like a routed event, it names the decision that supplied the replica
+            # and carries the decision-quality members.
+            decision = item[C_DECISION]
+            answer = (f',"decision_id":{_decision_ref(decision)},'
+                      f'{_decision_quality(decision, item[C_REPLICA_ID], item[C_REPORTED_QUEUE_LEN])}')
         return (
             f'{{"type":"completed",{head},'
             f'"internal_request_id":{_string(item[C_INTERNAL_REQUEST_ID])},'
             f'"replica_id":{_quote(item[C_REPLICA_ID].unique_id)},'
             f'"latency_ms":{"null" if latency_ms is None else _FIXED % latency_ms},"ok":{_flag(item[C_OK])},'
-            f'"rejected":{_flag(item[C_REJECTED])},"routed_id":{routed_ref}{quality}}}'
+            f'"rejected":{_flag(item[C_REJECTED])},"routed_id":{routed_ref}{answer}}}'
         )
     if kind == REPLICAS:
         return f'{{"type":"replicas",{head},"replicas":{_object(item[M_MEMBERS])}}}'

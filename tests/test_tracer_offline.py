@@ -310,10 +310,10 @@ def test_each_answer_carries_what_the_router_believed_and_what_the_replica_repor
         replica = answer["replica_id"]
         assert (answer["believed_queue_len"], answer["shortest_queue_len"], answer["reported_queue_len"]) == (
             believed[replica], min(believed.values()), reported[replica]), answer
-    # The belief is the input the decision recorded for the replica (one decision per request here).
-    inputs = {d["internal_request_id"]: d["replicas"] for d in decisions}
-    assert all(a["believed_queue_len"] == inputs[a["internal_request_id"]][a["replica_id"]]["queue_len"]
-               for a in answers)
+    # Each answer names its decision (a refusal as a routed event does), and the belief is the input that
+    # decision recorded for the replica.
+    inputs = {d["id"]: d["replicas"] for d in decisions}
+    assert all(a["believed_queue_len"] == inputs[a["decision_id"]][a["replica_id"]]["queue_len"] for a in answers)
     # The shortest is over every candidate, not over the ranked ones (Uniform ranks one, pow-2 two): some
     # answers came from a replica longer than one the router did not rank.
     assert any(a["believed_queue_len"] > a["shortest_queue_len"] for a in answers)
