@@ -175,7 +175,7 @@ def empty_db_url(request, tmp_path):
     server.drop(url)
 
 
-# --- the collector app, and wire-format v1 batches as the tracer builds them ---
+# --- the collector app, and wire-format batches as the tracer builds them ---
 
 @pytest.fixture
 def make_collector(db_url):

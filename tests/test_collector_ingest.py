@@ -352,16 +352,23 @@ def test_wrong_schema_version_is_422(refusing, make_source):
         assert ("upgrade the collector first" in detail) == (version == 3), detail
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("reported_queue_len", -1, "$.events[1].reported_queue_len"),
-    ("believed_queue_len", 2 ** 31, "$.events[1].believed_queue_len"),  # beyond the 32-bit column
-    ("shortest_queue_len", 5, "$.events[1].shortest_queue_len: 5 is above believed_queue_len 4"),
+@pytest.mark.parametrize("index, field, value, expected", [
+    (1, "reported_queue_len", -1, "$.events[1].reported_queue_len"),
+    (1, "believed_queue_len", 2 ** 31, "$.events[1].believed_queue_len"),  # beyond the 32-bit column
+    (1, "shortest_queue_len", 5, "$.events[1].shortest_queue_len: 5 is above believed_queue_len 4"),
+    (2, "shortest_queue_len", 2, "$.events[2].shortest_queue_len: 2 is above believed_queue_len 1"),  # a refusal
+    # A completion of an accepted request is no answer: its routed event is.
+    (3, "reported_queue_len", 1, "$.events[3].reported_queue_len: only a refusal (rejected: true) has it"),
+    (3, "decision_id", "decision", "$.events[3].decision_id: only a refusal"),
 ])
-def test_answer_queue_lengths_out_of_range_are_422(refusing, make_source, field, value, expected):
+def test_answer_fields_out_of_range_or_place_are_422(refusing, make_source, index, field, value, expected):
     src = make_source("s2")
-    d = src.decision(_now(), [["r1"]])
-    batch = src.batch([d, src.routed(_now(), "r1", d, quality=(4, 1, 3))])
-    batch["events"][1][field] = value
+    ts = _now()
+    d = src.decision(ts, [["r1"]])
+    routed_event = src.routed(ts, "r1", d, quality=(4, 1, 3))
+    batch = src.batch([d, routed_event, src.completed(ts, "r2", rejected=True, decision=d, quality=(1, 0, 1)),
+                       src.completed(ts, "r1", routed_event)])
+    batch["events"][index][field] = d["id"] if value == "decision" else value
     _refused(refusing, refusing.send(batch), 422, expected)
 
 
@@ -376,16 +383,19 @@ def test_answers_keep_their_queue_lengths_and_v1_ones_have_none(collector, make_
         "belief_error": {"samples": 0, "mean": None, "mean_abs": None, "p95_abs": None, "max_abs": None}}
     d = new.decision(ts, [["r1"]])
     routed_event = new.routed(ts + 0.001, "r1", d, quality=(2, 0, 3))
-    refusal = new.completed(ts + 0.002, "r2", rejected=True, internal_request_id="int-x", quality=(3, 1, 5))
+    refusal = new.completed(ts + 0.002, "r2", rejected=True, internal_request_id="int-x", decision=d,
+                            quality=(3, 1, 5))
     collector.store(new.batch([d, routed_event, refusal]))
     with collector.engine.connect() as connection:
-        columns = ("believed_queue_len", "shortest_queue_len", "reported_queue_len")
+        columns = ("decision_id", "believed_queue_len", "shortest_queue_len", "reported_queue_len")
         stored = {row.id: tuple(row[1:]) for row in connection.execute(
             select(routed.c.id, *(routed.c[c] for c in columns)))}
         stored.update({row.id: tuple(row[1:]) for row in connection.execute(
             select(completed.c.id, *(completed.c[c] for c in columns)).where(completed.c.rejected.is_(True)))})
-    assert stored[routed_event["id"]] == (2, 0, 3) and stored[refusal["id"]] == (3, 1, 5)
-    assert {v for k, v in stored.items() if k not in (routed_event["id"], refusal["id"])} == {(None, None, None)}
+    # Both answers name the decision: the refusal as the routed event always did.
+    assert stored[routed_event["id"]] == (d["id"], 2, 0, 3) and stored[refusal["id"]] == (d["id"], 3, 1, 5)
+    assert {v[1:] for k, v in stored.items() if k not in (routed_event["id"], refusal["id"])} == {
+        (None, None, None)}
     # By hand: regrets 2 - 0 and 3 - 1; belief errors 2 - (3 - 1) (it accepted, counting this request) and 3 - 5.
     quality = collector.get("/v1/rank-hits", **WINDOW)["decision_quality"]
     assert quality == {

@@ -24,6 +24,7 @@ from ..query.figures import Scope
 from ..query.filters import Filters
 from ..store.models import (
     ANSWER_QUEUE_LENS,
+    REFUSAL_COLUMNS,
     Replica,
     Source,
     SourceBatch,
@@ -149,7 +150,7 @@ def _routed_event(row, replica_ids: Dict[int, str]) -> dict:
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
         "replica_id": replica_ids[row["replica_pk"]], "decision_id": row["decision_id"], "rank": row["rank"],
         "own_ranking": row["own_ranking"], "attempts": row["attempts"], "queue_wait_ms": row["queue_wait_ms"],
-        **_answer_queue_lens(row),
+        **_known(row, ANSWER_QUEUE_LENS),
     }, row["extra"])
 
 
@@ -157,14 +158,14 @@ def _completed_event(row, replica_ids: Dict[int, str]) -> dict:
     return _with_extra({
         "type": "completed", "id": row["id"], "ts": row["ts"], "internal_request_id": row["internal_request_id"],
         "replica_id": replica_ids[row["replica_pk"]], "latency_ms": row["latency_ms"], "ok": row["ok"],
-        "rejected": row["rejected"], "routed_id": row["routed_id"], **_answer_queue_lens(row),
+        "rejected": row["rejected"], "routed_id": row["routed_id"], **_known(row, REFUSAL_COLUMNS),
     }, row["extra"])
 
 
-def _answer_queue_lens(row) -> dict:
-    """An answer's queue lengths (wire format v2), as stored: left out when
-    none is known (events of v1, completions that are no answer)."""
-    values = {name: row[name] for name in ANSWER_QUEUE_LENS}
+def _known(row, names) -> dict:
+    """An answer's fields of wire format v2, as stored: left out when none
+    is known (events of v1, completions that are no answer)."""
+    values = {name: row[name] for name in names}
     return values if any(value is not None for value in values.values()) else {}
 
 

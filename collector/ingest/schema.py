@@ -147,7 +147,9 @@ class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_f
     latency_ms: Optional[Annotated[float, Meta(ge=0)]] = None
     ok: Optional[bool] = None
     routed_id: Optional[uuid.UUID] = None
-    believed_queue_len: QueueCount = None  # these three: a refusal's
+    # A refusal's (v2), as a routed event's: the decision that supplied the replica, and the queue lengths.
+    decision_id: Optional[uuid.UUID] = None
+    believed_queue_len: QueueCount = None
     shortest_queue_len: QueueCount = None
     reported_queue_len: QueueCount = None
 
@@ -219,7 +221,7 @@ def parse(body: bytes, max_events: int) -> ValidBatch:
     if len(batch.events) > max_events:
         raise TooMany(f"$.events: {len(batch.events)} events, over the limit of {max_events} per batch")
     _check_labels(batch.source.labels)
-    _refuse_shortest_above_chosen(batch.events)
+    _check_answers(batch.events)
     _refuse_deep(batch.events, extras)
     if b"\\u0000" in body:  # JSON can only carry a NUL character escaped
         _refuse_nul(batch, "$")
@@ -261,15 +263,25 @@ def _wrong_version(version: Any) -> Invalid:
                    + (" (a newer tracer: upgrade the collector first)" if newer else ""))
 
 
-def _refuse_shortest_above_chosen(events: List[Event]) -> None:
-    """An answer's shortest queue length is the shortest among candidates
-    that include the chosen replica: above the chosen one's, it is no
-    shortest (and the regret would be negative)."""
+def _check_answers(events: List[Event]) -> None:
+    """What types cannot say of the answers' fields (v2). Only an answer (a
+    routed event, a refusal) has them: a completion of an accepted request
+    names its routed event, which has them. An answer's shortest queue
+    length is the shortest among candidates that include the chosen replica:
+    above the chosen one's, it is no shortest (and the regret would be negative)."""
     for index, event in enumerate(events):
+        if isinstance(event, CompletedEvent) and not event.rejected:
+            for name in _REFUSAL_FIELDS:
+                if getattr(event, name) is not None:
+                    raise Invalid(f"$.events[{index}].{name}: only a refusal (rejected: true) has it; a completion "
+                                  "of an accepted request names its routed event (routed_id), which has it")
         shortest = getattr(event, "shortest_queue_len", None)
         if shortest is not None and event.believed_queue_len is not None and shortest > event.believed_queue_len:
             raise Invalid(f"$.events[{index}].shortest_queue_len: {shortest} is above believed_queue_len "
                           f"{event.believed_queue_len}, the chosen replica's, one of the candidates")
+
+
+_REFUSAL_FIELDS = ("decision_id", "believed_queue_len", "shortest_queue_len", "reported_queue_len")
 
 
 def _parse_with_unknown_fields(body: bytes):

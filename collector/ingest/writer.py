@@ -595,6 +595,7 @@ class _Rows:
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
                     request_ids[event.internal_request_id], event.routed_id.bytes if event.routed_id else None,
                     event.latency_ms, event.ok, event.rejected, _extra(event, extra) if extra else None,
+                    event.decision_id.bytes if event.decision_id else None,
                     event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len))
             elif isinstance(event, StatsEvent):
                 self._tables[stats_changes].append((

@@ -16,7 +16,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.engine import Connection
 
 from ..store import ids
-from ..store.models import completed, decisions, routed
+from ..store.models import ANSWER_QUEUE_LENS, REFUSAL_COLUMNS, completed, decisions, routed
 from ..store.types import request_id_bytes, stored_bytes
 from .figures import AGE_SOURCES, Scope, scope
 from .filters import Filters
@@ -140,7 +140,7 @@ def _routed(row, sc: Scope) -> dict:
         "rank": row["rank"], "own_ranking": row["own_ranking"], "attempts": row["attempts"],
         "queue_wait_ms": row["queue_wait_ms"], "request_id": row["request_id"],
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
-        "attribution": extra.get("attribution"),
+        "attribution": extra.get("attribution"), **{name: row[name] for name in ANSWER_QUEUE_LENS},
     }
 
 
@@ -149,7 +149,7 @@ def _completed(row, sc: Scope) -> dict:
         "id": row["id"], "ts": row["ts"], "time": iso(row["ts"]),
         "replica_id": _replica_id(sc, row["replica_pk"]), "internal_request_id": row["internal_request_id"],
         "routed_id": row["routed_id"], "latency_ms": row["latency_ms"], "ok": row["ok"],
-        "rejected": row["rejected"],
+        "rejected": row["rejected"], **{name: row[name] for name in REFUSAL_COLUMNS},  # a refusal's
     }
 
 

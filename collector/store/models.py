@@ -142,6 +142,10 @@ def _event_columns():
 ANSWER_QUEUE_LENS = ("believed_queue_len", "shortest_queue_len", "reported_queue_len")
 
 
+# A refusal's answer columns in `completed`.
+REFUSAL_COLUMNS = ("decision_id", *ANSWER_QUEUE_LENS)
+
+
 def _answer_columns():
     """ANSWER_QUEUE_LENS, last in their tables, where migration 0004 added them."""
     return [Column(name, Integer) for name in ANSWER_QUEUE_LENS]
@@ -193,7 +197,10 @@ completed = Table(
     Column("ok", Boolean),
     Column("rejected", Boolean, nullable=False),
     Column("extra", Text),
-    *_answer_columns(),  # a refusal's; null for the other completions
+    # A refusal's (migration 0004; null for the other completions and in events of v1): the decision that
+    # supplied the replica, as a routed event's decision_id, and the queue lengths.
+    Column("decision_id", EventId),
+    *_answer_columns(),
     Index(None, "routed_id"),
     **_clustered,
 )

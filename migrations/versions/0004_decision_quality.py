@@ -2,10 +2,11 @@
 
 Wire format v2 gives a replica's answer (a `routed` event, or a refusal's
 `completed` event) the chosen replica's queue length as its decision saw
-it, the shortest that decision saw, and the count the replica reported.
-They are stored with the answer, nullable: rows of v1 batches, and every
-row written before this revision, have none, and their figures read as
-unknown. The rollups gain what the Rank hits panel reads of them: the
+it, the shortest that decision saw, and the count the replica reported;
+a refusal also names the decision that supplied the replica, as a routed
+event always did (`completed.decision_id`). They are stored with the
+answer, nullable: rows of v1 batches, and every row written before this
+revision, have none, and their figures read as unknown. The rollups gain what the Rank hits panel reads of them: the
 histograms of regret and of the absolute belief error (bins as
 `collector/store/bins.py` holds them at this revision: 12 bounds, 13
 columns each), their sums and their maxima. Counters start at 0 in
@@ -40,6 +41,7 @@ MAXIMA = ("regret_max", "belief_error_abs_max")
 
 
 def upgrade() -> None:
+    op.add_column("completed", sa.Column("decision_id", sa.LargeBinary(length=16), nullable=True))
     for table in ANSWER_TABLES:
         for name in ANSWER_COLUMNS:
             op.add_column(table, sa.Column(name, sa.Integer(), nullable=True))
@@ -57,3 +59,4 @@ def downgrade() -> None:
     for table in ANSWER_TABLES:
         for name in ANSWER_COLUMNS:
             op.drop_column(table, name)
+    op.drop_column("completed", "decision_id")

@@ -5,7 +5,7 @@ record every answer, for the tests in test_collector_faults.py.
         --events-per-batch N --out post.json [--ids ids.jsonl]
     python -m tests.support.http_load read --url URL [--url URL2] --seconds S --out read.json
 
-`post`: each thread is one source, POSTing wire-format v1 batches (as
+`post`: each thread is one source, POSTing wire-format batches (as
 `tests.support.wire_source.WireSource` builds them: decision, routed, completed per
 request) back to back, as fast as the collector takes them. Nothing is
 retried: a batch whose answer never came (the collector was killed) is

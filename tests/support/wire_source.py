@@ -1,8 +1,9 @@
 """Wire-format batches as the tracer builds them, for tests that drive the collector.
 
 Batches are of the current version (2) unless told otherwise; events carry
-the fields of v1, and the decision-quality fields of v2 only when given, so
-that a batch of version 1 is one with `schema_version=1` and none of them."""
+the fields of v1, and the fields v2 added (a refusal's decision, the
+answers' queue lengths) only when given, so that a batch of version 1 is
+one with `schema_version=1` and none of them."""
 
 from __future__ import annotations
 
@@ -71,14 +72,16 @@ class WireSource:
 
     def completed(self, ts: float, replica_id: str, routed: dict = None, latency_ms: float = 12.5,
                   ok: bool = True, rejected: bool = False, internal_request_id: str = None,
-                  quality: tuple = None) -> dict:
-        """`quality`: a refusal's (believed, shortest, reported) queue lengths (v2)."""
+                  decision: dict = None, quality: tuple = None) -> dict:
+        """A refusal's (v2): `decision`, the one that supplied the replica, and `quality`,
+        the answer's (believed, shortest, reported) queue lengths."""
         if routed is not None:
             internal_request_id = internal_request_id or routed["internal_request_id"]
         return {"type": "completed", "id": self._id(ts), "ts": ts, "internal_request_id": internal_request_id,
                 "replica_id": replica_id, "latency_ms": None if rejected else latency_ms,
                 "ok": None if rejected else ok, "rejected": rejected,
-                "routed_id": routed["id"] if routed is not None else None, **_quality(quality)}
+                "routed_id": routed["id"] if routed is not None else None,
+                **({"decision_id": decision["id"]} if decision is not None else {}), **_quality(quality)}
 
     def replicas(self, ts: float, replica_ids) -> dict:
         members = [{"replica_id": r, "node_id": f"node-{r}", "availability_zone": "az-1",
