@@ -69,11 +69,18 @@ class Log:
         self.handed = shop.decision(t + 1, [["r3"]], request_id="req-y", internal_request_id="int-y")
         handoff = shop.routed(t + 1.01, "r3", self.handed, own_ranking=False, request_id="req-z",
                               internal_request_id="int-z")
-        events += [self.refused, rejection, self.retried, retried_routed, self.handed, handoff]
-        for d in (self.refused, self.retried, self.handed):
+        # A refusal that names its decision (wire format v2), made for req-p and handed to req-q, whose request
+        # has no decision of its own: only the name tells whose it is.
+        self.handed_refused = shop.decision(t + 2, [["r2"]], request_id="req-p", internal_request_id="int-p",
+                                            candidates={"r2": {"queue_len": 2}})
+        named_rejection = shop.completed(t + 2.01, "r2", rejected=True, internal_request_id="int-q",
+                                         decision=self.handed_refused, quality=(2, 0, 2))
+        events += [self.refused, rejection, self.retried, retried_routed, self.handed, handoff,
+                   self.handed_refused, named_rejection]
+        for d in (self.refused, self.retried, self.handed, self.handed_refused):
             self.decisions[d["id"]] = d
         self.routed += [retried_routed, handoff]
-        self.completed.append(rejection)
+        self.completed += [rejection, named_rejection]
         collector.store(shop.batch(events[:20]))
         # A lost batch (seq 2) and drop counters, which a round trip must keep.
         collector.store(shop.batch(events[20:], seq=3, dropped={"queue_full": 4}, produced=len(events) + 4))
@@ -133,16 +140,39 @@ def test_decisions_carry_their_answers_decision_quality(collector, log):
     """Regret and belief error of each decision's answer, by the definitions
     (design.md): the accepted ones' replica counted the request it accepted."""
     rows = {row["decision_id"]: row for row in parquet(collector, log).to_pylist()}
-    quality = ("shortest_queue_len", "regret", "reported_queue_len", "belief_error")
     for i in range(12):
         row = next(r for r in rows.values() if r["request_id"] == f"req-{i}")
-        if i % 2:  # an answer without queue lengths (wire format v1): unknown
-            assert [row[name] for name in quality] == [None] * 4
-        else:
-            assert [row[name] for name in quality] == [i % 4, i - i % 4, i + 1 + i % 3, -(i % 3)], i
+        assert [row[name] for name in ANSWER] == answer_columns(i), i
     refused = rows[log.refused["id"]]  # refused: believed 3, shortest 1, the replica reported 5
-    assert [refused[name] for name in quality] == [1, 2, 5, -2]
-    assert [rows[log.retried["id"]][name] for name in quality] == [None] * 4
+    assert [refused[name] for name in ANSWER] == [3, 1, 2, 5, -2]
+    assert [rows[log.retried["id"]][name] for name in ANSWER] == [None] * 5
+    # A refusal that names its decision is that decision's outcome, whichever request it refused.
+    named = rows[log.handed_refused["id"]]
+    assert (named["chosen_replica"], named["rejected"]) == ("r2", True)
+    assert [named[name] for name in ANSWER] == [2, 0, 2, 2, 0]
+
+
+def test_routed_and_completed_rows_carry_their_answers_decision_quality(collector, log):
+    """The same figures per routed event and per rejection, which is what the
+    Rank hits view counts on each replica; a rejection names its decision."""
+    routed = {row["request_id"]: row for row in parquet(collector, log, what="routed").to_pylist()}
+    for i in range(12):
+        assert [routed[f"req-{i}"][name] for name in ANSWER] == answer_columns(i), i
+    completed = parquet(collector, log, what="completed").to_pylist()
+    rejections = {row["internal_request_id"]: row for row in completed if row["rejected"]}
+    assert {request: [row["decision_id"]] + [row[name] for name in ANSWER] for request, row in rejections.items()} \
+        == {"int-x": [None, 3, 1, 2, 5, -2], "int-q": [log.handed_refused["id"], 2, 0, 2, 2, 0]}
+    # A completion of a routed request is no answer: its routing's row has the figures.
+    assert all(row[name] is None for row in completed if not row["rejected"] for name in ("decision_id", *ANSWER))
+
+
+ANSWER = ("believed_queue_len", "shortest_queue_len", "regret", "reported_queue_len", "belief_error")
+
+
+def answer_columns(i: int) -> list:
+    """ANSWER of request req-i's routing: every other one without queue lengths (as in wire format v1), the
+    others believed i, shortest i % 4, reported i + 1 + i % 3, which counts the request (belief error -(i % 3))."""
+    return [None] * 5 if i % 2 else [i, i % 4, i - i % 4, i + 1 + i % 3, -(i % 3)]
 
 
 def test_parquet_opens_in_duckdb_with_the_right_types(collector, log, tmp_path):
@@ -219,7 +249,7 @@ def test_normalized_tables(collector, log):
     assert (handoff["own_ranking"], handoff["decision_id"], handoff["latency_ms"]) == (False, log.handed["id"], None)
     completed = parquet(collector, log, what="completed").to_pylist()
     assert {c["completed_id"] for c in completed} == {c["id"] for c in log.completed}
-    assert [c["replica_id"] for c in completed if c["rejected"]] == ["r1"]
+    assert [c["replica_id"] for c in completed if c["rejected"]] == ["r1", "r2"]
 
 
 @pytest.mark.parametrize("params, message", [

@@ -2,7 +2,8 @@
 
 A decision's outcome is the `routed` event that names it and that routing's
 `completed` event, or, for a decision whose replica refused the request,
-the rejection that followed it. Each table is read by a range scan of its
+its rejection: the one that names it (wire format v2), else the one of its
+request that followed it (v1's rejections name no decision). Each table is read by a range scan of its
 own and the rows are matched to the decisions by id in Arrow: a join by
 the database, whose per-row index lookups cost most of the reading, is
 what this replaces.
@@ -17,7 +18,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlalchemy import false, select
+from sqlalchemy import false, or_, select
 from sqlalchemy.engine import Connection
 
 from ..query.explore import REQUEST_HORIZON_S, decision_conditions, id_bytes, in_window
@@ -43,7 +44,8 @@ _ROUTINGS = Reading({  # the outcome columns of a decision's routed event
     **{name: (r[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
 })
 _COMPLETIONS = Reading({  # those of a routing's completion
-    "routed_id": (stored_bytes(c.routed_id), BLOB), "latency_ms": (c.latency_ms, pa.float64()), "ok": (c.ok, pa.bool_()),
+    "routed_id": (stored_bytes(c.routed_id), BLOB), "latency_ms": (c.latency_ms, pa.float64()),
+    "ok": (c.ok, pa.bool_()),
 })
 del d, r, c
 _REFUSALS = pa.schema([("replica_pk", pa.int64()), ("latency_ms", pa.float64()), ("ok", pa.bool_()),
@@ -94,14 +96,15 @@ def _first_match(keys: pa.Array, rows: pa.RecordBatch, column: str) -> pa.Record
 
 
 def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -> pa.RecordBatch:
-    """Row by row, the rejection (_REFUSALS' columns) that followed
-    an unrouted decision: the first rejected completion of its request after
-    it, with no other decision of the request in between (Ray decides again
-    after a rejection). Few decisions go unrouted: this reads little."""
+    """Row by row, the rejection (_REFUSALS' columns) of an unrouted
+    decision: the first one that names it; for rejections that name none
+    (v1), the first rejected completion of its request after it, with no
+    other decision of the request in between (Ray decides again after a
+    rejection). Few decisions go unrouted: this reads little."""
     unrouted = rows.filter(routing.column("replica_pk").is_null())
-    requests = {request for request in unrouted.column("internal_request_id").to_pylist() if request is not None}
     found: Dict[bytes, tuple] = {}
-    if requests:
+    if unrouted.num_rows:
+        requests = {request for request in unrouted.column("internal_request_id").to_pylist() if request is not None}
         since, until = pc.min(unrouted.column("ts")).as_py(), pc.max(unrouted.column("ts")).as_py()
         found = _rejections(conn, rows, requests, set(unrouted.column("id").to_pylist()), since,
                             until + REQUEST_HORIZON_S)
@@ -114,17 +117,25 @@ def _refusals(conn: Connection, rows: pa.RecordBatch, routing: pa.RecordBatch) -
 def _rejections(conn: Connection, rows: pa.RecordBatch, requests: set, wanted: set, since: float,
                 until: float) -> Dict[bytes, tuple]:
     """Decision id -> its row of _REFUSALS, for the `wanted` decisions
-    of the chunk `rows` (of `requests`) that a rejection followed."""
-    request_key = stored_bytes(completed.c.internal_request_id)
+    of the chunk `rows` (of `requests`) that a rejection named or followed."""
+    request_key, named_key = stored_bytes(completed.c.internal_request_id), stored_bytes(completed.c.decision_id)
     # A rejection is a completion without a routing (docs/design.md): found through routed_id's index, whose
-    # nulls come first in id order, rather than by scanning every completion of the window.
-    rejections = conn.execute(
-        select(completed.c.ts, request_key, *(completed.c[name] for name in _REFUSALS.names))
+    # nulls come first in id order, rather than by scanning every completion of the window. One that names a
+    # decision may be another request's (a FIFO hand-off gave it the decision's replica).
+    rows_found = conn.execute(
+        select(completed.c.ts, request_key, named_key, *(completed.c[name] for name in _REFUSALS.names))
         .where(completed.c.routed_id.is_(None), *in_window(completed, since, until), completed.c.rejected.is_(True),
-               request_key.in_(requests))
+               or_(named_key.in_(wanted), request_key.in_(requests)))
         .order_by(id_bytes(completed))).all()
+    found: Dict[bytes, tuple] = {}
+    rejections = []  # those that name no decision
+    for ts, request, named, *refusal in rows_found:
+        if named is None:
+            rejections.append((ts, request, *refusal))
+        elif named in wanted:
+            found.setdefault(named, tuple(refusal))
     if not rejections:
-        return {}
+        return found
     # The requests' decisions that came before each rejection: the chunk's, then any after the chunk
     # up to the last rejection (its ts included).
     in_chunk = rows.filter(pc.is_in(rows.column("internal_request_id"), value_set=pa.array(list(requests), BLOB)))
@@ -140,7 +151,6 @@ def _rejections(conn: Connection, rows: pa.RecordBatch, requests: set, wanted: s
     by_request: Dict[bytes, List[Tuple[float, bytes]]] = {}
     for ts, request, decision_id in chain(decided, later):
         by_request.setdefault(request, []).append((ts, decision_id))
-    found: Dict[bytes, tuple] = {}
     for ts, request, *refusal in rejections:
         before = [decision_id for decision_ts, decision_id in by_request.get(request, ()) if decision_ts <= ts]
         if before and before[-1] in wanted and before[-1] not in found:

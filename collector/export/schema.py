@@ -61,6 +61,17 @@ DECISION = [  # a decision's own columns, first in `decisions` and repeated per 
     Column("duration_us", pa.int64(), "time spent in the wrapped choose_replicas"),
     Column("n_candidates", pa.int32(), "candidates the router was given"),
 ]
+ANSWER = [  # the decision quality of a replica's answer (a routing or a refusal), last in the tables that have it
+    Column("believed_queue_len", pa.int64(),
+           "the replica's queue length as the router saw it at the decision (null: unknown)"),
+    Column("shortest_queue_len", pa.int64(),
+           "the shortest queue length among all the candidates, as the router saw them (null: unknown)"),
+    Column("regret", pa.int64(), "believed_queue_len minus shortest_queue_len"),
+    Column("reported_queue_len", pa.int64(),
+           "ongoing requests the replica reported as it answered (accepting: this one included)"),
+    Column("belief_error", pa.int64(),
+           "the queue length the router saw minus the replica's before this request (positive: overestimated)"),
+]
 COLUMNS: Dict[str, List[Column]] = {
     "decisions": [
         *DECISION,
@@ -73,13 +84,7 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("latency_ms", pa.float64(), "time from routing to completion"),
         Column("ok", pa.bool_(), "the request completed without error"),
         Column("rejected", pa.bool_(), "the chosen replica refused the request"),
-        Column("shortest_queue_len", pa.int64(),
-               "the shortest queue length among all the candidates, as the router saw them (null: unknown)"),
-        Column("regret", pa.int64(), "the chosen replica's queue length, as the router saw it, minus the shortest"),
-        Column("reported_queue_len", pa.int64(),
-               "ongoing requests the chosen replica reported as it answered (accepting: this one included)"),
-        Column("belief_error", pa.int64(),
-               "the queue length the router saw minus the replica's before this request (positive: overestimated)"),
+        *ANSWER,
     ],
     "candidates": [
         *DECISION,
@@ -109,6 +114,7 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("queue_wait_ms", pa.float64(), "time from arrival to routing"),
         Column("latency_ms", pa.float64(), "time from routing to completion"),
         Column("ok", pa.bool_(), "completed without error"),
+        *ANSWER,
     ],
     "completed": [
         Column("completed_id", pa.string(), "the completed event's id"),
@@ -120,6 +126,8 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("latency_ms", pa.float64(), "time from routing to completion"),
         Column("ok", pa.bool_(), "completed without error"),
         Column("rejected", pa.bool_(), "the replica refused the request"),
+        Column("decision_id", pa.string(), "a rejection's: the decision that supplied the replica (null: unknown)"),
+        *ANSWER,  # a rejection's; null for the other completions
     ],
 }
 

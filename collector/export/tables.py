@@ -28,13 +28,14 @@ _ROUTED = Reading({
     "internal_request_id": (stored_bytes(r.internal_request_id), BLOB), "model_id": (r.model_id, pa.string()),
     "replica_pk": (r.replica_pk, pa.int64()), "decision_id": (stored_bytes(r.decision_id), BLOB),
     "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()), "attempts": (r.attempts, pa.int32()),
-    "queue_wait_ms": (r.queue_wait_ms, pa.float64()),
+    "queue_wait_ms": (r.queue_wait_ms, pa.float64()), **{name: (r[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
 })
 _COMPLETED = Reading({
     "id": (stored_bytes(c.id), BLOB), "ts": (c.ts, pa.float64()), "router_pk": (c.router_pk, pa.int64()),
     "source_pk": (c.source_pk, pa.int64()), "internal_request_id": (stored_bytes(c.internal_request_id), BLOB),
     "replica_pk": (c.replica_pk, pa.int64()), "routed_id": (stored_bytes(c.routed_id), BLOB),
     "latency_ms": (c.latency_ms, pa.float64()), "ok": (c.ok, pa.bool_()), "rejected": (c.rejected, pa.bool_()),
+    "decision_id": (stored_bytes(c.decision_id), BLOB), **{name: (c[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
 })
 del r, c
 
@@ -66,19 +67,18 @@ def decision_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scop
                        ok=pc.coalesce(completion("ok"), refusal("ok")),
                        rejected=pc.if_else(refusal("replica_pk").is_valid(), TRUE,
                                            pc.if_else(accepted, FALSE, UNKNOWN)),
-                       **_decision_quality(accepted, *(pc.coalesce(routing(name), refusal(name))
-                                                       for name in ANSWER_QUEUE_LENS)))
+                       **_answer(accepted, *(pc.coalesce(routing(name), refusal(name)) for name in ANSWER_QUEUE_LENS)))
         yield record_batch("decisions", columns)
 
 
-def _decision_quality(accepted: pa.Array, believed: pa.Array, shortest: pa.Array,
-                      reported: pa.Array) -> Dict[str, pa.Array]:
-    """The decision-quality columns of the answers (docs/design.md, Definitions;
-    the rollups count the same, `collector.ingest.rollups`). Null wherever an
+def _answer(accepted, believed: pa.Array, shortest: pa.Array, reported: pa.Array) -> Dict[str, pa.Array]:
+    """The columns of an answer's decision quality (schema.ANSWER; docs/design.md,
+    Definitions; the rollups count the same, `collector.ingest.rollups`), whether
+    the replica accepted (an array, or one value for all). Null wherever an
     input is: answers of wire format v1 have none."""
     # The replica's count before this request: an accepting replica counts the one it accepted.
     before = pc.if_else(accepted, pc.max_element_wise(pc.subtract(reported, 1), 0, skip_nulls=False), reported)
-    return {"shortest_queue_len": shortest, "regret": pc.subtract(believed, shortest),
+    return {"believed_queue_len": believed, "shortest_queue_len": shortest, "regret": pc.subtract(believed, shortest),
             "reported_queue_len": reported, "belief_error": pc.subtract(believed, before)}
 
 
@@ -122,7 +122,7 @@ def routed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
             "replica_id": names.replica_ids(column("replica_pk")), "decision_id": uuids(column("decision_id")),
             "rank": column("rank"), "own_ranking": column("own_ranking"), "attempts": column("attempts"),
             "queue_wait_ms": column("queue_wait_ms"), "latency_ms": completion.column("latency_ms"),
-            "ok": completion.column("ok")})
+            "ok": completion.column("ok"), **_answer(True, *map(column, ANSWER_QUEUE_LENS))})
 
 
 def completed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
@@ -137,7 +137,9 @@ def completed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Sco
             **names.router_columns(column("router_pk"), column("source_pk")),
             "internal_request_id": request_ids(column("internal_request_id")),
             "replica_id": names.replica_ids(column("replica_pk")), "routed_id": uuids(column("routed_id")),
-            **{name: column(name) for name in ("latency_ms", "ok", "rejected")}})
+            **{name: column(name) for name in ("latency_ms", "ok", "rejected")},
+            # Only a rejection is an answer (the ingest refuses these fields on other completions).
+            "decision_id": uuids(column("decision_id")), **_answer(False, *map(column, ANSWER_QUEUE_LENS))})
 
 
 # Each table but `events` (`collector.export.wire_batches`): its batches, given (conn, reader, f, scope, names).
