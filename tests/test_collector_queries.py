@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 import pytest
 
 from routelens.collector.store.bins import BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS
+from routelens.collector.store.models import ANSWER_QUEUE_LENS
 from tests.support.collector_app import Collector
 from tests.support.wire_source import WireSource
 
@@ -110,8 +111,9 @@ class Scenario:
                 ts + attempt * 0.05, ranks, candidates, request_id=request_id, internal_request_id=internal,
                 attempt=attempt, duration_us=rng.randint(20, 3000)))
         t = ts + attempts * 0.05
-        if rng.random() < 0.1:  # a replica refuses the request first
+        if rng.random() < 0.1:  # a replica refuses the request first (a refusal of v2 names its decision)
             self._add(source, source.completed(t, rng.choice(pool), rejected=True, internal_request_id=internal,
+                                               decision=None if source.info["source_id"] == V1_SOURCE else decision,
                                                quality=self._quality(source, rng.randint(0, 9))))
         if rng.random() < 0.05:  # never routed (cancelled)
             return
@@ -208,13 +210,11 @@ def truth(since, until, where=lambda info: True, replicas=None):
     for info, e in events:
         kind = e["type"]
         deployment = by_deployment[(info["app"], info["deployment"])]
-        answer = kind == "routed" or (kind == "completed" and e["rejected"])
-        if answer and keep(e["replica_id"]) and e.get("believed_queue_len") is not None:
-            believed, reported = e["believed_queue_len"], e["reported_queue_len"]
-            regrets[e["replica_id"]].append(believed - e["shortest_queue_len"])
-            if reported is not None:  # an accepting replica counts the request it accepted (and so is at 1 or more)
-                before = reported if kind == "completed" else max(reported - 1, 0)
-                belief_errors[e["replica_id"]].append(believed - before)
+        regret, belief_error = answer_figures(e)
+        if regret is not None and keep(e["replica_id"]):
+            regrets[e["replica_id"]].append(regret)
+        if belief_error is not None and keep(e["replica_id"]):
+            belief_errors[e["replica_id"]].append(belief_error)
         if kind == "decision":
             decisions += 1
             deployment["decisions"] += 1
@@ -265,6 +265,21 @@ def truth(since, until, where=lambda info: True, replicas=None):
         "attempts_by_deployment": attempts_by_deployment,
         "regrets": regrets, "belief_errors": belief_errors,
     }
+
+
+def answer_figures(e):
+    """(regret, belief error) of an event, by the definitions (design.md); None where unknown (no answer: a
+    decision, a completion of an accepted request; an answer of v1 or of a router without a queue-length cache)."""
+    answer = e["type"] == "routed" or (e["type"] == "completed" and e["rejected"])
+    if not answer or e.get("believed_queue_len") is None:
+        return None, None
+    believed, shortest, reported = e["believed_queue_len"], e["shortest_queue_len"], e["reported_queue_len"]
+    regret = None if shortest is None else believed - shortest
+    if reported is None:
+        return regret, None
+    # An accepting replica counts the request it accepted (and so is at 1 or more); a refusing one does not.
+    before = reported if e["type"] == "completed" else max(reported - 1, 0)
+    return regret, believed - before
 
 
 def check_quality(got: dict, regrets: list, belief_errors: list, where: str) -> None:
@@ -576,6 +591,36 @@ def test_timeseries_sums_equal_window_totals(api, window, step):
     assert all(m0 - step_s < p["t"] < m1 for p in points)
 
 
+@pytest.mark.parametrize("window", ["full", "odd"])
+def test_decision_quality_over_time_per_deployment_and_per_replica(api, window):
+    """Each step's figures (rank-hits' per deployment, the timeseries' per
+    replica) against the answers sent in that step."""
+    w = WINDOWS[window]
+    over_time = api.get("/v1/rank-hits", **w)["decision_quality_over_time"]
+    step = over_time["step_s"]
+    per_replica = api.get("/v1/timeseries", **w, step=f"{step // MINUTE}m", per_replica="true")
+    assert per_replica["step_s"] == step
+    answers = defaultdict(lambda: ([], []))  # (replica, step) -> (regrets, belief errors)
+    for _, e in SCENARIO.events(w["since"], w["until"]):
+        for figures, value in zip(answers[e.get("replica_id"), e["ts"] // step * step], answer_figures(e)):
+            if value is not None:
+                figures.append(value)
+    by_deployment = defaultdict(lambda: ([], []))
+    for (replica, t), figures in answers.items():
+        if figures != ([], []):
+            for into, values in zip(by_deployment[deployment_of(replica), t], figures):
+                into += values
+    got = {((d["app"], d["deployment"]), p["t"]): p for d in over_time["deployments"] for p in d["points"]}
+    assert set(got) == set(by_deployment) and len(got) > 50
+    for key, point in got.items():
+        check_quality(point, *by_deployment[key], str(key))
+    for point in per_replica["points"]:
+        check_quality(point["decision_quality"], *answers.get((point["replica_id"], point["t"]), ([], [])),
+                      f'{point["replica_id"]} at {point["t"]}')
+    assert sum(p["decision_quality"]["regret"]["samples"] for p in per_replica["points"]) == \
+        sum(len(regrets) for regrets, _ in answers.values())
+
+
 def test_hours_and_minute_edges_give_the_minutes_totals(api):
     """ODD covers two whole hours (hour rollups) and minutes on both sides."""
     expected = truth(**ODD)
@@ -654,7 +699,7 @@ def test_decision_detail(api):
     internal, events = next(
         (internal, events) for internal, events in _requests().items()
         if sum(e["type"] == "decision" for e in events) >= 2 and any(e["type"] == "routed" for e in events)
-        and any(e["type"] == "completed" and e["rejected"] for e in events))
+        and any(e["type"] == "completed" and e["rejected"] and e.get("decision_id") for e in events))
     routed = next(e for e in events if e["type"] == "routed")
     decision = next(e for e in events if e["id"] == routed["decision_id"])
     done = next(e for e in events if e["type"] == "completed" and not e["rejected"])
@@ -684,6 +729,13 @@ def test_decision_detail(api):
     assert [d["id"] for d in other["decisions"]] == [e["id"] for e in events if e["type"] == "decision"]
     assert [r["id"] for r in other["routed"]] == [routed["id"]]
     assert sorted(c["id"] for c in other["completed"]) == sorted(e["id"] for e in events if e["type"] == "completed")
+    # Each answer with its queue lengths as sent; a refusal names its decision too.
+    sent = {e["id"]: e for e in events}
+    assert all(r[name] == sent[r["id"]].get(name) for r in [got["routed"], *other["routed"]]
+               for name in ("decision_id", *ANSWER_QUEUE_LENS))
+    assert all(c[name] == sent[c["id"]].get(name) for c in other["completed"]
+               for name in ("decision_id", *ANSWER_QUEUE_LENS))
+    assert any(c["rejected"] and c["decision_id"] for c in other["completed"])
 
 
 def test_unknown_and_bad_decision_ids(api):
