@@ -57,8 +57,7 @@ class DecisionRecording:
         self._records_attributes = records_attributes
         # Private in Ray 2.60 (routers.ray_contract): without it, queue lengths are unknown.
         cache = queue_len_cache(router)
-        self._queue_len_get = None if cache is None else cache.get
-        self._queue_len_entries = None if cache is None else cache.values
+        self._queue_len_copy = None if cache is None else cache.copy
         # The routing task -> the decision it made last (a decision record).
         self._decision_by_task: Dict[Any, list] = {}
 
@@ -78,23 +77,11 @@ class DecisionRecording:
             attempt = trace.decisions
             trace.decisions = attempt + 1
             sampled = trace.sampled
-        get = self._queue_len_get
-        queue_lens = cached = None
-        if get is not None:
-            cached = tuple(self._queue_len_entries())  # every candidate's entry, for the shortest (regret)
-            if len(ranks) == 1:
-                rank = ranks[0]
-                if len(rank) == 2:  # pow-2's shape: unpacking is cheaper than a comprehension
-                    first, second = rank
-                    queue_lens = (get(first.replica_id), get(second.replica_id))
-                else:
-                    queue_lens = [get(replica.replica_id) for replica in rank]
-            else:
-                queue_lens = [get(replica.replica_id) for rank in ranks for replica in rank]
+        copy = self._queue_len_copy
         # The decision record (routers.records, slots D_*), built here only; D_EXPORTED is
         # whether it is queued now, D_ID is drawn by the exporter thread.
-        decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks, queue_lens, cached,
-                    self._stats_seen, sampled, None]
+        decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks,
+                    None if copy is None else copy(), self._stats_seen, sampled, None]
         if trace is not None:
             trace.last_decision = decision
         tasks = self._decision_by_task

@@ -23,7 +23,6 @@ from .records import (
     C_ROUTED,
     COMPLETED,
     D_ATTEMPT,
-    D_CACHED,
     D_DURATION_S,
     D_N_CANDIDATES,
     D_QUEUE_LENS,
@@ -142,15 +141,13 @@ def _encode_decision(d: list) -> str:
     candidates = []
     written = set()
     ranks = []
-    position = 0  # queue_lens follows the ranked replicas in rank order
     for rank in d[D_RANKS]:
         keys = []
         for replica in rank:
-            unique_id = replica.replica_id.unique_id
+            replica_id = replica.replica_id
+            unique_id = replica_id.unique_id
             key = _quote(unique_id)
             keys.append(key)
-            entry = queue_lens[position] if queue_lens is not None else None
-            position += 1
             if key in written:
                 continue
             written.add(key)
@@ -164,6 +161,7 @@ def _encode_decision(d: list) -> str:
                     stats_age, age_source = _number(ts - stamp), '"stamped"'
                 else:
                     stats_age, age_source = _number(ts - seen[1]), '"observed"'
+            entry = queue_lens.get(replica_id) if queue_lens is not None else None
             if entry is not None:
                 queue_len, queue_age = _number(entry.queue_len), _number(ts - entry.timestamp)
             else:
@@ -198,9 +196,9 @@ def _decision_quality(decision: Optional[list], replica_id: Any, reported_queue_
     if decision is not None:
         entry = queue_len_entry(decision, replica_id)
         believed = None if entry is None else entry.queue_len
-        cached = decision[D_CACHED]
-        if cached:
-            shortest = min(other.queue_len for other in cached)
+        queue_lens = decision[D_QUEUE_LENS]
+        if queue_lens:
+            shortest = min(other.queue_len for other in queue_lens.values())
     # Values from Ray and the replica: written through the checks numbers from outside go through.
     return (f'"believed_queue_len":{_number(believed)},"shortest_queue_len":{_number(shortest)},'
             f'"reported_queue_len":{_number(reported_queue_len)}')

@@ -495,7 +495,7 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     source, trace = router._routelens.source, pr._routelens
     decision, routed, completed = by_kind[records.DECISION], by_kind[records.ROUTED], by_kind[records.COMPLETED]
     assert len(decision) == records.D_ID + 1 and decision[records.SOURCE] is source
-    assert decision[records.D_CACHED] == ()  # the router's queue-length cache: empty before its first send
+    assert decision[records.D_QUEUE_LENS] == {}  # a copy of the router's queue-length cache, empty at first
     assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
     assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
     assert decision[records.D_ID] is None
