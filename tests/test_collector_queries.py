@@ -576,49 +576,44 @@ def test_timeseries_sums_equal_window_totals(api, window, step):
                       "completions": summary["completions"], "rejections": summary["rejections"],
                       "handoffs": summary["handoffs"], "failures": summary["failures"],
                       "rank_0": {r["rank"]: r["routed"] for r in rank_hits["ranks"]}["0"]}
-    # Decision quality per step: its answers add up to the window's, in total and per deployment.
-    quality = rank_hits["decision_quality"]
+    # Decision quality per step (its own steps): each deployment's answers add up to the window's.
+    over_time = {(d["app"], d["deployment"]): d["points"]
+                 for d in rank_hits["decision_quality_over_time"]["deployments"]}
     for figure in ("regret", "belief_error"):
-        assert sum(p["decision_quality"][figure]["samples"] for p in points) == quality[figure]["samples"] > 0
-        over_time = {(d["app"], d["deployment"]): d["points"]
-                     for d in rank_hits["decision_quality_over_time"]["deployments"]}
         for deployment in rank_hits["deployments"]:
             assert sum(p[figure]["samples"] for p in over_time.get((deployment["app"], deployment["deployment"]), [])) \
-                == deployment["decision_quality"][figure]["samples"]
+                == deployment["decision_quality"][figure]["samples"] > 0
     step_s = api.get("/v1/timeseries", **params)["step_s"]
     assert all(p["t"] % step_s == 0 for p in points)
     m0, m1 = math.floor(w["since"] / MINUTE) * MINUTE, math.ceil(w["until"] / MINUTE) * MINUTE
     assert all(m0 - step_s < p["t"] < m1 for p in points)
 
 
-@pytest.mark.parametrize("window", ["full", "odd"])
-def test_decision_quality_over_time_per_deployment_and_per_replica(api, window):
-    """Each step's figures (rank-hits' per deployment, the timeseries' per
-    replica) against the answers sent in that step."""
-    w = WINDOWS[window]
-    over_time = api.get("/v1/rank-hits", **w)["decision_quality_over_time"]
+# A day: steps of an hour, read from hourly rows (shorter windows' steps are whole minutes).
+DAY = {"since": BASE + 5 * HOUR - 24 * HOUR, "until": BASE + 5 * HOUR}
+
+
+@pytest.mark.parametrize("window", ["odd", "day"])
+@pytest.mark.parametrize("replicas", [None, ["c1"], ["k2", "k3"]], ids=["deployments", "c1", "k2-k3"])
+def test_decision_quality_over_time(api, window, replicas):
+    """Each step's figures against the answers sent in that step: per
+    deployment, and filtered to replicas, theirs (a replica's over time)."""
+    w = {**WINDOWS, "day": DAY}[window]
+    over_time = api.get("/v1/rank-hits", **w, **({} if replicas is None else {"replica": replicas}))[
+        "decision_quality_over_time"]
     step = over_time["step_s"]
-    per_replica = api.get("/v1/timeseries", **w, step=f"{step // MINUTE}m", per_replica="true")
-    assert per_replica["step_s"] == step
-    answers = defaultdict(lambda: ([], []))  # (replica, step) -> (regrets, belief errors)
+    assert step == {"odd": 300, "day": HOUR}[window]
+    expected = defaultdict(lambda: ([], []))  # (deployment, step) -> (regrets, belief errors)
     for _, e in SCENARIO.events(w["since"], w["until"]):
-        for figures, value in zip(answers[e.get("replica_id"), e["ts"] // step * step], answer_figures(e)):
-            if value is not None:
-                figures.append(value)
-    by_deployment = defaultdict(lambda: ([], []))
-    for (replica, t), figures in answers.items():
-        if figures != ([], []):
-            for into, values in zip(by_deployment[deployment_of(replica), t], figures):
-                into += values
+        figures = answer_figures(e)
+        if figures != (None, None) and (replicas is None or e["replica_id"] in replicas):
+            for values, value in zip(expected[deployment_of(e["replica_id"]), e["ts"] // step * step], figures):
+                if value is not None:
+                    values.append(value)
     got = {((d["app"], d["deployment"]), p["t"]): p for d in over_time["deployments"] for p in d["points"]}
-    assert set(got) == set(by_deployment) and len(got) > 50
+    assert set(got) == {key for key, figures in expected.items() if figures != ([], [])} and len(got) > 3
     for key, point in got.items():
-        check_quality(point, *by_deployment[key], str(key))
-    for point in per_replica["points"]:
-        check_quality(point["decision_quality"], *answers.get((point["replica_id"], point["t"]), ([], [])),
-                      f'{point["replica_id"]} at {point["t"]}')
-    assert sum(p["decision_quality"]["regret"]["samples"] for p in per_replica["points"]) == \
-        sum(len(regrets) for regrets, _ in answers.values())
+        check_quality(point, *expected[key], str(key))
 
 
 def test_hours_and_minute_edges_give_the_minutes_totals(api):

@@ -423,9 +423,11 @@ def decision_quality(row: dict) -> dict:
 
 
 def decision_quality_over_time(conn: Connection, f: Filters, sc: Scope) -> dict:
-    """Per deployment, its decision quality per step (the timeseries' default
-    step), steps without an answer left out."""
-    step = _whole_minutes(default_step(f.seconds))
+    """Per deployment, its decision quality per step, steps without an answer
+    left out; filtered to replicas, theirs (a replica's over time). At most
+    30 steps, as a series per replica has: each step holds enough answers
+    for its percentiles to say something, and a day reads hourly rows."""
+    step = _whole_minutes(default_step(f.seconds, 30))
     rows = rollup_totals(conn, f, sc, QUALITY_COLUMNS, by="router", step=step)
     steps: Dict[int, Dict[int, List[dict]]] = {}
     for row in rows:
@@ -570,9 +572,8 @@ def sources_in(conn: Connection, f: Optional[Filters] = None, sc: Optional[Scope
 
 
 TIMESERIES_COLUMNS = ("decisions", "routed", "completions", "rejections", "handoffs", "failures", *RANK_COLUMNS,
-                      *STALENESS_COLUMNS, *QUALITY_COLUMNS)
-PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS,
-                                  *QUALITY_COLUMNS)
+                      *STALENESS_COLUMNS)
+PER_REPLICA_TIMESERIES_COLUMNS = ("routed", "rank_0", "handoffs", "rejections", *STALENESS_COLUMNS)
 
 
 def default_step(seconds: float, points: int = 120) -> int:
@@ -621,9 +622,6 @@ def timeseries(conn: Connection, f: Filters, step: Optional[int] = None, per_rep
             point["rank0_rate"] = _rate(point["rank_0"], point["routed"])
         point["staleness_p95_s"] = STALENESS.percentile([point.pop(c) for c in STALENESS.columns], 0.95,
                                                        point["stale_max"])
-        point["decision_quality"] = decision_quality(point)
-        for name in QUALITY_COLUMNS:  # the figures stand for them
-            del point[name]
         out.append(point)
     if per_replica:  # by replica id, not by key: the order must not depend on the order replicas were stored
         out.sort(key=lambda point: (point["t"], *_deployment_then_replica(point)))
