@@ -60,7 +60,7 @@ EVENTS_PER_BATCH = 1000  # the tracer's default batch_max_events
 SOURCES = 2  # traced routers of the deployment (say, two proxies)
 REPLICAS = 50
 DAYS = 7
-FORMAT = 2  # of the description file: a change of the load's shape (or of the schema) reloads
+FORMAT = 3  # of the description file: a change of the load's shape (or of the schema) reloads
 FULL = 10_000_000  # decisions of the full run
 BASELINE_SQL = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT sum(x) FROM c"
 

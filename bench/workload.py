@@ -1,4 +1,4 @@
-"""Synthetic wire-format v1 traffic for the collector benchmarks.
+"""Synthetic wire-format v2 traffic for the collector benchmarks.
 
 The events have the shape `routers.wire` gives them for Ray's pow-2 router:
 each decision ranks 2 candidates (one rank) drawn from the deployment's
@@ -7,7 +7,8 @@ age; request ids are uuid4 strings (as Ray makes them); event ids are the
 tracer's own UUIDv7s (`routers.ids.event_id`). A request is a decision, then
 its `routed` event, then its `completed` event; a few requests are rejected
 by their first replica and decided again (attempt 1), a few are FIFO
-hand-offs.
+hand-offs. Each answer (routed event, rejection) carries its queue lengths,
+and a rejection its decision, as v2 has them.
 
 Everything is seeded, so two runs build the same bodies.
 """
@@ -105,7 +106,8 @@ class Traffic:
                 ts += 0.002
                 events.append({"type": "completed", "id": self._id(ts), "ts": ts, "internal_request_id": internal_id,
                                "replica_id": chosen, "latency_ms": None, "ok": None, "rejected": True,
-                               "routed_id": None})
+                               "routed_id": None, "decision_id": decision["id"],
+                               **self._answer(decision, chosen, accepted=False)})
                 attempt += 1
                 continue
             break
@@ -117,6 +119,7 @@ class Traffic:
             "internal_request_id": internal_id, "model_id": None, "replica_id": chosen,
             "decision_id": decision["id"], "rank": 0, "own_ranking": not handoff, "attempts": attempt + 1,
             "queue_wait_ms": round(rng.random() * 2, 3), "attribution": "fifo" if handoff else None,
+            **self._answer(decision, chosen, accepted=True),
         })
         latency_ms = rng.lognormvariate(4.0, 0.8)
         done_ts = routed_ts + latency_ms / 1000.0
@@ -126,6 +129,14 @@ class Traffic:
             "routed_id": routed_id,
         })
         return attempt + 1, events
+
+    def _answer(self, decision: Dict[str, object], chosen: str, accepted: bool) -> Dict[str, object]:
+        """An answer's queue lengths: the chosen replica's as the decision saw it, the shortest of the
+        candidates (here the ranked two), and the replica's count (an acceptance counts the request)."""
+        seen = [inputs["queue_len"] for inputs in decision["replicas"].values()]
+        believed = decision["replicas"][chosen]["queue_len"]
+        return {"believed_queue_len": believed, "shortest_queue_len": min(seen),
+                "reported_queue_len": max(believed + self.rng.randrange(-2, 3), 0) + int(accepted)}
 
     def collect_stats(self, ts: float) -> List[Dict[str, object]]:
         """Every replica's routing_stats collected at `ts`: one `stats` event each."""
@@ -145,7 +156,7 @@ class Traffic:
 
 def body(source: Dict[str, object], seq: int, events: List[Dict[str, object]], compress: bool = False) -> bytes:
     """One POST /v1/events body, as `routers.wire.batch_json` lays it out."""
-    data = _encode({"schema_version": 1, "source": source, "seq": seq, "dropped": {}, "produced": None,
+    data = _encode({"schema_version": 2, "source": source, "seq": seq, "dropped": {}, "produced": None,
                     "events": events})
     return gzip.compress(data, compresslevel=6) if compress else data
 
