@@ -34,12 +34,13 @@ two processes registering the same source or replica at once agree on it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
 import psycopg
@@ -66,6 +67,7 @@ from ..store.models import (
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
 from .rollups import ROLLUP_VALUES, RollupDelta
 from .schema import (
+    Batch,
     CompletedEvent,
     DecisionEvent,
     Event,
@@ -120,11 +122,39 @@ class _SomeStored(Exception):
     """Raised inside a batch's first write attempt: some of its events are stored already."""
 
 
+class SourceBefore(NamedTuple):
+    """A source's record as a batch found it: whether the batch's number is new, and the
+    highest batch number received before it with the counters that batch carried."""
+
+    new_seq: bool
+    last_seq: int
+    produced: Optional[int]
+    dropped: Dict[str, int]
+
+
+@dataclass
+class StoredBatch:
+    """What one batch stored, for the collector's routing metrics and live tail
+    (`collector.api.routing_metrics`, `collector.api.tail`), which count and show
+    what was stored, once: a re-sent batch's events are not in `events`."""
+
+    batch: Batch  # the batch as received: its source, number and counters
+    events: List[Event]  # the events stored, in the batch's order
+    stored_by_type: Dict[str, int]
+    identity: Tuple[str, str, str, str]  # app, deployment, router class, labels key
+    replica_pks: Dict[str, int]
+    rollup_rows: List[tuple]  # `RollupDelta.tuples()` of the stored events
+    delta: RollupDelta
+    before: SourceBefore
+    received_at: float
+
+
 @dataclass
 class IngestResult:
     stored: int
     duplicates: int
     stored_by_type: Dict[str, int]
+    detail: Optional[StoredBatch] = None
 
 
 # Event type -> the table that stores it.
@@ -226,8 +256,11 @@ def _stored_request_ids(events: Sequence[Event]) -> Dict[Optional[str], Optional
 
 
 class Ingestor:
-    def __init__(self, engine: Engine, clock=time.time):
+    def __init__(self, engine: Engine, clock=time.time, on_stored: Optional[Callable[[StoredBatch], None]] = None):
+        """`on_stored`: called with each batch's `StoredBatch` once it is committed, in the
+        order batches were stored (on SQLite, under the lock that orders them)."""
         self.engine = engine
+        self.on_stored = on_stored
         self._clock = clock
         self._sqlite = is_sqlite(engine)
         self._dialect_insert = sqlite.insert if self._sqlite else postgresql.insert
@@ -339,26 +372,35 @@ class Ingestor:
         valid = _first_of_each_id(valid)
         source_pk, router_pk, deployment_pk, replica_pks = self._keys(valid)
         rows = _Rows(valid, source_pk, router_pk, replica_pks)
+        identity = self._sources[valid.batch.source.source_id].identity
         if self._write_lock is not None:
             with self._write_lock:
-                stored_by_type = self._write_once(valid, rows, source_pk, deployment_pk)
+                detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
+                self._stored(detail)  # in the order batches were stored
         else:
-            stored_by_type = self._write_once(valid, rows, source_pk, deployment_pk)
-        stored = sum(stored_by_type.values())
-        return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=stored_by_type)
+            detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
+            self._stored(detail)
+        stored = len(detail.events)
+        return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=detail.stored_by_type,
+                            detail=detail)
 
-    def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int) -> Dict[str, int]:
+    def _stored(self, detail: StoredBatch) -> None:
+        if self.on_stored is not None:
+            self.on_stored(detail)
+
+    def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int,
+                    identity: Tuple[str, str, str, str]) -> StoredBatch:
         # Almost every batch is new: the first attempt inserts all its events
         # at once, without looking up which are stored (that cost as much as
         # inserting them). If some were (a re-sent batch), the attempt is
         # rolled back and the batch written again, storing only the new ones.
         try:
-            return self._write(valid, rows, source_pk, deployment_pk, all_new=True)
+            return self._write(valid, rows, source_pk, deployment_pk, identity, all_new=True)
         except _SomeStored:
-            return self._write(valid, rows, source_pk, deployment_pk, all_new=False)
+            return self._write(valid, rows, source_pk, deployment_pk, identity, all_new=False)
 
     def _write(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int,
-               all_new: bool) -> Dict[str, int]:
+               identity: Tuple[str, str, str, str], all_new: bool) -> StoredBatch:
         batch = valid.batch
         now = self._clock()
         with self.engine.connect() as connection:
@@ -392,8 +434,10 @@ class Ingestor:
                 changes = [event for event in stored if isinstance(event, ReplicasEvent)]
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
-                self._record_batch(connection, source_pk, batch, now)
-        return stored_by_type
+                before = self._record_batch(connection, source_pk, batch, now)
+        return StoredBatch(batch=batch, events=stored, stored_by_type=stored_by_type, identity=identity,
+                           replica_pks=rows.replica_pks,
+                           rollup_rows=rollup_rows, delta=delta, before=before, received_at=now)
 
     def _insert_all(self, connection: Connection, table, table_rows: List[tuple]) -> None:
         """Insert every row; raises `_SomeStored` when an id is stored already."""
@@ -520,16 +564,32 @@ class Ingestor:
             produced=case((newest, bindparam("produced", type_=Source.produced.type)), else_=Source.produced),
             dropped=case((newest, bindparam("dropped", type_=Source.dropped.type)), else_=Source.dropped),
         )
+        # The source's record before this batch changes it (`SourceBefore`).
+        before = select(Source.last_seq, Source.produced, Source.dropped).where(Source.pk == bindparam("source_pk"))
         if self._sqlite:
-            return [received, seen]
-        # One statement, one round trip: each costs the batch's transaction (and its locks) time.
-        return [seen.add_cte(received.cte("received"))]
+            return [before, received, seen]
+        # One statement, one round trip: each costs the batch's transaction (and its locks) time. Every part
+        # of it sees the database as the statement found it, so `previous` reads the row before the update
+        # (which the source's advisory lock keeps from changing meanwhile).
+        received = received.returning(SourceBatch.seq).cte("received")
+        previous = before.cte("previous")
+        return [seen.add_cte(received).add_cte(previous).returning(
+            select(previous.c.last_seq).scalar_subquery(), select(previous.c.produced).scalar_subquery(),
+            select(previous.c.dropped).scalar_subquery(),
+            select(func.count()).select_from(received).scalar_subquery())]
 
-    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> None:
+    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> SourceBefore:
+        """Records the batch's number and the counters it carries; what the source's record was before."""
         values = {"source_pk": source_pk, "seq": batch.seq, "now": now, "produced": batch.produced,
                   "dropped": _text(batch.dropped)}
-        for statement in self._record_batch_statements:
-            connection.execute(statement, values)
+        if self._sqlite:
+            read, received, seen = self._record_batch_statements
+            last_seq, produced, dropped = connection.execute(read, values).one()
+            new_seq = connection.execute(received, values).rowcount == 1
+            connection.execute(seen, values)
+        else:
+            last_seq, produced, dropped, new_seq = connection.execute(self._record_batch_statements[0], values).one()
+        return SourceBefore(bool(new_seq), last_seq, produced, json.loads(dropped or "{}"))
 
 
 def _first_of_each_id(valid: ValidBatch) -> ValidBatch:
