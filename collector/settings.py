@@ -63,6 +63,13 @@ class Settings:
     retention_s: Optional[float] = 7 * 86400
     minute_rollup_retention_s: Optional[float] = 90 * 86400
     retention_interval_s: float = 300.0
+    # /metrics: the routing KPIs counted at ingest (collector.api.routing_metrics), and how many replicas
+    # and sources get series of their own in each process (the rest share the label value `_other`).
+    routing_metrics: bool = True
+    metrics_replica_limit: int = 2000
+    metrics_source_limit: int = 2000
+    # GET /v1/tail: records a live reader may fall behind by before it misses some (and is told so).
+    tail_buffer: int = 10_000
     # Set in the worker processes of `--workers N`: the directory where they
     # all keep their metrics, summed at each scrape (prometheus-client's
     # multiprocess mode). None: this process's metrics alone.

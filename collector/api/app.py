@@ -13,6 +13,7 @@ exporter retries those).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import zlib
@@ -45,6 +46,8 @@ from ..store.retention import Retention
 from .auth import TokenAuth, allowed_hosts
 from .metrics import Metrics
 from .params import filters
+from .tail import Tail
+from .tail import stream as tail_events
 
 JSON_TYPES = ("application/json",)
 EXPORT_RETRY_AFTER_S = 5  # an export refused because the others are still streaming
@@ -69,8 +72,10 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or make_engine(settings.db_url)
     check_schema(engine, settings.db_url)
     head = head_revision()
-    ingestor = Ingestor(engine)
-    metrics = Metrics(engine, settings.metrics_dir)
+    tail = Tail(settings.tail_buffer)
+    ingestor = Ingestor(engine, on_stored=tail.publish)
+    metrics = Metrics(engine, settings.metrics_dir, settings.routing_metrics, settings.metrics_replica_limit,
+                      settings.metrics_source_limit)
     retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
                           settings.retention_interval_s, running=metrics.pruners)
 
@@ -83,7 +88,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     app = FastAPI(title="routelens collector", version=__version__, lifespan=lifespan,
                   description="Ingest of routelens wire format v1, and the read API behind the dashboard.")
     app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
-    app.state.retention = retention
+    app.state.retention, app.state.tail = retention, tail
     # Exports stream for as long as their clients take to read: each takes a slot and a connection of
     # its own (opened for it, closed after it), never one of the pool that ingest and the read API use,
     # so that exports whose clients stall cannot make those wait.
@@ -119,9 +124,15 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeout)  # every pooled connection busy for the pool's whole timeout
     async def database_unavailable(_request: Request, exc: Exception):
+        metrics.database_unavailable()
         cause = getattr(exc, "orig", None) or exc
         return JSONResponse({"detail": f"database unavailable ({type(cause).__name__}); retry later"},
                             status_code=503, headers={"Retry-After": "1"})
+
+    def store(valid):
+        result = ingestor.ingest(valid)
+        metrics.count_routing(result)  # here, in ingest's thread, rather than on the event loop
+        return result
 
     @app.post("/v1/events", dependencies=[Depends(bearer_authorized)], tags=["ingest"],
               summary="Store one batch of wire format v1 (plain or gzip JSON)")
@@ -141,7 +152,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             metrics.rejected("malformed" if status == 400 else "invalid")
             return JSONResponse({"detail": str(exc)}, status_code=status)
         try:
-            result = await run_in_threadpool(ingestor.ingest, valid)
+            result = await run_in_threadpool(store, valid)
         except SourceConflict as exc:
             metrics.rejected("source_conflict")
             return JSONResponse({"detail": str(exc)}, status_code=409)
@@ -230,6 +241,19 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                                media_type=MEDIA_TYPES[format], headers={
                                    "Content-Disposition": f'attachment; filename="{filename}"',
                                    "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
+
+    @app.get("/v1/tail", dependencies=read, tags=["read"], response_class=StreamingResponse,
+             summary="Decisions as they are stored, live (Server-Sent Events): each with its ranking, chosen "
+                     "replica, rank and outcome when they came with it, later outcomes as events of their own")
+    async def tail_stream(f: Filters = Depends(filters)):
+        """Events: `hello` (this stream's buffer and process), `decision`, `routed` and `completed`
+        (outcomes of decisions sent before), `missed` (how many records this reader fell behind by and
+        lost, where they are missing). The window parameters do not apply: it starts now."""
+        reader = tail.subscribe(f)
+        return StreamingResponse(
+            tail_events(tail, reader, {"buffer": tail.buffer, "pid": os.getpid(),
+                                       "workers": settings.metrics_dir is not None}),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz", tags=["operations"], summary="Whether ingest can succeed: the database reachable, "
                                                      "routelens', at this version's schema, writable")

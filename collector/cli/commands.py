@@ -13,7 +13,7 @@ from ..export.formats import FORMATS
 from ..export.schema import TABLES
 from ..settings import DEFAULT_DB, Settings, parse_allowed_host, parse_duration
 from ..store.db import DatabaseError
-from .errors import FileError, UsageError
+from .errors import ConnectionFailed, FileError, UsageError
 from .server import ServeError
 
 
@@ -22,7 +22,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.run(args)
-    except (DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
+    except (ConnectionFailed, DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
         print(f"routelens {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(commands)
     _add_export(commands)
     _add_import(commands)
+    _add_tail(commands)
     return parser
 
 
@@ -167,6 +168,17 @@ def _add_server_options(parser) -> None:
                         help="exports streaming at once, per worker process; more are answered 503 with "
                              "Retry-After (default: %(default)s; each holds a database connection while its "
                              "client reads)")
+    parser.add_argument("--no-routing-metrics", dest="routing_metrics", action="store_false",
+                        help="leave the routing KPIs (counted at ingest) off /metrics, keeping the collector's own")
+    parser.add_argument("--metrics-replica-limit", type=_positive_int, default=Settings.metrics_replica_limit,
+                        help="replicas with /metrics series of their own, per process; later ones share the "
+                             "label replica=\"_other\" (default: %(default)s)")
+    parser.add_argument("--metrics-source-limit", type=_positive_int, default=Settings.metrics_source_limit,
+                        help="sources (traced routers) with /metrics series of their own, per process; later ones "
+                             "share source_id=\"_other\" (default: %(default)s)")
+    parser.add_argument("--tail-buffer", type=_positive_int, default=Settings.tail_buffer,
+                        help="records a live reader of /v1/tail may fall behind by before it misses some, and is "
+                             "told so (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes serving on the port (default: %(default)s, which handles tens of thousands "
                              "of events/s; give one per core for more: each costs memory and database connections)")
@@ -235,6 +247,31 @@ def _add_import(commands) -> None:
     importer.set_defaults(run=_run_import)
 
 
+def _add_tail(commands) -> None:
+    tail = commands.add_parser(
+        "tail", help="follow decisions as a collector stores them, one line each",
+        description="Print each decision as a running collector stores it: time (UTC), app/deployment, request "
+                    "id, ranking, chosen replica and rank, and its outcome when it came along; outcomes that "
+                    "arrive later follow on lines of their own. A reader that falls behind is told how many "
+                    "records it missed. Reads GET /v1/tail, with the read API's token.",
+    )
+    tail.add_argument("--url", default=os.environ.get("ROUTELENS_URL", "http://127.0.0.1:8321"),
+                      help="the collector (default: $ROUTELENS_URL, else %(default)s)")
+    tail.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
+                      help="its token (default: $ROUTELENS_TOKEN, else none)")
+    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
+                       ("replica", "chosen replica id"), ("label", "router label key=value (all must hold)")):
+        tail.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines), e.g. for jq")
+    tail.set_defaults(run=_run_tail)
+
+
+def _run_tail(args) -> int:
+    from .tail import run_tail
+
+    return run_tail(args)
+
+
 def _add_db_option(parser) -> None:
     parser.add_argument("--db", default=os.environ.get("ROUTELENS_DB", DEFAULT_DB),
                         help="database URL: sqlite:///FILE, a file path, or postgresql://USER@HOST/DB "
@@ -261,7 +298,9 @@ def _run_collector(args) -> int:
     die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
-                        max_exports=args.max_exports,
+                        max_exports=args.max_exports, routing_metrics=args.routing_metrics,
+                        metrics_replica_limit=args.metrics_replica_limit,
+                        metrics_source_limit=args.metrics_source_limit, tail_buffer=args.tail_buffer,
                         session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
                         allowed_hosts=tuple(args.allow_host))
     # Bound before anything is said about listening there; with --port 0, the port it got is the one to announce.

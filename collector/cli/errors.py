@@ -7,3 +7,7 @@ class UsageError(Exception):
 
 class FileError(Exception):
     """A file could not be written or read as asked (a full disk, a reader gone); the message names it and says why."""
+
+
+class ConnectionFailed(Exception):
+    """A collector could not be reached, or refused what was asked; the message says why and what to do."""
