@@ -171,6 +171,14 @@ def test_concurrent_batches_through_every_worker_are_stored_and_counted_once(db_
         text = scrape(collector)
         assert metric(text, "routelens_events_ingested_total", '{type="decision"}') == decisions_sent
         assert metric(text, "routelens_ingest_seconds_count") == len(batches)
+        # The routing KPIs, counted by whichever worker stored each batch, summed by every scrape.
+        distribution = collector.get("/v1/distribution?" + urllib.parse.urlencode(window))
+        for replica in distribution["replicas"]:
+            labels = f'{{app="shop",deployment="{replica["deployment"]}",replica="{replica["replica_id"]}"}}'
+            assert metric(text, "routelens_routed_requests_total", labels) == replica["routed"]
+            assert metric(text, "routelens_replica_member", labels) == 1
+        assert sum(metric(text, "routelens_decisions_total", f'{{app="shop",deployment="D{d}"}}')
+                   for d in range(3)) == decisions_sent
         for connection in connections:
             connection.close()
     finally:
