@@ -128,3 +128,57 @@ class PrometheusServer:
             if time.monotonic() > deadline:
                 raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
             time.sleep(every_s)
+
+
+# --- the project's rules and Grafana dashboard, as the tests use them ---
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RULES = os.path.join(ROOT, "docs", "prometheus", "routelens-alerts.yml")
+DASHBOARD = os.path.join(ROOT, "docs", "grafana", "routelens.json")
+
+
+def shortened_rules(directory: str, window: str = "20s", hour: str = "2m") -> str:
+    """The rule file with its windows cut to seconds and without `for` delays, so
+    that a test sees alerts fire within its traffic; thresholds are unchanged.
+    Returns the new file's path."""
+    import yaml
+
+    with open(RULES) as rules:
+        document = yaml.safe_load(rules)
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            expr = rule["expr"]
+            for long in ("[5m]", "[10m]"):
+                expr = expr.replace(long, f"[{window}]")
+            rule["expr"] = expr.replace("[1h]", f"[{hour}]").replace("offset 5m", f"offset {window}")
+            if "for" in rule:
+                rule["for"] = "0s"
+    path = os.path.join(directory, "routelens-alerts-short.yml")
+    with open(path, "w") as out:
+        yaml.safe_dump(document, out)
+    return path
+
+
+def rule_exprs() -> Dict[str, str]:
+    """Each recording rule's and alert's name -> its expression, as shipped."""
+    import yaml
+
+    with open(RULES) as rules:
+        document = yaml.safe_load(rules)
+    return {rule.get("record") or rule["alert"]: rule["expr"] for group in document["groups"]
+            for rule in group["rules"]}
+
+
+def dashboard_queries() -> Dict[str, List[str]]:
+    """Each Grafana panel's title -> its queries, as shipped (Grafana's variables in them)."""
+    with open(DASHBOARD) as dashboard:
+        panels = json.load(dashboard)["panels"]
+    return {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in panels
+            if panel["type"] != "row"}
+
+
+def grafana_expr(expr: str, range_s: str, rate_interval: str = "20s", app: str = ".*",
+                 deployment: str = ".*") -> str:
+    """A dashboard query as Grafana sends it, its variables given (`range_s`: $__range, e.g. "123456ms")."""
+    return (expr.replace("$__range", range_s).replace("$__rate_interval", rate_interval)
+            .replace("$app", app).replace("$deployment", deployment))
