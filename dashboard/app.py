@@ -59,7 +59,8 @@ class MyDeployment: ...'''
 def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
     app = Dash(__name__, requests_pathname_prefix=prefix, routes_pathname_prefix=prefix, title="routelens",
                update_title=None, suppress_callback_exceptions=True)
-    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>")
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>").replace(
+        "{%scripts%}", "{%scripts%}<script>" + explorer.LIVE_SCRIPT + "</script>")
     app.layout = _layout(prefix)
     refuse_malformed_callbacks(app, prefix)
     # Each view: (connection, filters, the whole state) -> its content.

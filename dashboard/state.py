@@ -39,6 +39,7 @@ class ViewState:
     # The decision explorer's place: a page (the cursor of the API's pagination) and an open decision.
     cursor: Optional[str] = None
     decision: Optional[str] = None
+    follow: bool = False  # the explorer follows decisions live (GET /v1/tail)
     # The compare view: two label values ("key=value"), or the window against an earlier one.
     compare_a: Optional[str] = None
     compare_b: Optional[str] = None
@@ -68,6 +69,8 @@ class ViewState:
         for key in ("cursor", "decision", "compare_a", "compare_b", "compare_shift"):
             if getattr(self, key):
                 pairs.append((key, getattr(self, key)))
+        if self.follow:
+            pairs.append(("follow", "1"))
         return "?" + urlencode(pairs) if pairs else ""
 
     def export_query(self, f: Filters) -> str:
@@ -102,6 +105,7 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         refresh=refresh if refresh in REFRESH_S else "off",
         # A page that is no decision id is the newest; compare's sides must be labels (key=value).
         cursor=cursor if cursor and _is_decision_id(cursor) else None, decision=query.get("decision", [None])[-1],
+        follow=query.get("follow", [""])[-1] == "1",
         compare_a=compare_a if compare_a and _is_label(compare_a) else None,
         compare_b=compare_b if compare_b and _is_label(compare_b) else None,
         compare_shift=query.get("compare_shift", [None])[-1] if query.get("compare_shift", [None])[-1] in SHIFTS

@@ -16,6 +16,7 @@ from routelens.dashboard.components import number, percent, seconds
 from routelens.dashboard.up import create_up_app
 from tests.support.browser import shown_rows, shown_text
 from tests.support.collector_server import CollectorServer
+from tests.support.trace_checks import wait_for
 from tests.support.wire_source import WireSource
 
 pytestmark = pytest.mark.browser
@@ -274,3 +275,29 @@ def test_with_a_token_the_dashboard_asks_for_it(tmp_path, page):
                          ).status_code == 200
     # A 401 page is an expected error in the console; nothing else is.
     assert all("401" in error for error in page.console_errors)
+
+
+def test_the_explorer_follows_decisions_live(server, page):
+    """Last: it stores more decisions in the module's database."""
+    page.goto(server.url + "/explorer?app=shop")
+    page.click("#explorer-follow")
+    page.wait_for_url("**follow=1**")
+    page.wait_for_selector("#explorer-live")
+    wait_for(lambda: len(server.app.state.tail._readers) == 1, 30, "the page to follow /v1/tail")
+    src = WireSource("live-proxy", app="shop", deployment="Cart")
+    decision = src.decision(time.time(), [["r1"], ["r2"]], request_id="live-1")
+    routed = src.routed(time.time(), "r1", decision, rank=0)
+    other = WireSource("live-search", app="search", deployment="Cart")
+    for source, events in ((other, [other.decision(time.time(), [["s1"]], request_id="not-shop")]),
+                           (src, [decision, routed, src.completed(time.time(), "r1", routed, latency_ms=7.0)])):
+        assert httpx.post(server.url + "/v1/events", json=source.batch(events)).status_code == 200
+    page.wait_for_selector("#explorer-live-rows tr")
+    assert shown_rows(page, "#explorer-live") == [[decision_time(decision), "shop/Cart", "live-1", "[r1] [r2]",
+                                                       "r1", "0", "ok 7.0 ms"]]
+    page.click("#explorer-follow")  # stop following: the page lets the stream go
+    wait_for(lambda: not server.app.state.tail._readers, 30, "the page to close its stream")
+    assert not page.console_errors
+
+
+def decision_time(decision: dict) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(decision["ts"])) + f".{int(decision['ts'] * 1000) % 1000:03d}"

@@ -166,10 +166,12 @@ class RoutingMetrics:
         if (app, deployment) in self._deployments:
             return
         self._deployments.add((app, deployment))
-        for metric in (self.decisions, self.handoffs):
+        for metric in (self.decisions, self.handoffs, self.choose, self.latency):
             metric.labels(app, deployment)
         for rank in sorted(set(RANK_LABELS.values())):
             self.by_rank.labels(app, deployment, rank)
+        for age_source in ("stamped", "observed"):
+            self.staleness.labels(app, deployment, age_source)
 
     def _replica_seen(self, labels: Tuple[str, str, str]) -> None:
         for metric in (self.routed, self.refusals, self.completions, self.failures):
