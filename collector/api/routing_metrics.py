@@ -27,10 +27,9 @@ counts them).
 
 from __future__ import annotations
 
-import statistics
 import threading
-from collections import deque
-from typing import Deque, Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
+from operator import itemgetter
+from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import select
@@ -39,13 +38,14 @@ from sqlalchemy.engine import Engine
 from ..ingest.rollups import ROLLUP_VALUES
 from ..ingest.schema import ReplicasEvent, StatsEvent
 from ..ingest.writer import StoredBatch
+from ..query.figures import median_interval
 from ..store.bins import CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
 from ..store.models import ROLLUP_KEY, ROUTER_LEVEL, Deployment, Replica
 
 OTHER = "_other"  # the label value of series beyond the limit
 DEFAULT_REPLICA_LIMIT = 2000
 DEFAULT_SOURCE_LIMIT = 2000
-STATS_PERIOD_SAMPLE = 400  # intervals the stats period is the median of, per deployment (docs/design.md)
+STATS_PERIOD_SAMPLE = 400  # the newest stats changes the stats period is seen in, per deployment (docs/design.md)
 
 # Ranks as the metrics group them: 0, 1, 2 and deeper, unknown.
 RANK_LABELS = {column: ("2+" if column not in ("rank_0", "rank_1", "rank_unknown") else column[len("rank_"):])
@@ -152,8 +152,8 @@ class RoutingMetrics:
         self._deployments: set = set()
         self._sources_seen: set = set()
         self._members: Dict[Tuple[str, str], Tuple[float, set]] = {}  # deployment -> (event ts, member labels)
-        self._last_stats: Dict[Tuple[str, str, str, str], float] = {}  # (app, deployment, source, replica) -> at
-        self._intervals: Dict[Tuple[str, str], Deque[float]] = {}
+        # Per deployment, its newest stats changes: (event id, (source, replica), collection time).
+        self._stats_changes: Dict[Tuple[str, str], List[Tuple[bytes, Tuple[str, str], float]]] = {}
 
     # --- labels ---
 
@@ -281,22 +281,16 @@ class RoutingMetrics:
                 self.member.labels(*labels).set(0)
 
     def _stats_period(self, app: str, deployment: str, source_id: str, events: List[StatsEvent]) -> None:
-        """As `collector.query.figures.stats_period` defines it, over the stats changes this process stored."""
+        """As `collector.query.figures.stats_period` defines it, over the newest stats changes this process
+        stored (newest by event id, as the database orders them)."""
         key = (app, deployment)
         with self._lock:
-            if len(self._last_stats) > 100_000:  # sources come and go: start over rather than grow for good
-                self._last_stats.clear()
-            intervals = self._intervals.setdefault(key, deque(maxlen=STATS_PERIOD_SAMPLE))
-            added = False
-            for event in sorted(events, key=lambda e: e.ts):
-                at = event.collected_at if event.collected_at is not None else event.ts
-                last = self._last_stats.get((app, deployment, source_id, event.replica_id))
-                if last is not None and at > last:
-                    intervals.append(at - last)
-                    added = True
-                if last is None or at > last:
-                    self._last_stats[(app, deployment, source_id, event.replica_id)] = at
-            period = statistics.median(intervals) if added else None
+            changes = self._stats_changes.setdefault(key, [])
+            changes.extend((event.id.bytes, (source_id, event.replica_id),
+                            event.collected_at if event.collected_at is not None else event.ts) for event in events)
+            changes.sort(key=itemgetter(0))
+            del changes[:-STATS_PERIOD_SAMPLE]
+            period = median_interval((replica, at) for _id, replica, at in changes)
         if period is not None:
             self.stats_period.labels(app, deployment).set(period)
 
