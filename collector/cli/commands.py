@@ -224,9 +224,7 @@ def _add_export(commands) -> None:
     export.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
     export.add_argument("--since", help="window start: epoch seconds or ISO-8601")
     export.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
-    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
-                       ("replica", "replica id"), ("label", "router label key=value (all must hold)")):
-        export.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    _add_filter_options(export, replica="replica id")
     export.add_argument("--request-id", help="request id or internal request id")
     export.add_argument("--model-id", help="multiplexed model id")
     export.set_defaults(run=_run_export)
@@ -259,9 +257,7 @@ def _add_tail(commands) -> None:
                       help="the collector (default: $ROUTELENS_URL, else %(default)s)")
     tail.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
                       help="its token (default: $ROUTELENS_TOKEN, else none)")
-    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
-                       ("replica", "chosen replica id"), ("label", "router label key=value (all must hold)")):
-        tail.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    _add_filter_options(tail, replica="chosen replica id")
     tail.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines), e.g. for jq")
     tail.set_defaults(run=_run_tail)
 
@@ -270,6 +266,13 @@ def _run_tail(args) -> int:
     from .tail import run_tail
 
     return run_tail(args)
+
+
+def _add_filter_options(parser, replica: str) -> None:
+    """The filters every read takes: --app, --deployment, --router-class, --replica, --label."""
+    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
+                       ("replica", replica), ("label", "router label key=value (all must hold)")):
+        parser.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
 
 
 def _add_db_option(parser) -> None:
