@@ -124,7 +124,8 @@ def test_the_tail_wants_the_read_apis_token(server):
 
 
 def sse_events(data: bytes):
-    for block in data.decode().split("\n\n"):
+    """The complete events of a stream read so far (the last block may be cut short)."""
+    for block in data.decode(errors="replace").split("\n\n")[:-1]:
         name = data_line = None
         for line in block.split("\n"):
             if line.startswith("event: "):
