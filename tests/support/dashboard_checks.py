@@ -129,7 +129,9 @@ def check_dashboard_and_rules(prom: PrometheusServer, get: Callable[..., dict], 
     over_period = keyed(ev.rule(rules["routelens:stats_staleness_p95_over_period:5m"]), "app", "deployment")
     assert set(over_period) == {key for key, d in stale.items() if d["stats_period_s"]}
     for key in over_period:
-        assert over_period[key] == approx(p95[key] / stale[key]["stats_period_s"])
+        # Stamped stats change every period, traffic or not: the newest 400 changes go on moving between the
+        # last scrape and the API's answer, and their median interval with them, by a little.
+        assert over_period[key] == pytest.approx(p95[key] / stale[key]["stats_period_s"], rel=0.05)
 
     # Every panel shows something (but counters by reason, whose series come with a first event of the reason:
     # dropped events, refused batches), and names only deployments of the window.
