@@ -63,7 +63,7 @@ def _span(columns: Sequence[str]) -> slice:
 
 
 _STALE, _CHOOSE, _LATENCY = _span(STALENESS.columns), _span(CHOOSE_US.columns), _span(LATENCY_MS.columns)
-_REPLICA_COUNTS = ("routed", "rejections", "completions", "failures")
+_REPLICA_AT = tuple(_AT[name] for name in ("routed", "rejections", "completions", "failures"))
 
 
 class SeriesLimit:
@@ -151,6 +151,7 @@ class RoutingMetrics:
         self._lock = threading.Lock()  # the in-memory state below
         self._deployments: set = set()
         self._sources_seen: set = set()
+        self._replicas_seen: set = set()
         self._members: Dict[Tuple[str, str], Tuple[float, set]] = {}  # deployment -> (event ts, member labels)
         # Per deployment, its newest stats changes: (event id, (source, replica), collection time).
         self._stats_changes: Dict[Tuple[str, str], List[Tuple[bytes, Tuple[str, str], float]]] = {}
@@ -174,6 +175,9 @@ class RoutingMetrics:
             self.staleness.labels(app, deployment, age_source)
 
     def _replica_seen(self, labels: Tuple[str, str, str]) -> None:
+        if labels in self._replicas_seen:
+            return
+        self._replicas_seen.add(labels)
         for metric in (self.routed, self.refusals, self.completions, self.failures):
             metric.labels(*labels)
 
@@ -192,23 +196,23 @@ class RoutingMetrics:
             self._stats_period(app, deployment, stored.batch.source.source_id,
                                [e for e in stored.events if isinstance(e, StatsEvent)])
         router_row: Optional[list] = None
-        replica_rows: Dict[int, list] = {}
+        replica_counts: Dict[int, List[int]] = {}
         for row in stored.rollup_rows:
             if row[_GRAIN] != _HOUR:  # the hourly rows hold it all (a batch that spans an hour: two of them)
                 continue
             if row[_REPLICA] == ROUTER_LEVEL:
                 router_row = list(row) if router_row is None else _added(router_row, row)
-            else:
-                known = replica_rows.get(row[_REPLICA])
-                replica_rows[row[_REPLICA]] = list(row) if known is None else _added(known, row)
+                continue
+            counts = [row[i] for i in _REPLICA_AT]
+            if not any(counts):
+                continue  # ranked only
+            known = replica_counts.get(row[_REPLICA])
+            replica_counts[row[_REPLICA]] = counts if known is None else [a + b for a, b in zip(known, counts)]
         if router_row is not None:
             self._count_deployment(app, deployment, router_row, stored)
-        if replica_rows:
+        if replica_counts:
             names = {pk: replica_id for replica_id, pk in stored.replica_pks.items()}
-            for replica_pk, row in replica_rows.items():
-                routed, rejections, completions, failures = (row[_AT[name]] for name in _REPLICA_COUNTS)
-                if not (routed or rejections or completions):
-                    continue  # ranked only
+            for replica_pk, (routed, rejections, completions, failures) in replica_counts.items():
                 labels = self._replica(app, deployment, names[replica_pk])
                 self._replica_seen(labels)
                 for metric, value in ((self.routed, routed), (self.refusals, rejections),
