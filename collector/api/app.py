@@ -251,6 +251,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         lost, where they are missing). The window parameters do not apply: it starts now."""
         reader = tail.subscribe(f)
         return StreamingResponse(
+            # `workers`: this process is one of several (--workers N), and the stream has its share only.
             tail_events(tail, reader, {"buffer": tail.buffer, "pid": os.getpid(),
                                        "workers": settings.metrics_dir is not None}),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

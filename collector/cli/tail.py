@@ -113,7 +113,10 @@ def follow(response, out: TextIO, as_json: bool, err: TextIO = sys.stderr) -> No
         if name == "hello":
             if not as_json:
                 err.write("routelens tail: following what the collector stores; Ctrl-C to stop\n")
-                err.flush()
+            if record.get("workers"):
+                err.write("routelens tail: this collector runs several worker processes; this shows what the one "
+                          "it reached stores (docs/operations.md)\n")
+            err.flush()
             continue
         out.write((json.dumps(record) if as_json else line_of(record)) + "\n")
         out.flush()
