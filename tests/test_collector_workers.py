@@ -343,3 +343,16 @@ def test_up_with_workers_signs_in_on_one_worker_and_serves_on_the_other(tmp_path
         second.close()
     finally:
         collector.stop()
+
+
+def test_a_tail_of_several_workers_says_it_shows_one_workers_share(tmp_path):
+    collector = start(f"sqlite:///{tmp_path / 'routelens.db'}")
+    process = subprocess.Popen([sys.executable, "-m", "routelens.collector.cli", "tail", "--url", collector.url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = [process.stderr.readline(), process.stderr.readline()]
+        assert "following" in said[0] and "several worker processes" in said[1], said
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+        collector.stop()
