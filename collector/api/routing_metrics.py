@@ -128,7 +128,8 @@ class RoutingMetrics:
                                  LATENCY_MS.bounds, 1e3)
         self.stats_period = Gauge("routelens_stats_period_seconds",
                                   "The deployment's routing-stats period seen: median interval between two "
-                                  "collections of one replica's stats, over the newest 400 this process stored",
+                                  "collections of one replica's stats, in the newest 400 stats changes this process "
+                                  "stored",
                                   deployment, registry=registry, multiprocess_mode="mostrecent")
         self.member = Gauge("routelens_replica_member", "1 while the replica is a member of its deployment, else 0",
                             replica, registry=registry, multiprocess_mode="mostrecent")
