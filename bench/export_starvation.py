@@ -82,7 +82,7 @@ def stall_exports(port: int, count: int) -> Tuple[List[socket.socket], Dict[str,
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", port))
-        sock.sendall(b"GET /v1/export?since=0&format=csv HTTP/1.1\r\nHost: collector\r\n\r\n")
+        sock.sendall(b"GET /v1/export?since=0&format=csv HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         head = sock.recv(100)
         status = head.split(b" ", 2)[1].decode() if head.count(b" ") >= 2 else "none"
         statuses[status] = statuses.get(status, 0) + 1
@@ -127,6 +127,8 @@ def run_backend(url: str, args, log_bodies: List[bytes], phases: List[List[bytes
                     samples[phase] += post_timed(port, bodies, PER_BATCH)
                     continue
                 sockets, statuses = stall_exports(port, args.stalled)
+                if statuses.get("200", 0) == 0:
+                    raise RuntimeError(f"no export was served to stall (answers: {statuses})")
                 try:
                     settled.append(settle([collector.process.pid, *database_pids]))
                     samples[phase] += post_timed(port, bodies, PER_BATCH)

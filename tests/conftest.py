@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config, items):
     Ray-backed ones: the session's Ray instance starts after the demo's has
     stopped, and the two never share these 2 cores.
 
-    With pytest-xdist (scripts/test: `-n 2 --no-loadscope-reorder`) they are
+    With pytest-xdist (scripts/test: `-n 3 --no-loadscope-reorder`) they are
     one unit of work (pytest_xdist_make_scheduler, below), which one worker
-    runs first while the other works through the rest module by module. Run
+    runs first while the others work through the rest module by module. Run
     in one process, they come last, so that the session's Ray instance
     never sits idle under the rest of the suite."""
     misplaced = sorted({_module_path(item) for item in items
@@ -67,6 +67,23 @@ def pytest_collection_modifyitems(config, items):
     under_xdist = hasattr(config, "workerinput")
     items.sort(key=lambda item: ((_module_path(item) in STARTS_RAY) != under_xdist,
                                  item.get_closest_marker("ray") is not None))  # stable
+
+
+# How much less CPU a worker's other tests get than the Ray tests beside them (nice 5: about a third
+# of their share). The Ray tests measure Ray itself (stats periods and their staleness, hand-offs,
+# latencies); starved by the other workers they measured the machine instead.
+OTHER_TESTS_NICENESS = 5
+_niced = False
+
+
+def pytest_runtest_setup(item):
+    """Under xdist, a worker lowers its priority at its first test that
+    starts no Ray: at once for the workers that run none, after the Ray
+    modules for the worker that runs them (they come first there)."""
+    global _niced
+    if not _niced and hasattr(item.config, "workerinput") and _module_path(item) not in STARTS_RAY:
+        os.nice(OTHER_TESTS_NICENESS)
+        _niced = True
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -195,11 +195,15 @@ def log_of(collector: CollectorProcess) -> str:
 
 # --- 1. the collector killed and restarted under the exporters' load ---
 
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgres", marks=LONG)], indirect=True)
 @pytest.mark.parametrize("seconds, kills", [
     pytest.param(16, 1, id="16s-1-kill"),  # the load before the kill, through its 2 s outage, after the restart
     pytest.param(90, 3, id="90s-3-kills", marks=LONG),
 ])
 def test_a_collector_killed_under_load_loses_and_duplicates_no_event(db_url, tmp_path, seconds, kills):
+    """On PostgreSQL in the long run only: the short run's PostgreSQL case is the
+    restart below, the database away under the same load, whose collector keeps
+    its batches the same way."""
     collector = CollectorProcess(db_url).start()
     loaders = Loaders(collector.url, tmp_path, seconds)
     try:

@@ -174,8 +174,14 @@ def test_a_stalled_postgresql_export_holds_no_snapshot(postgres, what, fmt):
             sock, head = _stalled_export(server.port, what=what, fmt=fmt)
             try:
                 assert b" 200 " in head, head
-                time.sleep(1)  # the export has filled the socket and waits
-                exports = [session for session in _sessions(server) if session.pid not in before]
+                # Until the export has filled the socket and waits (on a busy machine, seconds): its session
+                # stops running statements.
+                deadline = time.monotonic() + 60  # a guard against hanging, not a measurement
+                while True:
+                    exports = [session for session in _sessions(server) if session.pid not in before]
+                    if exports and exports[0].state != "active" or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.2)
                 assert len(exports) == 1, exports  # the export's own connection
                 assert (exports[0].state, exports[0].backend_xmin) == ("idle", None), exports
             finally:
