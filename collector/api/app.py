@@ -13,7 +13,6 @@ exporter retries those).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import zlib
@@ -21,7 +20,7 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Iterator, Literal, Optional
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -30,14 +29,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
-from ..export.formats import FORMATS, MEDIA_TYPES
-from ..export.schema import EXPORT_SCHEMA_VERSION, TABLES
+from ..export.formats import MEDIA_TYPES
+from ..export.names import FORMATS, TABLES
+from ..export.schema import EXPORT_SCHEMA_VERSION
 from ..export.stream import ExportError, export
 from ..export.stream import check as check_export
 from ..ingest.schema import Invalid, TooMany, parse
 from ..ingest.writer import Ingestor, SourceConflict
 from ..query import explore, figures
 from ..query.filters import Filters
+from ..query.tail import Follower, newest
 from ..settings import Settings, parse_duration
 from ..store import times
 from ..store.db import check_schema, head_revision, make_engine, revision_of, schema_problem, write_problem
@@ -46,7 +47,7 @@ from ..store.retention import Retention
 from .auth import TokenAuth, allowed_hosts
 from .metrics import Metrics
 from .params import filters
-from .tail import Tail
+from .tail import last_event_id as parse_last_event_id
 from .tail import stream as tail_events
 
 JSON_TYPES = ("application/json",)
@@ -72,8 +73,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     engine = engine or make_engine(settings.db_url)
     check_schema(engine, settings.db_url)
     head = head_revision()
-    tail = Tail(settings.tail_buffer)
-    ingestor = Ingestor(engine, on_stored=tail.publish)
+    ingestor = Ingestor(engine)
     metrics = Metrics(engine, settings.metrics_dir, settings.routing_metrics, settings.metrics_replica_limit,
                       settings.metrics_source_limit)
     retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
@@ -88,7 +88,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     app = FastAPI(title="routelens collector", version=__version__, lifespan=lifespan,
                   description="Ingest of routelens wire format v1, and the read API behind the dashboard.")
     app.state.settings, app.state.engine, app.state.ingestor, app.state.metrics = settings, engine, ingestor, metrics
-    app.state.retention, app.state.tail = retention, tail
+    app.state.retention = retention
     # Exports stream for as long as their clients take to read: each takes a slot and a connection of
     # its own (opened for it, closed after it), never one of the pool that ingest and the read API use,
     # so that exports whose clients stall cannot make those wait.
@@ -243,17 +243,22 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                                    "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
 
     @app.get("/v1/tail", dependencies=read, tags=["read"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "A stream that never ends"}},
              summary="Decisions as they are stored, live (Server-Sent Events): each with its ranking, chosen "
                      "replica, rank and outcome when they came with it, later outcomes as events of their own")
-    async def tail_stream(f: Filters = Depends(filters)):
-        """Events: `hello` (this stream's buffer and process), `decision`, `routed` and `completed`
-        (outcomes of decisions sent before), `missed` (how many records this reader fell behind by and
-        lost, where they are missing). The window parameters do not apply: it starts now."""
-        reader = tail.subscribe(f)
+    def tail_stream(f: Filters = Depends(filters), last_event_id: Optional[str] = Header(
+            None, description="resume after this event id (the number of a batch this stream sent)")):
+        """Every decision stored, by any worker or collector on this database. Events: `hello` (`after`:
+        the batch it starts after), `decision`, `routed` and `completed` (outcomes of decisions sent
+        before), `missed` (how many events this reader fell behind by and skipped), `unavailable` (the
+        database cannot be read now). The window parameters do not apply: it starts now, or after
+        `Last-Event-ID` (no more than `--tail-max-behind` back)."""
+        after = parse_last_event_id(last_event_id)
+        with engine.connect() as connection:  # before the 200: a database away is a 503 (retry later)
+            head = newest(connection)
+        follower = Follower(f, settings.tail_max_behind_s, head if after is None else min(after, head))
         return StreamingResponse(
-            # `workers`: this process is one of several (--workers N), and the stream has its share only.
-            tail_events(tail, reader, {"buffer": tail.buffer, "pid": os.getpid(),
-                                       "workers": settings.metrics_dir is not None}),
+            tail_events(engine, follower, {"after": follower.last}, metrics.tail_readers),
             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz", tags=["operations"], summary="Whether ingest can succeed: the database reachable, "

@@ -20,6 +20,7 @@ from typing import Optional, Tuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from ..ingest.writer import IngestResult
@@ -56,6 +57,15 @@ class Metrics:
                                   buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self._unavailable = Counter("routelens_database_unavailable",
                                     "Requests answered 503 because the database was unavailable", registry=own)
+        # For alerting while the database is away: /metrics itself still answers, from memory.
+        self._available = Gauge("routelens_database_available",
+                                "1 once this process last got a database connection, 0 once it last answered 503 "
+                                "for want of one (the database unreachable, or every pooled connection busy)",
+                                registry=own, multiprocess_mode="livemostrecent")
+        self._available.set(1)  # the schema was just checked on it
+        event.listen(engine, "checkout", lambda *_: self._available.set(1))  # (PostgreSQL: after a ping)
+        self.tail_readers = Gauge("routelens_tail_readers", "Streams of GET /v1/tail open", registry=own,
+                                  multiprocess_mode="livesum")
         self.pruners = pruners_gauge(own)
         self.routing = RoutingMetrics(own, replica_limit, source_limit) if routing else None
         if self.routing is not None:
@@ -67,7 +77,9 @@ class Metrics:
             self.routing.count(result.detail)
 
     def database_unavailable(self) -> None:
+        """A request answered 503 for want of the database."""
         self._unavailable.inc()
+        self._available.set(0)
 
     def ingested(self, result, seconds: float) -> None:
         for kind, count in result.stored_by_type.items():

@@ -8,13 +8,10 @@ import os
 import sys
 from typing import List, Optional
 
-from ..demo.run import DemoError
-from ..export.formats import FORMATS
-from ..export.schema import TABLES
-from ..settings import DEFAULT_DB, Settings, parse_allowed_host, parse_duration
-from ..store.db import DatabaseError
-from .errors import ConnectionFailed, FileError, UsageError
-from .server import ServeError
+from ..export.names import FORMATS, TABLES
+from ..settings import DEFAULT_DB, STORED_BATCHES_KEEP_S, Settings, parse_allowed_host, parse_duration
+from ..store.errors import DatabaseError
+from .errors import ConnectionFailed, DemoError, FileError, ServeError, UsageError
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -176,12 +173,21 @@ def _add_server_options(parser) -> None:
     parser.add_argument("--metrics-source-limit", type=_positive_int, default=Settings.metrics_source_limit,
                         help="sources (traced routers) with /metrics series of their own, per process; later ones "
                              "share source_id=\"_other\" (default: %(default)s)")
-    parser.add_argument("--tail-buffer", type=_positive_int, default=Settings.tail_buffer,
-                        help="records a live reader of /v1/tail may fall behind by before it misses some, and is "
-                             "told so (default: %(default)s)")
+    parser.add_argument("--tail-max-behind", type=_tail_max_behind, default="1m",
+                        help="how far behind what is stored a live reader of /v1/tail may fall before it skips "
+                             "to the newest, told how many events it missed; at most 10m (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes serving on the port (default: %(default)s, which handles tens of thousands "
                              "of events/s; give one per core for more: each costs memory and database connections)")
+
+
+def _tail_max_behind(text: str) -> float:
+    """A positive duration within the time `stored_batches` keeps what a reader follows (10 minutes)."""
+    seconds = _positive_duration(text)
+    if seconds > STORED_BATCHES_KEEP_S:
+        raise argparse.ArgumentTypeError(f"at most {STORED_BATCHES_KEEP_S / 60:.0f}m (what a reader follows is "
+                                         f"kept that long): {text!r}")
+    return seconds
 
 
 def _add_db(commands) -> None:
@@ -303,7 +309,7 @@ def _run_collector(args) -> int:
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
                         max_exports=args.max_exports, routing_metrics=args.routing_metrics,
                         metrics_replica_limit=args.metrics_replica_limit,
-                        metrics_source_limit=args.metrics_source_limit, tail_buffer=args.tail_buffer,
+                        metrics_source_limit=args.metrics_source_limit, tail_max_behind_s=args.tail_max_behind,
                         session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
                         allowed_hosts=tuple(args.allow_host))
     # Bound before anything is said about listening there; with --port 0, the port it got is the one to announce.

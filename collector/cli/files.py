@@ -23,7 +23,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..export.formats import FORMATS
+from ..export.names import FORMATS
 from ..export.stream import ExportError, check, export
 from ..query import figures
 from ..query.filters import FilterError, build_filters

@@ -1,8 +1,9 @@
-"""`routelens tail`: decisions as a collector stores them, one line each, from
-its `GET /v1/tail` stream (Server-Sent Events; `collector.api.tail`).
+"""`routelens tail`: decisions as they are stored, one line each, from a
+collector's `GET /v1/tail` stream (Server-Sent Events; `collector.api.tail`):
+every decision stored in its database, whichever worker or collector stored it.
 
 Only the standard library: it reads a collector over HTTP and needs nothing
-of the server's."""
+of the server's (the command imports nothing else for it)."""
 
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ def line_of(record: Dict) -> str:
     """A record as one line of text."""
     kind = record["type"]
     if kind == "missed":
-        return f"... {record['count']} records missed: this reader fell behind (the collector kept storing)"
+        return f"... {record['count']} events missed: this reader fell behind, and goes on from the newest"
+    if kind == "unavailable":
+        return f"... the collector cannot read its database now: {record['detail']}"
     head = f"{when(record['ts'])}  {record['app']}/{record['deployment']}"
     if kind == "decision":
         ranking = " ".join("[" + " ".join(rank) + "]" for rank in record["ranks"])
@@ -112,11 +115,8 @@ def follow(response, out: TextIO, as_json: bool, err: TextIO = sys.stderr) -> No
         record = json.loads(data)
         if name == "hello":
             if not as_json:
-                err.write("routelens tail: following what the collector stores; Ctrl-C to stop\n")
-            if record.get("workers"):
-                err.write("routelens tail: this collector runs several worker processes; this shows what the one "
-                          "it reached stores (docs/operations.md)\n")
-            err.flush()
+                err.write("routelens tail: following every decision stored; Ctrl-C to stop\n")
+                err.flush()
             continue
         out.write((json.dumps(record) if as_json else line_of(record)) + "\n")
         out.flush()

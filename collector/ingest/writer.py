@@ -8,7 +8,8 @@
    transaction then fails;
 2. in one transaction: insert the events; feed those actually inserted to
    the rollups and the membership; record the batch number and the
-   source's counters;
+   source's counters; number the batch in `stored_batches` with the ids of
+   its decisions and outcomes, for live readers (`GET /v1/tail`);
 3. commit. Either all of the batch is stored or none of it.
 
 Step 2 first assumes that every event is new (almost every batch is): it
@@ -38,17 +39,18 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, count
 from operator import itemgetter
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
 import psycopg
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ..store.db import is_sqlite, writer
+from ..settings import STORED_BATCHES_KEEP_S
+from ..store.db import IDS_PER_STATEMENT, is_sqlite, writer
 from ..store.models import (
     RAW_TABLES,
     ROLLUP_KEY,
@@ -63,6 +65,7 @@ from ..store.models import (
     memberships,
     routed,
     stats_changes,
+    stored_batches,
 )
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
 from .rollups import ROLLUP_VALUES, RollupDelta
@@ -80,8 +83,9 @@ from .schema import (
 
 _json = msgspec.json.Encoder()
 
-# Ids bound in one IN (...): within SQLite's 32,766 parameters and PostgreSQL's 65,535.
-IDS_PER_STATEMENT = 10_000
+# Each process deletes the `stored_batches` rows past keeping (settings.STORED_BATCHES_KEEP_S) in one of
+# every PRUNE_STORED_BATCHES_EVERY batches it stores, in that batch's transaction: a few milliseconds.
+PRUNE_STORED_BATCHES_EVERY = 1000
 
 # A replica's membership as a `replicas` event sets it, in this order (see `Ingestor._apply_membership`).
 _MEMBERSHIP_COLUMNS = (Replica.node_id, Replica.availability_zone, Replica.max_ongoing_requests, Replica.model_ids,
@@ -134,9 +138,9 @@ class SourceBefore(NamedTuple):
 
 @dataclass
 class StoredBatch:
-    """What one batch stored, for the collector's routing metrics and live tail
-    (`collector.api.routing_metrics`, `collector.api.tail`), which count and show
-    what was stored, once: a re-sent batch's events are not in `events`."""
+    """What one batch stored, for the collector's routing metrics
+    (`collector.api.routing_metrics`), which count what was stored, once: a
+    re-sent batch's events are not in `events`."""
 
     batch: Batch  # the batch as received: its source, number and counters
     events: List[Event]  # the events stored, in the batch's order
@@ -256,11 +260,8 @@ def _stored_request_ids(events: Sequence[Event]) -> Dict[Optional[str], Optional
 
 
 class Ingestor:
-    def __init__(self, engine: Engine, clock=time.time, on_stored: Optional[Callable[[StoredBatch], None]] = None):
-        """`on_stored`: called with each batch's `StoredBatch` once it is committed, in the
-        order batches were stored (on SQLite, under the lock that orders them)."""
+    def __init__(self, engine: Engine, clock=time.time):
         self.engine = engine
-        self.on_stored = on_stored
         self._clock = clock
         self._sqlite = is_sqlite(engine)
         self._dialect_insert = sqlite.insert if self._sqlite else postgresql.insert
@@ -271,6 +272,9 @@ class Ingestor:
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
         self._record_batch_statements = self._make_record_batch()
+        self._number_batch = stored_batches.insert()
+        self._prune_numbered = delete(stored_batches).where(stored_batches.c.stored_at < bindparam("oldest"))
+        self._batches_numbered = count(1)
         # One replica's membership, executed for many at once (executemany).
         self._set_membership = update(Replica).where(Replica.pk == bindparam("member_pk")).values(
             dict(zip(_MEMBERSHIP_COLUMNS, map(bindparam, _MEMBERSHIP_KEYS))))
@@ -376,17 +380,11 @@ class Ingestor:
         if self._write_lock is not None:
             with self._write_lock:
                 detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
-                self._stored(detail)  # in the order batches were stored
         else:
             detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
-            self._stored(detail)
         stored = len(detail.events)
         return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=detail.stored_by_type,
                             detail=detail)
-
-    def _stored(self, detail: StoredBatch) -> None:
-        if self.on_stored is not None:
-            self.on_stored(detail)
 
     def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int,
                     identity: Tuple[str, str, str, str]) -> StoredBatch:
@@ -412,6 +410,7 @@ class Ingestor:
                     connection.execute(select(func.pg_advisory_xact_lock(source_pk)))
                 new_ids = set()
                 stored_by_type = {}
+                numbered = {"decision": [], "routed": [], "completed": []}  # the ids live readers follow
                 for kind, table in TABLE_OF_TYPE.items():
                     table_rows = rows.of(table)
                     if not table_rows:
@@ -424,6 +423,8 @@ class Ingestor:
                     if inserted:
                         stored_by_type[kind] = len(inserted)
                         new_ids.update(inserted)
+                        if kind in numbered:
+                            numbered[kind] = inserted
                 stored = batch.events if all_new else [
                     event for event, event_id in zip(batch.events, valid.ids) if event_id in new_ids]
                 delta = RollupDelta()
@@ -435,9 +436,21 @@ class Ingestor:
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
                 before = self._record_batch(connection, source_pk, batch, now)
+                if any(numbered.values()):
+                    # Last: on PostgreSQL the number is taken when the row is inserted, and readers wait
+                    # a moment for a number still missing (collector.query.tail); the commit follows at once.
+                    self._number(connection, rows.router_pk, numbered, now)
         return StoredBatch(batch=batch, events=stored, stored_by_type=stored_by_type, identity=identity,
                            replica_pks=rows.replica_pks,
                            rollup_rows=rollup_rows, delta=delta, before=before, received_at=now)
+
+    def _number(self, connection: Connection, router_pk: int, ids: Dict[str, List[bytes]], now: float) -> None:
+        """The batch's row in `stored_batches`; the rows past keeping deleted, now and then."""
+        connection.execute(self._number_batch, {
+            "stored_at": now, "router_pk": router_pk, "decision_ids": b"".join(ids["decision"]),
+            "routed_ids": b"".join(ids["routed"]), "completed_ids": b"".join(ids["completed"])})
+        if next(self._batches_numbered) % PRUNE_STORED_BATCHES_EVERY == 0:
+            connection.execute(self._prune_numbered, {"oldest": now - STORED_BATCHES_KEEP_S})
 
     def _insert_all(self, connection: Connection, table, table_rows: List[tuple]) -> None:
         """Insert every row; raises `_SomeStored` when an id is stored already."""

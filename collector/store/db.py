@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -21,14 +21,14 @@ from sqlalchemy.pool import NullPool
 
 from routelens import migrations
 
+from .errors import DatabaseError
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be used as it is; the message says what to do."""
+# Values bound in one IN (...): within SQLite's 32,766 parameters and PostgreSQL's 65,535.
+IDS_PER_STATEMENT = 10_000
 
 
 def normalize_url(url: str) -> str:
@@ -233,18 +233,35 @@ def schema_problem(connection, revision: str) -> Optional[str]:
     hold an alembic_version row that names one of our revisions; its tables
     cannot be ours. At head, every table and column of the models must be
     there (the migrations make exactly those: a test compares them); behind
-    head, every table, whose columns the migrations still have to change."""
+    head, every table the migrations up to `revision` made (a table's
+    `info["since_revision"]` names the migration that made it, where that is
+    not the first), whose columns the later ones still have to change."""
     from .models import Base  # here: the version check of a command that exits at once needs no models
 
     present = inspect(connection).get_multi_columns()
     columns = {table: {column["name"] for column in found} for (_schema, table), found in present.items()}
+    made = _revisions_up_to(revision)
     for table in Base.metadata.sorted_tables:
+        since = table.info.get("since_revision")
+        if since is not None and since not in made:
+            continue  # a later migration makes it
         if table.name not in columns:
             return f"it has no table {table.name}"
         missing = [column.name for column in table.columns if column.name not in columns[table.name]]
         if revision == head_revision() and missing:
             return f"its table {table.name} has no column {missing[0]}"
     return None
+
+
+def _revisions_up_to(revision: str) -> Set[str]:
+    """`revision` and every revision before it."""
+    revisions, found, todo = script_revisions(), set(), [revision]
+    while todo:
+        current = todo.pop()
+        if current is not None and current not in found:
+            found.add(current)
+            todo.extend(revisions.get(current, ()))
+    return found
 
 
 def _refuse_if_not_ours(engine: Engine, revision: str, url: str) -> None:

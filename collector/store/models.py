@@ -11,7 +11,9 @@ Three kinds of table:
   range (see `collector.store.ids`): no separate time index is needed;
 - `rollups`: counters and fixed histograms per minute and per hour, per
   router and replica, updated in the ingest transaction. Panels read these
-  only.
+  only;
+- `stored_batches`: the batches stored, in the order they were stored, for
+  live readers (`GET /v1/tail`); kept for minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -231,4 +234,28 @@ rollups = Table(
     *(Column(name, Float, nullable=False, server_default="0") for name in ROLLUP_SUMS),
     *(Column(name, Float) for name in ROLLUP_MAXIMA),
     **_clustered,
+)
+
+
+# Each batch that stored decisions, routed or completed events, numbered in the order batches were stored:
+# what a live reader (`GET /v1/tail`, collector.query.tail) follows, by `seq`. The raw tables cannot be
+# followed so: their ids are UUIDv7 that the tracers make, ordered by the clock of the process that made
+# them, not by when a collector stored them (a batch replayed from a spool minutes later, a host whose
+# clock runs behind, the batches of many sources interleaving). One row per batch, with the ids of the
+# events it stored; ingest deletes the rows older than `settings.STORED_BATCHES_KEEP_S`.
+stored_batches = Table(
+    "stored_batches", Base.metadata,
+    # SQLite: a rowid alias with AUTOINCREMENT, so that a number is never given twice, even once the
+    # newest rows are deleted. PostgreSQL: BIGSERIAL.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("stored_at", Float, nullable=False),  # the storing collector's clock
+    Column("router_pk", Integer, nullable=False),
+    # The ids of the events the batch stored, 16 bytes each, one after another, in the batch's order.
+    Column("decision_ids", LargeBinary, nullable=False),
+    Column("routed_ids", LargeBinary, nullable=False),
+    Column("completed_ids", LargeBinary, nullable=False),
+    Index(None, "stored_at"),
+    sqlite_autoincrement=True,
+    # The migration that made it: a database at an earlier revision lacks it (`store.db.schema_problem`).
+    info={"since_revision": "0004"},
 )

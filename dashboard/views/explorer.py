@@ -75,8 +75,9 @@ LIVE_SCRIPT = """
   function outcome(o) { return !o ? "" : o.rejected ? "refused" : o.ok === false ? "failed" :
                         "ok" + (o.latency_ms === null ? "" : " " + o.latency_ms.toFixed(1) + " ms"); }
   function cells(kind, r) {
-    var time = new Date(r.ts * 1000).toISOString().slice(11, 23);
-    if (kind === "missed") return ["", "", "", r.count + " records missed (this page fell behind)", "", "", ""];
+    if (kind === "missed") return ["", "", "", r.count + " events missed (this page fell behind)", "", "", ""];
+    if (kind === "unavailable") return ["", "", "", "the collector cannot read its database now", "", "", ""];
+    var time = new Date(r.ts * 1000).toISOString().slice(11, 23);  // (the records above have no time)
     var where = r.app + "/" + r.deployment;
     if (kind === "decision")
       return [time, where, text(r.request_id), r.ranks.map(function (rank) { return "[" + rank.join(" ") + "]"; })
@@ -103,7 +104,7 @@ LIVE_SCRIPT = """
     source = null; url = wanted;
     if (!wanted) return;
     source = new EventSource(wanted);
-    ["decision", "routed", "completed", "missed"].forEach(function (kind) {
+    ["decision", "routed", "completed", "missed", "unavailable"].forEach(function (kind) {
       source.addEventListener(kind, function (event) { add(kind, event); });
     });
   }, 300);

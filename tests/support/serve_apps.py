@@ -136,27 +136,3 @@ class BriefApp:
         started = time.monotonic()
         await asyncio.sleep(self.work_s)
         return time.monotonic() - started
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class StatsStopApp:
-    """Stamped routing stats; the replica of rank 0 stops answering for them in time
-    (routers keep its old stats, ever older) once the file `<flag_dir>/stale` exists."""
-
-    def __init__(self, flag_dir: str):
-        context = _get_internal_replica_context()
-        rank = context.rank
-        self.goes_stale = getattr(rank, "rank", rank) == 0
-        self.flag = os.path.join(flag_dir, "stale")
-        self.replica_id = context.replica_id.unique_id
-        self.served = 0
-
-    async def __call__(self, *args: Any) -> str:
-        self.served += 1
-        return self.replica_id
-
-    @stamp_routing_stats
-    async def record_routing_stats(self) -> Dict[str, Any]:
-        if self.goes_stale and os.path.exists(self.flag):
-            await asyncio.sleep(3.0)  # beyond request_routing_stats_timeout_s: Ray gives up on it
-        return {"served": self.served}
