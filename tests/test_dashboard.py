@@ -14,6 +14,7 @@ import pytest
 from routelens.collector.settings import Settings
 from routelens.dashboard.components import number, percent, seconds
 from routelens.dashboard.up import create_up_app
+from tests.support import sse
 from tests.support.browser import shown_rows, shown_text
 from tests.support.collector_server import CollectorServer
 from tests.support.trace_checks import wait_for
@@ -283,7 +284,7 @@ def test_the_explorer_follows_decisions_live(server, page):
     page.click("#explorer-follow")
     page.wait_for_url("**follow=1**")
     page.wait_for_selector("#explorer-live")
-    wait_for(lambda: len(server.app.state.tail._readers) == 1, 30, "the page to follow /v1/tail")
+    wait_for(lambda: sse.open_streams(server.url) == 1, 30, "the page to follow /v1/tail")
     src = WireSource("live-proxy", app="shop", deployment="Cart")
     decision = src.decision(time.time(), [["r1"], ["r2"]], request_id="live-1")
     routed = src.routed(time.time(), "r1", decision, rank=0)
@@ -295,7 +296,7 @@ def test_the_explorer_follows_decisions_live(server, page):
     assert shown_rows(page, "#explorer-live") == [[decision_time(decision), "shop/Cart", "live-1", "[r1] [r2]",
                                                        "r1", "0", "ok 7.0 ms"]]
     page.click("#explorer-follow")  # stop following: the page lets the stream go
-    wait_for(lambda: not server.app.state.tail._readers, 30, "the page to close its stream")
+    wait_for(lambda: sse.open_streams(server.url) == 0, 30, "the page to close its stream")
     assert not page.console_errors
 
 

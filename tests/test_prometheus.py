@@ -1,8 +1,9 @@
 """The alert rules and the Grafana dashboard under a real Prometheus (Debian's
-package), scraping a real collector fed with wire-format batches: promtool
-accepts the rules, every dashboard and rule query returns what the read API
-says of the same window, and the alerts fire on what they describe. The same
-against a traced Serve deployment, and the staleness alert: test_prometheus_serve.py."""
+package), scraping a real collector fed with wire-format batches as traced
+routers send them: promtool accepts the rules, every dashboard and rule query
+returns what the read API says of the same window, and the alerts fire on
+what they describe. (The tracer's batches from a real Serve deployment, into
+the same ingest: tests/test_collector_e2e.py.)"""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from tests.support.system_deps import require
 from tests.support.wire_source import WireSource
 
 TOKEN = "prometheus-scrapes-with-this"
-TRAFFIC_S = 25
+TRAFFIC_S = 10  # seconds, a batch from each router each; the shortened rules' windows are 20 s
+STATS_STOP_S = 5  # when one replica of shop/Models stops sending its routing stats
 
 
 def need_prometheus() -> None:
@@ -68,14 +70,17 @@ def test_the_dashboard_is_a_grafana_dashboard_with_app_and_deployment_variables(
 
 
 class Traffic:
-    """Two traced routers as the tracer would send, once a second: `shop/Checkout`
+    """Three traced routers as the tracer would send, once a second: `shop/Checkout`
     routes to r1 and r2 of its members r1-r3 (r3 idle), refused now and then, its
-    tracer dropping events; `shop/Search` loses every third batch."""
+    tracer dropping events; `shop/Search` loses every third batch; `shop/Models`
+    ranks m1 and m2 on their stamped stats (a period of 1 s), until m2's stop
+    coming and its router ranks it on ever older ones."""
 
     def __init__(self, collector: CollectorServer):
         self.url = collector.url
         self.checkout = WireSource("checkout-proxy", app="shop", deployment="Checkout")
         self.search = WireSource("search-proxy", app="shop", deployment="Search")
+        self.models = WireSource("models-proxy", app="shop", deployment="Models")
         import httpx
 
         self.http = httpx.Client(base_url=collector.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
@@ -89,6 +94,7 @@ class Traffic:
         t = time.time()
         self.send(self.checkout, [self.checkout.replicas(t, ["r1", "r2", "r3"])])
         self.send(self.search, [self.search.replicas(t, ["s1", "s2"])])
+        self.send(self.models, [self.models.replicas(t, ["m1", "m2"])])
 
     def second(self, i: int) -> None:
         t = time.time()
@@ -109,6 +115,20 @@ class Traffic:
         if i % 3 == 2:
             self.search.seq += 1  # a batch lost on the way
         self.send(self.search, search_events)
+        self.send(self.models, self.models_second(t, i))
+
+    def models_second(self, t: float, i: int) -> list:
+        m2_age = 0.2 if i < STATS_STOP_S else 3.5 + i - STATS_STOP_S  # its last stats, ever older
+        events = [self.models.stats(t, "m1", {"n": i}, collected_at=t)]
+        if i < STATS_STOP_S:
+            events.append(self.models.stats(t, "m2", {"n": i}, collected_at=t))
+        for k in range(4):
+            chosen = ("m1", "m2")[k % 2]
+            decision = self.models.decision(t, [["m1", "m2"]], request_id=f"m{i}-{k}", candidates={
+                "m1": {"stats_age_s": 0.2, "stats_age_source": "stamped"},
+                "m2": {"stats_age_s": m2_age, "stats_age_source": "stamped"}})
+            events += [decision, self.models.routed(t + 0.001, chosen, decision, rank=0)]
+        return events
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +157,29 @@ def scraped(tmp_path_factory):
             traffic.http.close()
 
 
+def firing(prom: PrometheusServer):
+    return {(a["labels"]["alertname"], a["labels"].get("source_id") or a["labels"].get("replica")
+             or a["labels"].get("deployment")) for a in prom.alerts() if a["state"] == "firing"}
+
+
+def test_alerts_fire_on_stale_stats_an_idle_replica_dropped_events_and_lost_batches(scraped):
+    """First, while the traffic is within the rules' windows."""
+    prom = scraped["prom"]
+    expected = {("RoutelensRoutingStatsStale", "Models"), ("RoutelensReplicaWithoutTraffic", "r3"),
+                ("RoutelensTracerDroppingEvents", "checkout-proxy"), ("RoutelensTracerLosingBatches", "search-proxy")}
+    prom.wait_for(lambda: expected <= firing(prom), 30, f"{expected} firing")
+    fired = firing(prom)
+    assert not fired & {("RoutelensReplicaWithoutTraffic", "r1"), ("RoutelensTracerDroppingEvents", "search-proxy"),
+                        ("RoutelensRoutingStatsStale", "Checkout"), ("RoutelensRoutingStatsStale", "Search")}, fired
+    assert "RoutelensCollectorDown" not in {name for name, _ in fired}
+    (stale,) = [a for a in prom.alerts() if a["labels"]["alertname"] == "RoutelensRoutingStatsStale"]
+    assert float(stale["value"]) > 3 and "Staleness" in stale["annotations"]["description"]
+    # What the alert tells to open: one replica's stats stale, not all.
+    staleness = scraped["traffic"].http.get("/v1/staleness", params={"window": "1h", "deployment": "Models"}).json()
+    ages = {replica["replica_id"]: replica["max_s"] for replica in staleness["replicas"]}
+    assert ages["m2"] > 3 * staleness["deployments"][0]["stats_period_s"] > ages["m1"]
+
+
 def test_every_dashboard_and_rule_query_equals_the_api_over_the_same_window(scraped):
     traffic = scraped["traffic"]
 
@@ -148,21 +191,10 @@ def test_every_dashboard_and_rule_query_equals_the_api_over_the_same_window(scra
     check_dashboard_and_rules(scraped["prom"], get, scraped["since"], scraped["until"], {"window": "1h"})
 
 
-def firing(prom: PrometheusServer):
-    return {(a["labels"]["alertname"], a["labels"].get("source_id") or a["labels"].get("replica"))
-            for a in prom.alerts() if a["state"] == "firing"}
-
-
-def test_alerts_fire_on_an_idle_replica_dropped_events_lost_batches_and_a_collector_down(scraped):
+def test_the_collector_down_alert_fires_when_it_stops_answering(scraped):
+    """Last: the collector goes away; Prometheus says so."""
     prom = scraped["prom"]
-    expected = {("RoutelensReplicaWithoutTraffic", "r3"), ("RoutelensTracerDroppingEvents", "checkout-proxy"),
-                ("RoutelensTracerLosingBatches", "search-proxy")}
-    prom.wait_for(lambda: expected <= firing(prom), 30, f"{expected} firing")
-    fired = firing(prom)
-    assert ("RoutelensReplicaWithoutTraffic", "r1") not in fired and \
-        ("RoutelensTracerDroppingEvents", "search-proxy") not in fired
-    assert not {name for name, _ in fired} & {"RoutelensCollectorDown", "RoutelensRoutingStatsStale"}
-    scraped["collector"]._server.should_exit = True  # the collector goes away; Prometheus says so
+    scraped["collector"]._server.should_exit = True
     scraped["collector"]._thread.join(timeout=30)
     prom.wait_for(lambda: any(name == "RoutelensCollectorDown" for name, _ in firing(prom)), 30,
                   "RoutelensCollectorDown firing")

@@ -1,7 +1,8 @@
 """`routelens tail` and `GET /v1/tail` against a live collector (uvicorn, real
 sockets): every stored decision once, in the order stored, with its outcome;
-filters; the read API's token; a slow reader told what it missed, while
-ingest goes on."""
+filters; the read API's token; resuming after the last event id; a slow
+reader told what it missed, while ingest goes on; the command imports no
+server code. Through the workers of `--workers 2`: tests/test_collector_workers.py."""
 
 from __future__ import annotations
 
@@ -11,30 +12,38 @@ import socket
 import subprocess
 import sys
 import time
+from typing import List
 
 import httpx
 import pytest
 
 from routelens.collector.settings import Settings
+from tests.support import sse
 from tests.support.collector_server import CollectorServer
+from tests.support.python_child import run_python
 from tests.support.trace_checks import wait_for
 from tests.support.wire_source import WireSource
 
 TOKEN = "tail-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-def server(tmp_path):
-    settings = Settings(db_url=f"sqlite:///{tmp_path / 'routelens.db'}", token=TOKEN, retention_s=None,
-                        minute_rollup_retention_s=None, tail_buffer=200)
-    with CollectorServer(settings) as collector:
-        with httpx.Client(base_url=collector.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as api:
+def serve(tmp_path, **settings) -> CollectorServer:
+    return CollectorServer(Settings(db_url=f"sqlite:///{tmp_path / 'routelens.db'}", token=TOKEN, retention_s=None,
+                                    minute_rollup_retention_s=None, **settings))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One collector for the module's tests: each follows from the moment it starts, with sources of its own."""
+    with serve(tmp_path_factory.mktemp("tail")) as collector:
+        with httpx.Client(base_url=collector.url, timeout=30, headers=AUTH) as api:
             collector.api = api
             yield collector
 
 
 def readers(server) -> int:
-    return len(server.app.state.tail._readers)
+    return sse.open_streams(server.url, AUTH)
 
 
 def store(server, batch: dict) -> None:
@@ -43,10 +52,11 @@ def store(server, batch: dict) -> None:
 
 
 def tail(server, *args: str) -> subprocess.Popen:
+    before = readers(server)
     process = subprocess.Popen([sys.executable, "-m", "routelens.collector.cli", "tail", "--url", server.url, *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "ROUTELENS_TOKEN": TOKEN})
-    wait_for(lambda: readers(server) > 0 or process.poll() is not None, 30, "the tail to connect")
+    wait_for(lambda: readers(server) > before or process.poll() is not None, 30, "the tail to connect")
     assert process.poll() is None, process.communicate()
     return process
 
@@ -72,8 +82,8 @@ def stop(process: subprocess.Popen) -> str:
 
 def test_every_stored_decision_appears_once_in_order_with_its_outcome(server):
     process = tail(server, "--json")
-    a = WireSource("a", app="shop", deployment="Checkout")
-    b = WireSource("b", app="shop", deployment="Search")
+    a = WireSource("order-a", app="shop", deployment="Checkout")
+    b = WireSource("order-b", app="shop", deployment="Search")
     t = time.time()
     sent = []
     pending = []
@@ -88,25 +98,22 @@ def test_every_stored_decision_appears_once_in_order_with_its_outcome(server):
         store(server, source.batch([source.completed(time.time(), r["replica_id"], r, ok=False, latency_ms=9.0)
                                     for r in routed]))
     later = sum(len(routed) for _source, routed in pending)
-    deadline = time.monotonic() + 30
-    lines = []
-    while len(lines) < len(sent) + later and time.monotonic() < deadline:
-        lines.append(json.loads(process.stdout.readline()))
+    lines = [json.loads(process.stdout.readline()) for _ in range(len(sent) + later)]
     stop(process)
     decisions = [line for line in lines if line["type"] == "decision"]
     assert [d["id"] for d in decisions] == sent  # each once, in the order stored
-    assert all(d["replica"] in ("r0", "r1") and d["rank"] == 0 for d in decisions)
+    assert all(d["replica"] in ("r0", "r1") and d["rank"] == 0 and d["app"] == "shop" for d in decisions)
     assert sum(d["outcome"] == {"ok": True, "latency_ms": 4.0, "rejected": False} for d in decisions) == 80
     completions = [line for line in lines if line["type"] == "completed"]
-    assert len(completions) == later and not any(line["type"] == "missed" for line in lines)
+    assert len(completions) == later
     by_id = {d["id"] for d in decisions if d["outcome"] is None}
     assert {c["decision_id"] for c in completions} == by_id and all(c["ok"] is False for c in completions)
 
 
 def test_filters_and_the_text_lines(server):
     process = tail(server, "--deployment", "Search", "--replica", "r1")
-    a = WireSource("a", app="shop", deployment="Checkout")
-    b = WireSource("b", app="shop", deployment="Search")
+    a = WireSource("filters-a", app="shop", deployment="Checkout")
+    b = WireSource("filters-b", app="shop", deployment="Search")
     store(server, a.batch(requests(a, time.time(), 4, "a")[0]))
     store(server, b.batch(requests(b, time.time(), 4, "b")[0]))
     lines = [process.stdout.readline().rstrip("\n") for _ in range(2)]
@@ -123,64 +130,80 @@ def test_the_tail_wants_the_read_apis_token(server):
     assert denied.returncode == 1 and "token" in denied.stderr and "Traceback" not in denied.stderr
 
 
-def sse_events(data: bytes):
-    """The complete events of a stream read so far (the last block may be cut short)."""
-    for block in data.decode(errors="replace").split("\n\n")[:-1]:
-        name = data_line = None
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line[len("event: "):]
-            elif line.startswith("data: "):
-                data_line = line[len("data: "):]
-        if name and data_line:
-            yield name, json.loads(data_line)
+def test_a_reader_resumes_after_its_last_event_id(server):
+    src = WireSource("resume", app="shop", deployment="Resume")
+    with httpx.stream("GET", server.url + "/v1/tail?deployment=Resume", headers=AUTH, timeout=30) as first:
+        events = sse.events(first.iter_lines())
+        assert next(events)[0] == "hello"
+        store(server, src.batch([src.decision(time.time(), [["r1"]], request_id="seen")]))
+        name, record, last_id = next(events)
+        assert (name, record["request_id"]) == ("decision", "seen") and last_id
+    store(server, src.batch([src.decision(time.time(), [["r1"]], request_id=f"while-away-{i}") for i in range(3)]))
+    with httpx.stream("GET", server.url + "/v1/tail?deployment=Resume", timeout=30,
+                      headers={**AUTH, "Last-Event-ID": last_id}) as again:
+        events = sse.events(again.iter_lines())
+        assert next(events)[1] == {"type": "hello", "after": int(last_id)}
+        assert [next(events)[1]["request_id"] for _ in range(3)] == [f"while-away-{i}" for i in range(3)]
+    refused = server.api.get("/v1/tail", headers={"Last-Event-ID": "12; DROP TABLE decisions"})
+    assert refused.status_code == 422 and "Last-Event-ID" in refused.text
 
 
-def test_a_slow_reader_is_told_what_it_missed_and_ingest_goes_on(server):
-    """A reader that stops reading: ingest stores every batch meanwhile; its buffer
-    holds at most `tail_buffer` records; when it reads again it gets records in
-    order, each once, and `missed` events that account for all the others."""
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader.connect(("127.0.0.1", server.port))
-    # HTTP/1.0: the body comes as it is, not in chunks, until the server closes.
-    reader.sendall(f"GET /v1/tail HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
-    wait_for(lambda: readers(server) > 0, 30, "the reader to subscribe")
-    src = WireSource("busy", app="shop", deployment="Checkout")
-    t = time.time()
-    sent = []
-    started = time.monotonic()
-    for k in range(30):
-        events = [src.decision(t + k + i * 0.001, [["r0"]], request_id=f"q{k}-{i}") for i in range(400)]
-        store(server, src.batch(events))
-        sent += [e["id"] for e in events]
-    stored_in = time.monotonic() - started
-    (subscriber,) = server.app.state.tail._readers
-    assert len(subscriber._records) <= server.app.state.tail.buffer + 1  # bounded (a `missed` marker beside)
-    reader.settimeout(1.0)
-    data = b""
-    deadline = time.monotonic() + 60
-    received, missed = [], 0
-    while time.monotonic() < deadline and len(received) + missed < len(sent):
-        try:
-            chunk = reader.recv(1 << 20)
-        except socket.timeout:
-            continue
-        if not chunk:
-            break
-        data += chunk
-        body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+def test_a_slow_reader_is_told_what_it_missed_and_ingest_goes_on(tmp_path):
+    """A reader that stops reading: ingest stores every batch meanwhile; the
+    stream waits for its client, and when the client reads again, the batches
+    next in line are older than --tail-max-behind: the reader skips to the
+    newest, told how many decisions it missed. It got the others in order, each
+    once, and those and the missed add up to all."""
+    max_behind_s = 0.5
+    with serve(tmp_path, tail_max_behind_s=max_behind_s) as collector, \
+            httpx.Client(base_url=collector.url, timeout=30, headers=AUTH) as api:
+        collector.api = api
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", collector.port))
+        # HTTP/1.0: the body comes as it is, not in chunks, until the server closes.
+        reader.sendall(f"GET /v1/tail HTTP/1.0\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        wait_for(lambda: readers(collector) > 0, 30, "the reader to connect")
+        src = WireSource("busy", app="shop", deployment="Checkout")
+        t = time.time()
+        sent: List[str] = []
+        for k in range(30):
+            events = [src.decision(t + k + i * 0.001, [["r0"]], request_id=f"q{k}-{i}") for i in range(400)]
+            store(collector, src.batch(events))  # a stalled reader holds nothing up
+            sent += [e["id"] for e in events]
+        stored_at = time.time()
+        wait_for(lambda: time.time() - stored_at > max_behind_s, 10, "the batches to be older than the bound")
+        reader.settimeout(30)
+        data = b""
         received, missed = [], 0
-        for name, record in sse_events(body.replace(b"\r\n", b"\n")):
-            if name == "decision":
-                received.append(record["id"])
-            elif name == "missed":
-                missed += record["count"]
-    reader.close()
+        while len(received) + missed < len(sent):
+            chunk = reader.recv(1 << 20)
+            assert chunk, "the stream ended"
+            data += chunk
+            body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+            received, missed = [], 0
+            for block in body.decode(errors="replace").split("\n\n")[:-1]:  # (the last may be cut short)
+                fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+                if fields.get("event") == "decision":
+                    received.append(json.loads(fields["data"])["id"])
+                elif fields.get("event") == "missed":
+                    missed += json.loads(fields["data"])["count"]
+        reader.close()
     assert missed > 0, f"the reader fell behind by nothing: {len(received)} of {len(sent)} delivered"
     assert len(received) + missed == len(sent)
     assert len(set(received)) == len(received)
     order = {record_id: index for index, record_id in enumerate(sent)}
     positions = [order[record_id] for record_id in received]
     assert positions == sorted(positions)  # in the order stored, a gap where records were missed
-    assert stored_in < 60, stored_in
+
+
+def test_the_command_imports_no_server_code():
+    """`routelens tail` runs where only the tracer is installed: none of the server extra's packages."""
+    result = run_python("""
+        import sys
+        from routelens.collector.cli import SERVER_MODULES, main
+        code = main(["tail", "--url", "http://127.0.0.1:1"])
+        print(code, sorted(SERVER_MODULES & {name.split(".")[0] for name in sys.modules}))
+    """, cwd=os.getcwd())
+    assert result.stdout.split("\n")[0] == "1 []", result.stdout + result.stderr
+    assert "cannot reach http://127.0.0.1:1" in result.stderr

@@ -3,7 +3,9 @@ clear 4xx, never a 500, and writes nothing unless it answers 200.
 
 - ingest (POST /v1/events): arbitrary bodies and mutated valid batches
   (hypothesis); valid batches from a strategy are stored, idempotently;
-- every endpoint of the OpenAPI spec, fuzzed in-process (schemathesis);
+- every endpoint of the OpenAPI spec, fuzzed in-process (schemathesis), but
+  the event stream (GET /v1/tail), which never ends: its parameters are
+  the other read endpoints' (the injections below reach it, live);
 - oversized bodies and gzip bombs, against the real server in a subprocess
   whose peak memory is read from /proc;
 - SQL injection and other odd strings in every query parameter of every read
@@ -23,6 +25,7 @@ import sys
 import time
 import uuid
 import zlib
+from typing import Optional, Tuple
 from urllib.parse import quote, urlencode
 
 import httpx
@@ -32,7 +35,10 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select
 
-from routelens.collector.store.models import Base, decisions
+from routelens.collector.settings import Settings
+from routelens.collector.store.models import Base, decisions, stored_batches
+from tests.support import sse
+from tests.support.collector_server import CollectorServer
 from tests.support.ports import free_port
 
 # Every example runs against the test's one database (a function-scoped
@@ -300,6 +306,8 @@ def test_no_endpoint_of_the_openapi_spec_answers_500(make_collector, make_source
     schema = schemathesis.openapi.from_asgi("/openapi.json", collector.app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/summary", "/v1/export", "/v1/decisions/{decision_id}", "/metrics"}
+    # In process, an answer is read whole; the stream's never ends.
+    operations = [op for op in operations if op.path not in _streams(collector.get("/openapi.json"))]
     for operation in operations:
         @settings(FUZZ, max_examples=8)
         @given(case=operation.as_strategy())
@@ -440,6 +448,21 @@ def _rows(path: str, response) -> int:
     return counts[path]() if path in counts else _figures({k: v for k, v in body.items() if k not in fixed})
 
 
+def _streams(spec: dict) -> set:
+    """The paths whose answer is an event stream, which never ends (GET /v1/tail)."""
+    return {path for path, item in spec["paths"].items() for operation in item.values()
+            if "text/event-stream" in operation["responses"].get("200", {}).get("content", {})}
+
+
+def _streamed(url: str, path: str, params: dict, newest: int) -> Tuple[int, str, Optional[int]]:
+    """A stream's status, and its records of what is stored: read from the start (Last-Event-ID 0)
+    up to the newest batch, and no further."""
+    with httpx.stream("GET", url + path, params=params, headers={"Last-Event-ID": "0"}, timeout=60) as response:
+        if response.status_code != 200:
+            return response.status_code, response.read().decode(), None
+        return 200, "", len(sse.records_until(response.iter_lines(), newest))
+
+
 def _figures(value) -> int:
     if isinstance(value, dict):
         return sum(_figures(item) for item in value.values())
@@ -457,7 +480,7 @@ def _checksum(collector) -> str:
     return digest.hexdigest()
 
 
-def test_injected_filters_match_nothing_and_change_nothing(collector, make_source):
+def test_injected_filters_match_nothing_and_change_nothing(db_url, collector, make_source):
     source = make_source("s1", app="shop", labels={"zone": "eu"})
     events, inputs = [], {"r1": {"queue_len": 1, "stats_age_s": 0.5, "stats_age_source": "stamped"}}
     for i in range(5):
@@ -467,38 +490,50 @@ def test_injected_filters_match_nothing_and_change_nothing(collector, make_sourc
         events += [decision, routed, source.completed(_now() + i, "r1", routed)]
     collector.store(source.batch(events + [source.replicas(_now(), ["r1", "r2"])]))
     counts, checksum = collector.table_counts(), _checksum(collector)
+    with collector.engine.connect() as connection:
+        newest = connection.scalar(select(func.max(stored_batches.c.seq)))
 
     spec = collector.get("/openapi.json")
-    reads = {path: [p["name"] for p in spec["paths"][path]["get"].get("parameters", [])]
+    reads = {path: [p["name"] for p in spec["paths"][path]["get"].get("parameters", []) if p["in"] != "header"]
              for path in spec["paths"] if path.startswith("/v1/") and "get" in spec["paths"][path]}
+    streams = _streams(spec)
+    assert streams <= set(reads)
     decision_id = events[0]["id"]
     tried = 0
-    for path, params in reads.items():
-        if "{decision_id}" in path:
-            for value in INJECTIONS:
-                response = collector.http.get(path.replace("{decision_id}", quote(value, safe="")))
-                assert response.status_code in (404, 422), (path, value, response.text[:200])
-            assert collector.get(path.replace("{decision_id}", decision_id))["id"] == decision_id
-            continue
-        baseline = collector.http.get(path, params={"format": "jsonl"} if path == "/v1/export" else {})
-        assert baseline.status_code == 200
-        unfiltered = _rows(path, baseline)
-        assert unfiltered > 0, path
-        for name in params:
-            # Every value into the filters that name things; a few into the others, which parse numbers,
-            # durations, ids and formats and refuse anything else alike.
-            for value in INJECTIONS if name in DRILL_DOWNS else INJECTIONS_IN_OTHERS:
-                query = {name: value, **({"format": "jsonl"} if path == "/v1/export" and name != "format" else {})}
-                response = collector.http.get(path, params=query)
-                tried += 1
-                assert response.status_code in (200, 422), (path, name, value[:40], response.text[:300])
-                if response.status_code != 200:
-                    assert name in response.text or "query" in response.text, (path, name, response.text[:300])
-                    continue
-                rows = _rows(path, response)
-                assert rows <= unfiltered, (path, name, value[:40])
-                if name in MATCHING_NOTHING.get(path, EVENT_FILTERS):
-                    assert rows == 0, (path, name, value[:40], response.text[:300])
+    # Streams, read live (in process an answer is read whole, and theirs never ends).
+    live = CollectorServer(Settings(db_url=db_url, retention_s=None, minute_rollup_retention_s=None))
+
+    def answer(path: str, query: dict) -> Tuple[int, str, Optional[int]]:
+        """Status, text, and the rows of an answer 200."""
+        if path in streams:
+            return _streamed(live.url, path, query, newest)
+        response = collector.http.get(path, params=query)
+        return response.status_code, response.text, _rows(path, response) if response.status_code == 200 else None
+
+    with live:
+        for path, params in reads.items():
+            if "{decision_id}" in path:
+                for value in INJECTIONS:
+                    response = collector.http.get(path.replace("{decision_id}", quote(value, safe="")))
+                    assert response.status_code in (404, 422), (path, value, response.text[:200])
+                assert collector.get(path.replace("{decision_id}", decision_id))["id"] == decision_id
+                continue
+            status, _text, unfiltered = answer(path, {"format": "jsonl"} if path == "/v1/export" else {})
+            assert status == 200 and unfiltered > 0, path
+            for name in params:
+                # Every value into the filters that name things; a few into the others, which parse numbers,
+                # durations, ids and formats and refuse anything else alike.
+                for value in INJECTIONS if name in DRILL_DOWNS else INJECTIONS_IN_OTHERS:
+                    query = {name: value, **({"format": "jsonl"} if path == "/v1/export" and name != "format" else {})}
+                    status, text, rows = answer(path, query)
+                    tried += 1
+                    assert status in (200, 422), (path, name, value[:40], text[:300])
+                    if status != 200:
+                        assert name in text or "query" in text, (path, name, text[:300])
+                        continue
+                    assert rows <= unfiltered, (path, name, value[:40])
+                    if name in MATCHING_NOTHING.get(path, EVENT_FILTERS):
+                        assert rows == 0, (path, name, value[:40], text[:300])
     assert tried > 300
     assert collector.table_counts() == counts and _checksum(collector) == checksum
 

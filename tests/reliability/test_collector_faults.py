@@ -340,17 +340,20 @@ def test_while_postgres_is_down_every_database_route_answers_503_and_recovers(ow
         try:
             down = {route: collector.http.get(route).status_code for route in routes}
             down["POST /v1/events"] = collector.send(batch).status_code
+            down["/v1/tail"] = collector.http.get("/v1/tail").status_code  # (a 200 would be a stream: not here)
             # /metrics reads no database: it answers, and counts the 503s.
             metrics = collector.http.get("/metrics")
         finally:
             own_postgres.start_server()
         assert down == dict.fromkeys(down, 503), down
-        assert metrics.status_code == 200
+        # Prometheus keeps scraping the collector's own series, and can alert on the database's absence.
+        assert metrics.status_code == 200 and "routelens_database_available 0.0" in metrics.text
         refused = [route for route in down if route != "/healthz"]  # /healthz says so itself, no error raised
         assert f"routelens_database_unavailable_total {float(len(refused))}" in metrics.text
         assert collector.send(batch).status_code == 200
         assert {route: collector.http.get(route).status_code for route in [*routes, "/metrics"]} == \
             dict.fromkeys([*routes, "/metrics"], 200)
+        assert "routelens_database_available 1.0" in collector.http.get("/metrics").text
     finally:
         collector.close()
 
