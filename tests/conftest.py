@@ -121,7 +121,8 @@ def serve_instance(tmp_path_factory):
     # The test apps and routers are shipped by value, so Ray workers need not import `tests`.
     cloudpickle.register_pickle_by_value(serve_apps)
     cloudpickle.register_pickle_by_value(ground_truth)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A cluster of its own ("local"), never one that `ray start` left on the host.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
