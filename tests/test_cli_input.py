@@ -96,6 +96,16 @@ def test_import_refuses_a_batch_limit_that_is_no_limit(db, tmp_path):
     bad_argument(result.stderr, "import", "--max-events")
 
 
+@pytest.mark.parametrize("value", ["11m", "0", "0s", "soon"])
+def test_a_tail_bound_past_what_is_kept_is_one_line(value, capsys):
+    """--tail-max-behind: a positive duration, at most the 10 minutes `stored_batches` keeps."""
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["collector", "--tail-max-behind", value])
+    assert exit.value.code == 2
+    bad_argument(capsys.readouterr().err, "collector", "--tail-max-behind")
+    assert build_parser().parse_args(["collector", "--tail-max-behind", "10m"]).tail_max_behind == 600
+
+
 @pytest.mark.parametrize("args", [["--port", "70000"], ["--port", "0"], ["--serve-port", "-1"], ["--rate", "inf"],
                                   ["--duration", "inf"], ["--duration", "1e400"]])
 def test_the_demo_refuses_bad_numbers_before_it_starts(args, capsys):

@@ -17,6 +17,7 @@ from typing import List
 import httpx
 import pytest
 
+from routelens.collector.query.tail import PAGE_BATCHES
 from routelens.collector.settings import Settings
 from tests.support import sse
 from tests.support.collector_server import CollectorServer
@@ -149,11 +150,12 @@ def test_a_reader_resumes_after_its_last_event_id(server):
 
 
 def test_a_slow_reader_is_told_what_it_missed_and_ingest_goes_on(tmp_path):
-    """A reader that stops reading: ingest stores every batch meanwhile; the
-    stream waits for its client, and when the client reads again, the batches
-    next in line are older than --tail-max-behind: the reader skips to the
-    newest, told how many decisions it missed. It got the others in order, each
-    once, and those and the missed add up to all."""
+    """A reader that stops reading: ingest stores every batch meanwhile. Its
+    stream reads at most two pages of batches after its client's socket is
+    full (it waits to send before reading more), so batches are left unread;
+    when the client reads again they are older than --tail-max-behind: the
+    reader skips to the newest, told how many decisions it missed. It got the
+    others in order, each once, and those and the missed add up to all."""
     max_behind_s = 0.5
     with serve(tmp_path, tail_max_behind_s=max_behind_s) as collector, \
             httpx.Client(base_url=collector.url, timeout=30, headers=AUTH) as api:
@@ -167,22 +169,28 @@ def test_a_slow_reader_is_told_what_it_missed_and_ingest_goes_on(tmp_path):
         src = WireSource("busy", app="shop", deployment="Checkout")
         t = time.time()
         sent: List[str] = []
-        for k in range(30):
-            events = [src.decision(t + k + i * 0.001, [["r0"]], request_id=f"q{k}-{i}") for i in range(400)]
+        # A first batch of some 6 MB of records, more than the sockets (Linux lets a sending socket's buffer
+        # grow to 4 MB) and the server's buffer hold; then more batches than two pages.
+        for k, size in enumerate([12_000] + [10] * (2 * PAGE_BATCHES + 20)):
+            events = [src.decision(t + k + i * 0.0001, [["r0"]], request_id=f"q{k}-{i}-" + "x" * 200)
+                      for i in range(size)]
             store(collector, src.batch(events))  # a stalled reader holds nothing up
             sent += [e["id"] for e in events]
         stored_at = time.time()
         wait_for(lambda: time.time() - stored_at > max_behind_s, 10, "the batches to be older than the bound")
         reader.settimeout(30)
-        data = b""
-        received, missed = [], 0
+        head, body, received, missed = b"", None, [], 0
         while len(received) + missed < len(sent):
             chunk = reader.recv(1 << 20)
             assert chunk, "the stream ended"
-            data += chunk
-            body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
-            received, missed = [], 0
-            for block in body.decode(errors="replace").split("\n\n")[:-1]:  # (the last may be cut short)
+            if body is None:  # the answer's head first
+                head += chunk
+                if b"\r\n\r\n" not in head:
+                    continue
+                chunk, body = head.split(b"\r\n\r\n", 1)[1], ""
+            body += chunk.decode()  # (JSON in ASCII: no character is cut in two)
+            *blocks, body = body.split("\n\n")  # the last may be cut short: kept for the next chunk
+            for block in blocks:
                 fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
                 if fields.get("event") == "decision":
                     received.append(json.loads(fields["data"])["id"])
