@@ -28,8 +28,8 @@ from tests.support.system_deps import require
 from tests.support.wire_source import WireSource
 
 TOKEN = "prometheus-scrapes-with-this"
-TRAFFIC_S = 10  # seconds, a batch from each router each; the shortened rules' windows are 20 s
-STATS_STOP_S = 5  # when one replica of shop/Models stops sending its routing stats
+TRAFFIC_S = 6  # seconds, a batch from each router each; the shortened rules' windows are 20 s
+STATS_STOP_S = 3  # when one replica of shop/Models stops sending its routing stats
 
 
 def need_prometheus() -> None:

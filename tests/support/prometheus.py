@@ -119,7 +119,7 @@ class PrometheusServer:
     def rule_groups(self) -> List[dict]:
         return self.api("rules")["groups"]
 
-    def wait_for(self, condition, timeout_s: float, what: str, every_s: float = 1.0):
+    def wait_for(self, condition, timeout_s: float, what: str, every_s: float = 0.25):
         deadline = time.monotonic() + timeout_s
         while True:
             found = condition()
