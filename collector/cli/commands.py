@@ -253,11 +253,13 @@ def _add_import(commands) -> None:
 
 def _add_tail(commands) -> None:
     tail = commands.add_parser(
-        "tail", help="follow decisions as a collector stores them, one line each",
-        description="Print each decision as a running collector stores it: time (UTC), app/deployment, request "
-                    "id, ranking, chosen replica and rank, and its outcome when it came along; outcomes that "
-                    "arrive later follow on lines of their own. A reader that falls behind is told how many "
-                    "records it missed. Reads GET /v1/tail, with the read API's token.",
+        "tail", help="follow decisions as they are stored, one line each",
+        description="Print each decision as it is stored, by any worker or collector on the database of the "
+                    "collector at --url: time (UTC), app/deployment, request id, ranking, chosen replica and "
+                    "rank, and its outcome when it came along; outcomes that arrive later follow on lines of "
+                    "their own. A reader that falls further behind than the collector's --tail-max-behind skips "
+                    "to the newest and is told how many events it missed. Reads GET /v1/tail, with the read "
+                    "API's token.",
     )
     tail.add_argument("--url", default=os.environ.get("ROUTELENS_URL", "http://127.0.0.1:8321"),
                       help="the collector (default: $ROUTELENS_URL, else %(default)s)")
