@@ -153,12 +153,21 @@ def test_the_command_says_which_extra_to_install(tmp_path):
     assert line.startswith("routelens: ") and line.endswith(' need the server extra: pip install "routelens[server]"')
 
 
+# Collector modules that import Ray, each imported only by a command that needs Ray itself.
+RAY_USERS = (
+    # The demo's apps and traffic run Ray Serve.
+    "routelens.collector.demo.apps", "routelens.collector.demo.traffic",
+    # `routelens replay` runs the user's router on the offline harness (routelens.routers.testing) in the
+    # command's process; the command imports it only to replay, never the collector or the dashboard.
+    "routelens.collector.replay.decisions",
+)
+
+
 def test_the_collector_and_dashboard_never_import_ray(tmp_path):
     """A collector host needs no Ray: every module of theirs imports without it,
-    but the demo's apps and traffic, which run Ray Serve themselves."""
+    but those of RAY_USERS."""
     modules = [m for m in _all_modules() if m.startswith(("routelens.collector", "routelens.dashboard"))
-               and not m.startswith(("routelens.collector.demo.apps", "routelens.collector.demo.traffic"))
-               and not m.endswith("__main__")]
+               and m not in RAY_USERS and not m.endswith("__main__")]
     result = run_python(f"""
         import importlib, sys
         for name in {modules!r}:
