@@ -29,7 +29,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from ray.exceptions import TaskCancelledError
 from ray.serve._private.common import (
@@ -174,23 +174,33 @@ def _recording_exporter(path: str) -> Exporter:
     return exporter
 
 
-def prime_queue_len_cache(router: Any, queue_lens: Dict[str, Tuple[int, float]]) -> None:
+def prime_queue_len_cache(router: Any, queue_lens: Mapping[Any, Tuple[int, float]], now: Optional[float] = None,
+                          replace: bool = True) -> None:
     """Sets what the router's queue-length cache holds, as Ray's routing would
-    have left it: replica id (its `unique_id`) -> (queue length, age in
-    seconds) for the router's current replicas; the others have no entry.
-    Entries older than Ray's cache timeout (10 s) read as missing, as in Ray.
-    Routers that consult the cache (`select_available_replicas`, Ray's
-    choice within a rank) then see these lengths and do not probe.
+    have left it: replica (its `unique_id`, or its `ReplicaID`) -> (queue
+    length, age in seconds), for the router's current replicas; with
+    `replace` (the default) the others have no entry, else only the entries
+    given change. `now`: the time on the cache's clock (the router's
+    `get_curr_time_s`, by default `time.time()`, Ray's). Entries older than
+    Ray's cache timeout (10 s) read as missing, as in Ray. Routers that
+    consult the cache (`select_available_replicas`, Ray's choice within a
+    rank) then see these lengths and do not probe.
 
     Ray keeps its cache's dict for the router's lifetime (the tracer holds
-    its `get`), so the entries are replaced in place."""
+    its `get`), so the entries are changed in place."""
     cache = router.replica_queue_len_cache._cache
-    cache.clear()
-    now = time.time()  # the cache's own clock (Ray's default): ages hold when it reads them
-    for replica_id in router.curr_replicas:
-        found = queue_lens.get(replica_id.unique_id)
-        if found is not None:
-            cache[replica_id] = ReplicaQueueLengthCacheEntry(found[0], now - found[1])
+    if replace:
+        cache.clear()
+    now = time.time() if now is None else now
+    current = router.curr_replicas
+    by_unique_id = None
+    for replica_id, (queue_len, age_s) in queue_lens.items():
+        if isinstance(replica_id, str):
+            if by_unique_id is None:
+                by_unique_id = {known.unique_id: known for known in current}
+            replica_id = by_unique_id.get(replica_id)
+        if replica_id in current:
+            cache[replica_id] = ReplicaQueueLengthCacheEntry(queue_len, now - age_s)
 
 
 def replicas_of(router: Any) -> List[FakeReplica]:

@@ -60,7 +60,7 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     _check_builds(cls, router)
     seeds = run_seeds(seed, runs)
     tallies: List[Tally] = []
-    prints: List[str] = []
+    prints: List[int] = []
     for number, run_seed in enumerate(seeds):
         if number == 2 and prints[0] == prints[1]:
             on_progress(sum(t.decisions for t in tallies[0].values()) * (runs - 2))  # the runs not needed
@@ -118,16 +118,31 @@ class _SourceReplay:
     def __init__(self, cls: type, kwargs: Dict[str, Any], d: RecordedDecision):
         node = d.source.node_id
         zone = next((m.availability_zone for m in d.members if node is not None and m.node_id == node), None)
+        self.now = d.ts  # the router's clock (its queue-length cache's): the recorded time of the decision
         self.router = make_router(cls, 0, deployment=d.deployment, app=d.app, router_kwargs=kwargs, traced=False,
                                   router_init={"self_node_id": node, "self_availability_zone": zone,
                                                "prefer_local_node_routing": d.source.handle_source == "PROXY",
-                                               "prefer_local_az_routing": True})
+                                               "prefer_local_az_routing": True, "get_curr_time_s": self.clock})
         self.cache = self.router.replica_queue_len_cache
         self.fakes: Dict[str, Any] = {}
         self.candidates: List[Any] = []  # the replicas, in the order given to update_replicas, as Ray passes them
         self.members: Any = None
         self.stats: Any = None
+        self.tally: Optional[DeploymentTally] = None  # its deployment's counts
         self.requests: "OrderedDict[str, Tuple[Any, float]]" = OrderedDict()  # internal id -> (request, first ts)
+
+    def clock(self) -> float:
+        return self.now
+
+    def prime(self, d: RecordedDecision, replace: bool) -> None:
+        """The router's queue-length cache as at the decision (on its clock, the recorded time):
+        every entry when `replace`, else those the decision recorded anew (the others have not changed)."""
+        self.now = d.ts
+        fakes, queue_lens = self.fakes, d.queue_lens
+        changed = {fakes[replica_id].replica_id: (queue_lens[replica_id].queue_len, d.ts - queue_lens[replica_id].at)
+                   for replica_id in (queue_lens if replace else d.queue_lens_updated) if replica_id in fakes}
+        if changed or replace:
+            prime_queue_len_cache(self.router, changed, now=d.ts, replace=replace)
 
     def sync(self, d: RecordedDecision) -> bool:
         """The replicas as at the decision; True when update_replicas was called."""
@@ -198,31 +213,33 @@ class _SourceReplay:
 
 
 async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
-               on_progress: Callable[[int], None]) -> Tuple[Tally, str]:
-    """One run over the window: its counts per deployment, and a fingerprint of every ranking."""
+               on_progress: Callable[[int], None]) -> Tuple[Tally, int]:
+    """One run over the window: its counts per deployment, and a fingerprint of what they count
+    (each decision's first tier, and where the real replica sits and the pick)."""
     tally: Tally = {}
     sources: Dict[int, _SourceReplay] = {}
-    digest = hashlib.blake2b(digest_size=16)
+    fingerprint = 0  # compared between runs of one process (str hashes are salted per process)
     done = 0
     with closing(recorded_decisions(conn, f)) as recorded:
         for d in recorded:
-            key = (d.app, d.deployment)
-            t = tally.get(key)
-            if t is None:
-                t = tally[key] = DeploymentTally(d.app, d.deployment)
-            t.decisions += 1
-            t.sources.add(d.source.pk)
-            t.router_classes.add(d.router_class)
-            t.membership_inferred += d.membership_inferred
             source = sources.get(d.source.pk)
             if source is None:
                 source = sources[d.source.pk] = _SourceReplay(cls, kwargs, d)
-            if source.sync(d):
+                t = tally.get((d.app, d.deployment))
+                if t is None:
+                    t = tally[(d.app, d.deployment)] = DeploymentTally(d.app, d.deployment)
+                t.sources.add(d.source.pk)
+                t.router_classes.add(d.router_class)
+                source.tally = t
+            t = source.tally
+            t.decisions += 1
+            t.membership_inferred += d.membership_inferred
+            resynced = source.sync(d)
+            if resynced:
                 for member in d.members:
                     t.members.setdefault(member.replica_id, (member.node_id, member.availability_zone))
-                await asyncio.sleep(0)  # the probe Ray starts for new replicas runs (the cache is primed after)
-            prime_queue_len_cache(source.router, {replica_id: (seen.queue_len, d.ts - seen.at)
-                                                  for replica_id, seen in d.queue_lens.items()})
+                await asyncio.sleep(0)  # the probe Ray starts for new replicas runs: the cache is primed whole after
+            source.prime(d, replace=resynced)
             try:
                 ranks = [rank for rank in await source.router.choose_replicas(source.candidates, source.request(d))
                          if rank]
@@ -230,23 +247,26 @@ async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
                 t.router_errors += 1
                 t.first_error = t.first_error or f"{type(exc).__name__}: {exc}"
                 ranks = []
-            ids = [[replica.replica_id.unique_id for replica in rank] for rank in ranks]
-            digest.update(repr(ids).encode())
+            first = tuple(replica.replica_id.unique_id for replica in ranks[0]) if ranks else ()
             if d.chosen is not None:
-                _count_outcome(t, d, ranks, ids, source)
+                fingerprint = hash((fingerprint, first, *_count_outcome(t, d, ranks, source)))
+            else:
+                fingerprint = hash((fingerprint, first))
             done += 1
             if done % PROGRESS_EVERY == 0:
                 on_progress(PROGRESS_EVERY)
     on_progress(done % PROGRESS_EVERY)
-    return tally, digest.hexdigest()
+    return tally, fingerprint
 
 
-def _count_outcome(t: DeploymentTally, d: RecordedDecision, ranks: List[List[Any]], ids: List[List[str]],
-                   source: _SourceReplay) -> None:
+def _count_outcome(t: DeploymentTally, d: RecordedDecision, ranks: List[List[Any]],
+                   source: _SourceReplay) -> Tuple[Optional[int], Optional[str]]:
+    """Counts a decision with an outcome; where the real replica sits in the replayed ranking, and the pick."""
     t.with_outcome += 1
     t.routed[d.chosen] += 1
     t.recorded_ranks[rank_bin(rank_of([rank for rank in d.ranks if rank], d.chosen))] += 1
-    replayed = rank_of(ids, d.chosen)
+    replayed = next((number for number, rank in enumerate(ranks)
+                     if any(replica.replica_id.unique_id == d.chosen for replica in rank)), None)
     t.replay_ranks[rank_bin(replayed)] += 1
     t.first_tier_hits += replayed == 0
     pick = source.pick(ranks, d)
@@ -255,6 +275,7 @@ def _count_outcome(t: DeploymentTally, d: RecordedDecision, ranks: List[List[Any
     else:
         t.picks[pick] += 1
         t.agreements += pick == d.chosen
+    return replayed, pick
 
 
 def rank_of(ranks: List[List[str]], replica_id: str) -> Optional[int]:

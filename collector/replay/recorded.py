@@ -94,8 +94,7 @@ class SourceInfo:
     handle_source: Optional[str]
 
 
-@dataclass(frozen=True)
-class RecordedDecision:
+class RecordedDecision(NamedTuple):
     id: str
     ts: float
     app: str
@@ -114,6 +113,9 @@ class RecordedDecision:
     # Snapshots (never changed once made): replica id -> what the source last recorded of it.
     stats: Mapping[str, StatsSeen]
     queue_lens: Mapping[str, QueueLenSeen]
+    # The replicas whose queue length this decision recorded anew: all that changed in `queue_lens`
+    # since the source's previous decision (a reader of every decision can follow the changes alone).
+    queue_lens_updated: Tuple[str, ...]
     chosen: Optional[str]  # the replica that got the request from this decision (routed), or None
     chosen_rank: Optional[int]  # its rank, as recorded
     own_ranking: Optional[bool]  # false: a FIFO hand-off to another request
@@ -221,6 +223,8 @@ class _State:
         # Replicas by id, per deployment, as last reported: for candidates no membership event describes.
         self._known: Dict[Tuple[int, str], dict] = {(info["deployment_pk"], info["replica_id"]): info
                                                     for info in replicas.values()}
+        # deployment_pk -> (members, their ids, from, until): the members inferred for decisions in [from, until).
+        self._inferred: Dict[int, tuple] = {}
 
     def _source(self, pk: int) -> _SourceState:
         found = self._by_source.get(pk)
@@ -261,7 +265,7 @@ class _State:
                 event = next(pending, None)
             source_pk = columns["source_pk"][i]
             source = self._source(source_pk)
-            ranks = self._read_ranking(source, layouts[i], ts)
+            ranks, updated = self._read_ranking(source, layouts[i], ts)
             router = routers[columns["router_pk"][i]]
             members, inferred = self._members(source, router["deployment_pk"], ranks, ts)
             extra = columns["extra"][i]
@@ -274,17 +278,19 @@ class _State:
                 attempt=columns["attempt"][i], attributes=json.loads(extra).get("attributes") if extra else None,
                 n_candidates=columns["n_candidates"][i], ranks=ranks, members=members,
                 membership_inferred=inferred or len(members) != columns["n_candidates"][i],
-                stats=source.stats, queue_lens=source.queue_lens,
+                stats=source.stats, queue_lens=source.queue_lens, queue_lens_updated=updated,
                 chosen=replica_ids[chosen_pk] if chosen_pk is not None else None, chosen_rank=chosen_ranks[i],
                 own_ranking=own[i])
         for event in ([event] if event is not None else []) + list(pending):
             self._apply(event)  # events after the chunk's last decision (its time is not in order with its id's)
 
-    def _read_ranking(self, source: _SourceState, layout: list, ts: float) -> List[List[str]]:
-        """The ranking's replica ids; the inputs it records update the source's state."""
+    def _read_ranking(self, source: _SourceState, layout: list, ts: float) -> Tuple[List[List[str]], Tuple[str, ...]]:
+        """The ranking's replica ids, and those whose queue length it recorded anew; the inputs
+        it records update the source's state."""
         replica_ids = self._replica_ids
         ranks = []
         queue_lens = stats_seen = None
+        updated = []
         for entries in layout:
             rank = []
             for entry in entries:
@@ -298,6 +304,7 @@ class _State:
                     if source.queue_lens.get(replica_id) != seen:
                         queue_lens = queue_lens if queue_lens is not None else dict(source.queue_lens)
                         queue_lens[replica_id] = seen
+                        updated.append(replica_id)
                 stats = stats or {}
                 known = source.stats.get(replica_id)
                 if known is None or known.stats != stats:
@@ -310,16 +317,16 @@ class _State:
             source.queue_lens = queue_lens
         if stats_seen is not None:
             source.stats = stats_seen
-        return ranks
+        return ranks, tuple(updated)
 
     def _members(self, source: _SourceState, deployment_pk: int, ranks: List[List[str]],
                  ts: float) -> Tuple[Tuple[Member, ...], bool]:
         """The candidates: the source's membership, with any ranked replica it lacks (then inferred)."""
-        members, inferred = source.members, False
-        if members is None:  # no membership event seen: the deployment's replicas that were members then
-            members, inferred = tuple(self._member(info) for info in self._known.values()
-                                      if info["deployment_pk"] == deployment_pk and _member_at(info, ts)), True
-        ids = source.member_ids if not inferred else frozenset(m.replica_id for m in members)
+        if source.members is not None:
+            members, ids, inferred = source.members, source.member_ids, False
+        else:  # no membership event seen: the deployment's replicas that were members then
+            members, ids = self._members_at(deployment_pk, ts)
+            inferred = True
         missing = [replica_id for rank in ranks for replica_id in rank if replica_id not in ids]
         if missing:
             members = members + tuple(self._member(self._known.get((deployment_pk, replica_id),
@@ -327,6 +334,20 @@ class _State:
                                       for replica_id in dict.fromkeys(missing))
             inferred = True
         return members, inferred
+
+    def _members_at(self, deployment_pk: int, ts: float) -> Tuple[Tuple[Member, ...], frozenset]:
+        """The deployment's replicas that were members at `ts`, as the replicas table dates their
+        membership; kept until the next time one joins or leaves."""
+        found = self._inferred.get(deployment_pk)
+        if found is None or not found[2] <= ts < found[3]:
+            known = [info for info in self._known.values() if info["deployment_pk"] == deployment_pk]
+            members = tuple(self._member(info) for info in known if _member_at(info, ts))
+            changes = [at for info in known for at in (info.get("added_at"), info.get("removed_at")) if at is not None]
+            found = self._inferred[deployment_pk] = (
+                members, frozenset(m.replica_id for m in members),
+                max((at for at in changes if at <= ts), default=-math.inf),
+                min((at for at in changes if at > ts), default=math.inf))
+        return found[0], found[1]
 
     @staticmethod
     def _member(info: dict) -> Member:
