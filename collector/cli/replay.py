@@ -64,7 +64,7 @@ def run_replay(args) -> int:
     if printer is None:
         console.print_json(data=result)
     else:
-        for table in printer(result):
+        for table in printer(result, min(console.width, 80)):
             console.print(table)
     console.print(f"stored as replay {replay_id}")
     return 0
@@ -89,12 +89,13 @@ def _expected(connection, f, runs: int) -> Optional[int]:
 
 # --- the decisions mode's tables ---
 
-def decisions_tables(result: dict):
-    """One table per deployment: the recorded router beside the replayed one, then each replica's share."""
+def decisions_tables(result: dict, width: int):
+    """One table per deployment, `width` columns wide: the recorded router beside the replayed one,
+    then each replica's share."""
     for d in result["deployments"]:
         table = Table(title=f"{d['app']}/{d['deployment']}: {d['decisions']:,} decisions, {d['with_outcome']:,} "
-                            f"routed", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False,
-                      caption=_caption(result, d))
+                            f"routed", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, width=width,
+                      caption=_caption(result, d), caption_justify="left")
         table.add_column("", overflow="fold")
         table.add_column("recorded", justify="right", overflow="fold")
         table.add_column("replay", justify="right", overflow="fold")
@@ -114,8 +115,8 @@ def decisions_tables(result: dict):
 
 def _caption(result: dict, d: dict) -> str:
     recorded = ", ".join(c.rpartition(".")[2] for c in d["recorded_router_classes"])
-    runs = f"{result['runs']} runs, ± 95% interval" if result["randomized"] else "deterministic: 1 run"
-    notes = [f"recorded: {recorded}", f"replay: {result['router']['class'].rpartition(':')[2]}, {runs}"]
+    runs = f"{result['runs']} runs, mean ± 95% interval" if result["randomized"] else "deterministic: 1 run"
+    notes = [f"recorded by {recorded}", f"replayed through {result['router']['class'].rpartition(':')[2]}, {runs}"]
     if d["membership_inferred"]:
         notes.append(f"candidates inferred for {d['membership_inferred']:,} decisions")
     errors = d["replay"]["router_errors"]
@@ -143,4 +144,4 @@ def _shown(figure: Optional[dict], fmt: Callable[[float], str]) -> str:
 
 
 # Each mode's tables; a mode without is printed as JSON.
-PRINTERS: Dict[str, Callable[[dict], object]] = {"decisions": decisions_tables}
+PRINTERS: Dict[str, Callable[[dict, int], object]] = {"decisions": decisions_tables}
