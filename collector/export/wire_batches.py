@@ -40,7 +40,7 @@ def wire_batches(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[int,
         return
     since, until = f.rollup_bounds()
     f = replace(f, since=float(since), until=float(until))
-    replica_ids = ReplicaIds(conn, {pk: info["replica_id"] for pk, info in sc.replicas.items()})
+    replica_ids = _ReplicaIds(conn, {pk: info["replica_id"] for pk, info in sc.replicas.items()})
     batches = dict((pk, (max_seq, count)) for pk, max_seq, count in conn.execute(
         select(SourceBatch.source_pk, func.max(SourceBatch.seq), func.count()).group_by(SourceBatch.source_pk)))
     for source in conn.execute(select(Source).where(Source.router_pk.in_(sorted(sc.routers)))
@@ -64,7 +64,7 @@ def wire_batches(conn: Connection, f: Filters, sc: Scope) -> Iterator[Tuple[int,
         yield 0, _json.encode(counters) + b"\n"
 
 
-class ReplicaIds(dict):
+class _ReplicaIds(dict):
     """Replica key -> id; a replica that joined after the export began (a
     PostgreSQL export reads more than one snapshot) is looked up when met."""
 

@@ -41,11 +41,10 @@ from ..export.arrow_reader import ArrowReader
 from ..export.chunks import BLOB, Reading, chunks, in_background
 from ..export.convert import request_ids, uuids
 from ..export.outcomes import DECISIONS, decision_chunks
-from ..export.wire_batches import ReplicaIds
 from ..query.explore import id_bytes, in_window
 from ..query.figures import Scope, scope
 from ..query.filters import Filters
-from ..store.models import Source, decisions, memberships, stats_changes
+from ..store.models import Replica, Source, decisions, memberships, stats_changes
 from ..store.types import AGE_SOURCE_NAMES, ranking_layouts, stored_bytes
 
 # How far before the window membership and stats events are read, for the state its first decisions saw.
@@ -154,24 +153,39 @@ def recorded_decisions(conn: Connection, f: Filters) -> Iterator[RecordedDecisio
         select(Source.pk, Source.node_id, Source.handle_source).where(Source.router_pk.in_(sorted(sc.routers))))}
     # Every replica of the deployments, not only those a replica filter selects (they are all candidates).
     replicas = scope(conn, replace(f, replicas=())).replicas if f.replicas else sc.replicas
-    state = _State(sc, sources, replicas, ReplicaIds(conn, {pk: info["replica_id"] for pk, info in replicas.items()}))
+    replica_ids = _ReplicaIds({pk: info["replica_id"] for pk, info in replicas.items()})
+    state = _State(sc, sources, replicas, replica_ids)
     reader = ArrowReader(conn)
     try:
-        with closing(in_background(_chunks(conn, reader, f, sc))) as read:
+        with closing(in_background(_chunks(conn, reader, f, sc, replica_ids))) as read:
             for chunk, events in read:
                 yield from state.decisions(chunk, events)
     finally:
         reader.close()
 
 
-def _chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope) -> Iterator[tuple]:
+class _ReplicaIds(dict):
+    """Replica key -> id. Replicas that joined after the reading began are added by the reading
+    thread, chunk by chunk; one still unknown (it cannot be: ingest stores a replica before its
+    events) is named by its key rather than looked up from this thread."""
+
+    def __missing__(self, pk: int) -> str:
+        return f"<replica {pk}>"
+
+
+def _chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
+            replica_ids: _ReplicaIds) -> Iterator[tuple]:
     """Each chunk of decisions (with their outcome), and the membership and
     stats events up to its last decision's time, in time order (run by the
     read-ahead thread: every use of the connection and the reader is here)."""
     routers = sorted(sc.routers)
+    deployment_pks = sorted({router["deployment_pk"] for router in sc.routers.values()})
     start = max(f.since - LOOKBACK_S, 0.0)
     events = _memberships_before(conn, routers, start)
     for chunk in decision_chunks(conn, reader, f, sc, with_rejections=False, reading=_DECISIONS):
+        # Replicas that joined meanwhile (keys only grow); a PostgreSQL read sees more than one snapshot.
+        replica_ids.update(conn.execute(select(Replica.pk, Replica.replica_id).where(
+            Replica.pk > max(replica_ids, default=0), Replica.deployment_pk.in_(deployment_pks))).all())
         end = math.nextafter(max(chunk.rows.column("ts").to_pylist()), math.inf)
         if end > start:
             for rows in chunks(reader, _MEMBERSHIPS, [*in_window(memberships, start, end),
@@ -215,7 +229,8 @@ class _SourceState:
 
 
 class _State:
-    def __init__(self, sc: Scope, sources: Dict[int, SourceInfo], replicas: Dict[int, dict], replica_ids: ReplicaIds):
+    def __init__(self, sc: Scope, sources: Dict[int, SourceInfo], replicas: Dict[int, dict],
+                 replica_ids: "_ReplicaIds"):
         self._sc = sc
         self._sources = sources
         self._replica_ids = replica_ids
