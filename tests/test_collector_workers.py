@@ -19,11 +19,9 @@ import urllib.parse
 from typing import Dict, List
 
 import pytest
-from sqlalchemy import func, select
 
-from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Deployment, Replica, Source, SourceBatch, decisions
-from tests.support.collector_app import Collector
+from tests.support.collector_app import Collector, rows
 from tests.support.collector_process import ROOT, CollectorProcess
 from tests.support.ports import free_port
 from tests.support.worker_apps import FAILURE
@@ -131,15 +129,6 @@ def reference_views(tmp_path, batches: List[dict], window: dict) -> Dict[str, di
         return views(lambda path, params: reference.get(path, **params), window)
     finally:
         reference.close()
-
-
-def rows(db_url: str, table) -> int:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as connection:
-            return connection.scalar(select(func.count()).select_from(table))
-    finally:
-        engine.dispose()
 
 
 def test_concurrent_batches_through_every_worker_are_stored_and_counted_once(db_url, make_source, tmp_path):

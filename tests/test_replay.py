@@ -15,7 +15,6 @@ from collections import Counter
 
 import pytest
 from ray.serve.request_router import RequestRouter
-from sqlalchemy import func, select
 
 from routelens.collector.cli import main as routelens
 from routelens.collector.ingest.importer import import_files
@@ -26,7 +25,7 @@ from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Replay
 from routelens.routers import TracingMixin
 from routelens.routers.testing import RayRouter, make_request, make_router, recorded_events, replicas_of
-from tests.support.collector_app import Collector
+from tests.support.collector_app import Collector, rows
 from tests.support.python_child import run_python
 
 MAX_ONGOING = 2
@@ -149,12 +148,7 @@ def refused(db: str, capsys, *args: str) -> str:
 
 
 def stored_replays(db: str) -> int:
-    engine = make_engine(db)
-    try:
-        with engine.connect() as connection:
-            return connection.scalar(select(func.count()).select_from(Replay))
-    finally:
-        engine.dispose()
+    return rows(db, Replay.__table__)
 
 
 def only_deployment(record: dict) -> dict:
