@@ -187,7 +187,9 @@ def test_a_users_packages_named_like_our_folders_change_nothing(tmp_path, db_url
     decision = source.decision(now - 60, [["r1", "r2"]])
     collector.store(source.batch([decision, source.routed(now - 60, "r1", decision)]))
     decoys = make_decoys(tmp_path / "project")
-    env = dict(os.environ, PYTHONPATH=str(decoys))
+    # The decoys first; a PYTHONPATH already set (a worktree's routelens, linked in) is kept after them.
+    pythonpath = os.pathsep.join(filter(None, [str(decoys), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     result = subprocess.run([sys.executable, "-m", "routelens.collector.cli", "export", "--db", db_url,
                              "--since", "0", "--format", "jsonl", "-o", "-"],
                             cwd=decoys, env=env, capture_output=True, text=True, timeout=120)
@@ -196,9 +198,9 @@ def test_a_users_packages_named_like_our_folders_change_nothing(tmp_path, db_url
     imported = run_python("""
         import routelens.routers, routelens.collector.api.app, routelens.dashboard.up
         print(routelens.routers.__file__)
-    """, cwd=decoys, pythonpath=decoys)
+    """, cwd=decoys, pythonpath=pythonpath)
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.strip() == str(ROOT / "routers" / "__init__.py")
+    assert os.path.realpath(imported.stdout.strip()) == str(ROOT / "routers" / "__init__.py")
 
 
 # --- no import cycles ---
