@@ -1,0 +1,1 @@
+"""Replaying recorded traffic through another router (docs/replay.md)."""
