@@ -42,6 +42,7 @@ import importlib
 import math
 import random
 import time
+from array import array
 from collections import deque
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
 
@@ -102,8 +103,8 @@ def simulate(conn: Connection, f: Filters, router: RouterSpecLike, seed: int = 0
     recording (`simulation_inputs.round_trips`). `stats_fn(replica, now)`, if given, computes
     a replica's routing stats at each refresh (closed loop) instead of
     replaying the recorded values; `replica` is the simulated replica
-    (`replica_id`, `queue_len`, `routing_stats`, `started`: a deque of the
-    virtual times requests started on it)."""
+    (`replica_id`, `queue_len`: requests it holds, `served`: requests it
+    has accepted so far, `routing_stats`: what it reported last)."""
     started = time.perf_counter()
     notes: List[str] = []
     if f.replicas or f.request_id or f.model_id:
@@ -366,6 +367,27 @@ class _Result:
             self.finish()
 
 
+class _ServiceTimes:
+    """A replica's service times, seconds: its recorded latencies in a seeded
+    random order, shuffled again once all are used. Drawn without
+    replacement, a replica that serves as many requests as it did serves
+    its recorded distribution, not a noisy resample of it."""
+
+    __slots__ = ("samples", "at", "rng")
+
+    def __init__(self, samples_ms, rng: random.Random):
+        self.samples = array("d", (ms / 1000.0 for ms in samples_ms))
+        self.rng = rng
+        self.at = len(self.samples)
+
+    def next(self) -> float:
+        if self.at >= len(self.samples):
+            self.rng.shuffle(self.samples)
+            self.at = 0
+        self.at += 1
+        return self.samples[self.at - 1]
+
+
 class _Task:
     __slots__ = ("gen", "token")
 
@@ -444,7 +466,7 @@ class _Run:
         self.rng_stats = random.Random(f"{seed}/{name}/{dep.pk}/stats")
         self.tallies: Dict[int, Tally] = {}
         self.fakes: Dict[int, Any] = {}
-        self.service: Dict[int, Tuple[Any, random.Random]] = {}
+        self.service: Dict[int, _ServiceTimes] = {}
         self.reported: Dict[int, dict] = {}  # replica_pk -> stats it last reported (recorded)
         self.pending_join: List[Tuple[float, int]] = []
         for r in replicas:
@@ -453,12 +475,12 @@ class _Run:
                                max_ongoing_requests=max_ongoing or r.max_ongoing_requests or inputs.DEFAULT_MAX_ONGOING,
                                model_ids=set(r.model_ids))
             fake.pk = r.pk
-            fake.started = deque()
+            fake.served = 0
             fake.member = False
             self.fakes[r.pk] = fake
             self.tallies[r.pk] = Tally()
             samples = r.samples if len(r.samples) >= MIN_SAMPLES else pooled
-            self.service[r.pk] = (samples, random.Random(f"{seed}/{r.replica_id}/service"))
+            self.service[r.pk] = _ServiceTimes(samples, random.Random(f"{seed}/{r.replica_id}/service"))
         self.replica_inputs = {r.pk: r for r in replicas}
         self.started_at: Optional[float] = None
 
@@ -665,9 +687,8 @@ class _Run:
         n = replica.queue_len
         if n < replica.max_ongoing_requests and replica.member:
             replica.queue_len = n = n + 1
-            samples, rng = self.service[replica.pk]
-            service_s = samples[int(rng.random() * len(samples))] / 1000.0
-            replica.started.append(self.now)
+            service_s = self.service[replica.pk].next()
+            replica.served += 1
             result = _Result()
             self.at(self.now + service_s, self._finish, sr, pr, replica, result)
             self.at(self.now + back, self._answer, sr, pr, replica, n, service_s, result)
