@@ -1,0 +1,961 @@
+"""`routelens replay --mode simulate`: the recorded traffic, closed loop,
+through the recorded router and through another one (docs/replay.md,
+"Simulate").
+
+The model, per deployment (the reasons are in the docs):
+
+- Requests arrive when they arrived (`simulation_inputs.arrivals`), each at
+  the traced router instance (source) that routed it, with its model id
+  and recorded attributes (`pending_request.routelens_attributes`).
+- Each replica has `max_ongoing_requests` slots and serves a request for a
+  time drawn (seeded) from its own recorded latencies, which exclude the
+  queue wait; with fewer than MIN_SAMPLES of them, from its deployment's.
+- Each source gets a router of the class under test, built as Ray builds
+  it and driven as Ray drives it: Ray's own pending-request queues,
+  retry ordering and fulfilment (`_fulfill_next_pending_request`: FIFO
+  hand-offs with FIFOMixin, exact matches without), and routing tasks that
+  follow `RequestRouter._fulfill_pending_requests` step by step (as many
+  as Ray runs, choose_replicas, the queue-length cache then probes,
+  Ray's backoff schedule). A replica refuses a send when it is full; the
+  refusal is retried as Ray retries it. Every router hook sees what Ray
+  would give it (on_send_request, on_new_queue_len_info, on_request_routed,
+  on_request_completed, decrement_queue_len_cache, update_replicas).
+- Queue lengths reach the router's cache when Ray's would (probe answers,
+  the rejection protocol's answers, its own +1/-1 estimates) and age on
+  the virtual clock (Ray's 10 s timeout). Actor calls take RPC_DELAY_S each
+  way. Routing stats are refreshed every recorded stats period (Ray's
+  +-10% jitter) with the value the replica last reported by then.
+- Time is virtual: a discrete-event loop (a heap of timed callbacks and a
+  queue of ready ones, as asyncio's own) in which everything the router
+  does takes no time. Ray's module clock and the global `random` are
+  swapped for the run's virtual clock and seeded state, then restored.
+
+Memory is constant in the number of recorded requests: arrivals and stats
+changes are streamed in chunks, and figures are kept as fine histograms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import importlib
+import math
+import random
+import time
+from array import array
+from collections import deque
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+
+from sqlalchemy.engine import Connection
+
+from ..query.figures import imbalance
+from ..query.filters import Filters
+from . import simulation_inputs as inputs
+from .simulation_inputs import Arrival, DeploymentInput, Distribution, ReplicaInput, Tally
+
+# An actor call's one-way time (probe, send, answer, completion), seconds, when
+# the window holds fewer than MIN_SAMPLES round trips to draw from.
+RPC_DELAY_S = 0.001
+# A replica with fewer recorded latencies draws from its deployment's.
+MIN_SAMPLES = 20
+# A routing task that raised is replaced after this long (Ray replaces it at
+# once; with no time passing, a router that always raises would loop forever).
+ERROR_RESTART_S = 0.001
+# Requests still unfinished this long after the last arrival are counted as such.
+DRAIN_LIMIT_S = 600.0
+# Arrivals fed to each run at a time (each run keeps its own random state).
+BATCH = 2_000
+PROGRESS_EVERY = 10_000
+# Callbacks at one instant beyond which the simulation is stuck (a router that never waits).
+MAX_SAME_INSTANT = 2_000_000
+
+RECORDED_SIMULATED, REPLAYED, RECORDED = "recorded_simulated", "replayed", "recorded"
+
+# What a routing task yields: an await, and its argument.
+_SLEEP, _PROBE, _WAIT_REPLICAS = 0, 1, 2
+
+
+class RouterSpecLike(Protocol):
+    """The router under test: `load()` returns the RequestRouter subclass,
+    `kwargs` are its `request_router_kwargs` (given to `initialize_state`)."""
+
+    kwargs: Dict[str, Any]
+
+    def load(self) -> type: ...
+
+
+class NotReplayable(RuntimeError):
+    """A router the simulation cannot run (it awaits something real)."""
+
+
+def simulate(conn: Connection, f: Filters, router: RouterSpecLike, seed: int = 0,
+             on_progress: Optional[Callable[[int], None]] = None, *,
+             max_ongoing_requests: Optional[int] = None, rpc_delay_s: Optional[float] = None,
+             stats_fn: Optional[Callable[[Any, float], Dict[str, Any]]] = None) -> dict:
+    """Simulate the window's traffic through the recorded routers and through
+    `router`; figures side by side with what was recorded.
+
+    `on_progress(n)`: n recorded requests replayed so far, over all runs
+    (each run replays each request once: two runs per deployment when the
+    recorded router class imports, one otherwise). `max_ongoing_requests`
+    overrides every replica's. `rpc_delay_s`, if given, is every actor
+    call's one-way time; by default round trips are drawn from the
+    recording (`simulation_inputs.round_trips`). `stats_fn(replica, now)`, if given, computes
+    a replica's routing stats at each refresh (closed loop) instead of
+    replaying the recorded values; `replica` is the simulated replica
+    (`replica_id`, `queue_len`: requests it holds, `served`: requests it
+    has accepted so far, `routing_stats`: what it reported last)."""
+    started = time.perf_counter()
+    notes: List[str] = []
+    if f.replicas or f.request_id or f.model_id:
+        notes.append("replica, request id and model id filters are ignored: a simulation replays a deployment's "
+                     "whole traffic")
+    given = router.load()
+    given_name = f"{given.__module__}.{given.__qualname__}"
+    deployments = inputs.deployments(conn, f, seed)
+    progress = _Progress(on_progress)
+    out_deployments, out_replicas = [], []
+    simulated_decisions = 0
+    for dep in deployments:
+        recorded_classes, problems = _recorded_classes(dep)
+        notes.extend(f"{dep.app}/{dep.deployment}: {problem}" for problem in problems)
+        runs_spec = {REPLAYED: {pk: (given, dict(router.kwargs)) for pk in dep.sources}}
+        if recorded_classes is not None:
+            runs_spec[RECORDED_SIMULATED] = {pk: (recorded_classes[s.router_pk], {})
+                                            for pk, s in dep.sources.items()}
+        else:
+            notes.append(f"{dep.app}/{dep.deployment}: the recorded router was not simulated, only the given one")
+        rows = _simulate_deployment(conn, f, dep, runs_spec, seed, rpc_delay_s, max_ongoing_requests, stats_fn,
+                                    progress, notes)
+        if rows is None:
+            continue
+        deployment_row, replica_rows, decisions = rows
+        simulated_decisions += decisions
+        out_deployments.append(deployment_row)
+        out_replicas.extend(replica_rows)
+    progress.flush()
+    wall = time.perf_counter() - started
+    return {
+        "mode": "simulate", "seed": seed, "router": given_name, "router_kwargs": dict(router.kwargs),
+        "window": {"since": f.since, "until": f.until},
+        "model": {"rpc_delay_s": rpc_delay_s, "min_samples": MIN_SAMPLES, "reservoir": inputs.RESERVOIR,
+                  "max_ongoing_requests": max_ongoing_requests,
+                  "stats": "computed by stats_fn" if stats_fn else "recorded values, refreshed every stats period",
+                  "backoff": "Ray's: 0.025 s x 2^attempt, at most 0.5 s; first retry immediate",
+                  "queue_len_cache_timeout_s": 10.0},
+        "notes": notes,
+        "deployments": out_deployments,
+        "replicas": out_replicas,
+        "speed": {"wall_s": round(wall, 3), "simulated_decisions": simulated_decisions,
+                  "decisions_per_s": round(simulated_decisions / wall, 1) if wall > 0 else None,
+                  "requests_replayed": progress.done},
+    }
+
+
+class _Progress:
+    def __init__(self, callback: Optional[Callable[[int], None]]):
+        self.callback = callback
+        self.done = 0
+        self.told = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None and self.done - self.told >= PROGRESS_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.callback is not None and self.done != self.told:
+            self.told = self.done
+            self.callback(self.done)
+
+
+def import_class(path: str) -> type:
+    """A class from its stored name, `module.QualName` (or `module:QualName`)."""
+    if ":" in path:
+        module_name, _, qualname = path.partition(":")
+        target = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+        return target
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for part in parts[cut:]:
+                target = getattr(target, part)
+        except AttributeError:
+            continue
+        return target
+    raise ImportError(f"cannot import {path}")
+
+
+def _recorded_classes(dep: DeploymentInput) -> Tuple[Optional[Dict[int, type]], List[str]]:
+    """router_pk -> the recorded router class, if every one imports here."""
+    from ray.serve.request_router import RequestRouter
+
+    classes, problems = {}, []
+    for router_pk, name in dep.router_classes.items():
+        try:
+            cls = import_class(name)
+            if not (isinstance(cls, type) and issubclass(cls, RequestRouter)):
+                raise ImportError(f"{name} is not a RequestRouter")
+            classes[router_pk] = cls
+        except Exception as exc:  # a class defined in a script (__main__.X), or not installed here
+            problems.append(f"the recorded router class {name} cannot be imported here ({exc})")
+    return (None if problems else classes), problems
+
+
+def _simulate_deployment(conn, f, dep: DeploymentInput, runs_spec, seed, rpc_delay_s, max_ongoing, stats_fn,
+                         progress: _Progress, notes: List[str]):
+    replicas = _relevant_replicas(dep, f)
+    if not replicas:
+        return None
+    pooled = [x for r in replicas for x in r.samples]
+    if not pooled:
+        notes.append(f"{dep.app}/{dep.deployment}: no completed request recorded, nothing to draw service times "
+                     "from; not simulated")
+        return None
+    for r in replicas:
+        if r.max_ongoing_requests is None and max_ongoing is None:
+            notes.append(f"{dep.app}/{dep.deployment}: replica {r.replica_id} has no recorded max_ongoing_requests;"
+                         f" Ray's default {inputs.DEFAULT_MAX_ONGOING} is used")
+    trips = None
+    if rpc_delay_s is None:
+        trips = inputs.round_trips(conn, f, dep, random.Random(f"{seed}/{dep.pk}/round trips"))
+        if len(trips) < MIN_SAMPLES:
+            notes.append(f"{dep.app}/{dep.deployment}: {len(trips)} round trips recorded; actor calls take "
+                         f"{RPC_DELAY_S * 1000:.1f} ms each way")
+            trips = None
+    network = {"round_trips": "recorded", "samples": len(trips), "p50_ms": _median_ms(trips)} if trips else \
+        {"round_trips": "constant", "one_way_ms": (rpc_delay_s if rpc_delay_s is not None else RPC_DELAY_S) * 1000}
+    runs = {name: _Run(dep, replicas, classes, seed, name, rpc_delay_s if rpc_delay_s is not None else RPC_DELAY_S,
+                       trips, max_ongoing, pooled, stats_fn)
+            for name, classes in runs_spec.items()}
+    stats_stream = _Lookahead(inputs.stats_changes_stream(conn, f, dep))
+    loop = asyncio.new_event_loop()
+    clock = _VirtualClock()
+    try:
+        with clock.installed():
+            loop.run_until_complete(_drive(runs, inputs.arrivals(conn, f, dep), stats_stream, progress, clock))
+    finally:
+        loop.close()
+    for run in runs.values():
+        if run.errors:
+            notes.append(f"{dep.app}/{dep.deployment} ({run.name}): choose_replicas raised {run.errors} times "
+                         f"(first: {run.first_error}); Ray logs and retries it, and so did the simulation")
+        if run.unfinished:
+            notes.append(f"{dep.app}/{dep.deployment} ({run.name}): {run.unfinished} requests were not finished "
+                         f"{DRAIN_LIMIT_S:.0f} s after the last arrival")
+    deployment_row, replica_rows, decisions = _rows(dep, replicas, runs)
+    deployment_row["network"] = network
+    return deployment_row, replica_rows, decisions
+
+
+def _median_ms(values) -> float:
+    ordered = sorted(values)
+    return round(ordered[len(ordered) // 2] * 1000, 3)
+
+
+def _relevant_replicas(dep: DeploymentInput, f: Filters) -> List[ReplicaInput]:
+    """The replicas that were members during the window, or served or refused some of its requests."""
+    out = []
+    for r in dep.replicas.values():
+        member = r.added_at is not None and r.added_at < f.until and (r.removed_at is None or r.removed_at >= f.since)
+        if member or r.recorded.requests or r.recorded.rejections or r.seen:
+            out.append(r)
+    return sorted(out, key=lambda r: r.replica_id)
+
+
+class _Lookahead:
+    """An iterator of (time, ...) tuples, read up to a time."""
+
+    def __init__(self, it: Iterator[tuple]):
+        self.it = it
+        self.next = next(it, None)
+
+    def until(self, t: float) -> List[tuple]:
+        out = []
+        while self.next is not None and self.next[0] <= t:
+            out.append(self.next)
+            self.next = next(self.it, None)
+        return out
+
+
+async def _drive(runs: Dict[str, "_Run"], arrivals: Iterator[Arrival], stats_stream: _Lookahead,
+                 progress: _Progress, clock: "_VirtualClock") -> None:
+    batch: List[Arrival] = []
+    for arrival in arrivals:
+        batch.append(arrival)
+        if len(batch) >= BATCH:
+            await _feed(runs, batch, stats_stream.until(batch[-1].at), progress, clock)
+            batch = []
+    await _feed(runs, batch, stats_stream.until(math.inf), progress, clock)
+    for run in runs.values():
+        with run.active(clock):
+            run.drain()
+        await asyncio.sleep(0)  # the tasks update_replicas started end
+
+
+async def _feed(runs, batch: List[Arrival], stats: List[tuple], progress: _Progress, clock) -> None:
+    for run in runs.values():
+        with run.active(clock):
+            run.feed(batch, stats)
+        progress.add(len(batch))
+        await asyncio.sleep(0)  # the tasks update_replicas started end
+
+
+class _VirtualClock:
+    """The run's time where Ray's request router reads the wall clock
+    (multiplexed matching timeout, queue-wait metric): `time` in that module
+    is replaced by this, which forwards everything but `time()`."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def installed(self):
+        import contextlib
+
+        from ray.serve._private.request_router import request_router as module
+
+        @contextlib.contextmanager
+        def swap():
+            saved = module.time
+            module.time = self
+            try:
+                yield
+            finally:
+                module.time = saved
+
+        return swap()
+
+
+class _Result:
+    """What a router is given as a send's ReplicaResult: callbacks run at completion."""
+
+    __slots__ = ("_callbacks", "_done")
+
+    def __init__(self):
+        self._callbacks = None
+        self._done = False
+
+    def add_done_callback(self, callback) -> None:
+        if self._done:
+            callback(None)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
+        else:
+            self._callbacks.append(callback)
+
+    def finish(self) -> None:
+        self._done = True
+        if self._callbacks:
+            for callback in self._callbacks:
+                callback(None)
+            self._callbacks = None
+
+    def cancel(self) -> None:
+        if not self._done:
+            self.finish()
+
+
+class _ServiceTimes:
+    """A replica's service times, seconds: its recorded latencies in a seeded
+    random order, shuffled again once all are used. Drawn without
+    replacement, a replica that serves as many requests as it did serves
+    its recorded distribution, not a noisy resample of it."""
+
+    __slots__ = ("samples", "at", "rng")
+
+    def __init__(self, samples_ms, rng: random.Random):
+        self.samples = array("d", (ms / 1000.0 for ms in samples_ms))
+        self.rng = rng
+        self.at = len(self.samples)
+
+    def next(self) -> float:
+        if self.at >= len(self.samples):
+            self.rng.shuffle(self.samples)
+            self.at = 0
+        self.at += 1
+        return self.samples[self.at - 1]
+
+
+class _Task:
+    __slots__ = ("gen", "token")
+
+    def __init__(self):
+        self.gen = None
+        self.token = 0
+
+
+class _SimRouter:
+    """One source's router, with the routing tasks the simulation runs for it."""
+
+    def __init__(self, router: Any, run: "_Run"):
+        self.router = router
+        self.tasks: set = set()
+        self.by_future: Dict[Any, _Task] = {}  # Ray's _routing_task_by_pending_request_future
+        self.recipient = None
+        self.run = run
+        # Ray's private steps the simulation takes over (asyncio tasks, probes) or watches (the recipient).
+        router._maybe_start_routing_tasks = _nothing
+        router._probe_queue_lens = _no_probe
+        router._cancel_routing_task_for_pending_request = self.cancel_for
+        router._record_queue_wait_time = self.received
+        # Ray's metrics only (the router's gauges), not routing: not worth their time here.
+        router._update_router_queue_len_gauge = _nothing
+
+    def cancel_for(self, pr: Any) -> None:
+        task = self.by_future.get(pr.future)
+        if task is not None and task is not self.run.current:
+            self.run.cancel(task)
+
+    def received(self, pr: Any) -> None:
+        self.recipient = pr
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    pass
+
+
+async def _no_probe(replicas: Any, backoff_index: int) -> list:
+    return []
+
+
+class _Run:
+    """One simulated run of one deployment: a router class per source."""
+
+    def __init__(self, dep: DeploymentInput, replicas: List[ReplicaInput], classes: Dict[int, Tuple[type, dict]],
+                 seed: int, name: str, rpc_delay_s: float, trips: Optional[Any], max_ongoing: Optional[int],
+                 pooled: List[float], stats_fn):
+        from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
+        from ray.serve.request_router import PendingRequest
+
+        from routelens.routers.testing import FakeReplica
+
+        self._PendingRequest, self._RequestMetadata = PendingRequest, RequestMetadata
+        self.dep, self.name, self.classes = dep, name, classes
+        self.d = rpc_delay_s
+        self.trips = trips
+        self.rng_net = random.Random(f"{seed}/{name}/{dep.pk}/network")
+        self.now = 0.0
+        self.heap: list = []
+        self.seq = 0
+        self.ready: deque = deque()
+        self.current: Optional[_Task] = None
+        self.random_state = random.Random(f"{seed}/{name}/{dep.pk}/routers").getstate()
+        self.deployment_id = DeploymentID(name=dep.deployment, app_name=dep.app)
+        self.routers: Dict[int, _SimRouter] = {}
+        self.waiting_for_replicas: List[Tuple[_Task, int]] = []
+        self.decisions = 0
+        self.errors = 0
+        self.first_error: Optional[str] = None
+        self.outstanding = 0  # arrived, not finished
+        self.unfinished = 0
+        self.last_arrival = None
+        self.stats_fn = stats_fn
+        self.period = dep.stats_period_s
+        self.rng_stats = random.Random(f"{seed}/{name}/{dep.pk}/stats")
+        self.tallies: Dict[int, Tally] = {}
+        self.fakes: Dict[int, Any] = {}
+        self.service: Dict[int, _ServiceTimes] = {}
+        self.reported: Dict[int, dict] = {}  # replica_pk -> stats it last reported (recorded)
+        self.pending_join: List[Tuple[float, int]] = []
+        for r in replicas:
+            fake = FakeReplica(ReplicaID(unique_id=r.replica_id, deployment_id=self.deployment_id),
+                               node_id=r.node_id or "node-0", availability_zone=r.availability_zone,
+                               max_ongoing_requests=max_ongoing or r.max_ongoing_requests or inputs.DEFAULT_MAX_ONGOING,
+                               model_ids=set(r.model_ids))
+            fake.pk = r.pk
+            fake.served = 0
+            fake.member = False
+            self.fakes[r.pk] = fake
+            self.tallies[r.pk] = Tally()
+            samples = r.samples if len(r.samples) >= MIN_SAMPLES else pooled
+            self.service[r.pk] = _ServiceTimes(samples, random.Random(f"{seed}/{r.replica_id}/service"))
+        self.replica_inputs = {r.pk: r for r in replicas}
+        self.started_at: Optional[float] = None
+
+    # --- the event loop ---
+
+    def at(self, t: float, fn, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, fn, args))
+
+    def soon(self, fn, *args) -> None:
+        self.ready.append((fn, args))
+
+    def run_until(self, t_limit: float) -> None:
+        heap, ready = self.heap, self.ready
+        same = 0
+        while True:
+            while ready:
+                fn, args = ready.popleft()
+                fn(*args)
+                same += 1
+                if same > MAX_SAME_INSTANT:
+                    raise NotReplayable(f"{self.name}: the router keeps routing without time passing, at "
+                                        f"{self.now:.3f}")
+            if not heap or heap[0][0] > t_limit:
+                break
+            t, _seq, fn, args = heapq.heappop(heap)
+            if t > self.now:
+                self.now = t
+                self.clock.now = t
+                same = 0
+            fn(*args)
+        if t_limit > self.now and t_limit != math.inf:
+            self.now = t_limit
+            self.clock.now = t_limit
+
+    def active(self, clock: _VirtualClock):
+        """This run's clock and global random state, for a while."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            saved = random.getstate()
+            random.setstate(self.random_state)
+            self.clock = clock
+            clock.now = self.now
+            try:
+                yield
+            finally:
+                self.random_state = random.getstate()
+                random.setstate(saved)
+
+        return swap()
+
+    # --- arrivals, membership and stats ---
+
+    def feed(self, batch: List[Arrival], stats: List[tuple]) -> None:
+        if self.started_at is None and batch:
+            self._start(batch[0].at)
+        for collected_at, replica_pk, values in stats:
+            self.at(max(collected_at, self.now), self._reported, replica_pk, values)
+        for arrival in batch:
+            self.run_until(arrival.at)
+            self._arrive(arrival)
+        self.last_arrival = batch[-1].at if batch else self.last_arrival
+
+    def drain(self) -> None:
+        if self.started_at is None:
+            return
+        deadline = (self.last_arrival or self.now) + DRAIN_LIMIT_S
+        while self.outstanding > 0 and (self.ready or (self.heap and self.heap[0][0] <= deadline)):
+            self.run_until(self.heap[0][0] if self.heap else self.now)
+        self.unfinished = self.outstanding
+
+    def _start(self, t0: float) -> None:
+        self.now = self.clock.now = t0
+        self.started_at = t0
+        members = []
+        for pk, r in self.replica_inputs.items():
+            added = r.added_at if r.added_at is not None else -math.inf
+            removed = r.removed_at if r.removed_at is not None else math.inf
+            if added <= t0 < removed:
+                members.append(pk)
+            elif added > t0:
+                self.at(added, self._membership, pk, True)
+            if t0 < removed < math.inf:
+                self.at(removed, self._membership, pk, False)
+        for pk in members:
+            self.fakes[pk].member = True
+        if self.period:
+            for pk in self.fakes:
+                self.at(t0 + self.period * self.rng_stats.uniform(0.0, 1.0), self._refresh_stats, pk)
+
+    def _router_for(self, source_pk: int) -> _SimRouter:
+        sr = self.routers.get(source_pk)
+        if sr is None:
+            sr = self.routers[source_pk] = self._build(source_pk)
+        return sr
+
+    def _build(self, source_pk: int) -> _SimRouter:
+        from ray.serve._private.common import DeploymentHandleSource
+
+        cls, kwargs = self.classes.get(source_pk) or next(iter(self.classes.values()))
+        source = self.dep.sources.get(source_pk)
+        router = cls(deployment_id=self.deployment_id, handle_source=DeploymentHandleSource.UNKNOWN,
+                     self_actor_id="OFFLINE", self_node_id=(source.node_id if source else None) or "node-0",
+                     use_replica_queue_len_cache=True, get_curr_time_s=self.clock.time,
+                     prefer_local_node_routing=bool(source and source.handle_source == "PROXY"),
+                     prefer_local_az_routing=True, self_availability_zone=None)
+        if getattr(router, "_routelens", None) is not None:
+            router._routelens = None  # a traced class: its tracer stays off (nothing is exported)
+        sr = _SimRouter(router, self)
+        router.initialize_state(**kwargs)
+        members = self._members()
+        router.update_replicas(members)
+        self._probe_new(sr, members)
+        return sr
+
+    def _members(self) -> List[Any]:
+        return [fake for fake in self.fakes.values() if fake.member]
+
+    def _membership(self, pk: int, joined: bool) -> None:
+        fake = self.fakes[pk]
+        if fake.member == joined:
+            return
+        fake.member = joined
+        self._update_replicas(new=[fake] if joined else [])
+        if joined and self.waiting_for_replicas:
+            waiting, self.waiting_for_replicas = self.waiting_for_replicas, []
+            for task, token in waiting:
+                self.soon(self._step, task, token, None)
+
+    def _update_replicas(self, new: List[Any]) -> None:
+        members = self._members()
+        for sr in self.routers.values():
+            sr.router.update_replicas(members)
+            if new:
+                self._probe_new(sr, new)
+            self._maybe_start_tasks(sr)
+
+    def _probe_new(self, sr: _SimRouter, replicas: List[Any]) -> None:
+        """Ray probes the replicas update_replicas adds, in the background."""
+        if replicas:
+            self.at(self.now + self._trip(), self._probe_answers, sr, list(replicas))
+
+    def _probe_answers(self, sr: _SimRouter, replicas: List[Any]) -> None:
+        cache = sr.router._replica_queue_len_cache
+        for r in replicas:
+            cache.update(r.replica_id, r.queue_len)
+
+    def _reported(self, replica_pk: int, values: dict) -> None:
+        self.reported[replica_pk] = values
+
+    def _refresh_stats(self, pk: int) -> None:
+        fake = self.fakes[pk]
+        if self.stats_fn is not None:
+            values = self.stats_fn(fake, self.now)
+        else:
+            values = self.reported.get(pk, fake.routing_stats)
+        if values != fake.routing_stats:
+            fake.routing_stats = values
+            if fake.member:
+                self._update_replicas(new=[])
+        # Ray starts a replica's next collection period x U(0.9, 1.1) after the last.
+        self.at(self.now + self.period * self.rng_stats.uniform(0.9, 1.1), self._refresh_stats, pk)
+
+    # --- a request's way: Ray's _choose_replica_for_request and _route_and_send_request_once ---
+
+    def _arrive(self, arrival: Arrival) -> None:
+        sr = self._router_for(arrival.source_pk)
+        pr = self._PendingRequest(args=[], kwargs={}, created_at=arrival.at, metadata=self._RequestMetadata(
+            request_id=arrival.request_id, internal_request_id=arrival.internal_request_id,
+            multiplexed_model_id=arrival.model_id))
+        pr.routelens_attributes = arrival.attributes
+        pr.routelens_own = True
+        self.outstanding += 1
+        router = sr.router
+        router._pending_requests_to_fulfill.append(pr)
+        router._pending_requests_to_route.append(pr)
+        router._add_pending_request_to_indices(pr)
+        self._maybe_start_tasks(sr)
+
+    def _retry(self, sr: _SimRouter, pr: Any) -> None:
+        router = sr.router
+        pr.reset_future()
+        router._insert_pending_request_sorted(router._pending_requests_to_fulfill, pr)
+        router._insert_pending_request_sorted(router._pending_requests_to_route, pr)
+        router._add_pending_request_to_indices(pr)
+        self._maybe_start_tasks(sr)
+
+    def _trip(self) -> float:
+        """An actor call's round trip: drawn from the recorded ones, or twice the constant one-way time."""
+        trips = self.trips
+        if trips is None:
+            return 2 * self.d
+        return trips[int(self.rng_net.random() * len(trips))]
+
+    def _send(self, sr: _SimRouter, pr: Any, replica: Any) -> None:
+        sr.router.on_send_request(replica.replica_id)
+        half = self._trip() / 2
+        self.at(self.now + half, self._receive, sr, pr, replica, half)
+
+    def _receive(self, sr: _SimRouter, pr: Any, replica: Any, back: float) -> None:
+        """At the replica: a slot, or a refusal (full, or no longer a member)."""
+        n = replica.queue_len
+        if n < replica.max_ongoing_requests and replica.member:
+            replica.queue_len = n = n + 1
+            service_s = self.service[replica.pk].next()
+            replica.served += 1
+            result = _Result()
+            self.at(self.now + service_s, self._finish, sr, pr, replica, result)
+            self.at(self.now + back, self._answer, sr, pr, replica, n, service_s, result)
+        else:
+            self.at(self.now + back, self._answer, sr, pr, replica, n, None, None)
+
+    def _answer(self, sr: _SimRouter, pr: Any, replica: Any, n: int, service_s: Optional[float], result) -> None:
+        router = sr.router
+        replica_id = replica.replica_id
+        router.on_new_queue_len_info(replica_id, n)
+        tally = self.tallies[replica.pk]
+        if service_s is not None:
+            router.on_request_routed(pr, replica_id, result)
+            tally.requests += 1
+            tally.queue_wait.add((self.now - pr.created_at) * 1000.0)
+            tally.latency.add(service_s * 1000.0)
+            if not pr.routelens_own:
+                tally.handoffs += 1
+            return
+        tally.rejections += 1
+        self.soon(router.on_request_completed, replica_id, pr.metadata.internal_request_id)
+        self._retry(sr, pr)
+
+    def _finish(self, sr: _SimRouter, pr: Any, replica: Any, result: _Result) -> None:
+        replica.queue_len -= 1
+        self.at(self.now + self._trip() / 2, self._completed, sr, pr, replica, result)
+
+    def _completed(self, sr: _SimRouter, pr: Any, replica: Any, result: _Result) -> None:
+        router = sr.router
+        router.on_request_completed(replica.replica_id, pr.metadata.internal_request_id)
+        router.decrement_queue_len_cache(replica.replica_id)
+        result.finish()
+        self.outstanding -= 1
+
+    # --- routing tasks: Ray's _fulfill_pending_requests ---
+
+    def _maybe_start_tasks(self, sr: _SimRouter) -> None:
+        for _ in range(sr.router.target_num_routing_tasks - len(sr.tasks)):
+            task = _Task()
+            task.gen = self._routing_task(sr, task)
+            sr.tasks.add(task)
+            self.soon(self._step, task, task.token, None)
+
+    def cancel(self, task: _Task) -> None:
+        task.token += 1  # its pending wake-up is void
+        self.soon(self._close, task)
+
+    def _close(self, task: _Task) -> None:
+        task.gen.close()
+
+    def _step(self, task: _Task, token: int, value: Any) -> None:
+        if task.token != token:
+            return
+        self.current = task
+        try:
+            op, arg = task.gen.send(value)
+        except StopIteration:
+            return
+        finally:
+            self.current = None
+        if op == _SLEEP:
+            self.at(self.now + arg, self._step, task, token, None)
+        elif op == _PROBE:
+            sr, replicas, backoff_index = arg
+            deadline = _probe_deadline(sr.router, backoff_index)
+            trip = self._trip()
+            answered = trip <= deadline
+            self.at(self.now + (trip if answered else deadline), self._probed, task, token, sr, replicas, answered)
+        else:
+            self.waiting_for_replicas.append((task, token))
+
+    def _probed(self, task: _Task, token: int, sr: _SimRouter, replicas: List[Any], answered: bool) -> None:
+        if task.token != token:
+            return  # cancelled meanwhile: Ray's _probe_queue_lens never reaches its cache updates
+        cache = sr.router._replica_queue_len_cache
+        results = []
+        for r in replicas:
+            if answered:
+                cache.update(r.replica_id, r.queue_len)
+                results.append((r, r.queue_len))
+            else:
+                results.append((r, None))
+        self._step(task, token, results)
+
+    def _background_probe(self, sr: _SimRouter, replicas: List[Any], backoff_index: int) -> None:
+        trip = self._trip()
+        if trip <= _probe_deadline(sr.router, backoff_index):
+            self.at(self.now + trip, self._probe_answers, sr, replicas)
+
+    def _routing_task(self, sr: _SimRouter, task: _Task):
+        """RequestRouter._fulfill_pending_requests and _choose_replicas_with_backoff, as a generator
+        that yields what Ray awaits."""
+        router = sr.router
+        fulfil_queue = router._pending_requests_to_fulfill
+        errored = False
+        try:
+            while len(sr.tasks) <= router.target_num_routing_tasks:
+                pr = router._get_next_pending_request_to_route()
+                if pr is None:
+                    break
+                sr.by_future[pr.future] = task
+                try:
+                    backoff_index = 0
+                    attempt = 0
+                    entered_backoff = False
+                    done = False
+                    while not done:
+                        while not router._replicas:
+                            yield _WAIT_REPLICAS, None
+                        ranks = self._choose(router, pr)
+                        for candidates in ranks:
+                            if not candidates:
+                                continue
+                            while fulfil_queue and fulfil_queue[0].future.done():
+                                fulfil_queue.popleft()
+                            if pr.future.done():
+                                done = True
+                                break
+                            replica = yield from self._select(sr, candidates, backoff_index)
+                            if replica is not None:
+                                self._fulfil(sr, pr, replica)
+                                if pr.future.done():
+                                    done = True
+                                    break
+                                continue
+                            backoff_index += 1
+                        if done or not pr.routing_context.should_backoff:
+                            continue
+                        if not entered_backoff:
+                            entered_backoff = True
+                        else:
+                            yield _SLEEP, router._compute_backoff_s(attempt)
+                            attempt += 1
+                finally:
+                    if sr.by_future.get(pr.future) is task:
+                        del sr.by_future[pr.future]
+        except NotReplayable:
+            raise
+        except Exception as exc:  # Ray logs it; the task ends and another starts
+            errored = True
+            self.errors += 1
+            if self.first_error is None:
+                self.first_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            while fulfil_queue and fulfil_queue[0].future.done():
+                fulfil_queue.popleft()
+            sr.tasks.discard(task)
+            if router._pending_requests_to_route:
+                if errored:
+                    self.at(self.now + ERROR_RESTART_S, self._maybe_start_tasks, sr)
+                else:
+                    self._maybe_start_tasks(sr)
+
+    def _choose(self, router: Any, pr: Any) -> list:
+        self.decisions += 1
+        coroutine = router.choose_replicas(candidate_replicas=router._replicas_list, pending_request=pr)
+        try:
+            while True:
+                if coroutine.send(None) is not None:
+                    coroutine.close()
+                    raise NotReplayable(f"{type(router).__name__}.choose_replicas awaits something outside the "
+                                        "router (an actor call, a sleep): it cannot be simulated")
+        except StopIteration as done:
+            return done.value
+
+    def _select(self, sr: _SimRouter, candidates: List[Any], backoff_index: int):
+        """RequestRouter._select_from_candidate_replicas: the cache, else probes."""
+        router = sr.router
+        cache = router._replica_queue_len_cache
+        lowest = math.inf
+        chosen = None
+        not_in_cache = []
+        for r in candidates:
+            queue_len = cache.get(r.replica_id)
+            if queue_len is None or queue_len >= r.max_ongoing_requests:
+                not_in_cache.append(r)
+            elif queue_len < lowest:
+                lowest = queue_len
+                chosen = r.replica_id
+        if chosen is None:
+            if not_in_cache:
+                for r, queue_len in (yield _PROBE, (sr, not_in_cache, backoff_index)):
+                    if queue_len is not None and queue_len < r.max_ongoing_requests and queue_len < lowest:
+                        lowest = queue_len
+                        chosen = r.replica_id
+        elif not_in_cache:
+            self._background_probe(sr, not_in_cache, backoff_index)
+        if chosen is None:
+            return None
+        return router._replicas.get(chosen)
+
+    def _fulfil(self, sr: _SimRouter, pr: Any, replica: Any) -> None:
+        sr.recipient = None
+        sr.router._fulfill_next_pending_request(replica, pr.metadata)
+        recipient = sr.recipient
+        if recipient is not None:
+            sr.recipient = None
+            recipient.routelens_own = recipient is pr
+            self.soon(self._send, sr, recipient, replica)
+
+
+def _probe_deadline(router: Any, backoff_index: int) -> float:
+    """RequestRouter._probe_queue_lens: the deadline doubles with each backoff, up to its maximum."""
+    longest = max(router.queue_len_response_deadline_s, router.max_queue_len_response_deadline_s)
+    return min(router.queue_len_response_deadline_s * 2 ** min(backoff_index, 64), longest)
+
+
+def _figures(tally: Tally, total: Optional[int]) -> dict:
+    return {
+        "requests": tally.requests,
+        "share": round(tally.requests / total, 4) if total else None,
+        "rejections": tally.rejections,
+        "handoffs": tally.handoffs,
+        "queue_wait_ms": tally.queue_wait.percentiles(),
+        "latency_ms": tally.latency.percentiles(),
+    }
+
+
+def _deployment_figures(tallies: List[Tally]) -> dict:
+    queue_wait, latency = Distribution(), Distribution()
+    for t in tallies:
+        queue_wait.merge(t.queue_wait)
+        latency.merge(t.latency)
+    requests = sum(t.requests for t in tallies)
+    handoffs = sum(t.handoffs for t in tallies)
+    return {
+        "requests": requests,
+        "imbalance": {k: (round(v, 4) if v is not None else None)
+                      for k, v in imbalance([t.requests for t in tallies]).items()},
+        "rejections": sum(t.rejections for t in tallies),
+        "handoffs": handoffs,
+        "handoff_rate": round(handoffs / requests, 4) if requests else None,
+        "queue_wait_ms": queue_wait.percentiles(),
+        "latency_ms": latency.percentiles(),
+    }
+
+
+def _rows(dep: DeploymentInput, replicas: List[ReplicaInput], runs: Dict[str, _Run]):
+    recorded_total = sum(r.recorded.requests for r in replicas)
+    columns = {RECORDED: {r.pk: r.recorded for r in replicas}}
+    for name, run in runs.items():
+        columns[name] = run.tallies
+    totals = {name: sum(t.requests for t in tallies.values()) for name, tallies in columns.items()}
+    totals[RECORDED] = recorded_total
+    replica_rows = []
+    for r in replicas:
+        fake = next(iter(runs.values())).fakes[r.pk]
+        row = {"app": dep.app, "deployment": dep.deployment, "replica_id": r.replica_id,
+               "max_ongoing_requests": fake.max_ongoing_requests, "service_samples": r.seen,
+               "service_times": "own" if len(r.samples) >= MIN_SAMPLES else "deployment's"}
+        for name in (RECORDED, RECORDED_SIMULATED, REPLAYED):
+            row[name] = _figures(columns[name][r.pk], totals[name]) if name in columns else None
+        replica_rows.append(row)
+    deployment_row = {"app": dep.app, "deployment": dep.deployment, "replicas": len(replicas),
+                      "stats_period_s": dep.stats_period_s,
+                      "router_classes": sorted(set(dep.router_classes.values()))}
+    for name in (RECORDED, RECORDED_SIMULATED, REPLAYED):
+        if name not in columns:
+            deployment_row[name] = None
+            continue
+        figures = _deployment_figures([columns[name][r.pk] for r in replicas])
+        if name == RECORDED:
+            figures["decisions"] = dep.recorded_decisions
+        else:
+            run = runs[name]
+            figures.update(decisions=run.decisions, unfinished=run.unfinished, router_errors=run.errors)
+        deployment_row[name] = figures
+    decisions = sum(run.decisions for run in runs.values())
+    return deployment_row, replica_rows, decisions
+
