@@ -159,7 +159,7 @@ RAY_USERS = (
     "routelens.collector.demo.apps", "routelens.collector.demo.traffic",
     # `routelens replay` runs the user's router on the offline harness (routelens.routers.testing) in the
     # command's process; the command imports it only to replay, never the collector or the dashboard.
-    "routelens.collector.replay.decisions",
+    "routelens.collector.replay.decisions", "routelens.collector.replay.simulate",
 )
 
 

@@ -311,7 +311,7 @@ def test_bad_input_is_one_line_and_stores_nothing(db, capsys, args, message):
 
 
 def test_runs_and_modes_not_offered_are_refused_by_the_parser(db, capsys):
-    for args in (["--runs", "1"], ["--mode", "simulate"], ["--seed", "-1"]):
+    for args in (["--runs", "1"], ["--mode", "closed-loop"], ["--seed", "-1"], ["--max-ongoing-requests", "0"]):
         with pytest.raises(SystemExit) as exited:
             routelens(["replay", "--db", db, "--router", "tests.test_replay:LeastLoaded", *args])
         assert exited.value.code == 2

@@ -38,7 +38,8 @@ from ray.serve.context import _get_internal_replica_context
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
-from routelens.collector.replay.simulate import import_class, simulate
+from routelens.collector.replay import simulate
+from routelens.collector.replay.spec import RouterSpec
 from routelens.collector.store.db import check_schema, make_engine
 from tests.support import serve_apps
 from tests.support.trace_checks import read_events, wait_for
@@ -86,16 +87,6 @@ class Workers:
     async def __call__(self) -> Optional[int]:
         await asyncio.sleep(self.service_s * self.rng.uniform(0.5, 1.5))
         return self.role
-
-
-class Spec:
-    """A router to replay: "module:Class" and its request_router_kwargs."""
-
-    def __init__(self, path: str, kwargs: Optional[dict] = None):
-        self.path, self.kwargs = path, dict(kwargs or {})
-
-    def load(self) -> type:
-        return import_class(self.path)
 
 
 def roles(role_dir: str, app: str) -> Dict[str, int]:
@@ -146,12 +137,12 @@ def run_traffic(seconds: float, seed: int, work_dir: str, segment_s: float = 5.0
     try:
         for kind in ("uniform", "pow2"):
             runs[kind] = deploy(kind, f"replay-{kind}-{stamp}", work_dir)
-        rng = random.Random(seed)
         started = time.time()
         responses = []
         for turn in range(2 * max(1, round(seconds / segment_s))):
             run = runs[("uniform", "pow2")[turn % 2]]
-            sent = poisson(run["handle"], segment_s, rng)
+            # Each pair of turns, one per router, sends the same arrivals: both routers get the same traffic.
+            sent = poisson(run["handle"], segment_s, random.Random(f"{seed}/{turn // 2}"))
             run["requests"] += len(sent)
             responses += sent
         for response in responses:
@@ -190,15 +181,15 @@ def replay(db_url: str, run: dict, router_path: str, seed: int = 0) -> dict:
     try:
         with engine.connect() as conn:
             # From the first measured request (the warm-up requests are not replayed).
-            return simulate(conn, Filters(since=run["since"], until=run["until"], apps=(run["app"],)),
-                            Spec(router_path), seed, None)
+            return simulate.replay(conn, Filters(since=run["since"], until=run["until"], apps=(run["app"],)),
+                                   RouterSpec(router_path), seed, lambda n: None)
     finally:
         engine.dispose()
 
 
 def by_role(result: dict, column: str, run: dict) -> Dict[int, dict]:
     """Per role, the replica's figures in one column of a simulate result."""
-    return {run["roles"][row["replica_id"]]: row[column] for row in result["replicas"]
+    return {run["roles"][row["replica_id"]]: row[column] for d in result["deployments"] for row in d["replicas"]
             if row["replica_id"] in run["roles"] and row[column] is not None}
 
 
@@ -279,7 +270,7 @@ def test_a_run_replayed_through_the_other_router_predicts_the_other_run(both_run
     """The `kind` run replayed through the other router, against the other router's real run."""
     run, result = both_runs["runs"][kind], both_runs["results"][kind]
     other = both_runs["runs"][OTHER[kind]]
-    predicted = by_role(result, "replayed", run)
+    predicted = by_role(result, "replay", run)
     measured = by_role(both_runs["results"][OTHER[kind]], "recorded", other)
     shown = table(f"{OTHER[kind]} predicted from the {kind} run vs the real {OTHER[kind]} run", predicted, measured)
     print(shown)
@@ -289,5 +280,5 @@ def test_a_run_replayed_through_the_other_router_predicts_the_other_run(both_run
     # simulation draws from the run it replays; on this 2-core machine the router itself changes it
     # (Uniform's probes and refusals load the CPU: its replicas serve some 10% slower than pow-2's).
     misses = compare(predicted, measured, share_pp=5.0, latency=None) + deployment_bounds(
-        predicted_deployment["replayed"], measured_deployment["recorded"], latency=0.25)
+        predicted_deployment["replay"], measured_deployment["recorded"], latency=0.25)
     assert not misses, "\n".join(misses) + "\n" + shown

@@ -1,4 +1,4 @@
-"""`--mode simulate` (collector.replay.simulate), without Ray.
+"""`routelens replay --mode simulate` (collector.replay.simulate), without a Ray instance.
 
 Calibration: traffic recorded through the offline harness (routers.testing:
 the real traced router, Ray's own routing and sending code, replicas that
@@ -12,7 +12,9 @@ The rest runs on synthetic recordings (wire batches, imported): the same
 seed gives the same result; a queue-aware router sends a slow replica less
 than a uniform one; recorded stats reach a stats-driven router at the
 recorded period; what cannot be simulated is said; memory does not grow
-with the number of requests.
+with the number of requests; the command stores the result, which the API
+serves, prints it in 80 columns, and refuses what it cannot simulate in one
+line.
 """
 
 from __future__ import annotations
@@ -25,13 +27,17 @@ import tracemalloc
 from typing import Dict, List, Optional
 
 import pytest
+from ray.serve.request_router import RequestRouter
 
+from routelens.collector.cli import main as routelens
+from routelens.collector.export import chunks
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
-from routelens.collector.replay import simulation_inputs
-from routelens.collector.replay.simulate import import_class, simulate
+from routelens.collector.replay import simulate, simulation_inputs
+from routelens.collector.replay.spec import RouterSpec
 from routelens.collector.store.db import check_schema, make_engine
+from routelens.collector.store.models import Replay
 from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
 from routelens.routers.testing import (
     FakeReplica,
@@ -42,6 +48,7 @@ from routelens.routers.testing import (
     make_router,
     recorded_events,
 )
+from tests.support.collector_app import Collector, rows
 from tests.support.wire_source import WireSource
 
 POW2 = "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
@@ -50,21 +57,12 @@ THROUGHPUT = "routelens.routers.examples:ThroughputAwareRequestRouter"
 EVERYTHING = Filters(since=0.0, until=4e9)
 
 
-class Spec:
-    """A router to replay: "module:Class" and its request_router_kwargs (the CLI's RouterSpec, in small)."""
-
-    def __init__(self, path: str, kwargs: Optional[dict] = None):
-        self.path, self.kwargs = path, dict(kwargs or {})
-
-    def load(self) -> type:
-        return import_class(self.path)
-
-
-def run(db_url: str, router: str = POW2, seed: int = 0, f: Filters = EVERYTHING, **options) -> dict:
+def run(db_url: str, router: str = POW2, seed: int = 0, f: Filters = EVERYTHING, on_progress=lambda n: None,
+        **options) -> dict:
     engine = make_engine(db_url)
     try:
         with engine.connect() as conn:
-            return simulate(conn, f, Spec(router), seed, options.pop("on_progress", None), **options)
+            return simulate.replay(conn, f, RouterSpec(router), seed, on_progress, **options)
     finally:
         engine.dispose()
 
@@ -152,10 +150,15 @@ def offline_recordings(tmp_path_factory) -> Dict[str, str]:
     return out
 
 
+def replica_rows(result: dict) -> List[dict]:
+    return [replica for d in result["deployments"] for replica in d["replicas"]]
+
+
 def calibration_misses(result: dict, share_pp: float, latency: float) -> List[str]:
     misses = []
-    rows = [(row["replica_id"], row) for row in result["replicas"]] + [("deployment", d) for d in result["deployments"]]
-    for name, row in rows:
+    named = [(row["replica_id"], row) for row in replica_rows(result)] + [("deployment", d) for d in
+                                                                           result["deployments"]]
+    for name, row in named:
         simulated, recorded = row["recorded_simulated"], row["recorded"]
         if "share" in recorded and abs(simulated["share"] - recorded["share"]) * 100 > share_pp:
             misses.append(f"{name}: share {simulated['share']:.3f} simulated, {recorded['share']:.3f} recorded")
@@ -180,10 +183,8 @@ def test_simulating_the_recorded_router_reproduces_the_recording(offline_recordi
 def test_the_same_seed_gives_the_same_result(offline_recordings):
     first, again = run(offline_recordings["pow2"], seed=7), run(offline_recordings["pow2"], seed=7)
     other = run(offline_recordings["pow2"], seed=8)
-    for result in (first, again, other):
-        result.pop("speed")
     assert first == again
-    assert first["replicas"] != other["replicas"]
+    assert replica_rows(first) != replica_rows(other)
 
 
 # --- synthetic recordings ---
@@ -231,15 +232,15 @@ def synthetic(tmp_path, latencies_ms: Dict[str, float], rate: float, seconds: fl
 
 
 def shares(result: dict, column: str) -> Dict[str, float]:
-    return {row["replica_id"]: row[column]["share"] for row in result["replicas"]}
+    return {row["replica_id"]: row[column]["share"] for row in replica_rows(result)}
 
 
 def test_a_queue_aware_router_sends_a_slow_replica_less_than_a_uniform_one(tmp_path):
     # At 10% of capacity the slow replica (4x) is seldom full, so Uniform gives it its quarter.
     db = synthetic(tmp_path, {"slow": 400.0, "fast-1": 100.0, "fast-2": 100.0, "fast-3": 100.0},
                    rate=0.1 * (3 * 5 / 0.1 + 5 / 0.4), seconds=120)
-    queue_aware = shares(run(db, POW2), "replayed")
-    uniform = shares(run(db, UNIFORM), "replayed")
+    queue_aware = shares(run(db, POW2), "replay")
+    uniform = shares(run(db, UNIFORM), "replay")
     assert uniform["slow"] == pytest.approx(0.25, abs=0.03)
     assert queue_aware["slow"] < uniform["slow"] - 0.05
 
@@ -251,50 +252,48 @@ def test_recorded_stats_reach_a_stats_driven_router_at_the_recorded_period(tmp_p
     result = run(db, THROUGHPUT)
     [deployment] = result["deployments"]
     assert deployment["stats_period_s"] == pytest.approx(1.0)
-    replayed = shares(result, "replayed")
+    replayed = shares(result, "replay")
     assert replayed["b"] > 0.9  # from the first refresh on
 
 
 def test_a_replica_with_few_latencies_draws_from_its_deployments(tmp_path):
     db = synthetic(tmp_path, {"a": 50.0, "b": 50.0, "c": 50.0}, rate=20, seconds=20, few="c")
-    rows = {row["replica_id"]: row for row in run(db)["replicas"]}
-    assert rows["c"]["service_samples"] == 5 and rows["c"]["service_times"] == "deployment's"
-    assert rows["a"]["service_times"] == "own"
+    by_id = {row["replica_id"]: row for row in replica_rows(run(db))}
+    assert by_id["c"]["service_samples"] == 5 and by_id["c"]["service_times"] == "deployment's"
+    assert by_id["a"]["service_times"] == "own"
 
 
 def test_max_ongoing_requests_can_be_overridden(tmp_path):
     db = synthetic(tmp_path, {"a": 200.0, "b": 200.0}, rate=15, seconds=20)
     recorded_slots, one_slot = run(db), run(db, max_ongoing_requests=1)
-    assert {row["max_ongoing_requests"] for row in recorded_slots["replicas"]} == {5}
-    assert {row["max_ongoing_requests"] for row in one_slot["replicas"]} == {1}
+    assert {row["max_ongoing_requests"] for row in replica_rows(recorded_slots)} == {5}
+    assert {row["max_ongoing_requests"] for row in replica_rows(one_slot)} == {1}
     [deployment] = one_slot["deployments"]
-    assert deployment["replayed"]["rejections"] > 0
-    assert deployment["replayed"]["queue_wait_ms"]["p95"] > 50.0  # 15/s on two 200 ms slots: a queue
+    assert deployment["replay"]["rejections"] > 0
+    assert deployment["replay"]["queue_wait_ms"]["p95"] > 50.0  # 15/s on two 200 ms slots: a queue
 
 
 def test_a_recorded_router_that_does_not_import_here_is_not_simulated(tmp_path):
     db = synthetic(tmp_path, {"a": 50.0, "b": 50.0}, rate=10, seconds=10, router_class="__main__.ScriptRouter")
     result = run(db)
     [deployment] = result["deployments"]
-    assert deployment["recorded_simulated"] is None and deployment["replayed"]["requests"] > 0
-    assert any("__main__.ScriptRouter cannot be imported" in note for note in result["notes"])
-    assert all(row["recorded_simulated"] is None for row in result["replicas"])
+    assert deployment["recorded_simulated"] is None and deployment["replay"]["requests"] > 0
+    assert any("__main__.ScriptRouter cannot be used here" in note for note in result["notes"])
+    assert all(row["recorded_simulated"] is None for row in replica_rows(result))
 
 
 def test_progress_is_reported_as_requests_replay(tmp_path, monkeypatch):
-    monkeypatch.setattr("routelens.collector.replay.simulate.PROGRESS_EVERY", 100)
-    monkeypatch.setattr("routelens.collector.replay.simulate.BATCH", 50)
+    monkeypatch.setattr(simulate, "BATCH", 50)
     db = synthetic(tmp_path, {"a": 50.0, "b": 50.0}, rate=50, seconds=20)
     told = []
     result = run(db, on_progress=told.append)
-    requests = result["deployments"][0]["recorded"]["requests"]
-    assert told == sorted(told) and len(told) > 5
-    assert told[-1] == result["speed"]["requests_replayed"] == 2 * requests  # two runs: recorded and replayed
+    assert len(told) > 5 and set(told[:-1]) == {50}
+    assert sum(told) == result["deployments"][0]["recorded"]["requests"] == result["requests"]
 
 
 def test_memory_does_not_grow_with_the_recorded_requests(tmp_path, monkeypatch):
     # Chunks small enough that both recordings take many of them, and reservoirs that both fill.
-    monkeypatch.setattr(simulation_inputs, "CHUNK_ROWS", 500)
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 500)
     monkeypatch.setattr(simulation_inputs, "RESERVOIR", 300)
     peaks = []
     for seconds in (100, 400):
@@ -306,3 +305,56 @@ def test_memory_does_not_grow_with_the_recorded_requests(tmp_path, monkeypatch):
         tracemalloc.stop()
         assert result["deployments"][0]["recorded"]["requests"] > 3000
     assert peaks[1] < peaks[0] * 1.25, peaks
+
+
+# --- the command ---
+
+class Sleeper(RequestRouter):
+    """Awaits something outside the router in choose_replicas: the simulation cannot run it."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        await asyncio.sleep(0.001)
+        return [candidate_replicas]
+
+
+@pytest.fixture
+def small(tmp_path) -> str:
+    return synthetic(tmp_path, {"a": 50.0, "b": 80.0}, rate=20, seconds=10)
+
+
+def test_the_command_stores_the_simulation_the_api_serves_it_and_the_tables_fit(small, capsys):
+    capsys.readouterr()
+    assert routelens(["replay", "--db", small, "--mode", "simulate", "--router", UNIFORM, "--seed", "3",
+                      "--max-ongoing-requests", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["mode"], printed["router_class"], printed["seed"], printed["runs"]) == ("simulate", UNIFORM, 3, 1)
+    [deployment] = printed["result"]["deployments"]
+    assert {r["replica_id"]: r["max_ongoing_requests"] for r in deployment["replicas"]} == {"a": 2, "b": 2}
+    for column in ("recorded", "recorded_simulated", "replay"):
+        assert deployment[column]["requests"] == deployment["recorded"]["requests"] > 0
+    collector = Collector(small)
+    try:
+        assert collector.get(f"/v1/replays/{printed['id']}") == printed
+    finally:
+        collector.close()
+
+    assert routelens(["replay", "--db", small, "--mode", "simulate", "--router", UNIFORM]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= 80
+    assert any(line.strip().startswith("share of a") for line in lines) and any("latency" in line for line in lines)
+    assert lines[-1].startswith("stored as replay ") and rows(small, Replay.__table__) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "simulate", "--router", "tests.test_replay_simulate:Sleeper"], "cannot be simulated"),
+    (["--mode", "simulate", "--router", UNIFORM, "--since", "0", "--until", "100"], "no recorded requests"),
+    (["--mode", "simulate", "--router", UNIFORM, "--runs", "3"], "--runs is not an option of --mode simulate"),
+    (["--router", UNIFORM, "--max-ongoing-requests", "2"], "--max-ongoing-requests is not an option of --mode "
+                                                             "decisions"),
+])
+def test_what_cannot_be_simulated_is_one_line_and_stores_nothing(small, capsys, args, message):
+    capsys.readouterr()
+    assert routelens(["replay", "--db", small, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert rows(small, Replay.__table__) == 0

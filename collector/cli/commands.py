@@ -227,16 +227,20 @@ def _add_window_and_filters(parser) -> None:
 
 
 def _add_replay(commands) -> None:
-    from ..replay import MODES
+    from ..replay import DEFAULT_RUNS, MODES
 
     replay = commands.add_parser(
-        "replay", help="what another router would have decided: recorded decisions replayed through it",
-        description="Replay the window's recorded decisions through a RequestRouter subclass you can import, "
-                    "in this process (Ray installed; no cluster): each decision's candidates rebuilt with the "
-                    "inputs they had, given to the router; per deployment, how often its first tier holds the "
-                    "replica that really got the request, where that replica sits in its ranking, and the share "
-                    "of requests each replica would have got, beside what was recorded. The result is stored in "
-                    "the database (GET /v1/replays). docs/replay.md.",
+        "replay", help="what another router would have done: recorded traffic replayed through it",
+        description="Replay the window's recorded traffic through a RequestRouter subclass you can import, "
+                    "in this process (Ray installed; no cluster). --mode decisions: each recorded decision's "
+                    "candidates, rebuilt with the inputs they had, given to the router; per deployment, how "
+                    "often its first tier holds the replica that really got the request, where that replica "
+                    "sits in its ranking, and the share of requests each replica would have got. --mode "
+                    "simulate: the recorded requests, closed loop, through a simulated deployment (replicas "
+                    "serving for recorded service times) routed by the recorded router and by this one; per "
+                    "replica and deployment, share, imbalance, queue wait and latency, rejections, hand-offs. "
+                    "Both beside what was recorded. The result is stored in the database (GET /v1/replays). "
+                    "docs/replay.md.",
     )
     _add_db_option(replay)
     replay.add_argument("--router", required=True, metavar="MODULE:CLASS",
@@ -246,11 +250,17 @@ def _add_replay(commands) -> None:
     replay.add_argument("--kwargs", default="", metavar="JSON",
                         help="its request_router_kwargs, a JSON object (default: none)")
     replay.add_argument("--mode", choices=list(MODES), default="decisions",
-                        help="decisions: each recorded decision given to the router (default: %(default)s)")
-    replay.add_argument("--runs", type=_runs, default=5,
-                        help="runs of a randomized router, each seeded from --seed, reported as a mean and a 95%% "
-                             "interval; a router ranking alike with two seeds is run once (default: %(default)s)")
-    replay.add_argument("--seed", type=_seed, default=0, help="seed the runs' seeds derive from (default: %(default)s)")
+                        help="decisions: each recorded decision given to the router; simulate: the recorded "
+                             "requests through a simulated deployment, closed loop (default: %(default)s)")
+    replay.add_argument("--runs", type=_runs,
+                        help="decisions mode: runs of a randomized router, each seeded from --seed, reported as a "
+                             "mean and a 95%% interval; a router ranking alike with two seeds is run once "
+                             f"(default: {DEFAULT_RUNS})")
+    replay.add_argument("--max-ongoing-requests", type=_positive_int, metavar="N",
+                        help="simulate mode: every replica's slots (default: each replica's recorded "
+                             "max_ongoing_requests)")
+    replay.add_argument("--seed", type=_seed, default=0,
+                        help="seed the runs' random draws derive from (default: %(default)s)")
     replay.add_argument("--json", action="store_true",
                         help="print the stored replay as JSON (as GET /v1/replays/ID answers) instead of tables")
     _add_window_and_filters(replay)

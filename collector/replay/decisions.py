@@ -37,17 +37,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sqlalchemy.engine import Connection
 
-from routelens.routers.testing import make_replica, make_request, make_router, prime_queue_len_cache
+from routelens.routers.testing import make_replica, make_request, prime_queue_len_cache
 
 from ..query.filters import Filters
+from . import DEFAULT_RUNS
 from .figures import DeploymentTally, Tally, rank_bin, report
-from .recorded import RecordedDecision, recorded_decisions
-from .spec import ReplayError, RouterSpec
+from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, RecordedDecision, recorded_decisions
+from .spec import ReplayError, RouterSpec, build_router
 
-DEFAULT_RUNS = 5
 PROGRESS_EVERY = 1_000  # decisions between two reports to on_progress
 REQUESTS_KEPT = 4_096  # per source: the latest requests, whose later decisions reuse their PendingRequest
-DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray's, for a replica no membership event describes
 
 
 def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progress: Callable[[int], None],
@@ -57,7 +56,6 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     if runs < 2:
         raise ReplayError("runs: at least 2 (a second run with another seed tells a randomized router)")
     cls = router.load()
-    _check_builds(cls, router)
     seeds = run_seeds(seed, runs)
     tallies: List[Tally] = []
     prints: List[int] = []
@@ -100,29 +98,12 @@ def seed_generators(seed: int) -> None:
     numpy.random.seed(seed % 2**32)
 
 
-def _check_builds(cls: type, router: RouterSpec) -> None:
-    """Builds the router once, as each run will: its constructor or initialize_state failing is the user's to fix."""
-    async def build() -> None:
-        make_router(cls, 0, router_kwargs=router.kwargs, traced=False)
-
-    try:
-        asyncio.run(build())
-    except Exception as exc:
-        raise ReplayError(f"{router.path} cannot be built with kwargs {router.kwargs}: "
-                          f"{type(exc).__name__}: {exc}") from None
-
-
 class _SourceReplay:
     """The replayed router standing in for one recorded source, and its replicas."""
 
     def __init__(self, cls: type, kwargs: Dict[str, Any], d: RecordedDecision):
-        node = d.source.node_id
-        zone = next((m.availability_zone for m in d.members if node is not None and m.node_id == node), None)
         self.now = d.ts  # the router's clock (its queue-length cache's): the recorded time of the decision
-        self.router = make_router(cls, 0, deployment=d.deployment, app=d.app, router_kwargs=kwargs, traced=False,
-                                  router_init={"self_node_id": node, "self_availability_zone": zone,
-                                               "prefer_local_node_routing": d.source.handle_source == "PROXY",
-                                               "prefer_local_az_routing": True, "get_curr_time_s": self.clock})
+        self.router = build_router(cls, kwargs, d.app, d.deployment, d.source, d.members, self.clock)
         self.cache = self.router.replica_queue_len_cache
         self.fakes: Dict[str, Any] = {}
         self.candidates: List[Any] = []  # the replicas, in the order given to update_replicas, as Ray passes them

@@ -8,7 +8,8 @@ router was given, rebuilt with its inputs:
 
 - the candidates are the source's membership at the decision (its latest
   `replicas` event: node, availability zone, max_ongoing_requests, models
-  held), plus any ranked replica that membership lacks;
+  held), plus any ranked replica that membership lacks, in the order Ray
+  lists them as far as the record tells (`joined_order`);
 - a ranked replica's queue length, routing stats and their ages are the
   decision's own record of them;
 - an unranked one's (Ray passes every replica; pow-2 ranks two) are the
@@ -49,6 +50,7 @@ from ..store.types import AGE_SOURCE_NAMES, ranking_layouts, stored_bytes
 
 # How far before the window membership and stats events are read, for the state its first decisions saw.
 LOOKBACK_S = 3600.0
+DEFAULT_MAX_ONGOING_REQUESTS = 5  # Ray's (ray.serve._private.constants), for a replica no membership event describes
 
 
 class Member(NamedTuple):
@@ -87,10 +89,20 @@ class Candidate(NamedTuple):
 
 @dataclass(frozen=True)
 class SourceInfo:
-    """The traced router instance that recorded a decision."""
+    """A traced router instance (one per process that routed to the deployment), as stored."""
     pk: int
+    router_pk: Optional[int]
     node_id: Optional[str]
     handle_source: Optional[str]
+
+
+def sources(conn: Connection, sc: Scope) -> Dict[int, SourceInfo]:
+    """The traced router instances of the routers in scope, by key."""
+    if not sc.routers:
+        return {}
+    return {row.pk: SourceInfo(row.pk, row.router_pk, row.node_id, row.handle_source) for row in conn.execute(
+        select(Source.pk, Source.router_pk, Source.node_id, Source.handle_source)
+        .where(Source.router_pk.in_(sorted(sc.routers))))}
 
 
 class RecordedDecision(NamedTuple):
@@ -149,12 +161,10 @@ def recorded_decisions(conn: Connection, f: Filters) -> Iterator[RecordedDecisio
     sc = scope(conn, f)
     if not sc.routers:
         return
-    sources = {row.pk: SourceInfo(row.pk, row.node_id, row.handle_source) for row in conn.execute(
-        select(Source.pk, Source.node_id, Source.handle_source).where(Source.router_pk.in_(sorted(sc.routers))))}
     # Every replica of the deployments, not only those a replica filter selects (they are all candidates).
     replicas = scope(conn, replace(f, replicas=())).replicas if f.replicas else sc.replicas
     replica_ids = _ReplicaIds({pk: info["replica_id"] for pk, info in replicas.items()})
-    state = _State(sc, sources, replicas, replica_ids)
+    state = _State(sc, sources(conn, sc), replicas, replica_ids)
     reader = ArrowReader(conn)
     try:
         with closing(in_background(_chunks(conn, reader, f, sc, replica_ids))) as read:
@@ -251,9 +261,14 @@ class _State:
         ts, kind, source_pk, payload = event
         source = self._source(source_pk)
         if kind == _MEMBERSHIP:
+            info = self._sources.get(source_pk)
+            router = self._sc.routers.get(info.router_pk) if info is not None else None
+            deployment_pk = router["deployment_pk"] if router is not None else None
+            ordered = sorted(payload, key=lambda r: joined_order(
+                self._known.get((deployment_pk, r["replica_id"]), {}).get("added_at"), r["replica_id"]))
             source.members = tuple(Member(r["replica_id"], r.get("node_id"), r.get("availability_zone"),
                                           r.get("max_ongoing_requests"), tuple(r.get("model_ids") or ()))
-                                   for r in payload)
+                                   for r in ordered)
             source.member_ids = frozenset(member.replica_id for member in source.members)
         else:
             replica_pk, stats, collected_at = payload
@@ -288,7 +303,7 @@ class _State:
             yield RecordedDecision(
                 id=ids[i], ts=ts, app=router["app"], deployment=router["deployment"],
                 router_class=router["router_class"],
-                source=self._sources.get(source_pk) or SourceInfo(source_pk, None, None),
+                source=self._sources.get(source_pk) or SourceInfo(source_pk, None, None, None),
                 request_id=request[i], internal_request_id=internal[i], model_id=columns["model_id"][i] or None,
                 attempt=columns["attempt"][i], attributes=json.loads(extra).get("attributes") if extra else None,
                 n_candidates=columns["n_candidates"][i], ranks=ranks, members=members,
@@ -355,7 +370,8 @@ class _State:
         membership; kept until the next time one joins or leaves."""
         found = self._inferred.get(deployment_pk)
         if found is None or not found[2] <= ts < found[3]:
-            known = [info for info in self._known.values() if info["deployment_pk"] == deployment_pk]
+            known = sorted((info for info in self._known.values() if info["deployment_pk"] == deployment_pk),
+                           key=lambda info: joined_order(info["added_at"], info["replica_id"]))
             members = tuple(self._member(info) for info in known if _member_at(info, ts))
             changes = [at for info in known for at in (info.get("added_at"), info.get("removed_at")) if at is not None]
             found = self._inferred[deployment_pk] = (
@@ -368,6 +384,13 @@ class _State:
     def _member(info: dict) -> Member:
         return Member(info["replica_id"], info.get("node_id"), info.get("availability_zone"),
                       info.get("max_ongoing_requests"), tuple(info.get("model_ids") or ()))
+
+
+def joined_order(added_at: Optional[float], replica_id: str) -> Tuple[float, str]:
+    """A replica's place in the list Ray gives routers, as far as the record tells: Ray lists a
+    deployment's replicas as they joined (its replicas table dates that), then by id (membership
+    events list them by id). It matters: routers break ties by it (`min()` takes the first of equals)."""
+    return (added_at if added_at is not None else math.inf, replica_id)
 
 
 def _member_at(info: dict, ts: float) -> bool:

@@ -1,6 +1,6 @@
 """`routelens replay --mode simulate`: the recorded traffic, closed loop,
 through the recorded router and through another one (docs/replay.md,
-"Simulate").
+"--mode simulate").
 
 The model, per deployment (the reasons are in the docs):
 
@@ -11,7 +11,8 @@ The model, per deployment (the reasons are in the docs):
   time drawn (seeded) from its own recorded latencies, which exclude the
   queue wait; with fewer than MIN_SAMPLES of them, from its deployment's.
 - Each source gets a router of the class under test, built as Ray builds
-  it and driven as Ray drives it: Ray's own pending-request queues,
+  it there (`spec.build_router`, as the decisions mode builds it) and
+  driven as Ray drives it: Ray's own pending-request queues,
   retry ordering and fulfilment (`_fulfill_next_pending_request`: FIFO
   hand-offs with FIFOMixin, exact matches without), and routing tasks that
   follow `RequestRouter._fulfill_pending_requests` step by step (as many
@@ -22,9 +23,10 @@ The model, per deployment (the reasons are in the docs):
   on_request_completed, decrement_queue_len_cache, update_replicas).
 - Queue lengths reach the router's cache when Ray's would (probe answers,
   the rejection protocol's answers, its own +1/-1 estimates) and age on
-  the virtual clock (Ray's 10 s timeout). Actor calls take RPC_DELAY_S each
-  way. Routing stats are refreshed every recorded stats period (Ray's
-  +-10% jitter) with the value the replica last reported by then.
+  the virtual clock (Ray's 10 s timeout). Actor calls take round trips
+  drawn from the recording (RPC_DELAY_S each way without enough of them).
+  Routing stats are refreshed every recorded stats period (Ray's +-10%
+  jitter) with the value the replica last reported by then.
 - Time is virtual: a discrete-event loop (a heap of timed callbacks and a
   queue of ready ones, as asyncio's own) in which everything the router
   does takes no time. Ray's module clock and the global `random` are
@@ -32,26 +34,35 @@ The model, per deployment (the reasons are in the docs):
 
 Memory is constant in the number of recorded requests: arrivals and stats
 changes are streamed in chunks, and figures are kept as fine histograms.
+
+This module imports Ray (through the offline harness) when a replay runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
-import importlib
 import math
 import random
 import time
 from array import array
 from collections import deque
-from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from ray.serve._private.request_router import request_router as ray_request_router
 from sqlalchemy.engine import Connection
 
-from ..query.figures import imbalance
+from routelens.routers.testing import make_replica, make_request
+
+from ..export.arrow_reader import ArrowReader
 from ..query.filters import Filters
 from . import simulation_inputs as inputs
-from .simulation_inputs import Arrival, DeploymentInput, Distribution, ReplicaInput, Tally
+from .figures import ServedTally, deployment_figures, replica_figures
+from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, joined_order
+from .simulation_inputs import Arrival, DeploymentInput, ReplicaInput
+from .spec import ReplayError, RouterSpec, build_router
 
 # An actor call's one-way time (probe, send, answer, completion), seconds, when
 # the window holds fewer than MIN_SAMPLES round trips to draw from.
@@ -63,153 +74,83 @@ MIN_SAMPLES = 20
 ERROR_RESTART_S = 0.001
 # Requests still unfinished this long after the last arrival are counted as such.
 DRAIN_LIMIT_S = 600.0
-# Arrivals fed to each run at a time (each run keeps its own random state).
+# Arrivals fed to each run at a time (each run keeps its own random state): also the progress step.
 BATCH = 2_000
-PROGRESS_EVERY = 10_000
 # Callbacks at one instant beyond which the simulation is stuck (a router that never waits).
 MAX_SAME_INSTANT = 2_000_000
 
-RECORDED_SIMULATED, REPLAYED, RECORDED = "recorded_simulated", "replayed", "recorded"
+# The result's columns: what was recorded, the recorded router simulated, the given router simulated.
+RECORDED, RECORDED_SIMULATED, REPLAY = "recorded", "recorded_simulated", "replay"
 
 # What a routing task yields: an await, and its argument.
 _SLEEP, _PROBE, _WAIT_REPLICAS = 0, 1, 2
 
 
-class RouterSpecLike(Protocol):
-    """The router under test: `load()` returns the RequestRouter subclass,
-    `kwargs` are its `request_router_kwargs` (given to `initialize_state`)."""
+def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progress: Callable[[int], None],
+           max_ongoing_requests: Optional[int] = None) -> dict:
+    """Simulates the window's traffic through the recorded routers and through
+    `router`; figures side by side with what was recorded (docs/replay.md).
 
-    kwargs: Dict[str, Any]
-
-    def load(self) -> type: ...
-
-
-class NotReplayable(RuntimeError):
-    """A router the simulation cannot run (it awaits something real)."""
-
-
-def simulate(conn: Connection, f: Filters, router: RouterSpecLike, seed: int = 0,
-             on_progress: Optional[Callable[[int], None]] = None, *,
-             max_ongoing_requests: Optional[int] = None, rpc_delay_s: Optional[float] = None,
-             stats_fn: Optional[Callable[[Any, float], Dict[str, Any]]] = None) -> dict:
-    """Simulate the window's traffic through the recorded routers and through
-    `router`; figures side by side with what was recorded.
-
-    `on_progress(n)`: n recorded requests replayed so far, over all runs
-    (each run replays each request once: two runs per deployment when the
-    recorded router class imports, one otherwise). `max_ongoing_requests`
-    overrides every replica's. `rpc_delay_s`, if given, is every actor
-    call's one-way time; by default round trips are drawn from the
-    recording (`simulation_inputs.round_trips`). `stats_fn(replica, now)`, if given, computes
-    a replica's routing stats at each refresh (closed loop) instead of
-    replaying the recorded values; `replica` is the simulated replica
-    (`replica_id`, `queue_len`: requests it holds, `served`: requests it
-    has accepted so far, `routing_stats`: what it reported last)."""
-    started = time.perf_counter()
+    `on_progress(n)`: n more recorded requests replayed (through every run:
+    two per deployment when the recorded router class imports here, one
+    otherwise). `max_ongoing_requests` overrides every replica's. Raises
+    ReplayError for a router that cannot be built or simulated, or a window
+    without recorded requests."""
     notes: List[str] = []
     if f.replicas or f.request_id or f.model_id:
         notes.append("replica, request id and model id filters are ignored: a simulation replays a deployment's "
                      "whole traffic")
+        f = replace(f, replicas=(), request_id=None, model_id=None)
     given = router.load()
-    given_name = f"{given.__module__}.{given.__qualname__}"
-    deployments = inputs.deployments(conn, f, seed)
-    progress = _Progress(on_progress)
-    out_deployments, out_replicas = [], []
-    simulated_decisions = 0
-    for dep in deployments:
-        recorded_classes, problems = _recorded_classes(dep)
-        notes.extend(f"{dep.app}/{dep.deployment}: {problem}" for problem in problems)
-        runs_spec = {REPLAYED: {pk: (given, dict(router.kwargs)) for pk in dep.sources}}
-        if recorded_classes is not None:
-            runs_spec[RECORDED_SIMULATED] = {pk: (recorded_classes[s.router_pk], {})
-                                            for pk, s in dep.sources.items()}
-        else:
-            notes.append(f"{dep.app}/{dep.deployment}: the recorded router was not simulated, only the given one")
-        rows = _simulate_deployment(conn, f, dep, runs_spec, seed, rpc_delay_s, max_ongoing_requests, stats_fn,
-                                    progress, notes)
-        if rows is None:
-            continue
-        deployment_row, replica_rows, decisions = rows
-        simulated_decisions += decisions
-        out_deployments.append(deployment_row)
-        out_replicas.extend(replica_rows)
-    progress.flush()
-    wall = time.perf_counter() - started
+    reader = ArrowReader(conn)
+    try:
+        out_deployments = []
+        for dep in inputs.deployments(conn, reader, f, seed):
+            runs_spec = {REPLAY: {pk: (given, dict(router.kwargs)) for pk in dep.sources}}
+            recorded, problem = _recorded_classes(dep)
+            if recorded is not None:
+                runs_spec[RECORDED_SIMULATED] = {pk: (recorded[s.router_pk], {}) for pk, s in dep.sources.items()}
+            else:
+                notes.append(f"{dep.app}/{dep.deployment}: the recorded router was not simulated, only the given "
+                             f"one: {problem}")
+            found = _simulate_deployment(conn, reader, f, dep, runs_spec, seed, max_ongoing_requests, on_progress,
+                                         notes)
+            if found is not None:
+                out_deployments.append(found)
+    finally:
+        reader.close()
+    if not out_deployments:
+        raise ReplayError("no recorded requests to simulate in the window and filters given")
     return {
-        "mode": "simulate", "seed": seed, "router": given_name, "router_kwargs": dict(router.kwargs),
+        "mode": "simulate", "router": {"class": router.path, "kwargs": router.kwargs}, "seed": seed, "runs": 1,
         "window": {"since": f.since, "until": f.until},
-        "model": {"rpc_delay_s": rpc_delay_s, "min_samples": MIN_SAMPLES, "reservoir": inputs.RESERVOIR,
+        "requests": sum(d[RECORDED]["requests"] for d in out_deployments),
+        "model": {"rpc_delay_s": RPC_DELAY_S, "min_samples": MIN_SAMPLES, "reservoir": inputs.RESERVOIR,
                   "max_ongoing_requests": max_ongoing_requests,
-                  "stats": "computed by stats_fn" if stats_fn else "recorded values, refreshed every stats period",
+                  "stats": "recorded values, refreshed every stats period",
                   "backoff": "Ray's: 0.025 s x 2^attempt, at most 0.5 s; first retry immediate",
                   "queue_len_cache_timeout_s": 10.0},
         "notes": notes,
         "deployments": out_deployments,
-        "replicas": out_replicas,
-        "speed": {"wall_s": round(wall, 3), "simulated_decisions": simulated_decisions,
-                  "decisions_per_s": round(simulated_decisions / wall, 1) if wall > 0 else None,
-                  "requests_replayed": progress.done},
     }
 
 
-class _Progress:
-    def __init__(self, callback: Optional[Callable[[int], None]]):
-        self.callback = callback
-        self.done = 0
-        self.told = 0
-
-    def add(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None and self.done - self.told >= PROGRESS_EVERY:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.callback is not None and self.done != self.told:
-            self.told = self.done
-            self.callback(self.done)
-
-
-def import_class(path: str) -> type:
-    """A class from its stored name, `module.QualName` (or `module:QualName`)."""
-    if ":" in path:
-        module_name, _, qualname = path.partition(":")
-        target = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            target = getattr(target, part)
-        return target
-    parts = path.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            target = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        try:
-            for part in parts[cut:]:
-                target = getattr(target, part)
-        except AttributeError:
-            continue
-        return target
-    raise ImportError(f"cannot import {path}")
-
-
-def _recorded_classes(dep: DeploymentInput) -> Tuple[Optional[Dict[int, type]], List[str]]:
-    """router_pk -> the recorded router class, if every one imports here."""
-    from ray.serve.request_router import RequestRouter
-
-    classes, problems = {}, []
+def _recorded_classes(dep: DeploymentInput) -> Tuple[Optional[Dict[int, type]], Optional[str]]:
+    """router_pk -> the recorded router class, imported and built here (without kwargs: the
+    record does not hold them), if every one can be; else None and why."""
+    classes: Dict[int, type] = {}
     for router_pk, name in dep.router_classes.items():
         try:
-            cls = import_class(name)
-            if not (isinstance(cls, type) and issubclass(cls, RequestRouter)):
-                raise ImportError(f"{name} is not a RequestRouter")
-            classes[router_pk] = cls
-        except Exception as exc:  # a class defined in a script (__main__.X), or not installed here
-            problems.append(f"the recorded router class {name} cannot be imported here ({exc})")
-    return (None if problems else classes), problems
+            classes[router_pk] = RouterSpec(name).load()
+        except ReplayError as exc:  # a class defined in a script (__main__.X), or not installed here
+            return None, f"the recorded router class {name} cannot be used here ({exc})"
+    return classes, None
 
 
-def _simulate_deployment(conn, f, dep: DeploymentInput, runs_spec, seed, rpc_delay_s, max_ongoing, stats_fn,
-                         progress: _Progress, notes: List[str]):
+def _simulate_deployment(conn: Connection, reader: ArrowReader, f: Filters, dep: DeploymentInput,
+                         runs_spec: Dict[str, Dict[int, Tuple[type, dict]]], seed: int, max_ongoing: Optional[int],
+                         on_progress: Callable[[int], None], notes: List[str]) -> Optional[dict]:
+    """The deployment's figures, each run beside what was recorded; None when nothing can be simulated."""
     replicas = _relevant_replicas(dep, f)
     if not replicas:
         return None
@@ -221,25 +162,23 @@ def _simulate_deployment(conn, f, dep: DeploymentInput, runs_spec, seed, rpc_del
     for r in replicas:
         if r.max_ongoing_requests is None and max_ongoing is None:
             notes.append(f"{dep.app}/{dep.deployment}: replica {r.replica_id} has no recorded max_ongoing_requests;"
-                         f" Ray's default {inputs.DEFAULT_MAX_ONGOING} is used")
-    trips = None
-    if rpc_delay_s is None:
-        trips = inputs.round_trips(conn, f, dep, random.Random(f"{seed}/{dep.pk}/round trips"))
-        if len(trips) < MIN_SAMPLES:
-            notes.append(f"{dep.app}/{dep.deployment}: {len(trips)} round trips recorded; actor calls take "
-                         f"{RPC_DELAY_S * 1000:.1f} ms each way")
-            trips = None
+                         f" Ray's default {DEFAULT_MAX_ONGOING_REQUESTS} is used")
+    trips: Optional[array] = inputs.round_trips(reader, f, dep, random.Random(f"{seed}/{dep.pk}/round trips"))
+    if len(trips) < MIN_SAMPLES:
+        notes.append(f"{dep.app}/{dep.deployment}: {len(trips)} round trips recorded; actor calls take "
+                     f"{RPC_DELAY_S * 1000:.1f} ms each way")
+        trips = None
     network = {"round_trips": "recorded", "samples": len(trips), "p50_ms": _median_ms(trips)} if trips else \
-        {"round_trips": "constant", "one_way_ms": (rpc_delay_s if rpc_delay_s is not None else RPC_DELAY_S) * 1000}
-    runs = {name: _Run(dep, replicas, classes, seed, name, rpc_delay_s if rpc_delay_s is not None else RPC_DELAY_S,
-                       trips, max_ongoing, pooled, stats_fn)
+        {"round_trips": "constant", "one_way_ms": RPC_DELAY_S * 1000}
+    runs = {name: _Run(dep, replicas, classes, seed, name, trips, max_ongoing, pooled)
             for name, classes in runs_spec.items()}
-    stats_stream = _Lookahead(inputs.stats_changes_stream(conn, f, dep))
+    stats_stream = _Lookahead(inputs.stats_changes_stream(reader, f, dep))
     loop = asyncio.new_event_loop()
     clock = _VirtualClock()
     try:
         with clock.installed():
-            loop.run_until_complete(_drive(runs, inputs.arrivals(conn, f, dep), stats_stream, progress, clock))
+            loop.run_until_complete(_drive(runs, inputs.arrivals(conn, reader, f, dep), stats_stream, on_progress,
+                                           clock))
     finally:
         loop.close()
     for run in runs.values():
@@ -249,9 +188,7 @@ def _simulate_deployment(conn, f, dep: DeploymentInput, runs_spec, seed, rpc_del
         if run.unfinished:
             notes.append(f"{dep.app}/{dep.deployment} ({run.name}): {run.unfinished} requests were not finished "
                          f"{DRAIN_LIMIT_S:.0f} s after the last arrival")
-    deployment_row, replica_rows, decisions = _rows(dep, replicas, runs)
-    deployment_row["network"] = network
-    return deployment_row, replica_rows, decisions
+    return {**_deployment(dep, replicas, runs), "network": network}
 
 
 def _median_ms(values) -> float:
@@ -285,26 +222,26 @@ class _Lookahead:
 
 
 async def _drive(runs: Dict[str, "_Run"], arrivals: Iterator[Arrival], stats_stream: _Lookahead,
-                 progress: _Progress, clock: "_VirtualClock") -> None:
+                 on_progress: Callable[[int], None], clock: "_VirtualClock") -> None:
     batch: List[Arrival] = []
     for arrival in arrivals:
         batch.append(arrival)
         if len(batch) >= BATCH:
-            await _feed(runs, batch, stats_stream.until(batch[-1].at), progress, clock)
+            await _feed(runs, batch, stats_stream.until(batch[-1].at), on_progress, clock)
             batch = []
-    await _feed(runs, batch, stats_stream.until(math.inf), progress, clock)
+    await _feed(runs, batch, stats_stream.until(math.inf), on_progress, clock)
     for run in runs.values():
         with run.active(clock):
             run.drain()
         await asyncio.sleep(0)  # the tasks update_replicas started end
 
 
-async def _feed(runs, batch: List[Arrival], stats: List[tuple], progress: _Progress, clock) -> None:
+async def _feed(runs, batch: List[Arrival], stats: List[tuple], on_progress: Callable[[int], None], clock) -> None:
     for run in runs.values():
         with run.active(clock):
             run.feed(batch, stats)
-        progress.add(len(batch))
         await asyncio.sleep(0)  # the tasks update_replicas started end
+    on_progress(len(batch))
 
 
 class _VirtualClock:
@@ -321,21 +258,14 @@ class _VirtualClock:
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
-    def installed(self):
-        import contextlib
-
-        from ray.serve._private.request_router import request_router as module
-
-        @contextlib.contextmanager
-        def swap():
-            saved = module.time
-            module.time = self
-            try:
-                yield
-            finally:
-                module.time = saved
-
-        return swap()
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        saved = ray_request_router.time
+        ray_request_router.time = self
+        try:
+            yield
+        finally:
+            ray_request_router.time = saved
 
 
 class _Result:
@@ -434,16 +364,8 @@ class _Run:
     """One simulated run of one deployment: a router class per source."""
 
     def __init__(self, dep: DeploymentInput, replicas: List[ReplicaInput], classes: Dict[int, Tuple[type, dict]],
-                 seed: int, name: str, rpc_delay_s: float, trips: Optional[Any], max_ongoing: Optional[int],
-                 pooled: List[float], stats_fn):
-        from ray.serve._private.common import DeploymentID, ReplicaID, RequestMetadata
-        from ray.serve.request_router import PendingRequest
-
-        from routelens.routers.testing import FakeReplica
-
-        self._PendingRequest, self._RequestMetadata = PendingRequest, RequestMetadata
+                 seed: int, name: str, trips: Optional[array], max_ongoing: Optional[int], pooled: List[float]):
         self.dep, self.name, self.classes = dep, name, classes
-        self.d = rpc_delay_s
         self.trips = trips
         self.rng_net = random.Random(f"{seed}/{name}/{dep.pk}/network")
         self.now = 0.0
@@ -452,7 +374,6 @@ class _Run:
         self.ready: deque = deque()
         self.current: Optional[_Task] = None
         self.random_state = random.Random(f"{seed}/{name}/{dep.pk}/routers").getstate()
-        self.deployment_id = DeploymentID(name=dep.deployment, app_name=dep.app)
         self.routers: Dict[int, _SimRouter] = {}
         self.waiting_for_replicas: List[Tuple[_Task, int]] = []
         self.decisions = 0
@@ -461,24 +382,18 @@ class _Run:
         self.outstanding = 0  # arrived, not finished
         self.unfinished = 0
         self.last_arrival = None
-        self.stats_fn = stats_fn
-        self.period = dep.stats_period_s
-        self.rng_stats = random.Random(f"{seed}/{name}/{dep.pk}/stats")
-        self.tallies: Dict[int, Tally] = {}
+        self.tallies: Dict[int, ServedTally] = {}
         self.fakes: Dict[int, Any] = {}
         self.service: Dict[int, _ServiceTimes] = {}
-        self.reported: Dict[int, dict] = {}  # replica_pk -> stats it last reported (recorded)
-        self.pending_join: List[Tuple[float, int]] = []
-        for r in replicas:
-            fake = FakeReplica(ReplicaID(unique_id=r.replica_id, deployment_id=self.deployment_id),
-                               node_id=r.node_id or "node-0", availability_zone=r.availability_zone,
-                               max_ongoing_requests=max_ongoing or r.max_ongoing_requests or inputs.DEFAULT_MAX_ONGOING,
-                               model_ids=set(r.model_ids))
+        for r in sorted(replicas, key=lambda r: joined_order(r.added_at, r.replica_id)):  # routers get them so
+            fake = make_replica(r.replica_id, dep.deployment, dep.app, node_id=r.node_id,
+                                availability_zone=r.availability_zone, model_ids=set(r.model_ids),
+                                max_ongoing_requests=max_ongoing or r.max_ongoing_requests
+                                or DEFAULT_MAX_ONGOING_REQUESTS)
             fake.pk = r.pk
-            fake.served = 0
             fake.member = False
             self.fakes[r.pk] = fake
-            self.tallies[r.pk] = Tally()
+            self.tallies[r.pk] = ServedTally()
             samples = r.samples if len(r.samples) >= MIN_SAMPLES else pooled
             self.service[r.pk] = _ServiceTimes(samples, random.Random(f"{seed}/{r.replica_id}/service"))
         self.replica_inputs = {r.pk: r for r in replicas}
@@ -502,7 +417,7 @@ class _Run:
                 fn(*args)
                 same += 1
                 if same > MAX_SAME_INSTANT:
-                    raise NotReplayable(f"{self.name}: the router keeps routing without time passing, at "
+                    raise ReplayError(f"{self.name}: the router keeps routing without time passing, at "
                                         f"{self.now:.3f}")
             if not heap or heap[0][0] > t_limit:
                 break
@@ -516,31 +431,26 @@ class _Run:
             self.now = t_limit
             self.clock.now = t_limit
 
-    def active(self, clock: _VirtualClock):
+    @contextlib.contextmanager
+    def active(self, clock: _VirtualClock) -> Iterator[None]:
         """This run's clock and global random state, for a while."""
-        import contextlib
-
-        @contextlib.contextmanager
-        def swap():
-            saved = random.getstate()
-            random.setstate(self.random_state)
-            self.clock = clock
-            clock.now = self.now
-            try:
-                yield
-            finally:
-                self.random_state = random.getstate()
-                random.setstate(saved)
-
-        return swap()
+        saved = random.getstate()
+        random.setstate(self.random_state)
+        self.clock = clock
+        clock.now = self.now
+        try:
+            yield
+        finally:
+            self.random_state = random.getstate()
+            random.setstate(saved)
 
     # --- arrivals, membership and stats ---
 
     def feed(self, batch: List[Arrival], stats: List[tuple]) -> None:
         if self.started_at is None and batch:
             self._start(batch[0].at)
-        for collected_at, replica_pk, values in stats:
-            self.at(max(collected_at, self.now), self._reported, replica_pk, values)
+        for seen_at, replica_pk, values in stats:
+            self.at(max(seen_at, self.now), self._stats_seen, replica_pk, values)
         for arrival in batch:
             self.run_until(arrival.at)
             self._arrive(arrival)
@@ -569,9 +479,6 @@ class _Run:
                 self.at(removed, self._membership, pk, False)
         for pk in members:
             self.fakes[pk].member = True
-        if self.period:
-            for pk in self.fakes:
-                self.at(t0 + self.period * self.rng_stats.uniform(0.0, 1.0), self._refresh_stats, pk)
 
     def _router_for(self, source_pk: int) -> _SimRouter:
         sr = self.routers.get(source_pk)
@@ -580,19 +487,10 @@ class _Run:
         return sr
 
     def _build(self, source_pk: int) -> _SimRouter:
-        from ray.serve._private.common import DeploymentHandleSource
-
         cls, kwargs = self.classes.get(source_pk) or next(iter(self.classes.values()))
-        source = self.dep.sources.get(source_pk)
-        router = cls(deployment_id=self.deployment_id, handle_source=DeploymentHandleSource.UNKNOWN,
-                     self_actor_id="OFFLINE", self_node_id=(source.node_id if source else None) or "node-0",
-                     use_replica_queue_len_cache=True, get_curr_time_s=self.clock.time,
-                     prefer_local_node_routing=bool(source and source.handle_source == "PROXY"),
-                     prefer_local_az_routing=True, self_availability_zone=None)
-        if getattr(router, "_routelens", None) is not None:
-            router._routelens = None  # a traced class: its tracer stays off (nothing is exported)
+        router = build_router(cls, kwargs, self.dep.app, self.dep.deployment, self.dep.sources.get(source_pk),
+                              list(self.replica_inputs.values()), self.clock.time)
         sr = _SimRouter(router, self)
-        router.initialize_state(**kwargs)
         members = self._members()
         router.update_replicas(members)
         self._probe_new(sr, members)
@@ -630,29 +528,20 @@ class _Run:
         for r in replicas:
             cache.update(r.replica_id, r.queue_len)
 
-    def _reported(self, replica_pk: int, values: dict) -> None:
-        self.reported[replica_pk] = values
-
-    def _refresh_stats(self, pk: int) -> None:
+    def _stats_seen(self, pk: int, values: dict) -> None:
+        """A replica's routing stats reach the routers, as Ray's broadcast brought them to the recorded one."""
         fake = self.fakes[pk]
-        if self.stats_fn is not None:
-            values = self.stats_fn(fake, self.now)
-        else:
-            values = self.reported.get(pk, fake.routing_stats)
         if values != fake.routing_stats:
             fake.routing_stats = values
             if fake.member:
                 self._update_replicas(new=[])
-        # Ray starts a replica's next collection period x U(0.9, 1.1) after the last.
-        self.at(self.now + self.period * self.rng_stats.uniform(0.9, 1.1), self._refresh_stats, pk)
 
     # --- a request's way: Ray's _choose_replica_for_request and _route_and_send_request_once ---
 
     def _arrive(self, arrival: Arrival) -> None:
         sr = self._router_for(arrival.source_pk)
-        pr = self._PendingRequest(args=[], kwargs={}, created_at=arrival.at, metadata=self._RequestMetadata(
-            request_id=arrival.request_id, internal_request_id=arrival.internal_request_id,
-            multiplexed_model_id=arrival.model_id))
+        pr = make_request(arrival.model_id, arrival.request_id, arrival.internal_request_id)
+        pr.created_at = arrival.at  # Ray orders retries by it, and the tracer measures the queue wait from it
         pr.routelens_attributes = arrival.attributes
         pr.routelens_own = True
         self.outstanding += 1
@@ -674,7 +563,7 @@ class _Run:
         """An actor call's round trip: drawn from the recorded ones, or twice the constant one-way time."""
         trips = self.trips
         if trips is None:
-            return 2 * self.d
+            return 2 * RPC_DELAY_S
         return trips[int(self.rng_net.random() * len(trips))]
 
     def _send(self, sr: _SimRouter, pr: Any, replica: Any) -> None:
@@ -688,7 +577,6 @@ class _Run:
         if n < replica.max_ongoing_requests and replica.member:
             replica.queue_len = n = n + 1
             service_s = self.service[replica.pk].next()
-            replica.served += 1
             result = _Result()
             self.at(self.now + service_s, self._finish, sr, pr, replica, result)
             self.at(self.now + back, self._answer, sr, pr, replica, n, service_s, result)
@@ -825,7 +713,7 @@ class _Run:
                 finally:
                     if sr.by_future.get(pr.future) is task:
                         del sr.by_future[pr.future]
-        except NotReplayable:
+        except ReplayError:  # the simulation's own: it cannot go on
             raise
         except Exception as exc:  # Ray logs it; the task ends and another starts
             errored = True
@@ -849,7 +737,7 @@ class _Run:
             while True:
                 if coroutine.send(None) is not None:
                     coroutine.close()
-                    raise NotReplayable(f"{type(router).__name__}.choose_replicas awaits something outside the "
+                    raise ReplayError(f"{type(router).__name__}.choose_replicas awaits something outside the "
                                         "router (an actor call, a sleep): it cannot be simulated")
         except StopIteration as done:
             return done.value
@@ -896,66 +784,31 @@ def _probe_deadline(router: Any, backoff_index: int) -> float:
     return min(router.queue_len_response_deadline_s * 2 ** min(backoff_index, 64), longest)
 
 
-def _figures(tally: Tally, total: Optional[int]) -> dict:
-    return {
-        "requests": tally.requests,
-        "share": round(tally.requests / total, 4) if total else None,
-        "rejections": tally.rejections,
-        "handoffs": tally.handoffs,
-        "queue_wait_ms": tally.queue_wait.percentiles(),
-        "latency_ms": tally.latency.percentiles(),
-    }
-
-
-def _deployment_figures(tallies: List[Tally]) -> dict:
-    queue_wait, latency = Distribution(), Distribution()
-    for t in tallies:
-        queue_wait.merge(t.queue_wait)
-        latency.merge(t.latency)
-    requests = sum(t.requests for t in tallies)
-    handoffs = sum(t.handoffs for t in tallies)
-    return {
-        "requests": requests,
-        "imbalance": {k: (round(v, 4) if v is not None else None)
-                      for k, v in imbalance([t.requests for t in tallies]).items()},
-        "rejections": sum(t.rejections for t in tallies),
-        "handoffs": handoffs,
-        "handoff_rate": round(handoffs / requests, 4) if requests else None,
-        "queue_wait_ms": queue_wait.percentiles(),
-        "latency_ms": latency.percentiles(),
-    }
-
-
-def _rows(dep: DeploymentInput, replicas: List[ReplicaInput], runs: Dict[str, _Run]):
-    recorded_total = sum(r.recorded.requests for r in replicas)
-    columns = {RECORDED: {r.pk: r.recorded for r in replicas}}
-    for name, run in runs.items():
-        columns[name] = run.tallies
-    totals = {name: sum(t.requests for t in tallies.values()) for name, tallies in columns.items()}
-    totals[RECORDED] = recorded_total
-    replica_rows = []
-    for r in replicas:
-        fake = next(iter(runs.values())).fakes[r.pk]
-        row = {"app": dep.app, "deployment": dep.deployment, "replica_id": r.replica_id,
-               "max_ongoing_requests": fake.max_ongoing_requests, "service_samples": r.seen,
-               "service_times": "own" if len(r.samples) >= MIN_SAMPLES else "deployment's"}
-        for name in (RECORDED, RECORDED_SIMULATED, REPLAYED):
-            row[name] = _figures(columns[name][r.pk], totals[name]) if name in columns else None
-        replica_rows.append(row)
-    deployment_row = {"app": dep.app, "deployment": dep.deployment, "replicas": len(replicas),
-                      "stats_period_s": dep.stats_period_s,
-                      "router_classes": sorted(set(dep.router_classes.values()))}
-    for name in (RECORDED, RECORDED_SIMULATED, REPLAYED):
+def _deployment(dep: DeploymentInput, replicas: List[ReplicaInput], runs: Dict[str, _Run]) -> dict:
+    """The deployment's figures and its replicas', in each column: what was recorded, then each run."""
+    columns: Dict[str, Dict[int, ServedTally]] = {RECORDED: {r.pk: r.recorded for r in replicas}}
+    columns.update((name, run.tallies) for name, run in runs.items())
+    totals = {name: sum(tallies[r.pk].requests for r in replicas) for name, tallies in columns.items()}
+    out = {"app": dep.app, "deployment": dep.deployment,
+           "recorded_router_classes": sorted(set(dep.router_classes.values())), "sources": len(dep.sources),
+           "stats_period_s": dep.stats_period_s}
+    for name in (RECORDED, RECORDED_SIMULATED, REPLAY):
         if name not in columns:
-            deployment_row[name] = None
+            out[name] = None
             continue
-        figures = _deployment_figures([columns[name][r.pk] for r in replicas])
+        figures = deployment_figures([columns[name][r.pk] for r in replicas])
         if name == RECORDED:
             figures["decisions"] = dep.recorded_decisions
         else:
             run = runs[name]
             figures.update(decisions=run.decisions, unfinished=run.unfinished, router_errors=run.errors)
-        deployment_row[name] = figures
-    decisions = sum(run.decisions for run in runs.values())
-    return deployment_row, replica_rows, decisions
-
+        out[name] = figures
+    fakes = runs[REPLAY].fakes
+    out["replicas"] = [{
+        "replica_id": r.replica_id, "node_id": r.node_id, "availability_zone": r.availability_zone,
+        "max_ongoing_requests": fakes[r.pk].max_ongoing_requests, "service_samples": r.seen,
+        "service_times": "own" if len(r.samples) >= MIN_SAMPLES else "deployment's",
+        **{name: replica_figures(columns[name][r.pk], totals[name]) if name in columns else None
+           for name in (RECORDED, RECORDED_SIMULATED, REPLAY)},
+    } for r in replicas]
+    return out
