@@ -49,6 +49,7 @@ from routelens.routers.testing import (
     recorded_events,
 )
 from tests.support.collector_app import Collector, rows
+from tests.support.replay_bounds import CALIBRATION, calibration_pairs, misses
 from tests.support.wire_source import WireSource
 
 POW2 = "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
@@ -154,21 +155,6 @@ def replica_rows(result: dict) -> List[dict]:
     return [replica for d in result["deployments"] for replica in d["replicas"]]
 
 
-def calibration_misses(result: dict, share_pp: float, latency: float) -> List[str]:
-    misses = []
-    named = [(row["replica_id"], row) for row in replica_rows(result)] + [("deployment", d) for d in
-                                                                           result["deployments"]]
-    for name, row in named:
-        simulated, recorded = row["recorded_simulated"], row["recorded"]
-        if "share" in recorded and abs(simulated["share"] - recorded["share"]) * 100 > share_pp:
-            misses.append(f"{name}: share {simulated['share']:.3f} simulated, {recorded['share']:.3f} recorded")
-        for q in ("p50", "p99"):
-            got, want = simulated["latency_ms"][q], recorded["latency_ms"][q]
-            if abs(got - want) / want > latency:
-                misses.append(f"{name}: latency {q} {got:.1f} ms simulated, {want:.1f} ms recorded")
-    return misses
-
-
 @pytest.mark.parametrize("recorded", ["pow2", "uniform"])
 def test_simulating_the_recorded_router_reproduces_the_recording(offline_recordings, recorded):
     result = run(offline_recordings[recorded], POW2 if recorded == "pow2" else UNIFORM)
@@ -176,8 +162,8 @@ def test_simulating_the_recorded_router_reproduces_the_recording(offline_recordi
     assert deployment["recorded"]["requests"] > 1000
     assert deployment["recorded_simulated"]["unfinished"] == 0
     assert deployment["recorded_simulated"]["requests"] == deployment["recorded"]["requests"]
-    misses = calibration_misses(result, share_pp=2.0, latency=0.15)
-    assert not misses, "\n".join(misses)
+    missed = misses(calibration_pairs(result), **CALIBRATION)
+    assert not missed, "\n".join(missed)
 
 
 def test_the_same_seed_gives_the_same_result(offline_recordings):
