@@ -376,6 +376,7 @@ class _Run:
         self.random_state = random.Random(f"{seed}/{name}/{dep.pk}/routers").getstate()
         self.routers: Dict[int, _SimRouter] = {}
         self.waiting_for_replicas: List[Tuple[_Task, int]] = []
+        self.broadcast_due = False  # a stats change is waiting for its update_replicas
         self.decisions = 0
         self.errors = 0
         self.first_error: Optional[str] = None
@@ -533,8 +534,15 @@ class _Run:
         fake = self.fakes[pk]
         if values != fake.routing_stats:
             fake.routing_stats = values
-            if fake.member:
-                self._update_replicas(new=[])
+            if fake.member and not self.broadcast_due:
+                # After the other changes seen at this instant (later in the heap): Ray's broadcast brings
+                # every replica's stats in one update_replicas call.
+                self.broadcast_due = True
+                self.at(self.now, self._broadcast)
+
+    def _broadcast(self) -> None:
+        self.broadcast_due = False
+        self._update_replicas(new=[])
 
     # --- a request's way: Ray's _choose_replica_for_request and _route_and_send_request_once ---
 
