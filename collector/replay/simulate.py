@@ -25,8 +25,8 @@ The model, per deployment (the reasons are in the docs):
   the rejection protocol's answers, its own +1/-1 estimates) and age on
   the virtual clock (Ray's 10 s timeout). Actor calls take round trips
   drawn from the recording (RPC_DELAY_S each way without enough of them).
-  Routing stats are refreshed every recorded stats period (Ray's +-10%
-  jitter) with the value the replica last reported by then.
+  Recorded routing stats reach the routers when the recorded router saw
+  them, those of one instant in one update_replicas, as Ray's broadcast.
 - Time is virtual: a discrete-event loop (a heap of timed callbacks and a
   queue of ready ones, as asyncio's own) in which everything the router
   does takes no time. Ray's module clock and the global `random` are
@@ -127,7 +127,7 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
         "requests": sum(d[RECORDED]["requests"] for d in out_deployments),
         "model": {"rpc_delay_s": RPC_DELAY_S, "min_samples": MIN_SAMPLES, "reservoir": inputs.RESERVOIR,
                   "max_ongoing_requests": max_ongoing_requests,
-                  "stats": "recorded values, refreshed every stats period",
+                  "stats": "recorded values, when the recorded router saw them",
                   "backoff": "Ray's: 0.025 s x 2^attempt, at most 0.5 s; first retry immediate",
                   "queue_len_cache_timeout_s": 10.0},
         "notes": notes,
@@ -798,8 +798,7 @@ def _deployment(dep: DeploymentInput, replicas: List[ReplicaInput], runs: Dict[s
     columns.update((name, run.tallies) for name, run in runs.items())
     totals = {name: sum(tallies[r.pk].requests for r in replicas) for name, tallies in columns.items()}
     out = {"app": dep.app, "deployment": dep.deployment,
-           "recorded_router_classes": sorted(set(dep.router_classes.values())), "sources": len(dep.sources),
-           "stats_period_s": dep.stats_period_s}
+           "recorded_router_classes": sorted(set(dep.router_classes.values())), "sources": len(dep.sources)}
     for name in (RECORDED, RECORDED_SIMULATED, REPLAY):
         if name not in columns:
             out[name] = None

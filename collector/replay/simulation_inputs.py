@@ -12,8 +12,8 @@ Per deployment in view:
   the router: the time the request held a slot, without the time it queued
   before (`queue_wait_ms`, from its arrival to its routing, is apart). A
   bounded, seeded reservoir of them per replica is kept;
-- the round trips of actor calls (`round_trips`), the routing-stats period
-  (`query.figures.stats_period`) and every recorded stats change, streamed;
+- the round trips of actor calls (`round_trips`) and every recorded stats
+  change, streamed, with when a router saw it;
 - the requests, streamed in arrival order: one per `routed` event, arriving
   at `ts - queue_wait_ms` (the `PendingRequest`'s `created_at`, which the
   tracer measures the wait from), with its model id, ids and, when its own
@@ -85,7 +85,6 @@ class DeploymentInput:
     router_classes: Dict[int, str]  # router_pk -> stored class (module.QualName)
     sources: Dict[int, SourceInfo]  # source_pk -> source
     replicas: Dict[int, ReplicaInput]  # replica_pk -> replica
-    stats_period_s: Optional[float]
     recorded_decisions: int
 
 
@@ -123,9 +122,8 @@ _STATS = Reading({"id": (stored_bytes(stats_changes.c.id), BLOB), "ts": (stats_c
 
 
 def deployments(conn: Connection, reader: ArrowReader, f: Filters, seed: int) -> List[DeploymentInput]:
-    """The deployments in view with their replicas, sources, stats period and
-    the replicas' service times (a seeded reservoir) and recorded latencies
-    and refusals."""
+    """The deployments in view with their replicas, sources and the replicas' service times (a
+    seeded reservoir), recorded latencies and refusals."""
     sc = figures.scope(conn, f)
     known = sources(conn, sc)
     out = []
@@ -141,7 +139,7 @@ def deployments(conn: Connection, reader: ArrowReader, f: Filters, seed: int) ->
             pk=deployment_pk, app=names["app"], deployment=names["deployment"], router_pks=router_pks,
             router_classes={pk: sc.routers[pk]["router_class"] for pk in router_pks},
             sources={pk: s for pk, s in known.items() if s.router_pk in router_pks},
-            replicas=replicas, stats_period_s=figures.stats_period(conn, f, router_pks),
+            replicas=replicas,
             recorded_decisions=conn.scalar(select(func.count()).select_from(decisions).where(
                 *_of(decisions, f, router_pks))) or 0)
         _read_completions(reader, f, dep, random.Random(f"{seed}/{deployment_pk}"))
