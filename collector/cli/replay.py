@@ -19,7 +19,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..replay import DEFAULT_RUNS, MODES, Mode
+from ..replay import MODES, Mode
 from ..replay.spec import ReplayError, RouterSpec
 from ..store import replays
 from ..store.db import check_schema, make_engine
@@ -43,10 +43,9 @@ def run_replay(args) -> int:
     engine = make_engine(args.db, sqlite_cache_mb=8)
     try:
         check_schema(engine, args.db)
-        unit = "requests" if mode.counts == "routed" else mode.counts
         with engine.connect() as connection, _ray_needed(), \
                 progress(f"replaying through {_class_name(spec.path)}",
-                         lambda: _expected(connection, f, mode, options), unit=unit) as advance:
+                         lambda: _expected(connection, f, mode, options), unit=mode.unit) as advance:
             try:
                 result = run(connection, f, spec, args.seed, advance, **options)
             except ReplayError as exc:
@@ -67,13 +66,14 @@ def run_replay(args) -> int:
     return 0
 
 
-def _options(args, mode: Mode) -> Dict[str, int]:
-    """The mode's options that were given; another mode's given is a UsageError."""
+def _options(args, mode: Mode) -> Dict[str, Optional[int]]:
+    """The mode's options, as given or their defaults; another mode's option given is a UsageError."""
     others = sorted({name for other in MODES.values() for name in other.options} - set(mode.options))
     given = [name for name in others if getattr(args, name) is not None]
     if given:
         raise UsageError(f"--{given[0].replace('_', '-')} is not an option of --mode {args.mode}")
-    return {name: getattr(args, name) for name in mode.options if getattr(args, name) is not None}
+    return {name: default if getattr(args, name) is None else getattr(args, name)
+            for name, default in mode.options.items()}
 
 
 class _ray_needed:
@@ -90,8 +90,8 @@ class _ray_needed:
 
 def _expected(connection, f, mode: Mode, options: dict) -> Optional[int]:
     """What the progress bar counts to: the window's decisions for each run, or its requests."""
-    counted = expected_rows(connection, f, mode.counts)
-    return None if counted is None else counted * options.get("runs", DEFAULT_RUNS if "runs" in mode.options else 1)
+    counted = expected_rows(connection, f, mode.counted)
+    return None if counted is None else counted * options.get("runs", 1)
 
 
 def _class_name(path: str) -> str:

@@ -19,7 +19,7 @@ serve. docs/replay.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,14 @@ class Mode:
     returning a JSON-serializable result, and is imported only when the mode runs (it imports Ray, which
     the collector never does)."""
     module: str
-    counts: str  # what on_progress counts, as the rollups count it: "decisions" or "routed" (requests)
-    options: Tuple[str, ...]  # the command's options it takes (the others' are refused)
+    unit: str  # what on_progress counts
+    counted: str  # the rollups' count of it in a window ("decisions", "routed"), for the progress bar's total
+    options: Dict[str, Optional[int]]  # the command's options it takes, and their defaults (others' are refused)
 
 
 DEFAULT_RUNS = 5  # decisions mode: runs of a randomized router
 
 MODES = {
-    "decisions": Mode("routelens.collector.replay.decisions", "decisions", ("runs",)),
-    "simulate": Mode("routelens.collector.replay.simulate", "routed", ("max_ongoing_requests",)),
+    "decisions": Mode("routelens.collector.replay.decisions", "decisions", "decisions", {"runs": DEFAULT_RUNS}),
+    "simulate": Mode("routelens.collector.replay.simulate", "requests", "routed", {"max_ongoing_requests": None}),
 }
