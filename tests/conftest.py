@@ -31,7 +31,8 @@ def _run_long(config) -> bool:
 # `ray`, which every test of these modules has), and the demo's, which runs
 # `routelens demo` with an instance of its own.
 RAY_MODULES = ("tests/test_collector_e2e.py", "tests/test_ground_truth.py", "tests/test_serve_robustness.py",
-               "tests/test_serve_unrouted_sends.py", "tests/reliability/test_serve_collector_kills.py")
+               "tests/test_serve_unrouted_sends.py", "tests/reliability/test_serve_collector_kills.py",
+               "tests/test_replay_prediction.py")
 DEMO_MODULE = "tests/test_demo.py"
 STARTS_RAY = (DEMO_MODULE, *RAY_MODULES)
 

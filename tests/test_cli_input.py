@@ -57,7 +57,8 @@ def db(tmp_path) -> str:
 
 IN_MEMORY_URLS = ["sqlite://", "sqlite:///", "sqlite:///:memory:"]
 DATABASE_COMMANDS = [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"], ["db", "current"],
-                     ["export", "-o", "out.csv"], ["import", "events.jsonl"]]
+                     ["export", "-o", "out.csv"], ["import", "events.jsonl"],
+                     ["replay", "--router", "my_routers:MyRouter"]]
 
 
 # Every command, and every URL twice: one check refuses them all (each run starts a Python, about 2 s).
@@ -133,7 +134,8 @@ def test_an_unknown_revision_to_upgrade_to_is_one_line_and_creates_nothing(tmp_p
 
 
 @pytest.mark.parametrize("command", [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"],
-                                     ["export", "-o", "out.csv"], ["import", "events.jsonl"]])
+                                     ["export", "-o", "out.csv"], ["import", "events.jsonl"],
+                                     ["replay", "--router", "ray.serve.request_router:RequestRouter"]])
 def test_a_database_of_a_later_routelens_is_one_line_and_left_as_it_is(command, db, tmp_path):
     with sqlite3.connect(db) as connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")

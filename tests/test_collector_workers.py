@@ -22,10 +22,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Deployment, Replica, Source, SourceBatch, decisions, stored_batches
 from tests.support import sse
-from tests.support.collector_app import Collector
+from tests.support.collector_app import Collector, rows, scalar
 from tests.support.collector_process import ROOT, CollectorProcess
 from tests.support.ports import free_port
 from tests.support.worker_apps import FAILURE
@@ -133,19 +132,6 @@ def reference_views(tmp_path, batches: List[dict], window: dict) -> Dict[str, di
         return views(lambda path, params: reference.get(path, **params), window)
     finally:
         reference.close()
-
-
-def rows(db_url: str, table) -> int:
-    return scalar(db_url, select(func.count()).select_from(table))
-
-
-def scalar(db_url: str, query):
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as connection:
-            return connection.scalar(query)
-    finally:
-        engine.dispose()
 
 
 def test_concurrent_batches_through_every_worker_are_stored_counted_and_shown_once(db_url, make_source, tmp_path):

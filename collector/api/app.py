@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import zlib
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Iterator, Literal, Optional
@@ -40,7 +41,7 @@ from ..query import explore, figures
 from ..query.filters import Filters
 from ..query.tail import Follower, newest
 from ..settings import Settings, parse_duration
-from ..store import times
+from ..store import replays, times
 from ..store.db import check_schema, head_revision, make_engine, revision_of, schema_problem, write_problem
 from ..store.ids import to_bytes
 from ..store.retention import Retention
@@ -214,6 +215,19 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             raise HTTPException(404, f"no decision {decision_id}")
         return found
 
+    @app.get("/v1/replays", dependencies=read, tags=["replay"],
+             summary="Stored replays (made by `routelens replay`), newest first, without their results")
+    def replay_list(limit: int = Query(50, ge=1, le=replays.MAX_LIST)):
+        return {"replays": with_connection(replays.listing, limit)}
+
+    @app.get("/v1/replays/{replay_id}", dependencies=read, tags=["replay"],
+             summary="One stored replay: the router, window, filters and its whole result (docs/replay.md)")
+    def replay(replay_id: str):
+        found = with_connection(replays.read, _uuid_param("replay_id", replay_id, "a replay id"))
+        if found is None:
+            raise HTTPException(404, f"no replay {replay_id}")
+        return found
+
     @app.get("/v1/export", dependencies=read, tags=["export"],
              summary="The window's decision log as CSV, JSON Lines or Parquet, streamed (schema: docs/export.md)")
     def export_log(f: Filters = Depends(filters),
@@ -384,11 +398,12 @@ class _Gunzip:
         return self._member.eof
 
 
-def _uuid_param(name: str, value: str) -> None:
+def _uuid_param(name: str, value: str, what: str = "a decision id") -> str:
+    """The UUID in canonical form; 422 for a value that is not one."""
     try:
-        to_bytes(value)
+        return str(uuid.UUID(bytes=to_bytes(value)))
     except ValueError:
-        raise HTTPException(422, f"{name}: not a decision id (a UUID): {value[:80]!r}") from None
+        raise HTTPException(422, f"{name}: not {what} (a UUID): {value[:80]!r}") from None
 
 
 def _duration_param(name: str, value: str) -> float:

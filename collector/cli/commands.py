@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands)
     _add_import(commands)
     _add_tail(commands)
+    _add_replay(commands)
     return parser
 
 
@@ -227,13 +228,77 @@ def _add_export(commands) -> None:
                         help="decisions (one row each, outcome joined; the default), candidates (one row per "
                              "ranked replica), routed, completed, or events (wire-format batches that "
                              "`routelens import` loads; jsonl only)")
-    export.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
-    export.add_argument("--since", help="window start: epoch seconds or ISO-8601")
-    export.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
-    _add_filter_options(export, replica="replica id")
-    export.add_argument("--request-id", help="request id or internal request id")
-    export.add_argument("--model-id", help="multiplexed model id")
+    _add_window_and_filters(export)
     export.set_defaults(run=_run_export)
+
+
+def _add_window_and_filters(parser) -> None:
+    """The window and filters of the commands that read recorded events (`files.filters_of`)."""
+    parser.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
+    parser.add_argument("--since", help="window start: epoch seconds or ISO-8601")
+    parser.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
+    _add_filter_options(parser, replica="replica id")
+    parser.add_argument("--request-id", help="request id or internal request id")
+    parser.add_argument("--model-id", help="multiplexed model id")
+
+
+def _add_replay(commands) -> None:
+    from ..replay import DEFAULT_RUNS, MODES
+
+    replay = commands.add_parser(
+        "replay", help="what another router would have done: recorded traffic replayed through it",
+        description="Replay the window's recorded traffic through a RequestRouter subclass you can import, "
+                    "in this process (Ray installed; no cluster). --mode decisions: each recorded decision's "
+                    "candidates, rebuilt with the inputs they had, given to the router; per deployment, how "
+                    "often its first tier holds the replica that really got the request, where that replica "
+                    "sits in its ranking, and the share of requests each replica would have got. --mode "
+                    "simulate: the recorded requests, closed loop, through a simulated deployment (replicas "
+                    "serving for recorded service times) routed by the recorded router and by this one; per "
+                    "replica and deployment, share, imbalance, queue wait and latency, rejections, hand-offs. "
+                    "Both beside what was recorded. The result is stored in the database (GET /v1/replays). "
+                    "docs/replay.md.",
+    )
+    _add_db_option(replay)
+    replay.add_argument("--router", required=True, metavar="MODULE:CLASS",
+                        help="the router to replay through, e.g. my_routers:LeastLoaded or "
+                             "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter "
+                             "(the current directory is on the import path)")
+    replay.add_argument("--kwargs", default="", metavar="JSON",
+                        help="its request_router_kwargs, a JSON object (default: none)")
+    replay.add_argument("--mode", choices=list(MODES), default="decisions",
+                        help="decisions: each recorded decision given to the router; simulate: the recorded "
+                             "requests through a simulated deployment, closed loop (default: %(default)s)")
+    replay.add_argument("--runs", type=_runs,
+                        help="decisions mode: runs of a randomized router, each seeded from --seed, reported as a "
+                             "mean and a 95%% interval; a router ranking alike with two seeds is run once "
+                             f"(default: {DEFAULT_RUNS})")
+    replay.add_argument("--max-ongoing-requests", type=_positive_int, metavar="N",
+                        help="simulate mode: every replica's slots (default: each replica's recorded "
+                             "max_ongoing_requests)")
+    replay.add_argument("--seed", type=_seed, default=0,
+                        help="seed the runs' random draws derive from (default: %(default)s)")
+    replay.add_argument("--json", action="store_true",
+                        help="print the stored replay as JSON (as GET /v1/replays/ID answers) instead of tables")
+    _add_window_and_filters(replay)
+    replay.set_defaults(run=_run_replay)
+
+
+def _runs(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"at least 2 (a second run with another seed tells a randomized router): "
+                                         f"{text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is 0 to 2**63-1, not {text!r}")
+    return value
 
 
 def _add_import(commands) -> None:
@@ -377,4 +442,14 @@ def _run_import(args) -> int:
     from .files import run_import
 
     return run_import(args)
+
+
+def _run_replay(args) -> int:
+    from ..store.db import missing_sqlite_file
+    from .replay import run_replay
+
+    missing = missing_sqlite_file(args.db)
+    if missing:
+        raise UsageError(f"no database at {missing} (name the file with --db)")
+    return run_replay(args)
 

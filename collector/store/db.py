@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Optional, Tuple
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -120,15 +120,34 @@ def alembic_config(url: str) -> Config:
 
 
 @functools.cache  # the scripts are the installed package's: read once, not at every schema check
-def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
-    """Every migration script's revision, and the revisions it follows (its down_revision)."""
-    revisions = {}
+def _scripts() -> Dict[str, Tuple[Tuple[Optional[str], ...], FrozenSet[str]]]:
+    """Every migration script's revision -> (the revisions it follows, the tables it creates)."""
+    scripts = {}
     for script in (Path(migrations.__file__).parent / "versions").glob("*.py"):
-        identifiers = _script_identifiers(script)
+        text = script.read_text()
+        identifiers = _script_identifiers(script, text)
         if "revision" in identifiers:
             down = identifiers.get("down_revision")
-            revisions[identifiers["revision"]] = tuple(down) if isinstance(down, (tuple, list)) else (down,)
-    return revisions
+            scripts[identifiers["revision"]] = (tuple(down) if isinstance(down, (tuple, list)) else (down,),
+                                                frozenset(_CREATED_TABLE.findall(text)))
+    return scripts
+
+
+def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
+    """Every migration script's revision, and the revisions it follows (its down_revision)."""
+    return {revision: downs for revision, (downs, _) in _scripts().items()}
+
+
+def tables_added_after(revision: str) -> FrozenSet[str]:
+    """The tables that migrations after `revision` (one of ours) create: a database there has none of them yet."""
+    scripts = _scripts()
+    reached, todo = set(), [revision]
+    while todo:  # `revision` and every revision before it
+        current = todo.pop()
+        if current is not None and current not in reached and current in scripts:
+            reached.add(current)
+            todo.extend(scripts[current][0])
+    return frozenset(table for other, (_, created) in scripts.items() if other not in reached for table in created)
 
 
 def head_revision() -> str:
@@ -147,12 +166,14 @@ def head_revision() -> str:
 # gh-106905; seen in CI while a collector's thread checked the schema).
 _IDENTIFIER = re.compile(r"^(revision|down_revision)(?:\s*:[^=\n]*)?\s*=\s*(.+?)\s*$", re.MULTILINE)
 _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+# `op.create_table('name', ...`, as Alembic's autogenerate writes it.
+_CREATED_TABLE = re.compile(r"""op\.create_table\(\s*['"]([^'"]+)['"]""")
 
 
-def _script_identifiers(path: Path) -> dict:
+def _script_identifiers(path: Path, text: str) -> dict:
     """A migration script's `revision` and `down_revision`, as the literals it assigns them."""
     identifiers = {}
-    for name, value in _IDENTIFIER.findall(path.read_text()):
+    for name, value in _IDENTIFIER.findall(text):
         revisions = [single or double for single, double in _QUOTED.findall(value)]
         if value == "None":
             identifiers[name] = None
@@ -233,35 +254,22 @@ def schema_problem(connection, revision: str) -> Optional[str]:
     hold an alembic_version row that names one of our revisions; its tables
     cannot be ours. At head, every table and column of the models must be
     there (the migrations make exactly those: a test compares them); behind
-    head, every table the migrations up to `revision` made (a table's
-    `info["since_revision"]` names the migration that made it, where that is
-    not the first), whose columns the later ones still have to change."""
+    head, every table but those later migrations create (their columns the
+    migrations may still have to change)."""
     from .models import Base  # here: the version check of a command that exits at once needs no models
 
     present = inspect(connection).get_multi_columns()
     columns = {table: {column["name"] for column in found} for (_schema, table), found in present.items()}
-    made = _revisions_up_to(revision)
+    later = tables_added_after(revision)
     for table in Base.metadata.sorted_tables:
-        since = table.info.get("since_revision")
-        if since is not None and since not in made:
-            continue  # a later migration makes it
         if table.name not in columns:
+            if table.name in later:  # a later migration creates it
+                continue
             return f"it has no table {table.name}"
         missing = [column.name for column in table.columns if column.name not in columns[table.name]]
         if revision == head_revision() and missing:
             return f"its table {table.name} has no column {missing[0]}"
     return None
-
-
-def _revisions_up_to(revision: str) -> Set[str]:
-    """`revision` and every revision before it."""
-    revisions, found, todo = script_revisions(), set(), [revision]
-    while todo:
-        current = todo.pop()
-        if current is not None and current not in found:
-            found.add(current)
-            todo.extend(revisions.get(current, ()))
-    return found
 
 
 def _refuse_if_not_ours(engine: Engine, revision: str, url: str) -> None:

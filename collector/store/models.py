@@ -112,6 +112,25 @@ class SourceBatch(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class Replay(Base):
+    """A replay's result (`routelens replay`, collector.replay): made by the
+    command, which runs the router; the collector only serves it."""
+
+    __tablename__ = "replays"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, as text
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    mode: Mapped[str] = mapped_column(String(32))
+    router_class: Mapped[str] = mapped_column(String(512))  # package.module:Class
+    router_kwargs: Mapped[str] = mapped_column(Text)  # JSON object
+    seed: Mapped[int] = mapped_column(BigInteger)
+    runs: Mapped[int] = mapped_column(Integer)
+    since: Mapped[float] = mapped_column(Float)
+    until: Mapped[float] = mapped_column(Float)
+    filters: Mapped[str] = mapped_column(Text)  # JSON object: the filters as the read API's query takes them
+    result: Mapped[str] = mapped_column(Text)  # JSON object (docs/replay.md)
+
+
 class Replica(Base):
     __tablename__ = "replicas"
     __table_args__ = (UniqueConstraint("deployment_pk", "replica_id"),)
@@ -256,6 +275,4 @@ stored_batches = Table(
     Column("completed_ids", LargeBinary, nullable=False),
     Index(None, "stored_at"),
     sqlite_autoincrement=True,
-    # The migration that made it: a database at an earlier revision lacks it (`store.db.schema_problem`).
-    info={"since_revision": "0004"},
 )

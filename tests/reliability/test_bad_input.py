@@ -35,7 +35,9 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine, func, select
 
+from routelens.collector.query.filters import Filters
 from routelens.collector.settings import Settings
+from routelens.collector.store import replays
 from routelens.collector.store.models import Base, decisions, stored_batches
 from tests.support import sse
 from tests.support.collector_server import CollectorServer
@@ -441,6 +443,7 @@ def _rows(path: str, response) -> int:
     counts = {"/v1/summary": lambda: body["decisions"] + body["routed"] + body["completions"],
               "/v1/decisions": lambda: len(body["decisions"]),
               "/v1/deployments": lambda: len(body["deployments"]),
+              "/v1/replays": lambda: len(body["replays"]),
               "/v1/sources": lambda: len(body["sources"])}
     # The others: every non-zero number counts or measures something filtered, but the window's
     # and the histogram's fixed bounds.
@@ -489,6 +492,8 @@ def test_injected_filters_match_nothing_and_change_nothing(db_url, collector, ma
         routed = source.routed(_now() + i, "r1", decision)
         events += [decision, routed, source.completed(_now() + i, "r1", routed)]
     collector.store(source.batch(events + [source.replicas(_now(), ["r1", "r2"])]))
+    replay_id = replays.save(collector.engine, mode="decisions", router_class="m:Router", router_kwargs={}, seed=0,
+                             runs=1, f=Filters(since=0.0, until=_now()), result={"deployments": []})
     counts, checksum = collector.table_counts(), _checksum(collector)
     with collector.engine.connect() as connection:
         newest = connection.scalar(select(func.max(stored_batches.c.seq)))
@@ -498,7 +503,7 @@ def test_injected_filters_match_nothing_and_change_nothing(db_url, collector, ma
              for path in spec["paths"] if path.startswith("/v1/") and "get" in spec["paths"][path]}
     streams = _streams(spec)
     assert streams <= set(reads)
-    decision_id = events[0]["id"]
+    known = {"{decision_id}": events[0]["id"], "{replay_id}": replay_id}  # each path parameter, a value that exists
     tried = 0
     # Streams, read live (in process an answer is read whole, and theirs never ends).
     live = CollectorServer(Settings(db_url=db_url, retention_s=None, minute_rollup_retention_s=None))
@@ -512,11 +517,12 @@ def test_injected_filters_match_nothing_and_change_nothing(db_url, collector, ma
 
     with live:
         for path, params in reads.items():
-            if "{decision_id}" in path:
+            named = next((name for name in known if name in path), None)
+            if named is not None:
                 for value in INJECTIONS:
-                    response = collector.http.get(path.replace("{decision_id}", quote(value, safe="")))
+                    response = collector.http.get(path.replace(named, quote(value, safe="")))
                     assert response.status_code in (404, 422), (path, value, response.text[:200])
-                assert collector.get(path.replace("{decision_id}", decision_id))["id"] == decision_id
+                assert collector.get(path.replace(named, known[named]))["id"] == known[named]
                 continue
             status, _text, unfiltered = answer(path, {"format": "jsonl"} if path == "/v1/export" else {})
             assert status == 200 and unfiltered > 0, path
