@@ -162,7 +162,8 @@ def test_simulating_the_recorded_router_reproduces_the_recording(offline_recordi
     assert deployment["recorded"]["requests"] > 1000
     assert deployment["recorded_simulated"]["unfinished"] == 0
     assert deployment["recorded_simulated"]["requests"] == deployment["recorded"]["requests"]
-    missed = misses(calibration_pairs(result), **CALIBRATION)
+    # 12 s recordings: a replica's share is within the issue's 2 pp or within chance (misses' docstring).
+    missed = misses(calibration_pairs(result), **CALIBRATION, requests=deployment["recorded"]["requests"])
     assert not missed, "\n".join(missed)
 
 
