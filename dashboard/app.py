@@ -42,6 +42,7 @@ table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, 
   border-bottom: 1px solid #e6e8ec; text-align: right; }
 table.figures td:first-child, table.figures th:first-child { text-align: left; }
 .panel a.active { font-weight: 700; text-decoration: underline; }
+.panel p.note { font-size: 12px; color: #5b6578; }
 .empty { background: white; padding: 20px; border-radius: 6px; max-width: 820px; }
 .empty pre { background: #f0f2f5; padding: 10px; }
 """

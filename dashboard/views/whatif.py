@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
@@ -34,6 +35,17 @@ from ..state import ViewState
 REPLAY_COMMAND = "routelens replay --router package.module:Class [--mode decisions|simulate] --window 1h --app APP"
 
 Row = Sequence[str]
+
+
+@dataclass
+class Shown:
+    """One deployment of a replay, as the view shows it."""
+
+    deployment: dict  # its entry in the result
+    title: str
+    rows: List[Row]  # its table's, under the mode's columns
+    caption: str  # whose figures, and how to read them
+    chart: go.Figure  # per-replica shares
 
 
 def render(conn: Connection, _f, state: ViewState, prefix: str = "/") -> html.Div:
@@ -93,36 +105,15 @@ def _replay(record: dict, prefix: str) -> List[html.Section]:
              f"window {_window(record['window'])}", f"filters {_filters(record['filters'])}",
              f"stored {record['time']}", f"id {record['id']}"]
     out = [section("Replay", [html.P("; ".join(facts), id="whatif-facts"),
-                              *[html.P(f"note: {note}", className="whatif-note") for note in result.get("notes", [])],
+                              *[html.P(f"note: {note}", className="note") for note in result.get("notes", [])],
                               _downloads(record, prefix, columns, tables)])]
-    for i, (d, rows, chart) in enumerate(tables):
-        out.append(section(_title(record["mode"], d), [
-            table(f"whatif-table-{i}", columns, rows),
-            html.P(_caption(record["mode"], result, d), className="card-note"),
-            dcc.Graph(id=f"whatif-shares-{i}", figure=chart),
+    for i, shown in enumerate(tables):
+        out.append(section(shown.title, [
+            table(f"whatif-table-{i}", columns, shown.rows),
+            html.P(shown.caption, className="note"),
+            dcc.Graph(id=f"whatif-shares-{i}", figure=shown.chart),
         ]))
     return out
-
-
-def _title(mode: str, d: dict) -> str:
-    if mode == "decisions":
-        return f"{deployment_name(d)}: {d['decisions']:,} decisions, {d['with_outcome']:,} routed"
-    return f"{deployment_name(d)}: {d['recorded']['requests']:,} requests simulated"
-
-
-def _caption(mode: str, result: dict, d: dict) -> str:
-    recorded = ", ".join(d["recorded_router_classes"])
-    if mode == "simulate":
-        return (f"recorded by {recorded}; simulated through it and through {result['router']['class']}, seed "
-                f"{result['seed']}; queue wait and latency in ms, p50 / p95 / p99")
-    runs = (f"{result['runs']} runs: mean (95% interval)" if result["randomized"] else "deterministic: 1 run")
-    notes = [f"recorded by {recorded}", f"replayed through {result['router']['class']}, {runs}",
-             "rates and shares of the decisions routed"]
-    if d["membership_inferred"]:
-        notes.append(f"candidates inferred for {d['membership_inferred']:,} decisions")
-    if d["replay"]["first_error"]:
-        notes.append(f"first router error: {d['replay']['first_error']}")
-    return "; ".join(notes)
 
 
 # --- decisions mode ---
@@ -136,8 +127,9 @@ def over_runs(figure: Optional[dict], write: Callable[[Optional[float]], str]) -
     return f"{write(figure['mean'])} ({write(figure['low'])} to {write(figure['high'])})"
 
 
-def decisions_table(result: dict) -> Tuple[Row, List[Tuple[dict, List[Row], go.Figure]]]:
-    """The columns, and per deployment its rows and its chart of per-replica shares."""
+def decisions_table(result: dict) -> Tuple[Row, List[Shown]]:
+    """The columns (the recorded router beside the replayed one), and each deployment as shown."""
+    runs = f"{result['runs']} runs: mean (95% interval)" if result["randomized"] else "deterministic: 1 run"
     tables = []
     for d in result["deployments"]:
         recorded, replay = d["recorded"], d["replay"]
@@ -156,7 +148,14 @@ def decisions_table(result: dict) -> Tuple[Row, List[Tuple[dict, List[Row], go.F
             *[(f"share of {r['replica_id']}", percent(r["recorded_share"]), over_runs(r["replay_share"], percent))
               for r in d["replicas"]],
         ]
-        tables.append((d, rows, _decisions_chart(d["replicas"])))
+        notes = [f"recorded by {', '.join(d['recorded_router_classes'])}",
+                 f"replayed through {result['router']['class']}, {runs}", "rates and shares of the decisions routed"]
+        if d["membership_inferred"]:
+            notes.append(f"candidates inferred for {d['membership_inferred']:,} decisions")
+        if replay["first_error"]:
+            notes.append(f"first router error: {replay['first_error']}")
+        tables.append(Shown(d, f"{deployment_name(d)}: {d['decisions']:,} decisions, {d['with_outcome']:,} routed",
+                            rows, "; ".join(notes), _decisions_chart(d["replicas"])))
     return ("", "recorded", "replay"), tables
 
 
@@ -205,9 +204,10 @@ _REPLICA_ROWS: List[Tuple[str, Callable[[dict], str]]] = [
 ]
 
 
-def simulate_table(result: dict) -> Tuple[Row, List[Tuple[dict, List[Row], go.Figure]]]:
-    """The columns, and per deployment its rows (its own, then each replica's) and its chart of shares.
-    A column the replay could not simulate (the recorded router not importable) is "–"."""
+def simulate_table(result: dict) -> Tuple[Row, List[Shown]]:
+    """The columns (recorded, the recorded router simulated, the given one simulated), and each deployment
+    as shown: its rows, then each replica's. A column the replay could not simulate (the recorded router
+    not importable where it ran; a note says so) is "–"."""
     given = result["router"]["class"].replace(":", ".").rpartition(".")[2]
     columns = ("", "recorded", "recorded router simulated", f"{given} simulated")
     tables = []
@@ -222,7 +222,10 @@ def simulate_table(result: dict) -> Tuple[Row, List[Tuple[dict, List[Row], go.Fi
         chart = _share_chart([go.Bar(name=title, x=names, y=[None if r[c] is None else r[c]["share"]
                                                              for r in d["replicas"]])
                               for c, title in zip(SIMULATED, columns[1:])])
-        tables.append((d, rows, chart))
+        caption = (f"recorded by {', '.join(d['recorded_router_classes'])}; simulated through it and through "
+                   f"{result['router']['class']}, seed {result['seed']}; queue wait and latency in ms, p50 / p95 / p99")
+        tables.append(Shown(d, f"{deployment_name(d)}: {d['recorded']['requests']:,} requests simulated", rows,
+                            caption, chart))
     return columns, tables
 
 
@@ -233,22 +236,23 @@ def _share_chart(bars: List[go.Bar]) -> go.Figure:
     return chart
 
 
-# Each mode's tables: (the columns, per deployment (its result, its rows, its chart)).
-LAYOUTS: Dict[str, Callable[[dict], Tuple[Row, list]]] = {"decisions": decisions_table, "simulate": simulate_table}
+# Each mode's tables: the columns, and each deployment as shown.
+LAYOUTS: Dict[str, Callable[[dict], Tuple[Row, List[Shown]]]] = {"decisions": decisions_table,
+                                                                   "simulate": simulate_table}
 
 
 # --- downloads, the empty state ---
 
-def csv_rows(columns: Row, tables: List[Tuple[dict, List[Row], go.Figure]]) -> List[Row]:
+def _csv_rows(columns: Row, tables: List[Shown]) -> List[Row]:
     """The CSV download: every table's rows as shown, each headed by its deployment."""
-    return [("deployment", "figure", *columns[1:])] + [(deployment_name(d), *row) for d, rows, _ in tables
-                                                       for row in rows]
+    return [("deployment", "figure", *columns[1:])] + [(deployment_name(shown.deployment), *row)
+                                                       for shown in tables for row in shown.rows]
 
 
-def _downloads(record: dict, prefix: str, columns: Row, tables: list) -> html.Div:
+def _downloads(record: dict, prefix: str, columns: Row, tables: List[Shown]) -> html.Div:
     """The tables as CSV (built here, in the link: no endpoint serves them), the result as the API's JSON."""
     text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(csv_rows(columns, tables))
+    csv.writer(text, lineterminator="\n").writerows(_csv_rows(columns, tables))
     name = f"replay-{record['id']}"
     return html.Div(id="whatif-download", className="downloads", children=[
         "download: ",
