@@ -155,16 +155,17 @@ def decisions_table(result: dict) -> Tuple[Row, List[Shown]]:
         if replay["first_error"]:
             notes.append(f"first router error: {replay['first_error']}")
         tables.append(Shown(d, f"{deployment_name(d)}: {d['decisions']:,} decisions, {d['with_outcome']:,} routed",
-                            rows, "; ".join(notes), _decisions_chart(d["replicas"])))
+                            rows, "; ".join(notes), _decisions_chart(d["replicas"], result["randomized"])))
     return ("", "recorded", "replay"), tables
 
 
-def _decisions_chart(replicas: List[dict]) -> go.Figure:
-    """Per-replica shares, recorded beside replayed, the replayed with its interval over runs."""
+def _decisions_chart(replicas: List[dict], randomized: bool) -> go.Figure:
+    """Per-replica shares, recorded beside replayed, the replayed with its interval over runs (a
+    deterministic router makes one run: no interval)."""
     names = [r["replica_id"] for r in replicas]
     shares = [r["replay_share"] or {"mean": None, "low": None, "high": None} for r in replicas]
     replayed = go.Bar(name="replay", x=names, y=[s["mean"] for s in shares], error_y=dict(
-        type="data", symmetric=False, array=[_gap(s["high"], s["mean"]) for s in shares],
+        visible=randomized, type="data", symmetric=False, array=[_gap(s["high"], s["mean"]) for s in shares],
         arrayminus=[_gap(s["mean"], s["low"]) for s in shares]))
     return _share_chart([go.Bar(name="recorded", x=names, y=[r["recorded_share"] for r in replicas]), replayed])
 
