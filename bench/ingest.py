@@ -23,9 +23,16 @@ What is measured, per round and backend:
   connections to one worker). The clock runs from the first request to the
   last answer; every answer must report 1000 stored, and the database is
   counted afterwards. CPU is counted for the collector's processes together.
+- http without KPIs: the same, with the collector started with
+  `--no-routing-metrics` (the routing KPIs of /metrics not counted at
+  ingest). With them / without them is the cost of counting them, target
+  >= 0.95. `--traffic requests` sends whole requests (decision, routed,
+  completed; a few refusals and hand-offs, bench/workload.py) in batches of
+  about 1000 events, which the per-replica KPIs count too.
 
     .venv/bin/python bench/ingest.py [--batches 150] [--senders 2] [--workers 2] [--rounds 3]
                                      [--backends sqlite,postgres] [--pg-fsync on|off]
+                                     [--traffic decisions|requests]
 """
 
 from __future__ import annotations
@@ -60,11 +67,35 @@ from tests.support.ports import free_port  # noqa: E402
 from tests.support.workers import children, connection_to_each, worker_pids  # noqa: E402
 
 TARGET = 50_000
+KPI_TARGET = 0.95  # ingest with the routing KPIs counted / without them
 PER_BATCH = 1000
 HEADERS = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 
 
 # --- raw executemany ---
+
+def request_batches(n_batches: int, seed: int) -> List[bytes]:
+    """Bodies of whole requests (about PER_BATCH events each), one source, in time order."""
+    traffic = workload.Traffic(workload.replica_ids(50), seed)
+    source = workload.source_info(seed)
+    ts = time.time() - n_batches * 3
+    out = [workload.body(source, 1, [traffic.membership(ts)], compress=True)]
+    for seq in range(2, n_batches + 1):
+        events = traffic.collect_stats(ts) if seq % 10 == 0 else []
+        while len(events) < PER_BATCH:
+            ts += 0.001
+            events.extend(traffic.request(ts)[1])
+        out.append(workload.body(source, seq, events, compress=True))
+    return out
+
+
+def events_in(body: bytes) -> int:
+    return len(json.loads(gzip.decompress(body))["events"])
+
+
+def decisions_in(body: bytes) -> int:
+    return sum(event["type"] == "decision" for event in json.loads(gzip.decompress(body))["events"])
+
 
 def decision_rows(bodies: List[bytes]) -> List[List[tuple]]:
     """The `decisions` rows of each batch, as the collector would store them."""
@@ -148,9 +179,10 @@ def open_connections(collector: ServerProcess, count: int) -> List[http.client.H
     return connections[:count]
 
 
-def post_all(collector: ServerProcess, streams: List[List[bytes]]) -> float:
+def post_all(collector: ServerProcess, streams: List[List[bytes]], sizes: Dict[bytes, int]) -> float:
     """POST each stream's bodies in order, the streams concurrently (one
-    connection each); seconds from the first request to the last answer."""
+    connection each); seconds from the first request to the last answer.
+    `sizes`: the events of each body, each to be stored."""
     failures: List[str] = []
     ready = threading.Barrier(len(streams) + 1)
     connections = open_connections(collector, len(streams))
@@ -161,7 +193,7 @@ def post_all(collector: ServerProcess, streams: List[List[bytes]]) -> float:
             connection.request("POST", "/v1/events", body=body, headers=HEADERS)
             response = connection.getresponse()
             answer = response.read()
-            if response.status != 200 or json.loads(answer).get("stored") != PER_BATCH:
+            if response.status != 200 or json.loads(answer).get("stored") != sizes[body]:
                 failures.append(f"batch {index}: {response.status} {answer[:200]!r}")
 
     threads = [threading.Thread(target=sender, args=pair) for pair in zip(connections, streams)]
@@ -180,10 +212,12 @@ def post_all(collector: ServerProcess, streams: List[List[bytes]]) -> float:
 
 
 def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[List[bytes]],
-             count: Callable[[], int], postmaster: Optional[int] = None) -> Tuple[float, Dict[str, float]]:
+             sizes: Dict[bytes, int], count: Callable[[], int], postmaster: Optional[int] = None,
+             kpis: bool = True) -> Tuple[float, Dict[str, float]]:
     """Seconds to ingest the streams over HTTP (after their warm-up batches),
     and the CPU seconds the collector, PostgreSQL and this load generator spent meanwhile."""
-    collector = ServerProcess(url, free_port(), args=("--workers", str(workers))).start()
+    args = ("--workers", str(workers)) + (() if kpis else ("--no-routing-metrics",))
+    collector = ServerProcess(url, free_port(), args=args).start()
 
     def cpu_now() -> Dict[str, float]:
         now = {"collector": tree_cpu_seconds(collector.process.pid)}
@@ -193,14 +227,14 @@ def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[Li
         return now
 
     try:
-        post_all(collector, warmup)  # sources, replicas, pools and caches: not timed
+        post_all(collector, warmup, sizes)  # sources, replicas, pools and caches: not timed
         before = cpu_now()
-        elapsed = post_all(collector, streams)
+        elapsed = post_all(collector, streams, sizes)
         cpu = {name: seconds - before[name] for name, seconds in cpu_now().items()}
     finally:
         collector.stop()
     stored = count()
-    expected = sum(len(bodies) for bodies in warmup + streams) * PER_BATCH
+    expected = sum(decisions_in(body) for bodies in warmup + streams for body in bodies)
     if stored != expected:
         raise RuntimeError(f"the database holds {stored} decisions, expected {expected}")
     return elapsed, cpu
@@ -220,37 +254,45 @@ def count_postgres(url: str) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", type=int, default=150, help="timed batches of 1000 decisions per run")
+    parser.add_argument("--batches", type=int, default=150, help="timed batches of 1000 events per run")
     parser.add_argument("--senders", type=int, default=2,
                         help="concurrent HTTP senders, one traced router each (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="the collector's worker processes (default: one per core, %(default)s)")
-    parser.add_argument("--rounds", type=int, default=3, help="raw + http pairs per backend (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="raw, http and http without KPIs per backend (default: %(default)s)")
     parser.add_argument("--backends", default="sqlite,postgres")
     parser.add_argument("--pg-fsync", choices=("on", "off"), default="on",
                         help="PostgreSQL fsync and synchronous_commit (default: %(default)s)")
+    parser.add_argument("--traffic", choices=("decisions", "requests"), default="decisions",
+                        help="decision events only (default), or whole requests: decision, routed, completed")
     args = parser.parse_args()
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
-    print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches x {PER_BATCH} decision events, "
+    print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches of {PER_BATCH} events ({args.traffic}), "
           f"{args.senders} sender(s), collector with {args.workers} worker(s), {args.rounds} round(s)")
     started = time.perf_counter()
     # One stream of batches per sender (a traced router: its own source), 5 of them sent untimed first.
     per_sender = -(-args.batches // args.senders)
     warmup, streams = [], []
     for sender in range(args.senders):
-        batches = list(workload.decision_batches(5 + per_sender, PER_BATCH, seed=7 + sender))
+        if args.traffic == "decisions":
+            batches = list(workload.decision_batches(5 + per_sender, PER_BATCH, seed=7 + sender))
+        else:
+            batches = request_batches(5 + per_sender, seed=7 + sender)
         warmup.append(batches[:5])
         streams.append(batches[5:])
     bodies = [body for stream in streams for body in stream]
+    sizes = {body: events_in(body) for stream in warmup + streams for body in stream}
     rows = decision_rows(bodies)
     size = sum(len(b) for b in bodies) / len(bodies)
     raw_size = sum(len(gzip.decompress(b)) for b in bodies[:5]) / 5
     print(f"built in {time.perf_counter() - started:.1f} s: {size / 1024:.0f} KiB gzip'd per batch "
-          f"({raw_size / 1024:.0f} KiB of JSON, {raw_size / PER_BATCH:.0f} bytes per decision event)")
-    total = len(bodies) * PER_BATCH
+          f"({raw_size / 1024:.0f} KiB of JSON, {raw_size / PER_BATCH:.0f} bytes per event)")
+    total = sum(len(batch) for batch in rows)  # decisions timed
 
-    results: Dict[str, Dict[str, list]] = {b: {"raw": [], "http": [], "ratio": []} for b in backends}
+    results: Dict[str, Dict[str, list]] = {b: {"raw": [], "http": [], "ratio": [], "off": [], "kpi": []}
+                                           for b in backends}
     cluster = None
     if "postgres" in backends:
         from tests.support.postgres import PostgresCluster
@@ -263,25 +305,35 @@ def main() -> int:
     try:
         for round_no in range(1, args.rounds + 1):
             for backend in backends:
+                runs = {}
+                # With and without the KPIs one after the other, in turns, so that drift falls on both alike.
+                for kpis in ((True, False) if round_no % 2 else (False, True)):
+                    name = f"http{round_no}{'' if kpis else '-off'}"
+                    if backend == "sqlite":
+                        path = os.path.join(workdir, f"{name}.db")
+                        runs[kpis] = http_run(f"sqlite:///{path}", args.workers, warmup, streams, sizes,
+                                              lambda: count_sqlite(path), kpis=kpis)
+                    elif backend == "postgres":
+                        url = cluster.url(cluster.create_database(name.replace("-", "_")))
+                        db.upgrade(url)
+                        runs[kpis] = http_run(url, args.workers, warmup, streams, sizes,
+                                              lambda: count_postgres(url), cluster.postmaster_pid(), kpis=kpis)
+                    else:
+                        raise SystemExit(f"unknown backend {backend!r}")
                 if backend == "sqlite":
                     raw_s = raw_sqlite(os.path.join(workdir, f"raw{round_no}.db"), rows)
-                    path = os.path.join(workdir, f"http{round_no}.db")
-                    http_s, cpu = http_run(f"sqlite:///{path}", args.workers, warmup, streams,
-                                           lambda: count_sqlite(path))
-                elif backend == "postgres":
-                    raw_s = raw_postgres(cluster.url(cluster.create_database(f"raw{round_no}")), rows)
-                    url = cluster.url(cluster.create_database(f"http{round_no}"))
-                    db.upgrade(url)
-                    http_s, cpu = http_run(url, args.workers, warmup, streams, lambda: count_postgres(url),
-                                           cluster.postmaster_pid())
                 else:
-                    raise SystemExit(f"unknown backend {backend!r}")
+                    raw_s = raw_postgres(cluster.url(cluster.create_database(f"raw{round_no}")), rows)
+                (http_s, cpu), (off_s, _cpu_off) = runs[True], runs[False]
                 result = results[backend]
                 result["raw"].append(total / raw_s)
                 result["http"].append(total / http_s)
                 result["ratio"].append(raw_s / http_s)
+                result["off"].append(total / off_s)
+                result["kpi"].append(off_s / http_s)
                 print(f"round {round_no} {backend:8s}: raw executemany {total / raw_s:9,.0f}/s   "
-                      f"http {total / http_s:9,.0f}/s   http/raw {raw_s / http_s:.2f}   CPU per decision: "
+                      f"http {total / http_s:9,.0f}/s   without KPIs {total / off_s:9,.0f}/s   "
+                      f"with/without {off_s / http_s:.3f}   http/raw {raw_s / http_s:.2f}   CPU per decision: "
                       + ", ".join(f"{name} {seconds / total * 1e6:.1f} us ({seconds / http_s:.2f} cores)"
                                   for name, seconds in cpu.items()), flush=True)
     finally:
@@ -292,16 +344,19 @@ def main() -> int:
         os.rmdir(workdir)
 
     print()
-    print(f"decision events/s, median of rounds (ratio: median of the rounds' http/raw); "
-          f"collector with {args.workers} worker(s) on {os.cpu_count()} cores")
+    print(f"decisions/s, median of rounds (ratios: medians of the rounds' ratios); "
+          f"collector with {args.workers} worker(s) on {os.cpu_count()} cores; {args.traffic}")
     for backend in backends:
         result = results[backend]
         http_rate = statistics.median(result["http"])
         raw_rate = statistics.median(result["raw"])
+        kpi = statistics.median(result["kpi"])
         print(f"  {backend:8s}: http {http_rate:9,.0f}/s ({args.workers} workers)   "
-              f"raw executemany {raw_rate:9,.0f}/s   "
-              f"http/raw {statistics.median(result['ratio']):.2f}   target >= {TARGET:,}/s: "
-              f"{'met' if http_rate >= TARGET else 'NOT met'}")
+              f"without KPIs {statistics.median(result['off']):9,.0f}/s   "
+              f"with/without KPIs {kpi:.3f} (rounds {min(result['kpi']):.3f}-{max(result['kpi']):.3f}; target >= "
+              f"{KPI_TARGET}: {'met' if kpi >= KPI_TARGET else 'NOT met'})   "
+              f"raw executemany {raw_rate:9,.0f}/s   http/raw {statistics.median(result['ratio']):.2f}   "
+              f"target >= {TARGET:,}/s: {'met' if http_rate >= TARGET else 'NOT met'}")
     return 0
 
 

@@ -10,6 +10,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 DEFAULT_DB = "sqlite:///routelens.db"
+# How long the batches that live readers of GET /v1/tail follow are kept (`stored_batches`): the most a
+# reader may fall behind.
+STORED_BATCHES_KEEP_S = 600.0
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _HOST_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
@@ -63,6 +66,14 @@ class Settings:
     retention_s: Optional[float] = 7 * 86400
     minute_rollup_retention_s: Optional[float] = 90 * 86400
     retention_interval_s: float = 300.0
+    # /metrics: the routing KPIs counted at ingest (collector.api.routing_metrics), and how many replicas
+    # and sources get series of their own in each process (the rest share the label value `_other`).
+    routing_metrics: bool = True
+    metrics_replica_limit: int = 2000
+    metrics_source_limit: int = 2000
+    # GET /v1/tail: how far behind the newest batch stored a live reader may fall (or resume) before it
+    # skips to the newest, told how many events it missed; at most STORED_BATCHES_KEEP_S.
+    tail_max_behind_s: float = 60.0
     # Set in the worker processes of `--workers N`: the directory where they
     # all keep their metrics, summed at each scrape (prometheus-client's
     # multiprocess mode). None: this process's metrics alone.

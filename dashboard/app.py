@@ -21,7 +21,7 @@ from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filte
 
 from .callback_requests import refuse_malformed_callbacks
 from .state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
-from .views import compare, distribution, explorer, overview, rank_hits, staleness
+from .views import compare, distribution, explorer, overview, rank_hits, staleness, whatif
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2430; }
@@ -42,6 +42,7 @@ table.figures { border-collapse: collapse; font-size: 13px; } table.figures td, 
   border-bottom: 1px solid #e6e8ec; text-align: right; }
 table.figures td:first-child, table.figures th:first-child { text-align: left; }
 .panel a.active { font-weight: 700; text-decoration: underline; }
+.panel p.note { font-size: 12px; color: #5b6578; }
 .empty { background: white; padding: 20px; border-radius: 6px; max-width: 820px; }
 .empty pre { background: #f0f2f5; padding: 10px; }
 """
@@ -59,7 +60,8 @@ class MyDeployment: ...'''
 def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
     app = Dash(__name__, requests_pathname_prefix=prefix, routes_pathname_prefix=prefix, title="routelens",
                update_title=None, suppress_callback_exceptions=True)
-    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>")
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + _CSS + "</style>").replace(
+        "{%scripts%}", "{%scripts%}<script>" + explorer.LIVE_SCRIPT + "</script>")
     app.layout = _layout(prefix)
     refuse_malformed_callbacks(app, prefix)
     # Each view: (connection, filters, the whole state) -> its content.
@@ -70,6 +72,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         "rank-hits": partial(rank_hits.render, prefix=prefix),
         "explorer": partial(explorer.render, prefix=prefix),
         "compare": partial(compare.render, prefix=prefix),
+        "whatif": partial(whatif.render, prefix=prefix),
     }
 
     @app.callback(
@@ -127,7 +130,8 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
             return html.Div(str(exc), className="empty"), nav, ""
         custom = f"custom window: {iso(f.since)} to {iso(f.until)}" if state.since or state.until else ""
         with engine.connect() as conn:
-            if not figures.any_router(conn):
+            # What-if shows stored replays, which outlive the window's records: it has an empty state of its own.
+            if state.view != "whatif" and not figures.any_router(conn):
                 return _empty(), nav, custom
             return renderers[state.view](conn, f, state), nav, custom
 

@@ -2,7 +2,8 @@
 
 The query string holds the same parameters as the read API
 (`window` or `since`/`until`, `app`, `deployment`, `router_class`, `label`),
-plus `refresh` and a view's own (the explorer's page, compare's choices);
+plus `refresh` and a view's own (the explorer's page, compare's choices,
+the What-if view's replay);
 the path names the view. `Filters` come from it through the same
 `build_filters` as the API's.
 """
@@ -19,7 +20,7 @@ from routelens.collector.store.ids import to_bytes
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
 VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
-         "rank-hits": "Rank hits", "explorer": "Decisions", "compare": "Compare"}
+         "rank-hits": "Rank hits", "explorer": "Decisions", "compare": "Compare", "whatif": "What-if"}
 SHIFTS = {"previous": "the window before", "24h": "24 h earlier", "7d": "7 d earlier"}
 DEFAULT_VIEW = "overview"
 
@@ -39,10 +40,13 @@ class ViewState:
     # The decision explorer's place: a page (the cursor of the API's pagination) and an open decision.
     cursor: Optional[str] = None
     decision: Optional[str] = None
+    follow: bool = False  # the explorer follows decisions live (GET /v1/tail)
     # The compare view: two label values ("key=value"), or the window against an earlier one.
     compare_a: Optional[str] = None
     compare_b: Optional[str] = None
     compare_shift: Optional[str] = None
+    # The What-if view's replay (its id, as given: the view says what is wrong with one that names none).
+    replay: Optional[str] = None
 
     def with_(self, **changes) -> "ViewState":
         return ViewState(**{**self.__dict__, **changes})
@@ -65,9 +69,11 @@ class ViewState:
             pairs.extend((key, value) for value in values)
         if self.refresh != "off":
             pairs.append(("refresh", self.refresh))
-        for key in ("cursor", "decision", "compare_a", "compare_b", "compare_shift"):
+        for key in ("cursor", "decision", "compare_a", "compare_b", "compare_shift", "replay"):
             if getattr(self, key):
                 pairs.append((key, getattr(self, key)))
+        if self.follow:
+            pairs.append(("follow", "1"))
         return "?" + urlencode(pairs) if pairs else ""
 
     def export_query(self, f: Filters) -> str:
@@ -102,10 +108,12 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         refresh=refresh if refresh in REFRESH_S else "off",
         # A page that is no decision id is the newest; compare's sides must be labels (key=value).
         cursor=cursor if cursor and _is_decision_id(cursor) else None, decision=query.get("decision", [None])[-1],
+        follow=query.get("follow", [""])[-1] == "1",
         compare_a=compare_a if compare_a and _is_label(compare_a) else None,
         compare_b=compare_b if compare_b and _is_label(compare_b) else None,
         compare_shift=query.get("compare_shift", [None])[-1] if query.get("compare_shift", [None])[-1] in SHIFTS
         else None,
+        replay=query.get("replay", [None])[-1],
     )
 
 

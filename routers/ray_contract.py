@@ -211,7 +211,7 @@ SELECTION = PrivateAttributes(
     _private("ray.serve._private.request_router.replica_wrapper", "ReplicaSelection"),
     "ReplicaSelection", ("_dispatched", "_request_metadata"))
 
-# -- the router's queue-length cache (routers.decisions, routers.wire) -------
+# -- the router's queue-length cache (routers.decisions, routers.wire; routers.testing primes it) --
 QUEUE_LEN_CACHE = PrivateAttributes(
     _private("ray.serve._private.request_router.common", "ReplicaQueueLengthCache"),
     "ReplicaQueueLengthCache", ("_cache",))
@@ -243,6 +243,7 @@ PRIVATE_IMPORTS = (
     ("ray.serve._private.common", "ReplicaID", "routers.testing"),
     ("ray.serve._private.common", "ReplicaQueueLengthInfo", "routers.testing"),
     ("ray.serve._private.common", "RequestMetadata", "routers.testing"),
+    ("ray.serve._private.request_router.common", "ReplicaQueueLengthCacheEntry", "routers.testing"),
 )
 
 # Everything above that the tracer itself reads: the table in docs/design.md.

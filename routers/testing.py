@@ -28,7 +28,8 @@ import itertools
 import json
 import os
 import socket
-from typing import Any, Dict, List, Optional, Set
+import time
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from ray.exceptions import TaskCancelledError
 from ray.serve._private.common import (
@@ -38,6 +39,7 @@ from ray.serve._private.common import (
     ReplicaQueueLengthInfo,
     RequestMetadata,
 )
+from ray.serve._private.request_router.common import ReplicaQueueLengthCacheEntry
 from ray.serve._private.router import AsyncioRouter
 from ray.serve.request_router import PendingRequest
 
@@ -48,9 +50,11 @@ __all__ = [
     "FakeReplica",
     "FakeResult",
     "RayRouter",
+    "make_replica",
     "make_replicas",
     "make_request",
     "make_router",
+    "prime_queue_len_cache",
     "recorded_events",
     "replicas_of",
     "route_one",
@@ -94,9 +98,13 @@ def make_replicas(n: int, deployment: str = "offline", app: str = "offline", **r
     `replica_kwargs` (node_id, availability_zone, max_ongoing_requests,
     model_ids, routing_stats, queue_len) apply to every one of them.
     """
-    deployment_id = DeploymentID(name=deployment, app_name=app)
-    return [FakeReplica(ReplicaID(unique_id=f"replica{i:03d}", deployment_id=deployment_id), **replica_kwargs)
-            for i in range(n)]
+    return [make_replica(f"replica{i:03d}", deployment, app, **replica_kwargs) for i in range(n)]
+
+
+def make_replica(unique_id: str, deployment: str = "offline", app: str = "offline", **replica_kwargs) -> FakeReplica:
+    """One fake replica of a deployment, with the id `unique_id` (`replica_kwargs` as for `make_replicas`)."""
+    return FakeReplica(ReplicaID(unique_id=unique_id, deployment_id=DeploymentID(name=deployment, app_name=app)),
+                       **replica_kwargs)
 
 
 _recording_exporters: Dict[str, Exporter] = {}  # JSON Lines path -> the exporter writing it
@@ -105,7 +113,7 @@ _recording_exporters: Dict[str, Exporter] = {}  # JSON Lines path -> the exporte
 def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "offline", app: str = "offline",
                 router_kwargs: Optional[Dict[str, Any]] = None, record_to: Optional[str] = None,
                 exporter: Optional[Exporter] = None, use_replica_queue_len_cache: bool = True,
-                **replica_kwargs) -> Any:
+                traced: bool = True, router_init: Optional[Dict[str, Any]] = None, **replica_kwargs) -> Any:
     """A router of `router_cls`, built and initialized as Ray would, with
     `n_replicas` fake replicas (`replica_kwargs` as for `make_replicas`).
 
@@ -120,17 +128,31 @@ def make_router(router_cls: type, n_replicas: int = 16, *, deployment: str = "of
       process-wide one, configured by `router_kwargs` or ROUTELENS_*
       environment variables as in a Ray process).
 
+    `traced=False`: a traced class records nothing and ships nothing: its
+    tracer is switched off before `initialize_state`, so it never makes an
+    exporter (whatever the kwargs or ROUTELENS_* variables say). The router
+    routes exactly as without the tracer.
+
     `use_replica_queue_len_cache=False` builds the router as Ray does inside
     Ray Client, where requests are sent without asking the replica first.
+    `router_init`: more keyword arguments for the constructor, as Ray passes
+    them (`self_node_id`, `prefer_local_node_routing`,
+    `prefer_local_az_routing`, `self_availability_zone`, ...).
     """
     router_kwargs = dict(router_kwargs or {})
-    router = router_cls(
-        deployment_id=DeploymentID(name=deployment, app_name=app),
-        handle_source=DeploymentHandleSource.UNKNOWN,
-        self_actor_id="OFFLINE",
-        self_node_id="node-0",
-        use_replica_queue_len_cache=use_replica_queue_len_cache,
-    )
+    router = router_cls(**{
+        "deployment_id": DeploymentID(name=deployment, app_name=app),
+        "handle_source": DeploymentHandleSource.UNKNOWN,
+        "self_actor_id": "OFFLINE",
+        "self_node_id": "node-0",
+        "use_replica_queue_len_cache": use_replica_queue_len_cache,
+        **(router_init or {}),
+    })
+    if not traced:
+        if record_to is not None or exporter is not None:
+            raise ValueError("record_to and exporter record what a traced router does: not with traced=False")
+        if getattr(router, "_routelens", None) is not None:
+            router._routelens = None  # the mixin's hooks then only call the wrapped router
     if record_to is not None or exporter is not None:
         tracer = getattr(router, "_routelens", None)
         if tracer is None:
@@ -150,6 +172,35 @@ def _recording_exporter(path: str) -> Exporter:
     if exporter is None:
         exporter = _recording_exporters[path] = Exporter(TracerConfig(jsonl_path=path, flush_interval_s=0.1))
     return exporter
+
+
+def prime_queue_len_cache(router: Any, queue_lens: Mapping[Any, Tuple[int, float]], now: Optional[float] = None,
+                          replace: bool = True) -> None:
+    """Sets what the router's queue-length cache holds, as Ray's routing would
+    have left it: replica (its `unique_id`, or its `ReplicaID`) -> (queue
+    length, age in seconds), for the router's current replicas; with
+    `replace` (the default) the others have no entry, else only the entries
+    given change. `now`: the time on the cache's clock (the router's
+    `get_curr_time_s`, by default `time.time()`, Ray's). Entries older than
+    Ray's cache timeout (10 s) read as missing, as in Ray. Routers that
+    consult the cache (`select_available_replicas`, Ray's choice within a
+    rank) then see these lengths and do not probe.
+
+    Ray keeps its cache's dict for the router's lifetime (the tracer holds
+    its `get`), so the entries are changed in place."""
+    cache = router.replica_queue_len_cache._cache
+    if replace:
+        cache.clear()
+    now = time.time() if now is None else now
+    current = router.curr_replicas
+    by_unique_id = None
+    for replica_id, (queue_len, age_s) in queue_lens.items():
+        if isinstance(replica_id, str):
+            if by_unique_id is None:
+                by_unique_id = {known.unique_id: known for known in current}
+            replica_id = by_unique_id.get(replica_id)
+        if replica_id in current:
+            cache[replica_id] = ReplicaQueueLengthCacheEntry(queue_len, now - age_s)
 
 
 def replicas_of(router: Any) -> List[FakeReplica]:

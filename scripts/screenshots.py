@@ -37,6 +37,7 @@ SHOTS = [
     ("rank-hits", "", "#rank-hits-handoffs .main-svg"),
     ("explorer", "decision={decision}", "#decision-candidates"),
     ("compare", "compare_shift=previous", "#compare-ranks .main-svg"),
+    ("whatif", "replay={replay}", "#whatif-shares-0 .main-svg"),
 ]
 
 
@@ -58,14 +59,17 @@ def main() -> int:
         window = f"since={end - parse_duration(args.window)}&until={end}" if end else f"window={args.window}"
         params = dict(pair.split("=") for pair in window.split("&"))
         decisions = httpx.get(f"{up.url}/v1/decisions", params={**params, "limit": 1}).json()["decisions"]
+        replays = httpx.get(f"{up.url}/v1/replays", params={"limit": 1}).json()["replays"]
+        # What a view's extra query names: the newest decision in the window, the newest replay stored.
+        chosen = {"decision": decisions[0]["id"] if decisions else None,
+                  "replay": replays[0]["id"] if replays else None}
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             for view, extra, drawn in SHOTS:
-                if "{decision}" in extra and not decisions:
-                    continue
-                query = "&".join(q for q in (window, extra.format(decision=decisions[0]["id"] if decisions else ""))
-                                 if q)
+                if any("{" + name + "}" in extra and value is None for name, value in chosen.items()):
+                    continue  # nothing to show: no decision in the window, or no replay stored
+                query = "&".join(q for q in (window, extra.format(**chosen)) if q)
                 page.goto(f"{up.url}/{'' if view == 'overview' else view}?{query}")
                 page.wait_for_selector(drawn, timeout=60_000)
                 page.wait_for_function("!document.querySelector('[data-dash-is-loading=\"true\"]')")

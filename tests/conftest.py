@@ -31,7 +31,8 @@ def _run_long(config) -> bool:
 # `ray`, which every test of these modules has), and the demo's, which runs
 # `routelens demo` with an instance of its own.
 RAY_MODULES = ("tests/test_collector_e2e.py", "tests/test_ground_truth.py", "tests/test_serve_robustness.py",
-               "tests/test_serve_unrouted_sends.py", "tests/reliability/test_serve_collector_kills.py")
+               "tests/test_serve_unrouted_sends.py", "tests/reliability/test_serve_collector_kills.py",
+               "tests/test_replay_prediction.py")
 DEMO_MODULE = "tests/test_demo.py"
 STARTS_RAY = (DEMO_MODULE, *RAY_MODULES)
 
@@ -121,7 +122,8 @@ def serve_instance(tmp_path_factory):
     # The test apps and routers are shipped by value, so Ray workers need not import `tests`.
     cloudpickle.register_pickle_by_value(serve_apps)
     cloudpickle.register_pickle_by_value(ground_truth)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A cluster of its own ("local"), never one that `ray start` left on the host.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

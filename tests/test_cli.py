@@ -13,7 +13,7 @@ import pytest
 
 from routelens.collector.cli.commands import build_parser
 
-COMMANDS = ["demo", "collector", "up", "db", "db upgrade", "db current", "export", "import"]
+COMMANDS = ["demo", "collector", "up", "db", "db upgrade", "db current", "export", "import", "tail", "replay"]
 
 
 def routelens(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def one_line(stderr: str) -> bool:
 def test_help_lists_every_command():
     result = routelens("--help")
     assert result.returncode == 0
-    for command in ("demo", "collector", "up", "db", "export", "import"):
+    for command in ("demo", "collector", "up", "db", "export", "import", "tail", "replay"):
         assert f"\n    {command} " in result.stdout or f"\n    {command}\n" in result.stdout, command
 
 

@@ -57,7 +57,8 @@ def db(tmp_path) -> str:
 
 IN_MEMORY_URLS = ["sqlite://", "sqlite:///", "sqlite:///:memory:"]
 DATABASE_COMMANDS = [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"], ["db", "current"],
-                     ["export", "-o", "out.csv"], ["import", "events.jsonl"]]
+                     ["export", "-o", "out.csv"], ["import", "events.jsonl"],
+                     ["replay", "--router", "my_routers:MyRouter"]]
 
 
 # Every command, and every URL twice: one check refuses them all (each run starts a Python, about 2 s).
@@ -96,6 +97,16 @@ def test_import_refuses_a_batch_limit_that_is_no_limit(db, tmp_path):
     bad_argument(result.stderr, "import", "--max-events")
 
 
+@pytest.mark.parametrize("value", ["11m", "0", "0s", "soon"])
+def test_a_tail_bound_past_what_is_kept_is_one_line(value, capsys):
+    """--tail-max-behind: a positive duration, at most the 10 minutes `stored_batches` keeps."""
+    with pytest.raises(SystemExit) as exit:
+        build_parser().parse_args(["collector", "--tail-max-behind", value])
+    assert exit.value.code == 2
+    bad_argument(capsys.readouterr().err, "collector", "--tail-max-behind")
+    assert build_parser().parse_args(["collector", "--tail-max-behind", "10m"]).tail_max_behind == 600
+
+
 @pytest.mark.parametrize("args", [["--port", "70000"], ["--port", "0"], ["--serve-port", "-1"], ["--rate", "inf"],
                                   ["--duration", "inf"], ["--duration", "1e400"]])
 def test_the_demo_refuses_bad_numbers_before_it_starts(args, capsys):
@@ -123,7 +134,8 @@ def test_an_unknown_revision_to_upgrade_to_is_one_line_and_creates_nothing(tmp_p
 
 
 @pytest.mark.parametrize("command", [["up", "--port", "0"], ["collector", "--port", "0"], ["db", "upgrade"],
-                                     ["export", "-o", "out.csv"], ["import", "events.jsonl"]])
+                                     ["export", "-o", "out.csv"], ["import", "events.jsonl"],
+                                     ["replay", "--router", "ray.serve.request_router:RequestRouter"]])
 def test_a_database_of_a_later_routelens_is_one_line_and_left_as_it_is(command, db, tmp_path):
     with sqlite3.connect(db) as connection:
         connection.execute("UPDATE alembic_version SET version_num = '9999'")

@@ -527,8 +527,9 @@ def test_seq_gaps_count_lost_batches_not_late_ones(collector, make_source):
     collector.store(batch_6)  # a re-sent batch number is not a new batch
     assert gaps() == 1
     assert collector.get("/v1/summary", **WINDOW)["batch_gaps"] == 1
-    metrics = collector.http.get("/metrics").text
-    assert 'routelens_source_batch_gaps{source_id="s1"} 1.0' in metrics
+    metrics = collector.http.get("/metrics").text  # 1, 3, 5 skipped over; 1 and 5 late: 1 lost
+    assert 'routelens_source_batches_skipped_total{app="shop",deployment="Checkout",source_id="s1"} 3.0' in metrics
+    assert 'routelens_source_batches_late_total{app="shop",deployment="Checkout",source_id="s1"} 2.0' in metrics
 
 
 def test_dropped_counters_of_the_highest_seq_win(collector, make_source):
@@ -542,7 +543,8 @@ def test_dropped_counters_of_the_highest_seq_win(collector, make_source):
     assert source["dropped"] == {"queue_full": 7, "sampled_out": 9, "spool_full": 1}
     assert collector.get("/v1/summary", **WINDOW)["dropped_events"] == 17
     metrics = collector.http.get("/metrics").text
-    assert 'routelens_source_events_dropped{reason="queue_full",source_id="s1"} 7.0' in metrics
+    assert 'routelens_source_events_dropped_total{app="shop",deployment="Checkout",reason="queue_full",' \
+        'source_id="s1"} 7.0' in metrics
 
 
 def test_metrics_count_ingested_duplicate_and_rejected(collector, make_source):

@@ -18,12 +18,13 @@ import time
 import urllib.parse
 from typing import Dict, List
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
-from routelens.collector.store.db import make_engine
-from routelens.collector.store.models import Deployment, Replica, Source, SourceBatch, decisions
-from tests.support.collector_app import Collector
+from routelens.collector.store.models import Deployment, Replica, Source, SourceBatch, decisions, stored_batches
+from tests.support import sse
+from tests.support.collector_app import Collector, rows, scalar
 from tests.support.collector_process import ROOT, CollectorProcess
 from tests.support.ports import free_port
 from tests.support.worker_apps import FAILURE
@@ -133,35 +134,34 @@ def reference_views(tmp_path, batches: List[dict], window: dict) -> Dict[str, di
         reference.close()
 
 
-def rows(db_url: str, table) -> int:
-    engine = make_engine(db_url)
-    try:
-        with engine.connect() as connection:
-            return connection.scalar(select(func.count()).select_from(table))
-    finally:
-        engine.dispose()
-
-
-def test_concurrent_batches_through_every_worker_are_stored_and_counted_once(db_url, make_source, tmp_path):
+def test_concurrent_batches_through_every_worker_are_stored_counted_and_shown_once(db_url, make_source, tmp_path):
     """Each worker gets new sources of the same new deployments at the same
-    moment (dimension rows created concurrently), then /metrics, which one
-    worker answers, counts what both stored."""
+    moment (dimension rows created concurrently; on PostgreSQL, transactions
+    that commit in any order), then /metrics, which one worker answers,
+    counts what both stored, and a tail that one worker serves, opened
+    before, shows every decision posted, each once."""
     collector = start(db_url)
     try:
         connections = list(connection_to_each(collector.port, worker_pids(collector.process.pid)).values())
-        ts = time.time() - 600
-        rounds = 6
-        sent: List[List[dict]] = [[] for _ in connections]
-        for i in range(rounds):
-            for w in range(len(connections)):
-                src = make_source(f"w{w}-s{i}", app="shop", deployment=f"D{i % 3}")
-                replicas = [f"D{i % 3}-r{k}" for k in range(5)]
-                sent[w].append(src.batch(traffic(src, ts + i * 10 + w, replicas, 40)))
-        answers = send_in_step(connections, sent)
-        batches = [batch for per_worker in sent for batch in per_worker]
-        assert [a["stored"] for per_worker in answers for a in per_worker] == [len(b["events"]) for b in batches]
-        decisions_sent = sum(1 for b in batches for e in b["events"] if e["type"] == "decision")
-        assert rows(db_url, decisions) == decisions_sent
+        with httpx.stream("GET", collector.url + "/v1/tail", timeout=60) as tail:  # served by one worker
+            lines = tail.iter_lines()
+            assert next(sse.events(lines))[0] == "hello"
+            ts = time.time() - 600
+            rounds = 6
+            sent: List[List[dict]] = [[] for _ in connections]
+            for i in range(rounds):
+                for w in range(len(connections)):
+                    src = make_source(f"w{w}-s{i}", app="shop", deployment=f"D{i % 3}")
+                    replicas = [f"D{i % 3}-r{k}" for k in range(5)]
+                    sent[w].append(src.batch(traffic(src, ts + i * 10 + w, replicas, 40)))
+            answers = send_in_step(connections, sent)
+            batches = [batch for per_worker in sent for batch in per_worker]
+            assert [a["stored"] for per_worker in answers for a in per_worker] == [len(b["events"]) for b in batches]
+            decision_ids = [e["id"] for b in batches for e in b["events"] if e["type"] == "decision"]
+            decisions_sent = len(decision_ids)
+            assert rows(db_url, decisions) == decisions_sent
+            shown = sse.records_until(lines, scalar(db_url, select(func.max(stored_batches.c.seq))))
+        assert sorted(record["id"] for record in shown if record["type"] == "decision") == sorted(decision_ids)
 
         window = {"since": int(ts) - 60, "until": int(ts) + 3600}
         assert served_views(collector, window) == reference_views(tmp_path, batches, window)
@@ -171,6 +171,14 @@ def test_concurrent_batches_through_every_worker_are_stored_and_counted_once(db_
         text = scrape(collector)
         assert metric(text, "routelens_events_ingested_total", '{type="decision"}') == decisions_sent
         assert metric(text, "routelens_ingest_seconds_count") == len(batches)
+        # The routing KPIs, counted by whichever worker stored each batch, summed by every scrape.
+        distribution = collector.get("/v1/distribution?" + urllib.parse.urlencode(window))
+        for replica in distribution["replicas"]:
+            labels = f'{{app="shop",deployment="{replica["deployment"]}",replica="{replica["replica_id"]}"}}'
+            assert metric(text, "routelens_routed_requests_total", labels) == replica["routed"]
+            assert metric(text, "routelens_replica_member", labels) == 1
+        assert sum(metric(text, "routelens_decisions_total", f'{{app="shop",deployment="D{d}"}}')
+                   for d in range(3)) == decisions_sent
         for connection in connections:
             connection.close()
     finally:

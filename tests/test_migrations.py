@@ -237,12 +237,12 @@ def test_example_routers_stored_under_their_old_module_take_the_new_one(empty_db
     engine.dispose()
 
 
-def test_0004_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
-    """Rows written at 0003 (answers without queue lengths, rollups without
+def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
+    """Rows written at 0005 (answers without queue lengths, rollups without
     their figures) stay as they were, their decision quality unknown; answers
     stored after it have theirs; the downgrade takes the new columns away and
     keeps every row."""
-    upgrade(empty_db_url, "0003")
+    upgrade(empty_db_url, "0005")
     minute = (int(time.time()) - 600) // 60 * 60
     engine = make_engine(empty_db_url)
     with engine.begin() as connection:
@@ -275,11 +275,12 @@ def test_0004_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_
         assert (after["regret"]["samples"], after["regret"]["mean"], after["belief_error"]["mean"]) == (1, 2.0, 2.0)
     finally:
         collector.close()
-    downgrade(empty_db_url, "0003")
+    downgrade(empty_db_url, "0005")
     engine = make_engine(empty_db_url)
     try:
         columns = {column["name"] for column in inspect(engine).get_columns("routed")}
         assert "reported_queue_len" not in columns and "believed_queue_len" not in columns
+        assert "decision_id" not in {column["name"] for column in inspect(engine).get_columns("completed")}
         assert not {column["name"] for column in inspect(engine).get_columns("rollups")} & {"regret_0", "regret_sum"}
         with engine.connect() as connection:
             assert connection.exec_driver_sql("SELECT count(*) FROM routed").scalar() == 2

@@ -153,12 +153,21 @@ def test_the_command_says_which_extra_to_install(tmp_path):
     assert line.startswith("routelens: ") and line.endswith(' need the server extra: pip install "routelens[server]"')
 
 
+# Collector modules that import Ray, each imported only by a command that needs Ray itself.
+RAY_USERS = (
+    # The demo's apps and traffic run Ray Serve.
+    "routelens.collector.demo.apps", "routelens.collector.demo.traffic",
+    # `routelens replay` runs the user's router on the offline harness (routelens.routers.testing) in the
+    # command's process; the command imports it only to replay, never the collector or the dashboard.
+    "routelens.collector.replay.decisions", "routelens.collector.replay.simulate",
+)
+
+
 def test_the_collector_and_dashboard_never_import_ray(tmp_path):
     """A collector host needs no Ray: every module of theirs imports without it,
-    but the demo's apps and traffic, which run Ray Serve themselves."""
+    but those of RAY_USERS."""
     modules = [m for m in _all_modules() if m.startswith(("routelens.collector", "routelens.dashboard"))
-               and not m.startswith(("routelens.collector.demo.apps", "routelens.collector.demo.traffic"))
-               and not m.endswith("__main__")]
+               and m not in RAY_USERS and not m.endswith("__main__")]
     result = run_python(f"""
         import importlib, sys
         for name in {modules!r}:
@@ -178,7 +187,9 @@ def test_a_users_packages_named_like_our_folders_change_nothing(tmp_path, db_url
     decision = source.decision(now - 60, [["r1", "r2"]])
     collector.store(source.batch([decision, source.routed(now - 60, "r1", decision)]))
     decoys = make_decoys(tmp_path / "project")
-    env = dict(os.environ, PYTHONPATH=str(decoys))
+    # The decoys first; a PYTHONPATH already set (a worktree's routelens, linked in) is kept after them.
+    pythonpath = os.pathsep.join(filter(None, [str(decoys), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     result = subprocess.run([sys.executable, "-m", "routelens.collector.cli", "export", "--db", db_url,
                              "--since", "0", "--format", "jsonl", "-o", "-"],
                             cwd=decoys, env=env, capture_output=True, text=True, timeout=120)
@@ -187,9 +198,9 @@ def test_a_users_packages_named_like_our_folders_change_nothing(tmp_path, db_url
     imported = run_python("""
         import routelens.routers, routelens.collector.api.app, routelens.dashboard.up
         print(routelens.routers.__file__)
-    """, cwd=decoys, pythonpath=decoys)
+    """, cwd=decoys, pythonpath=pythonpath)
     assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.strip() == str(ROOT / "routers" / "__init__.py")
+    assert os.path.realpath(imported.stdout.strip()) == str(ROOT / "routers" / "__init__.py")
 
 
 # --- no import cycles ---

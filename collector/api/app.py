@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 import zlib
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable, Iterator, Literal, Optional
 
 import anyio
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -29,22 +30,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .. import __version__
-from ..export.formats import FORMATS, MEDIA_TYPES
-from ..export.schema import EXPORT_SCHEMA_VERSION, TABLES
+from ..export.formats import MEDIA_TYPES
+from ..export.names import FORMATS, TABLES
+from ..export.schema import EXPORT_SCHEMA_VERSION
 from ..export.stream import ExportError, export
 from ..export.stream import check as check_export
 from ..ingest.schema import Invalid, TooMany, parse
 from ..ingest.writer import Ingestor, SourceConflict
 from ..query import explore, figures
 from ..query.filters import Filters
+from ..query.tail import Follower, newest
 from ..settings import Settings, parse_duration
-from ..store import times
+from ..store import replays, times
 from ..store.db import check_schema, head_revision, make_engine, revision_of, schema_problem, write_problem
 from ..store.ids import to_bytes
 from ..store.retention import Retention
 from .auth import TokenAuth, allowed_hosts
 from .metrics import Metrics
 from .params import filters
+from .tail import last_event_id as parse_last_event_id
+from .tail import stream as tail_events
 
 JSON_TYPES = ("application/json",)
 EXPORT_RETRY_AFTER_S = 5  # an export refused because the others are still streaming
@@ -70,7 +75,8 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     check_schema(engine, settings.db_url)
     head = head_revision()
     ingestor = Ingestor(engine)
-    metrics = Metrics(engine, settings.metrics_dir)
+    metrics = Metrics(engine, settings.metrics_dir, settings.routing_metrics, settings.metrics_replica_limit,
+                      settings.metrics_source_limit)
     retention = Retention(engine, settings.retention_s, settings.minute_rollup_retention_s,
                           settings.retention_interval_s, running=metrics.pruners)
 
@@ -119,9 +125,15 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
     @app.exception_handler(DBAPIError)
     @app.exception_handler(PoolTimeout)  # every pooled connection busy for the pool's whole timeout
     async def database_unavailable(_request: Request, exc: Exception):
+        metrics.database_unavailable()
         cause = getattr(exc, "orig", None) or exc
         return JSONResponse({"detail": f"database unavailable ({type(cause).__name__}); retry later"},
                             status_code=503, headers={"Retry-After": "1"})
+
+    def store(valid):
+        result = ingestor.ingest(valid)
+        metrics.count_routing(result)  # here, in ingest's thread, rather than on the event loop
+        return result
 
     @app.post("/v1/events", dependencies=[Depends(bearer_authorized)], tags=["ingest"],
               summary="Store one batch of wire format v2 or v1 (plain or gzip JSON)")
@@ -141,7 +153,7 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             metrics.rejected("malformed" if status == 400 else "invalid")
             return JSONResponse({"detail": str(exc)}, status_code=status)
         try:
-            result = await run_in_threadpool(ingestor.ingest, valid)
+            result = await run_in_threadpool(store, valid)
         except SourceConflict as exc:
             metrics.rejected("source_conflict")
             return JSONResponse({"detail": str(exc)}, status_code=409)
@@ -203,6 +215,19 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
             raise HTTPException(404, f"no decision {decision_id}")
         return found
 
+    @app.get("/v1/replays", dependencies=read, tags=["replay"],
+             summary="Stored replays (made by `routelens replay`), newest first, without their results")
+    def replay_list(limit: int = Query(50, ge=1, le=replays.MAX_LIST)):
+        return {"replays": with_connection(replays.listing, limit)}
+
+    @app.get("/v1/replays/{replay_id}", dependencies=read, tags=["replay"],
+             summary="One stored replay: the router, window, filters and its whole result (docs/replay.md)")
+    def replay(replay_id: str):
+        found = with_connection(replays.read, _uuid_param("replay_id", replay_id, "a replay id"))
+        if found is None:
+            raise HTTPException(404, f"no replay {replay_id}")
+        return found
+
     @app.get("/v1/export", dependencies=read, tags=["export"],
              summary="The window's decision log as CSV, JSON Lines or Parquet, streamed (schema: docs/export.md)")
     def export_log(f: Filters = Depends(filters),
@@ -230,6 +255,25 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
                                media_type=MEDIA_TYPES[format], headers={
                                    "Content-Disposition": f'attachment; filename="{filename}"',
                                    "X-Routelens-Export-Schema": str(EXPORT_SCHEMA_VERSION)})
+
+    @app.get("/v1/tail", dependencies=read, tags=["read"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}, "description": "A stream that never ends"}},
+             summary="Decisions as they are stored, live (Server-Sent Events): each with its ranking, chosen "
+                     "replica, rank and outcome when they came with it, later outcomes as events of their own")
+    def tail_stream(f: Filters = Depends(filters), last_event_id: Optional[str] = Header(
+            None, description="resume after this event id (the number of a batch this stream sent)")):
+        """Every decision stored, by any worker or collector on this database. Events: `hello` (`after`:
+        the batch it starts after), `decision`, `routed` and `completed` (outcomes of decisions sent
+        before), `missed` (how many events this reader fell behind by and skipped), `unavailable` (the
+        database cannot be read now). The window parameters do not apply: it starts now, or after
+        `Last-Event-ID` (no more than `--tail-max-behind` back)."""
+        after = parse_last_event_id(last_event_id)
+        with engine.connect() as connection:  # before the 200: a database away is a 503 (retry later)
+            head = newest(connection)
+        follower = Follower(f, settings.tail_max_behind_s, head if after is None else min(after, head))
+        return StreamingResponse(
+            tail_events(engine, follower, {"after": follower.last}, metrics.tail_readers),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/healthz", tags=["operations"], summary="Whether ingest can succeed: the database reachable, "
                                                      "routelens', at this version's schema, writable")
@@ -354,11 +398,12 @@ class _Gunzip:
         return self._member.eof
 
 
-def _uuid_param(name: str, value: str) -> None:
+def _uuid_param(name: str, value: str, what: str = "a decision id") -> str:
+    """The UUID in canonical form; 422 for a value that is not one."""
     try:
-        to_bytes(value)
+        return str(uuid.UUID(bytes=to_bytes(value)))
     except ValueError:
-        raise HTTPException(422, f"{name}: not a decision id (a UUID): {value[:80]!r}") from None
+        raise HTTPException(422, f"{name}: not {what} (a UUID): {value[:80]!r}") from None
 
 
 def _duration_param(name: str, value: str) -> float:

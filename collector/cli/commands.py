@@ -8,13 +8,10 @@ import os
 import sys
 from typing import List, Optional
 
-from ..demo.run import DemoError
-from ..export.formats import FORMATS
-from ..export.schema import TABLES
-from ..settings import DEFAULT_DB, Settings, parse_allowed_host, parse_duration
-from ..store.db import DatabaseError
-from .errors import FileError, UsageError
-from .server import ServeError
+from ..export.names import FORMATS, TABLES
+from ..settings import DEFAULT_DB, STORED_BATCHES_KEEP_S, Settings, parse_allowed_host, parse_duration
+from ..store.errors import DatabaseError
+from .errors import ConnectionFailed, DemoError, FileError, ServeError, UsageError
 
 
 def run(argv: Optional[List[str]] = None) -> int:
@@ -22,7 +19,7 @@ def run(argv: Optional[List[str]] = None) -> int:
 
     try:
         return args.run(args)
-    except (DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
+    except (ConnectionFailed, DatabaseError, DemoError, FileError, ServeError, UsageError) as exc:
         print(f"routelens {args.command}: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError) else 1
 
@@ -35,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_db(commands)
     _add_export(commands)
     _add_import(commands)
+    _add_tail(commands)
+    _add_replay(commands)
     return parser
 
 
@@ -167,9 +166,29 @@ def _add_server_options(parser) -> None:
                         help="exports streaming at once, per worker process; more are answered 503 with "
                              "Retry-After (default: %(default)s; each holds a database connection while its "
                              "client reads)")
+    parser.add_argument("--no-routing-metrics", dest="routing_metrics", action="store_false",
+                        help="leave the routing KPIs (counted at ingest) off /metrics, keeping the collector's own")
+    parser.add_argument("--metrics-replica-limit", type=_positive_int, default=Settings.metrics_replica_limit,
+                        help="replicas with /metrics series of their own, per process; later ones share the "
+                             "label replica=\"_other\" (default: %(default)s)")
+    parser.add_argument("--metrics-source-limit", type=_positive_int, default=Settings.metrics_source_limit,
+                        help="sources (traced routers) with /metrics series of their own, per process; later ones "
+                             "share source_id=\"_other\" (default: %(default)s)")
+    parser.add_argument("--tail-max-behind", type=_tail_max_behind, default="1m",
+                        help="how far behind what is stored a live reader of /v1/tail may fall before it skips "
+                             "to the newest, told how many events it missed; at most 10m (default: %(default)s)")
     parser.add_argument("--workers", type=_positive_int, default=1,
                         help="processes serving on the port (default: %(default)s, which handles tens of thousands "
                              "of events/s; give one per core for more: each costs memory and database connections)")
+
+
+def _tail_max_behind(text: str) -> float:
+    """A positive duration within the time `stored_batches` keeps what a reader follows (10 minutes)."""
+    seconds = _positive_duration(text)
+    if seconds > STORED_BATCHES_KEEP_S:
+        raise argparse.ArgumentTypeError(f"at most {STORED_BATCHES_KEEP_S / 60:.0f}m (what a reader follows is "
+                                         f"kept that long): {text!r}")
+    return seconds
 
 
 def _add_db(commands) -> None:
@@ -209,15 +228,77 @@ def _add_export(commands) -> None:
                         help="decisions (one row each, outcome joined; the default), candidates (one row per "
                              "ranked replica), routed, completed, or events (wire-format batches that "
                              "`routelens import` loads; jsonl only)")
-    export.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
-    export.add_argument("--since", help="window start: epoch seconds or ISO-8601")
-    export.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
-    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
-                       ("replica", "replica id"), ("label", "router label key=value (all must hold)")):
-        export.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
-    export.add_argument("--request-id", help="request id or internal request id")
-    export.add_argument("--model-id", help="multiplexed model id")
+    _add_window_and_filters(export)
     export.set_defaults(run=_run_export)
+
+
+def _add_window_and_filters(parser) -> None:
+    """The window and filters of the commands that read recorded events (`files.filters_of`)."""
+    parser.add_argument("--window", help="the window ending at --until (default: everything), e.g. 15m, 24h, 7d")
+    parser.add_argument("--since", help="window start: epoch seconds or ISO-8601")
+    parser.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
+    _add_filter_options(parser, replica="replica id")
+    parser.add_argument("--request-id", help="request id or internal request id")
+    parser.add_argument("--model-id", help="multiplexed model id")
+
+
+def _add_replay(commands) -> None:
+    from ..replay import DEFAULT_RUNS, MODES
+
+    replay = commands.add_parser(
+        "replay", help="what another router would have done: recorded traffic replayed through it",
+        description="Replay the window's recorded traffic through a RequestRouter subclass you can import, "
+                    "in this process (Ray installed; no cluster). --mode decisions: each recorded decision's "
+                    "candidates, rebuilt with the inputs they had, given to the router; per deployment, how "
+                    "often its first tier holds the replica that really got the request, where that replica "
+                    "sits in its ranking, and the share of requests each replica would have got. --mode "
+                    "simulate: the recorded requests, closed loop, through a simulated deployment (replicas "
+                    "serving for recorded service times) routed by the recorded router and by this one; per "
+                    "replica and deployment, share, imbalance, queue wait and latency, rejections, hand-offs. "
+                    "Both beside what was recorded. The result is stored in the database (GET /v1/replays). "
+                    "docs/replay.md.",
+    )
+    _add_db_option(replay)
+    replay.add_argument("--router", required=True, metavar="MODULE:CLASS",
+                        help="the router to replay through, e.g. my_routers:LeastLoaded or "
+                             "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter "
+                             "(the current directory is on the import path)")
+    replay.add_argument("--kwargs", default="", metavar="JSON",
+                        help="its request_router_kwargs, a JSON object (default: none)")
+    replay.add_argument("--mode", choices=list(MODES), default="decisions",
+                        help="decisions: each recorded decision given to the router; simulate: the recorded "
+                             "requests through a simulated deployment, closed loop (default: %(default)s)")
+    replay.add_argument("--runs", type=_runs,
+                        help="decisions mode: runs of a randomized router, each seeded from --seed, reported as a "
+                             "mean and a 95%% interval; a router ranking alike with two seeds is run once "
+                             f"(default: {DEFAULT_RUNS})")
+    replay.add_argument("--max-ongoing-requests", type=_positive_int, metavar="N",
+                        help="simulate mode: every replica's slots (default: each replica's recorded "
+                             "max_ongoing_requests)")
+    replay.add_argument("--seed", type=_seed, default=0,
+                        help="seed the runs' random draws derive from (default: %(default)s)")
+    replay.add_argument("--json", action="store_true",
+                        help="print the stored replay as JSON (as GET /v1/replays/ID answers) instead of tables")
+    _add_window_and_filters(replay)
+    replay.set_defaults(run=_run_replay)
+
+
+def _runs(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"at least 2 (a second run with another seed tells a randomized router): "
+                                         f"{text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is 0 to 2**63-1, not {text!r}")
+    return value
 
 
 def _add_import(commands) -> None:
@@ -233,6 +314,38 @@ def _add_import(commands) -> None:
     importer.add_argument("--max-events", type=_positive_int, default=20_000,
                           help="most events accepted in one batch (default: %(default)s)")
     importer.set_defaults(run=_run_import)
+
+
+def _add_tail(commands) -> None:
+    tail = commands.add_parser(
+        "tail", help="follow decisions as they are stored, one line each",
+        description="Print each decision as it is stored, by any worker or collector on the database of the "
+                    "collector at --url: time (UTC), app/deployment, request id, ranking, chosen replica and "
+                    "rank, and its outcome when it came along; outcomes that arrive later follow on lines of "
+                    "their own. A reader that falls further behind than the collector's --tail-max-behind skips "
+                    "to the newest and is told how many events it missed. Reads GET /v1/tail, with the read "
+                    "API's token.",
+    )
+    tail.add_argument("--url", default=os.environ.get("ROUTELENS_URL", "http://127.0.0.1:8321"),
+                      help="the collector (default: $ROUTELENS_URL, else %(default)s)")
+    tail.add_argument("--token", default=os.environ.get("ROUTELENS_TOKEN"),
+                      help="its token (default: $ROUTELENS_TOKEN, else none)")
+    _add_filter_options(tail, replica="chosen replica id")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines), e.g. for jq")
+    tail.set_defaults(run=_run_tail)
+
+
+def _run_tail(args) -> int:
+    from .tail import run_tail
+
+    return run_tail(args)
+
+
+def _add_filter_options(parser, replica: str) -> None:
+    """The filters every read takes: --app, --deployment, --router-class, --replica, --label."""
+    for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
+                       ("replica", replica), ("label", "router label key=value (all must hold)")):
+        parser.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
 
 
 def _add_db_option(parser) -> None:
@@ -261,7 +374,9 @@ def _run_collector(args) -> int:
     die_with_parent_if_asked()  # started by a `ServerProcess` (the demo's, a test's, a bench's)
     settings = Settings(db_url=args.db, token=args.token or None, retention_s=args.retention,
                         max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_events_per_batch=args.max_events,
-                        max_exports=args.max_exports,
+                        max_exports=args.max_exports, routing_metrics=args.routing_metrics,
+                        metrics_replica_limit=args.metrics_replica_limit,
+                        metrics_source_limit=args.metrics_source_limit, tail_max_behind_s=args.tail_max_behind,
                         session_lifetime_s=int(args.session_lifetime), listen_host=args.host,
                         allowed_hosts=tuple(args.allow_host))
     # Bound before anything is said about listening there; with --port 0, the port it got is the one to announce.
@@ -327,4 +442,14 @@ def _run_import(args) -> int:
     from .files import run_import
 
     return run_import(args)
+
+
+def _run_replay(args) -> int:
+    from ..store.db import missing_sqlite_file
+    from .replay import run_replay
+
+    missing = missing_sqlite_file(args.db)
+    if missing:
+        raise UsageError(f"no database at {missing} (name the file with --db)")
+    return run_replay(args)
 

@@ -23,10 +23,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ..export.formats import FORMATS
+from ..export.names import FORMATS
 from ..export.stream import ExportError, check, export
 from ..query import figures
-from ..query.filters import FilterError, build_filters
+from ..query.filters import FilterError, Filters, build_filters
 from ..store.db import check_schema, make_engine
 from .errors import FileError, UsageError
 from .gc_tuning import tune_gc_for_bulk_work
@@ -37,20 +37,17 @@ _COUNTED_BY = {"decisions": "decisions", "routed": "routed", "completed": "compl
 
 def run_export(args) -> int:
     fmt = args.format or _format_of(args.output)
+    f = filters_of(args)
     try:
-        # No window: everything recorded (the API's endpoints default to the last hour).
-        since = args.since or (None if args.window else "0")
-        f = build_filters(args.window, since, args.until, args.app, args.deployment, args.router_class, args.label,
-                          args.replica, args.request_id, args.model_id)
         check(f, args.what, fmt)
-    except (FilterError, ExportError) as exc:
+    except ExportError as exc:
         raise UsageError(str(exc)) from None
     engine = make_engine(args.db, sqlite_cache_mb=8)
     tune_gc_for_bulk_work()
     try:
         check_schema(engine, args.db)
         with engine.connect() as connection, _output(args.output) as out, \
-                _progress(f"exporting {args.what}", lambda: _expected_rows(connection, f, args.what)) as advance:
+                progress(f"exporting {args.what}", lambda: expected_rows(connection, f, args.what)) as advance:
             for data in export(connection, f, args.what, fmt, on_rows=advance):
                 out.write(data)
     finally:
@@ -60,6 +57,17 @@ def run_export(args) -> int:
     return 0
 
 
+def filters_of(args) -> Filters:
+    """The window and filters a command was given (commands._add_window_and_filters)."""
+    # No window: everything recorded (the API's endpoints default to the last hour).
+    since = args.since or (None if args.window else "0")
+    try:
+        return build_filters(args.window, since, args.until, args.app, args.deployment, args.router_class,
+                             args.label, args.replica, args.request_id, args.model_id)
+    except FilterError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _format_of(output: str) -> str:
     extension = os.path.splitext(output)[1].lstrip(".").lower()
     if extension in FORMATS:
@@ -67,7 +75,7 @@ def _format_of(output: str) -> str:
     raise UsageError(f"cannot tell the format from {output!r}: give --format {'|'.join(FORMATS)}")
 
 
-def _expected_rows(connection, f, what: str) -> Optional[int]:
+def expected_rows(connection, f, what: str) -> Optional[int]:
     """About the rows the export will hold, from the rollups (whole minutes), when they can tell."""
     if what not in _COUNTED_BY or f.request_id or f.model_id or f.replicas:
         return None
@@ -162,7 +170,7 @@ def _umask() -> int:
 
 
 @contextmanager
-def _progress(description: str, total: Optional[Callable[[], Optional[int]]] = None, unit: str = "rows"):
+def progress(description: str, total: Optional[Callable[[], Optional[int]]] = None, unit: str = "rows"):
     """A progress bar (count and rate) on standard error when it is a
     terminal; yields the function to call with each step's count. `total`
     is asked only then."""
@@ -175,15 +183,19 @@ def _progress(description: str, total: Optional[Callable[[], Optional[int]]] = N
                    TransferSpeedColumn(), TimeElapsedColumn()]
     else:
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("rows"), _RowRate(), TimeElapsedColumn()]
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(description, total=total() if total else None)
-        yield lambda n: progress.advance(task, n)
+                   TextColumn(unit), _RowRate(unit), TimeElapsedColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(description, total=total() if total else None)
+        yield lambda n: bar.advance(task, n)
 
 
 class _RowRate(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self._unit = unit
+
     def render(self, task) -> Text:
-        return Text(f"{task.speed:,.0f} rows/s" if task.speed else "")
+        return Text(f"{task.speed:,.0f} {self._unit}/s" if task.speed else "")
 
 
 def run_import(args) -> int:
@@ -200,7 +212,7 @@ def run_import(args) -> int:
         check_schema(engine, args.db)
         # Bytes read are inflated bytes: for gzip files, the total is unknown.
         total = None if any(p.endswith(".gz") for p in args.files) else sum(map(os.path.getsize, args.files))
-        with _progress("importing", lambda: total, unit="bytes") as advance:
+        with progress("importing", lambda: total, unit="bytes") as advance:
             report = import_files(Ingestor(engine), args.files, args.max_events, on_line=advance)
     finally:
         engine.dispose()

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Callable
 
 from ..settings import Settings
+from .errors import ServeError
 from .gc_tuning import tune_gc_for_bulk_work
 from .server_process import die_with
 
@@ -23,10 +24,6 @@ LOOPBACK_HOSTS = {"localhost"}
 WORKER_ENV = "ROUTELENS_WORKER"  # what a worker process serves (JSON, see `serve_workers`)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _FAILURE = "worker-failure"  # in the command's private directory: why a worker could not start
-
-
-class ServeError(RuntimeError):
-    """The server cannot start; the message says why and what to do."""
 
 
 def is_loopback(host: str) -> bool:

@@ -28,16 +28,13 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..cli.server import ServeError, check_port_free
+from ..cli.errors import DemoError, ServeError
+from ..cli.server import check_port_free
 from ..cli.server_process import ServerNotStarted, ServerProcess
 
 HOST = "127.0.0.1"
 STATUS_EVERY_S = 2.0
 LINE_EVERY_S = 10.0  # when the output is not a terminal: a plain line this often
-
-
-class DemoError(RuntimeError):
-    """The demo cannot go on; the message says why and what to do."""
 
 
 @dataclass(frozen=True)

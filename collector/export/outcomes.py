@@ -62,12 +62,13 @@ class Decisions:
 
 
 def decision_chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
-                    with_rejections: bool = True) -> Iterator[Decisions]:
-    """Decisions with their outcome, oldest first, a chunk at a time."""
+                    with_rejections: bool = True, reading: Reading = DECISIONS) -> Iterator[Decisions]:
+    """Decisions with their outcome, oldest first, a chunk at a time.
+    `reading`: the decisions' columns to read (DECISIONS, or more: its columns first)."""
     if not sc.routers:
         return
     key = stored_bytes(routed.c.decision_id)
-    for rows in chunks(reader, DECISIONS, decision_conditions(f, sc)):
+    for rows in chunks(reader, reading, decision_conditions(f, sc)):
         ids = rows.column("id")
         # The routed events naming these decisions: a range of routed's decision_id index, in its order.
         routings = reader.read(_ROUTINGS.query(key >= ids[0].as_py(), key <= ids[-1].as_py())

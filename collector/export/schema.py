@@ -25,7 +25,6 @@ from typing import Dict, List
 import pyarrow as pa
 
 EXPORT_SCHEMA_VERSION = 1
-TABLES = ("decisions", "candidates", "routed", "completed", "events")
 
 
 @dataclass(frozen=True)

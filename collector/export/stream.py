@@ -27,9 +27,10 @@ from ..query.filters import Filters
 from .arrow_reader import ArrowReader
 from .chunks import in_background
 from .convert import Names
-from .formats import FORMATS, WRITERS
+from .formats import WRITERS
 from .memory import freed_memory_given_back
-from .schema import TABLES, arrow_schema
+from .names import FORMATS, TABLES
+from .schema import arrow_schema
 from .tables import BATCHES
 from .wire_batches import wire_batches
 

@@ -55,6 +55,10 @@ Key = Tuple[int, int, int]  # minute start, router_pk, replica_pk
 class RollupDelta:
     def __init__(self) -> None:
         self._minutes: Dict[Key, list] = {}
+        # Kept in memory only, for the routing metrics (`collector.api.routing_metrics`): the rows mix
+        # stamped and observed ages in one histogram and keep no sum of them.
+        self.observed_stale_bins = [0] * len(STALENESS.columns)  # the histogram of the observed ages alone
+        self.stale_sums = [0.0, 0.0]  # the ages added up: stamped, observed
 
     def _row(self, ts: float, router_pk: int, replica_pk: int) -> list:
         return self._row_at(int(ts // 60) * 60, router_pk, replica_pk)
@@ -73,6 +77,7 @@ class RollupDelta:
         # Most events of a batch fall in the same minute: its rows are kept at hand, by replica_pk,
         # rather than looked up by (minute, router, replica) three times per decision.
         minute, rows = None, {}
+        observed_bins, stamped_sum, observed_sum = self.observed_stale_bins, 0.0, 0.0
         for event in events:
             if not isinstance(event, DecisionEvent):
                 if isinstance(event, RoutedEvent):
@@ -120,10 +125,19 @@ class RollupDelta:
                     # In whole microseconds, as the raw ranking stores it: the rollups then agree
                     # with the raw rows, and with a copy of them imported elsewhere.
                     stats_age = round(stats_age * 1e6) / 1e6
-                row[STALE_FIRST + bisect_left(STALE_BOUNDS, stats_age)] += 1
-                row[STAMPED if candidate.stats_age_source == "stamped" else OBSERVED] += 1
+                stale_bin = bisect_left(STALE_BOUNDS, stats_age)
+                row[STALE_FIRST + stale_bin] += 1
+                if candidate.stats_age_source == "stamped":
+                    row[STAMPED] += 1
+                    stamped_sum += stats_age
+                else:
+                    row[OBSERVED] += 1
+                    observed_sum += stats_age
+                    observed_bins[stale_bin] += 1
                 if row[STALE_MAX] is None or stats_age > row[STALE_MAX]:
                     row[STALE_MAX] = stats_age
+        self.stale_sums[0] += stamped_sum
+        self.stale_sums[1] += observed_sum
 
     def routed(self, ts: float, router_pk: int, replica_pk: int, rank: Optional[int],
                own_ranking: Optional[bool], attempts: Optional[int]) -> None:

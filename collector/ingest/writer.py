@@ -8,7 +8,8 @@
    transaction then fails;
 2. in one transaction: insert the events; feed those actually inserted to
    the rollups and the membership; record the batch number and the
-   source's counters;
+   source's counters; number the batch in `stored_batches` with the ids of
+   its decisions and outcomes, for live readers (`GET /v1/tail`);
 3. commit. Either all of the batch is stored or none of it.
 
 Step 2 first assumes that every event is new (almost every batch is): it
@@ -34,20 +35,22 @@ two processes registering the same source or replica at once agree on it.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, count
 from operator import itemgetter
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import msgspec
 import psycopg
-from sqlalchemy import bindparam, case, func, select, update
+from sqlalchemy import bindparam, case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from ..store.db import is_sqlite, writer
+from ..settings import STORED_BATCHES_KEEP_S
+from ..store.db import IDS_PER_STATEMENT, is_sqlite, writer
 from ..store.models import (
     RAW_TABLES,
     ROLLUP_KEY,
@@ -62,10 +65,12 @@ from ..store.models import (
     memberships,
     routed,
     stats_changes,
+    stored_batches,
 )
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
 from .rollups import ROLLUP_VALUES, RollupDelta
 from .schema import (
+    Batch,
     CompletedEvent,
     DecisionEvent,
     Event,
@@ -78,8 +83,9 @@ from .schema import (
 
 _json = msgspec.json.Encoder()
 
-# Ids bound in one IN (...): within SQLite's 32,766 parameters and PostgreSQL's 65,535.
-IDS_PER_STATEMENT = 10_000
+# Each process deletes the `stored_batches` rows past keeping (settings.STORED_BATCHES_KEEP_S) in one of
+# every PRUNE_STORED_BATCHES_EVERY batches it stores, in that batch's transaction: a few milliseconds.
+PRUNE_STORED_BATCHES_EVERY = 1000
 
 # A replica's membership as a `replicas` event sets it, in this order (see `Ingestor._apply_membership`).
 _MEMBERSHIP_COLUMNS = (Replica.node_id, Replica.availability_zone, Replica.max_ongoing_requests, Replica.model_ids,
@@ -120,11 +126,39 @@ class _SomeStored(Exception):
     """Raised inside a batch's first write attempt: some of its events are stored already."""
 
 
+class SourceBefore(NamedTuple):
+    """A source's record as a batch found it: whether the batch's number is new, and the
+    highest batch number received before it with the counters that batch carried."""
+
+    new_seq: bool
+    last_seq: int
+    produced: Optional[int]
+    dropped: Dict[str, int]
+
+
+@dataclass
+class StoredBatch:
+    """What one batch stored, for the collector's routing metrics
+    (`collector.api.routing_metrics`), which count what was stored, once: a
+    re-sent batch's events are not in `events`."""
+
+    batch: Batch  # the batch as received: its source, number and counters
+    events: List[Event]  # the events stored, in the batch's order
+    stored_by_type: Dict[str, int]
+    identity: Tuple[str, str, str, str]  # app, deployment, router class, labels key
+    replica_pks: Dict[str, int]
+    rollup_rows: List[tuple]  # `RollupDelta.tuples()` of the stored events
+    delta: RollupDelta
+    before: SourceBefore
+    received_at: float
+
+
 @dataclass
 class IngestResult:
     stored: int
     duplicates: int
     stored_by_type: Dict[str, int]
+    detail: Optional[StoredBatch] = None
 
 
 # Event type -> the table that stores it.
@@ -238,6 +272,9 @@ class Ingestor:
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
         self._record_batch_statements = self._make_record_batch()
+        self._number_batch = stored_batches.insert()
+        self._prune_numbered = delete(stored_batches).where(stored_batches.c.stored_at < bindparam("oldest"))
+        self._batches_numbered = count(1)
         # One replica's membership, executed for many at once (executemany).
         self._set_membership = update(Replica).where(Replica.pk == bindparam("member_pk")).values(
             dict(zip(_MEMBERSHIP_COLUMNS, map(bindparam, _MEMBERSHIP_KEYS))))
@@ -339,26 +376,29 @@ class Ingestor:
         valid = _first_of_each_id(valid)
         source_pk, router_pk, deployment_pk, replica_pks = self._keys(valid)
         rows = _Rows(valid, source_pk, router_pk, replica_pks)
+        identity = self._sources[valid.batch.source.source_id].identity
         if self._write_lock is not None:
             with self._write_lock:
-                stored_by_type = self._write_once(valid, rows, source_pk, deployment_pk)
+                detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
         else:
-            stored_by_type = self._write_once(valid, rows, source_pk, deployment_pk)
-        stored = sum(stored_by_type.values())
-        return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=stored_by_type)
+            detail = self._write_once(valid, rows, source_pk, deployment_pk, identity)
+        stored = len(detail.events)
+        return IngestResult(stored=stored, duplicates=received - stored, stored_by_type=detail.stored_by_type,
+                            detail=detail)
 
-    def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int) -> Dict[str, int]:
+    def _write_once(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int,
+                    identity: Tuple[str, str, str, str]) -> StoredBatch:
         # Almost every batch is new: the first attempt inserts all its events
         # at once, without looking up which are stored (that cost as much as
         # inserting them). If some were (a re-sent batch), the attempt is
         # rolled back and the batch written again, storing only the new ones.
         try:
-            return self._write(valid, rows, source_pk, deployment_pk, all_new=True)
+            return self._write(valid, rows, source_pk, deployment_pk, identity, all_new=True)
         except _SomeStored:
-            return self._write(valid, rows, source_pk, deployment_pk, all_new=False)
+            return self._write(valid, rows, source_pk, deployment_pk, identity, all_new=False)
 
     def _write(self, valid: ValidBatch, rows: "_Rows", source_pk: int, deployment_pk: int,
-               all_new: bool) -> Dict[str, int]:
+               identity: Tuple[str, str, str, str], all_new: bool) -> StoredBatch:
         batch = valid.batch
         now = self._clock()
         with self.engine.connect() as connection:
@@ -370,6 +410,7 @@ class Ingestor:
                     connection.execute(select(func.pg_advisory_xact_lock(source_pk)))
                 new_ids = set()
                 stored_by_type = {}
+                numbered = {"decision": [], "routed": [], "completed": []}  # the ids live readers follow
                 for kind, table in TABLE_OF_TYPE.items():
                     table_rows = rows.of(table)
                     if not table_rows:
@@ -382,6 +423,8 @@ class Ingestor:
                     if inserted:
                         stored_by_type[kind] = len(inserted)
                         new_ids.update(inserted)
+                        if kind in numbered:
+                            numbered[kind] = inserted
                 stored = batch.events if all_new else [
                     event for event, event_id in zip(batch.events, valid.ids) if event_id in new_ids]
                 delta = RollupDelta()
@@ -392,8 +435,22 @@ class Ingestor:
                 changes = [event for event in stored if isinstance(event, ReplicasEvent)]
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
-                self._record_batch(connection, source_pk, batch, now)
-        return stored_by_type
+                before = self._record_batch(connection, source_pk, batch, now)
+                if any(numbered.values()):
+                    # Last: on PostgreSQL the number is taken when the row is inserted, and readers wait
+                    # a moment for a number still missing (collector.query.tail); the commit follows at once.
+                    self._number(connection, rows.router_pk, numbered, now)
+        return StoredBatch(batch=batch, events=stored, stored_by_type=stored_by_type, identity=identity,
+                           replica_pks=rows.replica_pks,
+                           rollup_rows=rollup_rows, delta=delta, before=before, received_at=now)
+
+    def _number(self, connection: Connection, router_pk: int, ids: Dict[str, List[bytes]], now: float) -> None:
+        """The batch's row in `stored_batches`; the rows past keeping deleted, now and then."""
+        connection.execute(self._number_batch, {
+            "stored_at": now, "router_pk": router_pk, "decision_ids": b"".join(ids["decision"]),
+            "routed_ids": b"".join(ids["routed"]), "completed_ids": b"".join(ids["completed"])})
+        if next(self._batches_numbered) % PRUNE_STORED_BATCHES_EVERY == 0:
+            connection.execute(self._prune_numbered, {"oldest": now - STORED_BATCHES_KEEP_S})
 
     def _insert_all(self, connection: Connection, table, table_rows: List[tuple]) -> None:
         """Insert every row; raises `_SomeStored` when an id is stored already."""
@@ -520,16 +577,32 @@ class Ingestor:
             produced=case((newest, bindparam("produced", type_=Source.produced.type)), else_=Source.produced),
             dropped=case((newest, bindparam("dropped", type_=Source.dropped.type)), else_=Source.dropped),
         )
+        # The source's record before this batch changes it (`SourceBefore`).
+        before = select(Source.last_seq, Source.produced, Source.dropped).where(Source.pk == bindparam("source_pk"))
         if self._sqlite:
-            return [received, seen]
-        # One statement, one round trip: each costs the batch's transaction (and its locks) time.
-        return [seen.add_cte(received.cte("received"))]
+            return [before, received, seen]
+        # One statement, one round trip: each costs the batch's transaction (and its locks) time. Every part
+        # of it sees the database as the statement found it, so `previous` reads the row before the update
+        # (which the source's advisory lock keeps from changing meanwhile).
+        received = received.returning(SourceBatch.seq).cte("received")
+        previous = before.cte("previous")
+        return [seen.add_cte(received).add_cte(previous).returning(
+            select(previous.c.last_seq).scalar_subquery(), select(previous.c.produced).scalar_subquery(),
+            select(previous.c.dropped).scalar_subquery(),
+            select(func.count()).select_from(received).scalar_subquery())]
 
-    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> None:
+    def _record_batch(self, connection: Connection, source_pk: int, batch, now: float) -> SourceBefore:
+        """Records the batch's number and the counters it carries; what the source's record was before."""
         values = {"source_pk": source_pk, "seq": batch.seq, "now": now, "produced": batch.produced,
                   "dropped": _text(batch.dropped)}
-        for statement in self._record_batch_statements:
-            connection.execute(statement, values)
+        if self._sqlite:
+            read, received, seen = self._record_batch_statements
+            last_seq, produced, dropped = connection.execute(read, values).one()
+            new_seq = connection.execute(received, values).rowcount == 1
+            connection.execute(seen, values)
+        else:
+            last_seq, produced, dropped, new_seq = connection.execute(self._record_batch_statements[0], values).one()
+        return SourceBefore(bool(new_seq), last_seq, produced, json.loads(dropped or "{}"))
 
 
 def _first_of_each_id(valid: ValidBatch) -> ValidBatch:

@@ -341,11 +341,16 @@ def stats_period(conn: Connection, f: Filters, router_pks: Sequence[int], sample
                stats_changes.c.router_pk.in_(sorted(router_pks)))
         .order_by(stats_changes.c.id.desc()).limit(sample)
     ).all()
-    last: Dict[Tuple[int, int], float] = {}
+    return median_interval(((source_pk, replica_pk), collected_at if collected_at is not None else ts)
+                           for replica_pk, collected_at, ts, source_pk in reversed(rows))
+
+
+def median_interval(changes: Iterable[Tuple[Any, float]]) -> Optional[float]:
+    """The median interval between two collections of one replica's stats as one router saw
+    them: `changes` are (its key, say (source, replica), collection time), oldest first."""
+    last: Dict[Any, float] = {}
     intervals = []
-    for replica_pk, collected_at, ts, source_pk in reversed(rows):
-        at = collected_at if collected_at is not None else ts
-        key = (source_pk, replica_pk)
+    for key, at in changes:
         if key in last and at > last[key]:
             intervals.append(at - last[key])
         last[key] = at

@@ -12,7 +12,7 @@ import functools
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, FrozenSet, Optional, Tuple
 
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
@@ -21,14 +21,14 @@ from sqlalchemy.pool import NullPool
 
 from routelens import migrations
 
+from .errors import DatabaseError
+
 if TYPE_CHECKING:
     from alembic.config import Config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-
-class DatabaseError(RuntimeError):
-    """The database cannot be used as it is; the message says what to do."""
+# Values bound in one IN (...): within SQLite's 32,766 parameters and PostgreSQL's 65,535.
+IDS_PER_STATEMENT = 10_000
 
 
 def normalize_url(url: str) -> str:
@@ -120,15 +120,34 @@ def alembic_config(url: str) -> Config:
 
 
 @functools.cache  # the scripts are the installed package's: read once, not at every schema check
-def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
-    """Every migration script's revision, and the revisions it follows (its down_revision)."""
-    revisions = {}
+def _scripts() -> Dict[str, Tuple[Tuple[Optional[str], ...], FrozenSet[str]]]:
+    """Every migration script's revision -> (the revisions it follows, the tables it creates)."""
+    scripts = {}
     for script in (Path(migrations.__file__).parent / "versions").glob("*.py"):
-        identifiers = _script_identifiers(script)
+        text = script.read_text()
+        identifiers = _script_identifiers(script, text)
         if "revision" in identifiers:
             down = identifiers.get("down_revision")
-            revisions[identifiers["revision"]] = tuple(down) if isinstance(down, (tuple, list)) else (down,)
-    return revisions
+            scripts[identifiers["revision"]] = (tuple(down) if isinstance(down, (tuple, list)) else (down,),
+                                                frozenset(_CREATED_TABLE.findall(text)))
+    return scripts
+
+
+def script_revisions() -> Dict[str, Tuple[Optional[str], ...]]:
+    """Every migration script's revision, and the revisions it follows (its down_revision)."""
+    return {revision: downs for revision, (downs, _) in _scripts().items()}
+
+
+def tables_added_after(revision: str) -> FrozenSet[str]:
+    """The tables that migrations after `revision` (one of ours) create: a database there has none of them yet."""
+    scripts = _scripts()
+    reached, todo = set(), [revision]
+    while todo:  # `revision` and every revision before it
+        current = todo.pop()
+        if current is not None and current not in reached and current in scripts:
+            reached.add(current)
+            todo.extend(scripts[current][0])
+    return frozenset(table for other, (_, created) in scripts.items() if other not in reached for table in created)
 
 
 def head_revision() -> str:
@@ -147,12 +166,14 @@ def head_revision() -> str:
 # gh-106905; seen in CI while a collector's thread checked the schema).
 _IDENTIFIER = re.compile(r"^(revision|down_revision)(?:\s*:[^=\n]*)?\s*=\s*(.+?)\s*$", re.MULTILINE)
 _QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+# `op.create_table('name', ...`, as Alembic's autogenerate writes it.
+_CREATED_TABLE = re.compile(r"""op\.create_table\(\s*['"]([^'"]+)['"]""")
 
 
-def _script_identifiers(path: Path) -> dict:
+def _script_identifiers(path: Path, text: str) -> dict:
     """A migration script's `revision` and `down_revision`, as the literals it assigns them."""
     identifiers = {}
-    for name, value in _IDENTIFIER.findall(path.read_text()):
+    for name, value in _IDENTIFIER.findall(text):
         revisions = [single or double for single, double in _QUOTED.findall(value)]
         if value == "None":
             identifiers[name] = None
@@ -233,13 +254,17 @@ def schema_problem(connection, revision: str) -> Optional[str]:
     hold an alembic_version row that names one of our revisions; its tables
     cannot be ours. At head, every table and column of the models must be
     there (the migrations make exactly those: a test compares them); behind
-    head, every table, whose columns the migrations still have to change."""
+    head, every table but those later migrations create (their columns the
+    migrations may still have to change)."""
     from .models import Base  # here: the version check of a command that exits at once needs no models
 
     present = inspect(connection).get_multi_columns()
     columns = {table: {column["name"] for column in found} for (_schema, table), found in present.items()}
+    later = tables_added_after(revision)
     for table in Base.metadata.sorted_tables:
         if table.name not in columns:
+            if table.name in later:  # a later migration creates it
+                continue
             return f"it has no table {table.name}"
         missing = [column.name for column in table.columns if column.name not in columns[table.name]]
         if revision == head_revision() and missing:

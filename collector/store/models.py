@@ -11,7 +11,9 @@ Three kinds of table:
   range (see `collector.store.ids`): no separate time index is needed;
 - `rollups`: counters and fixed histograms per minute and per hour, per
   router and replica, updated in the ingest transaction. Panels read these
-  only.
+  only;
+- `stored_batches`: the batches stored, in the order they were stored, for
+  live readers (`GET /v1/tail`); kept for minutes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     String,
@@ -109,6 +112,25 @@ class SourceBatch(Base):
     received_at: Mapped[float] = mapped_column(Float)
 
 
+class Replay(Base):
+    """A replay's result (`routelens replay`, collector.replay): made by the
+    command, which runs the router; the collector only serves it."""
+
+    __tablename__ = "replays"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)  # a UUID, as text
+    created_at: Mapped[float] = mapped_column(Float, index=True)
+    mode: Mapped[str] = mapped_column(String(32))
+    router_class: Mapped[str] = mapped_column(String(512))  # package.module:Class
+    router_kwargs: Mapped[str] = mapped_column(Text)  # JSON object
+    seed: Mapped[int] = mapped_column(BigInteger)
+    runs: Mapped[int] = mapped_column(Integer)
+    since: Mapped[float] = mapped_column(Float)
+    until: Mapped[float] = mapped_column(Float)
+    filters: Mapped[str] = mapped_column(Text)  # JSON object: the filters as the read API's query takes them
+    result: Mapped[str] = mapped_column(Text)  # JSON object (docs/replay.md)
+
+
 class Replica(Base):
     __tablename__ = "replicas"
     __table_args__ = (UniqueConstraint("deployment_pk", "replica_id"),)
@@ -147,7 +169,7 @@ REFUSAL_COLUMNS = ("decision_id", *ANSWER_QUEUE_LENS)
 
 
 def _answer_columns():
-    """ANSWER_QUEUE_LENS, last in their tables, where migration 0004 added them."""
+    """ANSWER_QUEUE_LENS, last in their tables, where migration 0006 added them."""
     return [Column(name, Integer) for name in ANSWER_QUEUE_LENS]
 
 
@@ -197,7 +219,7 @@ completed = Table(
     Column("ok", Boolean),
     Column("rejected", Boolean, nullable=False),
     Column("extra", Text),
-    # A refusal's (migration 0004; null for the other completions and in events of v1): the decision that
+    # A refusal's (migration 0006; null for the other completions and in events of v1): the decision that
     # supplied the replica, as a routed event's decision_id, and the queue lengths.
     Column("decision_id", EventId),
     *_answer_columns(),
@@ -252,4 +274,26 @@ rollups = Table(
     *(Column(name, Float, nullable=False, server_default="0") for name in ROLLUP_SUMS),
     *(Column(name, Float) for name in ROLLUP_MAXIMA),
     **_clustered,
+)
+
+
+# Each batch that stored decisions, routed or completed events, numbered in the order batches were stored:
+# what a live reader (`GET /v1/tail`, collector.query.tail) follows, by `seq`. The raw tables cannot be
+# followed so: their ids are UUIDv7 that the tracers make, ordered by the clock of the process that made
+# them, not by when a collector stored them (a batch replayed from a spool minutes later, a host whose
+# clock runs behind, the batches of many sources interleaving). One row per batch, with the ids of the
+# events it stored; ingest deletes the rows older than `settings.STORED_BATCHES_KEEP_S`.
+stored_batches = Table(
+    "stored_batches", Base.metadata,
+    # SQLite: a rowid alias with AUTOINCREMENT, so that a number is never given twice, even once the
+    # newest rows are deleted. PostgreSQL: BIGSERIAL.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("stored_at", Float, nullable=False),  # the storing collector's clock
+    Column("router_pk", Integer, nullable=False),
+    # The ids of the events the batch stored, 16 bytes each, one after another, in the batch's order.
+    Column("decision_ids", LargeBinary, nullable=False),
+    Column("routed_ids", LargeBinary, nullable=False),
+    Column("completed_ids", LargeBinary, nullable=False),
+    Index(None, "stored_at"),
+    sqlite_autoincrement=True,
 )

@@ -7,6 +7,7 @@ filters, so that a link shows the same decision to a colleague.
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 from dash import dcc, html
 from sqlalchemy.engine import Connection
@@ -34,16 +35,81 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
                                                   "chosen replica", "rank", "attempt")])),
         html.Tbody(rows),
     ])
-    pager = [dcc.Link("newest", href=state.with_(cursor=None, decision=None).href(prefix), id="explorer-newest")]
+    pager = [dcc.Link("newest", href=state.with_(cursor=None, decision=None).href(prefix), id="explorer-newest"),
+             dcc.Link("stop following" if state.follow else "follow live",
+                      href=state.with_(follow=not state.follow, cursor=None, decision=None).href(prefix),
+                      id="explorer-follow", style={"marginLeft": "16px"})]
     if page["next_cursor"]:
         pager.append(dcc.Link("older →", href=state.with_(cursor=page["next_cursor"], decision=None).href(prefix),
                               id="explorer-older", style={"marginLeft": "16px"}))
     children = [section(f"Decisions ({len(rows)} shown)", [
         downloads("explorer-download", prefix, state.export_query(f), "decisions"),
         listing, html.Div(pager, className="pager")])]
+    if state.follow:
+        children.insert(0, _live(state))
     if state.decision:
         children.insert(0, _detail(conn, state.decision))
     return html.Div(children)
+
+
+def _live(state: ViewState) -> html.Section:
+    """Decisions as the collector stores them: the page's script (`LIVE_SCRIPT`) reads
+    GET /v1/tail (Server-Sent Events, with the sign-in cookie) into this table, newest first."""
+    query = urlencode([(key, value) for key, values in (("app", state.apps), ("deployment", state.deployments),
+                                                        ("router_class", state.router_classes),
+                                                        ("label", state.labels)) for value in values])
+    tail = "/v1/tail" + (f"?{query}" if query else "")
+    return section("Live: decisions as they are stored", [
+        html.Table(id="explorer-live", className="figures", **{"data-tail": tail},
+                   children=[html.Thead(html.Tr([html.Th(c) for c in (
+                       "time (UTC)", "deployment", "request id", "ranking", "chosen replica", "rank", "outcome")])),
+                       html.Tbody(id="explorer-live-rows")]),
+        html.P("The newest 200; what arrives while this page is away is not shown.", className="card-note")])
+
+
+# Follows the live table's stream while the table is on the page (Dash redraws views: it polls for it).
+LIVE_SCRIPT = """
+(function () {
+  var source = null, url = null;
+  function text(value) { return value === null || value === undefined ? "\u2013" : String(value); }
+  function outcome(o) { return !o ? "" : o.rejected ? "refused" : o.ok === false ? "failed" :
+                        "ok" + (o.latency_ms === null ? "" : " " + o.latency_ms.toFixed(1) + " ms"); }
+  function cells(kind, r) {
+    if (kind === "missed") return ["", "", "", r.count + " events missed (this page fell behind)", "", "", ""];
+    if (kind === "unavailable") return ["", "", "", "the collector cannot read its database now", "", "", ""];
+    var time = new Date(r.ts * 1000).toISOString().slice(11, 23);  // (the records above have no time)
+    var where = r.app + "/" + r.deployment;
+    if (kind === "decision")
+      return [time, where, text(r.request_id), r.ranks.map(function (rank) { return "[" + rank.join(" ") + "]"; })
+              .join(" "), text(r.replica), text(r.rank), outcome(r.outcome)];
+    if (kind === "routed") return [time, where, text(r.request_id), "(decided before)", r.replica, text(r.rank), ""];
+    return [time, where, text(r.internal_request_id), "(decided before)", r.replica, "", outcome(r)];
+  }
+  function add(kind, event) {
+    var rows = document.getElementById("explorer-live-rows");
+    if (!rows) return;
+    var tr = document.createElement("tr");
+    tr.className = "live-" + kind;
+    cells(kind, JSON.parse(event.data)).forEach(function (value) {
+      var td = document.createElement("td"); td.textContent = value; tr.appendChild(td);
+    });
+    rows.insertBefore(tr, rows.firstChild);
+    while (rows.children.length > 200) rows.removeChild(rows.lastChild);
+  }
+  setInterval(function () {
+    var table = document.getElementById("explorer-live");
+    var wanted = table ? table.getAttribute("data-tail") : null;
+    if (wanted === url) return;
+    if (source) source.close();
+    source = null; url = wanted;
+    if (!wanted) return;
+    source = new EventSource(wanted);
+    ["decision", "routed", "completed", "missed", "unavailable"].forEach(function (kind) {
+      source.addEventListener(kind, function (event) { add(kind, event); });
+    });
+  }, 300);
+})();
+"""
 
 
 def _detail(conn: Connection, decision_id: str) -> html.Section:

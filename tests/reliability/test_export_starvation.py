@@ -135,7 +135,8 @@ def test_stalled_exports_do_not_starve_ingest_or_reads(server):
 
 def test_a_full_pool_is_a_503_with_retry_after_never_a_500(db_url):
     """Requests that find every pooled connection taken for the pool's whole
-    timeout are told to come back, as when the database is away."""
+    timeout are told to come back, as when the database is away. /metrics
+    needs no connection: it answers, and says so."""
     engine = create_engine(normalize_url(db_url), pool_size=1, max_overflow=0, pool_timeout=0.5)
     app = create_app(Settings(db_url=db_url, retention_s=None, minute_rollup_retention_s=None), engine=engine)
     src = WireSource("full-pool-test")
@@ -146,13 +147,17 @@ def test_a_full_pool_is_a_503_with_retry_after_never_a_500(db_url):
             answers = [client.post("/v1/events", content=body, headers={"content-type": "application/json",
                                                                           "content-encoding": "gzip"}),
                        client.get("/v1/summary", params={"window": "1h"}),
-                       client.get("/v1/sources", params={"window": "1h"}),
-                       client.get("/metrics")]
+                       client.get("/v1/sources", params={"window": "1h"})]
             for answer in answers:
                 assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1"), answer.text
+            metrics = client.get("/metrics")
+            assert metrics.status_code == 200
+            assert "routelens_database_available 0.0" in metrics.text
+            assert "routelens_database_unavailable_total 3.0" in metrics.text
         # The connection given back: served again.
         with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
             assert client.get("/v1/summary", params={"window": "1h"}).status_code == 200
+            assert "routelens_database_available 1.0" in client.get("/metrics").text
     finally:
         engine.dispose()
 

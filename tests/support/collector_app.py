@@ -10,7 +10,23 @@ from sqlalchemy import func, select
 
 from routelens.collector.api.app import create_app
 from routelens.collector.settings import Settings
+from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import ROLLUP_KEY, Base, rollups
+
+
+def rows(db_url: str, table) -> int:
+    """Rows in one table of the database, read on a connection of their own."""
+    return scalar(db_url, select(func.count()).select_from(table))
+
+
+def scalar(db_url: str, query):
+    """One value the database answers `query` with, on a connection of its own."""
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return connection.scalar(query)
+    finally:
+        engine.dispose()
 
 
 class Collector:

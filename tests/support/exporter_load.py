@@ -56,15 +56,23 @@ async def drive(routers, requests_per_s: float, seconds: float, peaks: dict, exp
 
 
 def watch_posts(exporter: Exporter, peaks: dict) -> None:
-    """Record the longest POST: the exporter thread waits for it while the queue fills."""
+    """Record the longest POST (the exporter thread waits for it while the
+    queue fills) and count the POSTs that failed: answered 5xx or not at all.
+    Those counts, not the spool's sampled size, show that a fault reached the
+    exporters: on a starved machine the spool can fill and drain between two
+    samples of the routing loop."""
     original = CollectorClient._request
 
     def timed(client, payload):
         started = time.monotonic()
+        answered = None
         try:
-            return original(client, payload)
+            answered = original(client, payload)
+            return answered
         finally:
             peaks["post_s"] = max(peaks["post_s"], round(time.monotonic() - started, 2))
+            if answered is None or answered[0] >= 500:
+                peaks["failed_posts"] += 1
 
     CollectorClient._request = timed
 
@@ -88,7 +96,7 @@ def main() -> None:
     # timeout): the point is how those behave.
     exporter = Exporter(TracerConfig(spool_max_bytes=args.spool_max_bytes, queue_max_events=args.queue_max_events,
                                      **router_kwargs))
-    peaks = {"queue": 0, "queue_at_s": None, "spool_bytes": 0, "post_s": 0.0}
+    peaks = {"queue": 0, "queue_at_s": None, "spool_bytes": 0, "post_s": 0.0, "failed_posts": 0}
     watch_posts(exporter, peaks)
 
     async def scenario():

@@ -17,9 +17,9 @@ existing row on either backend (PostgreSQL 11 and later, SQLite): the
 upgrade is quick on a large database. The downgrade drops them (SQLite
 3.35 and later drop a column in place), and the figures with them.
 
-Revision ID: 0004
-Revises: 0003
-Create Date: 2026-12-07
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-08
 
 """
 from typing import Sequence, Union
@@ -28,8 +28,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0004'
-down_revision: Union[str, Sequence[str], None] = '0003'
+revision: str = '0006'
+down_revision: Union[str, Sequence[str], None] = '0005'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 

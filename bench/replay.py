@@ -1,0 +1,129 @@
+"""Replay speed and memory, both modes (`routelens replay --mode decisions|simulate`), on bench/queries.py's database.
+
+Replays the `--decisions` (default 1,000,000) recorded decisions of the
+database `bench/queries.py` builds (pow-2 decisions over 50 replicas and
+7 days, from 2 traced routers, with their routed and completed events;
+loaded once and cached in /tmp, read here, never written) through
+`--router` (default: Ray's pow-2), in each mode of `--modes`, through the
+mode's own function as the command calls it, with a progress bar, and
+prints its rate and memory: this process's resident set sampled every
+tenth of the way (flat: constant memory) and its peak, with the SQLite
+reader process's peak.
+
+Machines are shared and noisy: as a baseline measured in the same run, the
+time the router's own `choose_replicas` took inside the replay (timed
+around each call) gives the calls per second it manages alone on the same
+inputs; each mode's rate is given as a ratio to it. The issue's targets:
+decisions mode replays at least half as many decisions per second
+(>= 0.5), simulate at least a quarter (>= 0.25: its rate counts the
+`choose_replicas` calls of both its runs, the recorded router's and the
+given one's, over the whole call, reading included).
+
+    .venv/bin/python bench/replay.py [--decisions 1000000] [--modes decisions,simulate] [--router module:Class]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from importlib import import_module
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+
+from queries import database  # noqa: E402
+
+from routelens.collector.query.filters import Filters  # noqa: E402
+from routelens.collector.replay import MODES  # noqa: E402
+from routelens.collector.replay.spec import RouterSpec  # noqa: E402
+from routelens.collector.store.db import make_engine  # noqa: E402
+
+POW_2 = "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
+TARGETS = {"decisions": 0.5, "simulate": 0.25}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class Timing:
+    """Time spent inside the timed router's choose_replicas, and its calls."""
+    seconds = 0.0
+    calls = 0
+
+
+def timed(cls: type) -> type:
+    """`cls`, its choose_replicas timed (Timing); importable as __main__:Timed, as the replay imports routers."""
+    class Timed(cls):
+        async def choose_replicas(self, candidate_replicas, pending_request=None):
+            started = time.perf_counter()
+            try:
+                return await super().choose_replicas(candidate_replicas, pending_request)
+            finally:
+                Timing.seconds += time.perf_counter() - started
+                Timing.calls += 1
+
+    return Timed
+
+
+def run(mode: str, path: str, window: Filters, expected: int) -> None:
+    replay = import_module(MODES[mode].module).replay
+    options = {"runs": 2} if mode == "decisions" else {}  # decisions: the fewest runs it makes
+    total = expected * options.get("runs", 1)
+    Timing.seconds, Timing.calls = 0.0, 0
+    samples, done = [], [0]
+    engine = make_engine(f"sqlite:///{path}", sqlite_cache_mb=8)
+    with Progress(TextColumn(f"{mode:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task(mode, total=total)
+
+        def progress(n: int) -> None:
+            bar.advance(task, n)
+            done[0] += n
+            if done[0] * 10 // total > len(samples):
+                samples.append(rss_mb())
+
+        with engine.connect() as connection:
+            started = time.perf_counter()
+            result = replay(connection, window, RouterSpec("__main__:Timed"), 0, progress, **options)
+            elapsed = time.perf_counter() - started
+    engine.dispose()
+    if mode == "decisions":
+        calls = result["decisions"] * result["runs"]
+    else:  # both runs' calls: the recorded router's and the timed one's
+        calls = sum(d[column]["decisions"] for d in result["deployments"]
+                    for column in ("recorded_simulated", "replay") if d[column] is not None)
+    rate, alone = calls / elapsed, Timing.calls / Timing.seconds
+    print(f"{mode}: {calls:,} choose_replicas calls in {elapsed:.1f} s: {rate:,.0f}/s; the router's "
+          f"choose_replicas alone on the same inputs: {alone:,.0f}/s; ratio {rate / alone:.3f} "
+          f"(target >= {TARGETS[mode]})")
+    print(f"  memory: RSS every tenth of the way {', '.join(f'{mb:.0f}' for mb in samples)} MB; "
+          f"peak {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB "
+          f"(the SQLite reader process: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MB)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--decisions", type=int, default=1_000_000)
+    parser.add_argument("--modes", default="decisions,simulate")
+    parser.add_argument("--router", default=POW_2)
+    parser.add_argument("--db", help="database file (default: bench/queries.py's, "
+                                     "/tmp/routelens-bench-queries-<decisions>.db)")
+    args = parser.parse_args()
+    path, info = database(args.decisions, args.db)
+    sys.modules["__main__"].Timed = timed(RouterSpec(args.router).load())
+    window = Filters(since=info["start"], until=info["end"] + 1)
+    for mode in args.modes.split(","):
+        run(mode, path, window, info["decisions"] if mode == "decisions" else info["events"]["routed"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""`routelens replay --mode simulate` (collector.replay.simulate), without a Ray instance.
+
+Calibration: traffic recorded through the offline harness (routers.testing:
+the real traced router, Ray's own routing and sending code, replicas that
+hold `max_ongoing_requests` slots for a service time, in real time) is
+imported, then simulated through the recorded router itself: each
+replica's share must come within 2 percentage points of the recorded one,
+and latency p50 and p99 within 15% (docs/replay.md, "Simulate"). The same
+on real Serve: tests/test_replay_prediction.py.
+
+The rest runs on synthetic recordings (wire batches, imported): the same
+seed gives the same result; a queue-aware router sends a slow replica less
+than a uniform one; recorded stats reach a stats-driven router when the
+recorded one saw them; what cannot be simulated is said; memory does not grow
+with the number of requests; the command stores the result, which the API
+serves, prints it in 80 columns, and refuses what it cannot simulate in one
+line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import tracemalloc
+from typing import Dict, List, Optional
+
+import pytest
+from ray.serve.request_router import RequestRouter
+
+from routelens.collector.cli import main as routelens
+from routelens.collector.export import chunks
+from routelens.collector.ingest.importer import import_files
+from routelens.collector.ingest.writer import Ingestor
+from routelens.collector.query.filters import Filters
+from routelens.collector.replay import simulate, simulation_inputs
+from routelens.collector.replay.spec import RouterSpec
+from routelens.collector.store.db import check_schema, make_engine
+from routelens.collector.store.models import Replay
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter, TracedUniformRequestRouter
+from routelens.routers.testing import (
+    FakeReplica,
+    FakeResult,
+    RayRouter,
+    make_replicas,
+    make_request,
+    make_router,
+    recorded_events,
+)
+from tests.support.collector_app import Collector, rows
+from tests.support.replay_bounds import CALIBRATION, calibration_pairs, misses
+from tests.support.wire_source import WireSource
+
+POW2 = "ray.serve._private.request_router.pow_2_router:PowerOfTwoChoicesRequestRouter"
+UNIFORM = "routelens.routers.examples:UniformRequestRouter"
+THROUGHPUT = "routelens.routers.examples:ThroughputAwareRequestRouter"
+EVERYTHING = Filters(since=0.0, until=4e9)
+
+
+def run(db_url: str, router: str = POW2, seed: int = 0, f: Filters = EVERYTHING, on_progress=lambda n: None,
+        **options) -> dict:
+    engine = make_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return simulate.replay(conn, f, RouterSpec(router), seed, on_progress, **options)
+    finally:
+        engine.dispose()
+
+
+def import_into(tmp_path, paths: List[str]) -> str:
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    engine = make_engine(url)
+    check_schema(engine, url)
+    report = import_files(Ingestor(engine), paths, 20_000)
+    engine.dispose()
+    assert not report.problems, report.problems
+    return url
+
+
+# --- recordings made with the offline harness, in real time ---
+
+class ServingReplica(FakeReplica):
+    """A fake replica that holds a slot for its service time (mean x U(0.5, 1.5)) and refuses when full."""
+
+    def serve(self, mean_s: float, rng: random.Random) -> "ServingReplica":
+        self.mean_s, self.rng = mean_s, rng
+        return self
+
+    def try_send_request(self, pr, with_rejection: bool) -> FakeResult:
+        if self.queue_len >= self.max_ongoing_requests:
+            return FakeResult(accepted=False, queue_len=self.queue_len)
+        self.queue_len += 1
+        result = FakeResult(accepted=True, queue_len=self.queue_len)
+        asyncio.get_running_loop().call_later(self.mean_s * self.rng.uniform(0.5, 1.5), self._done, result)
+        return result
+
+    def _done(self, result: FakeResult) -> None:
+        self.queue_len -= 1
+        result.finish("done")
+
+
+FAST_S, SLOW = 0.03, 4.0  # service times: three fast replicas and one 4x slower, two slots each
+SLOTS = 2
+
+
+def offline_recording(router_cls: type, path: str, seconds: float, load: float, seed: int) -> int:
+    """Poisson traffic at `load` x capacity through a traced router on the offline harness
+    (Ray's own routing, sending, retries and hooks), recorded to `path`. Returns the requests sent."""
+    means = [FAST_S * SLOW, FAST_S, FAST_S, FAST_S]
+    rate = load * sum(SLOTS / mean for mean in means)
+
+    async def scenario():
+        rng = random.Random(seed)
+        router = make_router(router_cls, n_replicas=0, record_to=path)
+        router.update_replicas([ServingReplica(fake.replica_id, max_ongoing_requests=SLOTS).serve(mean, rng)
+                                for fake, mean in zip(make_replicas(len(means)), means)])
+        ray_router = RayRouter(router)
+
+        async def request():
+            pr = make_request()
+            retry = False
+            while await ray_router._route_and_send_request_once(pr, "response", is_retry=retry) is None:
+                retry = True  # refused: Ray's route_and_send_request retries it so
+
+        ray_router._event_loop = asyncio.get_running_loop()
+        requests = []
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            await asyncio.sleep(rng.expovariate(rate))
+            requests.append(asyncio.ensure_future(request()))
+        await asyncio.gather(*requests)
+        await asyncio.sleep(0.1)  # the last completions reach the router
+        return router, len(requests)
+
+    router, sent = asyncio.run(scenario())
+    recorded_events(router)  # waits until everything is written
+    return sent
+
+
+@pytest.fixture(scope="module")
+def offline_recordings(tmp_path_factory) -> Dict[str, str]:
+    """A database per router: 12 s of Poisson traffic at 70% of capacity."""
+    out = {}
+    for name, cls, seed in (("pow2", TracedPowerOfTwoChoicesRequestRouter, 3),
+                            ("uniform", TracedUniformRequestRouter, 4)):
+        tmp = tmp_path_factory.mktemp(f"offline-{name}")
+        path = str(tmp / "events.jsonl")
+        offline_recording(cls, path, seconds=12.0, load=0.7, seed=seed)
+        out[name] = import_into(tmp, [path])
+    return out
+
+
+def replica_rows(result: dict) -> List[dict]:
+    return [replica for d in result["deployments"] for replica in d["replicas"]]
+
+
+@pytest.mark.parametrize("recorded", ["pow2", "uniform"])
+def test_simulating_the_recorded_router_reproduces_the_recording(offline_recordings, recorded):
+    result = run(offline_recordings[recorded], POW2 if recorded == "pow2" else UNIFORM)
+    [deployment] = result["deployments"]
+    assert deployment["recorded"]["requests"] > 1000
+    assert deployment["recorded_simulated"]["unfinished"] == 0
+    assert deployment["recorded_simulated"]["requests"] == deployment["recorded"]["requests"]
+    # 12 s recordings: a replica's share is within the issue's 2 pp or within chance (misses' docstring).
+    missed = misses(calibration_pairs(result), **CALIBRATION, requests=deployment["recorded"]["requests"])
+    assert not missed, "\n".join(missed)
+
+
+def test_the_same_seed_gives_the_same_result(offline_recordings):
+    first, again = run(offline_recordings["pow2"], seed=7), run(offline_recordings["pow2"], seed=7)
+    other = run(offline_recordings["pow2"], seed=8)
+    assert first == again
+    assert replica_rows(first) != replica_rows(other)
+
+
+# --- synthetic recordings ---
+
+def synthetic(tmp_path, latencies_ms: Dict[str, float], rate: float, seconds: float, seed: int = 1,
+              router_class: str = "routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter",
+              max_ongoing: int = 5, stats: Optional[Dict[str, dict]] = None, period_s: float = 1.0,
+              few: Optional[str] = None) -> str:
+    """A recording of Poisson arrivals routed round-robin, each replica with its own fixed latency
+    (+-50%); `stats`: what each replica reports every `period_s`; `few`: a replica that served 5 only."""
+    rng = random.Random(seed)
+    source = WireSource("synthetic", app="app", deployment="Model", router_class=router_class)
+    t0 = 1_700_000_000.0
+    replicas = sorted(latencies_ms)
+    members = source.replicas(t0 - 1, replicas)
+    for member in members["replicas"]:
+        # On the router's node: the guide's throughput-aware router finds no replica on another one.
+        member.update(max_ongoing_requests=max_ongoing, node_id=source.info["node_id"])
+    events = [members]
+    t, i = t0, 0
+    served = {r: 0 for r in replicas}
+    while t < t0 + seconds:
+        t += rng.expovariate(rate)
+        replica = replicas[i % len(replicas)]
+        i += 1
+        if replica == few and served[replica] >= 5:
+            replica = replicas[(replicas.index(replica) + 1) % len(replicas)]
+        served[replica] += 1
+        decision = source.decision(t, [[replica]], request_id=f"r{i}", internal_request_id=f"i{i}")
+        routed = source.routed(t + 0.001, replica, decision, queue_wait_ms=1.0)
+        latency = latencies_ms[replica] * rng.uniform(0.5, 1.5)
+        events += [decision, routed, source.completed(t + 0.001 + latency / 1000, replica, routed, latency)]
+    if stats:
+        at = t0
+        while at < t0 + seconds:
+            events += [source.stats(at, replica, values, collected_at=at) for replica, values in stats.items()]
+            at += period_s
+    events.sort(key=lambda e: e["ts"])
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "synthetic.jsonl"
+    with open(path, "w") as f:
+        for start in range(0, len(events), 1000):
+            f.write(json.dumps(source.batch(events[start:start + 1000])) + "\n")
+    return import_into(tmp_path, [str(path)])
+
+
+def shares(result: dict, column: str) -> Dict[str, float]:
+    return {row["replica_id"]: row[column]["share"] for row in replica_rows(result)}
+
+
+def test_a_queue_aware_router_sends_a_slow_replica_less_than_a_uniform_one(tmp_path):
+    # At 10% of capacity the slow replica (4x) is seldom full, so Uniform gives it its quarter.
+    db = synthetic(tmp_path, {"slow": 400.0, "fast-1": 100.0, "fast-2": 100.0, "fast-3": 100.0},
+                   rate=0.1 * (3 * 5 / 0.1 + 5 / 0.4), seconds=120)
+    queue_aware = shares(run(db, POW2), "replay")
+    uniform = shares(run(db, UNIFORM), "replay")
+    assert uniform["slow"] == pytest.approx(0.25, abs=0.03)
+    assert queue_aware["slow"] < uniform["slow"] - 0.05
+
+
+def test_recorded_stats_reach_a_stats_driven_router_as_the_recorded_one_saw_them(tmp_path):
+    # The guide's throughput-aware router sends to the replica reporting the least throughput.
+    reported = {"a": {"throughput": 50}, "b": {"throughput": 1}, "c": {"throughput": 50}}
+    db = synthetic(tmp_path, {"a": 50.0, "b": 50.0, "c": 50.0}, rate=10, seconds=30, stats=reported, period_s=1.0)
+    replayed = shares(run(db, THROUGHPUT), "replay")
+    assert replayed["b"] > 0.9  # from the first refresh on
+
+
+def test_a_replica_with_few_latencies_draws_from_its_deployments(tmp_path):
+    db = synthetic(tmp_path, {"a": 50.0, "b": 50.0, "c": 50.0}, rate=20, seconds=20, few="c")
+    by_id = {row["replica_id"]: row for row in replica_rows(run(db))}
+    assert by_id["c"]["service_samples"] == 5 and by_id["c"]["service_times"] == "deployment's"
+    assert by_id["a"]["service_times"] == "own"
+
+
+def test_max_ongoing_requests_can_be_overridden(tmp_path):
+    db = synthetic(tmp_path, {"a": 200.0, "b": 200.0}, rate=15, seconds=20)
+    recorded_slots, one_slot = run(db), run(db, max_ongoing_requests=1)
+    assert {row["max_ongoing_requests"] for row in replica_rows(recorded_slots)} == {5}
+    assert {row["max_ongoing_requests"] for row in replica_rows(one_slot)} == {1}
+    [deployment] = one_slot["deployments"]
+    assert deployment["replay"]["rejections"] > 0
+    assert deployment["replay"]["queue_wait_ms"]["p95"] > 50.0  # 15/s on two 200 ms slots: a queue
+
+
+def test_a_recorded_router_that_does_not_import_here_is_not_simulated(tmp_path):
+    db = synthetic(tmp_path, {"a": 50.0, "b": 50.0}, rate=10, seconds=10, router_class="__main__.ScriptRouter")
+    result = run(db)
+    [deployment] = result["deployments"]
+    assert deployment["recorded_simulated"] is None and deployment["replay"]["requests"] > 0
+    assert any("__main__.ScriptRouter cannot be used here" in note for note in result["notes"])
+    assert all(row["recorded_simulated"] is None for row in replica_rows(result))
+
+
+def test_progress_is_reported_as_requests_replay(tmp_path, monkeypatch):
+    monkeypatch.setattr(simulate, "BATCH", 50)
+    db = synthetic(tmp_path, {"a": 50.0, "b": 50.0}, rate=50, seconds=20)
+    told = []
+    result = run(db, on_progress=told.append)
+    assert len(told) > 5 and set(told[:-1]) == {50}
+    assert sum(told) == result["deployments"][0]["recorded"]["requests"] == result["requests"]
+
+
+def test_memory_does_not_grow_with_the_recorded_requests(tmp_path, monkeypatch):
+    # Chunks small enough that both recordings take many of them, and reservoirs that both fill.
+    monkeypatch.setattr(chunks, "CHUNK_ROWS", 500)
+    monkeypatch.setattr(simulation_inputs, "RESERVOIR", 300)
+    peaks = []
+    for seconds in (100, 400):
+        db = synthetic(tmp_path / str(seconds), {"a": 50.0, "b": 50.0, "c": 50.0}, rate=40, seconds=seconds)
+        run(db)  # the first run imports what it needs
+        tracemalloc.start()
+        result = run(db)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert result["deployments"][0]["recorded"]["requests"] > 3000
+    assert peaks[1] < peaks[0] * 1.25, peaks
+
+
+# --- the command ---
+
+class Sleeper(RequestRouter):
+    """Awaits something outside the router in choose_replicas: the simulation cannot run it."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        await asyncio.sleep(0.001)
+        return [candidate_replicas]
+
+
+@pytest.fixture
+def small(tmp_path) -> str:
+    return synthetic(tmp_path, {"a": 50.0, "b": 80.0}, rate=20, seconds=10)
+
+
+def test_the_command_stores_the_simulation_the_api_serves_it_and_the_tables_fit(small, capsys):
+    capsys.readouterr()
+    assert routelens(["replay", "--db", small, "--mode", "simulate", "--router", UNIFORM, "--seed", "3",
+                      "--max-ongoing-requests", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["mode"], printed["router_class"], printed["seed"], printed["runs"]) == ("simulate", UNIFORM, 3, 1)
+    [deployment] = printed["result"]["deployments"]
+    assert {r["replica_id"]: r["max_ongoing_requests"] for r in deployment["replicas"]} == {"a": 2, "b": 2}
+    for column in ("recorded", "recorded_simulated", "replay"):
+        assert deployment[column]["requests"] == deployment["recorded"]["requests"] > 0
+    collector = Collector(small)
+    try:
+        assert collector.get(f"/v1/replays/{printed['id']}") == printed
+    finally:
+        collector.close()
+
+    assert routelens(["replay", "--db", small, "--mode", "simulate", "--router", UNIFORM]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").splitlines()
+    assert max(map(len, lines)) <= 80
+    assert any(line.strip().startswith("share of a") for line in lines) and any("latency" in line for line in lines)
+    assert lines[-1].startswith("stored as replay ") and rows(small, Replay.__table__) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "simulate", "--router", "tests.test_replay_simulate:Sleeper"], "cannot be simulated"),
+    (["--mode", "simulate", "--router", UNIFORM, "--since", "0", "--until", "100"], "no recorded requests"),
+    (["--mode", "simulate", "--router", UNIFORM, "--runs", "3"], "--runs is not an option of --mode simulate"),
+    (["--router", UNIFORM, "--max-ongoing-requests", "2"], "--max-ongoing-requests is not an option of --mode "
+                                                             "decisions"),
+])
+def test_what_cannot_be_simulated_is_one_line_and_stores_nothing(small, capsys, args, message):
+    capsys.readouterr()
+    assert routelens(["replay", "--db", small, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert rows(small, Replay.__table__) == 0
