@@ -96,9 +96,11 @@ def test_every_stored_decision_appears_once_in_order_with_its_outcome(server):
         store(server, source.batch(events))
         sent += [e["id"] for e in events if e["type"] == "decision"]
     for source, routed in pending:
-        store(server, source.batch([source.completed(time.time(), r["replica_id"], r, ok=False, latency_ms=9.0)
-                                    for r in routed]))
-    later = sum(len(routed) for _source, routed in pending)
+        # And a refusal (wire format v2), which names the decision that supplied the replica.
+        refusal = source.completed(time.time(), "r1", rejected=True, decision={"id": routed[0]["decision_id"]})
+        store(server, source.batch([refusal] + [source.completed(time.time(), r["replica_id"], r, ok=False,
+                                                                 latency_ms=9.0) for r in routed]))
+    later = sum(len(routed) + 1 for _source, routed in pending)
     lines = [json.loads(process.stdout.readline()) for _ in range(len(sent) + later)]
     stop(process)
     decisions = [line for line in lines if line["type"] == "decision"]
@@ -108,7 +110,10 @@ def test_every_stored_decision_appears_once_in_order_with_its_outcome(server):
     completions = [line for line in lines if line["type"] == "completed"]
     assert len(completions) == later
     by_id = {d["id"] for d in decisions if d["outcome"] is None}
-    assert {c["decision_id"] for c in completions} == by_id and all(c["ok"] is False for c in completions)
+    assert {c["decision_id"] for c in completions} == by_id
+    assert all(c["ok"] is False for c in completions if not c["rejected"])
+    assert sorted(c["decision_id"] for c in completions if c["rejected"]) == \
+        sorted(routed[0]["decision_id"] for _source, routed in pending)
 
 
 def test_filters_and_the_text_lines(server):

@@ -52,9 +52,10 @@ _DECISION = (decisions.c.id, decisions.c.ts, decisions.c.request_id, decisions.c
              decisions.c.model_id, decisions.c.attempt, stored_bytes(decisions.c.ranking).label("ranking"))
 _ROUTED = (routed.c.id, routed.c.ts, routed.c.decision_id, routed.c.replica_pk, routed.c.rank, routed.c.own_ranking,
            routed.c.request_id)
+# The decision an outcome belongs to: its routing's, or the one a refusal names (wire format v2).
 _COMPLETED = (completed.c.id, completed.c.ts, completed.c.routed_id, completed.c.replica_pk,
               completed.c.internal_request_id, completed.c.latency_ms, completed.c.ok, completed.c.rejected,
-              routed.c.decision_id)
+              func.coalesce(routed.c.decision_id, completed.c.decision_id).label("decision_id"))
 
 
 def newest(conn: Connection) -> int:
