@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Tuple
 
 from .faults import faults
 
@@ -76,6 +76,17 @@ def bounded(reason: Any, scores: Dict[str, Any]) -> Optional[Explanation]:
             continue
         kept[name] = number
     return reason, kept
+
+
+async def explained(choose: Callable[..., Awaitable[Any]], *args: Any) -> Tuple[Any, Optional[Explanation]]:
+    """`await choose(*args)` as one decision: its result, and what was explained while it ran.
+    For callers that run a router's choose_replicas themselves (`routelens replay`)."""
+    slot: list = [None]
+    token = current.set(slot)
+    try:
+        return await choose(*args), slot[0]
+    finally:
+        current.reset(token)
 
 
 def _finite(value: Any) -> Optional[float]:

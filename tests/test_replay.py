@@ -40,7 +40,17 @@ class LeastLoaded(RequestRouter):
         return [[r] for r in sorted(candidate_replicas, key=lambda r: (_load(r.routing_stats), r.replica_id.unique_id))]
 
 
-class TracedLeastLoaded(TracingMixin, LeastLoaded):
+class ExplainedLeastLoaded(LeastLoaded):
+    """LeastLoaded, saying whether its first replica is lightly loaded, and how much (routelens_explain)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ranks = await super().choose_replicas(candidate_replicas, pending_request)
+        load = _load(ranks[0][0].routing_stats)
+        self.routelens_explain("light" if load < 0.2 else "loaded", load=load)
+        return ranks
+
+
+class TracedLeastLoaded(TracingMixin, ExplainedLeastLoaded):
     pass
 
 
@@ -181,7 +191,22 @@ def test_a_traced_class_replays_as_its_router_and_ships_nothing(db, capsys, tmp_
                     "--kwargs", json.dumps({"jsonl_path": str(sink)}))
     plain = replay(db, capsys, "--router", "tests.test_replay:LeastLoaded")
     assert not list((tmp_path / "sink").iterdir())
-    assert only_deployment(traced) == only_deployment(plain)
+    traced, plain = only_deployment(traced), only_deployment(plain)
+    # The traced class explains its decisions (ExplainedLeastLoaded), the plain one does not: all else is alike.
+    assert traced["replay"].pop("reasons") and plain["replay"].pop("reasons") == []
+    assert traced == plain
+
+
+def test_the_replayed_routers_reasons_are_counted_beside_the_recorded_ones(db, capsys, recording):
+    _, events = recording
+    sent = Counter(e["reason"] for e in events if e["type"] == "decision")
+    assert set(sent) == {"light", "loaded"}  # every decision explained, both ways
+    d = only_deployment(replay(db, capsys, "--router", "tests.test_replay:TracedLeastLoaded"))
+    recorded = {r["reason"]: r["decisions"] for r in d["recorded"]["reasons"]}
+    # The recorded router, on the inputs it had: the same reasons, as often.
+    replayed = {r["reason"]: r["decisions"] for r in d["replay"]["reasons"]}
+    assert recorded == sent
+    assert replayed == {reason: {"mean": n, "low": n, "high": n} for reason, n in sent.items()}
 
 
 def expected_figures(events, order):

@@ -449,9 +449,9 @@ def reasons(conn: Connection, f: Filters, sc: Scope, decisions_by_deployment: Op
         out.append({
             **sc.deployments[deployment_pk], "decisions": decisions, "explained": explained,
             "unexplained": None if f.reasons or decisions is None else max(decisions - explained, 0),
-            "reasons": [{**_reason_name(reason), "decisions": count, "share": _rate(count, decisions)}
+            "reasons": [{**reason_name(reason), "decisions": count, "share": _rate(count, decisions)}
                         for reason, count in sorted(totals.items(), key=lambda item: (-item[1], item[0]))],
-            "points": [{"t": t, "reasons": [{**_reason_name(reason), "decisions": count}
+            "points": [{"t": t, "reasons": [{**reason_name(reason), "decisions": count}
                                             for reason, count in sorted(by_reason.items())]}
                        for t, by_reason in sorted(by_step.items())],
         })
@@ -459,7 +459,7 @@ def reasons(conn: Connection, f: Filters, sc: Scope, decisions_by_deployment: Op
     return {"step_s": step, "deployments": out}
 
 
-def _reason_name(reason: str) -> dict:
+def reason_name(reason: str) -> dict:
     """A reason as stored in `reason_rollups`: its name, or the deployment's other reasons beyond the bound."""
     other = reason == OTHER_REASONS
     return {"reason": None if other else reason, "other": other}

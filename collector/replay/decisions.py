@@ -37,11 +37,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from sqlalchemy.engine import Connection
 
+from routelens.routers.explanations import explained
 from routelens.routers.testing import make_replica, make_request, prime_queue_len_cache
 
 from ..query.filters import Filters
 from . import DEFAULT_RUNS
-from .figures import DeploymentTally, Tally, rank_bin, report
+from .figures import DeploymentTally, Tally, count_reason, rank_bin, report
 from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, RecordedDecision, recorded_decisions
 from .spec import ReplayError, RouterSpec, build_router
 
@@ -104,6 +105,9 @@ class _SourceReplay:
     def __init__(self, cls: type, kwargs: Dict[str, Any], d: RecordedDecision):
         self.now = d.ts  # the router's clock (its queue-length cache's): the recorded time of the decision
         self.router = build_router(cls, kwargs, d.app, d.deployment, d.source, d.members, self.clock)
+        # The wrapped router's choose_replicas, as the mixin calls it, for a traced class (its tracer is
+        # off): called through routers.explanations, so that what the router explains is counted here.
+        self.choose = getattr(self.router, "_routelens_choose", self.router.choose_replicas)
         self.cache = self.router.replica_queue_len_cache
         self.fakes: Dict[str, Any] = {}
         self.candidates: List[Any] = []  # the replicas, in the order given to update_replicas, as Ray passes them
@@ -214,6 +218,8 @@ async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
                 source.tally = t
             t = source.tally
             t.decisions += 1
+            if d.reason is not None:
+                count_reason(t.reasons, d.reason)
             t.membership_inferred += d.membership_inferred
             resynced = source.sync(d)
             if resynced:
@@ -222,8 +228,10 @@ async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
                 await asyncio.sleep(0)  # the probe Ray starts for new replicas runs: the cache is primed whole after
             source.prime(d, replace=resynced)
             try:
-                ranks = [rank for rank in await source.router.choose_replicas(source.candidates, source.request(d))
-                         if rank]
+                ranking, explanation = await explained(source.choose, source.candidates, source.request(d))
+                ranks = [rank for rank in ranking if rank]
+                if explanation is not None:
+                    count_reason(t.replay_reasons, explanation[0])
             except Exception as exc:  # Ray logs it and routes again; here the decision has no ranking
                 t.router_errors += 1
                 t.first_error = t.first_error or f"{type(exc).__name__}: {exc}"

@@ -19,8 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..query.figures import imbalance
+from ..ingest.rollups import MAX_REASONS_PER_DEPLOYMENT
+from ..query.figures import imbalance, reason_name
 from ..store.bins import Bins
+from ..store.models import OTHER_REASONS
 
 # Where the replica that really got a request sits in a ranking: its rank (among the non-empty ones), or absent.
 RANK_BINS = ("0", "1", "2", "3", "4", "5+", "absent")
@@ -63,6 +65,16 @@ class DeploymentTally:
     picks: Counter = field(default_factory=Counter)  # replica -> decisions it would have got
     routed: Counter = field(default_factory=Counter)  # replica -> decisions it got
     members: Dict[str, Tuple[Optional[str], Optional[str]]] = field(default_factory=dict)  # -> (node, zone)
+    # Decisions by the reason their router gave (routelens_explain): the recorded router's, the replayed
+    # router's; at most MAX_REASONS_PER_DEPLOYMENT by name, as the collector counts them, the rest OTHER_REASONS.
+    reasons: Counter = field(default_factory=Counter)
+    replay_reasons: Counter = field(default_factory=Counter)
+
+
+def count_reason(reasons: Counter, reason: str) -> None:
+    if reason not in reasons and len(reasons) >= MAX_REASONS_PER_DEPLOYMENT:
+        reason = OTHER_REASONS
+    reasons[reason] += 1
 
 
 Tally = Dict[Tuple[str, str], DeploymentTally]
@@ -124,6 +136,8 @@ def report(runs: List[Tally]) -> List[dict]:
                 "rank0_rate": _rate(recorded.recorded_ranks["0"], n),
                 "ranks": {b: _rate(recorded.recorded_ranks[b], n) for b in RANK_BINS},
                 "imbalance": imbalance([recorded.routed[r] for r in members]),
+                "reasons": [{**reason_name(reason), "decisions": count}
+                            for reason, count in sorted(recorded.reasons.items(), key=lambda item: -item[1])],
             },
             "replay": {
                 "first_tier_hit_rate": _rates([_rate(t.first_tier_hits, n) for t in tallies]),
@@ -134,6 +148,9 @@ def report(runs: List[Tally]) -> List[dict]:
                               for name, bounds in _IMBALANCE_BOUNDS.items()},
                 "router_errors": interval([t.router_errors for t in tallies], 0.0),
                 "first_error": errors,
+                "reasons": [{**reason_name(reason), "decisions": interval([t.replay_reasons[reason] for t in tallies],
+                                                                          0.0)}
+                            for reason in sorted({r for t in tallies for r in t.replay_reasons})],
             },
             "replicas": replicas,
         })

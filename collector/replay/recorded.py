@@ -117,6 +117,7 @@ class RecordedDecision(NamedTuple):
     model_id: Optional[str]
     attempt: int  # 0-based choose_replicas call for the request
     attributes: Optional[Dict[str, Any]]
+    reason: Optional[str]  # what the recording router said of the decision (routelens_explain), or None
     n_candidates: int  # as recorded
     ranks: List[List[str]]  # the recorded ranking, replica ids, rank 0 first
     members: Tuple[Member, ...]  # the candidates, in membership order
@@ -279,7 +280,7 @@ class _State:
     def decisions(self, chunk, events: List[tuple]) -> Iterator[RecordedDecision]:
         rows, routing = chunk.rows, chunk.routing
         columns = {name: rows.column(name).to_pylist() for name in
-                   ("ts", "router_pk", "source_pk", "model_id", "attempt", "n_candidates", "extra")}
+                   ("ts", "router_pk", "source_pk", "model_id", "attempt", "n_candidates", "extra", "reason")}
         ids = uuids(rows.column("id")).to_pylist()
         request, internal = (request_ids(rows.column(name)).to_pylist()
                              for name in ("request_id", "internal_request_id"))
@@ -306,7 +307,7 @@ class _State:
                 source=self._sources.get(source_pk) or SourceInfo(source_pk, None, None, None),
                 request_id=request[i], internal_request_id=internal[i], model_id=columns["model_id"][i] or None,
                 attempt=columns["attempt"][i], attributes=json.loads(extra).get("attributes") if extra else None,
-                n_candidates=columns["n_candidates"][i], ranks=ranks, members=members,
+                reason=columns["reason"][i], n_candidates=columns["n_candidates"][i], ranks=ranks, members=members,
                 membership_inferred=inferred or len(members) != columns["n_candidates"][i],
                 stats=source.stats, queue_lens=source.queue_lens, queue_lens_updated=updated,
                 chosen=replica_ids[chosen_pk] if chosen_pk is not None else None, chosen_rank=chosen_ranks[i],
