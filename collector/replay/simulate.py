@@ -97,10 +97,10 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     ReplayError for a router that cannot be built or simulated, or a window
     without recorded requests."""
     notes: List[str] = []
-    if f.replicas or f.request_id or f.model_id:
-        notes.append("replica, request id and model id filters are ignored: a simulation replays a deployment's "
-                     "whole traffic")
-        f = replace(f, replicas=(), request_id=None, model_id=None)
+    if f.replicas or f.request_id or f.model_id or f.reasons:
+        notes.append("replica, request id, model id and reason filters are ignored: a simulation replays a "
+                     "deployment's whole traffic")
+        f = replace(f, replicas=(), request_id=None, model_id=None, reasons=())
     given = router.load()
     reader = ArrowReader(conn)
     try:
