@@ -449,6 +449,9 @@ def test_event_values_the_database_cannot_hold_are_422(refusing, make_source):
     batch = src.batch(_traffic(src, ts, 2))
     batch["events"][4]["request_id"] = "nul\u0000byte"
     _refused(refusing, refusing.send(batch), 422, "$.events[4].request_id", "NUL")
+    batch = src.batch(_traffic(src, ts, 2))
+    batch["events"][3].update(reason="prefix match", scores={"nul\u0000": 1.0})
+    _refused(refusing, refusing.send(batch), 422, "$.events[3].scores", "NUL")
 
 
 def test_token_is_required_when_configured(make_collector, make_source):

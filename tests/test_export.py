@@ -292,6 +292,12 @@ def test_cli_writes_what_the_api_streams(collector, log, db_url, tmp_path):
     everything = tmp_path / "all.parquet"
     assert routelens(["export", "--db", db_url, "-o", str(everything), "--app", "shop", "--what", "routed"]) == 0
     assert pq.read_metadata(everything).num_rows == sum(r["request_id"] != "req-s" for r in log.routed)
+    explained = tmp_path / "explained.csv"
+    assert routelens(["export", "--db", db_url, "-o", str(explained), "--since", since, "--until", until,
+                      "--reason", "prefix match", "--reason", "pow-2 fallback"]) == 0
+    assert explained.read_bytes() == export(collector, format="csv", since=since, until=until,
+                                            reason=["prefix match", "pow-2 fallback"])
+    assert set(pd.read_csv(explained)["reason"]) == {"prefix match", "pow-2 fallback"}
 
 
 def test_cli_refuses_what_it_cannot_do(db_url, tmp_path, capsys):
