@@ -536,6 +536,17 @@ def decisions_of(router):
     return [e for e in recorded_events(router) if e["type"] == "decision"]
 
 
+def decisions_made(tmp_path, router_cls, n_decisions, n_replicas):
+    """The decision events of `n_decisions` choose_replicas calls, one after another, of a new router."""
+    async def main():
+        router = make_router(router_cls, n_replicas, record_to=str(tmp_path / "events.jsonl"))
+        for _ in range(n_decisions):
+            await router.choose_replicas(router._replicas_list, make_request())
+        return router
+
+    return decisions_of(asyncio.run(main()))
+
+
 def test_each_decision_keeps_its_own_explanation_when_calls_interleave(tmp_path):
     async def main():
         router = make_router(TracedExplainingUniform, 4, record_to=str(tmp_path / "events.jsonl"))
@@ -561,13 +572,7 @@ class TracedPowerOfTwoExplainingLocality(TracedPowerOfTwoChoicesRequestRouter):
 
 
 def test_a_traced_subclass_explains_from_a_helper_of_the_router_it_wraps(tmp_path):
-    async def main():
-        router = make_router(TracedPowerOfTwoExplainingLocality, 5, record_to=str(tmp_path / "events.jsonl"))
-        for _ in range(3):
-            await router.choose_replicas(router._replicas_list, make_request())
-        return router
-
-    decisions = decisions_of(asyncio.run(main()))
+    decisions = decisions_made(tmp_path, TracedPowerOfTwoExplainingLocality, 3, 5)
     assert [(d["reason"], d["scores"]) for d in decisions] == [("locality", {"candidates": 5})] * 3
 
 
@@ -632,14 +637,7 @@ def test_explanations_are_bounded_and_every_cut_is_counted(tmp_path):
         (12, {"x": 1}),  # not a str: ignored
     ]
     before = faults.total
-
-    async def main():
-        router = make_router(TracedExplainingBeyondBounds, 3, record_to=str(tmp_path / "events.jsonl"))
-        for _ in range(5):
-            await router.choose_replicas(router._replicas_list, make_request())
-        return router
-
-    decisions = decisions_of(asyncio.run(main()))
+    decisions = decisions_made(tmp_path, TracedExplainingBeyondBounds, 5, 3)
     assert [(d.get("reason"), d.get("scores")) for d in decisions] == [
         ("r" * MAX_REASON_CHARS, {}),
         ("many", {f"s{i}": i for i in range(MAX_SCORES)}),
@@ -648,3 +646,11 @@ def test_explanations_are_bounded_and_every_cut_is_counted(tmp_path):
         (None, None),
     ]
     assert faults.total == before + 1 + 1 + 6 + 1 + 1
+
+
+def test_the_collector_accepts_exactly_the_explanations_the_tracer_keeps():
+    from routelens.collector.ingest import schema
+    from routelens.routers import explanations
+
+    assert (schema.MAX_REASON_CHARS, schema.MAX_SCORES, schema.MAX_SCORE_NAME_CHARS) == (
+        explanations.MAX_REASON_CHARS, explanations.MAX_SCORES, explanations.MAX_SCORE_NAME_CHARS)
