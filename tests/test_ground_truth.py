@@ -16,7 +16,9 @@ Each run must hold:
 - a send that ended before its replica answered (a cancelled request's) is
   recorded as a failed attempt, naming no routed event;
 - `produced == stored + dropped` for every source, the exiting driver's
-  included.
+  included;
+- every decision carries the reason and scores the router explained it
+  with, and each reason counts the decisions the router gave it.
 
 Each run prints a FIGURES line (pytest -s): requests, routed, refusals,
 hand-offs, routed events whose decision matched the ground truth.
@@ -112,6 +114,17 @@ def ground_truth(path: str) -> Dict[str, dict]:
     return last
 
 
+def explanations(path: str) -> Dict[Tuple[str, int], Tuple[str, dict]]:
+    """What the router explained each decision with: (request, call) -> (reason, scores)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = json.loads(line)
+            if "explained" in line:
+                out[(line["explained"], line["call"])] = (line["reason"], line["scores"])
+    return out
+
+
 def completions_reported(path: str, pid: int) -> int:
     """How many completions Ray reported to the routers of process `pid`."""
     with open(path) as f:
@@ -178,10 +191,18 @@ def check_run(app: dict, outcomes: Dict[str, str], label: str) -> Dict[str, int]
             assert (c["ok"], c["routed_id"], c["latency_ms"]) == (False, None, None), c
         elif c["routed_id"] is not None and outcome_of[c["routed_id"]] == "ok":  # not a refusal's completion: that one is an exception
             assert c["ok"] is True and c["latency_ms"] is not None, (label, c)
+    # The router's explanations, each on its decision: every decision recorded has one, and the counts per
+    # reason are the router's.
+    explained = explanations(app["truth"])
+    recorded = {(e["internal_request_id"], e["attempt"]): (e.get("reason"), e.get("scores"))
+                for e in events["decision"]}
+    assert recorded == {key: explained.get(key) for key in recorded}, label
+    assert Counter(reason for reason, _ in recorded.values()) == Counter(
+        reason for (request, _), (reason, _) in explained.items() if request in {key[0] for key in recorded}), label
     figures = {"requests": len(outcomes), "cancelled": len(outcomes) - len(ok), "routed": len(routed),
                "refusals": sum(c["rejected"] for c in completions),
                "handoffs": sum(e["own_ranking"] is False for e in routed), "failed_sends": len(failed_sends),
-               "matched": matched}
+               "matched": matched, "reasons": dict(Counter(reason for reason, _ in recorded.values()))}
     print(f"\nFIGURES ground truth {label}: {json.dumps(figures)}", flush=True)
     return figures
 

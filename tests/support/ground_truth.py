@@ -12,7 +12,9 @@ fulfilment: who received the replica, from which decision (the request it
 was made for and its 0-based call) and which rank. It also writes a line
 for each completion Ray reports (one per send attempt, refused ones
 included): what the tracer's `completed` events, stored or counted as
-dropped, must add up to.
+dropped, must add up to. And it explains each decision (`routelens_explain`:
+a request's first call or a retry, with the tiers' sizes), writing a line
+for each explanation: what the decisions recorded must carry.
 
 The class is shipped to Ray by value (tests/conftest.py), so it imports
 nothing from `tests`.
@@ -52,6 +54,11 @@ class GroundTruthRouter(FIFOMixin, RequestRouter):
             self._tiers[id(tier)] = (tier, request, call, rank)
         while len(self._tiers) > MAX_TIERS_KEPT:
             self._tiers.popitem(last=False)
+        reason, scores = "first call" if call == 0 else "retry", {"tier_0": len(tiers[0]), "tier_1": len(tiers[1])}
+        self.routelens_explain(reason, **scores)
+        if self._truth is not None:
+            self._truth.write(json.dumps({"pid": os.getpid(), "explained": request, "call": call, "reason": reason,
+                                          "scores": scores}) + "\n")
         return tiers
 
     async def _select_from_candidate_replicas(self, candidates: List[Any], backoff_index: int) -> Any:
