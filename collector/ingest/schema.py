@@ -1,4 +1,4 @@
-"""Wire format v2, and v1 before it, as the collector validates them (see docs/design.md).
+"""Wire format v3, and v1 and v2 before it, as the collector validates them (see docs/design.md).
 
 msgspec checks a whole batch in one pass, fast enough for ingest at tens of
 thousands of events per second, and its errors carry the path of the bad
@@ -9,7 +9,8 @@ in `extra`.
 
 A version adds optional fields only: a batch of an earlier version is read
 as one of this version without them (v1's answers have no queue lengths:
-their decision-quality figures are unknown).
+their decision-quality figures are unknown; before v3, routed events have no
+send_to_routed_ms: that figure is unknown).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from ..store.ids import ID_TS_TOLERANCE_S
 from ..store.models import Deployment, Replica, Router, Source
 from .nesting import too_deep, too_deep_to_decode
 
-WIRE_SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)  # accepted: this one and every earlier one
+WIRE_SCHEMA_VERSION = 3
+SCHEMA_VERSIONS = (1, 2, 3)  # accepted: this one and every earlier one
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
@@ -136,6 +137,8 @@ class RoutedEvent(Struct, tag="routed", tag_field="type", forbid_unknown_fields=
     believed_queue_len: QueueCount = None
     shortest_queue_len: QueueCount = None
     reported_queue_len: QueueCount = None
+    # v3: from the send to on_request_routed (null: not sent by Ray's usual sender, or an older tracer).
+    send_to_routed_ms: Optional[Annotated[float, Meta(ge=0)]] = None
 
 
 class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_fields=True, gc=False):

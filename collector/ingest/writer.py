@@ -662,7 +662,8 @@ class _Rows:
                     event.attempts, event.queue_wait_ms, request_ids[event.request_id],
                     request_ids[event.internal_request_id], event.model_id,
                     _extra(event, extra) if extra or event.attribution is not None else None,
-                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len))
+                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len,
+                    event.send_to_routed_ms))
             elif isinstance(event, CompletedEvent):
                 completed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
