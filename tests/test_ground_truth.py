@@ -16,7 +16,9 @@ Each run must hold:
 - a send that ended before its replica answered (a cancelled request's) is
   recorded as a failed attempt, naming no routed event;
 - `produced == stored + dropped` for every source, the exiting driver's
-  included.
+  included;
+- no latency is recorded below the replica's own work, whatever the router
+  does with its loop (issue 27: one that blocks it, and Ray's pow-2).
 
 Each run prints a FIGURES line (pytest -s): requests, routed, refusals,
 hand-offs, routed events whose decision matched the ground truth.
@@ -37,9 +39,10 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from tests.support import serve_apps
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from tests.support import misbehaving_routers, serve_apps
 from tests.support.ground_truth import TracedGroundTruthRouter
-from tests.support.trace_checks import read_batches, wait_for
+from tests.support.trace_checks import read_batches, read_events, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -236,3 +239,47 @@ def test_a_driver_that_exits_without_shutting_down_loses_nothing_uncounted(apps)
     assert routed == REQUESTS and refusals > 0
     # Every attempt's completion is an event, stored or counted: none went missing uncounted.
     assert completed + last["dropped"].get("unsettled_at_exit", 0) == reported, figures
+
+
+# A replica's fixed work, and the routers whose recorded latencies must never fall below it.
+LATENCY_WORK_S = 0.05
+LATENCY_REQUESTS = 120
+LATENCY_CONCURRENCY = 16  # twice the slots: refusals and retries too
+LATENCY_ROUTERS = [misbehaving_routers.TracedLoopBlockingRouter, TracedPowerOfTwoChoicesRequestRouter]
+
+
+@pytest.mark.parametrize("router", LATENCY_ROUTERS, ids=[r.__name__ for r in LATENCY_ROUTERS])
+def test_no_latency_is_recorded_below_the_replicas_own_work(serve_instance, tmp_path, router):
+    """A request's latency starts when it is sent: a router that holds its
+    loop delays on_request_routed, which must not shorten the latency."""
+    name = f"latency-{router.__name__.lower()}"
+    sink = tmp_path / "sink"
+    config = RequestRouterConfig(request_router_class=router, request_router_kwargs={
+        "jsonl_path": str(sink / "events-{pid}.jsonl"), "flush_interval_s": 0.2})
+    app = serve_apps.BriefApp.options(name=name, num_replicas=2, max_ongoing_requests=4,
+                                     request_router_config=config).bind(LATENCY_WORK_S)
+    handle = serve.run(app, name=name, route_prefix=None)
+    try:
+        for start in range(0, LATENCY_REQUESTS, LATENCY_CONCURRENCY):
+            for response in [handle.remote() for _ in range(LATENCY_CONCURRENCY)]:
+                assert response.result(timeout_s=60) >= LATENCY_WORK_S  # the replica's own measure
+
+        def accepted():
+            return [e for e in read_events(str(sink), name)
+                    if e["type"] == "completed" and not e["rejected"] and e["routed_id"] is not None]
+
+        wait_for(lambda: len(accepted()) >= LATENCY_REQUESTS, what="every request's completion")
+    finally:
+        serve_apps.delete_apps([name])
+    latencies = sorted(c["latency_ms"] for c in accepted())
+    routed = [e for e in read_events(str(sink), name) if e["type"] == "routed"]
+    held = sorted(e.get("send_to_routed_ms") or 0.0 for e in routed)
+    figures = {"requests": LATENCY_REQUESTS, "latency_ms_min": latencies[0],
+               "latency_ms_p50": latencies[len(latencies) // 2],
+               "send_to_routed_ms_p50": held[len(held) // 2], "send_to_routed_ms_max": held[-1]}
+    print(f"\nFIGURES latency {router.__name__}: {json.dumps(figures)}", flush=True)
+    assert len(latencies) == LATENCY_REQUESTS
+    below = [latency for latency in latencies if latency < LATENCY_WORK_S * 1000.0]
+    assert not below, f"{len(below)} of {len(latencies)} latencies below the replica's work: {below[:10]}"
+    # How long the router held its loop past the send is its own figure, on every routed event.
+    assert len(routed) == LATENCY_REQUESTS and all(e["send_to_routed_ms"] >= 0.0 for e in routed)
