@@ -259,6 +259,20 @@ def _routed_at(url: str, revision: str) -> int:
     return minute
 
 
+def _downgraded(url: str, revision: str):
+    """Downgrade to `revision`: the columns of routed, completed and rollups then, and the routed rows kept."""
+    downgrade(url, revision)
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        columns = {table: {column["name"] for column in inspector.get_columns(table)}
+                   for table in ("routed", "completed", "rollups")}
+        with engine.connect() as connection:
+            return columns, connection.exec_driver_sql("SELECT count(*) FROM routed").scalar()
+    finally:
+        engine.dispose()
+
+
 def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
     """Rows written at 0005 (answers without queue lengths, rollups without
     their figures) stay as they were, their decision quality unknown; answers
@@ -282,17 +296,11 @@ def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_
         assert (after["regret"]["samples"], after["regret"]["mean"], after["belief_error"]["mean"]) == (1, 2.0, 2.0)
     finally:
         collector.close()
-    downgrade(empty_db_url, "0005")
-    engine = make_engine(empty_db_url)
-    try:
-        columns = {column["name"] for column in inspect(engine).get_columns("routed")}
-        assert "reported_queue_len" not in columns and "believed_queue_len" not in columns
-        assert "decision_id" not in {column["name"] for column in inspect(engine).get_columns("completed")}
-        assert not {column["name"] for column in inspect(engine).get_columns("rollups")} & {"regret_0", "regret_sum"}
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT count(*) FROM routed").scalar() == 2
-    finally:
-        engine.dispose()
+    columns, routed_rows = _downgraded(empty_db_url, "0005")
+    assert not columns["routed"] & {"reported_queue_len", "believed_queue_len"}
+    assert "decision_id" not in columns["completed"]
+    assert not columns["rollups"] & {"regret_0", "regret_sum"}
+    assert routed_rows == 2
 
 
 def test_0007_adds_send_to_routed_and_rows_before_it_read_as_unknown(empty_db_url):
@@ -316,16 +324,10 @@ def test_0007_adds_send_to_routed_and_rows_before_it_read_as_unknown(empty_db_ur
         assert (after["samples"], after["mean"], after["max"]) == (1, 3.0, 3.0)
     finally:
         collector.close()
-    downgrade(empty_db_url, "0006")
-    engine = make_engine(empty_db_url)
-    try:
-        assert "send_to_routed_ms" not in {column["name"] for column in inspect(engine).get_columns("routed")}
-        assert not {column["name"] for column in inspect(engine).get_columns("rollups")} & {
-            "send_to_routed_ms_0", "send_to_routed_ms_sum", "send_to_routed_ms_max"}
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT count(*) FROM routed").scalar() == 2
-    finally:
-        engine.dispose()
+    columns, routed_rows = _downgraded(empty_db_url, "0006")
+    assert "send_to_routed_ms" not in columns["routed"]
+    assert not columns["rollups"] & {"send_to_routed_ms_0", "send_to_routed_ms_sum", "send_to_routed_ms_max"}
+    assert routed_rows == 2
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):

@@ -187,7 +187,7 @@ class _MultiRowInsert:
       the sqlite3 module binds a None through its adapter look-up, about
       0.5 us each, as long as inserting the rest of a decision's row."""
 
-    MAX_ROWS = 128  # x 111 columns of a rollup row: within SQLite's 32766 parameters
+    MAX_ROWS = 128  # x a rollup row's columns (127; at most 255) stays within SQLite's 32766 parameters
 
     def __init__(self, table: str, columns: Sequence[str], tail: str = ""):
         self._table, self._columns, self._tail = table, tuple(columns), tail

@@ -11,10 +11,9 @@ as `collector/store/bins.py` holds them at this revision: 13 bounds, 14
 columns), its sum and its maximum. Counters start at 0 in existing rows,
 which counted none; the maximum stays unknown.
 
-Adding nullable columns, or columns with a constant default, changes no
-existing row on either backend (PostgreSQL 11 and later, SQLite): the
-upgrade is quick on a large database. The downgrade drops them (SQLite
-3.35 and later drop a column in place), and the figure with them.
+Like 0006's, these columns (nullable, or with a constant default) are
+added without rewriting a row, so the upgrade is quick on a large
+database; the downgrade drops them, and the figure with them.
 
 Revision ID: 0007
 Revises: 0006
