@@ -243,7 +243,7 @@ def test_a_driver_that_exits_without_shutting_down_loses_nothing_uncounted(apps)
 
 # A replica's fixed work, and the routers whose recorded latencies must never fall below it.
 LATENCY_WORK_S = 0.05
-LATENCY_REQUESTS = 120
+LATENCY_REQUESTS = 128  # in 8 rounds of LATENCY_CONCURRENCY
 LATENCY_CONCURRENCY = 16  # twice the slots: refusals and retries too
 LATENCY_ROUTERS = [misbehaving_routers.TracedLoopBlockingRouter, TracedPowerOfTwoChoicesRequestRouter]
 
