@@ -95,6 +95,8 @@ class FifoAttribution:
             decision, rank, attribution = handoff[1], handoff[2], "exact"
         else:
             decision, rank, attribution = trace.last_decision, None, "last_decision"
+        # Sent by Ray's usual sender (CompletionPairing.on_sent): its latency starts at the send, not here.
+        sent_at, trace.sent_at = trace.sent_at, None
         if not trace.sampled:
             self.source.count_unqueued("sampled_out")
             return
@@ -104,10 +106,13 @@ class FifoAttribution:
                 rank = rank_of(decision, replica_id)
             own = decision[D_TRACE] is trace
         seq = next_seq()
+        routed_at = time.monotonic()
         # The routed record (routers.records, slots R_*), built here only.
         self._submit((self.source, ROUTED, now, seq, trace, replica_id, decision, rank, own, trace.decisions,
-                      (now - pending_request.created_at) * 1000.0, attribution, reported))
-        self._track_attempt(trace, replica_id, now, seq, handoff is not None, result)
+                      (now - pending_request.created_at) * 1000.0, attribution, reported,
+                      None if sent_at is None else (routed_at - sent_at) * 1000.0))
+        self._track_attempt(trace, replica_id, now, seq, routed_at if sent_at is None else sent_at,
+                            handoff is not None, result)
 
     def answered_decision(self, trace: RequestTrace, replica_id: Any) -> Optional[list]:
         """The decision that supplied the replica a request was sent to, as

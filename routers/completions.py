@@ -32,6 +32,14 @@ process one more fetch of it: the callback runs on a Ray worker thread and
 only notes the outcome; the loop drains the notes at its next completion,
 or on a timer.
 
+A latency runs from the send (`on_sent`: Ray calls on_send_request as it
+sends) to the completion, not from `on_request_routed`, which Ray calls
+only once the replica's answer is back and the router's loop resumes the
+sender: a router that blocks its loop would otherwise shorten every
+latency it records. The routed record carries the time between the two
+(routers.attribution). Sends without the rejection protocol are routed as
+they are sent, and start there.
+
 Latencies and the grace period run on the monotonic clock (a wall-clock
 jump must not change them); event timestamps stay wall-clock.
 """
@@ -67,16 +75,17 @@ NO_RESULT = object()  # a completion whose result is unknown (not called from Ra
 class _Attempt:
     """An accepted send attempt, waiting for its completion."""
 
-    __slots__ = ("replica_id", "internal_request_id", "trace", "routed_ts", "routed_seq", "routed_at", "ok",
+    __slots__ = ("replica_id", "internal_request_id", "trace", "routed_ts", "routed_seq", "started_at", "ok",
                  "done_ts", "done_at")
 
-    def __init__(self, replica_id, internal_request_id, trace, routed_ts, routed_seq):
+    def __init__(self, replica_id, internal_request_id, trace, routed_ts, routed_seq, started_at):
         self.replica_id = replica_id
         self.internal_request_id = internal_request_id
         self.trace = trace
         self.routed_ts = routed_ts  # wall clock, for the events
         self.routed_seq = routed_seq  # with routed_ts, the routed event's id
-        self.routed_at = time.monotonic()  # for the latency: a wall-clock jump must not change it
+        # Where the latency starts (monotonic: a wall-clock jump must not change it): the send, else the routing.
+        self.started_at = started_at
         self.ok: Optional[bool] = None
         self.done_ts: Optional[float] = None
         self.done_at: Optional[float] = None  # None with done_ts set: ended without a latency
@@ -109,10 +118,11 @@ class CompletionPairing:
     _complete_unrouted_send: Callable[..., None]  # routers.unrouted_sends
 
     def __init__(self, router: Any, init_kwargs: Any, *, results_from_ray: bool = False,
-                 records_refusals: bool = False, **options: Any):
+                 records_refusals: bool = False, records_send_times: bool = False, **options: Any):
         super().__init__(router, init_kwargs, **options)
         self.results_from_ray = results_from_ray
         self.records_refusals = records_refusals
+        self.records_send_times = records_send_times
         # (replica_id, internal_request_id) -> refusals recorded whose attempt's completion has not come yet.
         self._refusals_unclaimed: Dict[Tuple[Any, str], int] = {}
         # internal_request_id -> the request's accepted attempts awaiting their
@@ -128,11 +138,12 @@ class CompletionPairing:
         self._drain_scheduled = False
 
     def _track_attempt(self, trace: RequestTrace, replica_id: Any, routed_ts: float, routed_seq: int,
-                       handed_over: bool, result: Any) -> None:
+                       started_at: float, handed_over: bool, result: Any) -> None:
         """Open the attempt of a request just routed, until its completion.
+        `started_at`: where its latency starts (monotonic): its send, else now.
         `handed_over`: a fulfilment handed the request its replica (at trace.handed_at)."""
         internal_request_id = trace.metadata.internal_request_id
-        attempt = _Attempt(replica_id, internal_request_id, trace, routed_ts, routed_seq)
+        attempt = _Attempt(replica_id, internal_request_id, trace, routed_ts, routed_seq, started_at)
         open_attempts = self._open_attempts
         source = self.source
         source.pending_completions += 1
@@ -204,6 +215,18 @@ class CompletionPairing:
         self.source.pending_completions += 1
         self._settle_later(key)
 
+    def on_sent(self, pending_request: Any) -> None:
+        """Ray's usual sender sent the request, asking the replica first: Ray
+        calls on_request_routed once the replica's answer is back and the
+        router's loop resumes the sender, which a router that holds its loop
+        delays. The latency starts here, at the send."""
+        trace = getattr(pending_request, "_routelens", None)
+        if trace is None:
+            if self.source is None:
+                self._configure_from_env()
+            trace = self._new_trace(pending_request)
+        trace.sent_at = time.monotonic()
+
     def on_refused(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
         """The replica refused the request: Ray's sender read its answer (with
         the count of ongoing requests the replica reported). The refusal is
@@ -264,10 +287,11 @@ class CompletionPairing:
             del self._open_attempts[internal_request_id]
         else:
             attempts.remove(attempt)
-        # The latency is not below zero: a completion can reach the loop before Ray resumes to call on_request_routed.
+        # Never below zero, whatever the clock: without a send time, the latency starts at on_request_routed,
+        # and a completion can reach the loop before Ray resumes to call it.
         self._submit(completed_record(
             self.source, attempt.done_ts, internal_request_id, attempt.replica_id,
-            None if attempt.done_at is None else max(attempt.done_at - attempt.routed_at, 0.0) * 1000.0,
+            None if attempt.done_at is None else max(attempt.done_at - attempt.started_at, 0.0) * 1000.0,
             attempt.ok, False, (attempt.routed_ts, attempt.routed_seq),
         ))
 

@@ -66,6 +66,7 @@ class TracingMixin:
             self._routelens = RouterTracer(self, kwargs, records_attributes=overridden,
                                            results_from_ray=results_from_ray,
                                            records_refusals=ray_contract.REFUSALS,
+                                           records_send_times=ray_contract.SEND_TIMES,
                                            records_unrouted_sends=ray_contract.UNROUTED_SENDS and results_from_ray)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
@@ -164,19 +165,22 @@ class TracingMixin:
         return super().on_new_queue_len_info(replica_id, num_ongoing_requests)
 
     def on_send_request(self, replica_id: Any):
-        # Called after every send: by Ray's usual sender (which asks the
-        # replica first, but inside Ray Client and to Java replicas), and by
-        # broadcast(). The common case costs a comparison or two.
+        # Called as each request is sent: by Ray's usual sender (which asks
+        # the replica first, but inside Ray Client and to Java replicas), and
+        # by broadcast(). The common case, the usual sender asking the
+        # replica, notes when the request was sent: its latency starts there.
         tracer = self._routelens
-        if tracer is not None and tracer.records_unrouted_sends and (
-                (caller := sys._getframe(1)).f_code is not ROUTE_AND_SEND_CODE or tracer.sends_unasked):
+        if tracer is not None and tracer.records_send_times:
             try:
-                if (sending := ray_frame(caller, ROUTE_AND_SEND_CODE)) is not None:
-                    if tracer.sends_unasked_to(replica_id):
-                        pending_request, result, with_rejection = ray_contract.send(sending)
-                        if not with_rejection:  # so Ray will not call on_request_routed
-                            tracer.on_routed(pending_request, replica_id, result)
-                elif (broadcasting := ray_frame(caller, BROADCAST_CODE)) is not None:
+                caller = sys._getframe(1)
+                sending = caller if caller.f_code is ROUTE_AND_SEND_CODE else ray_frame(caller, ROUTE_AND_SEND_CODE)
+                if sending is not None:
+                    pending_request, result, with_rejection = ray_contract.send(sending)
+                    if with_rejection:  # Ray calls on_request_routed once the replica accepts
+                        tracer.on_sent(pending_request)
+                    elif tracer.records_unrouted_sends:  # it never will: this is the routing
+                        tracer.on_routed(pending_request, replica_id, result)
+                elif tracer.records_unrouted_sends and (broadcasting := ray_frame(caller, BROADCAST_CODE)) is not None:
                     tracer.on_broadcast_send(ray_contract.broadcast_request(broadcasting), replica_id)
             except Exception as exc:
                 faults.record("recording a send", exc)

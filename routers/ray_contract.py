@@ -188,6 +188,13 @@ PROCESS_FINISHED = PrivateFunction(AsyncioRouter, "AsyncioRouter._process_finish
 # refusal is recorded when it happens, not guessed later from a completion
 # that no accepted attempt claimed. ROUTE_AND_SEND and QUEUE_INFO, below.
 
+# -- when a request was sent (routers.completions) ----------------------------
+# Ray's usual sender calls on_send_request as it sends, and on_request_routed
+# only once the replica's answer is back and the router's loop resumes the
+# sender: a request's latency starts at the send (its request, `pr`, read
+# from the sender's frame), so that a router that holds its loop cannot
+# shorten it. ROUTE_AND_SEND, below.
+
 # -- sends that skip the rejection protocol (routers.unrouted_sends) ---------
 # They never reach on_request_routed: DeploymentHandle.choose_replica()
 # reserves a slot on the replica it routed to and dispatch() sends there;
@@ -254,6 +261,8 @@ TRACER_CONTRACT = (FULFIL, FIFO_FULFIL, RECORD_QUEUE_WAIT, PROCESS_FINISHED, ROU
 EXACT_ATTRIBUTION = FULFIL.holds() and FIFO_FULFIL.holds() and RECORD_QUEUE_WAIT.holds()
 RESULTS_FROM_RAY = EXACT_ATTRIBUTION and PROCESS_FINISHED.holds()
 REFUSALS = ROUTE_AND_SEND.holds() and QUEUE_INFO.holds()
+# When Ray's usual sender sent a request (its latency starts there): its frame, as it calls on_send_request.
+SEND_TIMES = ROUTE_AND_SEND.holds()
 UNROUTED_SENDS = all(item.holds() for item in (ROUTE_AND_SEND, RESERVE, RELEASE, BROADCAST, QUEUE_INFO, SELECTION))
 
 # The callers' code objects, for the hooks' `is` tests (None when missing).

@@ -47,8 +47,8 @@ class RequestTrace:
     """What the tracer keeps on a PendingRequest (as `pr._routelens`) while it
     is routed: its sampling, its decisions and how it was handed its replica."""
 
-    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes",
-                 "wire_ids")
+    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "sent_at",
+                 "attributes", "wire_ids")
 
     def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
         self.metadata = metadata
@@ -59,6 +59,8 @@ class RequestTrace:
         # when a fulfilment hands this request a replica (routers.attribution).
         self.handoff: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
         self.handed_at = 0.0  # monotonic time of the last hand-off
+        # Monotonic time Ray's usual sender sent it, until on_request_routed (routers.completions).
+        self.sent_at: Optional[float] = None
         self.attributes = attributes
         self.wire_ids: Optional[str] = None  # see wire.request_ids_json; written by the exporter thread only
 
@@ -112,7 +114,7 @@ def rank_of(decision: list, replica_id: Any) -> Optional[int]:
 
 
 # -- routed: a request's replica accepted it, and the decision that supplied the replica.
-# Built in FifoAttribution.on_routed only: (SOURCE, KIND (ROUTED), TS, SEQ, R_TRACE ... R_ATTRIBUTION).
+# Built in FifoAttribution.on_routed only: (SOURCE, KIND (ROUTED), TS, SEQ, R_TRACE ... R_SEND_TO_ROUTED_MS).
 R_TRACE = 4  # the request's RequestTrace
 R_REPLICA_ID = 5
 R_DECISION = 6  # the decision record whose ranking supplied the replica (None: unknown)
@@ -122,6 +124,9 @@ R_ATTEMPTS = 9  # decisions made for this request
 R_QUEUE_WAIT_MS = 10  # from the request's arrival to its routing
 R_ATTRIBUTION = 11  # "exact" or "last_decision"
 R_REPORTED_QUEUE_LEN = 12  # the replica's count of ongoing requests when it accepted, this one included (None: unknown)
+# From the send to on_request_routed: the replica's answer, and how long the router's loop took to resume the
+# sender after it (None: not sent by Ray's usual sender, which asks the replica first).
+R_SEND_TO_ROUTED_MS = 13
 
 
 # -- completed: one send attempt finished (accepted, refused, or sent unrouted).

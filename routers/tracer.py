@@ -11,9 +11,10 @@ what it needs from the class it is mixed into:
 - FifoAttribution (routers.attribution): with FIFOMixin a replica found by
   one request's routing task is often handed to another; which decision
   supplied each routed request's replica, and the `routed` record.
-- CompletionPairing (routers.completions): refusals as the replica
-  answers; Ray's completions, one per send attempt and keyed only by
-  (replica, internal request id), paired with the attempt they finish.
+- CompletionPairing (routers.completions): when each request was sent;
+  refusals as the replica answers; Ray's completions, one per send attempt
+  and keyed only by (replica, internal request id), paired with the
+  attempt they finish.
 - UnroutedSends (routers.unrouted_sends): the sends that skip the rejection
   protocol, so never reach `on_request_routed` (choose_replica/dispatch,
   broadcast, Ray Client, Java replicas).
@@ -115,7 +116,7 @@ class RouterTracer(FifoAttribution, DecisionRecording, CompletionPairing, Unrout
                    TracerCore):
     def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False,
                  results_from_ray: bool = False, records_refusals: bool = False,
-                 records_unrouted_sends: bool = False):
+                 records_send_times: bool = False, records_unrouted_sends: bool = False):
         """`init_kwargs`: what Ray passed the router's constructor.
         `records_attributes`: call the router's `routelens_request_attributes`
         for each request (only worth it when a subclass overrides it).
@@ -123,8 +124,10 @@ class RouterTracer(FifoAttribution, DecisionRecording, CompletionPairing, Unrout
         done-callback, so no callback of the tracer's is needed.
         `records_refusals`: the mixin reports each refusal as the replica
         answers (on_refused).
+        `records_send_times`: the mixin reports when Ray's usual sender sends
+        a request (on_sent), where its latency starts.
         `records_unrouted_sends`: the mixin reports sends that skip the
         rejection protocol (on_reserved, on_broadcast_send, ...)."""
         super().__init__(router, init_kwargs, records_attributes=records_attributes,
                          results_from_ray=results_from_ray, records_refusals=records_refusals,
-                         records_unrouted_sends=records_unrouted_sends)
+                         records_send_times=records_send_times, records_unrouted_sends=records_unrouted_sends)

@@ -51,7 +51,6 @@ class UnroutedSends:
         # request without the rejection protocol, as it does to Java replicas.
         self._rejection_protocol = bool(init_kwargs.get("use_replica_queue_len_cache", False))
         self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
-        self.sends_unasked = not self._rejection_protocol  # whether Ray may send without the protocol (cheap test)
         # internal_request_id -> (wall, monotonic) time of a send no routing
         # chose (a broadcast), until its completion.
         self._unrouted_sends: Dict[str, Tuple[float, float]] = {}
@@ -64,7 +63,6 @@ class UnroutedSends:
         """The membership changed (routers.membership): which replicas are Java ones."""
         self._cross_language = frozenset(r.replica_id.unique_id for r in replicas
                                          if getattr(r, "is_cross_language", False))
-        self.sends_unasked = not self._rejection_protocol or bool(self._cross_language)
 
     def on_reserved(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
         """DeploymentHandle.choose_replica(): the replica routed to holds a slot

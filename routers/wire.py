@@ -41,6 +41,7 @@ from .records import (
     R_RANK,
     R_REPLICA_ID,
     R_REPORTED_QUEUE_LEN,
+    R_SEND_TO_ROUTED_MS,
     R_TRACE,
     REPLICAS,
     ROUTED,
@@ -56,7 +57,7 @@ from .records import (
 )
 from .stats import STATS_TIMESTAMP_KEY, collected_at
 
-WIRE_SCHEMA_VERSION = 3  # v2 and decisions' reasons and scores (docs/design.md)
+WIRE_SCHEMA_VERSION = 3  # v2, decisions' reasons and scores, routed events' send_to_routed_ms (docs/design.md)
 
 
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -243,13 +244,15 @@ def encode(item: tuple) -> str:
     head = f'"id":"{event_id(ts, item[SEQ])}","ts":{ts!r}'
     if kind == ROUTED:
         trace, decision, rank = item[R_TRACE], item[R_DECISION], item[R_RANK]
+        send_to_routed_ms = item[R_SEND_TO_ROUTED_MS]
         return (
             f'{{"type":"routed",{head},'
             f'{trace.wire_ids or request_ids_json(trace)},"replica_id":{_quote(item[R_REPLICA_ID].unique_id)},'
             f'"decision_id":{_decision_ref(decision)},"rank":{"null" if rank is None else rank},'
             f'"own_ranking":{_flag(item[R_OWN_RANKING])},"attempts":{item[R_ATTEMPTS]},'
             f'"queue_wait_ms":{_number(item[R_QUEUE_WAIT_MS])},"attribution":"{item[R_ATTRIBUTION]}",'
-            f'{_decision_quality(decision, item[R_REPLICA_ID], item[R_REPORTED_QUEUE_LEN])}}}'
+            f'{_decision_quality(decision, item[R_REPLICA_ID], item[R_REPORTED_QUEUE_LEN])},'
+            f'"send_to_routed_ms":{"null" if send_to_routed_ms is None else _FIXED % send_to_routed_ms}}}'
         )
     if kind == COMPLETED:
         latency_ms, routed = item[C_LATENCY_MS], item[C_ROUTED]

@@ -369,6 +369,7 @@ def test_wrong_schema_version_is_422(refusing, make_source):
     # A completion of an accepted request is no answer: its routed event is.
     (3, "reported_queue_len", 1, "$.events[3].reported_queue_len: only a refusal (rejected: true) has it"),
     (3, "decision_id", "decision", "$.events[3].decision_id: only a refusal"),
+    (1, "send_to_routed_ms", -0.5, "$.events[1].send_to_routed_ms"),  # a time, never below 0 (v3)
 ])
 def test_answer_fields_out_of_range_or_place_are_422(refusing, make_source, index, field, value, expected):
     src = make_source("s2")
@@ -410,6 +411,33 @@ def test_answers_keep_their_queue_lengths_and_v1_ones_have_none(collector, make_
     assert quality == {
         "regret": {"samples": 2, "mean": 2.0, "p95": 2.0, "max": 2.0, "positive_share": 1.0},
         "belief_error": {"samples": 2, "mean": -1.0, "mean_abs": 1.0, "p95_abs": 2.0, "max_abs": 2.0}}
+
+
+def test_send_to_routed_is_stored_and_rolled_up_and_older_routed_events_have_none(collector, make_source):
+    """A v3 routed event's send_to_routed_ms is stored with it and counted on
+    its router's row, as the choose_replicas time is; routed events of v2
+    have none: stored as null, counted nowhere, shown as unknown, not 0."""
+    ts = _now()
+    old, new = make_source("v2"), make_source("v3")
+    collector.store(old.batch(_traffic(old, ts, 3), schema_version=2))
+    unknown = {"samples": 0, "p50": None, "p99": None, "max": None, "mean": None}
+    assert collector.get("/v1/rank-hits", **WINDOW)["send_to_routed_ms"] == unknown
+    events, held = [], {}
+    for i, send_to_routed_ms in enumerate((0.8, 30.0)):
+        d = new.decision(ts + i, [["r1"]], request_id=f"held-{i}")
+        routed_event = new.routed(ts + i + 0.001, "r1", d, send_to_routed_ms=send_to_routed_ms)
+        events += [d, routed_event]
+        held[routed_event["id"]] = send_to_routed_ms
+    collector.store(new.batch(events))
+    with collector.engine.connect() as connection:
+        stored = dict(connection.execute(select(routed.c.id, routed.c.send_to_routed_ms)).all())
+    assert {k: v for k, v in stored.items() if v is not None} == held and len(stored) == 3 + 2
+    # By hand, from the bins (0.5, 1] and (20, 50], the latter capped at the maximum, 30.
+    figures = collector.get("/v1/rank-hits", **WINDOW)
+    assert figures["routed"] == 5 and figures["send_to_routed_ms"] == {
+        "samples": 2, "p50": 1.0, "p99": pytest.approx(29.8), "max": 30.0, "mean": 15.4}
+    # Per deployment alike: old's routed events are in the same one, unknown.
+    assert collector.get("/v1/rank-hits", app="shop", **WINDOW)["send_to_routed_ms"]["samples"] == 2
 
 
 def test_event_id_must_be_a_uuid7_of_its_time(refusing, make_source):

@@ -29,12 +29,14 @@ from tests.support.wire_source import WireSource
 pytestmark = pytest.mark.browser
 
 
-def _traffic(src: WireSource, t0: float, replicas, counts, explained: bool = False) -> list:
+def _traffic(src: WireSource, t0: float, replicas, counts, explained: bool = False, held_ms=None) -> list:
     """`counts[i]` requests to `replicas[i]`, each a decision, a routing and a completion.
     The router saw every chosen replica at 1 and the shortest queue at 1 when it chose
     replicas[0] (regret 0, belief error 0: it reported 2, this request included), else
     at 0 (regret 1, belief error -1: the replica reported 3). `explained`: the router gave
-    each decision a reason, "shortest queue" for replicas[0], else "pow-2 fallback"."""
+    each decision a reason, "shortest queue" for replicas[0], else "pow-2 fallback".
+    `held_ms`: the send to routed times of the routings to replicas[0] and to the others
+    (None: an older tracer's, without them)."""
     events = [src.replicas(t0, replicas)]
     t = t0
     for replica, n in zip(replicas, counts):
@@ -46,7 +48,8 @@ def _traffic(src: WireSource, t0: float, replicas, counts, explained: bool = Fal
                            "scores": {"queue_len": 1, "match_rate": 0.5}} if explained else {}
             d = src.decision(t, [[replica], others[:1]], candidates={replica: {
                 "queue_len": 1, "stats_age_s": 0.4, "stats_age_source": "stamped"}}, **explanation)
-            r = src.routed(t + 0.001, replica, d, quality=(1, 1 if first else 0, 2 if first else 3))
+            r = src.routed(t + 0.001, replica, d, quality=(1, 1 if first else 0, 2 if first else 3),
+                           send_to_routed_ms=held_ms and held_ms[0 if first else 1])
             events += [d, r, src.completed(t + 0.002, replica, r)]
     return events
 
@@ -59,7 +62,8 @@ def server(tmp_path_factory):
         t0 = time.time() - 300
         shop = WireSource("shop-proxy", app="shop", labels={"router_version": "a"})
         search = WireSource("search-proxy", app="search", deployment="Search", labels={"router_version": "b"})
-        batches = [shop.batch(_traffic(shop, t0, ["r1", "r2", "r3"], [30, 10, 0], explained=True)),
+        batches = [shop.batch(_traffic(shop, t0, ["r1", "r2", "r3"], [30, 10, 0], explained=True,
+                                       held_ms=(2.0, 8.0))),
                    search.batch(_traffic(search, t0, ["s1", "s2"], [12, 12]), dropped={"queue_full": 3})]
         for batch in batches:
             response = httpx.post(f"{up.url}/v1/events", content=json.dumps(batch),
@@ -148,6 +152,23 @@ def test_rank_hits_shows_the_api_figures(server, page):
     assert shown_text(page, "#rank-hits-handoff-rate") == percent(r["handoff_rate"])
     rows = shown_rows(page, "#rank-hits-ranks")
     assert [(x[0], x[1]) for x in rows] == [(e["rank"], number(e["routed"])) for e in r["ranks"]]
+    # search's tracer recorded no send to routed times: unknown, said for how many, never 0.
+    assert r["send_to_routed_ms"]["samples"] == 0
+    assert shown_text(page, "#rank-hits-send-to-routed-p50") == shown_text(page, "#rank-hits-send-to-routed-p99") \
+        == "unknown"
+    assert shown_text(page, "#rank-hits-send-to-routed-p50-note") == "unknown for 24 routed"
+    assert not page.console_errors
+
+
+def test_rank_hits_shows_send_to_routed_beside_choose_replicas(server, page):
+    page.goto(server.url + "/rank-hits?app=shop")
+    send = api(server, "/v1/rank-hits", app="shop")["send_to_routed_ms"]
+    # By hand: 30 routings at 2.0 ms (bin (1, 2]), 10 at 8.0 ms (bin (5, 10], capped at the maximum, 8).
+    assert (send["samples"], send["p50"], send["p99"], send["max"]) == (
+        40, pytest.approx(5 / 3), pytest.approx(7.88), 8.0)
+    assert shown_text(page, "#rank-hits-send-to-routed-p50") == f'{number(send["p50"], 1)} ms' == "1.7 ms"
+    assert shown_text(page, "#rank-hits-send-to-routed-p99") == f'{number(send["p99"], 1)} ms' == "7.9 ms"
+    assert page.query_selector("#rank-hits-send-to-routed-p50-note") is None  # known for every routing
     assert not page.console_errors
 
 

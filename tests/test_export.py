@@ -57,7 +57,8 @@ class Log:
                                                     "stats_age_s": 1.5, "stats_age_source": "stamped"}})
             # Every other answer with its queue lengths (wire format v2): believed i, as the decision saw it.
             r = shop.routed(t + 0.01, replica, d, queue_wait_ms=2.0,
-                            quality=(i, i % 4, i + 1 + i % 3) if i % 2 == 0 else None)
+                            quality=(i, i % 4, i + 1 + i % 3) if i % 2 == 0 else None,
+                            send_to_routed_ms=send_to_routed(i))
             c = shop.completed(t + 0.05, replica, r, latency_ms=40.0 + i)
             events += [d, r, c]
             self.decisions[d["id"]] = d
@@ -180,6 +181,21 @@ def answer_columns(i: int) -> list:
     """ANSWER of request req-i's routing: every other one without queue lengths (as in wire format v1), the
     others believed i, shortest i % 4, reported i + 1 + i % 3, which counts the request (belief error -(i % 3))."""
     return [None] * 5 if i % 2 else [i, i % 4, i - i % 4, i + 1 + i % 3, -(i % 3)]
+
+
+def send_to_routed(i: int):
+    """Request req-i's send_to_routed_ms (wire format v3): every third one without it, as an older tracer's."""
+    return None if i % 3 == 0 else 0.5 + i
+
+
+def test_routed_rows_and_decisions_carry_send_to_routed(collector, log):
+    """The time from the send to on_request_routed, per routed event and per
+    decision (its routing's); null where the routed event has none."""
+    routed = {row["request_id"]: row["send_to_routed_ms"] for row in parquet(collector, log, what="routed").to_pylist()}
+    decided = {row["request_id"]: row["send_to_routed_ms"] for row in parquet(collector, log).to_pylist()}
+    for i in range(12):
+        assert routed[f"req-{i}"] == decided[f"req-{i}"] == send_to_routed(i), i
+    assert routed["req-z"] is None and decided["req-x"] is None  # routings recorded without it
 
 
 def test_parquet_opens_in_duckdb_with_the_right_types(collector, log, tmp_path):

@@ -19,6 +19,8 @@ Each run must hold:
   included;
 - every decision carries the reason and scores the router explained it
   with, and each reason counts the decisions the router gave it.
+- no latency is recorded below the replica's own work, whatever the router
+  does with its loop (issue 27: one that blocks it, and Ray's pow-2).
 
 Each run prints a FIGURES line (pytest -s): requests, routed, refusals,
 hand-offs, routed events whose decision matched the ground truth.
@@ -39,9 +41,10 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from tests.support import serve_apps
+from routelens.routers.examples import TracedPowerOfTwoChoicesRequestRouter
+from tests.support import misbehaving_routers, serve_apps
 from tests.support.ground_truth import TracedGroundTruthRouter
-from tests.support.trace_checks import read_batches, wait_for
+from tests.support.trace_checks import read_batches, read_events, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -257,3 +260,54 @@ def test_a_driver_that_exits_without_shutting_down_loses_nothing_uncounted(apps)
     assert routed == REQUESTS and refusals > 0
     # Every attempt's completion is an event, stored or counted: none went missing uncounted.
     assert completed + last["dropped"].get("unsettled_at_exit", 0) == reported, figures
+
+
+# A replica's fixed work, and the routers whose recorded latencies must never fall below it.
+LATENCY_WORK_S = 0.05
+LATENCY_REQUESTS = 64  # in 4 rounds of LATENCY_CONCURRENCY
+LATENCY_CONCURRENCY = 16  # twice the slots: refusals and retries too
+LATENCY_ROUTERS = [misbehaving_routers.TracedLoopBlockingRouter, TracedPowerOfTwoChoicesRequestRouter]
+
+
+@pytest.fixture(scope="module")
+def latency_apps(serve_instance, tmp_path_factory):
+    """Per router of LATENCY_ROUTERS, an app of two replicas that work LATENCY_WORK_S a request,
+    traced to its own JSON Lines files: (app name, handle, sink directory)."""
+    tmp = tmp_path_factory.mktemp("latency")
+    deployed = {}
+    for router in LATENCY_ROUTERS:
+        name, sink = f"latency-{router.__name__.lower()}", str(tmp / router.__name__)
+        config = RequestRouterConfig(request_router_class=router, request_router_kwargs={
+            "jsonl_path": os.path.join(sink, "events-{pid}.jsonl"), "flush_interval_s": 0.2})
+        app = serve_apps.BriefApp.options(name=name, num_replicas=2, max_ongoing_requests=4,
+                                         request_router_config=config).bind(LATENCY_WORK_S)
+        deployed[router] = (name, serve.run(app, name=name, route_prefix=None), sink)
+    yield deployed
+    serve_apps.delete_apps(name for name, _, _ in deployed.values())
+
+
+@pytest.mark.parametrize("router", LATENCY_ROUTERS, ids=[r.__name__ for r in LATENCY_ROUTERS])
+def test_no_latency_is_recorded_below_the_replicas_own_work(latency_apps, router):
+    """A request's latency starts when it is sent: a router that holds its
+    loop delays on_request_routed, which must not shorten the latency."""
+    name, handle, sink = latency_apps[router]
+    for _ in range(0, LATENCY_REQUESTS, LATENCY_CONCURRENCY):
+        for response in [handle.remote() for _ in range(LATENCY_CONCURRENCY)]:
+            assert response.result(timeout_s=60) >= LATENCY_WORK_S  # the replica's own measure
+
+    def accepted():
+        return [e for e in read_events(sink, name)
+                if e["type"] == "completed" and not e["rejected"] and e["routed_id"] is not None]
+
+    wait_for(lambda: len(accepted()) >= LATENCY_REQUESTS, what="every request's completion")
+    latencies = sorted(c["latency_ms"] for c in accepted())
+    print(f"\nFIGURES latency {router.__name__}: {len(latencies)} requests, latency min {latencies[0]:.1f} ms,"
+          f" p50 {latencies[len(latencies) // 2]:.1f} ms", flush=True)
+    below = [latency for latency in latencies if latency < LATENCY_WORK_S * 1000.0]
+    assert not below, f"{len(below)} of {len(latencies)} latencies below the replica's work: {below[:10]}"
+    assert len(latencies) == LATENCY_REQUESTS
+    # How long the router held its loop past the send is its own figure, on every routed event.
+    held = sorted(e["send_to_routed_ms"] for e in read_events(sink, name) if e["type"] == "routed")
+    print(f"FIGURES latency {router.__name__}: send to routed p50 {held[len(held) // 2]:.1f} ms,"
+          f" max {held[-1]:.1f} ms", flush=True)
+    assert len(held) == LATENCY_REQUESTS and held[0] >= 0.0

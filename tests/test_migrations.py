@@ -237,14 +237,12 @@ def test_example_routers_stored_under_their_old_module_take_the_new_one(empty_db
     engine.dispose()
 
 
-def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
-    """Rows written at 0005 (answers without queue lengths, rollups without
-    their figures) stay as they were, their decision quality unknown; answers
-    stored after it have theirs; the downgrade takes the new columns away and
-    keeps every row."""
-    upgrade(empty_db_url, "0005")
+def _routed_at(url: str, revision: str) -> int:
+    """A database at `revision` holding 7 routed requests of shop/Checkout in its rollups and one routed
+    row, written as that revision wrote them; returns the minute they are in."""
+    upgrade(url, revision)
     minute = (int(time.time()) - 600) // 60 * 60
-    engine = make_engine(empty_db_url)
+    engine = make_engine(url)
     with engine.begin() as connection:
         for statement in (
                 "INSERT INTO deployments (pk, app, deployment) VALUES (1, 'shop', 'Checkout')",
@@ -258,6 +256,29 @@ def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_
         connection.execute(routed.insert().values(id=uuid.uuid4().bytes, ts=minute, router_pk=1, source_pk=1,
                                                   replica_pk=1))
     engine.dispose()
+    return minute
+
+
+def _downgraded(url: str, revision: str):
+    """Downgrade to `revision`: the columns of routed, completed and rollups then, and the routed rows kept."""
+    downgrade(url, revision)
+    engine = make_engine(url)
+    try:
+        inspector = inspect(engine)
+        columns = {table: {column["name"] for column in inspector.get_columns(table)}
+                   for table in ("routed", "completed", "rollups")}
+        with engine.connect() as connection:
+            return columns, connection.exec_driver_sql("SELECT count(*) FROM routed").scalar()
+    finally:
+        engine.dispose()
+
+
+def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_url):
+    """Rows written at 0005 (answers without queue lengths, rollups without
+    their figures) stay as they were, their decision quality unknown; answers
+    stored after it have theirs; the downgrade takes the new columns away and
+    keeps every row."""
+    minute = _routed_at(empty_db_url, "0005")
     upgrade(empty_db_url)
     window = {"since": minute - 60, "until": minute + 120}
     collector = Collector(empty_db_url)
@@ -275,17 +296,38 @@ def test_0006_adds_decision_quality_and_rows_before_it_read_as_unknown(empty_db_
         assert (after["regret"]["samples"], after["regret"]["mean"], after["belief_error"]["mean"]) == (1, 2.0, 2.0)
     finally:
         collector.close()
-    downgrade(empty_db_url, "0005")
-    engine = make_engine(empty_db_url)
+    columns, routed_rows = _downgraded(empty_db_url, "0005")
+    assert not columns["routed"] & {"reported_queue_len", "believed_queue_len"}
+    assert "decision_id" not in columns["completed"]
+    assert not columns["rollups"] & {"regret_0", "regret_sum"}
+    assert routed_rows == 2
+
+
+def test_0008_adds_send_to_routed_and_rows_before_it_read_as_unknown(empty_db_url):
+    """Routed rows and rollups written at 0007 have no send_to_routed_ms:
+    unknown (no samples, no figure), never 0; routed events stored after it
+    have theirs; the downgrade takes the columns away and keeps every row."""
+    minute = _routed_at(empty_db_url, "0007")
+    upgrade(empty_db_url)
+    window = {"since": minute - 60, "until": minute + 120}
+    collector = Collector(empty_db_url)
     try:
-        columns = {column["name"] for column in inspect(engine).get_columns("routed")}
-        assert "reported_queue_len" not in columns and "believed_queue_len" not in columns
-        assert "decision_id" not in {column["name"] for column in inspect(engine).get_columns("completed")}
-        assert not {column["name"] for column in inspect(engine).get_columns("rollups")} & {"regret_0", "regret_sum"}
-        with engine.connect() as connection:
-            assert connection.exec_driver_sql("SELECT count(*) FROM routed").scalar() == 2
+        with collector.engine.connect() as connection:
+            assert connection.execute(select(routed.c.send_to_routed_ms)).all() == [(None,)]
+        before = collector.get("/v1/rank-hits", **window)
+        assert before["routed"] == 7 and before["send_to_routed_ms"] == {
+            "samples": 0, "p50": None, "p99": None, "max": None, "mean": None}
+        source = WireSource("s1", router_class="R", app="shop", deployment="Checkout")
+        d = source.decision(minute + 1, [["r1"]])
+        collector.store(source.batch([d, source.routed(minute + 2, "r1", d, send_to_routed_ms=3.0)]))
+        after = collector.get("/v1/rank-hits", **window)["send_to_routed_ms"]
+        assert (after["samples"], after["mean"], after["max"]) == (1, 3.0, 3.0)
     finally:
-        engine.dispose()
+        collector.close()
+    columns, routed_rows = _downgraded(empty_db_url, "0007")
+    assert "send_to_routed_ms" not in columns["routed"]
+    assert not columns["rollups"] & {"send_to_routed_ms_0", "send_to_routed_ms_sum", "send_to_routed_ms_max"}
+    assert routed_rows == 2
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):

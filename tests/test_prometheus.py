@@ -104,7 +104,8 @@ class Traffic:
             decision = self.checkout.decision(t, [[chosen], ["r3"]], request_id=f"c{i}-{k}",
                                               candidates={chosen: {"stats_age_s": 0.2 * k,
                                                                    "stats_age_source": "stamped"}})
-            routed = self.checkout.routed(t + 0.001, chosen, decision, rank=k % 3, own_ranking=k != 4)
+            routed = self.checkout.routed(t + 0.001, chosen, decision, rank=k % 3, own_ranking=k != 4,
+                                          send_to_routed_ms=0.3 + k)
             events += [decision, routed, self.checkout.completed(t + 0.002, chosen, routed, latency_ms=5.0 + k)]
         events.append(self.checkout.completed(t, "r2", rejected=True))
         events.append(self.checkout.stats(t, "r1", {"n": i}, collected_at=t))

@@ -46,7 +46,7 @@ def by(samples, name: str, label: str, **labels) -> Dict[str, float]:
 def traffic(src, t0: float):
     """Two batches of one deployment: members r1..r4 (r3 refuses, r4 idle), stamped and observed
     stats ages, ranks 0 to 6 and unknown, a hand-off, refusals, a failure, stats changes, decisions
-    with and without a reason."""
+    with and without a reason, one routed event without send_to_routed_ms (an older tracer's)."""
     members = ["r1", "r2", "r3", "r4"]
     first = [src.replicas(t0, members)]
     for i in range(12):
@@ -57,7 +57,8 @@ def traffic(src, t0: float):
                                             "r3": {"stats_age_s": 2.5 + i, "stats_age_source": "observed"}},
                                 reason=["fast path", "fallback", None][i % 3])
         rank = [0, 0, 1, 2, 6, None][i % 6]
-        routed = src.routed(t + 0.01, chosen, decision, rank=rank, own_ranking=i != 5)
+        routed = src.routed(t + 0.01, chosen, decision, rank=rank, own_ranking=i != 5,
+                            send_to_routed_ms=None if i == 3 else 0.4 * (i + 1))
         first += [decision, routed, src.completed(t + 0.02, chosen, routed, latency_ms=3.0 * (i + 1), ok=i != 7)]
     first += [src.completed(t0 + 3, "r3", rejected=True), src.completed(t0 + 4, "r3", rejected=True)]
     first += [src.stats(t0 + 2 + k, "r1", {"n": k}, collected_at=t0 + 2 + k) for k in range(4)]
@@ -142,6 +143,13 @@ def test_histograms_have_the_rollups_bins_and_the_staleness_split_by_age_source(
         pytest.approx(sum(3.0 * (i + 1) for i in range(12)) / 1e3)
     latency = by(samples, "routelens_request_latency_seconds_bucket", "le", deployment="Checkout")
     assert latency["0.005"] == 1 and latency["0.01"] == 3 and latency["+Inf"] == 12  # 3 ms; 3, 6, 9; all
+    # Send to routed: 0.4 (i + 1) ms, but request 3's routed event had none: unknown, so not counted.
+    assert one(samples, "routelens_send_to_routed_seconds_sum", deployment="Checkout") == \
+        pytest.approx(sum(0.4 * (i + 1) for i in range(12) if i != 3) / 1e3)
+    held = by(samples, "routelens_send_to_routed_seconds_bucket", "le", deployment="Checkout")
+    assert held["0.0005"] == 1 and held["0.002"] == 4 and held["+Inf"] == 11  # 0.4; 0.4, 0.8, 1.2, 2.0; all
+    assert collector.get("/v1/rank-hits", app="shop", deployment="Checkout", **window)["send_to_routed_ms"][
+        "samples"] == 11
     assert one(samples, "routelens_stats_period_seconds", deployment="Checkout") == \
         deployment["stats_period_s"] == 1.0
 

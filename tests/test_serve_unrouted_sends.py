@@ -57,8 +57,10 @@ def test_dispatched_unused_and_broadcast_sends(serve_instance, tmp_path):
         events = wait_for_completions(n, f"{n} completions")
         figures = check_trace(events, n, serve_apps.read_counts(str(count_dir), APP))
         assert figures["rejections"] == 0  # a refused reservation sends nothing
-        # Each replica's answer to a reservation counts the slot it reserved.
-        assert all(e["reported_queue_len"] >= 1 for e in events if e["type"] == "routed"), events
+        # Each replica's answer to a reservation counts the slot it reserved. Routed at the
+        # reservation, before dispatch() sends it, a request has no send to routed time.
+        assert all(e["reported_queue_len"] >= 1 and e["send_to_routed_ms"] is None
+                   for e in events if e["type"] == "routed"), events
 
         # A reservation left unused: routed when the replica accepted it, and ended
         # (no outcome, no latency) when Ray releases it, so it is not in flight forever.

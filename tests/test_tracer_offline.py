@@ -192,8 +192,10 @@ def test_one_send_through_rays_own_sending_code(tmp_path, monkeypatch, result_so
     if sender == "usual" or result_source == "results from Ray":
         assert len(routed) == 1 and routed[0]["attribution"] == "exact" and routed[0]["rank"] == 0
         assert completed[0]["routed_id"] == routed[0]["id"] and completed[0]["ok"] is True
-        # Only a replica that was asked reports its queue.
+        # Only a replica that was asked reports its queue; only a request sent asking it waits for the
+        # answer before it is routed (send_to_routed_ms, where its latency starts: null, not 0, otherwise).
         assert (routed[0]["reported_queue_len"] is None) == (sender != "usual")
+        assert (routed[0]["send_to_routed_ms"] is None) == (sender != "usual")
     else:
         assert routed == [] and completed[0]["ok"] is None
 
@@ -348,6 +350,46 @@ def test_a_result_that_comes_before_routed_is_its_attempts_own(tmp_path, result_
     assert completed[0]["latency_ms"] >= 0
 
 
+HELD_S = 0.05  # how long the router's loop is held between a request's send and its on_request_routed
+
+
+def test_latency_starts_at_the_send_however_long_the_loop_is_held(tmp_path):
+    """Issue 27: a router that blocks its loop (Ray's prefix-aware router
+    calls ray.get there) delays on_request_routed past the replica's answer.
+    The request's latency starts at its send all the same, and the delay is
+    recorded as its own figure: neither can be below the time held."""
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+    answered = asyncio.Event()
+
+    class HeldAnswer(FakeResult):
+        async def get_rejection_response(self):
+            await answered.wait()
+            return await super().get_rejection_response()
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+        sent = []
+        for replica in router._replicas_list:
+            replica.try_send_request = lambda pr, with_rejection: sent.append(pr) or HeldAnswer()
+        sending = asyncio.create_task(RayRouter(router).send(make_request()))
+        await wait_until(lambda: sent)
+        time.sleep(HELD_S)  # the loop held, as a router that blocks it holds it
+        answered.set()
+        result = await sending
+        result.finish("ok")
+        await wait_until(lambda: not router._routelens._open_attempts)
+
+    asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    [routed] = [e for e in events if e["type"] == "routed"]
+    [completed] = [e for e in events if e["type"] == "completed"]
+    assert completed["routed_id"] == routed["id"]
+    assert completed["latency_ms"] >= HELD_S * 1000.0
+    assert completed["latency_ms"] >= routed["send_to_routed_ms"] >= HELD_S * 1000.0
+
+
 class CompletionCountingRouter(TracedUniformRequestRouter):
     """A subclass's own on_request_completed between Ray and the mixin."""
 
@@ -499,8 +541,9 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
     assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
     assert decision[records.D_ID] is None and decision[records.D_EXPLANATION] is None  # the router explained nothing
-    assert len(routed) == records.R_REPORTED_QUEUE_LEN + 1 and routed[records.SOURCE] is source
+    assert len(routed) == records.R_SEND_TO_ROUTED_MS + 1 and routed[records.SOURCE] is source
     assert routed[records.R_REPORTED_QUEUE_LEN] == 0  # the fake replica's answer
+    assert routed[records.R_SEND_TO_ROUTED_MS] >= 0.0  # sent by Ray's usual sender, asking the replica
     assert routed[records.R_TRACE] is trace and routed[records.R_DECISION] is decision
     assert routed[records.R_RANK] == 0 and routed[records.R_OWN_RANKING] is True
     assert routed[records.R_ATTEMPTS] == 1 and routed[records.R_ATTRIBUTION] == "exact"

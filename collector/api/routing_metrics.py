@@ -41,7 +41,7 @@ from ..ingest.rollups import ROLLUP_VALUES
 from ..ingest.schema import ReplicasEvent, StatsEvent
 from ..ingest.writer import StoredBatch
 from ..query.figures import median_interval
-from ..store.bins import CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
+from ..store.bins import CHOOSE_US, LATENCY_MS, RANK_COLUMNS, SEND_TO_ROUTED_MS, STALENESS
 from ..store.models import OTHER_REASONS, REASON_ROLLUP_KEY, ROLLUP_KEY, ROUTER_LEVEL, Deployment, Replica
 
 OTHER = "_other"  # the label value of series beyond the limit
@@ -67,6 +67,7 @@ def _span(columns: Sequence[str]) -> slice:
 
 
 _STALE, _CHOOSE, _LATENCY = _span(STALENESS.columns), _span(CHOOSE_US.columns), _span(LATENCY_MS.columns)
+_SEND_TO_ROUTED = _span(SEND_TO_ROUTED_MS.columns)
 _REPLICA_AT = tuple(_AT[name] for name in ("routed", "rejections", "completions", "failures"))
 
 
@@ -131,8 +132,12 @@ class RoutingMetrics:
         self.choose = histogram("routelens_choose_replicas_duration_seconds",
                                 "Time spent in the wrapped choose_replicas", deployment, CHOOSE_US.bounds, 1e6)
         self.latency = histogram("routelens_request_latency_seconds",
-                                 "Request latency as the router saw it (routed to completed)", deployment,
+                                 "Request latency as the router saw it (sent to completed)", deployment,
                                  LATENCY_MS.bounds, 1e3)
+        self.send_to_routed = histogram("routelens_send_to_routed_seconds",
+                                        "From a request's send to on_request_routed: the replica's answer, and how "
+                                        "long the router's loop took to resume the sender", deployment,
+                                        SEND_TO_ROUTED_MS.bounds, 1e3)
         self.stats_period = Gauge("routelens_stats_period_seconds",
                                   "The deployment's routing-stats period seen: median interval between two "
                                   "collections of one replica's stats, in the newest 400 stats changes this process "
@@ -175,7 +180,7 @@ class RoutingMetrics:
         if (app, deployment) in self._deployments:
             return
         self._deployments.add((app, deployment))
-        for metric in (self.decisions, self.handoffs, self.choose, self.latency):
+        for metric in (self.decisions, self.handoffs, self.choose, self.latency, self.send_to_routed):
             metric.labels(app, deployment)
         for rank in sorted(set(RANK_LABELS.values())):
             self.by_rank.labels(app, deployment, rank)
@@ -252,6 +257,8 @@ class RoutingMetrics:
             _observe(self.staleness.labels(app, deployment, "observed"), observed, observed_sum)
         _observe(self.choose.labels(app, deployment), row[_CHOOSE], row[_AT["choose_us_sum"]] / 1e6)
         _observe(self.latency.labels(app, deployment), row[_LATENCY], row[_AT["latency_ms_sum"]] / 1e3)
+        _observe(self.send_to_routed.labels(app, deployment), row[_SEND_TO_ROUTED],
+                 row[_AT["send_to_routed_ms_sum"]] / 1e3)
 
     def _count_source(self, stored: StoredBatch, app: str, deployment: str) -> None:
         batch, before = stored.batch, stored.before

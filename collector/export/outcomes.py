@@ -43,6 +43,7 @@ _ROUTINGS = Reading({  # the outcome columns of a decision's routed event
     "replica_pk": (r.replica_pk, pa.int64()), "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()),
     "queue_wait_ms": (r.queue_wait_ms, pa.float64()),
     **{name: (r[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
+    "send_to_routed_ms": (r.send_to_routed_ms, pa.float64()),
 })
 _COMPLETIONS = Reading({  # those of a routing's completion
     "routed_id": (stored_bytes(c.routed_id), BLOB), "latency_ms": (c.latency_ms, pa.float64()),

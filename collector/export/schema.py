@@ -72,6 +72,10 @@ ANSWER = [  # the decision quality of a replica's answer (a routing or a refusal
     Column("belief_error", pa.int64(),
            "the queue length the router saw minus the replica's before this request (positive: overestimated)"),
 ]
+# How long after its send the request was routed (wire format v3); after ANSWER, added later.
+SEND_TO_ROUTED = Column("send_to_routed_ms", pa.float64(),
+                        "time from the send to on_request_routed: the replica's answer, then however long the "
+                        "router held its loop (null: unknown)")
 COLUMNS: Dict[str, List[Column]] = {
     "decisions": [
         *DECISION,
@@ -81,12 +85,13 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("rank", pa.int32(), "the rank it came from (null: unknown)"),
         Column("own_ranking", pa.bool_(), "false: FIFO gave this ranking's replica to another request"),
         Column("queue_wait_ms", pa.float64(), "time from the request's arrival to its routing"),
-        Column("latency_ms", pa.float64(), "time from routing to completion"),
+        Column("latency_ms", pa.float64(), "time from the send to completion"),
         Column("ok", pa.bool_(), "the request completed without error"),
         Column("rejected", pa.bool_(), "the chosen replica refused the request"),
         *ANSWER,
         Column("reason", pa.string(), "the router's reason for the decision (routelens_explain; null: none given)"),
         Column("scores", SCORES, "the numbers the router gave with it (CSV: a JSON object; null: no reason)"),
+        SEND_TO_ROUTED,
     ],
     "candidates": [
         *DECISION,
@@ -114,9 +119,10 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("own_ranking", pa.bool_(), "false: a FIFO hand-off"),
         Column("attempts", pa.int32(), "decisions made for this request"),
         Column("queue_wait_ms", pa.float64(), "time from arrival to routing"),
-        Column("latency_ms", pa.float64(), "time from routing to completion"),
+        Column("latency_ms", pa.float64(), "time from the send to completion"),
         Column("ok", pa.bool_(), "completed without error"),
         *ANSWER,
+        SEND_TO_ROUTED,
     ],
     "completed": [
         Column("completed_id", pa.string(), "the completed event's id"),
@@ -125,7 +131,7 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("internal_request_id", pa.string(), "Ray's internal request id"),
         Column("replica_id", pa.string(), "the replica"),
         Column("routed_id", pa.string(), "the routed event it completes (null for a rejection)"),
-        Column("latency_ms", pa.float64(), "time from routing to completion"),
+        Column("latency_ms", pa.float64(), "time from the send to completion"),
         Column("ok", pa.bool_(), "completed without error"),
         Column("rejected", pa.bool_(), "the replica refused the request"),
         Column("decision_id", pa.string(), "a rejection's: the decision that supplied the replica (null: unknown)"),

@@ -29,6 +29,7 @@ _ROUTED = Reading({
     "replica_pk": (r.replica_pk, pa.int64()), "decision_id": (stored_bytes(r.decision_id), BLOB),
     "rank": (r.rank, pa.int32()), "own_ranking": (r.own_ranking, pa.bool_()), "attempts": (r.attempts, pa.int32()),
     "queue_wait_ms": (r.queue_wait_ms, pa.float64()), **{name: (r[name], pa.int64()) for name in ANSWER_QUEUE_LENS},
+    "send_to_routed_ms": (r.send_to_routed_ms, pa.float64()),
 })
 _COMPLETED = Reading({
     "id": (stored_bytes(c.id), BLOB), "ts": (c.ts, pa.float64()), "router_pk": (c.router_pk, pa.int64()),
@@ -69,7 +70,8 @@ def decision_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scop
                                            pc.if_else(accepted, FALSE, UNKNOWN)),
                        **_answer(accepted, *(pc.coalesce(routing(name), refusal(name)) for name in ANSWER_QUEUE_LENS)),
                        reason=chunk.rows.column("reason"),
-                       scores=scores(chunk.rows.column("reason"), chunk.rows.column("scores")))
+                       scores=scores(chunk.rows.column("reason"), chunk.rows.column("scores")),
+                       send_to_routed_ms=routing("send_to_routed_ms"))
         yield record_batch("decisions", columns)
 
 
@@ -124,7 +126,8 @@ def routed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
             "replica_id": names.replica_ids(column("replica_pk")), "decision_id": uuids(column("decision_id")),
             "rank": column("rank"), "own_ranking": column("own_ranking"), "attempts": column("attempts"),
             "queue_wait_ms": column("queue_wait_ms"), "latency_ms": completion.column("latency_ms"),
-            "ok": completion.column("ok"), **_answer(True, *map(column, ANSWER_QUEUE_LENS))})
+            "ok": completion.column("ok"), **_answer(True, *map(column, ANSWER_QUEUE_LENS)),
+            "send_to_routed_ms": column("send_to_routed_ms")})
 
 
 def completed_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,

@@ -158,7 +158,7 @@ def _routed_event(row, replica_ids: Dict[int, str]) -> dict:
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
         "replica_id": replica_ids[row["replica_pk"]], "decision_id": row["decision_id"], "rank": row["rank"],
         "own_ranking": row["own_ranking"], "attempts": row["attempts"], "queue_wait_ms": row["queue_wait_ms"],
-        **_known(row, ANSWER_QUEUE_LENS),
+        **_known(row, ANSWER_QUEUE_LENS), **_known(row, ("send_to_routed_ms",)),
     }, row["extra"])
 
 
@@ -171,8 +171,9 @@ def _completed_event(row, replica_ids: Dict[int, str]) -> dict:
 
 
 def _known(row, names) -> dict:
-    """An answer's fields of wire format v2, as stored: left out when none
-    is known (events of v1, completions that are no answer)."""
+    """Fields a later wire format added (v2: an answer's; v3: send_to_routed_ms),
+    as stored: left out when none is known (events of an earlier version,
+    completions that are no answer)."""
     values = {name: row[name] for name in names}
     return values if any(value is not None for value in values.values()) else {}
 

@@ -6,7 +6,7 @@ touched, with every counter, ready for the upsert in `collector.ingest.writer`.
 Only new events are added, so a re-sent batch adds nothing.
 
 Rows with replica_pk = 0 (`ROUTER_LEVEL`) hold a router's totals: what it
-counts of its own (decisions, choose_replicas time, attempts) and the sum of
+counts of its own (decisions, choose_replicas time, attempts, send to routed) and the sum of
 every per-replica counter, so that totals never have to add up replicas.
 
 This runs for every event ingested (tens of thousands a second), so it is
@@ -21,7 +21,16 @@ from bisect import bisect_left
 from operator import add
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS, rank_column
+from ..store.bins import (
+    ATTEMPTS,
+    BELIEF_ERROR,
+    CHOOSE_US,
+    LATENCY_MS,
+    REGRET,
+    SEND_TO_ROUTED_MS,
+    STALENESS,
+    rank_column,
+)
 from ..store.models import OTHER_REASONS, ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS, ROUTER_LEVEL
 from .schema import CompletedEvent, DecisionEvent, Event, RoutedEvent
 
@@ -43,6 +52,8 @@ STALE_FIRST, STALE_BOUNDS = _AT[STALENESS.columns[0]], tuple(STALENESS.bounds)
 CHOOSE_FIRST, CHOOSE_BOUNDS = _AT[CHOOSE_US.columns[0]], tuple(CHOOSE_US.bounds)
 LATENCY_FIRST, LATENCY_BOUNDS = _AT[LATENCY_MS.columns[0]], tuple(LATENCY_MS.bounds)
 ATTEMPTS_FIRST, ATTEMPTS_BOUNDS = _AT[ATTEMPTS.columns[0]], tuple(ATTEMPTS.bounds)
+SEND_FIRST, SEND_BOUNDS = _AT[SEND_TO_ROUTED_MS.columns[0]], tuple(SEND_TO_ROUTED_MS.bounds)
+SEND_SUM, SEND_MAX = _AT["send_to_routed_ms_sum"], _AT["send_to_routed_ms_max"]
 REGRET_FIRST, REGRET_BOUNDS = _AT[REGRET.columns[0]], tuple(REGRET.bounds)
 REGRET_SUM, REGRET_MAX = _AT["regret_sum"], _AT["regret_max"]
 BELIEF_FIRST, BELIEF_BOUNDS = _AT[BELIEF_ERROR.columns[0]], tuple(BELIEF_ERROR.bounds)
@@ -82,7 +93,7 @@ class RollupDelta:
             if not isinstance(event, DecisionEvent):
                 if isinstance(event, RoutedEvent):
                     self.routed(event.ts, router_pk, replica_pks[event.replica_id], event.rank, event.own_ranking,
-                                event.attempts)
+                                event.attempts, event.send_to_routed_ms)
                     refused = False
                 elif isinstance(event, CompletedEvent):
                     self.completed(event.ts, router_pk, replica_pks[event.replica_id], event.rejected, event.ok,
@@ -140,14 +151,23 @@ class RollupDelta:
         self.stale_sums[1] += observed_sum
 
     def routed(self, ts: float, router_pk: int, replica_pk: int, rank: Optional[int],
-               own_ranking: Optional[bool], attempts: Optional[int]) -> None:
+               own_ranking: Optional[bool], attempts: Optional[int], send_to_routed_ms: Optional[float]) -> None:
         row = self._row(ts, router_pk, replica_pk)
         row[ROUTED] += 1
         row[_AT[rank_column(rank)]] += 1
         if own_ranking is False:
             row[HANDOFFS] += 1
+        if attempts is None and send_to_routed_ms is None:
+            return
+        # The router's own figures, as its choose_replicas time: on its row alone.
+        router_row = self._row(ts, router_pk, ROUTER_LEVEL)
         if attempts is not None:
-            self._row(ts, router_pk, ROUTER_LEVEL)[ATTEMPTS_FIRST + bisect_left(ATTEMPTS_BOUNDS, attempts)] += 1
+            router_row[ATTEMPTS_FIRST + bisect_left(ATTEMPTS_BOUNDS, attempts)] += 1
+        if send_to_routed_ms is not None:  # else unknown (wire format before v3; a send without the protocol)
+            router_row[SEND_FIRST + bisect_left(SEND_BOUNDS, send_to_routed_ms)] += 1
+            router_row[SEND_SUM] += send_to_routed_ms
+            if router_row[SEND_MAX] is None or send_to_routed_ms > router_row[SEND_MAX]:
+                router_row[SEND_MAX] = send_to_routed_ms
 
     def completed(self, ts: float, router_pk: int, replica_pk: int, rejected: bool,
                   ok: Optional[bool], latency_ms: Optional[float]) -> None:

@@ -9,7 +9,8 @@ in `extra`.
 
 A version adds optional fields only: a batch of an earlier version is read
 as one of this version without them (v1's answers have no queue lengths:
-their decision-quality figures are unknown; decisions before v3 have no reason).
+their decision-quality figures are unknown; before v3, decisions have no
+reason and routed events no send_to_routed_ms: that figure is unknown).
 """
 
 from __future__ import annotations
@@ -148,6 +149,8 @@ class RoutedEvent(Struct, tag="routed", tag_field="type", forbid_unknown_fields=
     believed_queue_len: QueueCount = None
     shortest_queue_len: QueueCount = None
     reported_queue_len: QueueCount = None
+    # v3: from the send to on_request_routed (null: not sent by Ray's usual sender, or an older tracer).
+    send_to_routed_ms: Optional[Annotated[float, Meta(ge=0)]] = None
 
 
 class CompletedEvent(Struct, tag="completed", tag_field="type", forbid_unknown_fields=True, gc=False):

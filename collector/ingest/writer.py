@@ -191,7 +191,7 @@ class _MultiRowInsert:
       the sqlite3 module binds a None through its adapter look-up, about
       0.5 us each, as long as inserting the rest of a decision's row."""
 
-    MAX_ROWS = 128  # x 111 columns of a rollup row: within SQLite's 32766 parameters
+    MAX_ROWS = 128  # x a rollup row's columns (127; at most 255) stays within SQLite's 32766 parameters
 
     def __init__(self, table: str, columns: Sequence[str], tail: str = ""):
         self._table, self._columns, self._tail = table, tuple(columns), tail
@@ -705,7 +705,8 @@ class _Rows:
                     event.attempts, event.queue_wait_ms, request_ids[event.request_id],
                     request_ids[event.internal_request_id], event.model_id,
                     _extra(event, extra) if extra or event.attribution is not None else None,
-                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len))
+                    event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len,
+                    event.send_to_routed_ms))
             elif isinstance(event, CompletedEvent):
                 completed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],

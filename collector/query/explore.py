@@ -146,6 +146,7 @@ def _routed(row, sc: Scope) -> dict:
         "queue_wait_ms": row["queue_wait_ms"], "request_id": row["request_id"],
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"],
         "attribution": extra.get("attribution"), **{name: row[name] for name in ANSWER_QUEUE_LENS},
+        "send_to_routed_ms": row["send_to_routed_ms"],
     }
 
 

@@ -40,7 +40,16 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.engine import Connection
 
 from ..store import ids
-from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, REGRET, STALENESS
+from ..store.bins import (
+    ATTEMPTS,
+    BELIEF_ERROR,
+    CHOOSE_US,
+    LATENCY_MS,
+    RANK_COLUMNS,
+    REGRET,
+    SEND_TO_ROUTED_MS,
+    STALENESS,
+)
 from ..store.models import (
     OTHER_REASONS,
     ROUTER_LEVEL,
@@ -365,7 +374,9 @@ QUALITY_COLUMNS = (*REGRET.columns, "regret_sum", "regret_max",
 
 
 RANK_HIT_COLUMNS = ("routed", "handoffs", "rejections", "decisions", "choose_us_sum", "choose_us_max",
-                    *RANK_COLUMNS, *ATTEMPTS.columns, *CHOOSE_US.columns, *QUALITY_COLUMNS)
+                    "send_to_routed_ms_sum", "send_to_routed_ms_max",
+                    *RANK_COLUMNS, *ATTEMPTS.columns, *CHOOSE_US.columns, *SEND_TO_ROUTED_MS.columns,
+                    *QUALITY_COLUMNS)
 RANK_HIT_REPLICA_COLUMNS = ("routed", "rejections", "handoffs", "rank_0", *QUALITY_COLUMNS)
 
 
@@ -405,6 +416,7 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
             "max": row["choose_us_max"],
             "mean": _rate(row["choose_us_sum"], row["decisions"]),
         },
+        "send_to_routed_ms": send_to_routed(row),
         "decision_quality": decision_quality(row),
         "decision_quality_over_time": decision_quality_over_time(conn, f, sc),
         "reasons": reasons(conn, f, sc, decisions_by_deployment),
@@ -463,6 +475,20 @@ def reason_name(reason: str) -> dict:
     """A reason as stored in `reason_rollups`: its name, or the deployment's other reasons beyond the bound."""
     other = reason == OTHER_REASONS
     return {"reason": None if other else reason, "other": other}
+
+
+def send_to_routed(row: dict) -> dict:
+    """From the send to on_request_routed (docs/design.md, Definitions): how
+    long the router's loop took to resume the sender after the replica's
+    answer. `samples` counts the routed requests that carry it; the others
+    (wire format before v3, sends without the rejection protocol) are
+    unknown: with no samples every figure is None, never 0."""
+    counts = [row[c] for c in SEND_TO_ROUTED_MS.columns]
+    samples = sum(counts)
+    maximum = row["send_to_routed_ms_max"]
+    return {"samples": samples, "p50": SEND_TO_ROUTED_MS.percentile(counts, 0.50, maximum),
+            "p99": SEND_TO_ROUTED_MS.percentile(counts, 0.99, maximum), "max": maximum,
+            "mean": _rate(row["send_to_routed_ms_sum"], samples)}
 
 
 def decision_quality(row: dict) -> dict:

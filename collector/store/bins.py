@@ -68,8 +68,11 @@ STALENESS = Bins("stale", (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.2
                            10.0, 20.0, 30.0, 60.0, 300.0))
 # Time spent in the wrapped choose_replicas, microseconds.
 CHOOSE_US = Bins("choose_us", (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000))
-# Request latency seen by the router (routed -> completed), milliseconds.
+# Request latency seen by the router (sent -> completed; before wire format v3, routed -> completed), milliseconds.
 LATENCY_MS = Bins("latency_ms", (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000))
+# From a request's send to on_request_routed, milliseconds: the replica's answer (about a millisecond), and
+# beyond it how long the router's loop took to resume the sender (a router that blocks it: tens).
+SEND_TO_ROUTED_MS = Bins("send_to_routed_ms", (0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
 # Decisions made for a request by the time it was routed.
 ATTEMPTS = Bins("attempts", (1, 2, 3, 4, 6, 10))
 # Decision quality (docs/design.md, Definitions), in requests: one bin per whole number up to 4, then wider.
@@ -89,4 +92,4 @@ def rank_column(rank: Optional[int]) -> str:
     return RANK_COLUMNS[min(rank, 5)]
 
 
-HISTOGRAMS = (STALENESS, CHOOSE_US, LATENCY_MS, ATTEMPTS, REGRET, BELIEF_ERROR)
+HISTOGRAMS = (STALENESS, CHOOSE_US, LATENCY_MS, ATTEMPTS, REGRET, BELIEF_ERROR, SEND_TO_ROUTED_MS)

@@ -210,6 +210,7 @@ routed = Table(
     Column("model_id", String(256)),
     Column("extra", Text),
     *_answer_columns(),
+    Column("send_to_routed_ms", Float),  # wire format v3 (migration 0008; null before it: unknown)
     Index(None, "decision_id"),
     **_clustered,
 )
@@ -265,8 +266,10 @@ ROLLUP_COUNTS = (
     *(column for bins in HISTOGRAMS for column in bins.columns),
 )
 ROLLUP_SUMS = ("latency_ms_sum", "choose_us_sum",
-               "regret_sum", "belief_error_sum", "belief_error_abs_sum")  # belief_error_sum: signed
-ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max", "regret_max", "belief_error_abs_max")
+               "regret_sum", "belief_error_sum", "belief_error_abs_sum",  # belief_error_sum: signed
+               "send_to_routed_ms_sum")
+ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max", "regret_max", "belief_error_abs_max",
+                 "send_to_routed_ms_max")
 
 rollups = Table(
     "rollups", Base.metadata,

@@ -15,6 +15,8 @@ from routelens.collector.store.bins import RANK_COLUMNS
 from ..components import card, dates, deployment_name, downloads, number, percent, section, table
 from ..state import ViewState
 
+SEND_TO_ROUTED_HINT = ("from a request's send to on_request_routed: the replica's answer, then however long "
+                       "the router held its loop (latencies start at the send)")
 QUALITY_HEADINGS = ("answers", "regret mean", "regret p95", "regret > 0", "belief error mean",
                     "|belief error| mean", "|belief error| p95")
 
@@ -22,7 +24,11 @@ QUALITY_HEADINGS = ("answers", "regret mean", "regret p95", "regret > 0", "belie
 def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") -> html.Div:
     sc = figures.scope(conn, f)
     r = figures.rank_hits(conn, f, sc)
-    choose = r["choose_us"]
+    choose, send = r["choose_us"], r["send_to_routed_ms"]
+    # Unknown for the routed requests without it (tracers before wire format v3; sends without the
+    # rejection protocol): said so, never shown as 0.
+    send_unknown = r["routed"] - send["samples"]
+    send_note = f"unknown for {number(send_unknown)} routed" if send_unknown > 0 else ""
     regret, belief = r["decision_quality"]["regret"], r["decision_quality"]["belief_error"]
     cards = html.Div(className="cards", children=[
         card("rank-hits-rank0-rate", "rank-0 hit rate", percent(r["rank0_rate"])),
@@ -33,6 +39,10 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
              number(r["decisions_per_request"]["mean"], 2)),
         card("rank-hits-choose-p50", "choose_replicas p50", f'{number(choose["p50"])} µs'),
         card("rank-hits-choose-p99", "choose_replicas p99", f'{number(choose["p99"])} µs'),
+        card("rank-hits-send-to-routed-p50", "send → routed p50", _milliseconds(send["p50"], send["samples"]),
+             hint=SEND_TO_ROUTED_HINT, note=send_note),
+        card("rank-hits-send-to-routed-p99", "send → routed p99", _milliseconds(send["p99"], send["samples"]),
+             hint=SEND_TO_ROUTED_HINT),
         card("rank-hits-regret-mean", "regret, mean", number(regret["mean"], 2),
              hint="the chosen replica's queue length minus the shortest among the candidates, as the router saw them"),
         card("rank-hits-regret-positive", "decisions with regret > 0", percent(regret["positive_share"]),
@@ -149,3 +159,7 @@ def _over_time(deployments: list, figure: str, statistic: str, title: str) -> go
 
 def _rank_name(column: str) -> str:
     return {"rank_5": "rank 5+", "rank_unknown": "unknown"}.get(column, column.replace("_", " "))
+
+
+def _milliseconds(value, samples: int) -> str:
+    return f"{number(value, 1)} ms" if samples else "unknown"

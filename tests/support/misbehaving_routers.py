@@ -1,10 +1,12 @@
 """Routers with bugs of their own, plain and traced: tracing must not make
-them behave any worse."""
+them behave any worse, nor its figures depend on them."""
 
 from __future__ import annotations
 
 import random
+import time
 
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import RequestRouter
 
 from routelens.routers import TracingMixin
@@ -43,4 +45,26 @@ class TracedFlakyChooseRouter(TracingMixin, FlakyChooseRouter):
 
 
 class TracedRaisingHooksRouter(TracingMixin, RaisingHooksRouter):
+    pass
+
+
+class LoopBlockingRouter(PowerOfTwoChoicesRequestRouter):
+    """Ray's pow-2 router, blocking the router loop in choose_replicas and in
+    on_request_routed, as Ray's PrefixCacheAffinityRouter does with its
+    blocking ray.get calls (issue 27: 6-11 ms a decision). Every hook of
+    the process then waits: a replica's answer, a completion, other
+    requests' routing."""
+
+    BLOCK_S = 0.01
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        time.sleep(self.BLOCK_S)
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+    def on_request_routed(self, pending_request, replica_id, result):
+        time.sleep(self.BLOCK_S)
+        return super().on_request_routed(pending_request, replica_id, result)
+
+
+class TracedLoopBlockingRouter(TracingMixin, LoopBlockingRouter):
     pass

@@ -1,9 +1,10 @@
 """Wire-format batches as the tracer builds them, for tests that drive the collector.
 
-Batches are of the current version (2) unless told otherwise; events carry
+Batches are of the current version (3) unless told otherwise; events carry
 the fields of v1, and the fields v2 added (a refusal's decision, the
-answers' queue lengths) only when given, so that a batch of version 1 is
-one with `schema_version=1` and none of them."""
+answers' queue lengths) and v3 added (a routed event's send_to_routed_ms)
+only when given, so that a batch of version 1 is one with `schema_version=1`
+and none of them."""
 
 from __future__ import annotations
 
@@ -60,8 +61,9 @@ class WireSource:
 
     def routed(self, ts: float, replica_id: str, decision: dict = None, rank=0, own_ranking: bool = True,
                attempts: int = 1, request_id: str = None, internal_request_id: str = None,
-               queue_wait_ms: float = 0.5, quality: tuple = None) -> dict:
-        """`quality`: (believed, shortest, reported) queue lengths of the answer (v2)."""
+               queue_wait_ms: float = 0.5, quality: tuple = None, send_to_routed_ms: float = None) -> dict:
+        """`quality`: (believed, shortest, reported) queue lengths of the answer (v2).
+        `send_to_routed_ms`: from the send to on_request_routed (v3)."""
         if decision is not None:
             request_id = request_id or decision["request_id"]
             internal_request_id = internal_request_id or decision["internal_request_id"]
@@ -69,7 +71,8 @@ class WireSource:
                 "internal_request_id": internal_request_id, "model_id": None, "replica_id": replica_id,
                 "decision_id": decision["id"] if decision is not None else None, "rank": rank,
                 "own_ranking": own_ranking, "attempts": attempts, "queue_wait_ms": queue_wait_ms,
-                "attribution": "exact", **_quality(quality)}
+                "attribution": "exact", **_quality(quality),
+                **({} if send_to_routed_ms is None else {"send_to_routed_ms": send_to_routed_ms})}
 
     def completed(self, ts: float, replica_id: str, routed: dict = None, latency_ms: float = 12.5,
                   ok: bool = True, rejected: bool = False, internal_request_id: str = None,
