@@ -335,9 +335,9 @@ class _SimRouter:
         self.by_future: Dict[Any, _Task] = {}  # Ray's _routing_task_by_pending_request_future
         self.recipient = None
         self.run = run
-        # Ray's private steps the simulation takes over (asyncio tasks, probes) or watches (the recipient).
+        # Ray's private steps the simulation takes over (asyncio tasks; probes: build_router) or watches
+        # (the recipient).
         router._maybe_start_routing_tasks = _nothing
-        router._probe_queue_lens = _no_probe
         router._cancel_routing_task_for_pending_request = self.cancel_for
         router._record_queue_wait_time = self.received
         # Ray's metrics only (the router's gauges), not routing: not worth their time here.
@@ -354,10 +354,6 @@ class _SimRouter:
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     pass
-
-
-async def _no_probe(replicas: Any, backoff_index: int) -> list:
-    return []
 
 
 class _Run:
