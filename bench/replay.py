@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 
 from queries import database  # noqa: E402
 
+from routelens.collector.cli.gc_tuning import tune_gc_for_bulk_work  # noqa: E402
 from routelens.collector.query.filters import Filters  # noqa: E402
 from routelens.collector.replay import MODES  # noqa: E402
 from routelens.collector.replay.spec import RouterSpec  # noqa: E402
@@ -119,6 +120,7 @@ def main() -> int:
     args = parser.parse_args()
     path, info = database(args.decisions, args.db)
     sys.modules["__main__"].Timed = timed(RouterSpec(args.router).load())
+    tune_gc_for_bulk_work()  # as `routelens replay` does
     window = Filters(since=info["start"], until=info["end"] + 1)
     for mode in args.modes.split(","):
         run(mode, path, window, info["decisions"] if mode == "decisions" else info["events"]["routed"])

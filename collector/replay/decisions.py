@@ -44,6 +44,7 @@ from routelens.routers.testing import make_replica, make_request, prime_queue_le
 from ..query.filters import Filters
 from . import DEFAULT_RUNS
 from .figures import DeploymentTally, Tally, rank_bin, report
+from .no_cluster import ClusterGuard, refusing_cluster_calls
 from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, RecordedDecision, recorded_decisions
 from .spec import ReplayError, RouterSpec, build_router
 
@@ -59,19 +60,20 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     Raises ReplayError for a router that cannot be built or an empty window."""
     if runs < 2:
         raise ReplayError("runs: at least 2 (a second run with another seed tells a randomized router)")
-    cls = router.load()
     seeds = run_seeds(seed, runs)
-    # The first two runs, in one pass over the window, tell a randomized router (they differ) from a
-    # deterministic one (one run reported); a randomized one's other runs take a second pass.
-    done = _replay_pass(conn, f, cls, router.kwargs, seeds[:2], on_progress)
-    if not done[0].tally:
-        raise ReplayError("no recorded decisions in the window and filters given")
-    randomized = done[0].fingerprint != done[1].fingerprint
-    if not randomized:
-        on_progress(done[0].decisions * (runs - 2))  # the runs not needed
-        done = done[:1]
-    elif runs > 2:
-        done += _replay_pass(conn, f, cls, router.kwargs, seeds[2:], on_progress)
+    with refusing_cluster_calls() as guard:
+        cls = router.load()
+        # The first two runs, in one pass over the window, tell a randomized router (they differ) from a
+        # deterministic one (one run reported); a randomized one's other runs take a second pass.
+        done = _replay_pass(conn, f, cls, router.kwargs, seeds[:2], on_progress, guard)
+        if not done[0].tally:
+            raise ReplayError("no recorded decisions in the window and filters given")
+        randomized = done[0].fingerprint != done[1].fingerprint
+        if not randomized:
+            on_progress(done[0].decisions * (runs - 2))  # the runs not needed
+            done = done[:1]
+        elif runs > 2:
+            done += _replay_pass(conn, f, cls, router.kwargs, seeds[2:], on_progress, guard)
     deployments = report([run.tally for run in done])
     return {
         "mode": "decisions", "router": {"class": router.path, "kwargs": router.kwargs},
@@ -202,9 +204,10 @@ class _SourceReplay:
 
 
 def _replay_pass(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any], seeds: List[int],
-                 on_progress: Callable[[int], None]) -> List["_Run"]:
+                 on_progress: Callable[[int], None], guard: ClusterGuard) -> List["_Run"]:
     """One run per seed over the window, the window read once: each batch of decisions is replayed by
-    every run in turn, each with its own routers and generators (its draws are those of a run made alone)."""
+    every run in turn, each with its own routers and generators (its draws are those of a run made alone).
+    A router that called a cluster (and caught the refusal) stops it at the batch's end."""
     runs = [_Run(cls, kwargs, seed) for seed in seeds]
 
     async def replay_all() -> None:
@@ -217,6 +220,7 @@ def _replay_pass(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any]
                     use_generators(run.generators)
                     await run.replay(batch)
                     run.generators = generators_state()
+                guard.check()
                 on_progress(len(batch) * len(runs))
 
     asyncio.run(replay_all())
