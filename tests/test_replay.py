@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import textwrap
 from collections import Counter
 
 import pytest
+import ray
 from ray.serve.request_router import RequestRouter
 
 from routelens.collector.cli import main as routelens
@@ -67,6 +69,24 @@ class NeedsSetting(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         return [candidate_replicas]
+
+
+class CallsAnActor(RequestRouter):
+    """Asks an actor from choose_replicas, as Ray's prefix-aware router asks its prefix tree."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ray.get(ray.get_actor("routelens-test-tally").count.remote())
+        return [candidate_replicas]
+
+
+class CatchesTheRefusal(CallsAnActor):
+    """Falls back when its actor does not answer, as routers do."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        try:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        except Exception:
+            return [candidate_replicas]
 
 
 def _load(stats) -> float:
@@ -332,6 +352,31 @@ def test_without_ray_the_command_says_what_to_install(db, tmp_path):
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("routelens replay: ") and 'pip install "ray[serve]' in line
+    assert stored_replays(db) == 0
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the refusal does not depend on the database
+def test_routers_that_call_a_cluster_are_refused_in_one_line_without_starting_ray(db):
+    """Both modes, a router that lets the refusal through and one that catches it; in a child
+    process, whose timeout stops a replay that would hang (or start Ray) rather than refuse."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = run_python(f"""
+        import warnings
+        warnings.simplefilter("ignore")  # the test module's imports warn of deprecations: not the replay's output
+        import ray
+        from routelens.collector.cli import main
+        db = {db!r}
+        codes = [main(["replay", "--db", db, "--router", "tests.test_replay:CallsAnActor"]),
+                 main(["replay", "--db", db, "--mode", "simulate", "--router", "tests.test_replay:CatchesTheRefusal"])]
+        print(codes, ray.is_initialized())
+    """, cwd=root)
+    assert result.stdout.split() == ["[2,", "2]", "False"], result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"routelens replay: {router} cannot be replayed: CallsAnActor.choose_replicas called ray.get_actor, which "
+        "needs a Ray cluster; a replay runs the router in this process, without one (docs/replay.md, "
+        "\"What cannot be replayed\")" for router in ("CallsAnActor", "CatchesTheRefusal")]
     assert stored_replays(db) == 0
 
 
