@@ -27,10 +27,6 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
-import ray
-from ray._private import auto_init_hook
-from ray.serve.request_router import RequestRouter
-
 from .spec import ReplayError
 
 
@@ -66,6 +62,9 @@ class ClusterGuard:
 def refusing_cluster_calls() -> Iterator[ClusterGuard]:
     """Within: every call a router makes that needs a Ray cluster raises ClusterCallRefused;
     a refusal met (and caught by the router) is raised on the way out."""
+    import ray  # imported when a replay runs, as the modes import it (tests/test_packaging.py)
+    from ray._private import auto_init_hook
+
     guard = ClusterGuard()
     real_auto_init = auto_init_hook.auto_init_ray
     real_init = ray.init
@@ -114,6 +113,8 @@ def _api_name(fn: Any, args: tuple) -> str:
 def _calling_router(frame: Any) -> tuple:
     """The router whose code made the call (the innermost frame of a RequestRouter's method), and
     that method; without one, the innermost function outside Ray."""
+    from ray.serve.request_router import RequestRouter
+
     outside = None
     while frame is not None:
         code = frame.f_code
