@@ -18,12 +18,14 @@ first use (and calls whether or not Ray is initialized), or an explicit
 the router and what it called, before anything reaches a cluster. A router
 that catches the error and goes on is refused all the same: the first
 refusal is kept, and raised by `check` (the modes call it between batches)
-and when the replay ends.
+and when the replay ends. Calls from other threads than the replay's (Ray's
+own, in a process connected to Ray) go through.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -68,13 +70,20 @@ def refusing_cluster_calls() -> Iterator[ClusterGuard]:
     guard = ClusterGuard()
     real_auto_init = auto_init_hook.auto_init_ray
     real_init = ray.init
+    # The replay's routers run in this thread. Other threads' calls go through: in a process that is
+    # connected to Ray (a test run, a notebook), Ray's own threads (handles' long polls) keep working.
+    replaying = threading.get_ident()
 
     def refused_auto_init() -> None:
+        if threading.get_ident() != replaying:
+            return real_auto_init()
         # Called by Ray's auto_init_wrapper: its `fn` is the API the router called, `args[0]` its object.
         caller = sys._getframe(1).f_locals
         guard.refuse(_api_name(caller.get("fn"), caller.get("args") or ()))
 
-    def refused_init(*args: Any, **kwargs: Any) -> None:
+    def refused_init(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() != replaying:
+            return real_init(*args, **kwargs)
         guard.refuse("ray.init")
 
     # The modules that bound auto_init_ray by name (client_mode_hook, placement_group) get the refusal too.
