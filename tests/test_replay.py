@@ -12,6 +12,7 @@ import json
 import os
 import random
 import textwrap
+import threading
 from collections import Counter
 
 import pytest
@@ -22,6 +23,7 @@ from routelens.collector.cli import main as routelens
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
+from routelens.collector.replay.no_cluster import ClusterCallRefused, refusing_cluster_calls
 from routelens.collector.replay.recorded import recorded_decisions
 from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Replay
@@ -378,6 +380,24 @@ def test_routers_that_call_a_cluster_are_refused_in_one_line_without_starting_ra
         "needs a Ray cluster; a replay runs the router in this process, without one (docs/replay.md, "
         "\"What cannot be replayed\")" for router in ("CallsAnActor", "CatchesTheRefusal")]
     assert stored_replays(db) == 0
+
+
+def test_only_the_replays_thread_is_refused(monkeypatch):
+    """In a process connected to Ray, Ray's own threads go on calling it while a replay runs. Ray's
+    auto-init is stood in for: called for real, without a cluster, it would start one."""
+    from ray._private import auto_init_hook
+
+    calls = []
+    monkeypatch.setattr(auto_init_hook, "auto_init_ray", lambda: calls.append(threading.current_thread().name))
+    with pytest.raises(ClusterCallRefused):
+        with refusing_cluster_calls():
+            other = threading.Thread(target=lambda: auto_init_hook.auto_init_ray(), name="ray-long-poll")
+            other.start()
+            other.join()
+            auto_init_hook.auto_init_ray()  # refused, and kept: raised again on the way out
+            assert calls == ["ray-long-poll"]
+    auto_init_hook.auto_init_ray()
+    assert calls == ["ray-long-poll", "MainThread"]
 
 
 def test_the_reader_rebuilds_every_candidate_with_its_recorded_inputs(db, recording):
