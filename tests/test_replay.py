@@ -23,8 +23,10 @@ from routelens.collector.cli import main as routelens
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
-from routelens.collector.replay.no_cluster import ClusterCallRefused, refusing_cluster_calls
+from routelens.collector.replay import decisions
+from routelens.collector.replay.no_cluster import ClusterCallRefused, ClusterGuard, refusing_cluster_calls
 from routelens.collector.replay.recorded import recorded_decisions
+from routelens.collector.replay.spec import RouterSpec
 from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Replay
 from routelens.routers import TracingMixin
@@ -299,6 +301,26 @@ def test_the_stored_replay_is_what_the_command_printed_and_the_api_serves_it(db,
         assert answer.status_code == 200 and answer.json() == printed
     finally:
         guarded.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_runs_replayed_in_one_pass_draw_what_each_draws_alone(db, monkeypatch):
+    """The runs of a pass take turns over each batch of decisions: each must count what it counts alone."""
+    monkeypatch.setattr(decisions, "BATCH", 7)  # many turns over the recording's few hundred decisions
+    cls = RouterSpec(POW_2).load()
+    window = Filters(since=0, until=4e9)
+    engine = make_engine(db)
+    try:
+        with engine.connect() as connection:
+            together = decisions._replay_pass(connection, window, cls, {}, [11, 12, 13], lambda n: None,
+                                              ClusterGuard())
+            alone = [decisions._replay_pass(connection, window, cls, {}, [seed], lambda n: None, ClusterGuard())[0]
+                     for seed in (11, 12, 13)]
+    finally:
+        engine.dispose()
+    assert [run.tally for run in together] == [run.tally for run in alone]
+    assert [run.fingerprint for run in together] == [run.fingerprint for run in alone]
+    assert together[0].tally != together[1].tally  # three draws, not one
 
 
 def test_the_tables_fit_80_columns_and_name_the_stored_replay(db, capsys):
