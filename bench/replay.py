@@ -14,15 +14,15 @@ Machines are shared and noisy: the baseline is measured in the same run,
 two ways, and each mode's rate is given as a ratio to both. In the replay
 (wall time, as the replay's own rate): the time the router's own
 `choose_replicas` took, timed around each call (the timing's own cost, an
-extra coroutine and two clock reads, counts against the replay). Alone (CPU
-time, which other processes' load does not inflate; the replay's rate then
-per CPU second of this process, its reading thread included, the SQLite
-reader process not): every 100th call's inputs (the router, the candidate
-list it was given, the request) are kept, and after the replay the router
-class's own `choose_replicas` is called on them back to back, in blocks of
-100 made 5 times each, the fastest counted: what it manages alone on the
-same inputs, with warm caches (faster than in the replay: the stricter
-ratio). The issue's targets:
+extra coroutine, two clock reads and the sampling below, counts against the
+replay). Alone (CPU time, which other processes' load does not inflate; the
+replay's rate then per CPU second of this process, its reading thread
+included, the SQLite reader process not): the inputs of 10,000 calls (the
+router, the candidate list it was given, the request), a uniform sample
+kept in a reservoir, are called after the replay with the router class's
+own `choose_replicas`, back to back, in blocks of 100 made 5 times each,
+the fastest counted: what it manages alone on the same inputs, with warm
+caches (faster than in the replay: the stricter ratio). The issue's targets:
 decisions mode replays at least half as many decisions per second
 (>= 0.5), simulate at least a quarter (>= 0.25: its rate counts the
 `choose_replicas` calls of both its runs, the recorded router's and the
@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import resource
 import sys
 import time
@@ -65,16 +66,27 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-SAMPLE_EVERY = 100  # calls between two whose inputs are kept for the baseline alone
+KEPT = 10_000  # calls whose inputs are kept for the baseline alone: a uniform sample of them all
 
 
 class Timing:
-    """Time spent inside the timed router's choose_replicas, its calls, and every SAMPLE_EVERY-th
-    call's inputs: (router, candidate list, request). Ray and the replay replace a router's
-    candidate list rather than change it, so the list kept is the one that call was given."""
+    """Time spent inside the timed router's choose_replicas, its calls, and a uniform sample of KEPT
+    calls' inputs: (router, candidate list, request), a reservoir, so that memory stays flat. Ray and
+    the replay replace a router's candidate list rather than change it, so the list kept is the one
+    that call was given."""
     seconds = 0.0
     calls = 0
     inputs: list = []
+    draws = random.Random(0)  # not the global generator, which the router draws from
+
+
+def keep(inputs: tuple) -> None:
+    if len(Timing.inputs) < KEPT:
+        Timing.inputs.append(inputs)
+    else:
+        slot = Timing.draws.randrange(Timing.calls)
+        if slot < KEPT:
+            Timing.inputs[slot] = inputs
 
 
 def timed(cls: type) -> type:
@@ -87,8 +99,7 @@ def timed(cls: type) -> type:
             finally:
                 Timing.seconds += time.perf_counter() - started
                 Timing.calls += 1
-                if Timing.calls % SAMPLE_EVERY == 0:
-                    Timing.inputs.append((self, candidate_replicas, pending_request))
+                keep((self, candidate_replicas, pending_request))
 
     return Timed
 
@@ -124,6 +135,7 @@ def run(mode: str, path: str, window: Filters, expected: int, cls: type) -> None
     options = {"runs": 2} if mode == "decisions" else {}  # decisions: the fewest runs it makes
     total = expected * options.get("runs", 1)
     Timing.seconds, Timing.calls, Timing.inputs = 0.0, 0, []
+    Timing.draws.seed(0)
     samples, done = [], [0]
     engine = make_engine(f"sqlite:///{path}", sqlite_cache_mb=8)
     with Progress(TextColumn(f"{mode:<9}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
