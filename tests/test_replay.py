@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import textwrap
 import threading
 from collections import Counter
 
 import pytest
-import ray
 from ray.serve.request_router import RequestRouter
 
 from routelens.collector.cli import main as routelens
@@ -73,24 +71,6 @@ class NeedsSetting(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         return [candidate_replicas]
-
-
-class CallsAnActor(RequestRouter):
-    """Asks an actor from choose_replicas, as Ray's prefix-aware router asks its prefix tree."""
-
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
-        ray.get(ray.get_actor("routelens-test-tally").count.remote())
-        return [candidate_replicas]
-
-
-class CatchesTheRefusal(CallsAnActor):
-    """Falls back when its actor does not answer, as routers do."""
-
-    async def choose_replicas(self, candidate_replicas, pending_request=None):
-        try:
-            return await super().choose_replicas(candidate_replicas, pending_request)
-        except Exception:
-            return [candidate_replicas]
 
 
 def _load(stats) -> float:
@@ -379,21 +359,44 @@ def test_without_ray_the_command_says_what_to_install(db, tmp_path):
     assert stored_replays(db) == 0
 
 
+ACTOR_ROUTERS = '''
+import ray
+from ray.serve.request_router import RequestRouter
+
+
+class CallsAnActor(RequestRouter):
+    """Asks an actor from choose_replicas, as Ray's prefix-aware router asks its prefix tree."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ray.get(ray.get_actor("routelens-test-tally").count.remote())
+        return [candidate_replicas]
+
+
+class CatchesTheRefusal(CallsAnActor):
+    """Falls back when its actor does not answer, as routers do."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        try:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        except Exception:
+            return [candidate_replicas]
+'''
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the refusal does not depend on the database
-def test_routers_that_call_a_cluster_are_refused_in_one_line_without_starting_ray(db):
-    """Both modes, a router that lets the refusal through and one that catches it; in a child
-    process, whose timeout stops a replay that would hang (or start Ray) rather than refuse."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def test_routers_that_call_a_cluster_are_refused_in_one_line_without_starting_ray(db, tmp_path):
+    """Both modes, a router that lets the refusal through and one that catches it, from a module of
+    the current directory; in a child process, whose timeout stops a replay that would hang (or
+    start Ray) rather than refuse."""
+    (tmp_path / "actor_routers.py").write_text(ACTOR_ROUTERS)
     result = run_python(f"""
-        import warnings
-        warnings.simplefilter("ignore")  # the test module's imports warn of deprecations: not the replay's output
         import ray
         from routelens.collector.cli import main
         db = {db!r}
-        codes = [main(["replay", "--db", db, "--router", "tests.test_replay:CallsAnActor"]),
-                 main(["replay", "--db", db, "--mode", "simulate", "--router", "tests.test_replay:CatchesTheRefusal"])]
+        codes = [main(["replay", "--db", db, "--router", "actor_routers:CallsAnActor"]),
+                 main(["replay", "--db", db, "--mode", "simulate", "--router", "actor_routers:CatchesTheRefusal"])]
         print(codes, ray.is_initialized())
-    """, cwd=root)
+    """, cwd=tmp_path)
     assert result.stdout.split() == ["[2,", "2]", "False"], result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
