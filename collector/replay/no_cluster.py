@@ -116,7 +116,7 @@ def _api_name(fn: Any, args: tuple) -> str:
         return f"{getattr(target, '_method_name', 'a method')}.remote() (an actor's method)"
     if qualname.startswith("RemoteFunction."):
         return f"{getattr(target, '_function_name', 'a function')}.remote() (a task)"
-    return f"ray.{getattr(fn, '__name__', 'a Ray API')}"
+    return f"ray.{fn.__name__}" if hasattr(fn, "__name__") else "a Ray API"
 
 
 def _calling_router(frame: Any) -> tuple:
