@@ -11,6 +11,7 @@ import asyncio
 import json
 import random
 import textwrap
+import threading
 from collections import Counter
 
 import pytest
@@ -20,7 +21,10 @@ from routelens.collector.cli import main as routelens
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
+from routelens.collector.replay import decisions
+from routelens.collector.replay.no_cluster import ClusterCallRefused, ClusterGuard, refusing_cluster_calls
 from routelens.collector.replay.recorded import recorded_decisions
+from routelens.collector.replay.spec import RouterSpec
 from routelens.collector.store.db import make_engine
 from routelens.collector.store.models import Replay
 from routelens.routers import TracingMixin
@@ -304,6 +308,26 @@ def test_the_stored_replay_is_what_the_command_printed_and_the_api_serves_it(db,
         guarded.close()
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_runs_replayed_in_one_pass_draw_what_each_draws_alone(db, monkeypatch):
+    """The runs of a pass take turns over each batch of decisions: each must count what it counts alone."""
+    monkeypatch.setattr(decisions, "BATCH", 7)  # many turns over the recording's few hundred decisions
+    cls = RouterSpec(POW_2).load()
+    window = Filters(since=0, until=4e9)
+    engine = make_engine(db)
+    try:
+        with engine.connect() as connection:
+            together = decisions._replay_pass(connection, window, cls, {}, [11, 12, 13], lambda n: None,
+                                              ClusterGuard())
+            alone = [decisions._replay_pass(connection, window, cls, {}, [seed], lambda n: None, ClusterGuard())[0]
+                     for seed in (11, 12, 13)]
+    finally:
+        engine.dispose()
+    assert [run.tally for run in together] == [run.tally for run in alone]
+    assert [run.fingerprint for run in together] == [run.fingerprint for run in alone]
+    assert together[0].tally != together[1].tally  # three draws, not one
+
+
 def test_the_tables_fit_80_columns_and_name_the_stored_replay(db, capsys):
     capsys.readouterr()
     assert routelens(["replay", "--db", db, "--router", POW_2, "--runs", "3"]) == 0
@@ -358,6 +382,72 @@ def test_without_ray_the_command_says_what_to_install(db, tmp_path):
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("routelens replay: ") and 'pip install "ray[serve]' in line
     assert stored_replays(db) == 0
+
+
+ACTOR_ROUTERS = '''
+import ray
+from ray.serve.request_router import RequestRouter
+
+
+class CallsAnActor(RequestRouter):
+    """Asks an actor from choose_replicas, as Ray's prefix-aware router asks its prefix tree."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ray.get(ray.get_actor("routelens-test-tally").count.remote())
+        return [candidate_replicas]
+
+
+class CatchesTheRefusal(CallsAnActor):
+    """Falls back when its actor does not answer, as routers do."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        try:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        except Exception:
+            return [candidate_replicas]
+'''
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the refusal does not depend on the database
+def test_routers_that_call_a_cluster_are_refused_in_one_line_without_starting_ray(db, tmp_path):
+    """Both modes, a router that lets the refusal through and one that catches it, from a module of
+    the current directory; in a child process, whose timeout stops a replay that would hang (or
+    start Ray) rather than refuse."""
+    (tmp_path / "actor_routers.py").write_text(ACTOR_ROUTERS)
+    result = run_python(f"""
+        import ray
+        from routelens.collector.cli import main
+        db = {db!r}
+        codes = [main(["replay", "--db", db, "--router", "actor_routers:CallsAnActor"]),
+                 main(["replay", "--db", db, "--mode", "simulate", "--router", "actor_routers:CatchesTheRefusal"])]
+        print(codes, ray.is_initialized())
+    """, cwd=tmp_path)
+    assert result.stdout.split() == ["[2,", "2]", "False"], result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"routelens replay: {router} cannot be replayed: CallsAnActor.choose_replicas called ray.get_actor, which "
+        "needs a Ray cluster; a replay runs the router in this process, without one (docs/replay.md, "
+        "\"What cannot be replayed\")" for router in ("CallsAnActor", "CatchesTheRefusal")]
+    assert stored_replays(db) == 0
+
+
+def test_only_the_replays_thread_is_refused(monkeypatch):
+    """In a process connected to Ray, Ray's own threads go on calling it while a replay runs. Ray's
+    auto-init is stood in for: called for real, without a cluster, it would start one."""
+    from ray._private import auto_init_hook
+
+    calls = []
+    monkeypatch.setattr(auto_init_hook, "auto_init_ray", lambda: calls.append(threading.current_thread().name))
+    with pytest.raises(ClusterCallRefused):
+        with refusing_cluster_calls():
+            other = threading.Thread(target=lambda: auto_init_hook.auto_init_ray(), name="ray-long-poll")
+            other.start()
+            other.join()
+            auto_init_hook.auto_init_ray()  # refused, and kept: raised again on the way out
+            assert calls == ["ray-long-poll"]
+    auto_init_hook.auto_init_ray()
+    assert calls == ["ray-long-poll", "MainThread"]
 
 
 def test_the_reader_rebuilds_every_candidate_with_its_recorded_inputs(db, recording):

@@ -25,6 +25,7 @@ from ..store import replays
 from ..store.db import check_schema, make_engine
 from .errors import UsageError
 from .files import expected_rows, filters_of, progress
+from .gc_tuning import tune_gc_for_bulk_work
 
 NO_RAY = ('replay runs the router in this process, which needs Ray: pip install "ray[serve]>=2.60,<2.61" '
           "(or pip install routelens, which brings it)")
@@ -40,6 +41,7 @@ def run_replay(args) -> int:
     options = _options(args, mode)
     with _ray_needed():
         run = importlib.import_module(mode.module).replay
+    tune_gc_for_bulk_work()  # after Ray's import: what it made is frozen out of collections
     engine = make_engine(args.db, sqlite_cache_mb=8)
     try:
         check_schema(engine, args.db)

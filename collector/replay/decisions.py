@@ -33,8 +33,10 @@ import random
 import time
 from collections import OrderedDict
 from contextlib import closing
+from itertools import islice
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import numpy
 from sqlalchemy.engine import Connection
 
 from routelens.routers.explanations import explained
@@ -43,10 +45,13 @@ from routelens.routers.testing import make_replica, make_request, prime_queue_le
 from ..query.filters import Filters
 from . import DEFAULT_RUNS
 from .figures import DeploymentTally, Tally, count_reason, rank_bin, report
+from .no_cluster import ClusterGuard, refusing_cluster_calls
 from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, RecordedDecision, recorded_decisions
 from .spec import ReplayError, RouterSpec, build_router
 
-PROGRESS_EVERY = 1_000  # decisions between two reports to on_progress
+# Decisions each run replays before the next run of the pass takes its turn (what the runs hold at once,
+# read once for all of them); also the progress step.
+BATCH = 1_000
 REQUESTS_KEPT = 4_096  # per source: the latest requests, whose later decisions reuse their PendingRequest
 
 
@@ -56,26 +61,24 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     Raises ReplayError for a router that cannot be built or an empty window."""
     if runs < 2:
         raise ReplayError("runs: at least 2 (a second run with another seed tells a randomized router)")
-    cls = router.load()
     seeds = run_seeds(seed, runs)
-    tallies: List[Tally] = []
-    prints: List[int] = []
-    for number, run_seed in enumerate(seeds):
-        if number == 2 and prints[0] == prints[1]:
-            on_progress(sum(t.decisions for t in tallies[0].values()) * (runs - 2))  # the runs not needed
-            break
-        seed_generators(run_seed)
-        tally, fingerprint = asyncio.run(_run(conn, f, cls, router.kwargs, on_progress))
-        if not tally:
+    with refusing_cluster_calls() as guard:
+        cls = router.load()
+        # The first two runs, in one pass over the window, tell a randomized router (they differ) from a
+        # deterministic one (one run reported); a randomized one's other runs take a second pass.
+        done = _replay_pass(conn, f, cls, router.kwargs, seeds[:2], on_progress, guard)
+        if not done[0].tally:
             raise ReplayError("no recorded decisions in the window and filters given")
-        tallies.append(tally)
-        prints.append(fingerprint)
-    randomized = prints[0] != prints[1]
-    used = tallies if randomized else tallies[:1]
-    deployments = report(used)
+        randomized = done[0].fingerprint != done[1].fingerprint
+        if not randomized:
+            on_progress(done[0].decisions * (runs - 2))  # the runs not needed
+            done = done[:1]
+        elif runs > 2:
+            done += _replay_pass(conn, f, cls, router.kwargs, seeds[2:], on_progress, guard)
+    deployments = report([run.tally for run in done])
     return {
         "mode": "decisions", "router": {"class": router.path, "kwargs": router.kwargs},
-        "seed": seed, "runs": len(used), "run_seeds": seeds[:len(used)], "randomized": randomized,
+        "seed": seed, "runs": len(done), "run_seeds": seeds[:len(done)], "randomized": randomized,
         "window": {"since": f.since, "until": f.until},
         "decisions": sum(d["decisions"] for d in deployments),
         "with_outcome": sum(d["with_outcome"] for d in deployments),
@@ -89,14 +92,21 @@ def run_seeds(seed: int, runs: int) -> List[int]:
             for number in range(runs)]
 
 
-def seed_generators(seed: int) -> None:
-    """Seeds Python's `random` and, if installed, numpy's global generator."""
+def seeded_generators(seed: int) -> Tuple[Any, Any]:
+    """The state of Python's `random` and numpy's global generator (a router may draw from either), seeded
+    from `seed`."""
     random.seed(seed)
-    try:
-        import numpy
-    except ImportError:
-        return
     numpy.random.seed(seed % 2**32)
+    return generators_state()
+
+
+def generators_state() -> Tuple[Any, Any]:
+    return random.getstate(), numpy.random.get_state()
+
+
+def use_generators(state: Tuple[Any, Any]) -> None:
+    random.setstate(state[0])
+    numpy.random.set_state(state[1])
 
 
 class _SourceReplay:
@@ -197,19 +207,51 @@ class _SourceReplay:
         return None
 
 
-async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
-               on_progress: Callable[[int], None]) -> Tuple[Tally, int]:
-    """One run over the window: its counts per deployment, and a fingerprint of what they count
-    (each decision's first tier, and where the real replica sits and the pick)."""
-    tally: Tally = {}
-    sources: Dict[int, _SourceReplay] = {}
-    fingerprint = 0  # compared between runs of one process (str hashes are salted per process)
-    done = 0
-    with closing(recorded_decisions(conn, f)) as recorded:
-        for d in recorded:
+def _replay_pass(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any], seeds: List[int],
+                 on_progress: Callable[[int], None], guard: ClusterGuard) -> List["_Run"]:
+    """One run per seed over the window, the window read once: each batch of decisions is replayed by
+    every run in turn, each with its own routers and generators (its draws are those of a run made alone).
+    A router that called a cluster (and caught the refusal) stops it at the batch's end."""
+    runs = [_Run(cls, kwargs, seed) for seed in seeds]
+
+    async def replay_all() -> None:
+        with closing(recorded_decisions(conn, f)) as recorded:
+            while True:
+                batch = list(islice(recorded, BATCH))
+                if not batch:
+                    return
+                for run in runs:
+                    use_generators(run.generators)
+                    await run.replay(batch)
+                    run.generators = generators_state()
+                guard.check()
+                on_progress(len(batch) * len(runs))
+
+    asyncio.run(replay_all())
+    return runs
+
+
+class _Run:
+    """One run of the router over the window: a router per recorded source, the generators' state,
+    the counts per deployment, and a fingerprint of what they count (each decision's first tier, and
+    where the real replica sits and the pick), compared between runs of one process (str hashes are
+    salted per process)."""
+
+    def __init__(self, cls: type, kwargs: Dict[str, Any], seed: int):
+        self.cls, self.kwargs = cls, kwargs
+        self.generators = seeded_generators(seed)
+        self.sources: Dict[int, _SourceReplay] = {}
+        self.tally: Tally = {}
+        self.fingerprint = 0
+        self.decisions = 0
+
+    async def replay(self, batch: List[RecordedDecision]) -> None:
+        tally, sources = self.tally, self.sources
+        fingerprint = self.fingerprint
+        for d in batch:
             source = sources.get(d.source.pk)
             if source is None:
-                source = sources[d.source.pk] = _SourceReplay(cls, kwargs, d)
+                source = sources[d.source.pk] = _SourceReplay(self.cls, self.kwargs, d)
                 t = tally.get((d.app, d.deployment))
                 if t is None:
                     t = tally[(d.app, d.deployment)] = DeploymentTally(d.app, d.deployment)
@@ -225,7 +267,7 @@ async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
             if resynced:
                 for member in d.members:
                     t.members.setdefault(member.replica_id, (member.node_id, member.availability_zone))
-                await asyncio.sleep(0)  # the probe Ray starts for new replicas runs: the cache is primed whole after
+                await asyncio.sleep(0)  # what update_replicas started runs, as Ray's loop runs it before routing
             source.prime(d, replace=resynced)
             try:
                 ranking, explanation = await explained(source.choose, source.candidates, source.request(d))
@@ -241,11 +283,8 @@ async def _run(conn: Connection, f: Filters, cls: type, kwargs: Dict[str, Any],
                 fingerprint = hash((fingerprint, first, *_count_outcome(t, d, ranks, source)))
             else:
                 fingerprint = hash((fingerprint, first))
-            done += 1
-            if done % PROGRESS_EVERY == 0:
-                on_progress(PROGRESS_EVERY)
-    on_progress(done % PROGRESS_EVERY)
-    return tally, fingerprint
+        self.fingerprint = fingerprint
+        self.decisions += len(batch)
 
 
 def _count_outcome(t: DeploymentTally, d: RecordedDecision, ranks: List[List[Any]],

@@ -60,6 +60,7 @@ from ..export.arrow_reader import ArrowReader
 from ..query.filters import Filters
 from . import simulation_inputs as inputs
 from .figures import ServedTally, deployment_figures, replica_figures
+from .no_cluster import ClusterGuard, refusing_cluster_calls
 from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, joined_order
 from .simulation_inputs import Arrival, DeploymentInput, ReplicaInput
 from .spec import ReplayError, RouterSpec, build_router
@@ -101,22 +102,24 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
         notes.append("replica, request id, model id and reason filters are ignored: a simulation replays a "
                      "deployment's whole traffic")
         f = replace(f, replicas=(), request_id=None, model_id=None, reasons=())
-    given = router.load()
     reader = ArrowReader(conn)
     try:
-        out_deployments = []
-        for dep in inputs.deployments(conn, reader, f, seed):
-            runs_spec = {REPLAY: {pk: (given, dict(router.kwargs)) for pk in dep.sources}}
-            recorded, problem = _recorded_classes(dep)
-            if recorded is not None:
-                runs_spec[RECORDED_SIMULATED] = {pk: (recorded[s.router_pk], {}) for pk, s in dep.sources.items()}
-            else:
-                notes.append(f"{dep.app}/{dep.deployment}: the recorded router was not simulated, only the given "
-                             f"one: {problem}")
-            found = _simulate_deployment(conn, reader, f, dep, runs_spec, seed, max_ongoing_requests, on_progress,
-                                         notes)
-            if found is not None:
-                out_deployments.append(found)
+        with refusing_cluster_calls() as guard:
+            given = router.load()
+            out_deployments = []
+            for dep in inputs.deployments(conn, reader, f, seed):
+                runs_spec = {REPLAY: {pk: (given, dict(router.kwargs)) for pk in dep.sources}}
+                recorded, problem = _recorded_classes(dep, guard)
+                if recorded is not None:
+                    runs_spec[RECORDED_SIMULATED] = {pk: (recorded[s.router_pk], {})
+                                                     for pk, s in dep.sources.items()}
+                else:
+                    notes.append(f"{dep.app}/{dep.deployment}: the recorded router was not simulated, only the "
+                                 f"given one: {problem}")
+                found = _simulate_deployment(conn, reader, f, dep, runs_spec, seed, max_ongoing_requests,
+                                             on_progress, notes, guard)
+                if found is not None:
+                    out_deployments.append(found)
     finally:
         reader.close()
     if not out_deployments:
@@ -135,21 +138,22 @@ def replay(conn: Connection, f: Filters, router: RouterSpec, seed: int, on_progr
     }
 
 
-def _recorded_classes(dep: DeploymentInput) -> Tuple[Optional[Dict[int, type]], Optional[str]]:
+def _recorded_classes(dep: DeploymentInput, guard: ClusterGuard) -> Tuple[Optional[Dict[int, type]], Optional[str]]:
     """router_pk -> the recorded router class, imported and built here (without kwargs: the
     record does not hold them), if every one can be; else None and why."""
     classes: Dict[int, type] = {}
     for router_pk, name in dep.router_classes.items():
         try:
             classes[router_pk] = RouterSpec(name).load()
-        except ReplayError as exc:  # a class defined in a script (__main__.X), or not installed here
+        except ReplayError as exc:  # a class defined in a script (__main__.X), not installed here, calling a cluster
+            guard.clear()  # a recorded router that calls a cluster is left out, not the given one
             return None, f"the recorded router class {name} cannot be used here ({exc})"
     return classes, None
 
 
 def _simulate_deployment(conn: Connection, reader: ArrowReader, f: Filters, dep: DeploymentInput,
                          runs_spec: Dict[str, Dict[int, Tuple[type, dict]]], seed: int, max_ongoing: Optional[int],
-                         on_progress: Callable[[int], None], notes: List[str]) -> Optional[dict]:
+                         on_progress: Callable[[int], None], notes: List[str], guard: ClusterGuard) -> Optional[dict]:
     """The deployment's figures, each run beside what was recorded; None when nothing can be simulated."""
     replicas = _relevant_replicas(dep, f)
     if not replicas:
@@ -178,7 +182,7 @@ def _simulate_deployment(conn: Connection, reader: ArrowReader, f: Filters, dep:
     try:
         with clock.installed():
             loop.run_until_complete(_drive(runs, inputs.arrivals(conn, reader, f, dep), stats_stream, on_progress,
-                                           clock))
+                                           clock, guard))
     finally:
         loop.close()
     for run in runs.values():
@@ -222,12 +226,13 @@ class _Lookahead:
 
 
 async def _drive(runs: Dict[str, "_Run"], arrivals: Iterator[Arrival], stats_stream: _Lookahead,
-                 on_progress: Callable[[int], None], clock: "_VirtualClock") -> None:
+                 on_progress: Callable[[int], None], clock: "_VirtualClock", guard: ClusterGuard) -> None:
     batch: List[Arrival] = []
     for arrival in arrivals:
         batch.append(arrival)
         if len(batch) >= BATCH:
             await _feed(runs, batch, stats_stream.until(batch[-1].at), on_progress, clock)
+            guard.check()  # a router that called a cluster (and caught the refusal) stops the simulation
             batch = []
     await _feed(runs, batch, stats_stream.until(math.inf), on_progress, clock)
     for run in runs.values():
@@ -335,9 +340,9 @@ class _SimRouter:
         self.by_future: Dict[Any, _Task] = {}  # Ray's _routing_task_by_pending_request_future
         self.recipient = None
         self.run = run
-        # Ray's private steps the simulation takes over (asyncio tasks, probes) or watches (the recipient).
+        # Ray's private steps the simulation takes over (asyncio tasks; probes: build_router) or watches
+        # (the recipient).
         router._maybe_start_routing_tasks = _nothing
-        router._probe_queue_lens = _no_probe
         router._cancel_routing_task_for_pending_request = self.cancel_for
         router._record_queue_wait_time = self.received
         # Ray's metrics only (the router's gauges), not routing: not worth their time here.
@@ -354,10 +359,6 @@ class _SimRouter:
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     pass
-
-
-async def _no_probe(replicas: Any, backoff_index: int) -> list:
-    return []
 
 
 class _Run:

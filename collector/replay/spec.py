@@ -85,7 +85,12 @@ def build_router(cls: type, kwargs: Dict[str, Any], app: str = "replay", deploym
     and `availability_zone`) on that node, a proxy's preferring its own
     node; a traced class has its tracer off (it records and ships nothing).
     `clock`: the router's time (its queue-length cache's), Ray's wall
-    clock by default. Called inside an event loop, as Ray builds routers."""
+    clock by default. Called inside an event loop, as Ray builds routers.
+
+    It never probes replicas (Ray's `_probe_queue_lens`, which update_replicas
+    starts for new replicas, answers nothing): decisions mode gives its
+    queue-length cache the recorded lengths, simulate mode models probes on
+    its own clock."""
     from routelens.routers.testing import make_router  # imports Ray: only when a replay runs
 
     node = source.node_id if source is not None else None
@@ -95,7 +100,14 @@ def build_router(cls: type, kwargs: Dict[str, Any], app: str = "replay", deploym
                             "prefer_local_az_routing": True}
     if clock is not None:
         init["get_curr_time_s"] = clock
-    return make_router(cls, 0, deployment=deployment, app=app, router_kwargs=kwargs, traced=False, router_init=init)
+    router = make_router(cls, 0, deployment=deployment, app=app, router_kwargs=kwargs, traced=False,
+                         router_init=init)
+    router._probe_queue_lens = _no_probe
+    return router
+
+
+async def _no_probe(replicas: Any, backoff_index: int) -> list:
+    return []
 
 
 def _import(path: str) -> Any:
