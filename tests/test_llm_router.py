@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter, defaultdict
 from types import SimpleNamespace
 
+import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
 from routelens.routers import llm
 from routelens.routers.faults import faults
 from routelens.routers.testing import make_request
+from tests.support.collector_app import Collector
+from tests.support.wire_source import WireSource
 
 SYSTEM = "You are a careful assistant. Answer in one paragraph, cite nothing, and say when you do not know. " * 2
 
@@ -101,3 +105,106 @@ def test_everything_it_relies_on_in_rays_router_is_there():
     problems = {item.qualname: item.problems() for item in llm.CONTRACT if item.problems()}
     assert not problems, problems
     assert llm.REASONS and llm.PROMPTS
+
+
+# --- the Prefix affinity figures (collector.query.prefixes), on each backend ---
+
+REPLICAS = ("llm-r1", "llm-r2", "llm-r3")
+T0 = 1_779_998_400.0  # a whole hour: the window below is two whole minutes from here
+
+
+def prefix_scenario():
+    """Requests of three prefix groups over two minutes, as the traced router records them: (the batch,
+    the truth of what was routed where per group and per minute, the match rates recorded per group)."""
+    source = WireSource("llm-source", app="llm", deployment="FakeLLM",
+                        router_class="routelens.routers.llm.TracedPrefixCacheAffinityRouter")
+    placements = {  # group -> the replica of each of its requests, minute by minute
+        "group-a": [["llm-r1"] * 5, ["llm-r1"] * 4 + ["llm-r2"]],
+        "group-b": [["llm-r2", "llm-r3", "llm-r2"], ["llm-r3"]],
+        "group-c": [[], ["llm-r3"]],
+    }
+    events, truth, rates = [source.replicas(T0, REPLICAS)], defaultdict(Counter), defaultdict(list)
+    number = 0
+    for group, minutes in placements.items():
+        for minute, replicas in enumerate(minutes):
+            for replica in replicas:
+                number += 1
+                ts = T0 + 60 * minute + number * 0.1
+                decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}")
+                decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
+                rate = (number % 4) / 4
+                decision.update(reason=llm.PREFIX_MATCH, scores={"match_rate": rate, "match_rate_threshold": 0.1})
+                events += [decision, source.routed(ts + 0.01, replica, decision)]
+                truth[group, minute][replica] += 1
+                rates[group].append(rate)
+    # Left out: a request without a group, one handed a replica another request's decision found,
+    # and one outside the window.
+    plain = source.decision(T0 + 1, [["llm-r1"]], request_id="plain", internal_request_id="plain")
+    handed = source.decision(T0 + 2, [["llm-r2"]], request_id="handed", internal_request_id="handed")
+    handed["attributes"] = {"prompt_chars": 10, "prefix_group": "group-a"}
+    late = source.decision(T0 + 200, [["llm-r3"]], request_id="late", internal_request_id="late")
+    late["attributes"] = {"prompt_chars": 10, "prefix_group": "group-a"}
+    events += [plain, source.routed(T0 + 1.01, "llm-r1", plain), handed,
+               source.routed(T0 + 2.01, "llm-r2", handed, own_ranking=False, request_id="other",
+                             internal_request_id="other"), late, source.routed(T0 + 200.01, "llm-r3", late)]
+    return source.batch(events), truth, rates
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefix_api(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url, server = f"sqlite:///{tmp_path_factory.mktemp('prefixes') / 'routelens.db'}", None
+    else:
+        server = request.getfixturevalue("postgres")
+        url = server.new_database()
+    collector = Collector(url)
+    batch, truth, rates = prefix_scenario()
+    collector.store(batch)
+    yield collector, truth, rates
+    collector.close()
+    if server is not None:
+        server.drop(url)
+
+
+def test_prefix_affinity_per_group_per_deployment_and_over_time(prefix_api):
+    api, truth, rates = prefix_api
+    got = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120)
+    by_group = defaultdict(Counter)
+    for (group, _minute), counts in truth.items():
+        by_group[group].update(counts)
+    assert [g["prefix_group"] for g in got["groups"]] == sorted(by_group, key=lambda g: -sum(by_group[g].values()))
+    for group in got["groups"]:
+        counts = by_group[group["prefix_group"]]
+        top_replica, top = counts.most_common(1)[0]
+        assert (group["app"], group["deployment"]) == ("llm", "FakeLLM")
+        assert group["requests"] == sum(counts.values()) and group["replicas"] == len(counts)
+        assert (group["top_replica_id"], group["top_share"]) == (top_replica, top / sum(counts.values()))
+        assert {r["replica_id"]: r["routed"] for r in group["by_replica"]} == dict(counts)
+        group_rates = rates[group["prefix_group"]]
+        assert group["match_rate_mean"] == pytest.approx(sum(group_rates) / len(group_rates))
+    (deployment,) = got["deployments"]
+    shares = [max(c.values()) / sum(c.values()) for c in by_group.values()]
+    assert deployment["concentration"] == pytest.approx(sum(shares) / len(shares))
+    assert (deployment["groups"], deployment["split_groups"]) == (3, sum(len(c) > 1 for c in by_group.values()))
+    assert deployment["requests"] == sum(sum(c.values()) for c in by_group.values())
+    all_rates = [r for group_rates in rates.values() for r in group_rates]
+    assert deployment["match_rate_mean"] == pytest.approx(sum(all_rates) / len(all_rates))
+    # Per minute: the groups seen in it, and those split across replicas within it.
+    assert got["step_s"] == 60
+    for point in got["over_time"]:
+        minute = int((point["t"] - T0) // 60)
+        in_minute = [counts for (group, m), counts in truth.items() if m == minute and counts]
+        assert (point["groups"], point["split_groups"]) == (len(in_minute), sum(len(c) > 1 for c in in_minute))
+        assert point["requests"] == sum(sum(c.values()) for c in in_minute)
+    assert [p["t"] for p in got["over_time"]] == [T0, T0 + 60]
+
+
+def test_prefix_affinity_follows_the_filters(prefix_api):
+    api, truth, _ = prefix_api
+    on_r3 = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, replica="llm-r3")
+    assert {g["prefix_group"]: g["requests"] for g in on_r3["groups"]} == {
+        group: n for group in ("group-a", "group-b", "group-c")
+        if (n := sum(truth[group, m]["llm-r3"] for m in (0, 1)))}
+    nothing = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, app="another")
+    assert nothing["groups"] == nothing["deployments"] == nothing["over_time"] == []
+    assert api.http.get("/v1/prefix-affinity", params={"since": "yesterday"}).status_code == 422
