@@ -5,18 +5,28 @@ Its decisions' reasons, on real Serve: tests/test_ground_truth.py."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import subprocess
 import sys
+import time
 from collections import Counter, defaultdict
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
+from routelens.collector.settings import Settings
+from routelens.dashboard.components import number, percent
+from routelens.dashboard.up import create_up_app
 from routelens.routers import llm
 from routelens.routers.faults import faults
 from routelens.routers.testing import make_request
+from tests.support.browser import downloaded, shown_rows, shown_text
 from tests.support.collector_app import Collector
+from tests.support.collector_server import CollectorServer
 from tests.support.wire_source import WireSource
 
 SYSTEM = "You are a careful assistant. Answer in one paragraph, cite nothing, and say when you do not know. " * 2
@@ -113,9 +123,10 @@ REPLICAS = ("llm-r1", "llm-r2", "llm-r3")
 T0 = 1_779_998_400.0  # a whole hour: the window below is two whole minutes from here
 
 
-def prefix_scenario():
-    """Requests of three prefix groups over two minutes, as the traced router records them: (the batch,
-    the truth of what was routed where per group and per minute, the match rates recorded per group)."""
+def prefix_scenario(t0: float = T0):
+    """Requests of three prefix groups over two minutes from `t0` (a whole minute), as the traced router
+    records them: (the batch, the truth of what was routed where per group and per minute, the match rates
+    recorded per group)."""
     source = WireSource("llm-source", app="llm", deployment="FakeLLM",
                         router_class="routelens.routers.llm.TracedPrefixCacheAffinityRouter")
     placements = {  # group -> the replica of each of its requests, minute by minute
@@ -123,13 +134,13 @@ def prefix_scenario():
         "group-b": [["llm-r2", "llm-r3", "llm-r2"], ["llm-r3"]],
         "group-c": [[], ["llm-r3"]],
     }
-    events, truth, rates = [source.replicas(T0, REPLICAS)], defaultdict(Counter), defaultdict(list)
+    events, truth, rates = [source.replicas(t0, REPLICAS)], defaultdict(Counter), defaultdict(list)
     number = 0
     for group, minutes in placements.items():
         for minute, replicas in enumerate(minutes):
             for replica in replicas:
                 number += 1
-                ts = T0 + 60 * minute + number * 0.1
+                ts = t0 + 60 * minute + number * 0.1
                 decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}")
                 decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
                 rate = (number % 4) / 4
@@ -139,14 +150,14 @@ def prefix_scenario():
                 rates[group].append(rate)
     # Left out: a request without a group, one handed a replica another request's decision found,
     # and one outside the window.
-    plain = source.decision(T0 + 1, [["llm-r1"]], request_id="plain", internal_request_id="plain")
-    handed = source.decision(T0 + 2, [["llm-r2"]], request_id="handed", internal_request_id="handed")
+    plain = source.decision(t0 + 1, [["llm-r1"]], request_id="plain", internal_request_id="plain")
+    handed = source.decision(t0 + 2, [["llm-r2"]], request_id="handed", internal_request_id="handed")
     handed["attributes"] = {"prompt_chars": 10, "prefix_group": "group-a"}
-    late = source.decision(T0 + 200, [["llm-r3"]], request_id="late", internal_request_id="late")
+    late = source.decision(t0 + 200, [["llm-r3"]], request_id="late", internal_request_id="late")
     late["attributes"] = {"prompt_chars": 10, "prefix_group": "group-a"}
-    events += [plain, source.routed(T0 + 1.01, "llm-r1", plain), handed,
-               source.routed(T0 + 2.01, "llm-r2", handed, own_ranking=False, request_id="other",
-                             internal_request_id="other"), late, source.routed(T0 + 200.01, "llm-r3", late)]
+    events += [plain, source.routed(t0 + 1.01, "llm-r1", plain), handed,
+               source.routed(t0 + 2.01, "llm-r2", handed, own_ranking=False, request_id="other",
+                             internal_request_id="other"), late, source.routed(t0 + 200.01, "llm-r3", late)]
     return source.batch(events), truth, rates
 
 
@@ -189,6 +200,7 @@ def test_prefix_affinity_per_group_per_deployment_and_over_time(prefix_api):
     assert deployment["requests"] == sum(sum(c.values()) for c in by_group.values())
     all_rates = [r for group_rates in rates.values() for r in group_rates]
     assert deployment["match_rate_mean"] == pytest.approx(sum(all_rates) / len(all_rates))
+    assert got["total"] == {k: v for k, v in deployment.items() if k not in ("app", "deployment")}  # one deployment
     # Per minute: the groups seen in it, and those split across replicas within it.
     assert got["step_s"] == 60
     for point in got["over_time"]:
@@ -208,3 +220,34 @@ def test_prefix_affinity_follows_the_filters(prefix_api):
     nothing = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, app="another")
     assert nothing["groups"] == nothing["deployments"] == nothing["over_time"] == []
     assert api.http.get("/v1/prefix-affinity", params={"since": "yesterday"}).status_code == 422
+
+
+@pytest.mark.browser
+def test_the_prefix_affinity_view_shows_the_api_figures_and_downloads_them(tmp_path, page):
+    t0 = (time.time() - 1800) // 60 * 60
+    with CollectorServer(Settings(db_url=f"sqlite:///{tmp_path / 'routelens.db'}"), app_factory=create_up_app) as up:
+        batch, _, _ = prefix_scenario(t0)
+        assert httpx.post(f"{up.url}/v1/events", json=batch).status_code == 200
+        page.goto(up.url + "/prefix-affinity?window=1h")
+        page.wait_for_selector("#prefix-affinity-groups-table")
+        # The API's answer for the window the view was drawn for (the JSON download's link).
+        figures = httpx.get(up.url + page.get_attribute("#prefix-affinity-download-json", "href")).json()
+        assert figures["total"]["groups"] == 3
+        total = figures["total"]
+        assert shown_text(page, "#prefix-affinity-groups") == number(total["groups"])
+        assert shown_text(page, "#prefix-affinity-concentration") == number(total["concentration"], 3)
+        assert shown_text(page, "#prefix-affinity-split") == number(total["split_groups"])
+        assert shown_text(page, "#prefix-affinity-match-rate") == percent(total["match_rate_mean"])
+        rows = shown_rows(page, "#prefix-affinity-groups-table")
+        assert [(row[0], row[2], row[4], row[5]) for row in rows] == [
+            (g["prefix_group"], number(g["requests"]), g["top_replica_id"], percent(g["top_share"]))
+            for g in figures["groups"]]
+        page.wait_for_selector("#prefix-affinity-split-over-time .scatterlayer .trace")
+        assert page.locator("#prefix-affinity-split-over-time .scatterlayer .trace").count() == 1  # one deployment
+        # The downloads: the tables as shown, and the API's answer for the window shown.
+        shown_csv = list(csv.reader(io.StringIO(downloaded(page, "#prefix-affinity-download-csv"))))
+        assert [row[1:] for row in shown_csv if row[0] == "groups"] == rows
+        assert [row[1:] for row in shown_csv if row[0] == "deployments"] == shown_rows(
+            page, "#prefix-affinity-deployments")
+        assert json.loads(downloaded(page, "#prefix-affinity-download-json")) == figures
+    assert not page.console_errors

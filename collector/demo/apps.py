@@ -153,6 +153,11 @@ class ChatRequest:
 
     messages: List[Dict[str, str]]
 
+    @property
+    def prompt_chars(self) -> int:
+        """The prompt's length as the router reads it: the messages' contents, one after another."""
+        return sum(len(message["content"]) for message in self.messages)
+
 
 def chat_request(system_prompt: str, question: str) -> ChatRequest:
     return ChatRequest([{"role": "system", "content": system_prompt}, {"role": "user", "content": question}])
@@ -166,7 +171,7 @@ class FakeLLM:
         self.replica_id = _replica_id()
 
     async def __call__(self, request: ChatRequest) -> str:
-        await asyncio.sleep(LLM_SECONDS_PER_CHAR * sum(len(m["content"]) for m in request.messages))
+        await asyncio.sleep(LLM_SECONDS_PER_CHAR * request.prompt_chars)
         return self.replica_id
 
 

@@ -95,8 +95,9 @@ class _Group:
 
 def prefix_affinity(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
     """Per deployment: its prefix groups, their concentration, how many were
-    split over replicas, the mean match rate; per step, the same; and the
-    groups themselves, the most requested first (at most MAX_GROUPS)."""
+    split over replicas, the mean match rate; the same over every group in
+    view (`total`); per step, the same; and the groups themselves, the most
+    requested first (at most MAX_GROUPS)."""
     sc = sc or scope(conn, f)
     step = max(MINUTE, default_step(f.seconds, STEP_POINTS) // MINUTE * MINUTE)
     groups: Dict[Tuple[int, str], _Group] = defaultdict(_Group)
@@ -116,7 +117,10 @@ def prefix_affinity(conn: Connection, f: Filters, sc: Optional[Scope] = None) ->
     deployments.sort(key=lambda d: (d["app"], d["deployment"]))
     points.sort(key=lambda p: (p["t"], p["app"], p["deployment"]))
     listed = sorted(groups.items(), key=lambda item: (-item[1].requests, item[0][1]))[:MAX_GROUPS]
-    return {"window": {"since": f.since, "until": f.until}, "step_s": step, "deployments": deployments,
+    everything = list(groups.values())
+    total = {**_figures([g.by_replica for g in everything]),
+             **_match_rate(sum(g.match_rate_sum for g in everything), sum(g.match_rates for g in everything))}
+    return {"window": {"since": f.since, "until": f.until}, "step_s": step, "total": total, "deployments": deployments,
             "groups": [_group(sc, deployment_pk, prefix_group, g) for (deployment_pk, prefix_group), g in listed],
             "over_time": points}
 
