@@ -23,6 +23,7 @@ from __future__ import annotations
 from asyncio import current_task
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from .explanations import Explanation
 from .exporter import Source
 from .faults import faults
 from .ids import is_sampled
@@ -62,7 +63,7 @@ class DecisionRecording:
         self._decision_by_task: Dict[Any, list] = {}
 
     def on_decision(self, candidates: List[Any], pending_request: Any, ranks: List[List[Any]],
-                    started: float, now: float) -> None:
+                    started: float, now: float, explanation: Optional[Explanation]) -> None:
         # The hot path: runs for every choose_replicas call. Kept to plain
         # references (no copies, no formatting, one list for the record, which
         # is also the queued item) so it costs about a microsecond.
@@ -81,7 +82,7 @@ class DecisionRecording:
         # The decision record (routers.records, slots D_*), built here only; D_EXPORTED is
         # whether it is queued now, D_ID is drawn by the exporter thread.
         decision = [source, DECISION, now, trace, attempt, now - started, len(candidates), ranks,
-                    None if copy is None else copy(), self._stats_seen, sampled, None]
+                    None if copy is None else copy(), self._stats_seen, sampled, None, explanation]
         if trace is not None:
             trace.last_decision = decision
         tasks = self._decision_by_task

@@ -14,6 +14,11 @@ Hooks for subclasses:
 - `routelens_request_attributes(pending_request)`: return a small dict of
   request fields worth recording with each decision (say, a prompt length).
   The default records nothing from the payload (docs/design.md, rule 4).
+
+For routers:
+- `self.routelens_explain(reason, **scores)`, called while deciding (in
+  `choose_replicas` or anything it awaits or calls): a short reason and a few
+  numbers recorded with that decision (routers.explanations).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 from time import time
 from typing import Any, Dict, List, Optional
 
-from . import ray_contract
+from . import explanations, ray_contract
 from .completions import NO_RESULT
 from .config import passthrough_kwargs
 from .faults import faults
@@ -36,6 +41,8 @@ from .ray_contract import (
     ray_frame,
 )
 from .tracer import RouterTracer
+
+_explaining = explanations.current  # read on every choose_replicas call
 
 
 class TracingMixin:
@@ -67,6 +74,16 @@ class TracingMixin:
         """Fields of a request to record with its decisions. Override to opt in."""
         return None
 
+    def routelens_explain(self, reason: str, **scores: float) -> None:
+        """Record why the decision being made was made: a reason of at most 64
+        characters and at most 8 finite scores named in at most 32 (docs/design.md).
+        The last call of a decision wins; a call outside a decision is ignored.
+        Never raises."""
+        try:
+            explanations.explain(reason, scores)
+        except Exception as exc:
+            faults.record("routelens_explain", exc)
+
     def initialize_state(self, **kwargs):
         passthrough = passthrough_kwargs(kwargs)
         tracer = self._routelens
@@ -82,11 +99,17 @@ class TracingMixin:
         # Wall-clock at both ends: the decision's timestamp and its duration
         # from one clock, which is cheaper than reading two.
         started = time()
-        ranks = await self._routelens_choose(candidate_replicas, pending_request)
+        # This call's slot for routelens_explain (routers.explanations says why a ContextVar).
+        explanation = [None]
+        token = _explaining.set(explanation)
+        try:
+            ranks = await self._routelens_choose(candidate_replicas, pending_request)
+        finally:
+            _explaining.reset(token)
         tracer = self._routelens
         if tracer is not None:
             try:
-                tracer.on_decision(candidate_replicas, pending_request, ranks, started, time())
+                tracer.on_decision(candidate_replicas, pending_request, ranks, started, time(), explanation[0])
             except Exception as exc:
                 faults.record("recording a decision", exc)
         return ranks

@@ -67,7 +67,7 @@ class RequestTrace:
 # A list, not a tuple: attribution marks it exported, and the exporter thread
 # writes the id. The same list is the record attribution keeps and the item
 # queued for export.
-# Built in DecisionRecording.on_decision only: [SOURCE, KIND (DECISION), TS, D_TRACE ... D_ID].
+# Built in DecisionRecording.on_decision only: [SOURCE, KIND (DECISION), TS, D_TRACE ... D_EXPLANATION].
 D_TRACE = 3  # the request's RequestTrace (None when choose_replicas got no request)
 D_ATTEMPT = 4  # 0-based choose_replicas call for this request
 D_DURATION_S = 5  # time spent in the wrapped choose_replicas
@@ -82,6 +82,7 @@ D_QUEUE_LENS = 8
 D_STATS_SEEN = 9  # the tracer's unique_id -> (routing_stats, first seen) snapshot at decision time
 D_EXPORTED = 10  # queued for export (a sampled-out decision is not, unless it supplies a sampled request)
 D_ID = 11  # drawn by decision_id() on the exporter thread
+D_EXPLANATION = 12  # (reason, {score name: float}) from routelens_explain (routers.explanations), or None
 
 
 def decision_id(decision: list) -> str:

@@ -1,4 +1,4 @@
-"""Wire format v2 (docs/design.md): how a queued record becomes JSON.
+"""Wire format v3 (docs/design.md): how a queued record becomes JSON.
 
 `encode` runs on the exporter thread and turns one record (routers.records:
 tuples of plain references the hooks queued) into the JSON text of one
@@ -24,6 +24,7 @@ from .records import (
     COMPLETED,
     D_ATTEMPT,
     D_DURATION_S,
+    D_EXPLANATION,
     D_N_CANDIDATES,
     D_QUEUE_LENS,
     D_RANKS,
@@ -55,7 +56,7 @@ from .records import (
 )
 from .stats import STATS_TIMESTAMP_KEY, collected_at
 
-WIRE_SCHEMA_VERSION = 2  # v1 and the answers' decision-quality fields (docs/design.md)
+WIRE_SCHEMA_VERSION = 3  # v2 and decisions' reasons and scores (docs/design.md)
 
 
 def plain_stats(stats: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -179,6 +180,9 @@ def _encode_decision(d: list) -> str:
         request_ids = trace.wire_ids or request_ids_json(trace)
         if trace.attributes:
             attributes = f',"attributes":{_object(trace.attributes)}'
+    explanation = d[D_EXPLANATION]
+    if explanation is not None:
+        attributes += _explanation(explanation)
     # ts, attempt, duration and n_candidates come from our clock and counters: finite numbers.
     return (
         f'{{"type":"decision","id":"{decision_id(d)}","ts":{ts!r},{request_ids},'
@@ -186,6 +190,14 @@ def _encode_decision(d: list) -> str:
         f'"n_candidates":{d[D_N_CANDIDATES]},'
         f'"ranks":[{",".join(ranks)}],"replicas":{{{",".join(candidates)}}}{attributes}}}'
     )
+
+
+def _explanation(explanation: Tuple[str, Dict[str, float]]) -> str:
+    """A decision's `reason` and `scores` members: routers.explanations bounded them, the scores to finite
+    floats, written in full (a match rate of 1e-7 is not 0)."""
+    reason, scores = explanation
+    members = ",".join(f"{_quote(name)}:{value!r}" for name, value in scores.items())
+    return f',"reason":{_quote(reason)},"scores":{{{members}}}'
 
 
 def _decision_quality(decision: Optional[list], replica_id: Any, reported_queue_len: Any) -> str:

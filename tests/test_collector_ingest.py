@@ -327,6 +327,12 @@ def _break(batch, index, field, value):
     (3, "ranks", [["r1", 7]], "$.events[3].ranks[0][1]"),
     (3, "ts", -5, "$.events[3].ts"),
     (4, "type", "rerouted", "$.events[4]"),
+    # A decision's explanation (v3), beyond the bounds the tracer keeps.
+    (3, "reason", "r" * 65, "$.events[3].reason"),
+    (3, "reason", "", "$.events[3].reason"),
+    (3, "scores", {f"s{i}": 1 for i in range(9)}, "$.events[3].scores"),
+    (3, "scores", {"n" * 33: 1}, "$.events[3].scores"),
+    (3, "scores", {"rate": "high"}, "$.events[3].scores[...]"),
 ])
 def test_schema_violation_is_422_naming_event_and_field(refusing, make_source, index, field, value, expected):
     src = make_source("s2")
@@ -345,11 +351,11 @@ def test_schema_violation_next_to_unknown_fields_is_named_too(refusing, make_sou
 
 def test_wrong_schema_version_is_422(refusing, make_source):
     src = make_source("s2")
-    for version in (3, 0, "1", 1.5):
+    for version in (4, 0, "1", 1.5):
         batch = src.batch(_traffic(src, _now(), 1))
         batch["schema_version"] = version
-        detail = _refused(refusing, refusing.send(batch), 422, "$.schema_version", "expected 1 or 2")
-        assert ("upgrade the collector first" in detail) == (version == 3), detail
+        detail = _refused(refusing, refusing.send(batch), 422, "$.schema_version", "expected 1 or 2 or 3")
+        assert ("upgrade the collector first" in detail) == (version == 4), detail
 
 
 @pytest.mark.parametrize("index, field, value, expected", [

@@ -20,7 +20,7 @@ from routelens.routers.examples import (
 )
 from routelens.routers.exporter import Exporter
 from routelens.routers.faults import faults
-from routelens.routers.testing import FakeResult, RayRouter, make_request, make_router
+from routelens.routers.testing import FakeResult, RayRouter, make_request, make_router, recorded_events
 
 
 @pytest.fixture(autouse=True, params=["results from Ray", "own done-callbacks"])
@@ -494,11 +494,11 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     exporter.close()
     source, trace = router._routelens.source, pr._routelens
     decision, routed, completed = by_kind[records.DECISION], by_kind[records.ROUTED], by_kind[records.COMPLETED]
-    assert len(decision) == records.D_ID + 1 and decision[records.SOURCE] is source
+    assert len(decision) == records.D_EXPLANATION + 1 and decision[records.SOURCE] is source
     assert decision[records.D_QUEUE_LENS] == {}  # a copy of the router's queue-length cache, empty at first
     assert decision[records.D_TRACE] is trace and decision[records.D_ATTEMPT] == 0
     assert decision[records.D_N_CANDIDATES] == 2 and decision[records.D_EXPORTED] is True
-    assert decision[records.D_ID] is None
+    assert decision[records.D_ID] is None and decision[records.D_EXPLANATION] is None  # the router explained nothing
     assert len(routed) == records.R_REPORTED_QUEUE_LEN + 1 and routed[records.SOURCE] is source
     assert routed[records.R_REPORTED_QUEUE_LEN] == 0  # the fake replica's answer
     assert routed[records.R_TRACE] is trace and routed[records.R_DECISION] is decision
@@ -507,3 +507,144 @@ def test_records_built_in_place_follow_their_layouts(tmp_path):
     assert routed[records.R_REPLICA_ID] is decision[records.D_RANKS][0][0].replica_id
     assert completed[records.C_ROUTED] == (routed[records.TS], routed[records.SEQ])
     assert completed[records.C_OK] is True and completed[records.C_REJECTED] is False
+
+
+class ExplainingUniform(UniformRequestRouter):
+    """Explains each decision after awaiting a delay set per request (so that
+    concurrent calls interleave), from a task of its own for every other request.
+    A router's own choose_replicas: the mixin wraps it (TracedExplainingUniform)."""
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        number = int(pending_request.metadata.request_id.rsplit("-", 1)[1])
+        await asyncio.sleep(0.001 * (number % 7))
+        if number % 2:
+            await asyncio.gather(self._explain_from_a_task(number))
+        else:
+            self.routelens_explain(f"request {number}", number=number, half=number / 2)
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+    async def _explain_from_a_task(self, number):
+        await asyncio.sleep(0)
+        self.routelens_explain(f"request {number}", number=number, half=number / 2)
+
+
+class TracedExplainingUniform(TracingMixin, ExplainingUniform):
+    pass
+
+
+def decisions_of(router):
+    return [e for e in recorded_events(router) if e["type"] == "decision"]
+
+
+def test_each_decision_keeps_its_own_explanation_when_calls_interleave(tmp_path):
+    async def main():
+        router = make_router(TracedExplainingUniform, 4, record_to=str(tmp_path / "events.jsonl"))
+        await asyncio.gather(*(router.choose_replicas(router._replicas_list, make_request()) for _ in range(30)))
+        return router
+
+    decisions = decisions_of(asyncio.run(main()))
+    assert len(decisions) == 30
+    for d in decisions:
+        number = int(d["request_id"].rsplit("-", 1)[1])
+        assert d["reason"] == f"request {number}"
+        assert d["scores"] == {"number": number, "half": number / 2}
+
+
+class TracedPowerOfTwoExplainingLocality(TracedPowerOfTwoChoicesRequestRouter):
+    """A traced subclass of a router it cannot change: explains from one of
+    the wrapped router's helpers, which its choose_replicas calls."""
+
+    def apply_locality_routing(self, pending_request=None):
+        candidates = super().apply_locality_routing(pending_request)
+        self.routelens_explain("locality", candidates=len(candidates))
+        return candidates
+
+
+def test_a_traced_subclass_explains_from_a_helper_of_the_router_it_wraps(tmp_path):
+    async def main():
+        router = make_router(TracedPowerOfTwoExplainingLocality, 5, record_to=str(tmp_path / "events.jsonl"))
+        for _ in range(3):
+            await router.choose_replicas(router._replicas_list, make_request())
+        return router
+
+    decisions = decisions_of(asyncio.run(main()))
+    assert [(d["reason"], d["scores"]) for d in decisions] == [("locality", {"candidates": 5})] * 3
+
+
+class ExplainingTwice(UniformRequestRouter):
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        self.routelens_explain("first", score=1)
+        ranks = await super().choose_replicas(candidate_replicas, pending_request)
+        self.routelens_explain("second", score=2)
+        return ranks
+
+
+class TracedExplainingTwice(TracingMixin, ExplainingTwice):
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        ranks = await super().choose_replicas(candidate_replicas, pending_request)
+        # Below the mixin: its choose_replicas has returned and recorded the decision.
+        self.routelens_explain("too late", score=3)
+        return ranks
+
+
+def test_the_last_explanation_wins_and_one_outside_a_decision_is_counted(tmp_path):
+    before = faults.total
+
+    async def main():
+        router = make_router(TracedExplainingTwice, 3, record_to=str(tmp_path / "events.jsonl"))
+        await router.choose_replicas(router._replicas_list, make_request())
+        router.routelens_explain("after", score=3)  # outside choose_replicas: ignored
+        plain = make_router(TracedUniformRequestRouter, 3, record_to=str(tmp_path / "events.jsonl"))
+        await plain.choose_replicas(plain._replicas_list, make_request())
+        return router, plain
+
+    router, plain = asyncio.run(main())
+    assert faults.total == before + 2
+    (explained,) = decisions_of(router)
+    assert explained["reason"] == "second" and explained["scores"] == {"score": 2}
+    (unexplained,) = decisions_of(plain)
+    assert "reason" not in unexplained and "scores" not in unexplained
+
+
+class ExplainingBeyondBounds(UniformRequestRouter):
+    calls = []  # (reason, scores) to explain, one per decision
+
+    async def choose_replicas(self, candidate_replicas, pending_request=None):
+        reason, scores = self.calls.pop(0)
+        self.routelens_explain(reason, **scores)
+        return await super().choose_replicas(candidate_replicas, pending_request)
+
+
+class TracedExplainingBeyondBounds(TracingMixin, ExplainingBeyondBounds):
+    pass
+
+
+def test_explanations_are_bounded_and_every_cut_is_counted(tmp_path):
+    from routelens.routers.explanations import MAX_REASON_CHARS, MAX_SCORE_NAME_CHARS, MAX_SCORES
+
+    many = {f"s{i}": i for i in range(MAX_SCORES + 3)}
+    ExplainingBeyondBounds.calls = [
+        ("r" * (MAX_REASON_CHARS + 10), {}),  # cut
+        ("many", many),  # the first MAX_SCORES kept
+        ("odd", {"n" * (MAX_SCORE_NAME_CHARS + 1): 1.0, "nan": float("nan"), "inf": float("inf"), "flag": True,
+                 "text": "1", "huge": 10 ** 400, "ok": 7}),  # only "ok" kept
+        ("", {"x": 1}),  # no reason: ignored
+        (12, {"x": 1}),  # not a str: ignored
+    ]
+    before = faults.total
+
+    async def main():
+        router = make_router(TracedExplainingBeyondBounds, 3, record_to=str(tmp_path / "events.jsonl"))
+        for _ in range(5):
+            await router.choose_replicas(router._replicas_list, make_request())
+        return router
+
+    decisions = decisions_of(asyncio.run(main()))
+    assert [(d.get("reason"), d.get("scores")) for d in decisions] == [
+        ("r" * MAX_REASON_CHARS, {}),
+        ("many", {f"s{i}": i for i in range(MAX_SCORES)}),
+        ("odd", {"ok": 7}),
+        (None, None),
+        (None, None),
+    ]
+    assert faults.total == before + 1 + 1 + 6 + 1 + 1

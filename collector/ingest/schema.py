@@ -1,4 +1,4 @@
-"""Wire format v2, and v1 before it, as the collector validates them (see docs/design.md).
+"""Wire format v3, and v1 and v2 before it, as the collector validates them (see docs/design.md).
 
 msgspec checks a whole batch in one pass, fast enough for ingest at tens of
 thousands of events per second, and its errors carry the path of the bad
@@ -9,7 +9,7 @@ in `extra`.
 
 A version adds optional fields only: a batch of an earlier version is read
 as one of this version without them (v1's answers have no queue lengths:
-their decision-quality figures are unknown).
+their decision-quality figures are unknown; decisions before v3 have no reason).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from ..store.ids import ID_TS_TOLERANCE_S
 from ..store.models import Deployment, Replica, Router, Source
 from .nesting import too_deep, too_deep_to_decode
 
-WIRE_SCHEMA_VERSION = 2
-SCHEMA_VERSIONS = (1, 2)  # accepted: this one and every earlier one
+WIRE_SCHEMA_VERSION = 3
+SCHEMA_VERSIONS = (1, 2, 3)  # accepted: this one and every earlier one
 
 Id = Annotated[str, Meta(min_length=1, max_length=256)]
 Name = Annotated[str, Meta(max_length=512)]
@@ -102,6 +102,16 @@ class Candidate(Struct, gc=False):
     stats_age_source: Optional[Literal["stamped", "observed"]] = None
 
 
+# A decision's explanation (v3): the bounds routers.explanations keeps (tests/test_tracer_offline.py checks
+# they agree). The scores' values are finite: the JSON decoder refuses NaN and infinities.
+MAX_REASON_CHARS = 64
+MAX_SCORES = 8
+MAX_SCORE_NAME_CHARS = 32
+Reason = Annotated[str, Meta(min_length=1, max_length=MAX_REASON_CHARS)]
+Scores = Annotated[Dict[Annotated[str, Meta(min_length=1, max_length=MAX_SCORE_NAME_CHARS)], float],
+                   Meta(max_length=MAX_SCORES)]
+
+
 class DecisionEvent(Struct, tag="decision", tag_field="type", forbid_unknown_fields=True, gc=False):
     id: uuid.UUID
     ts: Timestamp
@@ -114,6 +124,8 @@ class DecisionEvent(Struct, tag="decision", tag_field="type", forbid_unknown_fie
     internal_request_id: Optional[Id] = None
     model_id: Optional[Id] = None
     attributes: Optional[Dict[str, Any]] = None
+    reason: Optional[Reason] = None  # v3, with scores: what the router said of its decision (routelens_explain)
+    scores: Optional[Scores] = None
 
 
 # The queue lengths behind a replica's answer (v2): counts of requests, stored in 32-bit columns.
