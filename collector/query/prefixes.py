@@ -41,11 +41,11 @@ def concentration(groups: Iterable[Counter]) -> Optional[float]:
     return sum(shares) / len(shares) if shares else None
 
 
-def _json_member(conn: Connection, *path: str):
-    """A member of a decision's `extra` (JSON text) as text, in the database's own JSON functions."""
+def _json_member(conn: Connection, column, *path: str):
+    """A member of a JSON text column as text, in the database's own JSON functions."""
     if conn.dialect.name == "postgresql":
-        return cast(decisions.c.extra, JSONB)[path].as_string()
-    return type_coerce(decisions.c.extra, JSON)[path].as_string()
+        return cast(column, JSONB)[path].as_string()
+    return type_coerce(column, JSON)[path].as_string()
 
 
 def _step_start(conn: Connection, step: int):
@@ -57,9 +57,9 @@ def _step_start(conn: Connection, step: int):
 
 def _group_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
     """(router_pk, prefix_group, replica_pk, step_start, routed, match-rate sum and count, prompt_chars sum)."""
-    group = _json_member(conn, "attributes", "prefix_group")
-    match_rate = cast(_json_member(conn, "scores", "match_rate"), Float)
-    prompt_chars = cast(_json_member(conn, "attributes", "prompt_chars"), Float)
+    group = _json_member(conn, decisions.c.extra, "attributes", "prefix_group")
+    match_rate = cast(_json_member(conn, decisions.c.extra, "scores", "match_rate"), Float)
+    prompt_chars = cast(_json_member(conn, decisions.c.extra, "attributes", "prompt_chars"), Float)
     start = _step_start(conn, step).label("step_start")
     query = (select(routed.c.router_pk, group.label("prefix_group"), routed.c.replica_pk, start,
                     func.count().label("routed"), func.sum(match_rate).label("match_rate_sum"),
