@@ -78,15 +78,16 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
 
     @app.callback(
         Output("window", "value"), Output("app", "value"), Output("deployment", "value"),
-        Output("router_class", "value"), Output("label", "value"), Output("refresh", "value"),
-        Output("url", "search"),
+        Output("router_class", "value"), Output("label", "value"), Output("reason", "value"),
+        Output("refresh", "value"), Output("url", "search"),
         Output("app", "options"), Output("deployment", "options"), Output("router_class", "options"),
-        Output("label", "options"),
+        Output("label", "options"), Output("reason", "options"),
         Input("url", "search"), Input("window", "value"), Input("app", "value"), Input("deployment", "value"),
-        Input("router_class", "value"), Input("label", "value"), Input("refresh", "value"),
+        Input("router_class", "value"), Input("label", "value"), Input("reason", "value"), Input("refresh", "value"),
         Input("tick", "n_intervals"), State("url", "pathname"),
     )
-    def sync_controls(search, window, apps, deployments, router_classes, labels, refresh, _tick, pathname):
+    def sync_controls(search, window, apps, deployments, router_classes, labels, reasons, refresh, _tick,
+                      pathname):
         """The URL changed (page load, back button): it sets the controls. A
         control changed: the URL follows. Either way, and on each refresh, the
         filters' choices are what the database knows, plus what is chosen (a
@@ -95,7 +96,8 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         # decisions or an open one is not, under other filters.
         from_controls = from_url(pathname, search, prefix).with_(
             window=window or DEFAULT_WINDOW, apps=apps or [], deployments=deployments or [],
-            router_classes=router_classes or [], labels=labels or [], refresh=refresh, cursor=None, decision=None)
+            router_classes=router_classes or [], labels=labels or [], reasons=reasons or [], refresh=refresh,
+            cursor=None, decision=None)
         if ctx.triggered_id == "window":  # a window chosen from the list replaces a custom one
             from_controls = from_controls.with_(since=None, until=None)
         if ctx.triggered_id in (None, "url"):
@@ -103,12 +105,12 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
             # A custom window leaves the list empty (its placeholder says "custom").
             window_choice = None if state.since or state.until else state.window
             values = (window_choice, state.apps, state.deployments, state.router_classes, state.labels,
-                      state.refresh, no_update)
+                      state.reasons, state.refresh, no_update)
         elif ctx.triggered_id == "tick":
-            state, values = from_controls, (no_update,) * 7
+            state, values = from_controls, (no_update,) * 8
         else:
             state = from_controls
-            values = (no_update,) * 6 + (state.search(),)
+            values = (no_update,) * 7 + (state.search(),)
         return values + _choices(engine, state)
 
     @app.callback(Output("tick", "interval"), Output("tick", "disabled"), Input("refresh", "value"))
@@ -140,14 +142,15 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
 
 
 def _choices(engine: Engine, state: ViewState) -> tuple:
-    """Options of the app, deployment, router and label filters."""
+    """Options of the app, deployment, router, label and reason filters."""
     with engine.connect() as conn:
         catalogue = figures.deployments(conn)
+        reasons = figures.known_reasons(conn)
     routers = [r for d in catalogue["deployments"] for r in d["routers"]]
     known = (catalogue["apps"], [d["deployment"] for d in catalogue["deployments"]],
              [r["router_class"] for r in routers],
-             [f"{k}={v}" for k, values in catalogue["labels"].items() for v in values])
-    chosen = (state.apps, state.deployments, state.router_classes, state.labels)
+             [f"{k}={v}" for k, values in catalogue["labels"].items() for v in values], reasons)
+    chosen = (state.apps, state.deployments, state.router_classes, state.labels, state.reasons)
     return tuple(sorted(set(k) | set(c)) for k, c in zip(known, chosen))
 
 
@@ -163,6 +166,7 @@ def _layout(prefix: str) -> html.Div:
             html.Div(dcc.Dropdown(id="window", options=list(WINDOWS), clearable=False, placeholder="custom")),
             dropdown("app", "all apps"), dropdown("deployment", "all deployments"),
             dropdown("router_class", "all routers"), dropdown("label", "all labels"),
+            dropdown("reason", "all reasons"),
             html.Span(id="custom-window"),
             html.Div(dcc.RadioItems(id="refresh", options=list(REFRESH_S), inline=True), title="auto-refresh"),
         ]),

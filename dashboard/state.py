@@ -1,7 +1,8 @@
 """What the dashboard shows, as the page's URL carries it, so that a link reproduces the view.
 
 The query string holds the same parameters as the read API
-(`window` or `since`/`until`, `app`, `deployment`, `router_class`, `label`),
+(`window` or `since`/`until`, `app`, `deployment`, `router_class`, `label`,
+`reason`),
 plus `refresh` and a view's own (the explorer's page, compare's choices,
 the What-if view's replay);
 the path names the view. `Filters` come from it through the same
@@ -37,6 +38,7 @@ class ViewState:
     deployments: List[str] = field(default_factory=list)
     router_classes: List[str] = field(default_factory=list)
     labels: List[str] = field(default_factory=list)  # "key=value"
+    reasons: List[str] = field(default_factory=list)  # the routers' reasons (the explorer, Rank hits' reasons)
     refresh: str = "off"
     # The decision explorer's place: a page (the cursor of the API's pagination) and an open decision.
     cursor: Optional[str] = None
@@ -57,7 +59,7 @@ class ViewState:
 
     def filters(self, now: Optional[float] = None) -> Filters:
         return build_filters(self.window, self.since, self.until, self.apps, self.deployments,
-                             self.router_classes, self.labels, now=now)
+                             self.router_classes, self.labels, reason=self.reasons, now=now)
 
     def search(self) -> str:
         """The query string (with its "?", or empty) for this state."""
@@ -65,8 +67,7 @@ class ViewState:
         if self.window != DEFAULT_WINDOW:
             pairs.append(("window", self.window))
         pairs.extend((key, getattr(self, key)) for key in ("since", "until") if getattr(self, key))
-        for key, values in (("app", self.apps), ("deployment", self.deployments),
-                            ("router_class", self.router_classes), ("label", self.labels)):
+        for key, values in self._filter_values():
             pairs.extend((key, value) for value in values)
         if self.refresh != "off":
             pairs.append(("refresh", self.refresh))
@@ -81,10 +82,14 @@ class ViewState:
         """The export endpoint's query string for what the view shows: its
         filters, and its window as the absolute times it was computed for."""
         pairs = [("since", repr(f.since)), ("until", repr(f.until))]
-        for key, values in (("app", self.apps), ("deployment", self.deployments),
-                            ("router_class", self.router_classes), ("label", self.labels)):
+        for key, values in self._filter_values():
             pairs.extend((key, value) for value in values)
         return urlencode(pairs)
+
+    def _filter_values(self) -> Tuple[Tuple[str, List[str]], ...]:
+        """The filters, as the read API's parameters name them."""
+        return (("app", self.apps), ("deployment", self.deployments), ("router_class", self.router_classes),
+                ("label", self.labels), ("reason", self.reasons))
 
     def path(self, prefix: str) -> str:
         return prefix + ("" if self.view == DEFAULT_VIEW else self.view)
@@ -106,6 +111,7 @@ def from_url(pathname: Optional[str], search: Optional[str], prefix: str) -> Vie
         since=query.get("since", [None])[-1], until=query.get("until", [None])[-1],
         apps=query.get("app", []), deployments=query.get("deployment", []),
         router_classes=query.get("router_class", []), labels=query.get("label", []),
+        reasons=query.get("reason", []),
         refresh=refresh if refresh in REFRESH_S else "off",
         # A page that is no decision id is the newest; compare's sides must be labels (key=value).
         cursor=cursor if cursor and _is_decision_id(cursor) else None, decision=query.get("decision", [None])[-1],

@@ -226,7 +226,7 @@ def make_request(model_id: str = "", request_id: Optional[str] = None,
 
 def recorded_events(router: Any, timeout_s: float = 10.0) -> List[Dict[str, Any]]:
     """What a traced router made with `record_to` recorded so far: its wire
-    events (docs/design.md, "Wire format v2"), oldest first. Waits until
+    events (docs/design.md, "Wire format v3"), oldest first. Waits until
     everything queued is written. Call it outside the event loop (after
     `asyncio.run`), or between requests: it blocks."""
     tracer = router._routelens

@@ -2,8 +2,9 @@
 
 One scenario (four traced routers of two deployments, five hours of traffic
 with skew, retries, hand-offs, rejections, unknown ranks, stale stats, a
-replica leaving, and one router on wire format v1, whose answers carry no
-queue lengths) is stored once per backend through the real app; every
+replica leaving, one router on wire format v1, whose answers carry no
+queue lengths, and the others explaining most decisions, Ranker's with more
+reasons than a deployment's bound) is stored once per backend through the real app; every
 test reads it through the HTTP API and compares with figures computed from
 the events as sent.
 """
@@ -19,6 +20,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
+from routelens.collector.ingest.rollups import MAX_REASONS_PER_DEPLOYMENT
 from routelens.collector.store.bins import BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS
 from routelens.collector.store.models import ANSWER_QUEUE_LENS
 from tests.support.collector_app import Collector
@@ -33,6 +35,8 @@ START, END = BASE + 7 * MINUTE + 13, BASE + 4 * HOUR + 3 * MINUTE
 C7_LEAVES = BASE + 2 * HOUR  # replica c7 of Checkout is removed then
 STATS_PERIOD_S = 5.0  # Ranker's replicas collect their routing stats this often
 V1_SOURCE = "b1"  # an older tracer: wire format v1
+CHECKOUT_REASONS = ("prefix match", "smallest tenant", "pow-2: imbalance")
+RANKER_REASONS = tuple(f"bucket {n}" for n in range(MAX_REASONS_PER_DEPLOYMENT + 8))
 CHECKOUT, RANKER = ("shop", "Checkout"), ("search", "Ranker")
 
 
@@ -47,6 +51,7 @@ class Scenario:
     def __init__(self, seed: int = 3):
         rng = random.Random(seed)
         self.rng = rng
+        self.reasons_rng = random.Random(seed + 1)  # the routers' explanations, apart from the traffic's draws
         self.sources = {
             "a1": WireSource("a1", "shop", "Checkout", POW2, {"router_version": "a", "zone": "eu"}),
             "a2": WireSource("a2", "shop", "Checkout", POW2, {"router_version": "a", "zone": "eu"}),
@@ -109,7 +114,7 @@ class Scenario:
             candidates = {r: self._candidate() for rank in ranks for r in rank}
             decision = self._add(source, source.decision(
                 ts + attempt * 0.05, ranks, candidates, request_id=request_id, internal_request_id=internal,
-                attempt=attempt, duration_us=rng.randint(20, 3000)))
+                attempt=attempt, duration_us=rng.randint(20, 3000), **self._explanation(source)))
         t = ts + attempts * 0.05
         if rng.random() < 0.1:  # a replica refuses the request first (a refusal of v2 names its decision)
             self._add(source, source.completed(t, rng.choice(pool), rejected=True, internal_request_id=internal,
@@ -129,6 +134,14 @@ class Scenario:
         self._add(source, source.completed(t + 0.002, replica, routed, latency_ms=rng.lognormvariate(2, 1),
                                            ok=rng.random() >= 0.05))
 
+    def _explanation(self, source):
+        """What the router says of a decision: nothing for the v1 tracer and one decision in ten."""
+        rng = self.reasons_rng
+        if source.info["source_id"] == V1_SOURCE or rng.random() < 0.1:
+            return {}
+        reasons = RANKER_REASONS if source.info["deployment"] == "Ranker" else CHECKOUT_REASONS
+        return {"reason": rng.choice(reasons), "scores": {"match_rate": round(rng.random(), 3), "tenants": 3}}
+
     def _quality(self, source, believed):
         """An answer's (believed, shortest, reported) queue lengths; None where
         the tracer sends none (v1, or a router without a queue-length cache)."""
@@ -144,7 +157,7 @@ class Scenario:
         per_source = defaultdict(list)
         for info, event in sorted(self.sent, key=lambda pair: pair[1]["ts"]):
             per_source[info["source_id"]].append(event)
-        queues = [[self.sources[name].batch(events[i:i + 150], schema_version=1 if name == V1_SOURCE else 2)
+        queues = [[self.sources[name].batch(events[i:i + 150], schema_version=1 if name == V1_SOURCE else 3)
                    for i in range(0, len(events), 150)]
                   for name, events in per_source.items()]
         out = []
@@ -467,6 +480,68 @@ def test_rank_hits(api, name, window):
             assert CHOOSE_US.column(got["choose_us"][key]) == CHOOSE_US.column(nearest_rank(durations, q))
 
 
+REASON_FILTERS = {
+    "all": ({}, lambda info: True, None),
+    "label": ({"label": "router_version=a"}, lambda info: info["labels"].get("router_version") == "a", None),
+    "reasons": ({"reason": ["prefix match", "bucket 3"]}, lambda info: True, {"prefix match", "bucket 3"}),
+    # The reasons of the replica's deployment's routers; decisions, a router's, are unknown per replica.
+    "replica": ({"replica": "c1"}, lambda info: info["deployment"] == "Checkout", None),
+}
+
+
+@pytest.mark.parametrize("window", ["full", "odd"])
+@pytest.mark.parametrize("name", REASON_FILTERS)
+def test_decisions_per_reason(api, name, window):
+    """Rank hits' reasons: per deployment, decisions per reason over the window and per step; Ranker's
+    reasons beyond the bound counted together as other."""
+    params, where, reasons = REASON_FILTERS[name]
+    w = WINDOWS[window]
+    sent = [(info, e) for info, e in SCENARIO.events(w["since"], w["until"], where=where, kind="decision")]
+    got = api.get("/v1/rank-hits", **w, **params)["reasons"]
+    deployments = {(d["app"], d["deployment"]): d for d in got["deployments"]}
+    expected = defaultdict(Counter)
+    decisions = Counter()
+    for info, e in sent:
+        key = (info["app"], info["deployment"])
+        decisions[key] += 1
+        if e.get("reason") is not None and (reasons is None or e["reason"] in reasons):
+            expected[key][e["reason"]] += 1
+    assert set(deployments) == set(expected)
+    for key, counts in expected.items():
+        d = deployments[key]
+        named = {r["reason"]: r["decisions"] for r in d["reasons"] if not r["other"]}
+        other = sum(r["decisions"] for r in d["reasons"] if r["other"])
+        assert d["explained"] == sum(counts.values()) == sum(named.values()) + other, key
+        assert all(counts[reason] == n for reason, n in named.items()), key
+        assert [r["decisions"] for r in d["reasons"]] == sorted((r["decisions"] for r in d["reasons"]), reverse=True)
+        assert sum(r["decisions"] for p in d["points"] for r in p["reasons"]) == d["explained"], key
+        if name == "replica":
+            assert (d["decisions"], d["unexplained"]) == (None, None) and d["reasons"][0]["share"] is None, key
+        else:
+            assert d["decisions"] == decisions[key], key
+            assert d["unexplained"] == (None if reasons else decisions[key] - d["explained"]), key
+        if key == RANKER and reasons is None:  # more reasons than the bound: the rest counted as other
+            assert len(named) == MAX_REASONS_PER_DEPLOYMENT and other > 0
+        else:
+            assert named == counts and other == 0, key
+
+
+def test_decisions_filtered_by_reason_carry_their_scores(api):
+    w = ODD
+    wanted = {"smallest tenant", "bucket 3"}
+    sent = {e["id"]: e for _, e in SCENARIO.events(w["since"], w["until"], exact=True, kind="decision")
+            if e.get("reason") in wanted}
+    ids, _ = _all_pages(api, 97, **w, reason=sorted(wanted))
+    assert set(ids) == set(sent) and sent
+    page = api.get("/v1/decisions", **w, reason="smallest tenant", limit=5)["decisions"]
+    assert page and all((d["reason"], d["scores"]) == (sent[d["id"]]["reason"], sent[d["id"]]["scores"])
+                        for d in page)
+    unexplained = next(e for _, e in SCENARIO.events(w["since"], w["until"], exact=True, kind="decision")
+                       if "reason" not in e)
+    got = api.get(f"/v1/decisions/{unexplained['id']}")
+    assert (got["reason"], got["scores"]) == (None, None)
+
+
 @pytest.mark.parametrize("params, periods", [({}, {RANKER: STATS_PERIOD_S, CHECKOUT: None}),
                                              ({"app": "search"}, {RANKER: STATS_PERIOD_S}),
                                              ({"app": "shop"}, {CHECKOUT: None})])
@@ -705,6 +780,7 @@ def test_decision_detail(api):
     assert (got["app"], got["deployment"], got["router_class"], got["labels"]) == \
         (info["app"], info["deployment"], info["router_class"], info["labels"])
     assert got["ranks"] == decision["ranks"]
+    assert (got["reason"], got["scores"]) == (decision.get("reason"), decision.get("scores"))
     for rank_index, rank in enumerate(got["candidates"]):
         for candidate in rank:
             sent = decision["replicas"][candidate["replica_id"]]

@@ -29,11 +29,12 @@ from tests.support.wire_source import WireSource
 pytestmark = pytest.mark.browser
 
 
-def _traffic(src: WireSource, t0: float, replicas, counts) -> list:
+def _traffic(src: WireSource, t0: float, replicas, counts, explained: bool = False) -> list:
     """`counts[i]` requests to `replicas[i]`, each a decision, a routing and a completion.
     The router saw every chosen replica at 1 and the shortest queue at 1 when it chose
     replicas[0] (regret 0, belief error 0: it reported 2, this request included), else
-    at 0 (regret 1, belief error -1: the replica reported 3)."""
+    at 0 (regret 1, belief error -1: the replica reported 3). `explained`: the router gave
+    each decision a reason, "shortest queue" for replicas[0], else "pow-2 fallback"."""
     events = [src.replicas(t0, replicas)]
     t = t0
     for replica, n in zip(replicas, counts):
@@ -41,8 +42,10 @@ def _traffic(src: WireSource, t0: float, replicas, counts) -> list:
         for _ in range(n):
             t += 0.01
             others = [r for r in replicas if r != replica]
+            explanation = {"reason": "shortest queue" if first else "pow-2 fallback",
+                           "scores": {"queue_len": 1, "match_rate": 0.5}} if explained else {}
             d = src.decision(t, [[replica], others[:1]], candidates={replica: {
-                "queue_len": 1, "stats_age_s": 0.4, "stats_age_source": "stamped"}})
+                "queue_len": 1, "stats_age_s": 0.4, "stats_age_source": "stamped"}}, **explanation)
             r = src.routed(t + 0.001, replica, d, quality=(1, 1 if first else 0, 2 if first else 3))
             events += [d, r, src.completed(t + 0.002, replica, r)]
     return events
@@ -56,7 +59,7 @@ def server(tmp_path_factory):
         t0 = time.time() - 300
         shop = WireSource("shop-proxy", app="shop", labels={"router_version": "a"})
         search = WireSource("search-proxy", app="search", deployment="Search", labels={"router_version": "b"})
-        batches = [shop.batch(_traffic(shop, t0, ["r1", "r2", "r3"], [30, 10, 0])),
+        batches = [shop.batch(_traffic(shop, t0, ["r1", "r2", "r3"], [30, 10, 0], explained=True)),
                    search.batch(_traffic(search, t0, ["s1", "s2"], [12, 12]), dropped={"queue_full": 3})]
         for batch in batches:
             response = httpx.post(f"{up.url}/v1/events", content=json.dumps(batch),
@@ -179,6 +182,29 @@ def test_rank_hits_shows_decision_quality_per_replica_and_over_time(server, page
     frame = pd.read_csv(download.value.path())
     assert frame["regret"].count() == regret["samples"] and frame["regret"].mean() == regret["mean"]
     assert frame["belief_error"].abs().mean() == belief["mean_abs"]
+    assert not page.console_errors
+
+
+def test_rank_hits_shows_decisions_by_reason_and_the_explorer_filters_by_reason(server, page):
+    page.goto(server.url + "/rank-hits?app=shop")
+    reasons = api(server, "/v1/rank-hits", app="shop")["reasons"]["deployments"]
+    (shop,) = reasons
+    assert [(r["reason"], r["decisions"]) for r in shop["reasons"]] == [("shortest queue", 30), ("pow-2 fallback", 10)]
+    assert shown_rows(page, "#rank-hits-reasons") == [
+        ["shop/Checkout", r["reason"], number(r["decisions"]), percent(r["share"])] for r in shop["reasons"]]
+    page.wait_for_selector("#rank-hits-reasons-over-time .main-svg")
+    lines = page.evaluate("document.querySelector('#rank-hits-reasons-over-time .js-plotly-plot').data")
+    assert {line["name"]: sum(line["y"]) for line in lines} == {"shortest queue": 30, "pow-2 fallback": 10}
+    # The reason filter: in the URL, in its control, and narrowing the explorer's decisions.
+    page.goto(server.url + "/explorer?app=shop&reason=pow-2+fallback")
+    page.wait_for_selector("#explorer-table tbody tr")
+    assert "pow-2 fallback" in shown_text(page, "#reason")
+    rows = shown_rows(page, "#explorer-table")
+    assert len(rows) == 10 and {row[-1] for row in rows} == {"pow-2 fallback"}
+    page.click("#explorer-table tbody tr:first-child a")
+    page.wait_for_selector("#decision-facts")
+    facts = dict(shown_rows(page, "#decision-facts"))
+    assert (facts["reason"], facts["scores"]) == ("pow-2 fallback", "queue_len 1, match_rate 0.5")
     assert not page.console_errors
 
 

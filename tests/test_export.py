@@ -47,8 +47,12 @@ class Log:
         for i in range(12):
             t = t0 + 1 + i
             replica = ["r1", "r2", "r3"][i % 3]
+            # What the router said: a reason with a score, one without scores, nothing (wire format v3).
+            explanation = [{"reason": "prefix match", "scores": {"match_rate": i / 16}},
+                           {"reason": "pow-2 fallback"}, {}][i % 3]
             d = shop.decision(t, [[replica], [r for r in ("r1", "r2", "r3") if r != replica]],
                               request_id=f"req-{i}", internal_request_id=f"int-{i}", model_id=f"m{i % 2}",
+                              **explanation,
                               candidates={replica: {"queue_len": i, "queue_len_age_s": 0.25, "stats": {"q": i},
                                                     "stats_age_s": 1.5, "stats_age_source": "stamped"}})
             # Every other answer with its queue lengths (wire format v2): believed i, as the decision saw it.
@@ -120,6 +124,9 @@ def test_decisions_parquet_one_row_per_decision_with_its_outcome(collector, log)
         assert (row["request_id"], row["internal_request_id"], row["model_id"], row["attempt"]) == (
             sent["request_id"], sent["internal_request_id"], sent["model_id"], sent["attempt"])
         assert [c["replica_id"] for c in row["candidates"]] == [r for rank in sent["ranks"] for r in rank]
+        assert (row["reason"], None if row["scores"] is None else dict(row["scores"])) == (
+            sent.get("reason"), sent.get("scores"))
+    assert {row["reason"] for row in rows.values()} == {"prefix match", "pow-2 fallback", None}
     first = next(d for d in log.decisions.values() if d["request_id"] == "req-0")
     row = rows[first["id"]]
     assert (row["app"], row["deployment"], row["source_id"], dict(row["labels"])) == (
@@ -202,6 +209,10 @@ def test_csv_opens_in_pandas(collector, log):
     assert json.loads(row["ranks"]) == [["r1"], ["r2"]] and bool(row["rejected"])
     assert json.loads(row["labels"]) == {"router_version": "a"}
     assert [c["replica_id"] for c in json.loads(row["candidates"])] == ["r1", "r2"]
+    explained = frame.set_index("decision_id").loc[next(d for d, e in log.decisions.items() if e["model_id"] == "m0"
+                                                        and e.get("reason") == "prefix match")]
+    sent = log.decisions[explained.name]
+    assert (explained["reason"], json.loads(explained["scores"])) == (sent["reason"], sent["scores"])
 
 
 def test_jsonl_rows_are_json_with_iso_times(collector, log):
@@ -218,6 +229,8 @@ def test_jsonl_rows_are_json_with_iso_times(collector, log):
     ({"label": "router_version=a"}, lambda log: {d for d, e in log.decisions.items() if e["request_id"] != "req-s"}),
     ({"request_id": "int-x"}, lambda log: {log.refused["id"], log.retried["id"]}),
     ({"model_id": "m1"}, lambda log: {d for d, e in log.decisions.items() if e["model_id"] == "m1"}),
+    ({"reason": ["pow-2 fallback", "no such reason"]},
+     lambda log: {d for d, e in log.decisions.items() if e.get("reason") == "pow-2 fallback"}),
     # A replica's decisions: those whose ranking sent a request to it.
     ({"replica": "r3"}, lambda log: {r["decision_id"] for r in log.routed if r["replica_id"] == "r3"}),
 ])
@@ -256,6 +269,7 @@ def test_normalized_tables(collector, log):
     ({"what": "events", "format": "csv"}, "JSON Lines only"),
     ({"what": "events", "format": "jsonl", "replica": "r1"}, "whole sources"),
     ({"what": "completed", "model_id": "m1"}, "no model id"),
+    ({"what": "routed", "reason": "prefix match"}, "reason is a decision's"),
     ({"format": "xml"}, "'csv', 'jsonl' or 'parquet'"),
     ({"what": "everything"}, "decisions"),
     ({"since": "yesterday"}, "not a time"),

@@ -45,7 +45,8 @@ def by(samples, name: str, label: str, **labels) -> Dict[str, float]:
 
 def traffic(src, t0: float):
     """Two batches of one deployment: members r1..r4 (r3 refuses, r4 idle), stamped and observed
-    stats ages, ranks 0 to 6 and unknown, a hand-off, refusals, a failure, stats changes."""
+    stats ages, ranks 0 to 6 and unknown, a hand-off, refusals, a failure, stats changes, decisions
+    with and without a reason."""
     members = ["r1", "r2", "r3", "r4"]
     first = [src.replicas(t0, members)]
     for i in range(12):
@@ -53,7 +54,8 @@ def traffic(src, t0: float):
         chosen = members[i % 2]
         decision = src.decision(t, [[chosen], ["r3"]], request_id=f"q{i}", duration_us=40 + 300 * i,
                                 candidates={chosen: {"stats_age_s": 0.05 * i, "stats_age_source": "stamped"},
-                                            "r3": {"stats_age_s": 2.5 + i, "stats_age_source": "observed"}})
+                                            "r3": {"stats_age_s": 2.5 + i, "stats_age_source": "observed"}},
+                                reason=["fast path", "fallback", None][i % 3])
         rank = [0, 0, 1, 2, 6, None][i % 6]
         routed = src.routed(t + 0.01, chosen, decision, rank=rank, own_ranking=i != 5)
         first += [decision, routed, src.completed(t + 0.02, chosen, routed, latency_ms=3.0 * (i + 1), ok=i != 7)]
@@ -107,6 +109,9 @@ def test_counters_equal_what_the_api_says_of_the_same_data(loaded):
     assert ranks == {"0": shares["0"], "1": shares["1"], "unknown": shares["unknown"],
                      "2+": shares["2"] + shares["3"] + shares["4"] + shares["5+"]}
     assert ranks["0"] / sum(ranks.values()) == checkout["rank0_rate"]
+    (reasons,) = checkout["reasons"]["deployments"]
+    assert by(samples, "routelens_decisions_by_reason_total", "reason", deployment="Checkout") == \
+        {r["reason"]: r["decisions"] for r in reasons["reasons"]} == {"fast path": 4, "fallback": 4}
 
 
 def test_histograms_have_the_rollups_bins_and_the_staleness_split_by_age_source(loaded):
@@ -193,6 +198,26 @@ def test_replicas_beyond_the_limit_share_the_label_other(make_collector, make_so
     routed = by(samples, "routelens_routed_requests_total", "replica")
     assert routed == {"r1": 1, "r2": 1, "_other": 3}
     assert one(samples, "routelens_metrics_overflow_total", kind="replica") == 2
+
+
+@SQLITE_ONLY
+def test_reasons_beyond_a_deployments_bound_are_counted_together(make_collector, make_source, monkeypatch):
+    """Stored with each decision whatever the bound; counted by name up to it, in the rollups and on
+    /metrics, and the rest together (the rollups' other reasons, the label _other)."""
+    monkeypatch.setattr("routelens.collector.ingest.writer.MAX_REASONS_PER_DEPLOYMENT", 2)
+    collector = make_collector()
+    src = make_source("s1", app="shop", deployment="Checkout")
+    t = time.time() - 100
+    reasons = ["a", "b", "c", "c", "d"]
+    collector.store(src.batch([src.decision(t + i, [["r1"]], reason=reasons[i]) for i in range(2)]))
+    collector.store(src.batch([src.decision(t + i, [["r1"]], reason=reasons[i]) for i in range(2, 5)]))
+    window = {"since": t - 60, "until": t + 60}
+    (got,) = collector.get("/v1/rank-hits", **window)["reasons"]["deployments"]
+    assert [(r["reason"], r["other"], r["decisions"]) for r in got["reasons"]] == [
+        (None, True, 3), ("a", False, 1), ("b", False, 1)]
+    assert by(scrape(collector), "routelens_decisions_by_reason_total", "reason") == {"a": 1, "b": 1, "_other": 3}
+    stored = collector.get("/v1/decisions", **window, reason="c")["decisions"]
+    assert [d["reason"] for d in stored] == ["c", "c"]
 
 
 def test_membership_gauges_follow_the_newest_replicas_event_and_are_seeded_at_start(collector, make_source,

@@ -20,9 +20,11 @@ def filters(
     replica: List[str] = Query([], description="replica id (repeat for several)"),
     request_id: Optional[str] = Query(None, description="request id or internal request id (drill-down)"),
     model_id: Optional[str] = Query(None, description="multiplexed model id (drill-down)"),
+    reason: List[str] = Query([], description="the router's reason for a decision (drill-down, per-reason figures;"
+                                             " repeat for several)"),
 ) -> Filters:
     try:
         return build_filters(window, since, until, app, deployment, router_class, label, replica, request_id,
-                             model_id)
+                             model_id, reason)
     except FilterError as exc:
         raise HTTPException(422, str(exc)) from None

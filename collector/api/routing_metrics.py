@@ -22,7 +22,9 @@ source's last batch the latest (`max`).
 Label cardinality is bounded: at most `replica_limit` (app, deployment,
 replica) and `source_limit` sources get series of their own in a process;
 later ones share the label value `_other` (and `routelens_metrics_overflow_total`
-counts them).
+counts them). Decisions by reason have the bound of the reasons' rollups
+(`collector.ingest.rollups.MAX_REASONS_PER_DEPLOYMENT` per deployment): the
+reasons beyond it are counted there, and here, under `_other`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ..ingest.schema import ReplicasEvent, StatsEvent
 from ..ingest.writer import StoredBatch
 from ..query.figures import median_interval
 from ..store.bins import CHOOSE_US, LATENCY_MS, RANK_COLUMNS, STALENESS
-from ..store.models import ROLLUP_KEY, ROUTER_LEVEL, Deployment, Replica
+from ..store.models import OTHER_REASONS, REASON_ROLLUP_KEY, ROLLUP_KEY, ROUTER_LEVEL, Deployment, Replica
 
 OTHER = "_other"  # the label value of series beyond the limit
 DEFAULT_REPLICA_LIMIT = 2000
@@ -54,6 +56,8 @@ RANK_LABELS = {column: ("2+" if column not in ("rank_0", "rank_1", "rank_unknown
 _KEY = len(ROLLUP_KEY)
 _AT = {name: _KEY + i for i, name in enumerate(ROLLUP_VALUES)}  # a rollup tuple's column positions
 _GRAIN, _REPLICA = ROLLUP_KEY.index("grain"), ROLLUP_KEY.index("replica_pk")
+# A reason rollup row: (*REASON_ROLLUP_KEY, decisions).
+_REASON_GRAIN, _REASON = REASON_ROLLUP_KEY.index("grain"), REASON_ROLLUP_KEY.index("reason")
 _HOUR = 3600
 
 
@@ -105,6 +109,9 @@ class RoutingMetrics:
             return Histogram(name, what, labels, registry=registry, buckets=[bound / per_second for bound in bounds])
 
         self.decisions = counter("routelens_decisions", "choose_replicas rankings recorded", deployment)
+        self.by_reason = counter("routelens_decisions_by_reason",
+                                 "Decisions the router gave a reason for (routelens_explain), by reason",
+                                 [*deployment, "reason"])
         self.routed = counter("routelens_routed_requests", "Requests routed to the replica (accepted)", replica)
         self.by_rank = counter("routelens_routed_requests_by_rank",
                                "Routed requests by the rank of their decision their replica came from "
@@ -211,6 +218,10 @@ class RoutingMetrics:
             replica_counts[row[_REPLICA]] = counts if known is None else [a + b for a, b in zip(known, counts)]
         if router_row is not None:
             self._count_deployment(app, deployment, router_row, stored)
+        for row in stored.reason_rows:
+            if row[_REASON_GRAIN] == _HOUR:  # as the rollups: the hourly rows hold it all
+                reason = row[_REASON]
+                self.by_reason.labels(app, deployment, OTHER if reason == OTHER_REASONS else reason).inc(row[-1])
         if replica_counts:
             names = {pk: replica_id for replica_id, pk in stored.replica_pks.items()}
             for replica_pk, (routed, rejections, completions, failures) in replica_counts.items():

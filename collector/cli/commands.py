@@ -240,6 +240,8 @@ def _add_window_and_filters(parser) -> None:
     _add_filter_options(parser, replica="replica id")
     parser.add_argument("--request-id", help="request id or internal request id")
     parser.add_argument("--model-id", help="multiplexed model id")
+    parser.add_argument("--reason", action="append", default=[],
+                        help="the router's reason for a decision (routelens_explain; repeatable)")
 
 
 def _add_replay(commands) -> None:

@@ -63,7 +63,7 @@ def filters_of(args) -> Filters:
     since = args.since or (None if args.window else "0")
     try:
         return build_filters(args.window, since, args.until, args.app, args.deployment, args.router_class,
-                             args.label, args.replica, args.request_id, args.model_id)
+                             args.label, args.replica, args.request_id, args.model_id, args.reason)
     except FilterError as exc:
         raise UsageError(str(exc)) from None
 
@@ -77,7 +77,7 @@ def _format_of(output: str) -> str:
 
 def expected_rows(connection, f, what: str) -> Optional[int]:
     """About the rows the export will hold, from the rollups (whole minutes), when they can tell."""
-    if what not in _COUNTED_BY or f.request_id or f.model_id or f.replicas:
+    if what not in _COUNTED_BY or f.request_id or f.model_id or f.replicas or f.reasons:
         return None
     return figures.summary(connection, f)[_COUNTED_BY[what]]
 

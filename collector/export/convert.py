@@ -4,6 +4,7 @@ Vectorized wherever Arrow or numpy can do the work."""
 
 from __future__ import annotations
 
+import json
 from typing import Dict
 
 import numpy as np
@@ -17,7 +18,7 @@ from ..store.models import Source
 from ..store.types import AGE_SOURCE_NAMES, request_id_text
 from .pandas_hidden import convert_first_without_pandas
 from .rankings import ranking_columns
-from .schema import CANDIDATE, LABELS, TIME
+from .schema import CANDIDATE, LABELS, SCORES, TIME
 
 convert_first_without_pandas()  # before the constants below, the process's first conversion of Python values
 
@@ -97,6 +98,15 @@ def request_ids(stored: pa.Array) -> pa.Array:
         return uuids(stored)
     texts = pa.array([request_id_text(v) for v in stored.filter(as_text).to_pylist()], pa.string())
     return pc.replace_with_mask(uuids(pc.if_else(as_text, _NO_BYTES, stored)), as_text, texts)
+
+
+def scores(reasons: pa.Array, stored: pa.Array) -> pa.Array:
+    """Decisions' scores (stored as JSON text, null when there were none) as a map; {} for a reason given
+    without scores, null without a reason. Decoded in Python, only where there are some."""
+    if reasons.null_count == len(reasons):
+        return pa.nulls(len(reasons), SCORES)
+    return pa.array([None if reason is None else list(json.loads(text).items()) if text else []
+                     for reason, text in zip(reasons.to_pylist(), stored.to_pylist())], SCORES)
 
 
 class Rankings:

@@ -36,6 +36,7 @@ DECISIONS = Reading({
     "internal_request_id": (stored_bytes(d.internal_request_id), BLOB), "model_id": (d.model_id, pa.string()),
     "attempt": (d.attempt, pa.int32()), "duration_us": (d.duration_us, pa.int64()),
     "n_candidates": (d.n_candidates, pa.int32()), "ranking": (stored_bytes(d.ranking), BLOB),
+    "reason": (d.reason, pa.string()), "scores": (d.scores, pa.string()),
 })
 _ROUTINGS = Reading({  # the outcome columns of a decision's routed event
     "decision_id": (stored_bytes(r.decision_id), BLOB), "routed_id": (stored_bytes(r.id), BLOB),

@@ -36,6 +36,7 @@ class Column:
 
 TIME = pa.timestamp("us", tz="UTC")
 LABELS = pa.map_(pa.string(), pa.string())
+SCORES = pa.map_(pa.string(), pa.float64())
 CANDIDATE = pa.struct([
     ("replica_id", pa.string()), ("rank", pa.int32()), ("queue_len", pa.int64()),
     ("queue_len_age_s", pa.float64()), ("stats_age_s", pa.float64()), ("stats_age_source", pa.string()),
@@ -84,6 +85,8 @@ COLUMNS: Dict[str, List[Column]] = {
         Column("ok", pa.bool_(), "the request completed without error"),
         Column("rejected", pa.bool_(), "the chosen replica refused the request"),
         *ANSWER,
+        Column("reason", pa.string(), "the router's reason for the decision (routelens_explain; null: none given)"),
+        Column("scores", SCORES, "the numbers the router gave with it (CSV: a JSON object; null: no reason)"),
     ],
     "candidates": [
         *DECISION,

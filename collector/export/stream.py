@@ -48,10 +48,13 @@ def check(f: Filters, what: str, fmt: str) -> None:
     if what == "events":
         if fmt != "jsonl":
             raise ExportError("what=events: wire-format batches are JSON Lines only (format=jsonl)")
-        if f.replicas or f.request_id or f.model_id:
-            raise ExportError("what=events exports whole sources: replica, request_id and model_id do not apply")
+        if f.replicas or f.request_id or f.model_id or f.reasons:
+            raise ExportError("what=events exports whole sources: replica, request_id, model_id and reason"
+                              " do not apply")
     if what == "completed" and f.model_id:
         raise ExportError("what=completed: completions carry no model id (filter routed instead)")
+    if what in ("routed", "completed") and f.reasons:
+        raise ExportError(f"what={what}: reason is a decision's (filter decisions or candidates instead)")
 
 
 def export(conn: Connection, f: Filters, what: str = "decisions", fmt: str = "parquet",

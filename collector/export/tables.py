@@ -17,7 +17,7 @@ from ..store.models import ANSWER_QUEUE_LENS, completed, routed
 from ..store.types import stored_bytes
 from .arrow_reader import ArrowReader
 from .chunks import BLOB, Reading, chunks, in_background
-from .convert import FALSE, TRUE, UNKNOWN, Names, Rankings, request_ids, times, uuids
+from .convert import FALSE, TRUE, UNKNOWN, Names, Rankings, request_ids, scores, times, uuids
 from .outcomes import completions, decision_chunks
 from .schema import DECISION, record_batch
 
@@ -67,7 +67,9 @@ def decision_batches(conn: Connection, reader: ArrowReader, f: Filters, sc: Scop
                        ok=pc.coalesce(completion("ok"), refusal("ok")),
                        rejected=pc.if_else(refusal("replica_pk").is_valid(), TRUE,
                                            pc.if_else(accepted, FALSE, UNKNOWN)),
-                       **_answer(accepted, *(pc.coalesce(routing(name), refusal(name)) for name in ANSWER_QUEUE_LENS)))
+                       **_answer(accepted, *(pc.coalesce(routing(name), refusal(name)) for name in ANSWER_QUEUE_LENS)),
+                       reason=chunk.rows.column("reason"),
+                       scores=scores(chunk.rows.column("reason"), chunk.rows.column("scores")))
         yield record_batch("decisions", columns)
 
 

@@ -137,7 +137,15 @@ def _decision_event(row, replica_ids: Dict[int, str]) -> dict:
         "internal_request_id": row["internal_request_id"], "model_id": row["model_id"], "attempt": row["attempt"],
         "duration_us": row["duration_us"], "n_candidates": row["n_candidates"],
         "ranks": [[replica_ids[entry[0]] for entry in entries] for entries in layout], "replicas": inputs,
+        **_explanation(row),
     }, row["extra"])
+
+
+def _explanation(row) -> dict:
+    """A decision's reason and scores (wire format v3), as stored: left out when the router gave none."""
+    if row["reason"] is None:
+        return {}
+    return {"reason": row["reason"], "scores": json.loads(row["scores"]) if row["scores"] else {}}
 
 
 def _seconds(us: Optional[int]) -> Optional[float]:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from operator import add
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, REGRET, STALENESS, rank_column
-from ..store.models import ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS, ROUTER_LEVEL
+from ..store.models import OTHER_REASONS, ROLLUP_COUNTS, ROLLUP_KEY, ROLLUP_MAXIMA, ROLLUP_SUMS, ROUTER_LEVEL
 from .schema import CompletedEvent, DecisionEvent, Event, RoutedEvent
 
 GRAINS = (60, 3600)
@@ -205,6 +205,29 @@ class RollupDelta:
         """`tuples()` as dicts, column name -> value."""
         names = (*ROLLUP_KEY, *ROLLUP_VALUES)
         return [dict(zip(names, row)) for row in self.tuples()]
+
+
+# Reasons of one deployment counted by name in `reason_rollups`: a bound, as the routing metrics bound their
+# replica labels, so that a router that puts an id or a number in its reason cannot grow the table (and the
+# Rank hits panel) without limit. The decisions of later reasons are counted under OTHER_REASONS.
+MAX_REASONS_PER_DEPLOYMENT = 32
+
+
+def reason_tuples(events: Iterable[Event], router_pk: int, named: Set[str]) -> List[tuple]:
+    """The rows newly stored decisions add to `reason_rollups`, (*REASON_ROLLUP_KEY, decisions), for both
+    grains, sorted by key: each reason in `named` under its own name, any other under OTHER_REASONS."""
+    counts: Dict[tuple, int] = {}
+    for event in events:
+        reason = getattr(event, "reason", None)  # decisions have one (v3); other events none
+        if reason is None:
+            continue
+        if reason not in named:
+            reason = OTHER_REASONS
+        minute = int(event.ts // 60) * 60
+        for grain in GRAINS:
+            key = (grain, minute // grain * grain, router_pk, reason)
+            counts[key] = counts.get(key, 0) + 1
+    return [(*key, counts[key]) for key in sorted(counts)]
 
 
 def belief_error(believed: Optional[int], reported: Optional[int], refused: bool) -> Optional[int]:

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from itertools import chain, count
 from operator import itemgetter
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import msgspec
 import psycopg
@@ -52,7 +52,9 @@ from sqlalchemy.engine import Connection, Engine
 from ..settings import STORED_BATCHES_KEEP_S
 from ..store.db import IDS_PER_STATEMENT, is_sqlite, writer
 from ..store.models import (
+    OTHER_REASONS,
     RAW_TABLES,
+    REASON_ROLLUP_KEY,
     ROLLUP_KEY,
     ROLLUP_MAXIMA,
     Deployment,
@@ -63,12 +65,13 @@ from ..store.models import (
     completed,
     decisions,
     memberships,
+    reason_rollups,
     routed,
     stats_changes,
     stored_batches,
 )
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
-from .rollups import ROLLUP_VALUES, RollupDelta
+from .rollups import MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
 from .schema import (
     Batch,
     CompletedEvent,
@@ -148,6 +151,7 @@ class StoredBatch:
     identity: Tuple[str, str, str, str]  # app, deployment, router class, labels key
     replica_pks: Dict[str, int]
     rollup_rows: List[tuple]  # `RollupDelta.tuples()` of the stored events
+    reason_rows: List[tuple]  # `reason_tuples()` of the stored decisions (reason_rollups' rows)
     delta: RollupDelta
     before: SourceBefore
     received_at: float
@@ -269,9 +273,16 @@ class Ingestor:
         self._least = func.min if self._sqlite else func.least  # of two values
         self._sources: Dict[str, _KnownSource] = {}
         self._replicas: Dict[Tuple[int, str], int] = {}
+        # deployment_pk -> the reasons its decisions are counted under by name in reason_rollups (at most
+        # MAX_REASONS_PER_DEPLOYMENT), read from the database the first time the deployment explains.
+        self._reasons: Dict[int, Set[str]] = {}
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
         self._record_batch_statements = self._make_record_batch()
+        insert_reasons = self._dialect_insert(reason_rollups)
+        self._reason_upsert = insert_reasons.on_conflict_do_update(
+            index_elements=list(REASON_ROLLUP_KEY),
+            set_={"decisions": reason_rollups.c.decisions + insert_reasons.excluded.decisions})
         self._number_batch = stored_batches.insert()
         self._prune_numbered = delete(stored_batches).where(stored_batches.c.stored_at < bindparam("oldest"))
         self._batches_numbered = count(1)
@@ -369,6 +380,26 @@ class Ingestor:
             for replica_id, pk in rows:
                 self._replicas[(deployment_pk, replica_id)] = pk
 
+    def _named_reasons(self, deployment_pk: int, reasons: Set[str]) -> Set[str]:
+        """The reasons of the deployment counted by name, `reasons` among them while there is room.
+        Collectors that admit new reasons at the same moment may together pass the bound by a few."""
+        with self._cache_lock:
+            named = self._reasons.get(deployment_pk)
+        if named is None:
+            with self.engine.connect() as connection:
+                named = set(connection.scalars(
+                    select(reason_rollups.c.reason).distinct()
+                    .join(Router, Router.pk == reason_rollups.c.router_pk)
+                    .where(Router.deployment_pk == deployment_pk, reason_rollups.c.grain == 3600,
+                           reason_rollups.c.reason != OTHER_REASONS)))
+        with self._cache_lock:
+            named = self._reasons.setdefault(deployment_pk, named)
+            for reason in sorted(reasons - named):
+                if len(named) >= MAX_REASONS_PER_DEPLOYMENT:
+                    break
+                named.add(reason)
+            return set(named)
+
     # --- step 2: the batch transaction ---
 
     def ingest(self, valid: ValidBatch) -> IngestResult:
@@ -376,6 +407,8 @@ class Ingestor:
         valid = _first_of_each_id(valid)
         source_pk, router_pk, deployment_pk, replica_pks = self._keys(valid)
         rows = _Rows(valid, source_pk, router_pk, replica_pks)
+        if rows.reasons:
+            rows.named_reasons = self._named_reasons(deployment_pk, rows.reasons)
         identity = self._sources[valid.batch.source.source_id].identity
         if self._write_lock is not None:
             with self._write_lock:
@@ -432,6 +465,10 @@ class Ingestor:
                 rollup_rows = delta.tuples()
                 if rollup_rows:
                     self._upsert_rollups(connection, rollup_rows)
+                reason_rows = reason_tuples(stored, rows.router_pk, rows.named_reasons) if rows.reasons else []
+                if reason_rows:  # in key order, as the rollups: a fixed lock order on PostgreSQL
+                    connection.execute(self._reason_upsert, [
+                        dict(zip((*REASON_ROLLUP_KEY, "decisions"), row)) for row in reason_rows])
                 changes = [event for event in stored if isinstance(event, ReplicasEvent)]
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
@@ -442,7 +479,8 @@ class Ingestor:
                     self._number(connection, rows.router_pk, numbered, now)
         return StoredBatch(batch=batch, events=stored, stored_by_type=stored_by_type, identity=identity,
                            replica_pks=rows.replica_pks,
-                           rollup_rows=rollup_rows, delta=delta, before=before, received_at=now)
+                           rollup_rows=rollup_rows, reason_rows=reason_rows, delta=delta, before=before,
+                           received_at=now)
 
     def _number(self, connection: Connection, router_pk: int, ids: Dict[str, List[bytes]], now: float) -> None:
         """The batch's row in `stored_batches`; the rows past keeping deleted, now and then."""
@@ -640,6 +678,8 @@ class _Rows:
     def __init__(self, valid: ValidBatch, source_pk: int, router_pk: int, replica_pks: Dict[str, int]):
         self.replica_pks = replica_pks
         self.router_pk = router_pk
+        self.reasons: Set[str] = set()  # the decisions' reasons (wire format v3)
+        self.named_reasons: Set[str] = set()  # those counted by name in reason_rollups (Ingestor._named_reasons)
         self._tables: Dict[object, List[tuple]] = {table: [] for table in RAW_TABLES}
         events = valid.batch.events
         extras = valid.extras or [None] * len(valid.ids)
@@ -654,7 +694,10 @@ class _Rows:
                     event_id, event.ts, router_pk, source_pk, request_ids[event.request_id],
                     request_ids[event.internal_request_id], event.model_id, event.attempt, event.duration_us,
                     event.n_candidates, ranking_bytes(event, pks),
-                    _extra(event, extra) if extra or event.attributes else None))
+                    _extra(event, extra) if extra or event.attributes else None,
+                    event.reason, _text(event.scores) if event.scores else None))
+                if event.reason is not None:
+                    self.reasons.add(event.reason)
             elif isinstance(event, RoutedEvent):
                 routed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],

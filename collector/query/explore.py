@@ -67,6 +67,8 @@ def decision_conditions(f: Filters, sc: Scope) -> list:
                          stored_bytes(decisions.c.internal_request_id) == stored))
     if f.model_id:
         where.append(decisions.c.model_id == f.model_id)
+    if f.reasons:
+        where.append(decisions.c.reason.in_(f.reasons))
     if sc.replica_pks is not None:
         # Decisions whose ranking sent a request to one of these replicas.
         where.append(id_bytes(decisions).in_(
@@ -108,6 +110,9 @@ def _decision(row, sc: Scope) -> dict:
         "ranks": [[_replica_id(sc, entry[0]) for entry in rank] for rank in ranking],
         "candidates": [[_candidate(sc, entry, index) for entry in rank] for index, rank in enumerate(ranking)],
         "attributes": extra.pop("attributes", None),
+        # What the router said of it (wire format v3): null reason and scores when it said nothing.
+        "reason": row["reason"],
+        "scores": json.loads(row["scores"]) if row["scores"] else ({} if row["reason"] is not None else None),
         "extra": extra or None,
         "routed": None, "completed": None,
     }

@@ -42,12 +42,14 @@ from sqlalchemy.engine import Connection
 from ..store import ids
 from ..store.bins import ATTEMPTS, BELIEF_ERROR, CHOOSE_US, LATENCY_MS, RANK_COLUMNS, REGRET, STALENESS
 from ..store.models import (
+    OTHER_REASONS,
     ROUTER_LEVEL,
     Deployment,
     Replica,
     Router,
     Source,
     SourceBatch,
+    reason_rollups,
     rollups,
     stats_changes,
 )
@@ -114,16 +116,17 @@ def _replica_dict(row) -> dict:
 
 # --- rollup reads ---
 
-def _window_condition(f: Filters):
-    """Rows of the rollups that cover the window: whole hours, minutes at the edges."""
+def _window_condition(f: Filters, table=rollups):
+    """Rows of the rollups (or of `reason_rollups`) that cover the window: whole hours, minutes at the edges."""
     m0, m1 = f.rollup_bounds()
     h0, h1 = -(-m0 // HOUR) * HOUR, m1 // HOUR * HOUR
+    grain, start = table.c.grain, table.c.start
     if h0 >= h1:
-        return and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
+        return and_(grain == MINUTE, start >= m0, start < m1)
     return or_(
-        and_(rollups.c.grain == HOUR, rollups.c.start >= h0, rollups.c.start < h1),
-        and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < h0),
-        and_(rollups.c.grain == MINUTE, rollups.c.start >= h1, rollups.c.start < m1),
+        and_(grain == HOUR, start >= h0, start < h1),
+        and_(grain == MINUTE, start >= m0, start < h0),
+        and_(grain == MINUTE, start >= h1, start < m1),
     )
 
 
@@ -384,6 +387,9 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
                     "decision_quality": decision_quality(d)}
                    for pk, d in per_deployment(sc, by_router, RANK_HIT_COLUMNS).items()]
     deployments.sort(key=lambda d: (_worst_first(d["rank0_rate"]), d["app"], d["deployment"]))
+    # Decisions are a router's: filtered to replicas, the rollups' rows hold none.
+    decisions_by_deployment = None if sc.replica_pks is not None else {
+        pk: d["decisions"] for pk, d in per_deployment(sc, by_router, ("decisions",)).items()}
     return {
         "window": _window(f),
         **_rank_figures(row),
@@ -401,9 +407,62 @@ def rank_hits(conn: Connection, f: Filters, sc: Optional[Scope] = None) -> dict:
         },
         "decision_quality": decision_quality(row),
         "decision_quality_over_time": decision_quality_over_time(conn, f, sc),
+        "reasons": reasons(conn, f, sc, decisions_by_deployment),
         "deployments": deployments,
         "replicas": replicas,
     }
+
+
+def reasons(conn: Connection, f: Filters, sc: Scope, decisions_by_deployment: Optional[Dict[int, int]]) -> dict:
+    """Per deployment, its decisions per reason (`routelens_explain`): over
+    the window, most frequent first, and per step (at most 30). A reason
+    beyond the deployment's bound of reasons counted by name is counted as
+    `other`; decisions without a reason are the deployment's `decisions`
+    less the explained ones (`unexplained`, not given under a reason filter).
+    `decisions_by_deployment` None (a replica filter): decisions and shares unknown."""
+    step = _whole_minutes(default_step(f.seconds, 30))
+    if not sc.routers:
+        return {"step_s": step, "deployments": []}
+    routers = sorted(sc.routers)
+    if sc.replica_pks is not None:  # the routers of the replicas' deployments, as the other rank-hit figures
+        of_replicas = {sc.replicas[pk]["deployment_pk"] for pk in sc.replica_pks}
+        routers = [pk for pk in routers if sc.routers[pk]["deployment_pk"] in of_replicas]
+    t = (reason_rollups.c.start // step * step).label("t")
+    where = [_step_condition(f, step, reason_rollups), reason_rollups.c.router_pk.in_(routers)]
+    if f.reasons:
+        where.append(reason_rollups.c.reason.in_(f.reasons))
+    query = (select(t, reason_rollups.c.router_pk, reason_rollups.c.reason,
+                    func.sum(reason_rollups.c.decisions).label("decisions"))
+             .where(*where).group_by(t, reason_rollups.c.router_pk, reason_rollups.c.reason))
+    steps: Dict[int, Dict[int, Dict[str, int]]] = {}  # deployment_pk -> t -> reason -> decisions
+    for start, router_pk, reason, count in conn.execute(query):
+        by_reason = steps.setdefault(sc.routers[router_pk]["deployment_pk"], {}).setdefault(start, {})
+        by_reason[reason] = by_reason.get(reason, 0) + count
+    out = []
+    for deployment_pk, by_step in steps.items():
+        totals: Dict[str, int] = {}
+        for by_reason in by_step.values():
+            for reason, count in by_reason.items():
+                totals[reason] = totals.get(reason, 0) + count
+        decisions = None if decisions_by_deployment is None else decisions_by_deployment.get(deployment_pk, 0)
+        explained = sum(totals.values())
+        out.append({
+            **sc.deployments[deployment_pk], "decisions": decisions, "explained": explained,
+            "unexplained": None if f.reasons or decisions is None else max(decisions - explained, 0),
+            "reasons": [{**_reason_name(reason), "decisions": count, "share": _rate(count, decisions)}
+                        for reason, count in sorted(totals.items(), key=lambda item: (-item[1], item[0]))],
+            "points": [{"t": t, "reasons": [{**_reason_name(reason), "decisions": count}
+                                            for reason, count in sorted(by_reason.items())]}
+                       for t, by_reason in sorted(by_step.items())],
+        })
+    out.sort(key=lambda d: (d["app"], d["deployment"]))
+    return {"step_s": step, "deployments": out}
+
+
+def _reason_name(reason: str) -> dict:
+    """A reason as stored in `reason_rollups`: its name, or the deployment's other reasons beyond the bound."""
+    other = reason == OTHER_REASONS
+    return {"reason": None if other else reason, "other": other}
 
 
 def decision_quality(row: dict) -> dict:
@@ -637,13 +696,13 @@ def _whole_minutes(step: float) -> int:
     return max(MINUTE, int(step) // MINUTE * MINUTE)
 
 
-def _step_condition(f: Filters, step: int):
-    """Rows of the rollups that steps of `step` seconds read over the window."""
+def _step_condition(f: Filters, step: int, table=rollups):
+    """Rows of the rollups (or of `reason_rollups`) that steps of `step` seconds read over the window."""
     if step % HOUR == 0:
         # Every row of the window, hourly or at its edges per minute, lies in one step.
-        return _window_condition(f)
+        return _window_condition(f, table)
     m0, m1 = f.rollup_bounds()
-    return and_(rollups.c.grain == MINUTE, rollups.c.start >= m0, rollups.c.start < m1)
+    return and_(table.c.grain == MINUTE, table.c.start >= m0, table.c.start < m1)
 
 
 def _window(f: Filters) -> dict:
@@ -652,6 +711,13 @@ def _window(f: Filters) -> dict:
 
 
 # --- catalogue ---
+
+def known_reasons(conn: Connection) -> List[str]:
+    """The reasons counted by name (each deployment's first ones, up to its bound), for a filter's choices."""
+    return list(conn.scalars(select(reason_rollups.c.reason).distinct()
+                             .where(reason_rollups.c.grain == HOUR, reason_rollups.c.reason != OTHER_REASONS)
+                             .order_by(reason_rollups.c.reason)))
+
 
 def any_router(conn: Connection) -> bool:
     """Whether any traced router has reported at all."""

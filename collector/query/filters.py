@@ -21,7 +21,10 @@ class Filters:
     """What to look at: a window [since, until) in epoch seconds, and narrowing filters.
 
     Empty tuples mean "all". `labels` pairs must all hold (AND); several
-    values of one other filter are alternatives (OR).
+    values of one other filter are alternatives (OR). Like `request_id` and
+    `model_id`, `reasons` (the routers' own, `routelens_explain`) narrows
+    what reads decisions: the drill-down, the decisions and candidates
+    exports, and the per-reason figures; the other panels count every decision.
     """
 
     since: float
@@ -33,6 +36,7 @@ class Filters:
     replicas: Tuple[str, ...] = ()
     request_id: Optional[str] = None
     model_id: Optional[str] = None
+    reasons: Tuple[str, ...] = ()
 
     @property
     def seconds(self) -> float:
@@ -77,7 +81,7 @@ def parse_label(value: str):
 def build_filters(window: Optional[str] = None, since: Optional[str] = None, until: Optional[str] = None,
                   app: List[str] = (), deployment: List[str] = (), router_class: List[str] = (),
                   label: List[str] = (), replica: List[str] = (), request_id: Optional[str] = None,
-                  model_id: Optional[str] = None, now: Optional[float] = None) -> Filters:
+                  model_id: Optional[str] = None, reason: List[str] = (), now: Optional[float] = None) -> Filters:
     """Filters from query-string values; raises FilterError on bad input.
     Shared by the API, the dashboard and the command line."""
     now = time.time() if now is None else now
@@ -93,7 +97,7 @@ def build_filters(window: Optional[str] = None, since: Optional[str] = None, unt
     if start >= end:
         raise FilterError("since must be before until")
     named = {"app": app, "deployment": deployment, "router_class": router_class, "label": label,
-             "replica": replica, "request_id": [request_id or ""], "model_id": [model_id or ""]}
+             "replica": replica, "request_id": [request_id or ""], "model_id": [model_id or ""], "reason": reason}
     for name, values in named.items():
         # No stored name holds one (ingest refuses them), and PostgreSQL cannot even compare one.
         if any("\x00" in value for value in values):
@@ -101,5 +105,5 @@ def build_filters(window: Optional[str] = None, since: Optional[str] = None, unt
     return Filters(
         since=start, until=end, apps=tuple(app), deployments=tuple(deployment),
         router_classes=tuple(router_class), labels=tuple(parse_label(v) for v in label),
-        replicas=tuple(replica), request_id=request_id or None, model_id=model_id or None,
+        replicas=tuple(replica), request_id=request_id or None, model_id=model_id or None, reasons=tuple(reason),
     )

@@ -58,7 +58,7 @@ def _step_start(conn: Connection, step: int):
 def _group_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
     """(router_pk, prefix_group, replica_pk, step_start, routed, match-rate sum and count, prompt_chars sum)."""
     group = _json_member(conn, decisions.c.extra, "attributes", "prefix_group")
-    match_rate = cast(_json_member(conn, decisions.c.extra, "scores", "match_rate"), Float)
+    match_rate = cast(_json_member(conn, decisions.c.scores, "match_rate"), Float)
     prompt_chars = cast(_json_member(conn, decisions.c.extra, "attributes", "prompt_chars"), Float)
     start = _step_start(conn, step).label("step_start")
     query = (select(routed.c.router_pk, group.label("prefix_group"), routed.c.replica_pk, start,

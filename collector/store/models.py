@@ -11,7 +11,8 @@ Three kinds of table:
   range (see `collector.store.ids`): no separate time index is needed;
 - `rollups`: counters and fixed histograms per minute and per hour, per
   router and replica, updated in the ingest transaction. Panels read these
-  only;
+  only; `reason_rollups`, decisions per minute and per hour, per router and
+  reason (the routers' own explanations);
 - `stored_batches`: the batches stored, in the order they were stored, for
   live readers (`GET /v1/tail`); kept for minutes.
 """
@@ -188,6 +189,10 @@ decisions = Table(
     Column("n_candidates", Integer, nullable=False),
     Column("ranking", Ranking, nullable=False),  # see `Ranking`
     Column("extra", Text),  # JSON: attributes and fields this version does not know
+    # Wire format v3 (migration 0007): what the router said of the decision (routelens_explain), null when
+    # it said nothing. The scores are a JSON object of finite numbers.
+    Column("reason", String(64)),
+    Column("scores", Text),
     **_clustered,
 )
 
@@ -273,6 +278,24 @@ rollups = Table(
     *(Column(name, Integer, nullable=False, server_default="0") for name in ROLLUP_COUNTS),
     *(Column(name, Float, nullable=False, server_default="0") for name in ROLLUP_SUMS),
     *(Column(name, Float) for name in ROLLUP_MAXIMA),
+    **_clustered,
+)
+
+
+# Decisions per reason (`decisions.reason`), per minute and per hour, per router: what the Rank hits view
+# shows over time. A deployment's reasons are counted under their own name up to
+# `collector.ingest.rollups.MAX_REASONS_PER_DEPLOYMENT`; the decisions of any further reason under
+# OTHER_REASONS, which no router can send (a reason has at least one character). Decisions without a reason
+# have no row: they are the router's `decisions` less these.
+OTHER_REASONS = ""
+REASON_ROLLUP_KEY = ("grain", "start", "router_pk", "reason")
+reason_rollups = Table(
+    "reason_rollups", Base.metadata,
+    Column("grain", Integer, primary_key=True),
+    Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("router_pk", Integer, primary_key=True),
+    Column("reason", String(64), primary_key=True),
+    Column("decisions", Integer, nullable=False),
     **_clustered,
 )
 

@@ -28,7 +28,7 @@ def filters_of(f: Filters) -> Dict[str, Any]:
     """The filters, as the read API's query string takes them (the window apart), those given only."""
     named = {"app": list(f.apps), "deployment": list(f.deployments), "router_class": list(f.router_classes),
              "label": [f"{k}={v}" for k, v in f.labels], "replica": list(f.replicas),
-             "request_id": f.request_id, "model_id": f.model_id}
+             "request_id": f.request_id, "model_id": f.model_id, "reason": list(f.reasons)}
     return {name: value for name, value in named.items() if value}
 
 

@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import ids
 from .db import first_line, writer
-from .models import RAW_TABLES, Source, SourceBatch, rollups
+from .models import RAW_TABLES, Source, SourceBatch, reason_rollups, rollups
 from .types import stored_bytes
 
 logger = logging.getLogger(__name__)
@@ -101,20 +101,21 @@ class Retention:
             silent = select(Source.pk).where(Source.last_seen < now - self.raw_s)
             deleted += self._in_chunks(lambda: delete(SourceBatch).where(SourceBatch.source_pk.in_(silent)))
         if self.minute_rollups_s is not None:
-            deleted += self._prune_minute_rollups(int(now - self.minute_rollups_s))
+            for table in (rollups, reason_rollups):
+                deleted += self._prune_minute_rollups(table, int(now - self.minute_rollups_s))
         return deleted
 
-    def _prune_minute_rollups(self, oldest: int) -> int:
+    def _prune_minute_rollups(self, table, oldest: int) -> int:
         """An hour of minute rows per transaction."""
         total = 0
         while not self._stop.is_set():
             with self.engine.connect() as connection:
                 with writer(connection).begin():
-                    first = connection.scalar(select(func.min(rollups.c.start)).where(rollups.c.grain == 60))
+                    first = connection.scalar(select(func.min(table.c.start)).where(table.c.grain == 60))
                     if first is None or first >= oldest:
                         return total
-                    total += connection.execute(delete(rollups).where(
-                        rollups.c.grain == 60, rollups.c.start < min(first + 3600, oldest))).rowcount
+                    total += connection.execute(delete(table).where(
+                        table.c.grain == 60, table.c.start < min(first + 3600, oldest))).rowcount
             time.sleep(PAUSE_S)
         return total
 

@@ -28,11 +28,11 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         html.Td(f'{d["app"]}/{d["deployment"]}'), html.Td(d["request_id"] or "–"), html.Td(d["model_id"] or "–"),
         html.Td(d["routed"]["replica_id"] if d["routed"] else "–"),
         html.Td("–" if not d["routed"] or d["routed"]["rank"] is None else str(d["routed"]["rank"])),
-        html.Td(number(d["attempt"])),
+        html.Td(number(d["attempt"])), html.Td(d["reason"] or "–"),
     ]) for d in page["decisions"]]
     listing = html.Table(id="explorer-table", className="figures", children=[
         html.Thead(html.Tr([html.Th(c) for c in ("time (UTC)", "deployment", "request id", "model id",
-                                                  "chosen replica", "rank", "attempt")])),
+                                                  "chosen replica", "rank", "attempt", "reason")])),
         html.Tbody(rows),
     ])
     pager = [dcc.Link("newest", href=state.with_(cursor=None, decision=None).href(prefix), id="explorer-newest"),
@@ -131,7 +131,9 @@ def _detail(conn: Connection, decision_id: str) -> html.Section:
              ("labels", json.dumps(d["labels"])), ("request id", d["request_id"]),
              ("internal request id", d["internal_request_id"]), ("model id", d["model_id"]),
              ("attempt", d["attempt"]), ("choose_replicas", f'{d["duration_us"]} µs'),
-             ("candidates given", d["n_candidates"])]
+             ("candidates given", d["n_candidates"]), ("reason", d["reason"]),
+             ("scores", None if d["scores"] is None else
+              ", ".join(f"{name} {value:g}" for name, value in d["scores"].items()) or "none")]
     outcome = []
     if d["routed"]:
         r = d["routed"]

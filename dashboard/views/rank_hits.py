@@ -1,5 +1,6 @@
 """Rank hits: whether requests got the replica their router ranked first, what got in the way,
-and how good the choices were (decision quality: regret and belief error)."""
+how good the choices were (decision quality: regret and belief error), and why the routers say
+they decided as they did (their reasons, `routelens_explain`)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
                              [(x["replica_id"], deployment_name(x), *quality_cells(x["decision_quality"]))
                               for x in r["replicas"]])
     over_time = r["decision_quality_over_time"]["deployments"]
+    reasons = r["reasons"]["deployments"]
     return html.Div([
         cards,
         # The decisions, each with its answer's regret and belief error (and everything else counted here).
@@ -88,7 +90,43 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
             id="rank-hits-belief-over-time",
             figure=_over_time(over_time, "belief_error", "mean_abs", "|belief error| (requests)"))]),
         section("Decision quality per replica", [quality_replicas]),
+        section("Decisions by the router's reason, per deployment", [reasons_table(reasons)]),
+        section("Decisions by reason over time", [dcc.Graph(id="rank-hits-reasons-over-time",
+                                                            figure=_reasons_over_time(reasons))]),
     ])
+
+
+def reasons_table(deployments: list) -> html.Table:
+    """Each deployment's reasons, most frequent first, and its decisions without one."""
+    rows = []
+    for d in deployments:
+        rows += [(deployment_name(d), _reason_label(x), number(x["decisions"]), percent(x["share"]))
+                 for x in d["reasons"]]
+        if d["unexplained"]:
+            rows.append((deployment_name(d), "(no reason)", number(d["unexplained"]),
+                         percent(d["unexplained"] / d["decisions"])))
+    return table("rank-hits-reasons", ("deployment", "reason", "decisions", "share of its decisions"), rows)
+
+
+def _reasons_over_time(deployments: list) -> go.Figure:
+    """Decisions per step, one line per reason of each deployment (named with it when several are shown)."""
+    several = len(deployments) > 1
+    traces = []
+    for d in deployments:
+        times = dates(p["t"] for p in d["points"])
+        for x in d["reasons"]:
+            counts = [next((y["decisions"] for y in p["reasons"] if y["other"] == x["other"]
+                            and y["reason"] == x["reason"]), 0) for p in d["points"]]
+            traces.append(go.Scatter(x=times, y=counts, mode="lines+markers",
+                                     name=_reason_label(x) + (f" ({deployment_name(d)})" if several else "")))
+    chart = go.Figure(traces)
+    chart.update_layout(margin=dict(l=40, r=10, t=10, b=40), height=300, yaxis_title="decisions per step",
+                        legend=dict(orientation="h", y=-0.3))
+    return chart
+
+
+def _reason_label(reason: dict) -> str:
+    return "(other reasons)" if reason["other"] else reason["reason"]
 
 
 def quality_cells(quality: dict) -> tuple:

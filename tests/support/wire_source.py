@@ -24,7 +24,7 @@ class WireSource:
         self.seq = 0
 
     def batch(self, events, seq: int = None, dropped: dict = None, produced: int = None,
-              schema_version: int = 2) -> dict:
+              schema_version: int = 3) -> dict:
         if seq is None:
             self.seq += 1
             seq = self.seq
@@ -40,8 +40,9 @@ class WireSource:
 
     def decision(self, ts: float, ranks, candidates: dict = None, request_id: str = None,
                  internal_request_id: str = None, attempt: int = 0, duration_us: int = 120,
-                 model_id: str = None) -> dict:
-        """`candidates`: replica id -> the inputs it was ranked on (default: none known)."""
+                 model_id: str = None, reason: str = None, scores: dict = None) -> dict:
+        """`candidates`: replica id -> the inputs it was ranked on (default: none known); `reason` and
+        `scores`: what the router said of the decision (v3; left out without a reason)."""
         candidates = candidates or {}
         replicas = {}
         for rank in ranks:
@@ -55,7 +56,7 @@ class WireSource:
         return {"type": "decision", "id": self._id(ts), "ts": ts, "request_id": request_id,
                 "internal_request_id": internal_request_id, "model_id": model_id, "attempt": attempt,
                 "duration_us": duration_us, "n_candidates": len(replicas), "ranks": [list(r) for r in ranks],
-                "replicas": replicas}
+                "replicas": replicas, **({} if reason is None else {"reason": reason, "scores": scores or {}})}
 
     def routed(self, ts: float, replica_id: str, decision: dict = None, rank=0, own_ranking: bool = True,
                attempts: int = 1, request_id: str = None, internal_request_id: str = None,
