@@ -144,7 +144,8 @@ def prefix_scenario(t0: float = T0):
                 decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}")
                 decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
                 rate = (number % 4) / 4
-                decision.update(reason=llm.PREFIX_MATCH, scores={"match_rate": rate, "match_rate_threshold": 0.1})
+                reason = llm.PREFIX_MATCH if rate >= 0.1 else llm.SMALLEST_TENANT
+                decision.update(reason=reason, scores={"match_rate": rate, "match_rate_threshold": 0.1})
                 events += [decision, source.routed(ts + 0.01, replica, decision)]
                 truth[group, minute][replica] += 1
                 rates[group].append(rate)
@@ -212,11 +213,15 @@ def test_prefix_affinity_per_group_per_deployment_and_over_time(prefix_api):
 
 
 def test_prefix_affinity_follows_the_filters(prefix_api):
-    api, truth, _ = prefix_api
+    api, truth, rates = prefix_api
     on_r3 = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, replica="llm-r3")
     assert {g["prefix_group"]: g["requests"] for g in on_r3["groups"]} == {
         group: n for group in ("group-a", "group-b", "group-c")
         if (n := sum(truth[group, m]["llm-r3"] for m in (0, 1)))}
+    # By the routers' reasons: only the requests their decisions of that reason routed (rate 0: smallest tenant).
+    by_tenant = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, reason=llm.SMALLEST_TENANT)
+    assert by_tenant["total"]["requests"] == sum(rate == 0 for group_rates in rates.values() for rate in group_rates)
+    assert by_tenant["total"]["match_rate_mean"] == 0
     nothing = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, app="another")
     assert nothing["groups"] == nothing["deployments"] == nothing["over_time"] == []
     assert api.http.get("/v1/prefix-affinity", params={"since": "yesterday"}).status_code == 422

@@ -70,6 +70,8 @@ def _group_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]
                     or_(routed.c.own_ranking.is_(None), routed.c.own_ranking.is_(True)),
                     decisions.c.extra.like('%"prefix_group"%'), group.is_not(None))
              .group_by(routed.c.router_pk, group, routed.c.replica_pk, start))
+    if f.reasons:  # the requests routed by decisions of these reasons
+        query = query.where(decisions.c.reason.in_(f.reasons))
     return conn.execute(query).all()
 
 
