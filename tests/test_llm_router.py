@@ -141,11 +141,11 @@ def prefix_scenario(t0: float = T0):
             for replica in replicas:
                 number += 1
                 ts = t0 + 60 * minute + number * 0.1
-                decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}")
-                decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
                 rate = (number % 4) / 4
-                reason = llm.PREFIX_MATCH if rate >= 0.1 else llm.SMALLEST_TENANT
-                decision.update(reason=reason, scores={"match_rate": rate, "match_rate_threshold": 0.1})
+                decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}",
+                                           reason=llm.PREFIX_MATCH if rate >= 0.1 else llm.SMALLEST_TENANT,
+                                           scores={"match_rate": rate, "match_rate_threshold": 0.1})
+                decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
                 events += [decision, source.routed(ts + 0.01, replica, decision)]
                 truth[group, minute][replica] += 1
                 rates[group].append(rate)
