@@ -5,6 +5,7 @@ Its decisions' reasons, on real Serve: tests/test_ground_truth.py."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -93,22 +94,28 @@ def test_kwargs_win_over_the_environment_and_bad_values_fall_back_to_the_default
 
 
 def test_the_router_takes_its_own_kwargs_and_records_prompt_length_and_group():
-    router, tree = build_router(prefix_key="router key", prefix_chars=len(SYSTEM), match_rate_threshold=0.25)
-    # The rest reached Ray's router (which takes no prefix_key: it would have raised).
-    assert router._match_rate_threshold == 0.25 and router._tree_actor._actor is tree
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
-    attributes = router.routelens_request_attributes(request_with(messages=messages))
-    assert attributes == {"prompt_chars": len(SYSTEM) + 2,
-                          "prefix_group": llm.PrefixGroups("router key", len(SYSTEM)).group(SYSTEM)}
-    # The same text as a prompt: the router reads both alike, and so do the groups.
-    assert router.routelens_request_attributes(request_with(prompt=SYSTEM + "hi")) == attributes
-    # Without arguments a request has no prompt (Ray's router routes it by pow-2).
-    assert router.routelens_request_attributes(make_request()) is None
+    async def check():  # as Ray builds routers and requests: on a running loop
+        router, tree = build_router(prefix_key="router key", prefix_chars=len(SYSTEM), match_rate_threshold=0.25)
+        # The rest reached Ray's router (which takes no prefix_key: it would have raised).
+        assert router._match_rate_threshold == 0.25 and router._tree_actor._actor is tree
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
+        attributes = router.routelens_request_attributes(request_with(messages=messages))
+        assert attributes == {"prompt_chars": len(SYSTEM) + 2,
+                              "prefix_group": llm.PrefixGroups("router key", len(SYSTEM)).group(SYSTEM)}
+        # The same text as a prompt: the router reads both alike, and so do the groups.
+        assert router.routelens_request_attributes(request_with(prompt=SYSTEM + "hi")) == attributes
+        # Without arguments a request has no prompt (Ray's router routes it by pow-2).
+        assert router.routelens_request_attributes(make_request()) is None
+
+    asyncio.run(check())
 
 
 def test_prefix_chars_zero_records_prompt_lengths_only():
-    router, _ = build_router(prefix_chars=0)
-    assert router.routelens_request_attributes(request_with(prompt=SYSTEM)) == {"prompt_chars": len(SYSTEM)}
+    async def check():
+        router, _ = build_router(prefix_chars=0)
+        assert router.routelens_request_attributes(request_with(prompt=SYSTEM)) == {"prompt_chars": len(SYSTEM)}
+
+    asyncio.run(check())
 
 
 def test_everything_it_relies_on_in_rays_router_is_there():
