@@ -40,7 +40,7 @@ from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router i
 from ray.serve.config import RequestRouterConfig  # noqa: E402
 
 from routelens.collector.demo.apps import FakeLLM  # noqa: E402
-from routelens.routers import llm  # noqa: E402
+from routelens.routers import prefix_aware  # noqa: E402
 from tests.support import prefix_counting, prefix_traffic  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.serve_apps import delete_apps  # noqa: E402
@@ -75,7 +75,7 @@ def run_once(number: int, args, workdir: str) -> dict:
     with open(branches) as f:
         counted = Counter(line.strip() for line in f)
     made = counted.pop(prefix_counting.DECISION)
-    counted[llm.POW2_UNCONSULTED] = made - sum(counted.values())
+    counted[prefix_aware.POW2_UNCONSULTED] = made - sum(counted.values())
     reasons = Counter(d.get("reason") for d in decisions)
     delete_apps([traced_name, plain_name])
     return {

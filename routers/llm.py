@@ -5,10 +5,10 @@ went, and which requests share a prompt prefix.
 
 Ray 2.60 ships `PrefixCacheAffinityRouter` in `ray.llm`. Its public name,
 `ray.serve.llm.request_router`, cannot be imported without vLLM or SGLang;
-the private module that defines it needs neither, so this module imports it
-from there (declared below, with the rest of what it reads of Ray's). It is
-a module of its own, imported only by whoever names its router, so that
-`import routelens.routers` never imports `ray.llm`.
+the private module that defines it needs neither, so routelens imports it
+from there (routers.prefix_aware declares what it relies on). These modules
+are imported only by whoever names the router, so that `import
+routelens.routers` never imports `ray.llm`.
 
 `TracedPrefixCacheAffinityRouter` records, for each decision, the branch
 Ray's router took (`routelens_explain`, docs/design.md) and its match rate;
@@ -17,145 +17,19 @@ and, per request, its prompt's length and prefix group
 `prefix_chars` characters, so that requests sharing a prefix can be grouped
 without storing any text (docs/llm.md says what the key hides and what not).
 
-How a branch is known without changing Ray's code: the router's prefix-tree
-actor handle is wrapped so that, within the decision being made, the calls
-that decide a branch (`prefix_match`, `get_smallest_tenants`) are noted;
-once the wrapped router has chosen, its branch follows from which of them it
-made, what it chose, and the prefix match it saw. That match is read back
-with `ray.get(ref, timeout=0)`: the router has already fetched it, so this
-returns at once and can never wait.
+Ray ships a router class by value together with this module's globals: this
+module holds no state and refers to routers.prefix_aware, where the state
+lives, as a module.
 """
 
 from __future__ import annotations
 
-import contextvars
-import hashlib
-import hmac
-import os
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Optional
 
-import ray
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 
-from .faults import faults
+from . import prefix_aware
 from .mixin import TracingMixin
-from .ray_contract import PrivateFunction
-
-# -- prefix groups ------------------------------------------------------------
-# The default key: published here and in docs/llm.md, so that every process of
-# a cluster (proxies, driver, replicas) groups alike without being told one.
-# Anyone can hash a guessed prompt with it: a secret key is `prefix_key`.
-DEFAULT_PREFIX_KEY = "routelens-prefix-groups"
-DEFAULT_PREFIX_CHARS = 128
-PREFIX_GROUP_HEX_DIGITS = 16  # 64 bits: no two of a deployment's prefixes collide in practice
-PREFIX_KEY_ENV = "ROUTELENS_PREFIX_KEY"
-PREFIX_CHARS_ENV = "ROUTELENS_PREFIX_CHARS"
-
-
-class PrefixGroups:
-    """Prefix groups: the keyed hash (HMAC-BLAKE2b) of a prompt's first `chars`
-    characters, as 16 hex digits. `chars` 0: no groups, prompt lengths only."""
-
-    def __init__(self, key: Union[str, bytes] = DEFAULT_PREFIX_KEY, chars: int = DEFAULT_PREFIX_CHARS):
-        self._key = key.encode() if isinstance(key, str) else bytes(key)
-        self.chars = chars
-
-    def group(self, text: str) -> str:
-        prefix = text[:self.chars].encode("utf-8", "surrogatepass")
-        return hmac.digest(self._key, prefix, hashlib.blake2b).hex()[:PREFIX_GROUP_HEX_DIGITS]
-
-    def attributes(self, text: str) -> Dict[str, Any]:
-        """What is recorded of a prompt: its length, and its prefix group unless groups are off."""
-        if not self.chars:
-            return {"prompt_chars": len(text)}
-        return {"prompt_chars": len(text), "prefix_group": self.group(text)}
-
-
-def prefix_groups(prefix_key: Any = None, prefix_chars: Any = None,
-                  environ: Optional[Mapping[str, str]] = None) -> PrefixGroups:
-    """PrefixGroups from `request_router_kwargs` (first) or ROUTELENS_PREFIX_*
-    (second), else the defaults. A bad value is logged and replaced by its
-    default, never raised: this runs in initialize_state."""
-    environ = os.environ if environ is None else environ
-    key = prefix_key if prefix_key is not None else environ.get(PREFIX_KEY_ENV)
-    if key is not None and (not isinstance(key, (str, bytes)) or not key):
-        faults.record("reading the prefix key", ValueError(f"prefix_key must be a non-empty string, not {key!r}"))
-        key = None
-    chars = prefix_chars if prefix_chars is not None else environ.get(PREFIX_CHARS_ENV)
-    if chars is not None:
-        try:
-            chars = int(chars)
-            if chars < 0 or isinstance(prefix_chars, (bool, float)):
-                raise ValueError
-        except (TypeError, ValueError):
-            faults.record("reading prefix_chars", ValueError(
-                f"prefix_chars must be a whole number of characters, 0 or more, not {chars!r}"))
-            chars = None
-    return PrefixGroups(DEFAULT_PREFIX_KEY if key is None else key,
-                        DEFAULT_PREFIX_CHARS if chars is None else chars)
-
-
-# -- what this module relies on in Ray's router (docs/design.md, "Ray's private contract") --
-# The helper each decision's branch is taken in, and the tree calls that decide it.
-PREFIX_MATCH_BEST = PrivateFunction(
-    PrefixCacheAffinityRouter, "PrefixCacheAffinityRouter._prefix_match_best_replicas",
-    parameters=("pending_request", "candidate_replicas"),
-    uses=("_tree_actor", "prefix_match", "get_smallest_tenants", "_match_rate_threshold", "_imbalanced_threshold"))
-CHOOSE = PrivateFunction(PrefixCacheAffinityRouter, "PrefixCacheAffinityRouter.choose_replicas",
-                         uses=("_prefix_match_best_replicas",))
-INITIALIZE = PrivateFunction(PrefixCacheAffinityRouter, "PrefixCacheAffinityRouter.initialize_state",
-                             uses=("_tree_actor", "_match_rate_threshold", "_imbalanced_threshold"))
-EXTRACT_TEXT = PrivateFunction(PrefixCacheAffinityRouter, "PrefixCacheAffinityRouter._extract_text_from_request",
-                               parameters=("pending_request",))
-CONTRACT = (PREFIX_MATCH_BEST, CHOOSE, INITIALIZE, EXTRACT_TEXT)
-# Without it (another Ray), decisions carry no reason; prompt attributes need only EXTRACT_TEXT.
-REASONS = PREFIX_MATCH_BEST.holds() and CHOOSE.holds() and INITIALIZE.holds()
-PROMPTS = EXTRACT_TEXT.holds()
-
-# The branches of PrefixCacheAffinityRouter (the reasons recorded), in its order.
-PREFIX_MATCH = "prefix_match"  # load balanced, match rate at the threshold or above: the replicas holding the prefix
-SMALLEST_TENANT = "smallest_tenant"  # load balanced, match rate below the threshold: the replicas holding least
-POW2_IMBALANCED = "pow2_imbalanced"  # queue lengths further apart than imbalanced_threshold: power of two
-POW2_LOW_MATCH_RATE = "pow2_low_match_rate"  # match rate below the threshold and no smallest tenant: power of two
-POW2_NO_MATCH = "pow2_no_match"  # match rate at the threshold or above, yet no candidate holds it: power of two
-POW2_NO_PROMPT = "pow2_no_prompt"  # a request without arguments: power of two
-POW2_UNCONSULTED = "pow2_unconsulted"  # the prefix tree was not consulted (no candidate left): power of two
-REASONS_ALL = (PREFIX_MATCH, SMALLEST_TENANT, POW2_IMBALANCED, POW2_LOW_MATCH_RATE, POW2_NO_MATCH, POW2_NO_PROMPT,
-               POW2_UNCONSULTED)
-
-# What the decision being made saw: set per choose_replicas call. A ContextVar
-# because Ray runs many routing tasks at once on one loop, and each task's
-# awaits interleave with the others'; asyncio gives each task its own context.
-_seen: contextvars.ContextVar[Optional[Dict[str, Any]]] = contextvars.ContextVar("routelens_prefix_seen",
-                                                                                  default=None)
-
-
-class _NotedCall:
-    """One of the tree actor's methods whose calls are noted in the decision being made."""
-
-    def __init__(self, method: Any, name: str):
-        self._method, self._name = method, name
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        ref = self._method.remote(*args, **kwargs)
-        seen = _seen.get()
-        if seen is not None:
-            seen[self._name] = (ref, args)
-        return ref
-
-
-class _NotedTree:
-    """The router's prefix-tree actor handle, the two calls that decide a
-    branch noted; everything else passes through."""
-
-    NOTED = ("prefix_match", "get_smallest_tenants")
-
-    def __init__(self, actor: Any):
-        self._actor = actor
-
-    def __getattr__(self, name: str) -> Any:
-        attribute = getattr(self._actor, name)
-        return _NotedCall(attribute, name) if name in self.NOTED else attribute
 
 
 class PrefixAffinityReasons:
@@ -164,62 +38,38 @@ class PrefixAffinityReasons:
     request's prompt length and prefix group. Takes `prefix_key` and
     `prefix_chars` from `request_router_kwargs`; the rest goes to the router."""
 
-    _routelens_prefixes = PrefixGroups()
+    _routelens_prefixes = prefix_aware.PrefixGroups()
 
     def initialize_state(self, prefix_key: Any = None, prefix_chars: Any = None, **kwargs: Any):
-        self._routelens_prefixes = prefix_groups(prefix_key, prefix_chars)
+        self._routelens_prefixes = prefix_aware.prefix_groups(prefix_key, prefix_chars)
         result = super().initialize_state(**kwargs)
-        if REASONS:
-            self._tree_actor = _NotedTree(self._tree_actor)
+        if prefix_aware.REASONS:
+            self._tree_actor = prefix_aware.NotedTree(self._tree_actor)
         return result
 
     def routelens_prompt_attributes(self, pending_request: Any) -> Optional[Dict[str, Any]]:
         """The request's prompt length and prefix group; None for a request
         without arguments, which has no prompt (the router routes it by pow-2)."""
-        if not PROMPTS or not pending_request.args:
+        if not prefix_aware.PROMPTS or not pending_request.args:
             return None
         return self._routelens_prefixes.attributes(self._extract_text_from_request(pending_request))
 
-    if REASONS:
+    if prefix_aware.REASONS:
 
         async def choose_replicas(self, candidate_replicas: List[Any], pending_request: Any = None):
             seen: Dict[str, Any] = {}
-            token = _seen.set(seen)
+            token = prefix_aware.SEEN.set(seen)
             try:
                 ranks = await super().choose_replicas(candidate_replicas, pending_request)
             finally:
-                _seen.reset(token)
-            try:
-                reason, scores = self._routelens_branch(seen)
-                self.routelens_explain(reason, **scores)
-            except Exception as exc:
-                faults.record("explaining a prefix-aware decision", exc)
+                prefix_aware.SEEN.reset(token)
+            prefix_aware.explain(self, seen)
             return ranks
 
         async def _prefix_match_best_replicas(self, pending_request: Any, candidate_replicas: List[Any]):
             chosen = await super()._prefix_match_best_replicas(pending_request, candidate_replicas)
-            seen = _seen.get()
-            if seen is not None:
-                seen["consulted"] = True
-                seen["prompt"] = pending_request is not None and bool(pending_request.args)
-                seen["chosen"] = bool(chosen and chosen[0])
+            prefix_aware.note_chosen(pending_request, chosen)
             return chosen
-
-        def _routelens_branch(self, seen: Dict[str, Any]):
-            """The branch the wrapped router took in the decision that saw `seen`, and its scores."""
-            if not seen.get("consulted"):
-                return POW2_UNCONSULTED, {}
-            if not seen["prompt"]:
-                return POW2_NO_PROMPT, {}
-            if "prefix_match" not in seen:  # it looked at the queue lengths and went no further
-                return POW2_IMBALANCED, {"imbalanced_threshold": self._imbalanced_threshold}
-            ref, (text, *_) = seen["prefix_match"]
-            matched_text, _tenants = ray.get(ref, timeout=0)  # fetched already by the router: never waits
-            threshold = self._match_rate_threshold
-            scores = {"match_rate": len(matched_text) / len(text), "match_rate_threshold": threshold}
-            if "get_smallest_tenants" in seen:  # below the threshold
-                return (SMALLEST_TENANT if seen["chosen"] else POW2_LOW_MATCH_RATE), scores
-            return (PREFIX_MATCH if seen["chosen"] else POW2_NO_MATCH), scores
 
 
 class TracedPrefixCacheAffinityRouter(TracingMixin, PrefixAffinityReasons, PrefixCacheAffinityRouter):

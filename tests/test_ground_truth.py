@@ -269,7 +269,7 @@ def prefix_app(serve_instance, tmp_path_factory):
 
 
 def test_the_traced_prefix_aware_router_gives_every_decision_the_branch_it_took(prefix_app):
-    from routelens.routers import llm
+    from routelens.routers import prefix_aware
     from tests.support import prefix_counting, prefix_traffic
 
     requests = prefix_traffic.prompts(PREFIX_REQUESTS, PREFIX_GROUPS, seed=27)
@@ -285,11 +285,11 @@ def test_the_traced_prefix_aware_router_gives_every_decision_the_branch_it_took(
     with open(prefix_app["branches"]) as f:
         counted = Counter(line.strip() for line in f)
     made = counted.pop(prefix_counting.DECISION)
-    assert len(decisions) == made and all(d.get("reason") in llm.REASONS_ALL for d in decisions), decisions[:3]
-    counted[llm.POW2_UNCONSULTED] = made - sum(counted.values())
+    assert len(decisions) == made and all(d.get("reason") in prefix_aware.REASONS_ALL for d in decisions), decisions[:3]
+    counted[prefix_aware.POW2_UNCONSULTED] = made - sum(counted.values())
     assert Counter(d["reason"] for d in decisions) == +counted
     for d in decisions:
-        if d["reason"] in (llm.PREFIX_MATCH, llm.SMALLEST_TENANT, llm.POW2_LOW_MATCH_RATE):
+        if d["reason"] in (prefix_aware.PREFIX_MATCH, prefix_aware.SMALLEST_TENANT, prefix_aware.POW2_LOW_MATCH_RATE):
             assert 0 <= d["scores"]["match_rate"] <= 1, d
     # Each request's prompt length and prefix group: one group per system prompt, no text.
     prompt_of = {}

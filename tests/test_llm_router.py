@@ -1,5 +1,5 @@
 """The traced prefix-aware router's parts that need no cluster
-(routers.llm): prefix groups and their key, its configuration, the prompt
+(routers.llm, routers.prefix_aware): prefix groups and their key, its configuration, the prompt
 attributes it records, what it imports and what it relies on in Ray.
 Its decisions' reasons, on real Serve: tests/test_ground_truth.py."""
 
@@ -17,13 +17,16 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from ray import cloudpickle
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+from ray.serve.config import RequestRouterConfig
 
 from routelens.collector.settings import Settings
 from routelens.dashboard.components import number, percent
 from routelens.dashboard.up import create_up_app
-from routelens.routers import llm
+from routelens.routers import llm, prefix_aware
 from routelens.routers.faults import faults
+from routelens.routers.prefix_aware import PrefixGroups
 from routelens.routers.testing import make_request
 from tests.support.browser import downloaded, shown_rows, shown_text
 from tests.support.collector_app import Collector
@@ -33,10 +36,10 @@ from tests.support.wire_source import WireSource
 SYSTEM = "You are a careful assistant. Answer in one paragraph, cite nothing, and say when you do not know. " * 2
 
 
-def build_router(**router_kwargs):
+def build_router(router_class=llm.TracedPrefixCacheAffinityRouter, **router_kwargs):
     """The traced router as Ray builds it, untraced (no exporter), its tree actor a stand-in:
     initialize_state then reaches no cluster."""
-    router = llm.TracedPrefixCacheAffinityRouter(
+    router = router_class(
         deployment_id=DeploymentID(name="llm", app_name="llm"), handle_source=DeploymentHandleSource.UNKNOWN,
         self_actor_id="OFFLINE", self_node_id="node-0", use_replica_queue_len_cache=True)
     router._routelens = None
@@ -53,44 +56,45 @@ def request_with(**fields):
 
 
 def test_requests_sharing_their_first_n_characters_share_a_group_and_no_text_is_kept():
-    groups = llm.PrefixGroups(chars=len(SYSTEM))
+    groups = PrefixGroups(chars=len(SYSTEM))
     first = groups.attributes(SYSTEM + "What is a prefix cache?")
     second = groups.attributes(SYSTEM + "Why route by prefix?")
     other = groups.attributes(SYSTEM.replace("careful", "cheerful") + "What is a prefix cache?")
     assert first["prefix_group"] == second["prefix_group"] != other["prefix_group"]
     assert first["prompt_chars"] == len(SYSTEM) + len("What is a prefix cache?")
-    assert len(first["prefix_group"]) == llm.PREFIX_GROUP_HEX_DIGITS
+    assert len(first["prefix_group"]) == prefix_aware.PREFIX_GROUP_HEX_DIGITS
     assert all(word not in first["prefix_group"] for word in ("careful", "assistant"))
     # Shorter prefixes group more: past the first N characters nothing counts.
-    assert llm.PrefixGroups(chars=5).group("Hello there") == llm.PrefixGroups(chars=5).group("Hello world")
+    assert PrefixGroups(chars=5).group("Hello there") == PrefixGroups(chars=5).group("Hello world")
 
 
 def test_the_key_changes_every_group():
-    assert llm.PrefixGroups().group(SYSTEM) != llm.PrefixGroups(key="a secret of the cluster's").group(SYSTEM)
+    assert PrefixGroups().group(SYSTEM) != PrefixGroups(key="a secret of the cluster's").group(SYSTEM)
 
 
 def test_imports_stay_light_and_every_process_groups_alike_by_default():
     """In a fresh process (another proxy, the driver, a replica): `routelens.routers` imports no `ray.llm`,
     the LLM routers' module no vLLM nor SGLang, and with no key given a prompt gets the same group."""
     code = ("import sys, routelens.routers; print('ray.llm' in sys.modules); "
-            "from routelens.routers.llm import PrefixGroups; print(any(m in sys.modules for m in ('vllm', 'sglang'))); "
-            f"print(PrefixGroups().group({SYSTEM!r}))")
+            "from routelens.routers import llm, prefix_aware; "
+            "print(any(m in sys.modules for m in ('vllm', 'sglang'))); "
+            f"print(prefix_aware.PrefixGroups().group({SYSTEM!r}))")
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert other_process.stdout.split() == ["False", "False", llm.PrefixGroups().group(SYSTEM)]
+    assert other_process.stdout.split() == ["False", "False", PrefixGroups().group(SYSTEM)]
 
 
 def test_kwargs_win_over_the_environment_and_bad_values_fall_back_to_the_defaults():
-    environ = {llm.PREFIX_KEY_ENV: "cluster key", llm.PREFIX_CHARS_ENV: "12"}
-    from_env = llm.prefix_groups(environ=environ)
-    assert (from_env.chars, from_env.group(SYSTEM)) == (12, llm.PrefixGroups("cluster key", 12).group(SYSTEM))
-    from_kwargs = llm.prefix_groups("router key", 40, environ=environ)
-    assert (from_kwargs.chars, from_kwargs.group(SYSTEM)) == (40, llm.PrefixGroups("router key", 40).group(SYSTEM))
+    environ = {prefix_aware.PREFIX_KEY_ENV: "cluster key", prefix_aware.PREFIX_CHARS_ENV: "12"}
+    from_env = prefix_aware.prefix_groups(environ=environ)
+    assert (from_env.chars, from_env.group(SYSTEM)) == (12, PrefixGroups("cluster key", 12).group(SYSTEM))
+    from_kwargs = prefix_aware.prefix_groups("router key", 40, environ=environ)
+    assert (from_kwargs.chars, from_kwargs.group(SYSTEM)) == (40, PrefixGroups("router key", 40).group(SYSTEM))
     for key, chars in (("", -1), (12, "twelve"), (None, 2.5), (None, True)):
         before = faults.total
-        fallback = llm.prefix_groups(key, chars, environ={})
+        fallback = prefix_aware.prefix_groups(key, chars, environ={})
         assert faults.total > before, (key, chars)
-        assert fallback.chars == llm.DEFAULT_PREFIX_CHARS
-        assert fallback.group(SYSTEM) == llm.PrefixGroups().group(SYSTEM)
+        assert fallback.chars == prefix_aware.DEFAULT_PREFIX_CHARS
+        assert fallback.group(SYSTEM) == PrefixGroups().group(SYSTEM)
 
 
 def test_the_router_takes_its_own_kwargs_and_records_prompt_length_and_group():
@@ -101,7 +105,7 @@ def test_the_router_takes_its_own_kwargs_and_records_prompt_length_and_group():
         messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "hi"}]
         attributes = router.routelens_request_attributes(request_with(messages=messages))
         assert attributes == {"prompt_chars": len(SYSTEM) + 2,
-                              "prefix_group": llm.PrefixGroups("router key", len(SYSTEM)).group(SYSTEM)}
+                              "prefix_group": PrefixGroups("router key", len(SYSTEM)).group(SYSTEM)}
         # The same text as a prompt: the router reads both alike, and so do the groups.
         assert router.routelens_request_attributes(request_with(prompt=SYSTEM + "hi")) == attributes
         # Without arguments a request has no prompt (Ray's router routes it by pow-2).
@@ -118,10 +122,24 @@ def test_prefix_chars_zero_records_prompt_lengths_only():
     asyncio.run(check())
 
 
+def test_ray_can_ship_it_as_it_ships_routers():
+    """Ray pickles a router's class with its module by value, globals and all (RequestRouterConfig), and
+    every process that routes builds it from that. (In this process the load gives back the class itself.)"""
+    config = RequestRouterConfig(request_router_class="routelens.routers.llm:TracedPrefixCacheAffinityRouter")
+    shipped = cloudpickle.loads(config.get_serialized_request_router_cls())
+
+    async def check():
+        router, _ = build_router(shipped, prefix_key="router key", prefix_chars=len(SYSTEM))
+        assert router.routelens_request_attributes(request_with(prompt=SYSTEM)) == {
+            "prompt_chars": len(SYSTEM), "prefix_group": PrefixGroups("router key", len(SYSTEM)).group(SYSTEM)}
+
+    asyncio.run(check())
+
+
 def test_everything_it_relies_on_in_rays_router_is_there():
-    problems = {item.qualname: item.problems() for item in llm.CONTRACT if item.problems()}
+    problems = {item.qualname: item.problems() for item in prefix_aware.CONTRACT if item.problems()}
     assert not problems, problems
-    assert llm.REASONS and llm.PROMPTS
+    assert prefix_aware.REASONS and prefix_aware.PROMPTS
 
 
 # --- the Prefix affinity figures (collector.query.prefixes), on each backend ---
@@ -149,9 +167,9 @@ def prefix_scenario(t0: float = T0):
                 number += 1
                 ts = t0 + 60 * minute + number * 0.1
                 rate = (number % 4) / 4
+                reason = prefix_aware.PREFIX_MATCH if rate >= 0.1 else prefix_aware.SMALLEST_TENANT
                 decision = source.decision(ts, [[replica]], request_id=f"r{number}", internal_request_id=f"i{number}",
-                                           reason=llm.PREFIX_MATCH if rate >= 0.1 else llm.SMALLEST_TENANT,
-                                           scores={"match_rate": rate, "match_rate_threshold": 0.1})
+                                           reason=reason, scores={"match_rate": rate, "match_rate_threshold": 0.1})
                 decision["attributes"] = {"prompt_chars": 300 + number, "prefix_group": group}
                 events += [decision, source.routed(ts + 0.01, replica, decision)]
                 truth[group, minute][replica] += 1
@@ -226,7 +244,7 @@ def test_prefix_affinity_follows_the_filters(prefix_api):
         group: n for group in ("group-a", "group-b", "group-c")
         if (n := sum(truth[group, m]["llm-r3"] for m in (0, 1)))}
     # By the routers' reasons: only the requests their decisions of that reason routed (rate 0: smallest tenant).
-    by_tenant = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, reason=llm.SMALLEST_TENANT)
+    by_tenant = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, reason=prefix_aware.SMALLEST_TENANT)
     assert by_tenant["total"]["requests"] == sum(rate == 0 for group_rates in rates.values() for rate in group_rates)
     assert by_tenant["total"]["match_rate_mean"] == 0
     nothing = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, app="another")

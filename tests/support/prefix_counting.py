@@ -17,7 +17,7 @@ import ray
 from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
 from ray.serve._private.common import ReplicaID
 
-from routelens.routers import llm
+from routelens.routers import llm, prefix_aware
 
 DECISION = "decision"
 
@@ -69,19 +69,19 @@ class CountingPrefixRouter(PrefixCacheAffinityRouter):
                         smallest_tenants_id_strings = ray.get(self._tree_actor.get_smallest_tenants.remote())
                         if smallest_tenants_id_strings is not None and len(smallest_tenants_id_strings) > 0:
                             chosen_replica_id_strings = smallest_tenants_id_strings
-                            self._count(llm.SMALLEST_TENANT)
+                            self._count(prefix_aware.SMALLEST_TENANT)
                         else:
-                            self._count(llm.POW2_LOW_MATCH_RATE)
+                            self._count(prefix_aware.POW2_LOW_MATCH_RATE)
                     else:
                         if matched_tenant_id_strings is not None and len(matched_tenant_id_strings) > 0:
                             chosen_replica_id_strings = matched_tenant_id_strings
-                            self._count(llm.PREFIX_MATCH)
+                            self._count(prefix_aware.PREFIX_MATCH)
                         else:
-                            self._count(llm.POW2_NO_MATCH)
+                            self._count(prefix_aware.POW2_NO_MATCH)
                 else:
-                    self._count(llm.POW2_IMBALANCED)
+                    self._count(prefix_aware.POW2_IMBALANCED)
         else:
-            self._count(llm.POW2_NO_PROMPT)
+            self._count(prefix_aware.POW2_NO_PROMPT)
         return [[self._replicas[ReplicaID.from_full_id_str(chosen_id_string)]
                  for chosen_id_string in chosen_replica_id_strings]]
 
