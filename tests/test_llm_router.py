@@ -136,6 +136,15 @@ def test_ray_can_ship_it_as_it_ships_routers():
     asyncio.run(check())
 
 
+def test_the_branches_taken_before_the_prefix_tree_is_asked():
+    """The fallbacks that never reach the tree (the others, on real Serve: tests/test_ground_truth.py)."""
+    assert prefix_aware.branch({}, 0.1, 2) == (prefix_aware.POW2_UNCONSULTED, {})
+    assert prefix_aware.branch({"consulted": True, "prompt": False, "chosen": False}, 0.1, 2) == (
+        prefix_aware.POW2_NO_PROMPT, {})
+    assert prefix_aware.branch({"consulted": True, "prompt": True, "chosen": False}, 0.1, 2) == (
+        prefix_aware.POW2_IMBALANCED, {"imbalanced_threshold": 2})
+
+
 def test_everything_it_relies_on_in_rays_router_is_there():
     problems = {item.qualname: item.problems() for item in prefix_aware.CONTRACT if item.problems()}
     assert not problems, problems
