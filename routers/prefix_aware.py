@@ -69,16 +69,16 @@ def prefix_groups(prefix_key: Any = None, prefix_chars: Any = None,
     if key is not None and (not isinstance(key, (str, bytes)) or not key):
         faults.record("reading the prefix key", ValueError(f"prefix_key must be a non-empty string, not {key!r}"))
         key = None
-    chars = prefix_chars if prefix_chars is not None else environ.get(PREFIX_CHARS_ENV)
-    if chars is not None:
+    given = prefix_chars if prefix_chars is not None else environ.get(PREFIX_CHARS_ENV)
+    chars = None
+    if given is not None:
         try:
-            chars = int(chars)
-            if chars < 0 or isinstance(prefix_chars, (bool, float)):
+            if isinstance(given, (bool, float)) or int(given) < 0:
                 raise ValueError
+            chars = int(given)
         except (TypeError, ValueError):
             faults.record("reading prefix_chars", ValueError(
-                f"prefix_chars must be a whole number of characters, 0 or more, not {chars!r}"))
-            chars = None
+                f"prefix_chars must be a whole number of characters, 0 or more, not {given!r}"))
     return PrefixGroups(DEFAULT_PREFIX_KEY if key is None else key,
                         DEFAULT_PREFIX_CHARS if chars is None else chars)
 
