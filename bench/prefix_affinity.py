@@ -5,8 +5,9 @@ tree), `--replicas` replicas each: one routed by Ray's PrefixCacheAffinityRouter
 one by routelens' TracedPrefixCacheAffinityRouter over a copy of Ray's router
 that writes down each branch it takes (tests/support/prefix_counting.py).
 Both are sent the same `--requests` chat requests (shared system prompts in
-Zipf proportions, `--concurrency` at a time, through a handle), in turns, the
-order swapped every run. Queue lengths `--imbalanced-threshold` apart count as
+Zipf proportions, through handles), `--concurrency` at a time to both at once,
+so that both route under the same load (their routers share this process's
+router loop). Queue lengths `--imbalanced-threshold` apart count as
 imbalanced (Ray's default, never, would leave only the prefix branches).
 
 Prints per run: each router's prefix concentration (the mean share of a
@@ -65,8 +66,7 @@ def run_once(number: int, args, workdir: str) -> dict:
         "untraced": deploy(plain_name, PrefixCacheAffinityRouter, threshold, args.replicas),
     }
     requests = prefix_traffic.prompts(args.requests, args.groups, seed=number)
-    order = ["traced", "untraced"] if number % 2 == 0 else ["untraced", "traced"]
-    answered = {which: prefix_traffic.send(handles[which], requests, args.concurrency) for which in order}
+    answered = prefix_traffic.send(handles, requests, args.concurrency)
     wait_for(lambda: accounting_holds(sink) and sum(e["type"] == "routed" for e in read_events(sink, traced_name))
              >= len(answered["traced"]), what="the traced router's events")
     events = read_events(sink, traced_name)
@@ -90,8 +90,8 @@ def run_once(number: int, args, workdir: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=300, help="per run and router")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--requests", type=int, default=400, help="per run and router")
     parser.add_argument("--groups", type=int, default=5, help="shared system prompts (at most 5)")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)

@@ -273,7 +273,7 @@ def test_the_traced_prefix_aware_router_gives_every_decision_the_branch_it_took(
     from tests.support import prefix_counting, prefix_traffic
 
     requests = prefix_traffic.prompts(PREFIX_REQUESTS, PREFIX_GROUPS, seed=27)
-    answered = prefix_traffic.send(prefix_app["handle"], requests, PREFIX_CONCURRENCY)
+    answered = prefix_traffic.send({"traced": prefix_app["handle"]}, requests, PREFIX_CONCURRENCY)["traced"]
     wait_for(lambda: accounting_holds(prefix_app["sink"]) and sum(
         e["type"] == "routed" for b in read_batches(prefix_app["sink"]) for e in b["events"]) >= len(answered),
              what="every routed event and the counters")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from routelens.collector.demo.apps import SYSTEM_PROMPTS, ChatRequest, chat_request
 from routelens.collector.query.prefixes import concentration
@@ -24,13 +24,17 @@ def prompts(n: int, groups: int, seed: int) -> List[Tuple[int, ChatRequest]]:
     return out
 
 
-def send(handle, requests: List[Tuple[int, ChatRequest]], concurrency: int) -> List[Tuple[int, str]]:
-    """Each request's (group, the replica that answered), `concurrency` at a time."""
-    answered = []
+def send(handles: Dict[str, Any], requests: List[Tuple[int, ChatRequest]],
+         concurrency: int) -> Dict[str, List[Tuple[int, str]]]:
+    """Each request's (group, the replica that answered), per handle: `concurrency` requests at a time
+    to every handle at once, so that deployments compared see the same requests under the same load."""
+    answered: Dict[str, List[Tuple[int, str]]] = {name: [] for name in handles}
     for start in range(0, len(requests), concurrency):
         batch = requests[start:start + concurrency]
-        responses = [handle.remote(request) for _, request in batch]
-        answered.extend((group, response.result(timeout_s=60)) for (group, _), response in zip(batch, responses))
+        responses = {name: [handle.remote(request) for _, request in batch] for name, handle in handles.items()}
+        for name, sent in responses.items():
+            answered[name].extend((group, response.result(timeout_s=60))
+                                  for (group, _), response in zip(batch, sent))
     return answered
 
 
