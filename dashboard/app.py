@@ -21,7 +21,7 @@ from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filte
 
 from .callback_requests import refuse_malformed_callbacks
 from .state import REFRESH_S, VIEWS, WINDOWS, ViewState, from_url
-from .views import compare, distribution, explorer, overview, rank_hits, staleness, whatif
+from .views import compare, distribution, explorer, overview, prefix_affinity, rank_hits, staleness, whatif
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 0; background: #f6f7f9; color: #1d2430; }
@@ -70,6 +70,7 @@ def create_dashboard(engine: Engine, prefix: str = "/") -> Dash:
         "distribution": partial(distribution.render, prefix=prefix),
         "staleness": staleness.render,
         "rank-hits": partial(rank_hits.render, prefix=prefix),
+        "prefix-affinity": partial(prefix_affinity.render, prefix=prefix),
         "explorer": partial(explorer.render, prefix=prefix),
         "compare": partial(compare.render, prefix=prefix),
         "whatif": partial(whatif.render, prefix=prefix),

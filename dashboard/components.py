@@ -6,8 +6,11 @@ by the same functions: a card's value has the id `<view>-<figure>`.
 
 from __future__ import annotations
 
+import csv
+import io
 from datetime import datetime, timezone
 from typing import Iterable, List, Optional, Sequence
+from urllib.parse import quote
 
 from dash import html
 
@@ -89,6 +92,19 @@ def downloads(element_id: str, api_prefix: str, query: str, what: str) -> html.D
                href=f"{api_prefix}v1/export?{query}{separator}what={what}&format={fmt}",
                style={"marginRight": "10px"})
         for fmt in ("csv", "jsonl", "parquet")]])
+
+
+def table_downloads(element_id: str, name: str, rows: Iterable[Sequence], json_href: str) -> html.Div:
+    """A view's tables as CSV (`rows`, its header first, built here into the link: no endpoint serves
+    them) and the API's JSON answer the view was drawn from (`json_href`)."""
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return html.Div(id=element_id, className="downloads", children=[
+        "download: ",
+        html.A("CSV", id=f"{element_id}-csv", download=f"{name}.csv",
+               href="data:text/csv;charset=utf-8," + quote(text.getvalue()), style={"marginRight": "10px"}),
+        html.A("JSON", id=f"{element_id}-json", download=f"{name}.json", href=json_href),
+    ])
 
 
 def section(title: str, children: List) -> html.Section:

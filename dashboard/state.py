@@ -21,7 +21,8 @@ from routelens.collector.store.ids import to_bytes
 WINDOWS = ("5m", "15m", "1h", "24h", "7d")
 REFRESH_S = {"off": 0, "5s": 5, "30s": 30}
 VIEWS = {"overview": "Overview", "distribution": "Distribution", "staleness": "Staleness",
-         "rank-hits": "Rank hits", "explorer": "Decisions", "compare": "Compare", "whatif": "What-if"}
+         "rank-hits": "Rank hits", "prefix-affinity": "Prefix affinity", "explorer": "Decisions", "compare": "Compare",
+         "whatif": "What-if"}
 SHIFTS = {"previous": "the window before", "24h": "24 h earlier", "7d": "7 d earlier"}
 DEFAULT_VIEW = "overview"
 

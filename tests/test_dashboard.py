@@ -21,7 +21,7 @@ from routelens.dashboard.components import deployment_name, number, percent, sec
 from routelens.dashboard.up import create_up_app
 from routelens.dashboard.views.rank_hits import quality_cells
 from tests.support import sse
-from tests.support.browser import shown_rows, shown_text
+from tests.support.browser import downloaded, shown_rows, shown_text
 from tests.support.collector_server import CollectorServer
 from tests.support.trace_checks import wait_for
 from tests.support.wire_source import WireSource
@@ -391,13 +391,6 @@ def replayed(server) -> dict:
 def whatif_rows(page) -> dict:
     """The chosen replay's table (one deployment): figure -> its cells."""
     return {row[0]: row[1:] for row in shown_rows(page, "#whatif-table-0")}
-
-
-def downloaded(page, selector: str) -> str:
-    with page.expect_download() as download:
-        page.click(selector)
-    with open(download.value.path(), encoding="utf-8") as f:
-        return f.read()
 
 
 def test_whatif_shows_a_decisions_replay_as_the_api_says(server, replayed, page):

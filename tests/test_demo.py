@@ -22,7 +22,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from routelens.collector.demo.apps import APPS, STATS_PERIOD_S
+from routelens.collector.demo.apps import APPS, STATS_PERIOD_S, SYSTEM_PROMPTS
 from tests.support.collector_app import Collector
 from tests.support.decoys import make_decoys
 from tests.support.ports import free_port
@@ -229,6 +229,18 @@ def test_the_stale_replica_stands_out(demo):
     assert len(ages) == 4
     assert ages[-1][0] > 10 * period  # the replica whose stats stopped arriving
     assert all(p95 <= FRESH_STATS_P95_PERIODS * period for _, p95 in ages[:-1]), (ages, period)
+
+
+def test_the_llm_apps_requests_group_by_system_prompt_and_every_decision_has_its_reason(demo):
+    affinity = demo.api.get("/v1/prefix-affinity", window=WINDOW, app="llm")
+    (deployment,) = affinity["deployments"]
+    assert deployment["groups"] == len(SYSTEM_PROMPTS), affinity["groups"]
+    # Every request the llm app routed has its prompt's group (none is handed another's replica).
+    assert deployment["requests"] == demo.api.get("/v1/distribution", window=WINDOW, app="llm")["routed"] > 0
+    assert all(g["prompt_chars_mean"] > len(min(SYSTEM_PROMPTS, key=len)) for g in affinity["groups"])
+    assert deployment["match_rates"] > 0 and 0 <= deployment["match_rate_mean"] <= 1
+    (reasons,) = demo.api.get("/v1/rank-hits", window=WINDOW, app="llm")["reasons"]["deployments"]
+    assert reasons["unexplained"] == 0 and reasons["explained"] == reasons["decisions"] > 0, reasons
 
 
 def _all_decisions(api: Collector, **filters) -> List[dict]:

@@ -311,3 +311,67 @@ def test_no_latency_is_recorded_below_the_replicas_own_work(latency_apps, router
     print(f"FIGURES latency {router.__name__}: send to routed p50 {held[len(held) // 2]:.1f} ms,"
           f" max {held[-1]:.1f} ms", flush=True)
     assert len(held) == LATENCY_REQUESTS and held[0] >= 0.0
+
+
+# --- Ray's prefix-aware router, traced: its reasons against its own count of its branches ---
+
+PREFIX_REPLICAS = 3
+PREFIX_REQUESTS = 120
+PREFIX_GROUPS = 4  # system prompts
+PREFIX_CONCURRENCY = 6
+
+
+@pytest.fixture(scope="module")
+def prefix_app(serve_instance, tmp_path_factory):
+    """The demo's fake LLM behind the traced prefix-aware router, over one that writes down each branch
+    it takes; queue lengths 1 apart count as imbalanced, so that the pow-2 fallback occurs too."""
+    from ray import cloudpickle
+
+    from routelens.collector.demo.apps import FakeLLM
+    from tests.support import prefix_counting
+
+    cloudpickle.register_pickle_by_value(prefix_counting)
+    tmp = tmp_path_factory.mktemp("prefix-truth")
+    sink, branches = tmp / "sink", tmp / "branches.txt"
+    config = RequestRouterConfig(request_router_class=prefix_counting.TracedCountingPrefixRouter,
+                                 request_router_kwargs={"jsonl_path": str(sink / "events-{pid}.jsonl"),
+                                                        "flush_interval_s": 0.2, "branches_path": str(branches),
+                                                        "imbalanced_threshold": 1})
+    app = FakeLLM.options(name="prefix-truth", num_replicas=PREFIX_REPLICAS, request_router_config=config).bind()
+    yield {"handle": serve.run(app, name="prefix-truth", route_prefix=None), "sink": str(sink),
+           "branches": str(branches)}
+    serve_apps.delete_apps(["prefix-truth"])
+
+
+def test_the_traced_prefix_aware_router_gives_every_decision_the_branch_it_took(prefix_app):
+    from routelens.routers import prefix_aware
+    from tests.support import prefix_counting, prefix_traffic
+
+    requests = prefix_traffic.prompts(PREFIX_REQUESTS, PREFIX_GROUPS, seed=27)
+    answered = prefix_traffic.send({"traced": prefix_app["handle"]}, requests, PREFIX_CONCURRENCY)["traced"]
+    wait_for(lambda: accounting_holds(prefix_app["sink"]) and sum(
+        e["type"] == "routed" for b in read_batches(prefix_app["sink"]) for e in b["events"]) >= len(answered),
+             what="every routed event and the counters")
+    events = [e for b in read_batches(prefix_app["sink"]) for e in b["events"]]
+    decisions = [e for e in events if e["type"] == "decision"]
+    # The replicas' own counts are what was recorded as routed to each.
+    assert Counter(e["replica_id"] for e in events if e["type"] == "routed") == Counter(r for _, r in answered)
+    # Every decision has a reason, and they count what the router itself counted.
+    with open(prefix_app["branches"]) as f:
+        counted = Counter(line.strip() for line in f)
+    made = counted.pop(prefix_counting.DECISION)
+    assert len(decisions) == made and all(d.get("reason") in prefix_aware.REASONS_ALL for d in decisions), decisions[:3]
+    counted[prefix_aware.POW2_UNCONSULTED] = made - sum(counted.values())
+    assert Counter(d["reason"] for d in decisions) == +counted
+    for d in decisions:
+        if d["reason"] in (prefix_aware.PREFIX_MATCH, prefix_aware.SMALLEST_TENANT, prefix_aware.POW2_LOW_MATCH_RATE):
+            assert 0 <= d["scores"]["match_rate"] <= 1, d
+    # Each request's prompt length and prefix group: one group per system prompt, no text.
+    prompt_of = {}
+    for group, request in requests:
+        prompt_of.setdefault(group, set()).add(request.prompt_chars)
+    groups = {d["attributes"]["prefix_group"] for d in decisions}
+    assert len(groups) == len({group for group, _ in requests})
+    assert sorted({d["attributes"]["prompt_chars"] for d in decisions}) == sorted(set().union(*prompt_of.values()))
+    print(f"\nFIGURES prefix-aware reasons: {json.dumps(dict(counted))}, concentration "
+          f"{prefix_traffic.prefix_concentration(answered):.3f}", flush=True)

@@ -37,7 +37,7 @@ from ..export.stream import ExportError, export
 from ..export.stream import check as check_export
 from ..ingest.schema import Invalid, TooMany, parse
 from ..ingest.writer import Ingestor, SourceConflict
-from ..query import explore, figures
+from ..query import explore, figures, prefixes
 from ..query.filters import Filters
 from ..query.tail import Follower, newest
 from ..settings import Settings, parse_duration
@@ -180,6 +180,9 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
         ("/v1/staleness", figures.staleness, "Age of the routing_stats decisions ranked on, per replica"),
         ("/v1/rank-hits", figures.rank_hits,
          "Share of routed requests by rank; hand-offs, rejections, decisions per request"),
+        ("/v1/prefix-affinity", prefixes.prefix_affinity,
+         "Per prefix group (LLM routers): the share of its requests on its top replica, groups split across "
+         "replicas over time, the match rate seen"),
     ):
         app.add_api_route(path, figure_endpoint(figure), methods=["GET"], name=figure.__name__,
                           dependencies=read, tags=["read"], summary=summary)

@@ -10,6 +10,12 @@
   model-then-locality router; one replica's stats stop arriving after a
   while (its `record_routing_stats` outlives the timeout), so the routers
   rank it on ever older stats.
+- `llm`: 3 replicas of a fake LLM (no model: it sleeps in proportion to the
+  prompt's length) on Ray's prefix-cache-aware router, traced
+  (routers.llm); its prompts begin with one of a handful of shared system
+  prompts, so that requests form prefix groups (the Prefix affinity view).
+  Its requests carry the prompt as an object, as Ray's LLM serving passes
+  it between deployments: it is called through handles only, never over HTTP.
 
 Which replica is the slow or the stale one is decided by its replica rank,
 so it is always exactly one.
@@ -124,18 +130,65 @@ class ModelServer:
         return {"models_loaded": self.loaded}
 
 
+# The llm app's shared system prompts (each longer than the prefix groups' default
+# 128 characters: requests that share one share a group, whatever follows).
+SYSTEM_PROMPTS = [
+    "You are a support agent for a cloud storage service. Answer the customer's question in two or three "
+    "sentences, name the setting they need, and never ask for their password or their payment details.",
+    "You are a code reviewer. Read the diff below, point out bugs before style, quote the line you mean, and "
+    "end with one sentence saying whether you would approve it as it stands.",
+    "You translate product descriptions from English into plain French for an online shop. Keep brand names, "
+    "sizes and prices exactly as written, and do not add anything the original does not say.",
+    "You are a tutor for secondary-school physics. Explain the idea behind the student's question with one "
+    "everyday example, then give the formula, then check their arithmetic step by step.",
+    "You summarise meeting transcripts for a busy manager: three bullet points of decisions, then every action "
+    "item with its owner and date, and nothing about who said what unless it changes a decision.",
+]
+LLM_SECONDS_PER_CHAR = 0.00005  # 300 characters: 15 ms
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat completion's messages, as Ray's prefix-aware router reads them (`messages`)."""
+
+    messages: List[Dict[str, str]]
+
+    @property
+    def prompt_chars(self) -> int:
+        """The prompt's length as the router reads it: the messages' contents, one after another."""
+        return sum(len(message["content"]) for message in self.messages)
+
+
+def chat_request(system_prompt: str, question: str) -> ChatRequest:
+    return ChatRequest([{"role": "system", "content": system_prompt}, {"role": "user", "content": question}])
+
+
+@serve.deployment(num_replicas=3, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0})
+class FakeLLM:
+    """No model: a sleep in proportion to the prompt's length."""
+
+    def __init__(self):
+        self.replica_id = _replica_id()
+
+    async def __call__(self, request: ChatRequest) -> str:
+        await asyncio.sleep(LLM_SECONDS_PER_CHAR * request.prompt_chars)
+        return self.replica_id
+
+
 @dataclass(frozen=True)
 class DemoApp:
     name: str
     deployment: Any
     router: str
     config: Dict[str, Any] = field(default_factory=dict)  # more RequestRouterConfig fields
+    router_kwargs: Dict[str, Any] = field(default_factory=dict)  # the router's own, beside the tracer's
+    http: bool = True  # routed to over HTTP too (else through handles only, and no route)
 
     def bind(self, router_kwargs: Dict[str, Any]):
         from ray.serve.config import RequestRouterConfig
 
-        config = RequestRouterConfig(request_router_class=self.router, request_router_kwargs=router_kwargs,
-                                     **self.config)
+        config = RequestRouterConfig(request_router_class=self.router,
+                                     request_router_kwargs={**router_kwargs, **self.router_kwargs}, **self.config)
         return self.deployment.options(request_router_config=config).bind()
 
     @property
@@ -148,8 +201,12 @@ _STAMPED_STATS = {"request_routing_stats_period_s": STATS_PERIOD_S,
 
 APPS: List[DemoApp] = [
     DemoApp("uniform", UniformRequestRouterApp, "routelens.routers.examples:TracedUniformRequestRouter"),
-    DemoApp("throughput", ThroughputAwareRequestRouterApp, "routelens.routers.examples:TracedThroughputAwareRequestRouter",
-            _STAMPED_STATS),
+    DemoApp("throughput", ThroughputAwareRequestRouterApp,
+            "routelens.routers.examples:TracedThroughputAwareRequestRouter", _STAMPED_STATS),
     DemoApp("backend", Backend, "routelens.routers.examples:TracedPowerOfTwoChoicesRequestRouter"),
     DemoApp("models", ModelServer, "routelens.routers.examples:TracedModelAwareRequestRouter", _STAMPED_STATS),
+    # Queue lengths 2 apart count as imbalanced (Ray's default, never), so that the busiest system
+    # prompt's replica now and then sends its requests elsewhere: every branch of the router shows.
+    DemoApp("llm", FakeLLM, "routelens.routers.llm:TracedPrefixCacheAffinityRouter",
+            router_kwargs={"imbalanced_threshold": 2}, http=False),
 ]

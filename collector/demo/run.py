@@ -118,12 +118,13 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
         for app in APPS:
             began = time.monotonic()
             with console.status(f"deploying {app.name}: {app.replicas} replicas, {app.router.split(':')[1]}"):
-                handles[app.name] = serve.run(app.bind(router_kwargs), name=app.name, route_prefix=f"/{app.name}")
+                handles[app.name] = serve.run(app.bind(router_kwargs), name=app.name,
+                                              route_prefix=f"/{app.name}" if app.http else None)
             console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
                           f"({time.monotonic() - began:.0f} s)")
         serve_url = f"http://{HOST}:{options.serve_port}"
         console.print(f"\n[bold]dashboard: {server.url}/[/]   (API: {server.url}/docs)")
-        console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS)}}}")
+        console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS if app.http)}}}")
         if options.traffic:
             tally = _drive(handles, serve_url, options, server, started_at, console)
         else:

@@ -7,6 +7,10 @@ which make them reject requests and make FIFO hand replicas between requests.
 Open loop: arrivals do not wait for answers, as with real clients; a cap on
 requests in flight per app keeps a stalled app from piling up work, and the
 requests it turns away are counted.
+
+The `llm` app is sent chat requests through handles only (its router reads
+the prompt from the request object, which HTTP does not carry): each a
+shared system prompt, the popular ones more often, and a question of its own.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from typing import Dict, Optional
 
 import aiohttp
 
-from .apps import MODELS
+from .apps import APPS, MODELS, SYSTEM_PROMPTS, ChatRequest, chat_request
 
-SHARES = {"uniform": 0.3, "throughput": 0.2, "backend": 0.2, "models": 0.3}  # of --rate
+SHARES = {"uniform": 0.2, "throughput": 0.2, "backend": 0.2, "models": 0.3, "llm": 0.1}  # of --rate
+PATHS = {app.name: ("http", "handle") if app.http else ("handle",) for app in APPS}
 MODEL_WEIGHTS = [1 / (i + 1) for i in range(len(MODELS))]  # Zipf: a few hot models, a long tail
+SYSTEM_PROMPT_WEIGHTS = [1 / (i + 1) for i in range(len(SYSTEM_PROMPTS))]  # Zipf, as models
 BURST_EVERY_S = 15.0
 BURST_REQUESTS = 40
 MAX_IN_FLIGHT = 100  # per app
@@ -53,8 +59,8 @@ class Traffic:
         """Send until cancelled; then wait a little for the answers in flight."""
         timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as self._http:
-            streams = [asyncio.create_task(self._arrivals(app, path, share * self.rate / 2))
-                       for app, share in SHARES.items() for path in ("http", "handle")]
+            streams = [asyncio.create_task(self._arrivals(app, path, share * self.rate / len(PATHS[app])))
+                       for app, share in SHARES.items() for path in PATHS[app]]
             streams.append(asyncio.create_task(self._bursts("backend")))
             try:
                 await asyncio.gather(*streams)
@@ -81,11 +87,15 @@ class Traffic:
         if capped and self._in_flight[app] >= MAX_IN_FLIGHT:  # not sent, not counted
             return
         model = self._random.choices(MODELS, MODEL_WEIGHTS)[0] if app == "models" else None
-        task = asyncio.create_task(self._request(app, path, model))
+        prompt = None
+        if app == "llm":
+            system_prompt = self._random.choices(SYSTEM_PROMPTS, SYSTEM_PROMPT_WEIGHTS)[0]
+            prompt = chat_request(system_prompt, f"Question {self._random.randrange(10**6)}: what should I do next?")
+        task = asyncio.create_task(self._request(app, path, model, prompt))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _request(self, app: str, path: str, model: Optional[str]) -> None:
+    async def _request(self, app: str, path: str, model: Optional[str], prompt: Optional[ChatRequest]) -> None:
         tally = self.tally[app]
         tally.sent += 1
         self._in_flight[app] += 1
@@ -99,7 +109,7 @@ class Traffic:
                 handle = self.handles[app]
                 if model:
                     handle = handle.options(multiplexed_model_id=model)
-                await asyncio.wait_for(handle.remote(), TIMEOUT_S)
+                await asyncio.wait_for(handle.remote() if prompt is None else handle.remote(prompt), TIMEOUT_S)
             tally.ok += 1
         except asyncio.CancelledError:
             raise

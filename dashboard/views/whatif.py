@@ -13,12 +13,9 @@ filter controls do not apply here: each replay has its own, shown with it.
 
 from __future__ import annotations
 
-import csv
-import io
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import quote
 
 import plotly.graph_objects as go
 from dash import dcc, html
@@ -29,7 +26,7 @@ from routelens.collector.replay.figures import RANK_BINS
 from routelens.collector.store import replays
 from routelens.collector.store.ids import to_bytes
 
-from ..components import deployment_name, number, percent, section, table
+from ..components import deployment_name, number, percent, section, table, table_downloads
 from ..state import ViewState
 
 REPLAY_COMMAND = "routelens replay --router package.module:Class [--mode decisions|simulate] --window 1h --app APP"
@@ -251,16 +248,9 @@ def _csv_rows(columns: Row, tables: List[Shown]) -> List[Row]:
 
 
 def _downloads(record: dict, prefix: str, columns: Row, tables: List[Shown]) -> html.Div:
-    """The tables as CSV (built here, in the link: no endpoint serves them), the result as the API's JSON."""
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(_csv_rows(columns, tables))
-    name = f"replay-{record['id']}"
-    return html.Div(id="whatif-download", className="downloads", children=[
-        "download: ",
-        html.A("CSV", id="whatif-download-csv", download=f"{name}.csv",
-               href="data:text/csv;charset=utf-8," + quote(text.getvalue()), style={"marginRight": "10px"}),
-        html.A("JSON", id="whatif-download-json", download=f"{name}.json", href=f"{prefix}v1/replays/{record['id']}"),
-    ])
+    """The tables as CSV, the result as the API's JSON."""
+    return table_downloads("whatif-download", f"replay-{record['id']}", _csv_rows(columns, tables),
+                           f"{prefix}v1/replays/{record['id']}")
 
 
 def _empty() -> html.Div:

@@ -167,3 +167,11 @@ def shown_rows(page, table: str) -> List[List[str]]:
     page.wait_for_selector(f"{table} tbody tr")
     return [[cell.strip() for cell in row.split("\t")]
             for row in page.inner_text(f"{table} tbody").strip().splitlines()]
+
+
+def downloaded(page, selector: str) -> str:
+    """The text of the file a click on `selector` downloads."""
+    with page.expect_download() as download:
+        page.click(selector)
+    with open(download.value.path(), encoding="utf-8") as f:
+        return f.read()
