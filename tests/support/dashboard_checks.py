@@ -2,10 +2,12 @@
 against what routelens' read API says of the same window.
 
 Prometheus extrapolates `increase` and `rate` to the edges of their range.
-Given a range that begins exactly at a sample taken before any traffic (the
-series at 0) and ends exactly at the last sample, it extrapolates nothing:
-over that range a query over counters sees exactly what the collector
-counted, which is what the API says of a window holding all the traffic.
+Given a range that ends exactly at a sample and begins at a sample taken
+before any traffic (the series at 0), or before the series existed when
+each was born at 0 (Prometheus then extrapolates to that 0, no further), it
+extrapolates nothing: over that range a query over counters sees exactly
+what the collector counted, which is what the API says of a window holding
+all the traffic.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ import pytest
 from routelens.collector.store.bins import STALENESS
 from tests.support.prometheus import PrometheusServer, dashboard_queries, grafana_expr, rule_exprs
 
+# The counters the comparisons below read: each must be at 0 at its first sample in the range (module docstring).
+COMPARED_COUNTERS = ("routelens_routed_requests_total", "routelens_routed_requests_by_rank_total",
+                     "routelens_fifo_handoffs_total", "routelens_refusals_total",
+                     "routelens_stats_staleness_seconds_bucket")
 RANK_GROUPS = {"0": "0", "1": "1", "2": "2+", "3": "2+", "4": "2+", "5+": "2+", "unknown": "unknown"}
 
 
@@ -115,6 +121,12 @@ def check_dashboard_and_rules(prom: PrometheusServer, api: ApiFigures, since: fl
     """Every dashboard query and recording rule returns the series it should, equal to
     the API's figures `api` of a window that holds all the traffic; alerts' queries run."""
     ev = Evaluator(prom, since, until)
+    counted_before = {}
+    for name in COMPARED_COUNTERS:
+        for series in prom.samples(name, ev.seconds, at=until):
+            if float(series["values"][0][1]):
+                counted_before[tuple(sorted(series["metric"].items()))] = series["values"][0]
+    assert not counted_before, f"series that counted before their first scrape in the range: {counted_before}"
     panels, rules = dashboard_queries(), rule_exprs()
     distribution, rank_hits, staleness = api.distribution, api.rank_hits, api.staleness
     deployments = {(d["app"], d["deployment"]) for d in distribution["deployments"]}

@@ -114,10 +114,13 @@ class PrometheusServer:
         assert data["resultType"] == "vector", data
         return data["result"]
 
-    def samples(self, selector: str, seconds: int) -> List[dict]:
-        """Raw samples of the last `seconds`: [{"metric": labels, "values": [[ts, "value"], ...]}, ...]."""
-        data = self.api("query", query=f"{selector}[{seconds}s]")
-        return data["result"]
+    def samples(self, selector: str, seconds: float, at: Optional[float] = None) -> List[dict]:
+        """Raw samples of the `seconds` up to `at` (default: now):
+        [{"metric": labels, "values": [[ts, "value"], ...]}, ...]."""
+        params = {"query": f"{selector}[{round(seconds * 1000)}ms]"}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        return self.api("query", **params)["result"]
 
     def alerts(self) -> List[dict]:
         return self.api("alerts")["alerts"]
