@@ -4,10 +4,17 @@ the README starts it, checked through the API while it runs and on the
 database it leaves, and for what it leaves behind: no process of its own.
 One run serves every test of the module (a run starts Ray and 20 replicas:
 most of a minute of these 2 cores).
+
+Where Debian's Prometheus is installed, a Prometheus server scrapes the
+demo's collector throughout, with the alert rules: the Grafana dashboard's
+and the rules' queries give what the API gives, and the stale-stats alert
+fires on the `models` app, whose replica's stats stop
+(tests/test_prometheus.py does the same on batches a test writes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,19 +23,30 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections import defaultdict
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
 from routelens.collector.demo.apps import APPS, STATS_PERIOD_S, SYSTEM_PROMPTS
 from tests.support.collector_app import Collector
+from tests.support.dashboard_checks import ApiFigures, check_dashboard_and_rules, figures_at_a_quiet_scrape
 from tests.support.decoys import make_decoys
 from tests.support.ports import free_port
+from tests.support.prometheus import (
+    PrometheusServer,
+    PrometheusUnavailable,
+    alert_key,
+    check_available,
+    need_prometheus,
+    shortened_rules,
+)
 
 TRAFFIC_S = 45  # before Ctrl-C: two pow-2 bursts and 25 s of a stale replica, as much as the checks need
 WINDOW = "2h"
+SCRAPE_INTERVAL_S = 0.5  # Prometheus' scrapes and rule evaluations
 
 pytestmark = pytest.mark.slow
 
@@ -72,16 +90,21 @@ def _alive(pid: int, started: str) -> bool:
 
 class DemoRun:
     """The demo in a child process, watched: its output, every process below
-    it, and how soon its printed URL served data."""
+    it, and how soon its printed URL served data. With `prometheus` (scraping
+    the demo's collector), at the end of the traffic: the API's figures and
+    the time of a scrape that counted the same events (`at_rest`)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, port: int, prometheus: Optional[PrometheusServer] = None):
         self.db = directory / "demo.db"
         # Run where a user's own `collector`, `routers`, ... packages are first on
         # the path (Ray's workers get the demo's current directory too): they must
         # change nothing.
         self.cwd = make_decoys(directory / "project")
-        self.port = free_port()
+        self.port = port
         self.url = f"http://127.0.0.1:{self.port}"
+        self.prometheus = prometheus
+        self.at_rest: Optional[Tuple[float, ApiFigures]] = None
+        self.at_rest_failure: Optional[Exception] = None
         self.lines: List[str] = []
         self.processes: Dict[int, str] = {}
         self.first_data_after_url_s = None
@@ -92,7 +115,8 @@ class DemoRun:
         command = [sys.executable, "-m", "routelens.collector.cli", "demo", *flags, "--db", str(self.db),
                    "--port", str(self.port), "--serve-port", str(free_port())]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   cwd=self.cwd, env={**os.environ, "COLUMNS": "160", "PYTHONPATH": str(self.cwd)})
+                                   cwd=self.cwd, env={**os.environ, "COLUMNS": "160", "PYTHONPATH": os.pathsep.join(
+                                       filter(None, [str(self.cwd), os.environ.get("PYTHONPATH")]))})
         reader = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
         reader.start()
         url_shown_at, interrupted = None, False
@@ -108,11 +132,33 @@ class DemoRun:
                 self.first_data_after_url_s = time.monotonic() - url_shown_at
             if (self.first_data_after_url_s is not None and not interrupted
                     and time.monotonic() - url_shown_at - self.first_data_after_url_s >= interrupt_after_s):
+                if self.prometheus is not None:
+                    try:
+                        self.at_rest = self._figures_with_the_traffic_paused(process)
+                    except (AssertionError, OSError) as exc:  # the tests that need them say so; the demo goes on
+                        self.at_rest_failure = exc
                 process.send_signal(signal.SIGINT)
                 interrupted = True
             time.sleep(0.5)
         reader.join(timeout=10)
         return process.returncode
+
+    def _figures_with_the_traffic_paused(self, process: subprocess.Popen) -> Tuple[float, ApiFigures]:
+        """Every request of the demo comes from its own process (handles, and HTTP to Serve's proxy):
+        stopped (SIGSTOP), it sends none, and once the requests in flight are answered and their
+        events stored, the collector stores no more routing events, until SIGCONT. Its figures are
+        then read from the live API and held against a scrape with as many events stored. (The
+        demo's own routers keep their last events queued meanwhile: the database at the end holds
+        more than this.)"""
+        process.send_signal(signal.SIGSTOP)
+        try:
+            return figures_at_a_quiet_scrape(self.prometheus, self._get, {"window": WINDOW})
+        finally:
+            process.send_signal(signal.SIGCONT)
+
+    def _get(self, path: str, **params) -> dict:
+        with urllib.request.urlopen(f"{self.url}{path}?{urllib.parse.urlencode(params)}", timeout=30) as answer:
+            return json.load(answer)
 
     def _has_data(self) -> bool:
         try:
@@ -124,13 +170,30 @@ class DemoRun:
             return False
 
 
+def _prometheus_installed() -> bool:
+    try:
+        check_available()
+    except PrometheusUnavailable:
+        return False  # the tests that need it say so (need_prometheus)
+    return True
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    run = DemoRun(tmp_path_factory.mktemp("demo"))
-    run.returncode = run.run(interrupt_after_s=TRAFFIC_S)
-    run.api = Collector(f"sqlite:///{run.db}")
-    yield run
-    run.api.close()
+    directory = tmp_path_factory.mktemp("demo")
+    port = free_port()
+    with contextlib.ExitStack() as stack:
+        prometheus = None
+        if _prometheus_installed():
+            prometheus = stack.enter_context(PrometheusServer(
+                [f"127.0.0.1:{port}"], [shortened_rules(str(directory))], scrape_interval_s=SCRAPE_INTERVAL_S,
+                evaluation_interval_s=SCRAPE_INTERVAL_S))
+        run = DemoRun(directory, port, prometheus)
+        run.started_at = time.time()  # before the demo's collector: before any series of it
+        run.returncode = run.run(interrupt_after_s=TRAFFIC_S)
+        run.api = Collector(f"sqlite:///{run.db}")
+        yield run
+        run.api.close()
 
 
 def test_the_demo_serves_data_within_a_minute_and_ctrl_c_stops_it_in_order_leaving_nothing(demo):
@@ -241,6 +304,41 @@ def test_the_llm_apps_requests_group_by_system_prompt_and_every_decision_has_its
     assert deployment["match_rates"] > 0 and 0 <= deployment["match_rate_mean"] <= 1
     (reasons,) = demo.api.get("/v1/rank-hits", window=WINDOW, app="llm")["reasons"]["deployments"]
     assert reasons["unexplained"] == 0 and reasons["explained"] == reasons["decisions"] > 0, reasons
+
+
+def _at_rest(demo: DemoRun) -> Tuple[float, ApiFigures]:
+    need_prometheus()
+    assert demo.at_rest is not None, f"the API's figures at rest were not read: {demo.at_rest_failure!r}"
+    return demo.at_rest
+
+
+def test_every_grafana_and_rule_query_gives_what_the_api_gives(demo):
+    """Over a range from before the demo's collector started to the scrape that counted what
+    the API said (`DemoRun.at_rest`). Each series was scraped at 0 before it counted (born with
+    its routers' first report of its deployment's replicas; the demo starts its traffic a flush
+    interval after every replica was reported), so that `increase` and `rate` over that range
+    extrapolate nothing and count exactly what was stored: what the API says of a window that
+    holds it all."""
+    until, figures = _at_rest(demo)
+    check_dashboard_and_rules(demo.prometheus, figures, demo.started_at, until)
+
+
+def test_prometheus_alerts_on_the_deployment_whose_replica_stats_stop(demo):
+    """The rules' windows cut to 20 s: the stale-stats alert fired for `models` (one replica's
+    stats stop after 20 s), never for `throughput` (stamped stats, all fresh), nor for the apps
+    whose routers use no stats; the view it points to names the replica."""
+    until, _figures = _at_rest(demo)
+    fired = demo.prometheus.fired(demo.started_at, until)
+    stale = {labels["app"] for labels in fired if labels["alertname"] == "RoutelensRoutingStatsStale"}
+    assert stale == {"models"}, {alert_key(labels) for labels in fired}
+    # Still firing at the end of the traffic, its window then 20 s of a replica whose stats had stopped.
+    (alert,) = [series["metric"] for series in demo.prometheus.query('ALERTS{alertstate="firing"}', at=until)
+                if series["metric"]["alertname"] == "RoutelensRoutingStatsStale"]
+    assert alert["app"] == "models", alert
+    staleness = demo.api.get("/v1/staleness", window=WINDOW, app=alert["app"], deployment=alert["deployment"])
+    (deployment,) = staleness["deployments"]
+    beyond = [r["replica_id"] for r in staleness["replicas"] if r["p95_s"] > 3 * deployment["stats_period_s"]]
+    assert len(beyond) == 1, staleness  # the rule's threshold, on the p95 of each replica
 
 
 def _all_decisions(api: Collector, **filters) -> List[dict]:

@@ -15,25 +15,13 @@ import pytest
 
 from routelens.collector.settings import Settings
 from tests.support.collector_server import CollectorServer
-from tests.support.dashboard_checks import check_dashboard_and_rules, sample_times
-from tests.support.prometheus import (
-    DASHBOARD,
-    RULES,
-    PrometheusServer,
-    PrometheusUnavailable,
-    check_available,
-    shortened_rules,
-)
-from tests.support.system_deps import require
+from tests.support.dashboard_checks import api_figures, check_dashboard_and_rules, sample_times
+from tests.support.prometheus import DASHBOARD, RULES, PrometheusServer, alert_key, need_prometheus, shortened_rules
 from tests.support.wire_source import WireSource
 
 TOKEN = "prometheus-scrapes-with-this"
 TRAFFIC_S = 6  # seconds, a batch from each router each; the shortened rules' windows are 20 s
 STATS_STOP_S = 3  # when one replica of shop/Models stops sending its routing stats
-
-
-def need_prometheus() -> None:
-    require(check_available, PrometheusUnavailable, "CI must test with Prometheus", "Prometheus unavailable")
 
 
 def test_promtool_accepts_the_rules_and_refuses_a_broken_copy(tmp_path):
@@ -159,8 +147,7 @@ def scraped(tmp_path_factory):
 
 
 def firing(prom: PrometheusServer):
-    return {(a["labels"]["alertname"], a["labels"].get("source_id") or a["labels"].get("replica")
-             or a["labels"].get("deployment")) for a in prom.alerts() if a["state"] == "firing"}
+    return {alert_key(a["labels"]) for a in prom.alerts() if a["state"] == "firing"}
 
 
 def test_alerts_fire_on_stale_stats_an_idle_replica_dropped_events_and_lost_batches(scraped):
@@ -189,7 +176,7 @@ def test_every_dashboard_and_rule_query_equals_the_api_over_the_same_window(scra
         assert answer.status_code == 200, answer.text
         return answer.json()
 
-    check_dashboard_and_rules(scraped["prom"], get, scraped["since"], scraped["until"], {"window": "1h"})
+    check_dashboard_and_rules(scraped["prom"], api_figures(get, {"window": "1h"}), scraped["since"], scraped["until"])
 
 
 def test_the_collector_down_alert_fires_when_it_stops_answering(scraped):

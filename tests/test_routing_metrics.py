@@ -13,8 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.collector_app import Collector
-from tests.support.prometheus import PrometheusUnavailable, check_available
-from tests.support.system_deps import require
+from tests.support.prometheus import need_prometheus
 from tests.support.wire_source import WireSource
 
 Sample = Tuple[str, FrozenSet[Tuple[str, str]]]
@@ -257,7 +256,7 @@ def test_routing_metrics_can_be_left_off(make_collector, make_source):
 
 
 def test_promtool_finds_the_exposition_valid(loaded):
-    require(check_available, PrometheusUnavailable, "CI must test with Prometheus", "Prometheus unavailable")
+    need_prometheus()
     collector, _window = loaded
 
     def check(text: str) -> subprocess.CompletedProcess:

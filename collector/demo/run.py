@@ -4,10 +4,11 @@ view of the dashboard show something true within a minute.
 In order: `routelens up` on a SQLite file (a child process, so that the
 dashboard never competes with the traffic for this process's GIL); a local
 Ray and Serve; the apps of `collector.demo.apps`, their traced routers
-pointed at that collector; traffic (`collector.demo.traffic`) until
-`--duration` ends or Ctrl-C. Then, in the order that loses nothing: the
-traffic stops, Serve shuts down (the routers flush their last events), the
-final figures are read from the collector, Ray stops, the server stops.
+pointed at that collector; once the routers have reported every replica,
+traffic (`collector.demo.traffic`) until `--duration` ends or Ctrl-C. Then,
+in the order that loses nothing: the traffic stops, Serve shuts down (the
+routers flush their last events), the final figures are read from the
+collector, Ray stops, the server stops.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from routelens.routers.config import TracerConfig
+
 from ..cli.errors import DemoError, ServeError
 from ..cli.server import check_port_free
 from ..cli.server_process import ServerNotStarted, ServerProcess
@@ -35,6 +38,8 @@ from ..cli.server_process import ServerNotStarted, ServerProcess
 HOST = "127.0.0.1"
 STATUS_EVERY_S = 2.0
 LINE_EVERY_S = 10.0  # when the output is not a terminal: a plain line this often
+MEMBERS_TIMEOUT_S = 30.0  # how long the traffic waits for the routers to report every replica
+MEMBERS_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,8 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
                                               route_prefix=f"/{app.name}" if app.http else None)
             console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
                           f"({time.monotonic() - began:.0f} s)")
+        with console.status("waiting for the routers to report every replica"):
+            _wait_for_members(server, APPS)
         serve_url = f"http://{HOST}:{options.serve_port}"
         console.print(f"\n[bold]dashboard: {server.url}/[/]   (API: {server.url}/docs)")
         console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS if app.http)}}}")
@@ -139,6 +146,27 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
         with console.status("stopping Ray"):
             serve.shutdown()  # a no-op unless interrupted before the shutdown above
             ray.shutdown()
+
+
+def _wait_for_members(server: ServerProcess, apps) -> None:
+    """Until the collector lists every replica of every app as a member (each app's routers report
+    them as Serve starts them: the last ones may come after `serve.run` returned), then one
+    exporter flush interval more. The traffic's first requests then reach the collector in later
+    batches than the ones that named their replicas, so that every replica is seen at 0 before it
+    counts a request: in the dashboard, and by a Prometheus that scrapes the collector more often
+    than that (`increase` and `rate` start from a counter's first sample, and would miss what it
+    held then). After MEMBERS_TIMEOUT_S the traffic starts anyway."""
+    deadline = time.monotonic() + MEMBERS_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if all(_members(server, app.name) >= app.replicas for app in apps):
+            time.sleep(TracerConfig.flush_interval_s)
+            return
+        time.sleep(MEMBERS_POLL_S)
+
+
+def _members(server: ServerProcess, app: str) -> int:
+    distribution = server.get("/v1/distribution", app=app, window="1h")
+    return sum(replica["member"] for replica in distribution["replicas"]) if distribution else 0
 
 
 def _wait(duration: Optional[float]) -> None:

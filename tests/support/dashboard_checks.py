@@ -2,17 +2,21 @@
 against what routelens' read API says of the same window.
 
 Prometheus extrapolates `increase` and `rate` to the edges of their range.
-Given a range that begins exactly at a sample taken before any traffic (the
-series at 0) and ends exactly at the last sample, it extrapolates nothing:
-over that range a query over counters sees exactly what the collector
-counted, which is what the API says of a window holding all the traffic.
+Given a range that ends exactly at a sample and begins at a sample taken
+before any traffic (the series at 0), or before the series existed when
+each was born at 0 (Prometheus then extrapolates to that 0, no further), it
+extrapolates nothing: over that range a query over counters sees exactly
+what the collector counted, which is what the API says of a window holding
+all the traffic.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -20,6 +24,10 @@ import pytest
 from routelens.collector.store.bins import STALENESS
 from tests.support.prometheus import PrometheusServer, dashboard_queries, grafana_expr, rule_exprs
 
+# The counters the comparisons below read: each must be at 0 at its first sample in the range (module docstring).
+COMPARED_COUNTERS = ("routelens_routed_requests_total", "routelens_routed_requests_by_rank_total",
+                     "routelens_fifo_handoffs_total", "routelens_refusals_total",
+                     "routelens_stats_staleness_seconds_bucket")
 RANK_GROUPS = {"0": "0", "1": "1", "2": "2+", "3": "2+", "4": "2+", "5+": "2+", "unknown": "unknown"}
 
 
@@ -41,6 +49,11 @@ class Evaluator:
         return self.prom.query(grafana_expr(expr, self.range, rate_interval=self.range), at=self.until)
 
     def rule(self, expr: str) -> List[dict]:
+        """A rule's expression over the range, the recorded series it reads computed over it as well
+        (Prometheus recorded them over their own windows)."""
+        for name, recorded in rule_exprs().items():
+            if name.startswith("routelens:"):
+                expr = expr.replace(name, f"({recorded})")
         for window in ("[5m]", "[10m]"):
             expr = expr.replace(window, f"[{self.range}]")
         return self.prom.query(expr, at=self.until)
@@ -58,15 +71,69 @@ def keyed(result: List[dict], *labels: str) -> Dict[Tuple, float]:
     return out
 
 
-def check_dashboard_and_rules(prom: PrometheusServer, get: Callable[..., dict], since: float, until: float,
-                              api_window: dict) -> None:
-    """Every dashboard query and recording rule returns the series it should, equal to
-    the API's figures for `api_window` (which holds all the traffic); alerts' queries run."""
-    ev = Evaluator(prom, since, until)
-    panels, rules = dashboard_queries(), rule_exprs()
+@dataclass(frozen=True)
+class ApiFigures:
+    """What the read API says of one window: the figures the dashboard and the rules are held to."""
+    distribution: dict
+    rank_hits: dict
+    staleness: dict
+    ranks: Dict[Tuple[str, str], List[dict]]  # each deployment's routed requests by rank (its /v1/rank-hits)
+
+
+def api_figures(get: Callable[..., dict], api_window: dict) -> ApiFigures:
+    """Read through `get(path, **params)` (a parsed 200 answer); `api_window`: the window's parameters."""
     distribution = get("/v1/distribution", **api_window)
-    rank_hits = get("/v1/rank-hits", **api_window)
-    staleness = get("/v1/staleness", **api_window)
+    ranks = {(d["app"], d["deployment"]): get("/v1/rank-hits", app=d["app"], deployment=d["deployment"],
+                                              **api_window)["ranks"] for d in distribution["deployments"]}
+    return ApiFigures(distribution, get("/v1/rank-hits", **api_window), get("/v1/staleness", **api_window), ranks)
+
+
+# The events that the figures compared come from. Others go on arriving without traffic (a deployment's
+# stamped routing stats change every period) and change none of them (the stats period aside: see below).
+ROUTING_EVENTS = 'routelens_events_ingested_total{type=~"decision|routed|completed"}'
+
+
+def scrape_after(prom: PrometheusServer, selector: str, after: float, timeout_s: float = 30) -> Tuple[float, float]:
+    """The first scrape after `after` (epoch seconds) that saw `selector`: its time, and its series' sum then."""
+    def found():
+        sums: Dict[float, float] = defaultdict(float)
+        for series in prom.samples(selector, 120):
+            for ts, value in series["values"]:
+                if float(ts) > after:
+                    sums[float(ts)] += float(value)
+        return min(sums.items()) if sums else None
+
+    return prom.wait_for(found, timeout_s, f"a scrape of {selector} after {after:.3f}")
+
+
+def figures_at_a_quiet_scrape(prom: PrometheusServer, get: Callable[..., dict], api_window: dict,
+                              timeout_s: float = 60) -> Tuple[float, ApiFigures]:
+    """Once the traffic has stopped: the API's figures, and the time of a scrape that counted
+    exactly the events they were computed from. A scrape before the reading and one after it
+    counted as many routing events stored: none was stored in between. Until then, again."""
+    deadline = time.monotonic() + timeout_s
+    before = scrape_after(prom, ROUTING_EVENTS, time.time())
+    while True:
+        figures = api_figures(get, api_window)
+        after = scrape_after(prom, ROUTING_EVENTS, time.time())
+        if after[1] == before[1]:
+            return before[0], figures
+        assert time.monotonic() < deadline, f"routing events still stored {timeout_s} s after the traffic stopped"
+        before = after
+
+
+def check_dashboard_and_rules(prom: PrometheusServer, api: ApiFigures, since: float, until: float) -> None:
+    """Every dashboard query and recording rule returns the series it should, equal to
+    the API's figures `api` of a window that holds all the traffic; alerts' queries run."""
+    ev = Evaluator(prom, since, until)
+    counted_before = {}
+    for name in COMPARED_COUNTERS:
+        for series in prom.samples(name, ev.seconds, at=until):
+            if float(series["values"][0][1]):
+                counted_before[tuple(sorted(series["metric"].items()))] = series["values"][0]
+    assert not counted_before, f"series that counted before their first scrape in the range: {counted_before}"
+    panels, rules = dashboard_queries(), rule_exprs()
+    distribution, rank_hits, staleness = api.distribution, api.rank_hits, api.staleness
     deployments = {(d["app"], d["deployment"]) for d in distribution["deployments"]}
     assert deployments, "no traffic to compare"
     replicas = {(r["app"], r["deployment"], r["replica_id"]): r for r in distribution["replicas"]}
@@ -97,8 +164,8 @@ def check_dashboard_and_rules(prom: PrometheusServer, get: Callable[..., dict], 
         {key: approx(d["rank0_rate"]) for key, d in hits.items() if d["routed"]}
     by_rank = keyed(panel("Routed requests by rank"), "app", "deployment", "rank")
     expected = defaultdict(float)
-    for app, deployment in deployments:
-        for rank in get("/v1/rank-hits", app=app, deployment=deployment, **api_window)["ranks"]:
+    for (app, deployment), ranks in api.ranks.items():
+        for rank in ranks:
             expected[(app, deployment, RANK_GROUPS[rank["rank"]])] += rank["routed"]
     assert by_rank == {key: approx(value) for key, value in expected.items()}
     assert keyed(panel("FIFO hand-off rate"), "app", "deployment") == \

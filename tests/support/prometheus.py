@@ -14,9 +14,10 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from tests.support.ports import free_port
+from tests.support.system_deps import require
 
 BINARIES = ("prometheus", "promtool")
 
@@ -29,6 +30,11 @@ def check_available() -> None:
     missing = [name for name in BINARIES if shutil.which(name) is None]
     if missing:
         raise PrometheusUnavailable(f"{' and '.join(missing)} not found (apt-get install prometheus)")
+
+
+def need_prometheus() -> None:
+    """In a test: skip it without Prometheus (fail it in CI)."""
+    require(check_available, PrometheusUnavailable, "CI must test with Prometheus", "Prometheus unavailable")
 
 
 class PrometheusServer:
@@ -108,13 +114,23 @@ class PrometheusServer:
         assert data["resultType"] == "vector", data
         return data["result"]
 
-    def samples(self, selector: str, seconds: int) -> List[dict]:
-        """Raw samples of the last `seconds`: [{"metric": labels, "values": [[ts, "value"], ...]}, ...]."""
-        data = self.api("query", query=f"{selector}[{seconds}s]")
-        return data["result"]
+    def samples(self, selector: str, seconds: float, at: Optional[float] = None) -> List[dict]:
+        """Raw samples of the `seconds` up to `at` (default: now):
+        [{"metric": labels, "values": [[ts, "value"], ...]}, ...]."""
+        params = {"query": f"{selector}[{round(seconds * 1000)}ms]"}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        return self.api("query", **params)["result"]
 
     def alerts(self) -> List[dict]:
         return self.api("alerts")["alerts"]
+
+    def fired(self, since: float, until: float) -> List[dict]:
+        """The labels of every alert that was firing at some rule evaluation in (since, until],
+        from the ALERTS series Prometheus keeps of them (alerts firing once, resolved since, included)."""
+        seconds = round((until - since) * 1000)
+        return [series["metric"] for series in
+                self.query(f'max_over_time(ALERTS{{alertstate="firing"}}[{seconds}ms])', at=until)]
 
     def rule_groups(self) -> List[dict]:
         return self.api("rules")["groups"]
@@ -157,6 +173,11 @@ def shortened_rules(directory: str, window: str = "20s", hour: str = "2m") -> st
     with open(path, "w") as out:
         yaml.safe_dump(document, out)
     return path
+
+
+def alert_key(labels: Dict[str, str]) -> Tuple[str, Optional[str]]:
+    """An alert as (its name, what it is about: the source, else the replica, else the deployment)."""
+    return labels["alertname"], labels.get("source_id") or labels.get("replica") or labels.get("deployment")
 
 
 def rule_exprs() -> Dict[str, str]:
