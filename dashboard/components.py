@@ -83,13 +83,12 @@ def table(table_id: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) 
     ])
 
 
-def downloads(element_id: str, api_prefix: str, query: str, what: str) -> html.Div:
+def downloads(element_id: str, api_prefix: str, query: str) -> html.Div:
     """Links that download what a view shows, through the export endpoint
-    (the code path of `routelens export`): `query` holds the view's filters."""
-    separator = "&" if query else ""
+    (the code path of `routelens export`): `query` (`ViewState.export_query`) names the table and filters."""
     return html.Div(id=element_id, className="downloads", children=["download: ", *[
         html.A(fmt.upper() if fmt != "jsonl" else "JSON Lines", download="", id=f"{element_id}-{fmt}",
-               href=f"{api_prefix}v1/export?{query}{separator}what={what}&format={fmt}",
+               href=f"{api_prefix}v1/export?{query}&format={fmt}",
                style={"marginRight": "10px"})
         for fmt in ("csv", "jsonl", "parquet")]])
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 from urllib.parse import parse_qs, urlencode
 
+from routelens.collector.export.names import DECISION_TABLES
 from routelens.collector.query.filters import DEFAULT_WINDOW, FilterError, Filters, build_filters, parse_label
 from routelens.collector.store.ids import to_bytes
 
@@ -78,13 +79,15 @@ class ViewState:
             pairs.append(("follow", "1"))
         return "?" + urlencode(pairs) if pairs else ""
 
-    def export_query(self, f: Filters) -> str:
-        """The export endpoint's query string for what the view shows: its
-        filters, and its window as the absolute times it was computed for."""
+    def export_query(self, f: Filters, what: str) -> str:
+        """The export endpoint's query string for table `what` as the view shows it: its
+        filters, and its window as the absolute times it was computed for. The reason
+        filter narrows decisions only: a table of requests is exported whole."""
         pairs = [("since", repr(f.since)), ("until", repr(f.until))]
         for key, values in self._filter_values():
-            pairs.extend((key, value) for value in values)
-        return urlencode(pairs)
+            if key != "reason" or what in DECISION_TABLES:
+                pairs.extend((key, value) for value in values)
+        return urlencode(pairs + [("what", what)])
 
     def _filter_values(self) -> Tuple[Tuple[str, List[str]], ...]:
         """The filters, as the read API's parameters name them."""

@@ -280,6 +280,11 @@ def test_a_download_holds_the_rows_the_view_counts(server, page):
     assert set(frame["app"]) == {"shop"}
     assert frame["replica_id"].value_counts().to_dict() == {r["replica_id"]: r["routed"] for r in dist["replicas"]
                                                             if r["routed"]}
+    # A reason filter narrows decisions, not the routed requests the Distribution view counts.
+    page.goto(server.url + "/distribution?app=shop&reason=pow-2+fallback")
+    with page.expect_download() as download:
+        page.click("#distribution-download-csv")
+    assert len(pd.read_csv(download.value.path())) == sum(r["routed"] for r in dist["replicas"])
     page.goto(server.url + "/explorer?app=search")
     with page.expect_download() as download:
         page.click("#explorer-download-parquet")

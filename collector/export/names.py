@@ -4,3 +4,4 @@ every subcommand)."""
 
 FORMATS = ("csv", "jsonl", "parquet")
 TABLES = ("decisions", "candidates", "routed", "completed", "events")
+DECISION_TABLES = ("decisions", "candidates")  # a row per decision or per its candidate: the reason filter applies

@@ -29,7 +29,7 @@ from .chunks import in_background
 from .convert import Names
 from .formats import WRITERS
 from .memory import freed_memory_given_back
-from .names import FORMATS, TABLES
+from .names import DECISION_TABLES, FORMATS, TABLES
 from .schema import arrow_schema
 from .tables import BATCHES
 from .wire_batches import wire_batches
@@ -48,12 +48,11 @@ def check(f: Filters, what: str, fmt: str) -> None:
     if what == "events":
         if fmt != "jsonl":
             raise ExportError("what=events: wire-format batches are JSON Lines only (format=jsonl)")
-        if f.replicas or f.request_id or f.model_id or f.reasons:
-            raise ExportError("what=events exports whole sources: replica, request_id, model_id and reason"
-                              " do not apply")
+        if f.replicas or f.request_id or f.model_id:
+            raise ExportError("what=events exports whole sources: replica, request_id and model_id do not apply")
     if what == "completed" and f.model_id:
         raise ExportError("what=completed: completions carry no model id (filter routed instead)")
-    if what in ("routed", "completed") and f.reasons:
+    if what not in DECISION_TABLES and f.reasons:
         raise ExportError(f"what={what}: reason is a decision's (filter decisions or candidates instead)")
 
 

@@ -86,7 +86,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
     return html.Div([
         cards,
         # The routed requests the counts are made of.
-        downloads("distribution-download", prefix, state.export_query(f), "routed"),
+        downloads("distribution-download", prefix, state.export_query(f, "routed")),
         section("Deployments, least balanced first", [table(
             "distribution-deployments", ("deployment", "replicas", "routed", "fair share", "max/mean", "CV", "Jain"),
             deployment_rows)]),

@@ -43,7 +43,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
         pager.append(dcc.Link("older →", href=state.with_(cursor=page["next_cursor"], decision=None).href(prefix),
                               id="explorer-older", style={"marginLeft": "16px"}))
     children = [section(f"Decisions ({len(rows)} shown)", [
-        downloads("explorer-download", prefix, state.export_query(f), "decisions"),
+        downloads("explorer-download", prefix, state.export_query(f, "decisions")),
         listing, html.Div(pager, className="pager")])]
     if state.follow:
         children.insert(0, _live(state))

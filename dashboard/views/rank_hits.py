@@ -86,7 +86,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
     return html.Div([
         cards,
         # The decisions, each with its answer's regret and belief error (and everything else counted here).
-        downloads("rank-hits-download", prefix, state.export_query(f), "decisions"),
+        downloads("rank-hits-download", prefix, state.export_query(f, "decisions")),
         section("Routed requests by rank", [ranks]),
         section("Deployments, lowest rank-0 hit rate first", [deployments]),
         section("Share by rank over time", [dcc.Graph(id="rank-hits-shares", figure=shares)]),
