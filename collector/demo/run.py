@@ -29,8 +29,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from routelens.routers.config import TracerConfig
-
 from ..cli.errors import DemoError, ServeError
 from ..cli.server import check_port_free
 from ..cli.server_process import ServerNotStarted, ServerProcess
@@ -156,6 +154,10 @@ def _wait_for_members(server: ServerProcess, apps) -> None:
     counts a request: in the dashboard, and by a Prometheus that scrapes the collector more often
     than that (`increase` and `rate` start from a counter's first sample, and would miss what it
     held then). After MEMBERS_TIMEOUT_S the traffic starts anyway."""
+    # Imported here: routelens.routers imports Ray, which the demo has started by now, and which
+    # a collector host importing this module needs not have (tests/test_packaging.py).
+    from routelens.routers.config import TracerConfig
+
     deadline = time.monotonic() + MEMBERS_TIMEOUT_S
     while time.monotonic() < deadline:
         if all(_members(server, app.name) >= app.replicas for app in apps):
