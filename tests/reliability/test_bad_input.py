@@ -490,7 +490,9 @@ def test_injected_filters_match_nothing_and_change_nothing(db_url, collector, ma
     events, inputs = [], {"r1": {"queue_len": 1, "stats_age_s": 0.5, "stats_age_source": "stamped"}}
     for i in range(5):
         decision = source.decision(_now() + i, [["r1"], ["r2"]], request_id=f"req-{i}", model_id="m1",
-                                   candidates=inputs)
+                                   candidates=inputs, reason="prefix_match", scores={"match_rate": 0.5})
+        # A prefix group, so that /v1/prefix-affinity has rows for the filters to remove.
+        decision["attributes"] = {"prefix_group": "0123456789abcdef", "prompt_chars": 120}
         routed = source.routed(_now() + i, "r1", decision)
         events += [decision, routed, source.completed(_now() + i, "r1", routed)]
     collector.store(source.batch(events + [source.replicas(_now(), ["r1", "r2"])]))
