@@ -89,6 +89,14 @@ class ViewState:
                 pairs.extend((key, value) for value in values)
         return urlencode(pairs + [("what", what)])
 
+    def read_query(self, f: Filters) -> str:
+        """A read endpoint's query string for what the view shows: every filter, the reason's
+        included, and the window as the absolute times it was computed for."""
+        pairs = [("since", repr(f.since)), ("until", repr(f.until))]
+        for key, values in self._filter_values():
+            pairs.extend((key, value) for value in values)
+        return urlencode(pairs)
+
     def _filter_values(self) -> Tuple[Tuple[str, List[str]], ...]:
         """The filters, as the read API's parameters name them."""
         return (("app", self.apps), ("deployment", self.deployments), ("router_class", self.router_classes),

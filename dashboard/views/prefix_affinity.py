@@ -50,7 +50,7 @@ def render(conn: Connection, f: Filters, state: ViewState, prefix: str = "/") ->
     group_rows = [(g["prefix_group"], deployment_name(g), number(g["requests"]), number(g["replicas"]),
                    g["top_replica_id"] or "–", percent(g["top_share"]), percent(g["match_rate_mean"]),
                    number(g["prompt_chars_mean"])) for g in groups]
-    json_href = f"{prefix}v1/prefix-affinity?{state.export_query(f)}"
+    json_href = f"{prefix}v1/prefix-affinity?{state.read_query(f)}"
     return html.Div([
         cards,
         table_downloads("prefix-affinity-download", f"prefix-affinity-{int(f.since)}-{int(f.until)}",
