@@ -125,6 +125,11 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
                                               route_prefix=f"/{app.name}" if app.http else None)
             console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
                           f"({time.monotonic() - began:.0f} s)")
+        for app in APPS:
+            if not app.http:
+                # Reached through handles only: no proxy's router reports its replicas, and a handle
+                # starts its router at its first request unless initialized now.
+                handles[app.name]._init()
         with console.status("waiting for the routers to report every replica"):
             _wait_for_members(server, APPS)
         serve_url = f"http://{HOST}:{options.serve_port}"
