@@ -83,19 +83,20 @@ class ViewState:
         """The export endpoint's query string for table `what` as the view shows it: its
         filters, and its window as the absolute times it was computed for. The reason
         filter narrows decisions only: a table of requests is exported whole."""
-        pairs = [("since", repr(f.since)), ("until", repr(f.until))]
-        for key, values in self._filter_values():
-            if key != "reason" or what in DECISION_TABLES:
-                pairs.extend((key, value) for value in values)
-        return urlencode(pairs + [("what", what)])
+        return urlencode(self._window_and_filters(f, reason=what in DECISION_TABLES) + [("what", what)])
 
     def read_query(self, f: Filters) -> str:
         """A read endpoint's query string for what the view shows: every filter, the reason's
         included, and the window as the absolute times it was computed for."""
+        return urlencode(self._window_and_filters(f, reason=True))
+
+    def _window_and_filters(self, f: Filters, reason: bool) -> List[Tuple[str, str]]:
+        """The window as the absolute times it was computed for, and the filters (`reason`: its too)."""
         pairs = [("since", repr(f.since)), ("until", repr(f.until))]
         for key, values in self._filter_values():
-            pairs.extend((key, value) for value in values)
-        return urlencode(pairs)
+            if key != "reason" or reason:
+                pairs.extend((key, value) for value in values)
+        return pairs
 
     def _filter_values(self) -> Tuple[Tuple[str, List[str]], ...]:
         """The filters, as the read API's parameters name them."""
