@@ -47,11 +47,13 @@ class FifoAttribution:
         super().__init__(router, init_kwargs, **options)
         # (replica, the decision that ranked it or None, its rank there) during a fulfilment.
         self.fulfilling: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
-        # The request a replica just accepted and the count of ongoing requests it reported, set by the
-        # mixin as Ray's sender reads the answer (on_new_queue_len_info); on_routed, which Ray calls next
-        # in the same step, takes them. Two attributes rather than a tuple: nothing to build per request.
+        # The request a replica just accepted, the count of ongoing requests it reported and when it was
+        # sent (monotonic, None if unknown), set by the mixin as Ray's sender reads the answer
+        # (on_new_queue_len_info); on_routed, which Ray calls next in the same step, takes them.
+        # Attributes rather than a tuple: nothing to build per request.
         self.accepted_request: Any = None
         self.accepted_queue_len: Optional[int] = None
+        self.accepted_sent_at: Optional[float] = None
 
     def on_fulfil_start(self, replica: Any, request_metadata: Any) -> None:
         # Ray fulfils from the routing task that found the replica, with the
@@ -85,9 +87,9 @@ class FifoAttribution:
                 self._configure_from_env()
             self._loop_or_bind()
         now = time.time()
-        reported = None
+        reported = sent_at = None
         if self.accepted_request is pending_request:  # else Ray sent it without asking the replica
-            reported, self.accepted_request = self.accepted_queue_len, None
+            reported, sent_at, self.accepted_request = self.accepted_queue_len, self.accepted_sent_at, None
         trace = getattr(pending_request, "_routelens", None) or self._new_trace(pending_request)
         handoff, trace.handoff = trace.handoff, None
         if handoff is not None and handoff[1] is not None and (
@@ -95,8 +97,6 @@ class FifoAttribution:
             decision, rank, attribution = handoff[1], handoff[2], "exact"
         else:
             decision, rank, attribution = trace.last_decision, None, "last_decision"
-        # Sent by Ray's usual sender (CompletionPairing.on_sent): its latency starts at the send, not here.
-        sent_at, trace.sent_at = trace.sent_at, None
         if not trace.sampled:
             self.source.count_unqueued("sampled_out")
             return

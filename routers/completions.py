@@ -32,7 +32,7 @@ process one more fetch of it: the callback runs on a Ray worker thread and
 only notes the outcome; the loop drains the notes at its next completion,
 or on a timer.
 
-A latency runs from the send (`on_sent`: Ray calls on_send_request as it
+A latency runs from the send (`send_times`: Ray calls on_send_request as it
 sends) to the completion, not from `on_request_routed`, which Ray calls
 only once the replica's answer is back and the router's loop resumes the
 sender: a router that blocks its loop would otherwise shorten every
@@ -63,6 +63,10 @@ from .records import RequestTrace, completed_record
 # this the oldest are forgotten (counted as dropped, "untracked_completion"),
 # so completions that never come cannot grow memory.
 MAX_OPEN_ATTEMPTS = 100_000
+# Send times noted whose answer has not come (send_times). None comes when
+# the send fails (the replica died): beyond this the oldest are forgotten,
+# so such sends cannot grow memory. Live ones are one per request in flight.
+MAX_UNANSWERED_SENDS = 100_000
 # A framework completion that no accepted attempt claims within this time is
 # reported as a rejection. Accepted attempts claim theirs within a few loop
 # iterations; the margin covers a loop stalled by load.
@@ -123,6 +127,9 @@ class CompletionPairing:
         self.results_from_ray = results_from_ray
         self.records_refusals = records_refusals
         self.records_send_times = records_send_times
+        # id(the frame of Ray's sender) -> the monotonic time it sent its request, noted by the mixin's
+        # on_send_request until the replica's answer (on_new_queue_len_info): one per request in flight.
+        self.send_times: Dict[int, float] = {}
         # (replica_id, internal_request_id) -> refusals recorded whose attempt's completion has not come yet.
         self._refusals_unclaimed: Dict[Tuple[Any, str], int] = {}
         # internal_request_id -> the request's accepted attempts awaiting their
@@ -214,18 +221,6 @@ class CompletionPairing:
         self._unmatched_completions.setdefault(key, deque()).append(_Completion(ts, at, ok, cancelled, refusable))
         self.source.pending_completions += 1
         self._settle_later(key)
-
-    def on_sent(self, pending_request: Any) -> None:
-        """Ray's usual sender sent the request, asking the replica first: Ray
-        calls on_request_routed once the replica's answer is back and the
-        router's loop resumes the sender, which a router that holds its loop
-        delays. The latency starts here, at the send."""
-        trace = getattr(pending_request, "_routelens", None)
-        if trace is None:
-            if self.source is None:
-                self._configure_from_env()
-            trace = self._new_trace(pending_request)
-        trace.sent_at = time.monotonic()
 
     def on_refused(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
         """The replica refused the request: Ray's sender read its answer (with

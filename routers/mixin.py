@@ -24,11 +24,11 @@ For routers:
 from __future__ import annotations
 
 import sys
-from time import time
+from time import monotonic, time
 from typing import Any, Dict, List, Optional
 
 from . import explanations, ray_contract
-from .completions import NO_RESULT
+from .completions import MAX_UNANSWERED_SENDS, NO_RESULT
 from .config import passthrough_kwargs
 from .faults import faults
 from .ray_contract import (
@@ -144,7 +144,7 @@ class TracingMixin:
     def on_new_queue_len_info(self, replica_id: Any, num_ongoing_requests: int):
         # Called by Ray's usual sender with the replica's answer (the common
         # case: its frame is the caller, and an accepted answer only leaves
-        # its count for on_request_routed), and on the paths of
+        # its count and send time for on_request_routed), and on the paths of
         # DeploymentHandle.choose_replica(): after a reservation, and when a
         # reservation is released.
         tracer = self._routelens
@@ -154,8 +154,10 @@ class TracingMixin:
                 sending = caller if caller.f_code is ROUTE_AND_SEND_CODE else ray_frame(caller, ROUTE_AND_SEND_CODE)
                 if sending is not None:
                     pending_request, accepted = ray_contract.answer(sending)
-                    if accepted:  # Ray calls on_request_routed next: on_routed takes the count from here
-                        tracer.accepted_request, tracer.accepted_queue_len = pending_request, num_ongoing_requests
+                    sent_at = tracer.send_times.pop(id(sending), None)  # noted by on_send_request
+                    if accepted:  # Ray calls on_request_routed next: on_routed takes these
+                        tracer.accepted_request, tracer.accepted_queue_len, tracer.accepted_sent_at = (
+                            pending_request, num_ongoing_requests, sent_at)
                     else:
                         tracer.on_refused(pending_request, replica_id, num_ongoing_requests)
                 elif tracer.records_unrouted_sends:
@@ -167,21 +169,19 @@ class TracingMixin:
     def on_send_request(self, replica_id: Any):
         # Called as each request is sent: by Ray's usual sender (which asks
         # the replica first, but inside Ray Client and to Java replicas), and
-        # by broadcast(). The common case, the usual sender asking the
-        # replica, notes when the request was sent: its latency starts there.
+        # by broadcast(). In the common case, the usual sender asking the
+        # replica, the request's latency starts now: the time is noted
+        # against the sender's frame (one per request in flight), whose
+        # locals (the request) are read once, with the answer, in
+        # on_new_queue_len_info.
         tracer = self._routelens
         if tracer is not None and tracer.records_send_times:
             try:
                 caller = sys._getframe(1)
-                sending = caller if caller.f_code is ROUTE_AND_SEND_CODE else ray_frame(caller, ROUTE_AND_SEND_CODE)
-                if sending is not None:
-                    pending_request, result, with_rejection = ray_contract.send(sending)
-                    if with_rejection:  # Ray calls on_request_routed once the replica accepts
-                        tracer.on_sent(pending_request)
-                    elif tracer.records_unrouted_sends:  # it never will: this is the routing
-                        tracer.on_routed(pending_request, replica_id, result)
-                elif tracer.records_unrouted_sends and (broadcasting := ray_frame(caller, BROADCAST_CODE)) is not None:
-                    tracer.on_broadcast_send(ray_contract.broadcast_request(broadcasting), replica_id)
+                if caller.f_code is ROUTE_AND_SEND_CODE and not tracer.sends_unasked:
+                    _note_send(tracer, caller)
+                else:
+                    _record_other_send(tracer, caller, replica_id)
             except Exception as exc:
                 faults.record("recording a send", exc)
         return super().on_send_request(replica_id)
@@ -223,6 +223,31 @@ class TracingMixin:
                 except Exception as exc:
                     faults.record("attributing a fulfilment", exc)
             return result
+
+
+def _note_send(tracer: RouterTracer, sending: Any) -> None:
+    """Ray's usual sender, running `sending`, sent its request asking the
+    replica: the request's latency starts now."""
+    send_times = tracer.send_times
+    send_times[id(sending)] = monotonic()
+    if len(send_times) > MAX_UNANSWERED_SENDS:  # answers that never came (the replica died)
+        del send_times[next(iter(send_times))]
+
+
+def _record_other_send(tracer: RouterTracer, caller: Any, replica_id: Any) -> None:
+    """Any send but the common case: under a subclass's override of the
+    hook, without asking the replica (routed at the send), or broadcast()."""
+    if (sending := ray_frame(caller, ROUTE_AND_SEND_CODE)) is not None:
+        if not tracer.sends_unasked_to(replica_id):
+            _note_send(tracer, sending)
+        elif tracer.records_unrouted_sends:
+            pending_request, result, with_rejection = ray_contract.send(sending)
+            if with_rejection:
+                _note_send(tracer, sending)
+            else:  # Ray never calls on_request_routed for it: this is its routing
+                tracer.on_routed(pending_request, replica_id, result)
+    elif tracer.records_unrouted_sends and (broadcasting := ray_frame(caller, BROADCAST_CODE)) is not None:
+        tracer.on_broadcast_send(ray_contract.broadcast_request(broadcasting), replica_id)
 
 
 def _record_reservation_answer(tracer: RouterTracer, caller: Any, replica_id: Any, num_ongoing_requests: int) -> None:

@@ -261,8 +261,9 @@ TRACER_CONTRACT = (FULFIL, FIFO_FULFIL, RECORD_QUEUE_WAIT, PROCESS_FINISHED, ROU
 EXACT_ATTRIBUTION = FULFIL.holds() and FIFO_FULFIL.holds() and RECORD_QUEUE_WAIT.holds()
 RESULTS_FROM_RAY = EXACT_ATTRIBUTION and PROCESS_FINISHED.holds()
 REFUSALS = ROUTE_AND_SEND.holds() and QUEUE_INFO.holds()
-# When Ray's usual sender sent a request (its latency starts there): its frame, as it calls on_send_request.
-SEND_TIMES = ROUTE_AND_SEND.holds()
+# When Ray's usual sender sent a request (its latency starts there): noted as it calls on_send_request,
+# matched to its request where the replica's answer is read (REFUSALS).
+SEND_TIMES = REFUSALS
 UNROUTED_SENDS = all(item.holds() for item in (ROUTE_AND_SEND, RESERVE, RELEASE, BROADCAST, QUEUE_INFO, SELECTION))
 
 # The callers' code objects, for the hooks' `is` tests (None when missing).

@@ -47,8 +47,8 @@ class RequestTrace:
     """What the tracer keeps on a PendingRequest (as `pr._routelens`) while it
     is routed: its sampling, its decisions and how it was handed its replica."""
 
-    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "sent_at",
-                 "attributes", "wire_ids")
+    __slots__ = ("metadata", "sampled", "decisions", "last_decision", "handoff", "handed_at", "attributes",
+                 "wire_ids")
 
     def __init__(self, metadata: Any, sampled: bool, attributes: Optional[Dict[str, Any]]):
         self.metadata = metadata
@@ -59,8 +59,6 @@ class RequestTrace:
         # when a fulfilment hands this request a replica (routers.attribution).
         self.handoff: Optional[Tuple[Any, Optional[list], Optional[int]]] = None
         self.handed_at = 0.0  # monotonic time of the last hand-off
-        # Monotonic time Ray's usual sender sent it, until on_request_routed (routers.completions).
-        self.sent_at: Optional[float] = None
         self.attributes = attributes
         self.wire_ids: Optional[str] = None  # see wire.request_ids_json; written by the exporter thread only
 

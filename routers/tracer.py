@@ -125,7 +125,7 @@ class RouterTracer(FifoAttribution, DecisionRecording, CompletionPairing, Unrout
         `records_refusals`: the mixin reports each refusal as the replica
         answers (on_refused).
         `records_send_times`: the mixin reports when Ray's usual sender sends
-        a request (on_sent), where its latency starts.
+        a request (note_send), where its latency starts.
         `records_unrouted_sends`: the mixin reports sends that skip the
         rejection protocol (on_reserved, on_broadcast_send, ...)."""
         super().__init__(router, init_kwargs, records_attributes=records_attributes,

@@ -41,6 +41,7 @@ class UnroutedSends:
     on_routed: Callable[[Any, Any, Any], None]  # routers.attribution
     accepted_request: Any  # routers.attribution
     accepted_queue_len: Optional[int]  # routers.attribution
+    accepted_sent_at: Optional[float]  # routers.attribution
     _open_attempts: Dict[str, List[Any]]  # routers.completions
     _close_attempt: Callable[[Any], None]  # routers.completions
 
@@ -51,6 +52,7 @@ class UnroutedSends:
         # request without the rejection protocol, as it does to Java replicas.
         self._rejection_protocol = bool(init_kwargs.get("use_replica_queue_len_cache", False))
         self._cross_language: frozenset = frozenset()  # unique_ids of the replicas that never reject
+        self.sends_unasked = not self._rejection_protocol  # whether Ray may send without asking (cheap test)
         # internal_request_id -> (wall, monotonic) time of a send no routing
         # chose (a broadcast), until its completion.
         self._unrouted_sends: Dict[str, Tuple[float, float]] = {}
@@ -63,6 +65,7 @@ class UnroutedSends:
         """The membership changed (routers.membership): which replicas are Java ones."""
         self._cross_language = frozenset(r.replica_id.unique_id for r in replicas
                                          if getattr(r, "is_cross_language", False))
+        self.sends_unasked = not self._rejection_protocol or bool(self._cross_language)
 
     def on_reserved(self, pending_request: Any, replica_id: Any, reported_queue_len: Optional[int] = None) -> None:
         """DeploymentHandle.choose_replica(): the replica routed to holds a slot
@@ -70,6 +73,7 @@ class UnroutedSends:
         never calls on_request_routed for it: this is its routing. The replica
         reported its count of ongoing requests, the slot included, as it accepted."""
         self.accepted_request, self.accepted_queue_len = pending_request, reported_queue_len
+        self.accepted_sent_at = None  # its latency starts at the routing: dispatch() sends later
         self.on_routed(pending_request, replica_id, None)
 
     def on_reservation_unused(self, replica_id: Any, request_metadata: Any) -> None:

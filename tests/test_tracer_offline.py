@@ -12,6 +12,7 @@ import pytest
 
 from routelens.routers import TracingMixin, ray_contract
 from routelens.routers import completions as completions_module
+from routelens.routers import mixin as mixin_module
 from routelens.routers.config import TracerConfig
 from routelens.routers.examples import (
     TracedPowerOfTwoChoicesRequestRouter,
@@ -388,6 +389,68 @@ def test_latency_starts_at_the_send_however_long_the_loop_is_held(tmp_path):
     assert completed["routed_id"] == routed["id"]
     assert completed["latency_ms"] >= HELD_S * 1000.0
     assert completed["latency_ms"] >= routed["send_to_routed_ms"] >= HELD_S * 1000.0
+
+
+ANSWER_GAP_S = 0.1  # between the answers of two requests in flight, answered in the other order than sent
+
+
+@pytest.mark.parametrize("unanswered_kept", [2, 1])
+def test_each_request_in_flight_keeps_its_own_send_time(tmp_path, monkeypatch, unanswered_kept):
+    """Send times are noted per sender and matched to their request with
+    its answer: two requests in flight, answered in the other order than
+    they were sent, each wait their own time (the first sent, longest).
+    The tracer keeps no send time once the answers are in; with room for
+    fewer unanswered sends than are in flight, the oldest is forgotten and
+    its latency starts where Ray routes it (send_to_routed_ms null)."""
+    monkeypatch.setattr(mixin_module, "MAX_UNANSWERED_SENDS", unanswered_kept)
+    sink = str(tmp_path / "events.jsonl")
+    exporter = Exporter(TracerConfig(jsonl_path=sink, flush_interval_s=0.1))
+    answers = {}
+
+    class AnsweredOnCue(FakeResult):
+        def __init__(self, cue):
+            super().__init__()
+            self.cue = cue
+
+        async def get_rejection_response(self):
+            await self.cue.wait()
+            return await super().get_rejection_response()
+
+    async def main():
+        router = make_router(TracedUniformRequestRouter, 2, router_kwargs={"jsonl_path": sink}, exporter=exporter)
+
+        def send(pr, with_rejection):
+            answers[pr.metadata.request_id] = cue = asyncio.Event()
+            return AnsweredOnCue(cue)
+
+        for replica in router._replicas_list:
+            replica.try_send_request = send
+        first, second = make_request(), make_request()
+        sending = [asyncio.create_task(RayRouter(router).send(first))]
+        await wait_until(lambda: len(answers) == 1)
+        sending.append(asyncio.create_task(RayRouter(router).send(second)))
+        await wait_until(lambda: len(answers) == 2)
+        answers[second.metadata.request_id].set()
+        await asyncio.sleep(ANSWER_GAP_S)
+        answers[first.metadata.request_id].set()
+        for result in await asyncio.gather(*sending):
+            result.finish("ok")
+        await wait_until(lambda: not router._routelens._open_attempts)
+        assert router._routelens.send_times == {}
+        return first.metadata.request_id
+
+    first_id = asyncio.run(main())
+    assert exporter.flush(10)
+    events, _ = exported_events(sink)
+    routed = {e["request_id"]: e for e in events if e["type"] == "routed"}
+    latency_ms = {e["routed_id"]: e["latency_ms"] for e in events if e["type"] == "completed"}
+    [second_id] = set(routed) - {first_id}
+    first_latency_ms = latency_ms[routed[first_id]["id"]]
+    assert routed[second_id]["send_to_routed_ms"] < ANSWER_GAP_S * 1000.0
+    if unanswered_kept == 2:
+        assert first_latency_ms >= routed[first_id]["send_to_routed_ms"] >= ANSWER_GAP_S * 1000.0
+    else:  # the first send's time was forgotten when the second was noted
+        assert routed[first_id]["send_to_routed_ms"] is None and first_latency_ms < ANSWER_GAP_S * 1000.0
 
 
 class CompletionCountingRouter(TracedUniformRequestRouter):
