@@ -35,6 +35,7 @@ SHOTS = [
     ("distribution", "", "#distribution-shares .main-svg"),
     ("staleness", "", "#staleness-heatmap .main-svg"),
     ("rank-hits", "", "#rank-hits-handoffs .main-svg"),
+    ("prefix-affinity", "", "#prefix-affinity-groups-chart .main-svg"),
     ("explorer", "decision={decision}", "#decision-candidates"),
     ("compare", "compare_shift=previous", "#compare-ranks .main-svg"),
     ("whatif", "replay={replay}", "#whatif-shares-0 .main-svg"),
@@ -63,12 +64,16 @@ def main() -> int:
         # What a view's extra query names: the newest decision in the window, the newest replay stored.
         chosen = {"decision": decisions[0]["id"] if decisions else None,
                   "replay": replays[0]["id"] if replays else None}
+        # Prefix affinity draws only requests with a prefix group (an LLM router's: the demo's llm app).
+        prefix_groups = httpx.get(f"{up.url}/v1/prefix-affinity", params=params).json()["groups"]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1440, "height": 900})
             for view, extra, drawn in SHOTS:
                 if any("{" + name + "}" in extra and value is None for name, value in chosen.items()):
                     continue  # nothing to show: no decision in the window, or no replay stored
+                if view == "prefix-affinity" and not prefix_groups:
+                    continue
                 query = "&".join(q for q in (window, extra.format(**chosen)) if q)
                 page.goto(f"{up.url}/{'' if view == 'overview' else view}?{query}")
                 page.wait_for_selector(drawn, timeout=60_000)
