@@ -209,6 +209,14 @@ def test_the_demo_serves_data_within_a_minute_and_ctrl_c_stops_it_in_order_leavi
     assert summary["routed"] > 0 and summary["dropped_events"] == 0 and summary["batch_gaps"] == 0
 
 
+def test_the_handle_only_apps_routers_start_before_the_traffic(demo):
+    """Under the pinned Ray, `DeploymentHandle.options()` starts a handle's router: the demo waits
+    for the handle-only apps' replicas too, and says nothing of a Ray that does not
+    (tests/test_demo_handles.py: the other case)."""
+    output = "".join(demo.lines)
+    assert "handle's router only at its first request" not in output, output[-3000:]
+
+
 def test_every_view_has_data_and_the_views_agree(demo):
     api = demo.api
     assert api.get("/v1/deployments", window=WINDOW)["apps"] == sorted(app.name for app in APPS)

@@ -125,13 +125,8 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
                                               route_prefix=f"/{app.name}" if app.http else None)
             console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
                           f"({time.monotonic() - began:.0f} s)")
-        for app in APPS:
-            if not app.http:
-                # Reached through handles only: no proxy's router reports its replicas, and a handle
-                # starts its router at its first request unless initialized now.
-                handles[app.name]._init()
         with console.status("waiting for the routers to report every replica"):
-            _wait_for_members(server, APPS)
+            _wait_for_members(server, _start_handle_routers(handles, APPS, console))
         serve_url = f"http://{HOST}:{options.serve_port}"
         console.print(f"\n[bold]dashboard: {server.url}/[/]   (API: {server.url}/docs)")
         console.print(f"Serve: {serve_url}/{{{','.join(app.name for app in APPS if app.http)}}}")
@@ -149,6 +144,26 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
         with console.status("stopping Ray"):
             serve.shutdown()  # a no-op unless interrupted before the shutdown above
             ray.shutdown()
+
+
+def _start_handle_routers(handles, apps, console: Console) -> list:
+    """Start the routers of the apps reached through handles only (no proxy's router reports their
+    replicas) before any request, so that they report their replicas before the traffic; returns
+    the apps whose routers report before the first request: the ones to wait for. Ray has no
+    public call for it, but Ray 2.60 starts a handle's router in `options()` (public), as at its
+    first `remote()`. A Ray that no longer does is named, and that app's replicas show from its
+    first request on, rather than the demo failing at start-up on a removed private method."""
+    reporting = []
+    for app in apps:
+        if not app.http:
+            handle = handles[app.name]
+            handle.options()
+            if not handle.is_initialized:
+                console.print(f"[yellow]{app.name}:[/] this Ray starts a handle's router only at its first request;"
+                              f" {app.name}'s replicas show from then on, not at 0 before it")
+                continue
+        reporting.append(app)
+    return reporting
 
 
 def _wait_for_members(server: ServerProcess, apps) -> None:

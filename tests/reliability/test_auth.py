@@ -1,5 +1,5 @@
 """The token, everywhere it matters: with one configured, `routelens up`
-refuses every endpoint but /healthz and the API docs (README: "every
+refuses every endpoint but /healthz and the API docs (docs/collector.md: "every
 endpoint but /healthz and /docs") without it, accepts it as a bearer token
 (and the dashboard's sign-in cookie), compares it in constant time; without
 one, the CLI listens on 127.0.0.1 only, and warns when told to listen wider.
