@@ -117,14 +117,15 @@ def _run_serve(options: DemoOptions, server: ServerProcess, spool_dir: str, cons
         logging.getLogger("ray.serve").setLevel(logging.ERROR)
         serve.start(http_options={"host": HOST, "port": options.serve_port})
         router_kwargs = {"collector_url": server.url, "spool_dir": spool_dir}
-        handles = {}
+        began = time.monotonic()
+        # All at once: their replicas start side by side, and the controller waits for them together.
+        with console.status(f"deploying {len(APPS)} apps, {sum(app.replicas for app in APPS)} replicas"):
+            handles = dict(zip((app.name for app in APPS), serve.run_many([
+                serve.RunTarget(app.bind(router_kwargs), name=app.name,
+                                route_prefix=f"/{app.name}" if app.http else None) for app in APPS])))
+        console.print(f"deployed in {time.monotonic() - began:.0f} s:")
         for app in APPS:
-            began = time.monotonic()
-            with console.status(f"deploying {app.name}: {app.replicas} replicas, {app.router.split(':')[1]}"):
-                handles[app.name] = serve.run(app.bind(router_kwargs), name=app.name,
-                                              route_prefix=f"/{app.name}" if app.http else None)
-            console.print(f"deployed {app.name}: {app.replicas} replicas, {app.router.split(':')[1]} "
-                          f"({time.monotonic() - began:.0f} s)")
+            console.print(f"  {app.name}: {app.replicas} replicas, {app.router.split(':')[1]}")
         with console.status("waiting for the routers to report every replica"):
             _wait_for_members(server, _start_handle_routers(handles, APPS, console))
         serve_url = f"http://{HOST}:{options.serve_port}"
