@@ -24,7 +24,7 @@ import json
 import random
 import time
 import tracemalloc
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 from ray.serve.request_router import RequestRouter
@@ -238,6 +238,55 @@ def test_recorded_stats_reach_a_stats_driven_router_as_the_recorded_one_saw_them
     db = synthetic(tmp_path, {"a": 50.0, "b": 50.0, "c": 50.0}, rate=10, seconds=30, stats=reported, period_s=1.0)
     replayed = shares(run(db, THROUGHPUT), "replay")
     assert replayed["b"] > 0.9  # from the first refresh on
+
+
+MODEL_AWARE = "routelens.routers.examples.TracedModelAwareRequestRouter"
+
+
+def loading_a_model_midway(tmp_path, seconds: float = 40.0, rate: float = 10.0) -> Tuple[str, float]:
+    """Requests for model `m` through the model-aware router: replica `a` holds `m` from the start,
+    `b` loads it half-way (a `replicas` event records it); until then every request went to `a`,
+    after it they alternated. Slots enough that `a` never fills. Returns the database and the
+    time `b` got the model."""
+    rng = random.Random(5)
+    source = WireSource("models", app="app", deployment="Models", router_class=MODEL_AWARE)
+    t0 = 1_700_000_000.0
+    loaded_at = t0 + seconds / 2
+
+    def membership(ts: float, b_models: List[str]) -> dict:
+        event = source.replicas(ts, ["a", "b"])
+        for member, models in zip(event["replicas"], (["m"], b_models)):
+            # Both on the router's node: the locality ranks do not tell them apart.
+            member.update(max_ongoing_requests=20, node_id=source.info["node_id"], model_ids=models)
+        return event
+
+    events = [membership(t0 - 1, []), membership(loaded_at, ["m"])]
+    t, i = t0, 0
+    while t < t0 + seconds:
+        t += rng.expovariate(rate)
+        i += 1
+        replica = "a" if t < loaded_at or i % 2 else "b"
+        decision = source.decision(t, [[replica]], request_id=f"r{i}", internal_request_id=f"i{i}", model_id="m")
+        routed = {**source.routed(t + 0.001, replica, decision, queue_wait_ms=1.0), "model_id": "m"}
+        latency = 50.0 * rng.uniform(0.5, 1.5)
+        events += [decision, routed, source.completed(t + 0.001 + latency / 1000, replica, routed, latency)]
+    events.sort(key=lambda e: e["ts"])
+    path = tmp_path / "models.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(source.batch(events)) + "\n")
+    return import_into(tmp_path, [str(path)]), loaded_at
+
+
+def test_a_replica_holds_a_model_from_when_it_was_recorded_loading_it(tmp_path):
+    db, loaded_at = loading_a_model_midway(tmp_path)
+    # Before `b` loaded the model, the router sent none of the model's requests to it, and neither may the
+    # simulation: `b` holds now, in the replicas table, what it held only from half-way.
+    before = replica_rows(run(db, MODEL_AWARE, f=Filters(since=0.0, until=loaded_at - 0.5)))
+    assert {row["replica_id"]: row["recorded"]["requests"] for row in before}["b"] == 0
+    assert {row["replica_id"]: row["recorded_simulated"]["requests"] for row in before} == {
+        "a": sum(row["recorded"]["requests"] for row in before), "b": 0}
+    # From then on `b` holds it, and gets its share of the requests.
+    assert shares(run(db, MODEL_AWARE), "recorded_simulated")["b"] > 0.15
 
 
 def test_a_replica_with_few_latencies_draws_from_its_deployments(tmp_path):
