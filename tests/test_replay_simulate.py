@@ -245,17 +245,17 @@ MODEL_AWARE = "routelens.routers.examples.TracedModelAwareRequestRouter"
 
 def loading_a_model_midway(tmp_path, seconds: float = 40.0, rate: float = 10.0) -> Tuple[str, float]:
     """Requests for model `m` through the model-aware router: replica `a` holds `m` from the start,
-    `b` loads it half-way (a `replicas` event records it); until then every request went to `a`,
-    after it they alternated. Slots enough that `a` never fills. Returns the database and the
-    time `b` got the model."""
+    `b` loads it half-way (a `replicas` event records it), `c` never does; until then every request
+    went to `a`, after it they alternated between `a` and `b`. Slots enough that `a` never fills.
+    Returns the database and the time `b` got the model."""
     rng = random.Random(5)
     source = WireSource("models", app="app", deployment="Models", router_class=MODEL_AWARE)
     t0 = 1_700_000_000.0
     loaded_at = t0 + seconds / 2
 
     def membership(ts: float, b_models: List[str]) -> dict:
-        event = source.replicas(ts, ["a", "b"])
-        for member, models in zip(event["replicas"], (["m"], b_models)):
+        event = source.replicas(ts, ["a", "b", "c"])
+        for member, models in zip(event["replicas"], (["m"], b_models, [])):
             # Both on the router's node: the locality ranks do not tell them apart.
             member.update(max_ongoing_requests=20, node_id=source.info["node_id"], model_ids=models)
         return event
@@ -284,9 +284,12 @@ def test_a_replica_holds_a_model_from_when_it_was_recorded_loading_it(tmp_path):
     before = replica_rows(run(db, MODEL_AWARE, f=Filters(since=0.0, until=loaded_at - 0.5)))
     assert {row["replica_id"]: row["recorded"]["requests"] for row in before}["b"] == 0
     assert {row["replica_id"]: row["recorded_simulated"]["requests"] for row in before} == {
-        "a": sum(row["recorded"]["requests"] for row in before), "b": 0}
-    # From then on `b` holds it, and gets its share of the requests.
-    assert shares(run(db, MODEL_AWARE), "recorded_simulated")["b"] > 0.15
+        "a": sum(row["recorded"]["requests"] for row in before), "b": 0, "c": 0}
+    # From then on `b` holds it, and gets its share of the requests; `c` never does. In a window that
+    # starts later too: the `replicas` events that say who holds what are before it.
+    for f in (EVERYTHING, Filters(since=loaded_at + 1, until=4e9)):
+        simulated = shares(run(db, MODEL_AWARE, f=f), "recorded_simulated")
+        assert simulated["b"] > 0.15 and simulated["c"] == 0
 
 
 def test_a_replica_with_few_latencies_draws_from_its_deployments(tmp_path):
