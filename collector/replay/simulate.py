@@ -12,7 +12,8 @@ The model, per deployment (the reasons are in the docs):
   queue wait; with fewer than MIN_SAMPLES of them, from its deployment's.
 - Each source gets a router of the class under test, built as Ray builds
   it there (`spec.build_router`, as the decisions mode builds it) and
-  driven as Ray drives it: Ray's own pending-request queues,
+  driven as Ray drives it, given the replicas in Ray's order
+  (`simulation_inputs.listing_order`): Ray's own pending-request queues,
   retry ordering and fulfilment (`_fulfill_next_pending_request`: FIFO
   hand-offs with FIFOMixin, exact matches without), and routing tasks that
   follow `RequestRouter._fulfill_pending_requests` step by step (as many
@@ -63,7 +64,7 @@ from ..query.filters import Filters
 from . import simulation_inputs as inputs
 from .figures import ServedTally, deployment_figures, replica_figures
 from .no_cluster import ClusterGuard, refusing_cluster_calls
-from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, joined_order
+from .recorded import DEFAULT_MAX_ONGOING_REQUESTS
 from .simulation_inputs import Arrival, DeploymentInput, ReplicaInput
 from .spec import ReplayError, RouterSpec, build_router
 
@@ -176,7 +177,9 @@ def _simulate_deployment(conn: Connection, reader: ArrowReader, f: Filters, dep:
         trips = None
     network = {"round_trips": "recorded", "samples": len(trips), "p50_ms": _median_ms(trips)} if trips else \
         {"round_trips": "constant", "one_way_ms": RPC_DELAY_S * 1000}
-    runs = {name: _Run(dep, replicas, classes, seed, name, trips, max_ongoing, pooled)
+    position = {pk: at for at, pk in enumerate(inputs.listing_order(reader, f, dep))}
+    listed = sorted(replicas, key=lambda r: position[r.pk])  # routers get them so
+    runs = {name: _Run(dep, listed, classes, seed, name, trips, max_ongoing, pooled)
             for name, classes in runs_spec.items()}
     stats_stream = _Lookahead(inputs.stats_changes_stream(reader, f, dep))
     models_stream = _Lookahead(inputs.model_changes(conn, reader, f, dep))
@@ -394,7 +397,7 @@ class _Run:
         self.fakes: Dict[int, Any] = {}
         self.service: Dict[int, _ServiceTimes] = {}
         # Replicas hold no multiplexed model until a recorded `replicas` event says they do (model_changes).
-        for r in sorted(replicas, key=lambda r: joined_order(r.added_at, r.replica_id)):  # routers get them so
+        for r in replicas:  # in Ray's order (`inputs.listing_order`): routers get them so
             fake = make_replica(r.replica_id, dep.deployment, dep.app, node_id=r.node_id,
                                 availability_zone=r.availability_zone, max_ongoing_requests=max_ongoing
                                 or r.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS)

@@ -17,6 +17,8 @@ Per deployment in view:
 - every recorded change of a replica's multiplexed models (`model_changes`),
   streamed from the `replicas` events, with when a router saw it, after
   the models each replica held before the window;
+- the order Ray lists its replicas in (`listing_order`), as its routers'
+  recorded rankings show it;
 - the requests, streamed in arrival order: one per `routed` event, arriving
   at `ts - queue_wait_ms` (the `PendingRequest`'s `created_at`, which the
   tracer measures the wait from), with its model id, ids and, when its own
@@ -50,9 +52,9 @@ from ..query import figures
 from ..query.explore import in_window
 from ..query.filters import Filters
 from ..store.models import completed, decisions, memberships, routed, stats_changes
-from ..store.types import stored_bytes
+from ..store.types import ranking_layouts, stored_bytes
 from .figures import ServedTally
-from .recorded import SourceInfo, memberships_before, sources
+from .recorded import SourceInfo, joined_order, memberships_before, sources
 
 # Service times kept per replica (a uniform sample of all its recorded ones), and round trips per deployment.
 RESERVOIR = 10_000
@@ -119,6 +121,8 @@ _ROUTED = Reading({"id": (stored_bytes(routed.c.id), BLOB), "ts": (routed.c.ts, 
                    "decision_id": (stored_bytes(routed.c.decision_id), BLOB)})
 _DECISIONS = Reading({"id": (stored_bytes(decisions.c.id), BLOB), "ts": (decisions.c.ts, pa.float64()),
                       "extra": (decisions.c.extra, pa.string())})
+_RANKINGS = Reading({"id": (stored_bytes(decisions.c.id), BLOB),
+                     "ranking": (stored_bytes(decisions.c.ranking), BLOB)})
 _MEMBERSHIPS = Reading({"id": (stored_bytes(memberships.c.id), BLOB), "ts": (memberships.c.ts, pa.float64()),
                         "replicas": (memberships.c.replicas, pa.string())})
 _STATS = Reading({"id": (stored_bytes(stats_changes.c.id), BLOB), "ts": (stats_changes.c.ts, pa.float64()),
@@ -215,6 +219,56 @@ def _routed(reader: ArrowReader, f: Filters, dep: DeploymentInput) -> Iterator[_
         for *values, model_id, decision_id in zip(*columns):
             decision_ts, extra = found.get(decision_id, (None, None))
             yield _Routed(*values, model_id, decision_ts, extra)
+
+
+def listing_order(reader: ArrowReader, f: Filters, dep: DeploymentInput) -> List[int]:
+    """The deployment's replica pks in the order Ray lists them to its routers, as far as the record tells.
+
+    Routers break ties by that order (Ray's pick takes the first of equal queue lengths, `min()` the first
+    of equals), and no event records it: `replicas` events list members by id. The rankings do, where a
+    router ranks as Ray's rank_replicas_via_* helpers do, keeping Ray's order within a rank: two replicas
+    one rank holds are in Ray's order. A pair is ordered so when every recorded ranking that holds both
+    in one rank agrees (pow-2's two replicas come in a random order: their pairs disagree and tell
+    nothing); the rest as they joined (`joined_order`), which is Ray's order too but cannot tell apart
+    replicas that joined in one update."""
+    seen: Dict[Tuple[int, int], bool] = {}  # (a, b), a < b -> whether a came first in every ranking so far
+    contradicted = set()
+    for rows in chunks(reader, _RANKINGS, _of(decisions, f, dep.router_pks)):
+        for ranking in ranking_layouts(rows.column("ranking").to_pylist()):
+            for rank in ranking:
+                for first, then in zip(rank, rank[1:]):  # neighbours: the order of the rest follows from them
+                    a, b = first[0], then[0]
+                    if a == b:
+                        continue
+                    pair, forward = ((a, b), True) if a < b else ((b, a), False)
+                    if seen.setdefault(pair, forward) != forward:
+                        contradicted.add(pair)
+    after: Dict[int, List[int]] = {pk: [] for pk in dep.replicas}
+    waiting = dict.fromkeys(dep.replicas, 0)  # replica pk -> how many it is seen to come after
+    for (a, b), forward in seen.items():
+        if (a, b) in contradicted or a not in after or b not in after:
+            continue
+        first, then = (a, b) if forward else (b, a)
+        after[first].append(then)
+        waiting[then] += 1
+    key = {pk: joined_order(r.added_at, r.replica_id) for pk, r in dep.replicas.items()}
+    ready = [(key[pk], pk) for pk, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: List[int] = []
+    while waiting:
+        if not ready:  # pairs ordered in a cycle (rankings that keep no order, seen too rarely to disagree)
+            pk = min(waiting, key=key.__getitem__)
+            waiting[pk] = 0
+            ready.append((key[pk], pk))
+        pk = heapq.heappop(ready)[1]
+        order.append(pk)
+        del waiting[pk]
+        for then in after[pk]:
+            if then in waiting:
+                waiting[then] -= 1
+                if waiting[then] == 0:
+                    heapq.heappush(ready, (key[then], then))
+    return order
 
 
 def round_trips(reader: ArrowReader, f: Filters, dep: DeploymentInput, rng: random.Random) -> array:
