@@ -24,13 +24,14 @@ import json
 import random
 import time
 import tracemalloc
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 from ray.serve.request_router import RequestRouter
 
 from routelens.collector.cli import main as routelens
 from routelens.collector.export import chunks
+from routelens.collector.export.arrow_reader import ArrowReader
 from routelens.collector.ingest.importer import import_files
 from routelens.collector.ingest.writer import Ingestor
 from routelens.collector.query.filters import Filters
@@ -238,6 +239,102 @@ def test_recorded_stats_reach_a_stats_driven_router_as_the_recorded_one_saw_them
     db = synthetic(tmp_path, {"a": 50.0, "b": 50.0, "c": 50.0}, rate=10, seconds=30, stats=reported, period_s=1.0)
     replayed = shares(run(db, THROUGHPUT), "replay")
     assert replayed["b"] > 0.9  # from the first refresh on
+
+
+MODEL_AWARE = "routelens.routers.examples.TracedModelAwareRequestRouter"
+
+
+def model_aware_recording(tmp_path, held: List[Tuple[float, Dict[str, List[str]]]],
+                          ranked: Callable[[float, int], List[List[str]]], seconds: float, rate: float) -> str:
+    """Requests for model `m` through the model-aware router, each to the first replica of its
+    recorded ranking `ranked(t, i)`; `held`: `replicas` events, (when, replica -> the models it holds).
+    Every replica on the router's node (the locality ranks do not tell them apart), slots enough that
+    none fills."""
+    rng = random.Random(5)
+    source = WireSource("models", app="app", deployment="Models", router_class=MODEL_AWARE)
+    t0 = 1_700_000_000.0
+    events = []
+    for at, models in held:
+        event = source.replicas(t0 + at, sorted(models))
+        for member in event["replicas"]:
+            member.update(max_ongoing_requests=20, node_id=source.info["node_id"],
+                          model_ids=models[member["replica_id"]])
+        events.append(event)
+    t, i = t0, 0
+    while t < t0 + seconds:
+        t += rng.expovariate(rate)
+        i += 1
+        ranks = ranked(t - t0, i)
+        replica = ranks[0][0]
+        decision = source.decision(t, ranks, request_id=f"r{i}", internal_request_id=f"i{i}", model_id="m")
+        routed = {**source.routed(t + 0.001, replica, decision, queue_wait_ms=1.0), "model_id": "m"}
+        latency = 50.0 * rng.uniform(0.5, 1.5)
+        events += [decision, routed, source.completed(t + 0.001 + latency / 1000, replica, routed, latency)]
+    events.sort(key=lambda e: e["ts"])
+    path = tmp_path / "models.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps(source.batch(events)) + "\n")
+    return import_into(tmp_path, [str(path)])
+
+
+def loading_a_model_midway(tmp_path, seconds: float = 40.0, rate: float = 10.0) -> Tuple[str, float]:
+    """Replica `a` holds `m` from the start, `b` loads it half-way (a `replicas` event records it),
+    `c` never does; until then every request went to `a`, after it they alternated between `a` and
+    `b`. Returns the database and the time `b` got the model."""
+    half = seconds / 2
+    db = model_aware_recording(
+        tmp_path, [(-1.0, {"a": ["m"], "b": [], "c": []}), (half, {"a": ["m"], "b": ["m"], "c": []})],
+        lambda t, i: [["a" if t < half or i % 2 else "b"]], seconds, rate)
+    return db, 1_700_000_000.0 + half
+
+
+def test_a_replica_holds_a_model_from_when_it_was_recorded_loading_it(tmp_path):
+    db, loaded_at = loading_a_model_midway(tmp_path)
+    # Before `b` loaded the model, the router sent none of the model's requests to it, and neither may the
+    # simulation: `b` holds now, in the replicas table, what it held only from half-way.
+    before = replica_rows(run(db, MODEL_AWARE, f=Filters(since=0.0, until=loaded_at - 0.5)))
+    assert {row["replica_id"]: row["recorded"]["requests"] for row in before}["b"] == 0
+    assert {row["replica_id"]: row["recorded_simulated"]["requests"] for row in before} == {
+        "a": sum(row["recorded"]["requests"] for row in before), "b": 0, "c": 0}
+    # From then on `b` holds it, and gets its share of the requests; `c` never does. In a window that
+    # starts later too: the `replicas` events that say who holds what are before it.
+    for f in (EVERYTHING, Filters(since=loaded_at + 1, until=4e9)):
+        simulated = shares(run(db, MODEL_AWARE, f=f), "recorded_simulated")
+        assert simulated["b"] > 0.15 and simulated["c"] == 0
+
+
+def test_replicas_that_joined_together_are_listed_in_the_order_the_rankings_show(tmp_path):
+    # `a` and `b` hold the model and joined in one update; Ray listed `b` first, which every recorded
+    # ranking shows (both in rank 0, `b` first), and the router took the first of equally idle replicas:
+    # `b` got every request. Listed as they joined, then by id, `a` would get them in the simulation.
+    db = model_aware_recording(tmp_path, [(-1.0, {"a": ["m"], "b": ["m"], "c": []})],
+                               lambda t, i: [["b", "a"], ["c"]], seconds=30.0, rate=2.0)
+    result = run(db, MODEL_AWARE)
+    assert shares(result, "recorded") == {"a": 0.0, "b": 1.0, "c": 0.0}
+    simulated = shares(result, "recorded_simulated")
+    # Idle ties go to the first listed; a probe answer (after a 10 s old cache entry) to the quickest.
+    assert simulated["b"] > 0.75 and simulated["c"] == 0.0
+
+
+def test_a_pair_the_rankings_order_both_ways_is_listed_as_it_joined(tmp_path):
+    # As pow-2 ranks two replicas, in a random order: the rankings tell nothing of Ray's, and `a` and `b`,
+    # which joined together, are listed by id. `c` joined later, but every ranking holding it has it
+    # before `b`.
+    db = model_aware_recording(
+        tmp_path, [(-2.0, {"a": ["m"], "b": ["m"]}), (-1.0, {"a": ["m"], "b": ["m"], "c": ["m"]})],
+        lambda t, i: [[["b", "a"], ["a", "b"], ["c", "b"]][i % 3]], seconds=10.0, rate=2.0)
+    engine = make_engine(db)
+    try:
+        with engine.connect() as conn:
+            reader = ArrowReader(conn)
+            try:
+                [dep] = simulation_inputs.deployments(conn, reader, EVERYTHING, 0)
+                order = simulation_inputs.listing_order(reader, EVERYTHING, dep)
+            finally:
+                reader.close()
+    finally:
+        engine.dispose()
+    assert [dep.replicas[pk].replica_id for pk in order] == ["a", "c", "b"]
 
 
 def test_a_replica_with_few_latencies_draws_from_its_deployments(tmp_path):

@@ -192,7 +192,7 @@ def _chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
     routers = sorted(sc.routers)
     deployment_pks = sorted({router["deployment_pk"] for router in sc.routers.values()})
     start = max(f.since - LOOKBACK_S, 0.0)
-    events = _memberships_before(conn, routers, start)
+    events = memberships_before(conn, routers, start)
     for chunk in decision_chunks(conn, reader, f, sc, with_rejections=False, reading=_DECISIONS):
         # Replicas that joined meanwhile (keys only grow); a PostgreSQL read sees more than one snapshot.
         replica_ids.update(conn.execute(select(Replica.pk, Replica.replica_id).where(
@@ -215,7 +215,7 @@ def _chunks(conn: Connection, reader: ArrowReader, f: Filters, sc: Scope,
         events = []
 
 
-def _memberships_before(conn: Connection, routers: List[int], start: float) -> List[tuple]:
+def memberships_before(conn: Connection, routers: List[int], start: float) -> List[tuple]:
     """Each source's last membership event before `start` (who its members were then)."""
     m = memberships.c
     latest = (select(m.source_pk, func.max(m.ts).label("ts")).where(m.router_pk.in_(routers), m.ts < start)

@@ -12,7 +12,8 @@ The model, per deployment (the reasons are in the docs):
   queue wait; with fewer than MIN_SAMPLES of them, from its deployment's.
 - Each source gets a router of the class under test, built as Ray builds
   it there (`spec.build_router`, as the decisions mode builds it) and
-  driven as Ray drives it: Ray's own pending-request queues,
+  driven as Ray drives it, given the replicas in Ray's order
+  (`simulation_inputs.listing_order`): Ray's own pending-request queues,
   retry ordering and fulfilment (`_fulfill_next_pending_request`: FIFO
   hand-offs with FIFOMixin, exact matches without), and routing tasks that
   follow `RequestRouter._fulfill_pending_requests` step by step (as many
@@ -25,8 +26,10 @@ The model, per deployment (the reasons are in the docs):
   the rejection protocol's answers, its own +1/-1 estimates) and age on
   the virtual clock (Ray's 10 s timeout). Actor calls take round trips
   drawn from the recording (RPC_DELAY_S each way without enough of them).
-  Recorded routing stats reach the routers when the recorded router saw
-  them, those of one instant in one update_replicas, as Ray's broadcast.
+  Recorded routing stats and multiplexed models reach the routers when the
+  recorded router saw them, those of one instant in one update_replicas,
+  as Ray's broadcast: a replica holds a model from when it was recorded
+  loading it, not before.
 - Time is virtual: a discrete-event loop (a heap of timed callbacks and a
   queue of ready ones, as asyncio's own) in which everything the router
   does takes no time. Ray's module clock and the global `random` are
@@ -61,7 +64,7 @@ from ..query.filters import Filters
 from . import simulation_inputs as inputs
 from .figures import ServedTally, deployment_figures, replica_figures
 from .no_cluster import ClusterGuard, refusing_cluster_calls
-from .recorded import DEFAULT_MAX_ONGOING_REQUESTS, joined_order
+from .recorded import DEFAULT_MAX_ONGOING_REQUESTS
 from .simulation_inputs import Arrival, DeploymentInput, ReplicaInput
 from .spec import ReplayError, RouterSpec, build_router
 
@@ -174,15 +177,18 @@ def _simulate_deployment(conn: Connection, reader: ArrowReader, f: Filters, dep:
         trips = None
     network = {"round_trips": "recorded", "samples": len(trips), "p50_ms": _median_ms(trips)} if trips else \
         {"round_trips": "constant", "one_way_ms": RPC_DELAY_S * 1000}
-    runs = {name: _Run(dep, replicas, classes, seed, name, trips, max_ongoing, pooled)
+    position = {pk: at for at, pk in enumerate(inputs.listing_order(reader, f, dep))}
+    listed = sorted(replicas, key=lambda r: position[r.pk])  # routers get them so
+    runs = {name: _Run(dep, listed, classes, seed, name, trips, max_ongoing, pooled)
             for name, classes in runs_spec.items()}
     stats_stream = _Lookahead(inputs.stats_changes_stream(reader, f, dep))
+    models_stream = _Lookahead(inputs.model_changes(conn, reader, f, dep))
     loop = asyncio.new_event_loop()
     clock = _VirtualClock()
     try:
         with clock.installed():
-            loop.run_until_complete(_drive(runs, inputs.arrivals(conn, reader, f, dep), stats_stream, on_progress,
-                                           clock, guard))
+            loop.run_until_complete(_drive(runs, inputs.arrivals(conn, reader, f, dep), stats_stream, models_stream,
+                                           on_progress, clock, guard))
     finally:
         loop.close()
     for run in runs.values():
@@ -226,25 +232,28 @@ class _Lookahead:
 
 
 async def _drive(runs: Dict[str, "_Run"], arrivals: Iterator[Arrival], stats_stream: _Lookahead,
-                 on_progress: Callable[[int], None], clock: "_VirtualClock", guard: ClusterGuard) -> None:
+                 models_stream: _Lookahead, on_progress: Callable[[int], None], clock: "_VirtualClock",
+                 guard: ClusterGuard) -> None:
     batch: List[Arrival] = []
     for arrival in arrivals:
         batch.append(arrival)
         if len(batch) >= BATCH:
-            await _feed(runs, batch, stats_stream.until(batch[-1].at), on_progress, clock)
+            until = batch[-1].at
+            await _feed(runs, batch, stats_stream.until(until), models_stream.until(until), on_progress, clock)
             guard.check()  # a router that called a cluster (and caught the refusal) stops the simulation
             batch = []
-    await _feed(runs, batch, stats_stream.until(math.inf), on_progress, clock)
+    await _feed(runs, batch, stats_stream.until(math.inf), models_stream.until(math.inf), on_progress, clock)
     for run in runs.values():
         with run.active(clock):
             run.drain()
         await asyncio.sleep(0)  # the tasks update_replicas started end
 
 
-async def _feed(runs, batch: List[Arrival], stats: List[tuple], on_progress: Callable[[int], None], clock) -> None:
+async def _feed(runs, batch: List[Arrival], stats: List[tuple], models: List[tuple],
+                on_progress: Callable[[int], None], clock) -> None:
     for run in runs.values():
         with run.active(clock):
-            run.feed(batch, stats)
+            run.feed(batch, stats, models)
         await asyncio.sleep(0)  # the tasks update_replicas started end
     on_progress(len(batch))
 
@@ -387,11 +396,11 @@ class _Run:
         self.tallies: Dict[int, ServedTally] = {}
         self.fakes: Dict[int, Any] = {}
         self.service: Dict[int, _ServiceTimes] = {}
-        for r in sorted(replicas, key=lambda r: joined_order(r.added_at, r.replica_id)):  # routers get them so
+        # Replicas hold no multiplexed model until a recorded `replicas` event says they do (model_changes).
+        for r in replicas:  # in Ray's order (`inputs.listing_order`): routers get them so
             fake = make_replica(r.replica_id, dep.deployment, dep.app, node_id=r.node_id,
-                                availability_zone=r.availability_zone, model_ids=set(r.model_ids),
-                                max_ongoing_requests=max_ongoing or r.max_ongoing_requests
-                                or DEFAULT_MAX_ONGOING_REQUESTS)
+                                availability_zone=r.availability_zone, max_ongoing_requests=max_ongoing
+                                or r.max_ongoing_requests or DEFAULT_MAX_ONGOING_REQUESTS)
             fake.pk = r.pk
             fake.member = False
             self.fakes[r.pk] = fake
@@ -448,11 +457,13 @@ class _Run:
 
     # --- arrivals, membership and stats ---
 
-    def feed(self, batch: List[Arrival], stats: List[tuple]) -> None:
+    def feed(self, batch: List[Arrival], stats: List[tuple], models: List[tuple]) -> None:
         if self.started_at is None and batch:
             self._start(batch[0].at)
         for seen_at, replica_pk, values in stats:
             self.at(max(seen_at, self.now), self._stats_seen, replica_pk, values)
+        for seen_at, replica_pk, model_ids in models:
+            self.at(max(seen_at, self.now), self._models_seen, replica_pk, model_ids)
         for arrival in batch:
             self.run_until(arrival.at)
             self._arrive(arrival)
@@ -535,11 +546,20 @@ class _Run:
         fake = self.fakes[pk]
         if values != fake.routing_stats:
             fake.routing_stats = values
-            if fake.member and not self.broadcast_due:
-                # After the other changes seen at this instant (later in the heap): Ray's broadcast brings
-                # every replica's stats in one update_replicas call.
-                self.broadcast_due = True
-                self.at(self.now, self._broadcast)
+            self._rebroadcast(fake)
+
+    def _models_seen(self, pk: int, model_ids: frozenset) -> None:
+        """A replica's multiplexed models reach the routers, as Ray's broadcast brought them to the recorded one."""
+        fake = self.fakes[pk]
+        fake.multiplexed_model_ids = set(model_ids)
+        self._rebroadcast(fake)
+
+    def _rebroadcast(self, fake: Any) -> None:
+        if fake.member and not self.broadcast_due:
+            # After the other changes seen at this instant (later in the heap): Ray's broadcast brings
+            # every replica's stats and models in one update_replicas call.
+            self.broadcast_due = True
+            self.at(self.now, self._broadcast)
 
     def _broadcast(self) -> None:
         self.broadcast_due = False

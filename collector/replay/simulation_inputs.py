@@ -4,7 +4,7 @@ it is compared with (docs/replay.md, "--mode simulate").
 Per deployment in view:
 
 - its replicas (recorded membership: when each joined and left, its
-  `max_ongoing_requests`, node, zone, models) and the traced routers that
+  `max_ongoing_requests`, node, zone) and the traced routers that
   served it (`recorded.sources`: one per router instance);
 - each replica's service times: the `latency_ms` of its completed, accepted
   attempts. docs/design.md defines that latency from `on_request_routed`
@@ -14,6 +14,11 @@ Per deployment in view:
   bounded, seeded reservoir of them per replica is kept;
 - the round trips of actor calls (`round_trips`) and every recorded stats
   change, streamed, with when a router saw it;
+- every recorded change of a replica's multiplexed models (`model_changes`),
+  streamed from the `replicas` events, with when a router saw it, after
+  the models each replica held before the window;
+- the order Ray lists its replicas in (`listing_order`), as its routers'
+  recorded rankings show it;
 - the requests, streamed in arrival order: one per `routed` event, arriving
   at `ts - queue_wait_ms` (the `PendingRequest`'s `created_at`, which the
   tracer measures the wait from), with its model id, ids and, when its own
@@ -33,7 +38,8 @@ import json
 import random
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
+from itertools import chain
+from typing import Any, Dict, FrozenSet, Iterator, List, NamedTuple, Optional, Tuple
 
 import pyarrow as pa
 from sqlalchemy import func, select
@@ -45,10 +51,10 @@ from ..export.convert import request_ids
 from ..query import figures
 from ..query.explore import in_window
 from ..query.filters import Filters
-from ..store.models import completed, decisions, routed, stats_changes
-from ..store.types import stored_bytes
+from ..store.models import completed, decisions, memberships, routed, stats_changes
+from ..store.types import ranking_layouts, stored_bytes
 from .figures import ServedTally
-from .recorded import SourceInfo, sources
+from .recorded import SourceInfo, joined_order, memberships_before, sources
 
 # Service times kept per replica (a uniform sample of all its recorded ones), and round trips per deployment.
 RESERVOIR = 10_000
@@ -68,7 +74,6 @@ class ReplicaInput:
     node_id: Optional[str]
     availability_zone: Optional[str]
     max_ongoing_requests: Optional[int]
-    model_ids: List[str]
     added_at: Optional[float]
     removed_at: Optional[float]
     samples: array = field(default_factory=lambda: array("d"))  # service times, ms
@@ -116,6 +121,10 @@ _ROUTED = Reading({"id": (stored_bytes(routed.c.id), BLOB), "ts": (routed.c.ts, 
                    "decision_id": (stored_bytes(routed.c.decision_id), BLOB)})
 _DECISIONS = Reading({"id": (stored_bytes(decisions.c.id), BLOB), "ts": (decisions.c.ts, pa.float64()),
                       "extra": (decisions.c.extra, pa.string())})
+_RANKINGS = Reading({"id": (stored_bytes(decisions.c.id), BLOB),
+                     "ranking": (stored_bytes(decisions.c.ranking), BLOB)})
+_MEMBERSHIPS = Reading({"id": (stored_bytes(memberships.c.id), BLOB), "ts": (memberships.c.ts, pa.float64()),
+                        "replicas": (memberships.c.replicas, pa.string())})
 _STATS = Reading({"id": (stored_bytes(stats_changes.c.id), BLOB), "ts": (stats_changes.c.ts, pa.float64()),
                   "replica_pk": (stats_changes.c.replica_pk, pa.int64()),
                   "stats": (stats_changes.c.stats, pa.string())})
@@ -131,8 +140,7 @@ def deployments(conn: Connection, reader: ArrowReader, f: Filters, seed: int) ->
         router_pks = sc.routers_of(deployment_pk)
         replicas = {pk: ReplicaInput(pk=pk, replica_id=info["replica_id"], node_id=info["node_id"],
                                      availability_zone=info["availability_zone"],
-                                     max_ongoing_requests=info["max_ongoing_requests"],
-                                     model_ids=info["model_ids"], added_at=info["added_at"],
+                                     max_ongoing_requests=info["max_ongoing_requests"], added_at=info["added_at"],
                                      removed_at=info["removed_at"])
                     for pk, info in sc.replicas.items() if info["deployment_pk"] == deployment_pk}
         dep = DeploymentInput(
@@ -213,6 +221,56 @@ def _routed(reader: ArrowReader, f: Filters, dep: DeploymentInput) -> Iterator[_
             yield _Routed(*values, model_id, decision_ts, extra)
 
 
+def listing_order(reader: ArrowReader, f: Filters, dep: DeploymentInput) -> List[int]:
+    """The deployment's replica pks in the order Ray lists them to its routers, as far as the record tells.
+
+    Routers break ties by that order (Ray's pick takes the first of equal queue lengths, `min()` the first
+    of equals), and no event records it: `replicas` events list members by id. The rankings do, where a
+    router ranks as Ray's rank_replicas_via_* helpers do, keeping Ray's order within a rank: two replicas
+    one rank holds are in Ray's order. A pair is ordered so when every recorded ranking that holds both
+    in one rank agrees (pow-2's two replicas come in a random order: their pairs disagree and tell
+    nothing); the rest as they joined (`joined_order`), which is Ray's order too but cannot tell apart
+    replicas that joined in one update."""
+    seen: Dict[Tuple[int, int], bool] = {}  # (a, b), a < b -> whether a came first in every ranking so far
+    contradicted = set()
+    for rows in chunks(reader, _RANKINGS, _of(decisions, f, dep.router_pks)):
+        for ranking in ranking_layouts(rows.column("ranking").to_pylist()):
+            for rank in ranking:
+                for first, then in zip(rank, rank[1:]):  # neighbours: the order of the rest follows from them
+                    a, b = first[0], then[0]
+                    if a == b:
+                        continue
+                    pair, forward = ((a, b), True) if a < b else ((b, a), False)
+                    if seen.setdefault(pair, forward) != forward:
+                        contradicted.add(pair)
+    after: Dict[int, List[int]] = {pk: [] for pk in dep.replicas}
+    waiting = dict.fromkeys(dep.replicas, 0)  # replica pk -> how many it is seen to come after
+    for (a, b), forward in seen.items():
+        if (a, b) in contradicted or a not in after or b not in after:
+            continue
+        first, then = (a, b) if forward else (b, a)
+        after[first].append(then)
+        waiting[then] += 1
+    key = {pk: joined_order(r.added_at, r.replica_id) for pk, r in dep.replicas.items()}
+    ready = [(key[pk], pk) for pk, n in waiting.items() if n == 0]
+    heapq.heapify(ready)
+    order: List[int] = []
+    while waiting:
+        if not ready:  # pairs ordered in a cycle (rankings that keep no order, seen too rarely to disagree)
+            pk = min(waiting, key=key.__getitem__)
+            waiting[pk] = 0
+            ready.append((key[pk], pk))
+        pk = heapq.heappop(ready)[1]
+        order.append(pk)
+        del waiting[pk]
+        for then in after[pk]:
+            if then in waiting:
+                waiting[then] -= 1
+                if waiting[then] == 0:
+                    heapq.heappush(ready, (key[then], then))
+    return order
+
+
 def round_trips(reader: ArrowReader, f: Filters, dep: DeploymentInput, rng: random.Random) -> array:
     """Seconds from a request's own decision to its replica's acceptance
     reaching the router: an actor call's round trip (the send and the
@@ -276,3 +334,28 @@ def stats_changes_stream(reader: ArrowReader, f: Filters, dep: DeploymentInput) 
     for rows in chunks(reader, _STATS, _of(stats_changes, f, dep.router_pks)):
         for ts, replica_pk, stats in zip(*(rows.column(name).to_pylist() for name in ("ts", "replica_pk", "stats"))):
             yield ts, replica_pk, json.loads(stats)
+
+
+def model_changes(conn: Connection, reader: ArrowReader, f: Filters,
+                  dep: DeploymentInput) -> Iterator[Tuple[float, int, FrozenSet[str]]]:
+    """(when a router saw it, replica_pk, models) each time a replica's multiplexed models changed, in id
+    order, from the `replicas` events (recorded on every change of a member's models): first what each
+    replica held before the window (each source's last event before it, the newest last), then the
+    window's changes. Replicas start with no model. Every router instance records every change: the
+    first sighting counts, as for stats (`stats_changes_stream`)."""
+    replica_pks = {r.replica_id: pk for pk, r in dep.replicas.items()}
+    held: Dict[int, FrozenSet[str]] = {}  # replica_pk -> the models it holds
+    before = [(ts, members) for ts, _, _, members in memberships_before(conn, sorted(dep.router_pks), f.since)]
+    for ts, members in chain(before, _memberships(reader, f, dep)):
+        for member in members:
+            pk, models = replica_pks.get(member["replica_id"]), frozenset(member.get("model_ids") or ())
+            if pk is not None and models != held.get(pk, frozenset()):
+                held[pk] = models
+                yield ts, pk, models
+
+
+def _memberships(reader: ArrowReader, f: Filters, dep: DeploymentInput) -> Iterator[Tuple[float, list]]:
+    """The deployment's `replicas` events of the window, in id order: (ts, members)."""
+    for rows in chunks(reader, _MEMBERSHIPS, _of(memberships, f, dep.router_pks)):
+        for ts, members in zip(rows.column("ts").to_pylist(), rows.column("replicas").to_pylist()):
+            yield ts, json.loads(members)
