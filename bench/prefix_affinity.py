@@ -35,6 +35,7 @@ each can hold the shared lock briefly), the mean paired difference and its
 the interval lies within +-0.03.
 
     PYTHONPATH=... .venv/bin/python bench/prefix_affinity.py [--runs 40] [--minutes 8] [--record runs.jsonl]
+    PYTHONPATH=... .venv/bin/python bench/prefix_affinity.py --runs 0 --record runs.jsonl   # the record's summary
 """
 
 from __future__ import annotations
@@ -183,8 +184,9 @@ def summarise(runs: List[Dict[str, Any]]) -> bool:
         verdict = "does not hold"
     else:
         # Runs for a half-width (1.96 sd / sqrt(n)) equal to the mean's distance to the nearer bound.
-        needed = math.ceil((1.96 * spread / abs(TARGET - abs(mean))) ** 2)
-        verdict = f"undecided (the interval crosses +-{TARGET}; at this spread about {needed} runs would decide it)"
+        distance = abs(TARGET - abs(mean))
+        needed = f"about {math.ceil((1.96 * spread / distance) ** 2)} runs" if distance else "no number of runs"
+        verdict = f"undecided (the interval crosses +-{TARGET}; at this spread {needed} would decide it)"
     print(f"within +-{TARGET} (the interval inside it): {verdict}")
     every = all(r["routed_equals_replicas"] and r["every_decision_has_a_reason"] and r["reasons_equal_counted"]
                 for r in runs)
@@ -194,7 +196,8 @@ def summarise(runs: List[Dict[str, Any]]) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=40, help="at most, this invocation")
+    parser.add_argument("--runs", type=int, default=40,
+                        help="at most, this invocation; 0: only summarise the runs `--record` holds, without Ray")
     parser.add_argument("--minutes", type=float, default=8.0,
                         help="start no run after this long (from the start): a short hold of the shared lock")
     parser.add_argument("--record", default="", help="a JSON Lines file to add the runs to and summarise")
@@ -207,6 +210,8 @@ def main() -> int:
     args = parser.parse_args()
     configuration = {key: getattr(args, key) for key in CONFIGURATION}
     earlier = recorded(args.record, configuration)
+    if args.runs == 0:
+        return 0 if earlier and summarise(earlier) else 1
     began = time.monotonic()
     cloudpickle.register_pickle_by_value(prefix_counting)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
