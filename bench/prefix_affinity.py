@@ -15,8 +15,10 @@ Each run starts both routers as fresh as a new deployment would: their
 prefix trees emptied and the replicas added back in a new order (a new
 deployment adds them in the order of a set), and no queue length in their
 caches younger than Ray's cache timeout (RAY_SERVE_QUEUE_LENGTH_CACHE_TIMEOUT_S:
-the bench waits for it if the pair's last run ended more recently). That is
-all the state Ray's prefix-aware router keeps between requests.
+the bench waits for it if the pair's last run ended more recently): of what
+Ray's prefix-aware router keeps between requests, only these two steer its
+choices (eviction is off, and no request is pending between runs). Reusing
+deployments so makes a run cost its requests only, not six replicas' start.
 
 Queue lengths `--imbalanced-threshold` apart count as imbalanced: at 2,
 each decision's branch (prefix or pow-2 fallback) hangs on the queue
