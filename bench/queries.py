@@ -7,21 +7,26 @@ through the collector's real write path: wire-format batches validated by
 process, one transaction per batch, rollups maintained on the way). The
 loaded database is kept (`--db`, by default under /tmp, named after the
 number of decisions) with a description next to it, so that reruns skip
-loading; `--reload` loads again.
+loading; `--reload` loads again. With `--prefix-groups N` the deployment
+is an LLM one, routed by the traced prefix-aware router: every decision
+carries its prompt's prefix group (one of N) and length, and its reason
+(`workload.Traffic`), which the prefix-affinity query reads from raw rows;
+without, that query finds no group (and still reads the window's rows).
 
 Then prints, for windows of 15 min, 24 h and 7 d ending where the data ends,
 the median time of `--runs` runs of each panel query (the query layer the
 API and the dashboard call: `collector.query.figures` summary, distribution,
-staleness, rank_hits, timeseries, and `collector.query.explore.decisions_page`),
-target <= 100 ms; and the bytes on disk per decision: the `decisions` table
-with its indexes (SQLite's dbstat), and the whole file, target <= 150.
+staleness, rank_hits, timeseries, `collector.query.explore.decisions_page`,
+and `collector.query.prefixes.prefix_affinity`), target <= 100 ms; and
+the bytes on disk per decision: the `decisions` table with its indexes
+(SQLite's dbstat), and the whole file, target <= 150.
 
 Machines are shared and noisy: as a baseline measured in the same run, each
 query's time is also given as a ratio to a fixed piece of SQLite work that
 does not depend on the data (counting to 100,000 in a recursive CTE, about
 20 ms on an idle machine): the speed of the machine at the time.
 
-    .venv/bin/python bench/queries.py [--decisions 10000000] [--db PATH] [--runs 7] [--reload]
+    .venv/bin/python bench/queries.py [--decisions 10000000] [--db PATH] [--runs 7] [--reload] [--prefix-groups 100]
     .venv/bin/python bench/queries.py --decisions 200000     # a small run: about a minute
 """
 
@@ -48,7 +53,7 @@ import workload  # noqa: E402
 from routelens.collector.cli.gc_tuning import tune_gc_for_bulk_work  # noqa: E402
 from routelens.collector.ingest.schema import parse  # noqa: E402
 from routelens.collector.ingest.writer import Ingestor  # noqa: E402
-from routelens.collector.query import explore, figures  # noqa: E402
+from routelens.collector.query import explore, figures, prefixes  # noqa: E402
 from routelens.collector.query.filters import Filters  # noqa: E402
 from routelens.collector.store.db import make_engine, upgrade  # noqa: E402
 
@@ -74,7 +79,7 @@ def stats_period(decisions: int) -> float:
 
 # --- loading ---
 
-def produce(decisions: int, start: float, span: float, out: multiprocessing.Queue) -> None:
+def produce(decisions: int, prefix_groups: int, start: float, span: float, out: multiprocessing.Queue) -> None:
     """Runs in a child process: every batch body, in time order, then None.
 
     SOURCES traced routers share the deployment's requests, one in turn;
@@ -83,7 +88,8 @@ def produce(decisions: int, start: float, span: float, out: multiprocessing.Queu
     batches of EVENTS_PER_BATCH events, as the tracer's exporter does."""
     period = stats_period(decisions)
     replicas = workload.replica_ids(REPLICAS)
-    traffic = [workload.Traffic(replicas, seed=100 + i) for i in range(SOURCES)]
+    traffic = [workload.Traffic(replicas, seed=100 + i, prefix_groups=prefix_groups) for i in range(SOURCES)]
+    version = 3 if prefix_groups else 2  # reasons are v3's
     infos = [workload.source_info(i) for i in range(SOURCES)]
     pending: List[list] = [[t.membership(start)] for t in traffic]
     seqs = [0] * SOURCES
@@ -112,17 +118,17 @@ def produce(decisions: int, start: float, span: float, out: multiprocessing.Queu
             counts[event["type"]] += 1
         if len(events) >= EVENTS_PER_BATCH:
             seqs[i] += 1
-            out.put(workload.body(infos[i], seqs[i], events))
+            out.put(workload.body(infos[i], seqs[i], events, schema_version=version))
             pending[i] = []
     for i, events in enumerate(pending):
         if events:
             seqs[i] += 1
-            out.put(workload.body(infos[i], seqs[i], events))
+            out.put(workload.body(infos[i], seqs[i], events, schema_version=version))
     out.put(None)
     out.put(counts)
 
 
-def load(path: str, decisions: int) -> dict:
+def load(path: str, decisions: int, prefix_groups: int) -> dict:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.unlink(path + suffix)
@@ -134,7 +140,8 @@ def load(path: str, decisions: int) -> dict:
     end = (time.time() // 3600 - 1) * 3600
     start = end - DAYS * DAY
     queue: multiprocessing.Queue = multiprocessing.Queue(maxsize=64)
-    producer = multiprocessing.Process(target=produce, args=(decisions, start, DAYS * DAY, queue), daemon=True)
+    producer = multiprocessing.Process(target=produce, args=(decisions, prefix_groups, start, DAYS * DAY, queue),
+                                       daemon=True)
     producer.start()
     tune_gc_for_bulk_work()  # as the collector's server does
     print(f"loading {decisions:,} decisions into {path} (producer process: wire-format batches; "
@@ -164,9 +171,9 @@ def load(path: str, decisions: int) -> dict:
     engine.dispose()
     print(f"loaded in {seconds:.0f} s: {events:,} events in {batches:,} batches "
           f"({events / seconds:,.0f} events/s, {decisions / seconds:,.0f} decisions/s)", flush=True)
-    return {"format": FORMAT, "decisions": decisions, "start": start, "end": end, "events": counts,
-            "batches": batches, "sources": SOURCES, "replicas": REPLICAS, "load_seconds": round(seconds),
-            "complete": True}
+    return {"format": FORMAT, "decisions": decisions, "prefix_groups": prefix_groups, "start": start, "end": end,
+            "events": counts, "batches": batches, "sources": SOURCES, "replicas": REPLICAS,
+            "load_seconds": round(seconds), "complete": True}
 
 
 def ingestor_decisions(engine) -> int:
@@ -199,20 +206,22 @@ def sizes(path: str, decisions: int) -> Tuple[float, float, Dict[str, int]]:
     return decisions_bytes / decisions, os.path.getsize(path) / decisions, by_name
 
 
-def database(decisions: int, path: Optional[str] = None, reload: bool = False) -> Tuple[str, dict]:
+def database(decisions: int, prefix_groups: int, path: Optional[str] = None,
+             reload: bool = False) -> Tuple[str, dict]:
     """The benchmark database of `decisions` decisions (path, description), loaded unless it is there already."""
-    path = path or f"/tmp/routelens-bench-queries-{decisions}.db"
+    path = path or f"/tmp/routelens-bench-queries-{decisions}{f'-prefix{prefix_groups}' if prefix_groups else ''}.db"
     described = path + ".json"
     info = None
     if not reload and os.path.exists(path) and os.path.exists(described):
         with open(described) as f:
             info = json.load(f)
-        if not (info.get("complete") and info.get("decisions") == decisions and info.get("format") == FORMAT):
+        if not (info.get("complete") and info.get("decisions") == decisions and info.get("format") == FORMAT
+                and info.get("prefix_groups", 0) == prefix_groups):
             info = None
     if info is None:
         if os.path.exists(described):
             os.unlink(described)
-        info = load(path, decisions)
+        info = load(path, decisions, prefix_groups)
         with open(described, "w") as f:
             json.dump(info, f, indent=1)
     else:
@@ -223,15 +232,18 @@ def database(decisions: int, path: Optional[str] = None, reload: bool = False) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decisions", type=int, default=FULL)
-    parser.add_argument("--db", help="database file (default: /tmp/routelens-bench-queries-<decisions>.db)")
+    parser.add_argument("--db", help="database file (default: /tmp/routelens-bench-queries-<decisions>[-prefix<N>].db)")
     parser.add_argument("--runs", type=int, default=7, help="runs per query; the median is shown")
     parser.add_argument("--reload", action="store_true", help="load again even if the database is there")
+    parser.add_argument("--prefix-groups", type=int, default=0,
+                        help="an LLM deployment's traffic: every decision in one of this many prefix groups")
     args = parser.parse_args()
-    path, info = database(args.decisions, args.db, args.reload)
+    path, info = database(args.decisions, args.prefix_groups, args.db, args.reload)
     counts = info["events"]
     print(f"data: {info['decisions']:,} decisions over {info['replicas']} replicas and "
           f"{(info['end'] - info['start']) / DAY:.0f} days, from {info['sources']} traced routers of one "
-          f"deployment; with them {counts['routed']:,} routed, {counts['completed']:,} completed "
+          f"deployment{f', every decision in one of {args.prefix_groups} prefix groups' if args.prefix_groups else ''}"
+          f"; with them {counts['routed']:,} routed, {counts['completed']:,} completed "
           f"(rejections included), {counts['stats']:,} stats (every replica's stats every "
           f"{stats_period(info['decisions']):g} s, as each router sees them) and {counts['replicas']} replicas "
           f"events; {info['batches']:,} batches of up to {EVENTS_PER_BATCH} events")
@@ -252,6 +264,7 @@ def main() -> int:
             ("timeseries", figures.timeseries),
             ("timeseries per replica", lambda c, f: figures.timeseries(c, f, per_replica=True)),
             ("decisions_page", explore.decisions_page),
+            ("prefix_affinity", prefixes.prefix_affinity),
         ]
         header = "".join(f"{label:>22s}" for label, _ in WINDOWS)
         print(f"median of {args.runs} runs, ms (x baseline)          {header}")

@@ -30,13 +30,13 @@ import argparse
 import asyncio
 import gc
 import os
-import random
 import statistics
 import tempfile
 import threading
 import time
 from typing import Dict, Optional
 
+from intervals import bootstrap_interval  # this directory is on sys.path when run as a script
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 from routelens.routers.config import TracerConfig
@@ -292,17 +292,6 @@ def end_to_end(n_requests: int, rounds: int, chunk: int = 100, control: bool = F
             exporting_s / rounds, cpu_us)
 
 
-def median_interval(values, confidence: float = 0.95, resamples: int = 10_000):
-    """A `confidence` interval for the median of `values`, by resampling them
-    (the bootstrap's percentile interval): where the median of a far longer
-    run on this machine, as loaded as it was, would likely fall. Seeded, so
-    the same rounds always give the same interval."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    tail = int(resamples * (1 - confidence) / 2)
-    return medians[tail], medians[-1 - tail]
-
-
 def router_loop_clock():
     """The CPU clock of the thread running Ray's router event loop (a handle's
     routers all run on it), or None if it cannot be found in this Ray."""
@@ -325,7 +314,7 @@ def report_end_to_end(requests: int, rounds: int, control: bool = False) -> None
     print(f"  plain {rps['plain']:.0f} req/s  traced {rps['traced']:.0f} req/s (medians)")
     print("  each deployment, in the order made: "
           + ", ".join(f"{name} {rate:.0f}" for name, rate in per_deployment.items()) + " req/s")
-    low, high = median_interval(ratios)
+    low, high = bootstrap_interval(ratios, statistics.median)
     verdict = "" if control else f"  (target >= 0.97) {'OK' if ratio >= 0.97 else 'MISSED'}"
     print(f"  throughput traced/untraced: median {ratio:.3f} (rounds from {min(ratios):.3f} to {max(ratios):.3f})"
           + verdict)

@@ -1,4 +1,4 @@
-"""Synthetic wire-format v2 traffic for the collector benchmarks.
+"""Synthetic wire-format v2 traffic (v3 for an LLM deployment) for the collector benchmarks.
 
 The events have the shape `routers.wire` gives them for Ray's pow-2 router:
 each decision ranks 2 candidates (one rank) drawn from the deployment's
@@ -8,7 +8,9 @@ tracer's own UUIDv7s (`routers.ids.event_id`). A request is a decision, then
 its `routed` event, then its `completed` event; a few requests are rejected
 by their first replica and decided again (attempt 1), a few are FIFO
 hand-offs. Each answer (routed event, rejection) carries its queue lengths,
-and a rejection its decision, as v2 has them.
+and a rejection its decision, as v2 has them. An LLM deployment's traffic
+(`prefix_groups`) is v3's: each decision also carries its prompt's prefix
+group and length, and its reason and scores, as `routers.llm` records them.
 
 Everything is seeded, so two runs build the same bodies.
 """
@@ -27,6 +29,7 @@ from routelens.routers.ids import event_id
 ROUTER_CLASS = "routelens.routers.examples.TracedPowerOfTwoChoicesRequestRouter"
 APP, DEPLOYMENT = "bench", "LLMServer"
 STATS_PERIOD_S = 10.0  # the deployment's request_routing_stats_period_s
+PREFIX_MATCH_SHARE = 0.9  # of an LLM deployment's decisions, routed by prefix; the rest by pow-2 (imbalance)
 
 _encode = msgspec.json.Encoder().encode
 
@@ -54,7 +57,8 @@ def _uuid4(rng: random.Random) -> str:
 class Traffic:
     """Requests of one traced router (one source), in time order."""
 
-    def __init__(self, replicas: List[str], seed: int, rejection_rate: float = 0.02, handoff_rate: float = 0.03):
+    def __init__(self, replicas: List[str], seed: int, rejection_rate: float = 0.02, handoff_rate: float = 0.03,
+                 prefix_groups: int = 0):
         self.replicas = replicas
         self.rng = random.Random(seed)
         self.seq = 0
@@ -62,6 +66,8 @@ class Traffic:
         self.handoff_rate = handoff_rate
         # Each replica's routing_stats, as its last collection stamped them.
         self.stats = {r: ({"throughput": self.rng.randrange(0, 60)}, 0.0) for r in replicas}
+        # An LLM deployment's: the replica holding each prefix group (none otherwise).
+        self.prefix_homes = [self.rng.choice(replicas) for _ in range(prefix_groups)]
 
     def _id(self, ts: float) -> str:
         self.seq += 1
@@ -81,12 +87,31 @@ class Traffic:
     def decision(self, ts: float, request_id: str, internal_id: str, attempt: int) -> Dict[str, object]:
         rng = self.rng
         a, b = rng.sample(self.replicas, 2)
+        explained: Dict[str, object] = {}
+        if self.prefix_homes:
+            a, b, explained = self._prefix_aware(a, b)
         return {
             "type": "decision", "id": self._id(ts), "ts": ts, "request_id": request_id,
             "internal_request_id": internal_id, "model_id": None, "attempt": attempt,
             "duration_us": rng.randrange(8, 60), "n_candidates": len(self.replicas), "ranks": [[a, b]],
-            "replicas": {a: self._candidate(a, ts), b: self._candidate(b, ts)},
+            "replicas": {a: self._candidate(a, ts), b: self._candidate(b, ts)}, **explained,
         }
+
+    def _prefix_aware(self, a: str, b: str) -> Tuple[str, str, Dict[str, object]]:
+        """An LLM deployment's decision, first ranked `a` then `b` by pow-2: its prompt's prefix group and
+        length; by prefix (the group's replica first), or else by pow-2 because load was imbalanced."""
+        rng = self.rng
+        group = rng.randrange(len(self.prefix_homes))
+        explained: Dict[str, object] = {
+            "attributes": {"prompt_chars": rng.randrange(200, 4000), "prefix_group": f"{group:016x}"}}
+        if rng.random() < PREFIX_MATCH_SHARE:
+            home = self.prefix_homes[group]
+            a, b = home, (b if b != home else a)
+            explained.update(reason="prefix_match",
+                             scores={"match_rate": rng.uniform(0.5, 1.0), "match_rate_threshold": 0.1})
+        else:
+            explained.update(reason="pow2_imbalanced", scores={"imbalanced_threshold": 2.0})
+        return a, b, explained
 
     def decisions_only(self, ts: float) -> Dict[str, object]:
         """One decision event (what the ingest benchmark sends)."""
@@ -154,9 +179,10 @@ class Traffic:
              "max_ongoing_requests": 8, "model_ids": []} for i, r in enumerate(self.replicas)]}
 
 
-def body(source: Dict[str, object], seq: int, events: List[Dict[str, object]], compress: bool = False) -> bytes:
+def body(source: Dict[str, object], seq: int, events: List[Dict[str, object]], compress: bool = False,
+         schema_version: int = 2) -> bytes:
     """One POST /v1/events body, as `routers.wire.batch_json` lays it out."""
-    data = _encode({"schema_version": 2, "source": source, "seq": seq, "dropped": {}, "produced": None,
+    data = _encode({"schema_version": schema_version, "source": source, "seq": seq, "dropped": {}, "produced": None,
                     "events": events})
     return gzip.compress(data, compresslevel=6) if compress else data
 

@@ -382,3 +382,56 @@ def test_the_traced_prefix_aware_router_gives_every_decision_the_branch_it_took(
     assert sorted({d["attributes"]["prompt_chars"] for d in decisions}) == sorted(set().union(*prompt_of.values()))
     print(f"\nFIGURES prefix-aware reasons: {json.dumps(dict(counted))}, concentration "
           f"{prefix_traffic.prefix_concentration(answered):.3f}", flush=True)
+
+
+# --- Ray's prefix-aware router, traced and not: the same prompts routed alike ---
+
+ALIKE_REQUESTS = 60  # sent one at a time
+ALIKE_GROUPS = 5  # system prompts: more than replicas, so that later groups go by how much each replica holds
+
+
+@pytest.fixture(scope="module")
+def prefix_pair(serve_instance, tmp_path_factory):
+    """Ray's prefix-aware router and the traced one, each over fresh replicas of the demo's fake LLM, at Ray's
+    default imbalanced_threshold (never imbalanced): each request goes where the prompts before it put its
+    prefix."""
+    from ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router import PrefixCacheAffinityRouter
+
+    from routelens.collector.demo.apps import FakeLLM
+
+    sink = tmp_path_factory.mktemp("prefix-alike")
+    routers = {"traced": (TracedPrefixCacheAffinityRouter, {"jsonl_path": str(sink / "events-{pid}.jsonl")}),
+               "untraced": (PrefixCacheAffinityRouter, {})}
+    handles = {}
+    for role, (router, kwargs) in routers.items():
+        config = RequestRouterConfig(request_router_class=router, request_router_kwargs=kwargs)
+        app = FakeLLM.options(name=f"alike-{role}", num_replicas=PREFIX_REPLICAS,
+                              request_router_config=config).bind()
+        handles[role] = serve.run(app, name=f"alike-{role}", route_prefix=None)
+    yield handles
+    serve_apps.delete_apps(f"alike-{role}" for role in routers)
+
+
+def test_the_traced_prefix_aware_router_parts_the_same_prompts_as_rays(prefix_pair):
+    """One request at a time, so that load decides nothing, Ray's router routes by its prefix tree alone: a
+    group's first request to the replica holding the fewest characters, the rest to the replica holding its
+    prefix. The traced router must part the same requests among its replicas the same way (the replicas'
+    names aside). With this seed no two replicas hold equally many characters when a group's first request
+    comes, so no tie is broken by the order of a set. (Under load, where the queue lengths of the moment
+    count too, the two are compared by their prefix concentration over many runs: bench/prefix_affinity.py.)"""
+    from tests.support import prefix_traffic
+
+    requests = prefix_traffic.prompts(ALIKE_REQUESTS, ALIKE_GROUPS, seed=27)
+    answered = prefix_traffic.send(prefix_pair, requests, concurrency=1)
+
+    def parts(answers: List[Tuple[int, str]]) -> List[List[int]]:
+        """The requests (their numbers) that shared a replica, for each replica, the replicas unnamed."""
+        by_replica = defaultdict(list)
+        for number, (_, replica) in enumerate(answers):
+            by_replica[replica].append(number)
+        return sorted(by_replica.values())
+
+    assert parts(answered["traced"]) == parts(answered["untraced"])
+    # Each group on one replica, and every replica holding some: the tree decided where each went.
+    assert prefix_traffic.prefix_concentration(answered["traced"]) == 1.0
+    assert len(parts(answered["traced"])) == PREFIX_REPLICAS
