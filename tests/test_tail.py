@@ -1,7 +1,8 @@
 """`routelens tail` and `GET /v1/tail` against a live collector (uvicorn, real
 sockets): every stored decision once, in the order stored, with its outcome;
 filters, those of a decision's own fields (request id, model id, reason)
-applied to its later routing and outcome too; the read API's token; resuming after the last event id; a slow
+applied to its later routing and outcome too, a window refused; the read
+API's token; resuming after the last event id; a slow
 reader told what it missed, while ingest goes on; the command imports no
 server code. Through the workers of `--workers 2`: tests/test_collector_workers.py."""
 
@@ -194,6 +195,15 @@ def test_the_command_passes_a_decisions_own_filters(server):
     stop(request)
     assert lines == ["c3", "c5", "c9", "c11"]  # model m1 (i odd), reason locality or least_loaded (i % 3 != 1)
     assert only == "id-only"
+
+
+def test_the_tail_refuses_a_window_rather_than_ignore_it(server):
+    before = readers(server)
+    for query, named in (("window=1h", "window"), ("since=0&until=10", "since, until")):
+        with server.api.stream("GET", f"/v1/tail?app=shop&{query}") as answer:  # a stream would never end
+            assert answer.status_code == 422
+            assert json.loads(answer.read())["detail"].startswith(f"{named}: the tail has no window")
+    assert readers(server) == before  # no stream was opened
 
 
 def test_the_tail_wants_the_read_apis_token(server):
