@@ -37,8 +37,8 @@ from sqlalchemy.engine import Connection
 from ..store.db import IDS_PER_STATEMENT
 from ..store.models import completed, decisions, routed, stored_batches
 from ..store.types import ranking_layouts, stored_bytes
-from .figures import Scope, scope
 from .explore import decision_field_conditions
+from .figures import Scope, scope
 from .filters import Filters
 
 PAGE_BATCHES = 50  # batches read by one query
