@@ -321,8 +321,9 @@ def _add_tail(commands) -> None:
                     "collector at --url: time (UTC), app/deployment, request id, ranking, chosen replica and "
                     "rank, and its outcome when it came along; outcomes that arrive later follow on lines of "
                     "their own. A reader that falls further behind than the collector's --tail-max-behind skips "
-                    "to the newest and is told how many events it missed. Reads GET /v1/tail, with the read "
-                    "API's token.",
+                    "to the newest and is told how many events it missed. The filters pass a decision that "
+                    "matches them all, and a later routing or outcome whose decision does. Reads GET /v1/tail, "
+                    "with the read API's token.",
     )
     tail.add_argument("--url", default=os.environ.get("ROUTELENS_URL", "http://127.0.0.1:8321"),
                       help="the collector (default: $ROUTELENS_URL, else %(default)s)")
