@@ -459,17 +459,18 @@ def test_whatif_says_what_is_wrong_with_a_replay_id(server, replayed, page):
 
 def test_the_explorer_follows_decisions_live(server, page):
     """Last: it stores more decisions in the module's database."""
-    page.goto(server.url + "/explorer?app=shop")
+    page.goto(server.url + "/explorer?app=shop&reason=locality")
     page.click("#explorer-follow")
     page.wait_for_url("**follow=1**")
     page.wait_for_selector("#explorer-live")
     wait_for(lambda: sse.open_streams(server.url) == 1, 30, "the page to follow /v1/tail")
     src = WireSource("live-proxy", app="shop", deployment="Cart")
-    decision = src.decision(time.time(), [["r1"], ["r2"]], request_id="live-1")
+    decision = src.decision(time.time(), [["r1"], ["r2"]], request_id="live-1", reason="locality")
     routed = src.routed(time.time(), "r1", decision, rank=0)
     other = WireSource("live-search", app="search", deployment="Cart")
-    for source, events in ((other, [other.decision(time.time(), [["s1"]], request_id="not-shop")]),
-                           (src, [decision, routed, src.completed(time.time(), "r1", routed, latency_ms=7.0)])):
+    for source, events in ((other, [other.decision(time.time(), [["s1"]], request_id="not-shop", reason="locality")]),
+                           (src, [src.decision(time.time(), [["r2"]], request_id="other-reason", reason="pow2"),
+                                  decision, routed, src.completed(time.time(), "r1", routed, latency_ms=7.0)])):
         assert httpx.post(server.url + "/v1/events", json=source.batch(events)).status_code == 200
     page.wait_for_selector("#explorer-live-rows tr")
     assert shown_rows(page, "#explorer-live") == [[decision_time(decision), "shop/Cart", "live-1", "[r1] [r2]",

@@ -1,6 +1,8 @@
 """`routelens tail` and `GET /v1/tail` against a live collector (uvicorn, real
 sockets): every stored decision once, in the order stored, with its outcome;
-filters; the read API's token; resuming after the last event id; a slow
+filters, those of a decision's own fields (request id, model id, reason)
+applied to its later routing and outcome too, a window refused; the read
+API's token; resuming after the last event id; a slow
 reader told what it missed, while ingest goes on; the command imports no
 server code. Through the workers of `--workers 2`: tests/test_collector_workers.py."""
 
@@ -17,7 +19,8 @@ from typing import List
 import httpx
 import pytest
 
-from routelens.collector.query.tail import PAGE_BATCHES
+from routelens.collector.query.filters import build_filters
+from routelens.collector.query.tail import PAGE_BATCHES, Follower, newest
 from routelens.collector.settings import Settings
 from tests.support import sse
 from tests.support.collector_server import CollectorServer
@@ -126,6 +129,81 @@ def test_filters_and_the_text_lines(server):
     stop(process)
     assert all("shop/Search" in line and "-> r1 (rank 0)" in line and line.endswith("ok 4.0 ms") for line in lines)
     assert [line.split()[2] for line in lines] == ["b1", "b3"]  # request ids; Checkout's and r0's left out
+
+
+def test_a_decisions_own_filters_apply_to_it_and_to_its_later_routing_and_outcome(collector):
+    """--request-id, --model-id and --reason: a decision passes if its fields match; a routing or
+    outcome stored later passes if its decision matched, even one stored before the reader started."""
+    src = WireSource("own-fields", app="shop", deployment="Checkout")
+    t = time.time()
+    early = src.decision(t, [["r0"]], request_id="early", model_id="m1", reason="pow2_imbalanced")
+    collector.store(src.batch([early]))  # before the reader starts: its routing and outcome come after
+    with collector.engine.connect() as connection:
+        after = newest(connection)
+    first = [src.decision(t + 1 + i, [[f"r{i % 2}"]], request_id=f"q{i}", model_id=f"m{i % 2}",
+                          reason=("pow2_imbalanced", "locality")[i // 2 % 2]) for i in range(4)]
+    routings = [src.routed(t + 1 + i + 0.1, f"r{i % 2}", decision) for i, decision in enumerate(first)]
+    # q0 and q1: routed and completed with their decision; q2, q3 and `early`: routed and completed later.
+    collector.store(src.batch(first + routings[:2] + [src.completed(t + 1 + i + 0.2, f"r{i % 2}", routings[i],
+                                                                    latency_ms=3.0) for i in range(2)]))
+    early_routing = src.routed(t + 6, "r0", early)
+    later = routings[2:] + [early_routing]
+    collector.store(src.batch(later + [src.completed(t + 7 + k, r["replica_id"], r, latency_ms=5.0)
+                                       for k, r in enumerate(later)]))
+    # A refusal naming its decision (wire format v2): q3's.
+    collector.store(src.batch([src.completed(t + 9, "r1", rejected=True, decision={"id": first[3]["id"]})]))
+
+    def shown(**given) -> List[tuple]:
+        follower = Follower(build_filters(**given), 60.0, after)
+        with collector.engine.connect() as connection:
+            records = follower.poll(connection)
+        by_id = {e["id"]: e["request_id"] for e in [early, *first]}
+        return [(r["type"], r["request_id"] if r["type"] == "decision" else by_id[r["decision_id"]])
+                for r in records]
+
+    everything = shown()
+    assert len(everything) == 4 + 2 * 3 + 1  # the decisions; later routings and outcomes; the refusal
+    assert shown(reason=["pow2_imbalanced"]) == [
+        ("decision", "q0"), ("decision", "q1"), ("routed", "early"), ("completed", "early")]
+    assert shown(reason=["locality"]) == [
+        ("decision", "q2"), ("decision", "q3"), ("routed", "q2"), ("routed", "q3"),
+        ("completed", "q2"), ("completed", "q3"), ("completed", "q3")]
+    assert shown(model_id="m1") == [
+        ("decision", "q1"), ("decision", "q3"), ("routed", "q3"), ("routed", "early"),
+        ("completed", "q3"), ("completed", "early"), ("completed", "q3")]
+    assert shown(request_id="q2") == [("decision", "q2"), ("routed", "q2"), ("completed", "q2")]
+    assert shown(request_id="early", model_id="m1", reason=["pow2_imbalanced", "locality"]) == [
+        ("routed", "early"), ("completed", "early")]
+    assert shown(request_id="q2", model_id="m1") == []  # all must hold
+    assert shown(reason=["pow2_imbalanced"], replica=["r0"]) == [
+        ("decision", "q0"), ("routed", "early"), ("completed", "early")]
+
+
+def test_the_command_passes_a_decisions_own_filters(server):
+    process = tail(server, "--reason", "locality", "--reason", "least_loaded", "--model-id", "m1")
+    src = WireSource("own-fields-cli", app="shop", deployment="Models")
+    t = time.time()
+    store(server, src.batch([src.decision(t + i * 0.01, [["r0"]], request_id=f"c{i}", model_id=f"m{i % 2}",
+                                          reason=("locality", "pow2_imbalanced", "least_loaded")[i % 3])
+                             for i in range(12)]))
+    lines = [process.stdout.readline().split()[2] for _ in range(4)]
+    store(server, src.batch([src.decision(time.time(), [["r0"]], request_id="id-only")]))
+    request = tail(server, "--request-id", "id-only")
+    store(server, src.batch([src.decision(time.time(), [["r0"]], request_id=name) for name in ("other", "id-only")]))
+    only = request.stdout.readline().split()[2]
+    stop(process)
+    stop(request)
+    assert lines == ["c3", "c5", "c9", "c11"]  # model m1 (i odd), reason locality or least_loaded (i % 3 != 1)
+    assert only == "id-only"
+
+
+def test_the_tail_refuses_a_window_rather_than_ignore_it(server):
+    before = readers(server)
+    for query, named in (("window=1h", "window"), ("since=0&until=10", "since, until")):
+        with server.api.stream("GET", f"/v1/tail?app=shop&{query}") as answer:  # a stream would never end
+            assert answer.status_code == 422
+            assert json.loads(answer.read())["detail"].startswith(f"{named}: the tail has no window")
+    assert readers(server) == before  # no stream was opened
 
 
 def test_the_tail_wants_the_read_apis_token(server):

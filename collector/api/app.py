@@ -49,6 +49,7 @@ from .auth import TokenAuth, allowed_hosts
 from .metrics import Metrics
 from .params import filters
 from .tail import last_event_id as parse_last_event_id
+from .tail import no_window
 from .tail import stream as tail_events
 
 JSON_TYPES = ("application/json",)
@@ -263,13 +264,17 @@ def create_app(settings: Settings, engine: Optional[Engine] = None) -> FastAPI:
              responses={200: {"content": {"text/event-stream": {}}, "description": "A stream that never ends"}},
              summary="Decisions as they are stored, live (Server-Sent Events): each with its ranking, chosen "
                      "replica, rank and outcome when they came with it, later outcomes as events of their own")
-    def tail_stream(f: Filters = Depends(filters), last_event_id: Optional[str] = Header(
+    def tail_stream(request: Request, f: Filters = Depends(filters), last_event_id: Optional[str] = Header(
             None, description="resume after this event id (the number of a batch this stream sent)")):
-        """Every decision stored, by any worker or collector on this database. Events: `hello` (`after`:
-        the batch it starts after), `decision`, `routed` and `completed` (outcomes of decisions sent
-        before), `missed` (how many events this reader fell behind by and skipped), `unavailable` (the
-        database cannot be read now). The window parameters do not apply: it starts now, or after
-        `Last-Event-ID` (no more than `--tail-max-behind` back)."""
+        """Every decision stored, by any worker or collector on this database, that the filters pass:
+        a decision if it matches them all; a `routed` or `completed` event of a decision sent before
+        (or stored before the stream started) if its replica and its decision do. Events: `hello`
+        (`after`: the batch it starts after), `decision`, `routed` and `completed`, `missed` (how many
+        events this reader fell behind by and skipped: those of its routers, the other filters not
+        applied), `unavailable` (the database cannot be read now). It has no window (`window`, `since`
+        and `until` are refused, 422): it starts now, or after `Last-Event-ID` (no more than
+        `--tail-max-behind` back)."""
+        no_window(request.query_params)
         after = parse_last_event_id(last_event_id)
         with engine.connect() as connection:  # before the 200: a database away is a 503 (retry later)
             head = newest(connection)

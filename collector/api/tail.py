@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Dict, Optional
+from typing import Any, AsyncIterator, Dict, Mapping, Optional
 
 from fastapi import HTTPException
 from prometheus_client import Gauge
@@ -33,6 +33,15 @@ from ..query.tail import Follower
 
 POLL_S = 0.25  # between polls while nothing new is stored
 KEEP_ALIVE_S = 15.0  # a comment line this often on an idle stream: proxies and clients keep it open
+
+
+def no_window(query: Mapping[str, str]) -> None:
+    """A stream has no window: it follows what is stored from now (or `Last-Event-ID`). Refused
+    rather than ignored, so that a reader asking for a window is not shown something else."""
+    given = [name for name in ("window", "since", "until") if name in query]
+    if given:
+        raise HTTPException(422, f"{', '.join(given)}: the tail has no window: it follows what is stored from now "
+                                 "(or after Last-Event-ID); the other read endpoints take one")
 
 
 def last_event_id(value: Optional[str]) -> Optional[int]:

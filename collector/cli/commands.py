@@ -238,10 +238,6 @@ def _add_window_and_filters(parser) -> None:
     parser.add_argument("--since", help="window start: epoch seconds or ISO-8601")
     parser.add_argument("--until", help="window end: epoch seconds or ISO-8601 (default: now)")
     _add_filter_options(parser, replica="replica id")
-    parser.add_argument("--request-id", help="request id or internal request id")
-    parser.add_argument("--model-id", help="multiplexed model id")
-    parser.add_argument("--reason", action="append", default=[],
-                        help="the router's reason for a decision (routelens_explain; repeatable)")
 
 
 def _add_replay(commands) -> None:
@@ -325,8 +321,9 @@ def _add_tail(commands) -> None:
                     "collector at --url: time (UTC), app/deployment, request id, ranking, chosen replica and "
                     "rank, and its outcome when it came along; outcomes that arrive later follow on lines of "
                     "their own. A reader that falls further behind than the collector's --tail-max-behind skips "
-                    "to the newest and is told how many events it missed. Reads GET /v1/tail, with the read "
-                    "API's token.",
+                    "to the newest and is told how many events it missed. The filters pass a decision that "
+                    "matches them all, and a later routing or outcome whose decision does. Reads GET /v1/tail, "
+                    "with the read API's token.",
     )
     tail.add_argument("--url", default=os.environ.get("ROUTELENS_URL", "http://127.0.0.1:8321"),
                       help="the collector (default: $ROUTELENS_URL, else %(default)s)")
@@ -344,10 +341,15 @@ def _run_tail(args) -> int:
 
 
 def _add_filter_options(parser, replica: str) -> None:
-    """The filters every read takes: --app, --deployment, --router-class, --replica, --label."""
+    """The filters every read takes: --app, --deployment, --router-class, --replica, --label, and
+    those of a decision's own fields, --request-id, --model-id, --reason."""
     for name, what in (("app", "Serve app"), ("deployment", "deployment"), ("router-class", "router class"),
                        ("replica", replica), ("label", "router label key=value (all must hold)")):
         parser.add_argument(f"--{name}", action="append", default=[], help=f"{what} (repeatable)")
+    parser.add_argument("--request-id", help="request id or internal request id")
+    parser.add_argument("--model-id", help="multiplexed model id")
+    parser.add_argument("--reason", action="append", default=[],
+                        help="the router's reason for a decision (routelens_explain; repeatable)")
 
 
 def _add_db_option(parser) -> None:

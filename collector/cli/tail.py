@@ -20,8 +20,9 @@ from .errors import ConnectionFailed, UsageError
 def tail_path(base_path: str, args) -> str:
     query: List[Tuple[str, str]] = []
     for name, values in (("app", args.app), ("deployment", args.deployment), ("router_class", args.router_class),
-                         ("replica", args.replica), ("label", args.label)):
-        query.extend((name, value) for value in values)
+                         ("replica", args.replica), ("label", args.label), ("request_id", [args.request_id]),
+                         ("model_id", [args.model_id]), ("reason", args.reason)):
+        query.extend((name, value) for value in values if value is not None)
     return f"{base_path.rstrip('/')}/v1/tail" + (f"?{urllib.parse.urlencode(query)}" if query else "")
 
 

@@ -57,9 +57,9 @@ def outcome_conditions(table, f: Filters, sc: Scope) -> list:
     return where
 
 
-def decision_conditions(f: Filters, sc: Scope) -> list:
-    """Conditions for the decisions of the window that match the filters (drill-down and export)."""
-    where = in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]
+def decision_field_conditions(f: Filters) -> list:
+    """Conditions on a decision's own fields: request ids, model id, reason (also the live tail's)."""
+    where = []
     if f.request_id:
         # Compared as stored (the export binds parameters without the column types' conversions).
         stored = request_id_bytes(f.request_id)
@@ -69,6 +69,13 @@ def decision_conditions(f: Filters, sc: Scope) -> list:
         where.append(decisions.c.model_id == f.model_id)
     if f.reasons:
         where.append(decisions.c.reason.in_(f.reasons))
+    return where
+
+
+def decision_conditions(f: Filters, sc: Scope) -> list:
+    """Conditions for the decisions of the window that match the filters (drill-down and export)."""
+    where = in_window(decisions, f.since, f.until) + [decisions.c.router_pk.in_(sorted(sc.routers))]
+    where += decision_field_conditions(f)
     if sc.replica_pks is not None:
         # Decisions whose ranking sent a request to one of these replicas.
         where.append(id_bytes(decisions).in_(

@@ -24,8 +24,8 @@ class Filters:
     values of one other filter are alternatives (OR). Like `request_id` and
     `model_id`, `reasons` (the routers' own, `routelens_explain`) narrows
     what reads decisions: the drill-down, the decisions and candidates
-    exports, the per-reason figures and prefix affinity; the other panels
-    count every decision.
+    exports, the per-reason figures, prefix affinity and the live tail; the
+    other panels count every decision.
     """
 
     since: float

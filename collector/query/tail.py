@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 from ..store.db import IDS_PER_STATEMENT
 from ..store.models import completed, decisions, routed, stored_batches
 from ..store.types import ranking_layouts, stored_bytes
+from .explore import decision_field_conditions
 from .figures import Scope, scope
 from .filters import Filters
 
@@ -53,9 +54,11 @@ _DECISION = (decisions.c.id, decisions.c.ts, decisions.c.request_id, decisions.c
 _ROUTED = (routed.c.id, routed.c.ts, routed.c.decision_id, routed.c.replica_pk, routed.c.rank, routed.c.own_ranking,
            routed.c.request_id)
 # The decision an outcome belongs to: its routing's, or the one a refusal names (wire format v2).
+_OUTCOMES_DECISION = func.coalesce(routed.c.decision_id, completed.c.decision_id)
 _COMPLETED = (completed.c.id, completed.c.ts, completed.c.routed_id, completed.c.replica_pk,
               completed.c.internal_request_id, completed.c.latency_ms, completed.c.ok, completed.c.rejected,
-              func.coalesce(routed.c.decision_id, completed.c.decision_id).label("decision_id"))
+              _OUTCOMES_DECISION.label("decision_id"))
+_COMPLETED_FROM = completed.outerjoin(routed, routed.c.id == completed.c.routed_id)
 
 
 def newest(conn: Connection) -> int:
@@ -154,11 +157,19 @@ class Follower:
         """The batches' records, batch after batch (`_batch_records`), those of --replica's replicas."""
         if not batches:
             return []
+        # --request-id, --model-id, --reason: a decision passes if its fields match, a routing or outcome
+        # if its decision's do, read by joining it (its primary key). Unlike remembering the ids of the
+        # decisions sent, this is exact for decisions stored before the reader started or resumed, holds
+        # nothing between polls, and costs nothing when these filters are not given.
+        where = decision_field_conditions(self.filters)
+        routed_from, completed_from = routed, _COMPLETED_FROM
+        if where:
+            routed_from = routed.join(decisions, decisions.c.id == routed.c.decision_id)
+            completed_from = _COMPLETED_FROM.join(decisions, decisions.c.id == _OUTCOMES_DECISION)
         found = Found(
-            decisions=_by_id(conn, _DECISION, decisions, [b.decision_ids for b in batches]),
-            routed=_by_id(conn, _ROUTED, routed, [b.routed_ids for b in batches]),
-            completed=_by_id(conn, _COMPLETED, completed, [b.completed_ids for b in batches],
-                             completed.outerjoin(routed, routed.c.id == completed.c.routed_id)))
+            decisions=_by_id(conn, _DECISION, decisions, [b.decision_ids for b in batches], where=where),
+            routed=_by_id(conn, _ROUTED, routed, [b.routed_ids for b in batches], routed_from, where),
+            completed=_by_id(conn, _COMPLETED, completed, [b.completed_ids for b in batches], completed_from, where))
         found.rankings = dict(zip(found.decisions, ranking_layouts([bytes(row.ranking)
                                                                     for row in found.decisions.values()])))
         self._learn(conn, replicas={entry[0] for ranking in found.rankings.values() for rank in ranking
@@ -232,13 +243,14 @@ def _ids(packed) -> List[bytes]:
     return [packed[start:start + ID_BYTES] for start in range(0, len(packed), ID_BYTES)]
 
 
-def _by_id(conn: Connection, columns, table, packed: List[bytes], from_=None) -> Dict[bytes, Any]:
-    """The rows of `table` with these ids (packed, per batch), by id as stored."""
+def _by_id(conn: Connection, columns, table, packed: List[bytes], from_=None, where=()) -> Dict[bytes, Any]:
+    """The rows of `table` (or `from_`, joined to it) with these ids (packed, per batch) that meet
+    `where`, by id as stored."""
     keys = [key for ids in packed for key in _ids(ids)]
     key = stored_bytes(table.c.id)
     found: Dict[bytes, Any] = {}
     for start in range(0, len(keys), IDS_PER_STATEMENT):
-        query = select(key.label("key"), *columns).where(key.in_(keys[start:start + IDS_PER_STATEMENT]))
-        for row in conn.execute(query if from_ is None else query.select_from(from_)):
+        query = select(key.label("key"), *columns).where(key.in_(keys[start:start + IDS_PER_STATEMENT]), *where)
+        for row in conn.execute(query.select_from(table if from_ is None else from_)):
             found[bytes(row.key)] = row
     return found

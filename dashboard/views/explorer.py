@@ -57,7 +57,8 @@ def _live(state: ViewState) -> html.Section:
     GET /v1/tail (Server-Sent Events, with the sign-in cookie) into this table, newest first."""
     query = urlencode([(key, value) for key, values in (("app", state.apps), ("deployment", state.deployments),
                                                         ("router_class", state.router_classes),
-                                                        ("label", state.labels)) for value in values])
+                                                        ("label", state.labels), ("reason", state.reasons))
+                       for value in values])
     tail = "/v1/tail" + (f"?{query}" if query else "")
     return section("Live: decisions as they are stored", [
         html.Table(id="explorer-live", className="figures", **{"data-tail": tail},
