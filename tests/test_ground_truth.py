@@ -194,7 +194,8 @@ def check_run(app: dict, outcomes: Dict[str, str], label: str) -> Dict[str, int]
     for c in completions:
         if c["rejected"]:
             assert (c["ok"], c["routed_id"], c["latency_ms"]) == (False, None, None), c
-        elif c["routed_id"] is not None and outcome_of[c["routed_id"]] == "ok":  # not a refusal's completion: that one is an exception
+        # Not a refusal's completion: that one is an exception.
+        elif c["routed_id"] is not None and outcome_of[c["routed_id"]] == "ok":
             assert c["ok"] is True and c["latency_ms"] is not None, (label, c)
     # The router's explanations, each on its decision: every decision recorded has one, and the counts per
     # reason are the router's.
