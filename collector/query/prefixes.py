@@ -84,12 +84,13 @@ class _Group:
         self.by_step: Dict[int, Counter] = defaultdict(Counter)
         self.match_rate_sum, self.match_rates, self.prompt_chars_sum = 0.0, 0, 0.0
 
-    def add(self, row: Any) -> None:
-        self.by_replica[row.replica_pk] += row.routed
-        self.by_step[int(row.step_start)][row.replica_pk] += row.routed  # PostgreSQL's floor() is a float
-        self.match_rate_sum += row.match_rate_sum or 0.0
-        self.match_rates += row.match_rates
-        self.prompt_chars_sum += row.prompt_chars_sum or 0.0
+    def add(self, replica_pk: int, step_start: float, routed: int, match_rate_sum: Optional[float],
+            match_rates: int, prompt_chars_sum: Optional[float]) -> None:
+        self.by_replica[replica_pk] += routed
+        self.by_step[int(step_start)][replica_pk] += routed  # PostgreSQL's floor() is a float
+        self.match_rate_sum += match_rate_sum or 0.0
+        self.match_rates += match_rates
+        self.prompt_chars_sum += prompt_chars_sum or 0.0
 
     @property
     def requests(self) -> int:
@@ -105,8 +106,10 @@ def prefix_affinity(conn: Connection, f: Filters, sc: Optional[Scope] = None) ->
     step = max(MINUTE, default_step(f.seconds, STEP_POINTS) // MINUTE * MINUTE)
     groups: Dict[Tuple[int, str], _Group] = defaultdict(_Group)
     if sc.routers:
-        for row in _rows(conn, f, sc, step):
-            groups[sc.routers[row.router_pk]["deployment_pk"], row.prefix_group].add(row)
+        deployment_of = {router_pk: router["deployment_pk"] for router_pk, router in sc.routers.items()}
+        # Tens of thousands of rows over a week: unpacked, not read by name (a third less time).
+        for router_pk, prefix_group, *sums in _rows(conn, f, sc, step):
+            groups[deployment_of[router_pk], prefix_group].add(*sums)
     by_deployment: Dict[int, List[_Group]] = defaultdict(list)
     for (deployment_pk, _), group in groups.items():
         by_deployment[deployment_pk].append(group)
