@@ -10,8 +10,8 @@ number of decisions) with a description next to it, so that reruns skip
 loading; `--reload` loads again. With `--prefix-groups N` the deployment
 is an LLM one, routed by the traced prefix-aware router: every decision
 carries its prompt's prefix group (one of N) and length, and its reason
-(`workload.Traffic`), which the prefix-affinity query reads from raw rows;
-without, that query finds no group (and still reads the window's rows).
+(`workload.Traffic`), which the prefix-affinity query reads (from
+`prefix_rollups`, raw rows at a window's edges); without, it finds no group.
 
 Then prints, for windows of 15 min, 24 h and 7 d ending where the data ends,
 the median time of `--runs` runs of each panel query (the query layer the

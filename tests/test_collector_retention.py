@@ -9,14 +9,14 @@ import pytest
 from sqlalchemy import select
 
 from routelens.collector.store import retention as retention_module
-from routelens.collector.store.models import RAW_TABLES, rollups
+from routelens.collector.store.models import RAW_TABLES, prefix_rollups, rollups
 from routelens.collector.store.retention import Retention
 
 DAY, HOUR = 86400, 3600
 NOW = (int(time.time()) // HOUR) * HOUR  # the injected clock; events are older
 OLD = NOW - 3 * DAY + 600  # past a one-day retention
 NEW = NOW - 2 * HOUR  # within it
-PANELS = ("/v1/summary", "/v1/distribution", "/v1/rank-hits", "/v1/staleness")
+PANELS = ("/v1/summary", "/v1/distribution", "/v1/rank-hits", "/v1/staleness", "/v1/prefix-affinity")
 
 
 def _traffic(src, ts, n):
@@ -26,6 +26,7 @@ def _traffic(src, ts, n):
         replica = ("r1", "r2", "r3")[i % 3]
         d = src.decision(t, [[replica, "r3"]], request_id=f"q{ts}-{i}", internal_request_id=f"i{ts}-{i}",
                          candidates={replica: {"stats_age_s": 0.1 * (i % 7), "stats_age_source": "stamped"}})
+        d["attributes"] = {"prefix_group": f"g{i % 4}", "prompt_chars": 100 + i}  # for Prefix affinity
         r = src.routed(t + 0.001, replica, d, rank=0 if i % 4 else 1)
         events += [d, r, src.completed(t + 0.002, replica, r)]
     return events
@@ -78,8 +79,12 @@ def test_prune_minute_rollups_keeps_hourly_ones(stored):
     with collector.engine.connect() as connection:
         minutes = connection.execute(select(rollups.c.start).where(rollups.c.grain == 60)).scalars().all()
         hourly = connection.execute(select(rollups.c.start).where(rollups.c.grain == 3600)).scalars().all()
+        prefix_starts = {grain: set(connection.execute(select(prefix_rollups.c.start).where(
+            prefix_rollups.c.grain == grain)).scalars()) for grain in (60, 3600)}
     assert minutes and min(minutes) >= NOW - DAY
     assert sorted(set(hourly)) == sorted({row[1] for row in before if row[0] == 3600})
+    assert prefix_starts[60] and min(prefix_starts[60]) >= NOW - DAY
+    assert prefix_starts[3600] == set(hourly)
     assert {path: collector.get(path, **hours) for path in PANELS} == panels
     assert len(_raw_ids(collector)["decisions"]) == 30  # raw rows are another retention's
 

@@ -9,6 +9,7 @@ import asyncio
 import csv
 import io
 import json
+import random
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ from ray import cloudpickle
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 from ray.serve.config import RequestRouterConfig
 
+from routelens.collector.query import prefixes
+from routelens.collector.query.figures import scope
+from routelens.collector.query.filters import Filters
 from routelens.collector.settings import Settings
 from routelens.dashboard.components import number, percent
 from routelens.dashboard.up import create_up_app
@@ -196,20 +200,28 @@ def prefix_scenario(t0: float = T0):
     return source.batch(events), truth, rates
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgres"])
-def prefix_api(request, tmp_path_factory):
+def _backend_collector(request, tmp_path_factory, batches):
+    """A collector on the backend of the fixture's parameter, holding `batches`; closed (and its PostgreSQL
+    database dropped) once the generator resumes."""
     if request.param == "sqlite":
         url, server = f"sqlite:///{tmp_path_factory.mktemp('prefixes') / 'routelens.db'}", None
     else:
         server = request.getfixturevalue("postgres")
         url = server.new_database()
     collector = Collector(url)
-    batch, truth, rates = prefix_scenario()
-    collector.store(batch)
-    yield collector, truth, rates
+    for batch in batches:
+        collector.store(batch)
+    yield collector
     collector.close()
     if server is not None:
         server.drop(url)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def prefix_api(request, tmp_path_factory):
+    batch, truth, rates = prefix_scenario()
+    for collector in _backend_collector(request, tmp_path_factory, [batch]):
+        yield collector, truth, rates
 
 
 def test_prefix_affinity_per_group_per_deployment_and_over_time(prefix_api):
@@ -259,6 +271,100 @@ def test_prefix_affinity_follows_the_filters(prefix_api):
     nothing = api.get("/v1/prefix-affinity", since=T0, until=T0 + 120, app="another")
     assert nothing["groups"] == nothing["deployments"] == nothing["over_time"] == []
     assert api.http.get("/v1/prefix-affinity", params={"since": "yesterday"}).status_code == 422
+
+
+# --- Prefix affinity from `prefix_rollups`, against the same figures from raw rows ---
+
+T1 = T0 + 86_400  # a whole hour, a day after the scenario above
+
+
+def rollup_scenario():
+    """Three hours of requests of six prefix groups in shuffled batches, as a collector may receive them:
+    some routed events in a batch before their decision's, a batch sent twice, decisions without a group
+    or a match rate, hand-offs. (batches, the reasons every decision has)."""
+    rng = random.Random(7)
+    source = WireSource("llm-rollups", app="llm", deployment="FakeLLM",
+                        router_class="routelens.routers.llm.TracedPrefixCacheAffinityRouter")
+    reasons = (prefix_aware.PREFIX_MATCH, prefix_aware.SMALLEST_TENANT)
+    pairs = []
+    for n in range(600):
+        ts = T1 - 1800 + rng.uniform(0, 3 * 3600)
+        replica = rng.choice(REPLICAS)
+        scores = {"match_rate": rng.random()} if n % 5 else None
+        decision = source.decision(ts, [[replica]], request_id=f"q{n}", internal_request_id=f"q{n}",
+                                   reason=reasons[n % 2], scores=scores)
+        if n % 7:
+            decision["attributes"] = {"prompt_chars": rng.randrange(10, 5000), "prefix_group": f"g{n % 6}"}
+        routed_event = source.routed(ts + 0.01, replica, decision, own_ranking=n % 11 != 0)
+        pairs.append((decision, routed_event))
+    rng.shuffle(pairs)
+    chunks = [pairs[start:start + 60] for start in range(0, len(pairs), 60)]
+    batches = []
+    for index, chunk in enumerate(chunks):
+        events = [event for pair in chunk for event in pair]
+        if index + 1 < len(chunks):  # a few of the next batch's routed events come before their decisions
+            events += [routed_event for _, routed_event in chunks[index + 1][:5]]
+        batches.append(source.batch(events))
+    return [source.batch([source.replicas(T1 - 3600, REPLICAS)]), *batches, batches[3]], reasons
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def rollup_collector(request, tmp_path_factory):
+    batches, reasons = rollup_scenario()
+    for collector in _backend_collector(request, tmp_path_factory, batches):
+        yield collector, reasons, batches
+
+
+def _rounded(value):
+    """JSON-like figures with floats to 12 significant digits: sums added in another order differ in the last."""
+    if isinstance(value, float):
+        return float(f"{value:.12g}")
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def _sums(rows) -> list:
+    """Rows of sums, sorted, a sum of no value (SQL's NULL) as 0, as the figures count it."""
+    return _rounded(sorted([0.0 if value is None else value for value in row] for row in rows))
+
+
+@pytest.mark.parametrize("since, until", [
+    (T1 - 1800, T1 + 3 * 3600),  # whole minutes: from the rollups alone
+    (T1 + 17.5, T1 + 7000.25),  # seconds at both edges from raw rows
+    (T1 - 20 * 3600 + 30, T1 + 4 * 3600),  # a day: steps of an hour, from hourly rows
+    (T1 + 10, T1 + 50),  # within a minute: raw rows only
+])
+def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, since, until):
+    collector, reasons, _ = rollup_collector
+    f = Filters(since=since, until=until)
+    # Every decision has one of these reasons: filtered by them, the figures read raw rows throughout.
+    raw = Filters(since=since, until=until, reasons=reasons)
+    with collector.engine.connect() as connection:
+        from_rollups = prefixes.prefix_affinity(connection, f)
+        from_raw = prefixes.prefix_affinity(connection, raw)
+        # The rollups' own rows, per minute and per hour, are the raw rows' sums.
+        whole = Filters(since=T1 - 3600, until=T1 + 3 * 3600)
+        sc = scope(connection, whole)
+        for step in (60, 3600):
+            assert _sums(prefixes._rollup_rows(connection, whole, sc, step)) == _sums(
+                prefixes._raw_rows(connection, whole, sc, step))
+    assert from_rollups["total"]["requests"] > 0 or until - since < 60
+    from_raw["window"] = from_rollups["window"]  # the reasons filter aside, the same window
+    assert _rounded(from_rollups) == _rounded(from_raw)
+
+
+def test_prefix_rollups_count_a_resent_batch_once(rollup_collector):
+    collector, _, batches = rollup_collector
+    whole = {"since": T1 - 3600, "until": T1 + 3 * 3600}
+    before = collector.get("/v1/prefix-affinity", **whole)
+    for batch in batches:  # every batch again
+        assert collector.store(batch)["stored"] == 0
+    assert collector.get("/v1/prefix-affinity", **whole) == before
+    # Requests with a group, not handed another request's replica, whose decision is stored: all counted.
+    assert before["total"]["requests"] == sum(1 for n in range(600) if n % 7 and n % 11)
 
 
 @pytest.mark.browser

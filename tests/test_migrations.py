@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 
 from routelens.collector.api.app import create_app
 from routelens.collector.settings import Settings
 from routelens.collector.store.db import DatabaseError, current_revision, downgrade, head_revision, make_engine, upgrade
-from routelens.collector.store.models import Base, routed
+from routelens.collector.store.models import Base, prefix_rollups, routed
 from tests.support.collector_app import Collector
 from tests.support.python_child import run_python
 from tests.support.wire_source import WireSource
@@ -328,6 +328,49 @@ def test_0008_adds_send_to_routed_and_rows_before_it_read_as_unknown(empty_db_ur
     assert "send_to_routed_ms" not in columns["routed"]
     assert not columns["rollups"] & {"send_to_routed_ms_0", "send_to_routed_ms_sum", "send_to_routed_ms_max"}
     assert routed_rows == 2
+
+
+def test_0009_fills_prefix_rollups_from_the_rows_stored_as_ingest_does(empty_db_url):
+    """Prefix rollups made by the upgrade from the raw rows stored are those
+    ingest made of them, and Prefix affinity reads the same from either; the
+    downgrade drops the table and keeps every raw row."""
+    upgrade(empty_db_url)
+    hour = (int(time.time()) - 7200) // 3600 * 3600
+    source = WireSource("s1", router_class="R", app="llm", deployment="FakeLLM")
+    events = []
+    for n in range(40):
+        ts = hour + 3000 + n * 37.3  # over two hours
+        d = source.decision(ts, [["r1", "r2"]], request_id=f"q{n}", reason="prefix_match",
+                            scores={"match_rate": n / 40} if n % 3 else None)
+        if n % 5:
+            d["attributes"] = {"prefix_group": f"g{n % 4}", "prompt_chars": 100 + n}
+        events += [d, source.routed(ts + 0.01, ("r1", "r2")[n % 2], d, own_ranking=n % 9 != 0)]
+    window = {"since": hour, "until": hour + 7200}
+    collector = Collector(empty_db_url)
+    try:
+        collector.store(source.batch(events))
+        ingested = collector.get("/v1/prefix-affinity", **window)
+        with collector.engine.connect() as connection:
+            made_by_ingest = connection.execute(select(prefix_rollups).order_by(*prefix_rollups.c)).all()
+    finally:
+        collector.close()
+    assert made_by_ingest and ingested["total"]["requests"] == sum(1 for n in range(40) if n % 5 and n % 9)
+    downgrade(empty_db_url, "0008")
+    assert "prefix_rollups" not in _state(empty_db_url)[1]
+    upgrade(empty_db_url)
+    collector = Collector(empty_db_url)
+    try:
+        with collector.engine.connect() as connection:
+            backfilled = connection.execute(select(prefix_rollups).order_by(*prefix_rollups.c)).all()
+            assert connection.execute(select(func.count()).select_from(routed)).scalar() == 40
+        assert collector.get("/v1/prefix-affinity", **window) == ingested
+    finally:
+        collector.close()
+    assert [tuple(row[:6]) + (row.match_rates,) for row in backfilled] == [
+        tuple(row[:6]) + (row.match_rates,) for row in made_by_ingest]
+    sums = [[value for row in rows for value in (row.match_rate_sum, row.prompt_chars_sum)]
+            for rows in (backfilled, made_by_ingest)]
+    assert sums[0] == pytest.approx(sums[1])  # added in another order: equal to the last digits or so
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):

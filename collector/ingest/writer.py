@@ -40,7 +40,7 @@ import threading
 import time
 from dataclasses import dataclass
 from itertools import chain, count
-from operator import itemgetter
+from operator import add, itemgetter
 from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import msgspec
@@ -53,6 +53,8 @@ from ..settings import STORED_BATCHES_KEEP_S
 from ..store.db import IDS_PER_STATEMENT, is_sqlite, writer
 from ..store.models import (
     OTHER_REASONS,
+    PREFIX_ROLLUP_KEY,
+    PREFIX_ROLLUP_VALUES,
     RAW_TABLES,
     REASON_ROLLUP_KEY,
     ROLLUP_KEY,
@@ -65,13 +67,15 @@ from ..store.models import (
     completed,
     decisions,
     memberships,
+    prefix_rollups,
     reason_rollups,
     routed,
     stats_changes,
     stored_batches,
 )
+from ..store.prefix_pairs import grouped_pairs
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
-from .rollups import MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
+from .rollups import GRAINS, MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
 from .schema import (
     Batch,
     CompletedEvent,
@@ -279,10 +283,8 @@ class Ingestor:
         self._cache_lock = threading.Lock()
         self._rollup_upsert = self._make_rollup_upsert()
         self._record_batch_statements = self._make_record_batch()
-        insert_reasons = self._dialect_insert(reason_rollups)
-        self._reason_upsert = insert_reasons.on_conflict_do_update(
-            index_elements=list(REASON_ROLLUP_KEY),
-            set_={"decisions": reason_rollups.c.decisions + insert_reasons.excluded.decisions})
+        self._reason_upsert = self._adding_upsert(reason_rollups, REASON_ROLLUP_KEY, ("decisions",))
+        self._prefix_upsert = self._adding_upsert(prefix_rollups, PREFIX_ROLLUP_KEY, PREFIX_ROLLUP_VALUES)
         self._number_batch = stored_batches.insert()
         self._prune_numbered = delete(stored_batches).where(stored_batches.c.stored_at < bindparam("oldest"))
         self._batches_numbered = count(1)
@@ -469,6 +471,9 @@ class Ingestor:
                 if reason_rows:  # in key order, as the rollups: a fixed lock order on PostgreSQL
                     connection.execute(self._reason_upsert, [
                         dict(zip((*REASON_ROLLUP_KEY, "decisions"), row)) for row in reason_rows])
+                prefix_rows = self._prefix_rows(connection, rows, numbered["routed"], numbered["decision"])
+                if prefix_rows:  # in key order, as the rollups
+                    connection.execute(self._prefix_upsert, prefix_rows)
                 changes = [event for event in stored if isinstance(event, ReplicasEvent)]
                 for event in sorted(changes, key=lambda e: e.ts):
                     self._apply_membership(connection, deployment_pk, event, rows.replica_pks)
@@ -521,6 +526,42 @@ class Ingestor:
         elif new_rows:
             connection.exec_driver_sql(self._insert_sql[table.name], new_rows)
         return [row[0] for row in new_rows]
+
+    def _adding_upsert(self, table, key: Sequence[str], added: Sequence[str]):
+        """The upsert of rows of a table of counters (`reason_rollups`, `prefix_rollups`): a row already
+        stored under the key gets the new row's counters added to its own."""
+        insert = self._dialect_insert(table)
+        return insert.on_conflict_do_update(index_elements=list(key),
+                                            set_={name: table.c[name] + insert.excluded[name] for name in added})
+
+    def _prefix_rows(self, connection: Connection, rows: "_Rows", new_routed: List[bytes],
+                     new_decisions: List[bytes]) -> List[dict]:
+        """What the batch adds to `prefix_rollups`, sorted by key: each routed request it stored whose
+        decision is stored (in this batch or before), and each routed request stored before its decision
+        that a decision it stored pairs. A pair counts once, when the later of the two is stored: ids are
+        stored once, and a decision and the routed events that name it come from one source, whose batches
+        are written one at a time. Added up by the statement Prefix affinity reads raw rows with, so that
+        the two agree (collector.store.prefix_pairs)."""
+        stored = set(new_routed)
+        paired = [routed_id for routed_id in rows.prefix_candidates if routed_id in stored]
+        found = [decision_id for decision_id in new_decisions if decision_id in rows.prefix_decisions]
+        routed_key, named = stored_bytes(routed.c.id), stored_bytes(routed.c.decision_id)
+        for start in range(0, len(found), IDS_PER_STATEMENT):
+            paired += [bytes(routed_id) for routed_id in connection.scalars(
+                select(routed_key).where(named.in_(found[start:start + IDS_PER_STATEMENT])))
+                if bytes(routed_id) not in stored]
+        dialect = connection.dialect.name
+        sums: Dict[tuple, list] = {}
+        for start in range(0, len(paired), IDS_PER_STATEMENT):
+            chunk = paired[start:start + IDS_PER_STATEMENT]
+            for row in connection.execute(grouped_pairs(dialect, 60, routed_key.in_(chunk))):
+                minute = int(row.step_start)
+                values = (row.routed, row.match_rate_sum or 0.0, row.match_rates, row.prompt_chars_sum or 0.0)
+                for grain in GRAINS:
+                    key = (grain, minute // grain * grain, row.router_pk, row.prefix_group, row.replica_pk)
+                    total = sums.get(key)
+                    sums[key] = list(values) if total is None else list(map(add, total, values))
+        return [dict(zip((*PREFIX_ROLLUP_KEY, *PREFIX_ROLLUP_VALUES), (*key, *sums[key]))) for key in sorted(sums)]
 
     def _make_rollup_upsert(self):
         """The upsert of a batch's rollup rows (`RollupDelta.tuples()`, about a
@@ -680,6 +721,13 @@ class _Rows:
         self.router_pk = router_pk
         self.reasons: Set[str] = set()  # the decisions' reasons (wire format v3)
         self.named_reasons: Set[str] = set()  # those counted by name in reason_rollups (Ingestor._named_reasons)
+        # For `prefix_rollups` (Ingestor._prefix_rows): the ids of the decisions that recorded a prefix group,
+        # and of the routed events that may belong to one (not handed another request's replica, and not
+        # routed by a decision of this batch that recorded none).
+        self.prefix_decisions: Set[bytes] = set()
+        self.prefix_candidates: List[bytes] = []
+        without_group: Set[bytes] = set()
+        named_decisions: List[Tuple[bytes, bytes]] = []  # (routed id, its decision's id)
         self._tables: Dict[object, List[tuple]] = {table: [] for table in RAW_TABLES}
         events = valid.batch.events
         extras = valid.extras or [None] * len(valid.ids)
@@ -698,6 +746,10 @@ class _Rows:
                     event.reason, _text(event.scores) if event.scores else None))
                 if event.reason is not None:
                     self.reasons.add(event.reason)
+                if event.attributes and event.attributes.get("prefix_group") is not None:
+                    self.prefix_decisions.add(event_id)
+                else:
+                    without_group.add(event_id)
             elif isinstance(event, RoutedEvent):
                 routed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
@@ -707,6 +759,8 @@ class _Rows:
                     _extra(event, extra) if extra or event.attribution is not None else None,
                     event.believed_queue_len, event.shortest_queue_len, event.reported_queue_len,
                     event.send_to_routed_ms))
+                if event.decision_id is not None and event.own_ranking is not False:
+                    named_decisions.append((event_id, event.decision_id.bytes))
             elif isinstance(event, CompletedEvent):
                 completed_rows.append((
                     event_id, event.ts, router_pk, source_pk, pks[event.replica_id],
@@ -721,6 +775,8 @@ class _Rows:
             else:
                 self._tables[memberships].append((event_id, event.ts, router_pk, source_pk, _text(event.replicas),
                                                   _extra(event, extra) if extra else None))
+        self.prefix_candidates = [routed_id for routed_id, decision_id in named_decisions
+                                  if decision_id not in without_group]
 
     def of(self, table) -> List[tuple]:
         return self._tables[table]

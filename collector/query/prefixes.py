@@ -3,29 +3,31 @@ same replica, per prefix group (docs/design.md, Definitions).
 
 A prefix group is the `prefix_group` attribute a traced LLM router records
 with each request (routers.llm: a keyed hash of the prompt's first
-characters, never the text). A routed request belongs to the group of the
-decision that routed it; requests handed a replica that another request's
-decision found (FIFO hand-offs) are left out, since that decision's prompt
-is the other request's. The match rate is the one each decision recorded
-(`scores.match_rate`), where it recorded one.
+characters, never the text). Requests are paired with their decisions as
+`collector.store.prefix_pairs` says.
 
-The rollups know nothing of prompts, so this reads raw rows: routed events
-of the window joined to their decisions by key, grouped in the database by
-router, group, replica and time step.
+The figures read `prefix_rollups` (per minute and per hour, as the other
+panels read `rollups`) for the window's whole minutes, and raw rows (routed
+events joined to their decisions) for the seconds at its edges, so that
+they count exactly the window's requests either way. Filters the rollups
+cannot answer (request id, model id, the decisions' reasons) read raw rows
+throughout.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
+from dataclasses import replace
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from sqlalchemy import JSON, Float, Integer, cast, func, or_, select, type_coerce
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import func, select
 from sqlalchemy.engine import Connection
 
-from ..store.models import decisions, routed
+from ..store.models import decisions, prefix_rollups, routed
+from ..store.prefix_pairs import grouped_pairs
 from .explore import outcome_conditions
-from .figures import Scope, default_step, scope
+from .figures import Scope, _step_condition, default_step, scope
 from .filters import MINUTE, Filters
 
 MAX_GROUPS = 100  # groups listed, the most requested first; the figures count them all
@@ -41,38 +43,37 @@ def concentration(groups: Iterable[Counter]) -> Optional[float]:
     return sum(shares) / len(shares) if shares else None
 
 
-def _json_member(conn: Connection, column, *path: str):
-    """A member of a JSON text column as text, in the database's own JSON functions."""
-    if conn.dialect.name == "postgresql":
-        return cast(column, JSONB)[path].as_string()
-    return type_coerce(column, JSON)[path].as_string()
+def _rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
+    """(router_pk, prefix_group, replica_pk, step_start, routed, match-rate sum and count, prompt_chars sum):
+    the window's whole minutes from the rollups where the filters allow, the rest from raw rows."""
+    first, last = math.ceil(f.since / MINUTE) * MINUTE, math.floor(f.until / MINUTE) * MINUTE
+    if f.request_id or f.model_id or f.reasons or first >= last:
+        return _raw_rows(conn, f, sc, step)
+    rows = _rollup_rows(conn, replace(f, since=first, until=last), sc, step)
+    for since, until in ((f.since, first), (last, f.until)):
+        if since < until:
+            rows += _raw_rows(conn, replace(f, since=since, until=until), sc, step)
+    return rows
 
 
-def _step_start(conn: Connection, step: int):
-    """Each routed event's step: the start of its `step`-second interval (ts >= 0)."""
-    if conn.dialect.name == "postgresql":
-        return func.floor(routed.c.ts / step) * step
-    return cast(routed.c.ts / step, Integer) * step  # truncation is the floor of a positive number
-
-
-def _group_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
-    """(router_pk, prefix_group, replica_pk, step_start, routed, match-rate sum and count, prompt_chars sum)."""
-    group = _json_member(conn, decisions.c.extra, "attributes", "prefix_group")
-    match_rate = cast(_json_member(conn, decisions.c.scores, "match_rate"), Float)
-    prompt_chars = cast(_json_member(conn, decisions.c.extra, "attributes", "prompt_chars"), Float)
-    start = _step_start(conn, step).label("step_start")
-    query = (select(routed.c.router_pk, group.label("prefix_group"), routed.c.replica_pk, start,
-                    func.count().label("routed"), func.sum(match_rate).label("match_rate_sum"),
-                    func.count(match_rate).label("match_rates"),
-                    func.sum(prompt_chars).label("prompt_chars_sum"))
-             .select_from(routed.join(decisions, decisions.c.id == routed.c.decision_id))
-             .where(*outcome_conditions(routed, f, sc),
-                    or_(routed.c.own_ranking.is_(None), routed.c.own_ranking.is_(True)),
-                    decisions.c.extra.like('%"prefix_group"%'), group.is_not(None))
-             .group_by(routed.c.router_pk, group, routed.c.replica_pk, start))
+def _raw_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
+    query = grouped_pairs(conn.dialect.name, step, *outcome_conditions(routed, f, sc))
     if f.reasons:  # the requests routed by decisions of these reasons
         query = query.where(decisions.c.reason.in_(f.reasons))
     return conn.execute(query).all()
+
+
+def _rollup_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
+    """As `_raw_rows`, from `prefix_rollups`, over a window of whole minutes."""
+    table = prefix_rollups
+    where = [_step_condition(f, step, table), table.c.router_pk.in_(sorted(sc.routers))]
+    if sc.replica_pks is not None:
+        where.append(table.c.replica_pk.in_(sc.replica_pks))
+    start = (table.c.start // step * step).label("step_start")
+    keys = (table.c.router_pk, table.c.prefix_group, table.c.replica_pk, start)
+    return conn.execute(select(*keys, *(func.sum(table.c[name]).label(name) for name in
+                                        ("routed", "match_rate_sum", "match_rates", "prompt_chars_sum")))
+                        .where(*where).group_by(*keys)).all()
 
 
 class _Group:
@@ -80,15 +81,16 @@ class _Group:
 
     def __init__(self) -> None:
         self.by_replica: Counter = Counter()
-        self.by_step: Dict[float, Counter] = defaultdict(Counter)
+        self.by_step: Dict[int, Counter] = defaultdict(Counter)
         self.match_rate_sum, self.match_rates, self.prompt_chars_sum = 0.0, 0, 0.0
 
-    def add(self, row: Any) -> None:
-        self.by_replica[row.replica_pk] += row.routed
-        self.by_step[row.step_start][row.replica_pk] += row.routed
-        self.match_rate_sum += row.match_rate_sum or 0.0
-        self.match_rates += row.match_rates
-        self.prompt_chars_sum += row.prompt_chars_sum or 0.0
+    def add(self, replica_pk: int, step_start: float, routed: int, match_rate_sum: Optional[float],
+            match_rates: int, prompt_chars_sum: Optional[float]) -> None:
+        self.by_replica[replica_pk] += routed
+        self.by_step[int(step_start)][replica_pk] += routed  # PostgreSQL's floor() is a float
+        self.match_rate_sum += match_rate_sum or 0.0
+        self.match_rates += match_rates
+        self.prompt_chars_sum += prompt_chars_sum or 0.0
 
     @property
     def requests(self) -> int:
@@ -104,8 +106,10 @@ def prefix_affinity(conn: Connection, f: Filters, sc: Optional[Scope] = None) ->
     step = max(MINUTE, default_step(f.seconds, STEP_POINTS) // MINUTE * MINUTE)
     groups: Dict[Tuple[int, str], _Group] = defaultdict(_Group)
     if sc.routers:
-        for row in _group_rows(conn, f, sc, step):
-            groups[sc.routers[row.router_pk]["deployment_pk"], row.prefix_group].add(row)
+        deployment_of = {router_pk: router["deployment_pk"] for router_pk, router in sc.routers.items()}
+        # Tens of thousands of rows over a week: unpacked, not read by name (a third less time).
+        for router_pk, prefix_group, *sums in _rows(conn, f, sc, step):
+            groups[deployment_of[router_pk], prefix_group].add(*sums)
     by_deployment: Dict[int, List[_Group]] = defaultdict(list)
     for (deployment_pk, _), group in groups.items():
         by_deployment[deployment_pk].append(group)

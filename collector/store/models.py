@@ -12,7 +12,8 @@ Three kinds of table:
 - `rollups`: counters and fixed histograms per minute and per hour, per
   router and replica, updated in the ingest transaction. Panels read these
   only; `reason_rollups`, decisions per minute and per hour, per router and
-  reason (the routers' own explanations);
+  reason (the routers' own explanations); `prefix_rollups`, routed requests
+  per minute and per hour, per router, prefix group and replica (Prefix affinity);
 - `stored_batches`: the batches stored, in the order they were stored, for
   live readers (`GET /v1/tail`); kept for minutes.
 """
@@ -271,12 +272,20 @@ ROLLUP_SUMS = ("latency_ms_sum", "choose_us_sum",
 ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max", "regret_max", "belief_error_abs_max",
                  "send_to_routed_ms_max")
 
+
+def _rollup_columns():
+    """The key columns every rollup table starts with: a router's minute or hour."""
+    return [
+        Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600
+        # Epoch seconds, a multiple of grain: past 2038, so 64 bits (migration 0003); SQLite's INTEGER already is.
+        Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+        Column("router_pk", Integer, primary_key=True),
+    ]
+
+
 rollups = Table(
     "rollups", Base.metadata,
-    Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600
-    # Epoch seconds, a multiple of grain: past 2038, so 64 bits (migration 0003); SQLite's INTEGER already is.
-    Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("router_pk", Integer, primary_key=True),
+    *_rollup_columns(),
     Column("replica_pk", Integer, primary_key=True),
     *(Column(name, Integer, nullable=False, server_default="0") for name in ROLLUP_COUNTS),
     *(Column(name, Float, nullable=False, server_default="0") for name in ROLLUP_SUMS),
@@ -294,11 +303,29 @@ OTHER_REASONS = ""
 REASON_ROLLUP_KEY = ("grain", "start", "router_pk", "reason")
 reason_rollups = Table(
     "reason_rollups", Base.metadata,
-    Column("grain", Integer, primary_key=True),
-    Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("router_pk", Integer, primary_key=True),
+    *_rollup_columns(),
     Column("reason", String(64), primary_key=True),
     Column("decisions", Integer, nullable=False),
+    **_clustered,
+)
+
+
+# Routed requests per prefix group (the `prefix_group` attribute of the decision that routed them), per minute
+# and per hour, per router and replica, with the sums Prefix affinity shows: the match rates the decisions
+# recorded (`scores.match_rate`, where they recorded one) and their prompts' lengths. A routed request counts
+# once both it and its decision are stored, whichever came first (collector.ingest.writer); one handed a
+# replica another request's decision found (own_ranking false) is not counted (collector.query.prefixes).
+PREFIX_ROLLUP_KEY = ("grain", "start", "router_pk", "prefix_group", "replica_pk")
+PREFIX_ROLLUP_VALUES = ("routed", "match_rate_sum", "match_rates", "prompt_chars_sum")
+prefix_rollups = Table(
+    "prefix_rollups", Base.metadata,
+    *_rollup_columns(),
+    Column("prefix_group", Text, primary_key=True),  # as a router recorded it: no length is promised
+    Column("replica_pk", Integer, primary_key=True),
+    Column("routed", Integer, nullable=False),
+    Column("match_rate_sum", Float, nullable=False),
+    Column("match_rates", Integer, nullable=False),
+    Column("prompt_chars_sum", Float, nullable=False),
     **_clustered,
 )
 

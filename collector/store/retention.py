@@ -20,7 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import ids
 from .db import first_line, writer
-from .models import RAW_TABLES, Source, SourceBatch, reason_rollups, rollups
+from .models import RAW_TABLES, Source, SourceBatch, prefix_rollups, reason_rollups, rollups
 from .types import stored_bytes
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Retention:
             silent = select(Source.pk).where(Source.last_seen < now - self.raw_s)
             deleted += self._in_chunks(lambda: delete(SourceBatch).where(SourceBatch.source_pk.in_(silent)))
         if self.minute_rollups_s is not None:
-            for table in (rollups, reason_rollups):
+            for table in (rollups, reason_rollups, prefix_rollups):
                 deleted += self._prune_minute_rollups(table, int(now - self.minute_rollups_s))
         return deleted
 
