@@ -122,11 +122,10 @@ class CompletionPairing:
     _complete_unrouted_send: Callable[..., None]  # routers.unrouted_sends
 
     def __init__(self, router: Any, init_kwargs: Any, *, results_from_ray: bool = False,
-                 records_refusals: bool = False, records_send_times: bool = False, **options: Any):
+                 records_refusals: bool = False, **options: Any):
         super().__init__(router, init_kwargs, **options)
         self.results_from_ray = results_from_ray
         self.records_refusals = records_refusals
-        self.records_send_times = records_send_times
         # id(the frame of Ray's sender) -> the monotonic time it sent its request, noted by the mixin's
         # on_send_request until the replica's answer (on_new_queue_len_info): one per request in flight.
         self.send_times: Dict[int, float] = {}

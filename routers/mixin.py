@@ -66,7 +66,6 @@ class TracingMixin:
             self._routelens = RouterTracer(self, kwargs, records_attributes=overridden,
                                            results_from_ray=results_from_ray,
                                            records_refusals=ray_contract.REFUSALS,
-                                           records_send_times=ray_contract.SEND_TIMES,
                                            records_unrouted_sends=ray_contract.UNROUTED_SENDS and results_from_ray)
         except Exception as exc:
             faults.record("setting up the tracer", exc)
@@ -175,7 +174,7 @@ class TracingMixin:
         # locals (the request) are read once, with the answer, in
         # on_new_queue_len_info.
         tracer = self._routelens
-        if tracer is not None and tracer.records_send_times:
+        if tracer is not None and tracer.records_refusals:  # the send time is taken with the answer
             try:
                 caller = sys._getframe(1)
                 if caller.f_code is ROUTE_AND_SEND_CODE and not tracer.sends_unasked:

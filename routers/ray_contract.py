@@ -191,9 +191,10 @@ PROCESS_FINISHED = PrivateFunction(AsyncioRouter, "AsyncioRouter._process_finish
 # -- when a request was sent (routers.completions) ----------------------------
 # Ray's usual sender calls on_send_request as it sends, and on_request_routed
 # only once the replica's answer is back and the router's loop resumes the
-# sender: a request's latency starts at the send (its request, `pr`, read
-# from the sender's frame), so that a router that holds its loop cannot
-# shorten it. ROUTE_AND_SEND, below.
+# sender: a request's latency starts at the send (the time noted against
+# the sender's frame, its request `pr` read from that frame with the
+# answer), so that a router that holds its loop cannot shorten it.
+# ROUTE_AND_SEND, below.
 
 # -- sends that skip the rejection protocol (routers.unrouted_sends) ---------
 # They never reach on_request_routed: DeploymentHandle.choose_replica()
@@ -260,10 +261,9 @@ TRACER_CONTRACT = (FULFIL, FIFO_FULFIL, RECORD_QUEUE_WAIT, PROCESS_FINISHED, ROU
 # -- feature detection, once, at import ---------------------------------------
 EXACT_ATTRIBUTION = FULFIL.holds() and FIFO_FULFIL.holds() and RECORD_QUEUE_WAIT.holds()
 RESULTS_FROM_RAY = EXACT_ATTRIBUTION and PROCESS_FINISHED.holds()
+# The replica's answer read from Ray's usual sender: refusals, and when an accepted request was sent (its
+# latency starts there), noted as the sender calls on_send_request and matched to its request with the answer.
 REFUSALS = ROUTE_AND_SEND.holds() and QUEUE_INFO.holds()
-# When Ray's usual sender sent a request (its latency starts there): noted as it calls on_send_request,
-# matched to its request where the replica's answer is read (REFUSALS).
-SEND_TIMES = REFUSALS
 UNROUTED_SENDS = all(item.holds() for item in (ROUTE_AND_SEND, RESERVE, RELEASE, BROADCAST, QUEUE_INFO, SELECTION))
 
 # The callers' code objects, for the hooks' `is` tests (None when missing).

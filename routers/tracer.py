@@ -116,18 +116,17 @@ class RouterTracer(FifoAttribution, DecisionRecording, CompletionPairing, Unrout
                    TracerCore):
     def __init__(self, router: Any, init_kwargs: Mapping[str, Any], records_attributes: bool = False,
                  results_from_ray: bool = False, records_refusals: bool = False,
-                 records_send_times: bool = False, records_unrouted_sends: bool = False):
+                 records_unrouted_sends: bool = False):
         """`init_kwargs`: what Ray passed the router's constructor.
         `records_attributes`: call the router's `routelens_request_attributes`
         for each request (only worth it when a subclass overrides it).
         `results_from_ray`: on_completed is given each result by Ray's own
         done-callback, so no callback of the tracer's is needed.
-        `records_refusals`: the mixin reports each refusal as the replica
-        answers (on_refused).
-        `records_send_times`: the mixin reports when Ray's usual sender sends
-        a request (note_send), where its latency starts.
+        `records_refusals`: the mixin reads each answer of a replica Ray's
+        usual sender asked: refusals as they come (on_refused), and when an
+        accepted request was sent (send_times), where its latency starts.
         `records_unrouted_sends`: the mixin reports sends that skip the
         rejection protocol (on_reserved, on_broadcast_send, ...)."""
         super().__init__(router, init_kwargs, records_attributes=records_attributes,
                          results_from_ray=results_from_ray, records_refusals=records_refusals,
-                         records_send_times=records_send_times, records_unrouted_sends=records_unrouted_sends)
+                         records_unrouted_sends=records_unrouted_sends)
