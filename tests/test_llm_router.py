@@ -21,11 +21,13 @@ import pytest
 from ray import cloudpickle
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 from ray.serve.config import RequestRouterConfig
+from sqlalchemy import select
 
 from routelens.collector.query import prefixes
 from routelens.collector.query.figures import scope
 from routelens.collector.query.filters import Filters
 from routelens.collector.settings import Settings
+from routelens.collector.store.models import PREFIX_BLOCK_S, PREFIX_GRAINS, prefix_rollups
 from routelens.dashboard.components import number, percent
 from routelens.dashboard.up import create_up_app
 from routelens.routers import llm, prefix_aware
@@ -276,19 +278,21 @@ def test_prefix_affinity_follows_the_filters(prefix_api):
 # --- Prefix affinity from `prefix_rollups`, against the same figures from raw rows ---
 
 T1 = T0 + 86_400  # a whole hour, a day after the scenario above
+WEEK_EDGE = (T1 // PREFIX_BLOCK_S + 1) * PREFIX_BLOCK_S  # where a block of quarter days ends, 5.2 days after T1
+SPREAD = 300  # requests spread over 9 days, across WEEK_EDGE
 
 
 def rollup_scenario():
-    """Three hours of requests of six prefix groups in shuffled batches, as a collector may receive them:
-    some routed events in a batch before their decision's, a batch sent twice, decisions without a group
-    or a match rate, hand-offs. (batches, the reasons every decision has)."""
+    """Three hours of requests of six prefix groups, and a few more over nine days, in shuffled batches, as a
+    collector may receive them: some routed events in a batch before their decision's, a batch sent twice,
+    decisions without a group or a match rate, hand-offs. (batches, the reasons every decision has)."""
     rng = random.Random(7)
     source = WireSource("llm-rollups", app="llm", deployment="FakeLLM",
                         router_class="routelens.routers.llm.TracedPrefixCacheAffinityRouter")
     reasons = (prefix_aware.PREFIX_MATCH, prefix_aware.SMALLEST_TENANT)
     pairs = []
-    for n in range(600):
-        ts = T1 - 1800 + rng.uniform(0, 3 * 3600)
+    for n in range(600 + SPREAD):
+        ts = T1 - 1800 + rng.uniform(0, 3 * 3600) if n < 600 else T1 + rng.uniform(-3, 6) * 86400
         replica = rng.choice(REPLICAS)
         scores = {"match_rate": rng.random()} if n % 5 else None
         decision = source.decision(ts, [[replica]], request_id=f"q{n}", internal_request_id=f"q{n}",
@@ -336,6 +340,9 @@ def _sums(rows) -> list:
     (T1 + 17.5, T1 + 7000.25),  # seconds at both edges from raw rows
     (T1 - 20 * 3600 + 30, T1 + 4 * 3600),  # a day: steps of an hour, from hourly rows
     (T1 + 10, T1 + 50),  # within a minute: raw rows only
+    (T1 + 600, T1 + 4200),  # steps of two minutes, from minute rows
+    (WEEK_EDGE - 5 * 86400 - 61.5, WEEK_EDGE + 2 * 86400 - 3630.25),  # a week: quarter days, two blocks
+    (T1 - 3 * 86400 + 7.5, T1 + 6 * 86400),  # nine days: steps of half a day, from quarter days
 ])
 def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, since, until):
     collector, reasons, _ = rollup_collector
@@ -345,12 +352,14 @@ def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, si
     with collector.engine.connect() as connection:
         from_rollups = prefixes.prefix_affinity(connection, f)
         from_raw = prefixes.prefix_affinity(connection, raw)
-        # The rollups' own rows, per minute and per hour, are the raw rows' sums.
-        whole = Filters(since=T1 - 3600, until=T1 + 3 * 3600)
+        # The rollups' own rows, per minute, hour and quarter day, are the raw rows' sums.
+        whole = Filters(since=T1 - 4 * 86400, until=T1 + 7 * 86400)
         sc = scope(connection, whole)
-        for step in (60, 3600):
-            assert _sums(prefixes._rollup_rows(connection, whole, sc, step)) == _sums(
-                prefixes._raw_rows(connection, whole, sc, step))
+        for grain in PREFIX_GRAINS:
+            own = select(*(prefix_rollups.c[name] for name in ("router_pk", "prefix_group", "replica_pk", "start",
+                                                                "routed", *prefixes.SUMS[1:])))
+            assert _sums(connection.execute(own.where(prefix_rollups.c.grain == grain))) == _sums(
+                prefixes._raw_rows(connection, whole, sc, grain))
     assert from_rollups["total"]["requests"] > 0 or until - since < 60
     from_raw["window"] = from_rollups["window"]  # the reasons filter aside, the same window
     assert _rounded(from_rollups) == _rounded(from_raw)
@@ -358,13 +367,13 @@ def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, si
 
 def test_prefix_rollups_count_a_resent_batch_once(rollup_collector):
     collector, _, batches = rollup_collector
-    whole = {"since": T1 - 3600, "until": T1 + 3 * 3600}
+    whole = {"since": T1 - 4 * 86400, "until": T1 + 7 * 86400}
     before = collector.get("/v1/prefix-affinity", **whole)
     for batch in batches:  # every batch again
         assert collector.store(batch)["stored"] == 0
     assert collector.get("/v1/prefix-affinity", **whole) == before
     # Requests with a group, not handed another request's replica, whose decision is stored: all counted.
-    assert before["total"]["requests"] == sum(1 for n in range(600) if n % 7 and n % 11)
+    assert before["total"]["requests"] == sum(1 for n in range(600 + SPREAD) if n % 7 and n % 11)
 
 
 @pytest.mark.browser

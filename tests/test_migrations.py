@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 
 from routelens.collector.api.app import create_app
 from routelens.collector.settings import Settings
@@ -330,6 +330,15 @@ def test_0008_adds_send_to_routed_and_rows_before_it_read_as_unknown(empty_db_ur
     assert routed_rows == 2
 
 
+def _assert_same_prefix_rows(backfilled, made_by_ingest):
+    """The same `prefix_rollups` rows: keys and counts exactly, sums added in another order to the last digits."""
+    assert [tuple(row[:6]) + (row.match_rates,) for row in backfilled] == [
+        tuple(row[:6]) + (row.match_rates,) for row in made_by_ingest]
+    sums = [[value for row in rows for value in (row.match_rate_sum, row.prompt_chars_sum)]
+            for rows in (backfilled, made_by_ingest)]
+    assert sums[0] == pytest.approx(sums[1])
+
+
 def test_0009_fills_prefix_rollups_from_the_rows_stored_as_ingest_does(empty_db_url):
     """Prefix rollups made by the upgrade from the raw rows stored are those
     ingest made of them, and Prefix affinity reads the same from either; the
@@ -366,11 +375,68 @@ def test_0009_fills_prefix_rollups_from_the_rows_stored_as_ingest_does(empty_db_
         assert collector.get("/v1/prefix-affinity", **window) == ingested
     finally:
         collector.close()
-    assert [tuple(row[:6]) + (row.match_rates,) for row in backfilled] == [
-        tuple(row[:6]) + (row.match_rates,) for row in made_by_ingest]
-    sums = [[value for row in rows for value in (row.match_rate_sum, row.prompt_chars_sum)]
-            for rows in (backfilled, made_by_ingest)]
-    assert sums[0] == pytest.approx(sums[1])  # added in another order: equal to the last digits or so
+    _assert_same_prefix_rows(backfilled, made_by_ingest)
+
+
+def _indexes_named(url, name):
+    """Whether the database holds an index of that name (SQLAlchemy does not reflect SQLite's on expressions)."""
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            catalog = ("SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = :name"
+                       if engine.dialect.name == "sqlite" else
+                       "SELECT count(*) FROM pg_indexes WHERE indexname = :name")
+            return connection.execute(text(catalog), {"name": name}).scalar()
+    finally:
+        engine.dispose()
+
+
+def test_0010_adds_quarter_days_from_the_hourly_rows_as_ingest_does(empty_db_url):
+    """Quarter-day prefix rollups made by the upgrade from the hourly rows are those ingest made, with the
+    index the week's view reads; the downgrade takes both away and keeps the hourly rows."""
+    upgrade(empty_db_url)
+    quarter = (int(time.time()) - 3 * 86400) // 21600 * 21600
+    source = WireSource("s1", router_class="R", app="llm", deployment="FakeLLM")
+    events = []
+    for n in range(60):
+        ts = quarter + 1000 + n * 1811.7  # over 30 hours: six quarter days
+        d = source.decision(ts, [["r1", "r2", "r3"]], request_id=f"q{n}", reason="prefix_match",
+                            scores={"match_rate": n / 60} if n % 4 else None)
+        d["attributes"] = {"prefix_group": f"g{n % 3}", "prompt_chars": 100 + n}
+        events += [d, source.routed(ts + 0.01, ("r1", "r2", "r3")[n % 5 % 3], d)]
+    week = {"since": quarter - 3 * 86400 - 21599.5, "until": quarter + 4 * 86400}  # whole quarter days inside
+    quarter_days = select(prefix_rollups).where(prefix_rollups.c.grain == 21600).order_by(*prefix_rollups.c)
+    collector = Collector(empty_db_url)
+    try:
+        collector.store(source.batch(events))
+        ingested = collector.get("/v1/prefix-affinity", **week)
+        with collector.engine.connect() as connection:
+            made_by_ingest = connection.execute(quarter_days).all()
+    finally:
+        collector.close()
+    assert ingested["step_s"] == 21600 and ingested["total"]["requests"] == 60
+    assert len({row.start for row in made_by_ingest}) >= 5
+    assert _indexes_named(empty_db_url, "ix_prefix_rollups_by_block") == 1
+    downgrade(empty_db_url, "0009")
+    assert _indexes_named(empty_db_url, "ix_prefix_rollups_by_block") == 0
+    engine = make_engine(empty_db_url)  # not a collector: it would refuse a database below head
+    try:
+        with engine.connect() as connection:
+            assert connection.execute(quarter_days).all() == []
+            assert connection.execute(select(func.sum(prefix_rollups.c.routed)).where(
+                prefix_rollups.c.grain == 3600)).scalar() == 60
+    finally:
+        engine.dispose()
+    upgrade(empty_db_url)
+    collector = Collector(empty_db_url)
+    try:
+        with collector.engine.connect() as connection:
+            backfilled = connection.execute(quarter_days).all()
+        assert collector.get("/v1/prefix-affinity", **week) == ingested
+    finally:
+        collector.close()
+    assert _indexes_named(empty_db_url, "ix_prefix_rollups_by_block") == 1
+    _assert_same_prefix_rows(backfilled, made_by_ingest)
 
 
 def test_cli_db_upgrade_and_current(empty_db_url):

@@ -53,6 +53,7 @@ from ..settings import STORED_BATCHES_KEEP_S
 from ..store.db import IDS_PER_STATEMENT, is_sqlite, writer
 from ..store.models import (
     OTHER_REASONS,
+    PREFIX_GRAINS,
     PREFIX_ROLLUP_KEY,
     PREFIX_ROLLUP_VALUES,
     RAW_TABLES,
@@ -75,7 +76,7 @@ from ..store.models import (
 )
 from ..store.prefix_pairs import grouped_pairs
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
-from .rollups import GRAINS, MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
+from .rollups import MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
 from .schema import (
     Batch,
     CompletedEvent,
@@ -557,7 +558,7 @@ class Ingestor:
             for row in connection.execute(grouped_pairs(dialect, 60, routed_key.in_(chunk))):
                 minute = int(row.step_start)
                 values = (row.routed, row.match_rate_sum or 0.0, row.match_rates, row.prompt_chars_sum or 0.0)
-                for grain in GRAINS:
+                for grain in PREFIX_GRAINS:
                     key = (grain, minute // grain * grain, row.router_pk, row.prefix_group, row.replica_pk)
                     total = sums.get(key)
                     sums[key] = list(values) if total is None else list(map(add, total, values))

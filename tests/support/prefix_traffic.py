@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from typing import Any, Dict, List, Tuple
 
 from routelens.collector.demo.apps import SYSTEM_PROMPTS, ChatRequest, chat_request
-from routelens.collector.query.prefixes import concentration
+from routelens.collector.query.prefixes import Share, concentration
 
 
 def prompts(n: int, groups: int, seed: int) -> List[Tuple[int, ChatRequest]]:
@@ -43,4 +43,4 @@ def prefix_concentration(answered: List[Tuple[int, str]]) -> float:
     by_group: Dict[int, Counter] = defaultdict(Counter)
     for group, replica in answered:
         by_group[group][replica] += 1
-    return concentration(by_group.values())
+    return concentration(Share.of(by_replica) for by_replica in by_group.values())
