@@ -16,6 +16,8 @@ from .errors import ConnectionFailed, DemoError, FileError, ServeError, UsageErr
 
 def run(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command == "replay":
+        _pin_string_hashing(args.seed)  # the command's own process, which can start again; not main(argv)'s caller
 
     try:
         return args.run(args)
@@ -274,7 +276,8 @@ def _add_replay(commands) -> None:
                         help="simulate mode: every replica's slots (default: each replica's recorded "
                              "max_ongoing_requests)")
     replay.add_argument("--seed", type=_seed, default=0,
-                        help="seed the runs' random draws derive from (default: %(default)s)")
+                        help="seed the runs' random draws derive from; the same seed gives the same result "
+                             "(default: %(default)s)")
     replay.add_argument("--json", action="store_true",
                         help="print the stored replay as JSON (as GET /v1/replays/ID answers) instead of tables")
     _add_window_and_filters(replay)
@@ -446,6 +449,18 @@ def _run_import(args) -> int:
     from .files import run_import
 
     return run_import(args)
+
+
+def _pin_string_hashing(seed: int) -> None:
+    """Starts this command again (same process id, arguments, working directory and streams) with
+    PYTHONHASHSEED derived from `seed`, unless it already runs with it: so that the same seed gives the
+    same replay in every process. Routers iterate over sets of replica ids (Ray's pow-2 draws its two from
+    one), whose order follows the process's string hashes, drawn anew for each process unless PYTHONHASHSEED
+    sets them; a value the environment already had (tox sets a random one) is replaced for the same reason.
+    Before the replay's imports (half a second), so that starting again costs little."""
+    pinned = str(seed % 2**32)  # PYTHONHASHSEED takes 0 to 2**32-1
+    if os.environ.get("PYTHONHASHSEED") != pinned:
+        os.execve(sys.executable, sys.orig_argv, {**os.environ, "PYTHONHASHSEED": pinned})
 
 
 def _run_replay(args) -> int:
