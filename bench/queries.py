@@ -7,11 +7,13 @@ through the collector's real write path: wire-format batches validated by
 process, one transaction per batch, rollups maintained on the way). The
 loaded database is kept (`--db`, by default under /tmp, named after the
 number of decisions) with a description next to it, so that reruns skip
-loading; `--reload` loads again. With `--prefix-groups N` the deployment
-is an LLM one, routed by the traced prefix-aware router: every decision
-carries its prompt's prefix group (one of N) and length, and its reason
-(`workload.Traffic`), which the prefix-affinity query reads (from
-`prefix_rollups`, raw rows at a window's edges); without, it finds no group.
+loading (one loaded at an older schema is migrated to the current one, as
+`routelens db upgrade` does); `--reload` loads again. With
+`--prefix-groups N` the deployment is an LLM one, routed by the traced
+prefix-aware router: every decision carries its prompt's prefix group (one
+of N) and length, and its reason (`workload.Traffic`), which the
+prefix-affinity query reads (from `prefix_rollups`, raw rows at a window's
+edges); without, it finds no group.
 
 Then prints, for windows of 15 min, 24 h and 7 d ending where the data ends,
 the median time of `--runs` runs of each panel query (the query layer the
@@ -55,7 +57,7 @@ from routelens.collector.ingest.schema import parse  # noqa: E402
 from routelens.collector.ingest.writer import Ingestor  # noqa: E402
 from routelens.collector.query import explore, figures, prefixes  # noqa: E402
 from routelens.collector.query.filters import Filters  # noqa: E402
-from routelens.collector.store.db import make_engine, upgrade  # noqa: E402
+from routelens.collector.store.db import current_revision, head_revision, make_engine, upgrade  # noqa: E402
 
 DAY = 86400.0
 WINDOWS = (("15 min", 900.0), ("24 h", DAY), ("7 d", 7 * DAY))
@@ -65,7 +67,7 @@ EVENTS_PER_BATCH = 1000  # the tracer's default batch_max_events
 SOURCES = 2  # traced routers of the deployment (say, two proxies)
 REPLICAS = 50
 DAYS = 7
-FORMAT = 3  # of the description file: a change of the load's shape (or of the schema) reloads
+FORMAT = 3  # of the description file: a change of the load's shape reloads (of the schema: `database` upgrades)
 FULL = 10_000_000  # decisions of the full run
 BASELINE_SQL = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 100000) SELECT sum(x) FROM c"
 
@@ -226,7 +228,27 @@ def database(decisions: int, prefix_groups: int, path: Optional[str] = None,
             json.dump(info, f, indent=1)
     else:
         print(f"using {path}, loaded before (in {info['load_seconds']} s; --reload to load again)")
+        bring_to_current_schema(path)
     return path, info
+
+
+def bring_to_current_schema(path: str) -> None:
+    """Migrate a database loaded at an older schema, as the load's `upgrade` would
+    have made it: the migrations fill what they add from the rows stored, so
+    a schema change costs a migration, not a reload."""
+    url = f"sqlite:///{path}"
+    engine = make_engine(url)
+    try:
+        loaded_at = current_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if loaded_at == head:
+        return
+    started = time.perf_counter()
+    upgrade(url)
+    print(f"upgraded its schema from revision {loaded_at} to {head} in {time.perf_counter() - started:.0f} s",
+          flush=True)
 
 
 def main() -> int:
