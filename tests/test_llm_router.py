@@ -376,6 +376,45 @@ def test_prefix_rollups_count_a_resent_batch_once(rollup_collector):
     assert before["total"]["requests"] == sum(1 for n in range(600 + SPREAD) if n % 7 and n % 11)
 
 
+def two_routers_scenario():
+    """A deployment whose router changed class during a week (two routers of one deployment), both routing
+    the same three prefix groups over the same replicas, as they may in a rollout."""
+    rng = random.Random(11)
+    batches = []
+    for name, router_class in (("old", "routelens.routers.llm.TracedPrefixCacheAffinityRouter"),
+                               ("new", "my_routers.KVAwareRouter")):
+        source = WireSource(f"llm-{name}", app="llm", deployment="FakeLLM", router_class=router_class)
+        events = []
+        for n in range(200):
+            ts = T1 + rng.uniform(0, 6) * 86400
+            decision = source.decision(ts, [[rng.choice(REPLICAS)]], request_id=f"{name}{n}",
+                                       reason=prefix_aware.PREFIX_MATCH, scores={"match_rate": rng.random()})
+            decision["attributes"] = {"prompt_chars": 100, "prefix_group": f"g{n % 3}"}
+            events += [decision, source.routed(ts + 0.01, decision["ranks"][0][0], decision)]
+        batches.append(source.batch(events))
+    return batches
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def two_routers_collector(request, tmp_path_factory):
+    yield from _backend_collector(request, tmp_path_factory, two_routers_scenario())
+
+
+@pytest.mark.parametrize("since, until", [
+    (T1 - 3600, T1 + 7 * 86400 - 3600),  # a week: steps of a quarter day, read as stored
+    (T1 - 2 * 86400, T1 + 7 * 86400),  # nine days: steps of half a day
+])
+def test_a_groups_requests_under_two_routers_of_its_deployment_add_up_per_step(two_routers_collector,
+                                                                                 since, until):
+    raw = Filters(since=since, until=until, reasons=(prefix_aware.PREFIX_MATCH,))  # raw rows throughout
+    with two_routers_collector.engine.connect() as connection:
+        from_rollups = prefixes.prefix_affinity(connection, Filters(since=since, until=until))
+        from_raw = prefixes.prefix_affinity(connection, raw)
+        assert len(scope(connection, raw).routers) == 2 and from_rollups["total"]["groups"] == 3
+    from_raw["window"] = from_rollups["window"]
+    assert _rounded(from_rollups) == _rounded(from_raw)
+
+
 @pytest.mark.browser
 def test_the_prefix_affinity_view_shows_the_api_figures_and_downloads_them(tmp_path, page):
     t0 = (time.time() - 1800) // 60 * 60

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
-from sqlalchemy import BigInteger, cast, func, select
+from sqlalchemy import BigInteger, case, cast, func, select
 from sqlalchemy.engine import Connection
 
 from ..store.models import PREFIX_BLOCK, PREFIX_BLOCK_S, PREFIX_GRAINS, decisions, prefix_rollups, routed
@@ -117,24 +117,30 @@ def _grain_conditions(f: Filters, sc: Scope, grain: int, router_pk=prefix_rollup
     return where
 
 
-def _step_shares(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
-    """(step_start, router_pk, prefix_group, top, requests, replicas) per whole step of the window (`f`)."""
+def _step_shares(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Tuple[int, int, str, Share]]:
+    """(step_start, deployment_pk, prefix_group, share) per whole step of the window (`f`) and group."""
     table, grain = prefix_rollups, _grain(step)
+    deployment_of = {router_pk: router["deployment_pk"] for router_pk, router in sc.routers.items()}
     # The routers as a condition on `router_pk + 0`, not on the key column: SQLite would take one router's rows
     # as a key range after the range on `start`, and then sort what is in key order already (2 times slower).
     where = _grain_conditions(f, sc, grain, router_pk=table.c.router_pk + 0)
-    if step == grain:  # a row per step, group and replica already, read in key order: nothing to sort
-        per_replica = select(table.c.start.label("step_start"), table.c.router_pk, table.c.prefix_group,
-                             table.c.routed).where(*where)
-    else:
-        start = (table.c.start // step * step).label("step_start")
-        per_replica = (select(start, table.c.router_pk, table.c.prefix_group, func.sum(table.c.routed).label("routed"))
-                       .where(*where).group_by(start, table.c.router_pk, table.c.prefix_group, table.c.replica_pk))
+    by_router = step == grain and len(set(deployment_of.values())) == len(deployment_of)
+    if by_router:  # a row per step, group and replica already, read in key order: nothing to sort
+        per_replica = select(table.c.start.label("step_start"), table.c.router_pk.label("owner"),
+                             table.c.prefix_group, table.c.routed).where(*where)
+    else:  # a group's requests per replica added up over the step, and over its deployment's routers
+        start = table.c.start if step == grain else table.c.start // step * step
+        deployment = case(deployment_of, value=table.c.router_pk)
+        per_replica = (select(start.label("step_start"), deployment.label("owner"), table.c.prefix_group,
+                              func.sum(table.c.routed).label("routed"))
+                       .where(*where).group_by(start, deployment, table.c.prefix_group, table.c.replica_pk))
     rows = per_replica.subquery()
-    keys = (rows.c.step_start, rows.c.router_pk, rows.c.prefix_group)
+    keys = (rows.c.step_start, rows.c.owner, rows.c.prefix_group)
     # PostgreSQL adds up bigints (the inner sums) as numeric: cast back, so that counts stay integers.
-    return conn.execute(select(*keys, func.max(rows.c.routed), cast(func.sum(rows.c.routed), BigInteger),
-                               func.count()).group_by(*keys)).all()
+    shares = conn.execute(select(*keys, func.max(rows.c.routed), cast(func.sum(rows.c.routed), BigInteger),
+                                 func.count()).group_by(*keys)).all()
+    return [(int(step_start), deployment_of[owner] if by_router else owner, prefix_group, Share(*share))
+            for step_start, owner, prefix_group, *share in shares]
 
 
 def _window_sums(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
@@ -221,8 +227,8 @@ def _groups(conn: Connection, f: Filters, sc: Scope, step: int) -> Dict[Tuple[in
         whole = replace(f, since=first, until=last)
         for router_pk, prefix_group, replica_pk, *sums in _window_sums(conn, whole, sc, step):
             groups[deployment_of[router_pk], prefix_group].add(replica_pk, *sums)
-        for step_start, router_pk, prefix_group, *share in _step_shares(conn, whole, sc, step):
-            groups[deployment_of[router_pk], prefix_group].step_shares[int(step_start)] = Share(*share)
+        for step_start, deployment_pk, prefix_group, share in _step_shares(conn, whole, sc, step):
+            groups[deployment_pk, prefix_group].step_shares[step_start] = share
         edges = [(f.since, first), (last, f.until)]
     for since, until in edges:
         if since < until:
