@@ -319,20 +319,22 @@ def rollup_collector(request, tmp_path_factory):
         yield collector, reasons, batches
 
 
-def _rounded(value):
-    """JSON-like figures with floats to 12 significant digits: sums added in another order differ in the last."""
+def _approx(value):
+    """JSON-like figures, each float to be compared within a relative 1e-9: sums added in another order differ
+    in their last digits (a rounding to fixed digits would not do: two such sums may round apart)."""
     if isinstance(value, float):
-        return float(f"{value:.12g}")
+        return pytest.approx(value, rel=1e-9)
     if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
+        return {key: _approx(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [_rounded(item) for item in value]
+        return [_approx(item) for item in value]
     return value
 
 
 def _sums(rows) -> list:
-    """Rows of sums, sorted, a sum of no value (SQL's NULL) as 0, as the figures count it."""
-    return _rounded(sorted([0.0 if value is None else value for value in row] for row in rows))
+    """Rows of sums, sorted (by their keys, which come first), a sum of no value (SQL's NULL) as 0, as the
+    figures count it."""
+    return sorted([0.0 if value is None else value for value in row] for row in rows)
 
 
 @pytest.mark.parametrize("since, until", [
@@ -358,11 +360,11 @@ def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, si
         for grain in PREFIX_GRAINS:
             own = select(*(prefix_rollups.c[name] for name in ("router_pk", "prefix_group", "replica_pk", "start",
                                                                 "routed", *prefixes.SUMS[1:])))
-            assert _sums(connection.execute(own.where(prefix_rollups.c.grain == grain))) == _sums(
-                prefixes._raw_rows(connection, whole, sc, grain))
+            assert _sums(connection.execute(own.where(prefix_rollups.c.grain == grain))) == _approx(_sums(
+                prefixes._raw_rows(connection, whole, sc, grain)))
     assert from_rollups["total"]["requests"] > 0 or until - since < 60
     from_raw["window"] = from_rollups["window"]  # the reasons filter aside, the same window
-    assert _rounded(from_rollups) == _rounded(from_raw)
+    assert from_rollups == _approx(from_raw)
 
 
 def test_prefix_rollups_count_a_resent_batch_once(rollup_collector):
@@ -412,7 +414,43 @@ def test_a_groups_requests_under_two_routers_of_its_deployment_add_up_per_step(t
         from_raw = prefixes.prefix_affinity(connection, raw)
         assert len(scope(connection, raw).routers) == 2 and from_rollups["total"]["groups"] == 3
     from_raw["window"] = from_rollups["window"]
-    assert _rounded(from_rollups) == _rounded(from_raw)
+    assert from_rollups == _approx(from_raw)
+
+
+def groups_of_one_name_in_two_deployments():
+    """Group "g" in deployments A and B, a request each (A's in the seconds at the edge of the window below,
+    B's in a whole minute), and 99 more groups of two requests each under a second router of B."""
+    batches = []
+    for name, ts in (("A", T1 + 40), ("B", T1 + 90)):
+        source = WireSource(f"src-{name}", app="llm", deployment=name)
+        decision = source.decision(ts, [[f"{name}-r1"]], request_id=name, reason=prefix_aware.PREFIX_MATCH)
+        decision["attributes"] = {"prompt_chars": 100, "prefix_group": "g"}
+        batches.append(source.batch([source.replicas(T1, [f"{name}-r1"]), decision,
+                                     source.routed(ts + 0.01, f"{name}-r1", decision)]))
+    source = WireSource("src-B2", app="llm", deployment="B", router_class="x.Other")
+    events = [source.replicas(T1, ["B-r1"])]
+    for n in range(99):
+        for k in range(2):
+            ts = T1 + 60 + n * 0.5 + k * 0.2
+            decision = source.decision(ts, [["B-r1"]], request_id=f"h{n}-{k}", reason=prefix_aware.PREFIX_MATCH)
+            decision["attributes"] = {"prompt_chars": 100, "prefix_group": f"h{n:03}"}
+            events += [decision, source.routed(ts + 0.01, "B-r1", decision)]
+    return batches + [source.batch(events)]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def tied_groups_collector(request, tmp_path_factory):
+    yield from _backend_collector(request, tmp_path_factory, groups_of_one_name_in_two_deployments())
+
+
+def test_groups_with_as_many_requests_are_listed_in_one_order_whichever_rows_count_them(tied_groups_collector):
+    with tied_groups_collector.engine.connect() as connection:
+        got = [prefixes.prefix_affinity(connection, Filters(since=T1 + 30, until=T1 + 150, reasons=reasons))
+               for reasons in ((), (prefix_aware.PREFIX_MATCH,))]  # from the rollups, from raw rows
+    assert got[0]["total"]["groups"] == got[1]["total"]["groups"] == 101
+    listed = [[(g["deployment"], g["prefix_group"], g["requests"]) for g in answer["groups"]] for answer in got]
+    # The most requested first, then by app, deployment and group: of the two groups "g", B's is left out.
+    assert listed[0] == listed[1] == [("B", f"h{n:03}", 2) for n in range(99)] + [("A", "g", 1)]
 
 
 @pytest.mark.browser

@@ -107,8 +107,9 @@ def _grain(step: int) -> int:
     return max(grain for grain in PREFIX_GRAINS if step % grain == 0)
 
 
-def _grain_conditions(f: Filters, sc: Scope, grain: int, router_pk=prefix_rollups.c.router_pk) -> list:
-    """Conditions for the rollup rows of `grain` in the window (of whole steps) and the scope."""
+def _grain_conditions(f: Filters, sc: Scope, grain: int, router_pk) -> list:
+    """Conditions for the rollup rows of `grain` in the window (of whole steps) and the scope, the routers
+    compared as `router_pk` (the column, or an expression of it)."""
     table = prefix_rollups
     where = [table.c.grain == grain, table.c.start >= f.since, table.c.start < f.until,
              router_pk.in_(sorted(sc.routers))]
@@ -123,38 +124,42 @@ def _step_shares(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Tup
     deployment_of = {router_pk: router["deployment_pk"] for router_pk, router in sc.routers.items()}
     # The routers as a condition on `router_pk + 0`, not on the key column: SQLite would take one router's rows
     # as a key range after the range on `start`, and then sort what is in key order already (2 times slower).
-    where = _grain_conditions(f, sc, grain, router_pk=table.c.router_pk + 0)
-    by_router = step == grain and len(set(deployment_of.values())) == len(deployment_of)
-    if by_router:  # a row per step, group and replica already, read in key order: nothing to sort
-        per_replica = select(table.c.start.label("step_start"), table.c.router_pk.label("owner"),
-                             table.c.prefix_group, table.c.routed).where(*where)
+    where = _grain_conditions(f, sc, grain, table.c.router_pk + 0)
+    keyed_by_router = step == grain and len(set(deployment_of.values())) == len(deployment_of)
+    if keyed_by_router:
+        # Each row is one step's requests of a group on a replica, and each deployment has one router in view:
+        # the rows are read in key order, nothing to add up first and nothing to sort.
+        key = table.c.router_pk
+        per_replica = select(table.c.start.label("step_start"), key.label("key"), table.c.prefix_group,
+                             table.c.routed).where(*where)
     else:  # a group's requests per replica added up over the step, and over its deployment's routers
+        key = case(deployment_of, value=table.c.router_pk)
         start = table.c.start if step == grain else table.c.start // step * step
-        deployment = case(deployment_of, value=table.c.router_pk)
-        per_replica = (select(start.label("step_start"), deployment.label("owner"), table.c.prefix_group,
+        per_replica = (select(start.label("step_start"), key.label("key"), table.c.prefix_group,
                               func.sum(table.c.routed).label("routed"))
-                       .where(*where).group_by(start, deployment, table.c.prefix_group, table.c.replica_pk))
+                       .where(*where).group_by(start, key, table.c.prefix_group, table.c.replica_pk))
     rows = per_replica.subquery()
-    keys = (rows.c.step_start, rows.c.owner, rows.c.prefix_group)
-    # PostgreSQL adds up bigints (the inner sums) as numeric: cast back, so that counts stay integers.
+    keys = (rows.c.step_start, rows.c.key, rows.c.prefix_group)
+    # count(): the replicas reached, as every row counts one request at least. PostgreSQL adds up bigints (the
+    # inner sums) as numeric: cast back, so that counts stay integers.
     shares = conn.execute(select(*keys, func.max(rows.c.routed), cast(func.sum(rows.c.routed), BigInteger),
                                  func.count()).group_by(*keys)).all()
-    return [(int(step_start), deployment_of[owner] if by_router else owner, prefix_group, Share(*share))
-            for step_start, owner, prefix_group, *share in shares]
+    return [(int(step_start), deployment_of[key] if keyed_by_router else key, prefix_group, Share(*share))
+            for step_start, key, prefix_group, *share in shares]
 
 
 def _window_sums(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
     """(router_pk, prefix_group, replica_pk, routed, match-rate sum and count, prompt_chars sum) over the
     window's whole steps (`f`), a block of PREFIX_BLOCK_S seconds at a time: the quarter days' index holds a
-    block's rows in this order, so that the database adds them up without sorting them. (Minutes and hours
-    serve windows short enough to sort.)"""
+    block's rows in this order, so that the database adds them up without sorting them. Minutes and hours have
+    no such index (they serve windows short enough to sort): for them the blocks only split the sort."""
     table = prefix_rollups
     keys = (table.c.router_pk, table.c.prefix_group, table.c.replica_pk)
     sums = [func.sum(table.c[name]) for name in SUMS]
     rows: List[Any] = []
     for block in range(int(f.since) // PREFIX_BLOCK_S, (int(f.until) - 1) // PREFIX_BLOCK_S + 1):
-        rows += conn.execute(select(*keys, *sums).where(*_grain_conditions(f, sc, _grain(step)), PREFIX_BLOCK == block)
-                             .group_by(*keys)).all()
+        where = _grain_conditions(f, sc, _grain(step), table.c.router_pk)
+        rows += conn.execute(select(*keys, *sums).where(*where, PREFIX_BLOCK == block).group_by(*keys)).all()
     return rows
 
 
@@ -175,6 +180,7 @@ class _Group:
         self.prompt_chars_sum += prompt_chars_sum or 0.0
 
     def shares_by_step(self) -> Dict[int, Share]:
+        # A step is whole or cut by an edge, never both: the two dicts share no start.
         return {**self.step_shares, **{t: Share.of(by_replica) for t, by_replica in self.edge_steps.items()}}
 
     @property
@@ -205,7 +211,14 @@ def prefix_affinity(conn: Connection, f: Filters, sc: Optional[Scope] = None) ->
         points.extend({"t": t, **name, **_figures(shares)} for t, shares in by_step.items())
     deployments.sort(key=lambda d: (d["app"], d["deployment"]))
     points.sort(key=lambda p: (p["t"], p["app"], p["deployment"]))
-    listed = sorted(groups.items(), key=lambda item: (-item[1].requests, item[0][1]))[:MAX_GROUPS]
+    def listing_order(item) -> tuple:
+        """The most requested first; ties by app, deployment and group, so that the same groups are listed
+        whichever rows counted them (the rollups, or raw rows in the database's order)."""
+        (deployment_pk, prefix_group), group = item
+        name = sc.deployments[deployment_pk]
+        return -group.requests, name["app"], name["deployment"], prefix_group
+
+    listed = sorted(groups.items(), key=listing_order)[:MAX_GROUPS]
     everything = list(groups.values())
     replica_ids = {pk: replica.get("replica_id") for pk, replica in sc.replicas.items()}
     total = {**_figures([Share.of(g.by_replica) for g in everything]),

@@ -337,7 +337,9 @@ prefix_rollups = Table(
     Column("prompt_chars_sum", Float, nullable=False),
     **_clustered,
 )
-PREFIX_BLOCK = literal_column(f"(start / {PREFIX_BLOCK_S})")  # integer division on both databases: start is an integer
+# Integer division on both databases (start is an integer). Queries must write it as the index does (and as
+# migration 0010 created it) for SQLite to use the index: they use this expression.
+PREFIX_BLOCK = literal_column(f"(start / {PREFIX_BLOCK_S})")
 Index("ix_prefix_rollups_by_block", prefix_rollups.c.grain, PREFIX_BLOCK,
       *(prefix_rollups.c[name] for name in PREFIX_ROLLUP_KEY[2:] + PREFIX_ROLLUP_VALUES),  # covering
       sqlite_where=prefix_rollups.c.grain == PREFIX_GRAINS[-1],
