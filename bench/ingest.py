@@ -256,7 +256,9 @@ def analyze_postgres(url: str) -> None:
     """Statistics of the warm-up's tables, as autovacuum keeps them for a running collector. A run
     is over before autovacuum's first look (a minute): on tables never analyzed the planner guesses,
     and the statement that pairs routed requests with their decisions (prefix rollups, LLM traffic)
-    scans every decision stored, so that a batch costs more the more came before it."""
+    scans every decision stored, so that a batch costs more the more came before it. Analyzed, it
+    may still scan them while the table is this small (tens of thousands of rows): with
+    `--prefix-groups`, PostgreSQL's figure depends on `--batches`."""
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute("ANALYZE")
 
