@@ -20,7 +20,9 @@ What is measured, per round and backend:
   the other, as the tracer's exporter does. With several workers the
   senders' connections are spread evenly over them, as a load balancer or a
   cluster's many sources would (the kernel alone may hand both of two
-  connections to one worker). The clock runs from the first request to the
+  connections to one worker). On PostgreSQL the warm-up's tables are then
+  analyzed, as autovacuum would have done in a collector running for a
+  minute (`analyze_postgres`). The clock runs from the first request to the
   last answer; every answer must report 1000 stored, and the database is
   counted afterwards. CPU is counted for the collector's processes together.
 - http without KPIs: the same, with the collector started with
@@ -28,11 +30,17 @@ What is measured, per round and backend:
   ingest). With them / without them is the cost of counting them, target
   >= 0.95. `--traffic requests` sends whole requests (decision, routed,
   completed; a few refusals and hand-offs, bench/workload.py) in batches of
-  about 1000 events, which the per-replica KPIs count too.
+  about 1000 events, which the per-replica KPIs count too. With
+  `--prefix-groups N` (requests only) the deployment is an LLM one, routed by
+  the traced prefix-aware router: every decision carries its prompt's prefix
+  group (one of N) and length, and its reason and scores (wire format v3,
+  `workload.Traffic`), so that ingest also fills `prefix_rollups` for each
+  routed request and counts the reasons. Against a run without it, the cost
+  of an LLM deployment's traffic.
 
     .venv/bin/python bench/ingest.py [--batches 150] [--senders 2] [--workers 2] [--rounds 3]
                                      [--backends sqlite,postgres] [--pg-fsync on|off]
-                                     [--traffic decisions|requests]
+                                     [--traffic decisions|requests] [--prefix-groups 100]
 """
 
 from __future__ import annotations
@@ -74,18 +82,20 @@ HEADERS = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
 
 # --- raw executemany ---
 
-def request_batches(n_batches: int, seed: int) -> List[bytes]:
-    """Bodies of whole requests (about PER_BATCH events each), one source, in time order."""
-    traffic = workload.Traffic(workload.replica_ids(50), seed)
+def request_batches(n_batches: int, seed: int, prefix_groups: int = 0) -> List[bytes]:
+    """Bodies of whole requests (about PER_BATCH events each), one source, in time order;
+    with `prefix_groups`, an LLM deployment's (see `workload.Traffic`)."""
+    traffic = workload.Traffic(workload.replica_ids(50), seed, prefix_groups=prefix_groups)
+    version = 3 if prefix_groups else 2  # reasons are v3's
     source = workload.source_info(seed)
     ts = time.time() - n_batches * 3
-    out = [workload.body(source, 1, [traffic.membership(ts)], compress=True)]
+    out = [workload.body(source, 1, [traffic.membership(ts)], compress=True, schema_version=version)]
     for seq in range(2, n_batches + 1):
         events = traffic.collect_stats(ts) if seq % 10 == 0 else []
         while len(events) < PER_BATCH:
             ts += 0.001
             events.extend(traffic.request(ts)[1])
-        out.append(workload.body(source, seq, events, compress=True))
+        out.append(workload.body(source, seq, events, compress=True, schema_version=version))
     return out
 
 
@@ -228,6 +238,8 @@ def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[Li
 
     try:
         post_all(collector, warmup, sizes)  # sources, replicas, pools and caches: not timed
+        if url.startswith("postgresql"):
+            analyze_postgres(url)
         before = cpu_now()
         elapsed = post_all(collector, streams, sizes)
         cpu = {name: seconds - before[name] for name, seconds in cpu_now().items()}
@@ -238,6 +250,17 @@ def http_run(url: str, workers: int, warmup: List[List[bytes]], streams: List[Li
     if stored != expected:
         raise RuntimeError(f"the database holds {stored} decisions, expected {expected}")
     return elapsed, cpu
+
+
+def analyze_postgres(url: str) -> None:
+    """Statistics of the warm-up's tables, as autovacuum keeps them for a running collector. A run
+    is over before autovacuum's first look (a minute): on tables never analyzed the planner guesses,
+    and the statement that pairs routed requests with their decisions (prefix rollups, LLM traffic)
+    scans every decision stored, so that a batch costs more the more came before it. Analyzed, it
+    may still scan them while the table is this small (tens of thousands of rows): with
+    `--prefix-groups`, PostgreSQL's figure depends on `--batches`."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("ANALYZE")
 
 
 def count_sqlite(path: str) -> int:
@@ -266,10 +289,17 @@ def main() -> int:
                         help="PostgreSQL fsync and synchronous_commit (default: %(default)s)")
     parser.add_argument("--traffic", choices=("decisions", "requests"), default="decisions",
                         help="decision events only (default), or whole requests: decision, routed, completed")
+    parser.add_argument("--prefix-groups", type=int, default=0, metavar="N",
+                        help="with --traffic requests: an LLM deployment's, each decision in one of N prefix groups")
     args = parser.parse_args()
+    if args.prefix_groups < 0:
+        parser.error("--prefix-groups must be 0 or more")
+    if args.prefix_groups and args.traffic != "requests":
+        parser.error("--prefix-groups needs --traffic requests")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
-    print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches of {PER_BATCH} events ({args.traffic}), "
+    traffic = args.traffic + (f", {args.prefix_groups} prefix groups" if args.prefix_groups else "")
+    print(f"machine: {os.cpu_count()} cores; {args.batches} timed batches of {PER_BATCH} events ({traffic}), "
           f"{args.senders} sender(s), collector with {args.workers} worker(s), {args.rounds} round(s)")
     started = time.perf_counter()
     # One stream of batches per sender (a traced router: its own source), 5 of them sent untimed first.
@@ -279,7 +309,7 @@ def main() -> int:
         if args.traffic == "decisions":
             batches = list(workload.decision_batches(5 + per_sender, PER_BATCH, seed=7 + sender))
         else:
-            batches = request_batches(5 + per_sender, seed=7 + sender)
+            batches = request_batches(5 + per_sender, seed=7 + sender, prefix_groups=args.prefix_groups)
         warmup.append(batches[:5])
         streams.append(batches[5:])
     bodies = [body for stream in streams for body in stream]
@@ -345,7 +375,7 @@ def main() -> int:
 
     print()
     print(f"decisions/s, median of rounds (ratios: medians of the rounds' ratios); "
-          f"collector with {args.workers} worker(s) on {os.cpu_count()} cores; {args.traffic}")
+          f"collector with {args.workers} worker(s) on {os.cpu_count()} cores; {traffic}")
     for backend in backends:
         result = results[backend]
         http_rate = statistics.median(result["http"])
