@@ -74,7 +74,7 @@ from ..store.models import (
     stats_changes,
     stored_batches,
 )
-from ..store.prefix_pairs import grouped_pairs
+from ..store.prefix_pairs import batch_pairs, grouped_pairs
 from ..store.types import ranking_bytes, request_ids_bytes, stored_bytes
 from .rollups import MAX_REASONS_PER_DEPLOYMENT, ROLLUP_VALUES, RollupDelta, reason_tuples
 from .schema import (
@@ -555,7 +555,7 @@ class Ingestor:
         sums: Dict[tuple, list] = {}
         for start in range(0, len(paired), IDS_PER_STATEMENT):
             chunk = paired[start:start + IDS_PER_STATEMENT]
-            for row in connection.execute(grouped_pairs(dialect, 60, routed_key.in_(chunk))):
+            for row in connection.execute(grouped_pairs(dialect, 60, batch_pairs(dialect, chunk))):
                 minute = int(row.step_start)
                 values = (row.routed, row.match_rate_sum or 0.0, row.match_rates, row.prompt_chars_sum or 0.0)
                 for grain in PREFIX_GRAINS:

@@ -33,7 +33,7 @@ from sqlalchemy import BigInteger, case, cast, func, select
 from sqlalchemy.engine import Connection
 
 from ..store.models import PREFIX_BLOCK, PREFIX_BLOCK_S, PREFIX_GRAINS, decisions, prefix_rollups, routed
-from ..store.prefix_pairs import grouped_pairs
+from ..store.prefix_pairs import ALL_PAIRS, grouped_pairs
 from .explore import outcome_conditions
 from .figures import Scope, _step_condition, default_step, scope
 from .filters import MINUTE, Filters
@@ -84,7 +84,7 @@ def _raw_only(f: Filters) -> bool:
 
 
 def _raw_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
-    query = grouped_pairs(conn.dialect.name, step, *outcome_conditions(routed, f, sc))
+    query = grouped_pairs(conn.dialect.name, step, ALL_PAIRS, *outcome_conditions(routed, f, sc))
     if f.reasons:  # the requests routed by decisions of these reasons
         query = query.where(decisions.c.reason.in_(f.reasons))
     return conn.execute(query).all()
