@@ -27,7 +27,7 @@ from routelens.collector.query import prefixes
 from routelens.collector.query.figures import scope
 from routelens.collector.query.filters import Filters
 from routelens.collector.settings import Settings
-from routelens.collector.store.models import PREFIX_BLOCK_S, PREFIX_GRAINS, prefix_rollups
+from routelens.collector.store.models import PREFIX_BLOCK_S, PREFIX_GRAINS, PREFIX_ROLLUP_VALUES, prefix_rollups
 from routelens.dashboard.components import number, percent
 from routelens.dashboard.up import create_up_app
 from routelens.routers import llm, prefix_aware
@@ -359,7 +359,7 @@ def test_prefix_affinity_from_rollups_is_what_raw_rows_give(rollup_collector, si
         sc = scope(connection, whole)
         for grain in PREFIX_GRAINS:
             own = select(*(prefix_rollups.c[name] for name in ("router_pk", "prefix_group", "replica_pk", "start",
-                                                                "routed", *prefixes.SUMS[1:])))
+                                                                *PREFIX_ROLLUP_VALUES)))
             assert _sums(connection.execute(own.where(prefix_rollups.c.grain == grain))) == _approx(_sums(
                 prefixes._raw_rows(connection, whole, sc, grain)))
     assert from_rollups["total"]["requests"] > 0 or until - since < 60

@@ -32,7 +32,15 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 from sqlalchemy import BigInteger, case, cast, func, select
 from sqlalchemy.engine import Connection
 
-from ..store.models import PREFIX_BLOCK, PREFIX_BLOCK_S, PREFIX_GRAINS, decisions, prefix_rollups, routed
+from ..store.models import (
+    PREFIX_BLOCK,
+    PREFIX_BLOCK_S,
+    PREFIX_GRAINS,
+    PREFIX_ROLLUP_VALUES,
+    decisions,
+    prefix_rollups,
+    routed,
+)
 from ..store.prefix_pairs import ALL_PAIRS, grouped_pairs
 from .explore import outcome_conditions
 from .figures import Scope, _step_condition, default_step, scope
@@ -40,7 +48,6 @@ from .filters import MINUTE, Filters
 
 MAX_GROUPS = 100  # groups listed, the most requested first; the figures count them all
 STEP_POINTS = 30  # steps over the window, at most
-SUMS = ("routed", "match_rate_sum", "match_rates", "prompt_chars_sum")
 
 
 class Share(NamedTuple):
@@ -93,12 +100,10 @@ def _raw_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
 def _rollup_rows(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any]:
     """As `_raw_rows`, from `prefix_rollups`, over a window of whole minutes."""
     table = prefix_rollups
-    where = [_step_condition(f, step, table), table.c.router_pk.in_(sorted(sc.routers))]
-    if sc.replica_pks is not None:
-        where.append(table.c.replica_pk.in_(sc.replica_pks))
+    where = [_step_condition(f, step, table), *_scope_conditions(sc, table.c.router_pk)]
     start = (table.c.start // step * step).label("step_start")
     keys = (table.c.router_pk, table.c.prefix_group, table.c.replica_pk, start)
-    return conn.execute(select(*keys, *(func.sum(table.c[name]).label(name) for name in SUMS))
+    return conn.execute(select(*keys, *(func.sum(table.c[name]).label(name) for name in PREFIX_ROLLUP_VALUES))
                         .where(*where).group_by(*keys)).all()
 
 
@@ -107,15 +112,20 @@ def _grain(step: int) -> int:
     return max(grain for grain in PREFIX_GRAINS if step % grain == 0)
 
 
-def _grain_conditions(f: Filters, sc: Scope, grain: int, router_pk) -> list:
-    """Conditions for the rollup rows of `grain` in the window (of whole steps) and the scope, the routers
-    compared as `router_pk` (the column, or an expression of it)."""
-    table = prefix_rollups
-    where = [table.c.grain == grain, table.c.start >= f.since, table.c.start < f.until,
-             router_pk.in_(sorted(sc.routers))]
+def _scope_conditions(sc: Scope, router_pk) -> list:
+    """Conditions for the rollup rows of the scope's routers and replicas, the routers compared as
+    `router_pk` (the column, or an expression of it)."""
+    where = [router_pk.in_(sorted(sc.routers))]
     if sc.replica_pks is not None:
-        where.append(table.c.replica_pk.in_(sc.replica_pks))
+        where.append(prefix_rollups.c.replica_pk.in_(sc.replica_pks))
     return where
+
+
+def _grain_conditions(f: Filters, sc: Scope, grain: int, router_pk) -> list:
+    """Conditions for the rollup rows of `grain` in the window (of whole steps) and the scope."""
+    table = prefix_rollups
+    return [table.c.grain == grain, table.c.start >= f.since, table.c.start < f.until,
+            *_scope_conditions(sc, router_pk)]
 
 
 def _step_shares(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Tuple[int, int, str, Share]]:
@@ -155,10 +165,10 @@ def _window_sums(conn: Connection, f: Filters, sc: Scope, step: int) -> List[Any
     no such index (they serve windows short enough to sort): for them the blocks only split the sort."""
     table = prefix_rollups
     keys = (table.c.router_pk, table.c.prefix_group, table.c.replica_pk)
-    sums = [func.sum(table.c[name]) for name in SUMS]
+    sums = [func.sum(table.c[name]) for name in PREFIX_ROLLUP_VALUES]
+    where = _grain_conditions(f, sc, _grain(step), table.c.router_pk)
     rows: List[Any] = []
     for block in range(int(f.since) // PREFIX_BLOCK_S, (int(f.until) - 1) // PREFIX_BLOCK_S + 1):
-        where = _grain_conditions(f, sc, _grain(step), table.c.router_pk)
         rows += conn.execute(select(*keys, *sums).where(*where, PREFIX_BLOCK == block).group_by(*keys)).all()
     return rows
 

@@ -276,9 +276,10 @@ ROLLUP_MAXIMA = ("stale_max", "latency_ms_max", "choose_us_max", "regret_max", "
 
 
 def _rollup_columns():
-    """The key columns every rollup table starts with: a router's minute or hour."""
+    """The key columns every rollup table starts with: a router's minute or hour (or a prefix rollup's quarter
+    day)."""
     return [
-        Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600
+        Column("grain", Integer, primary_key=True),  # seconds: 60 or 3600 (or PREFIX_GRAINS)
         # Epoch seconds, a multiple of grain: past 2038, so 64 bits (migration 0003); SQLite's INTEGER already is.
         Column("start", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
         Column("router_pk", Integer, primary_key=True),
